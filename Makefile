@@ -1,0 +1,40 @@
+# The two set-up commands of the README. Each creates .venv when missing and installs
+# what it needs, so on a fresh clone `make demo` or `make test` is the whole set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ifeq ($(OS),Windows_NT)
+PY := $(VENV)/Scripts/python.exe
+endif
+STAMP := $(VENV)/.tiktrue-installed
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@# torch first and pinned: 2.13.0 is the CPU build on the project's machines.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tiktrue demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests bench
+	$(PY) -m ruff check --fix src tests bench
+
+bench: $(STAMP)
+	$(PY) bench/engine.py
+	$(PY) bench/span_memory.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,3 @@
+from tiktrue.cli import app
+
+app()

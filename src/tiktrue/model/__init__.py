@@ -1,0 +1,1 @@
+"""Model blocks: architecture catalog, block store, block engine, KV cache, sampling."""

@@ -1,0 +1,32 @@
+"""Where TikTrue keeps its data: ``TIKTRUE_HOME`` when set, else the platform's user data dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from platformdirs import user_data_dir
+
+HOME_ENV = "TIKTRUE_HOME"
+
+
+def data_dir() -> Path:
+    """The data directory, created on first use."""
+    configured = os.environ.get(HOME_ENV)
+    path = Path(configured).expanduser() if configured else Path(user_data_dir("tiktrue", False))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dir() -> Path:
+    """Block stores live in ``<data>/models/<model_id>/``."""
+    path = data_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_dir() -> Path:
+    """Downloads and spilled KV pages; safe to delete."""
+    path = data_dir() / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Wire protocol: message models (protocol_spec) and binary tensor frames."""

@@ -1,0 +1,1 @@
+"""Node identities, network CAs, TLS and block encryption."""
