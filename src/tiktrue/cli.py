@@ -1,0 +1,234 @@
+"""The ``tiktrue`` command line (Typer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from tiktrue import __version__
+
+app = typer.Typer(
+    help="TikTrue: one language model across the PCs of your LAN.", no_args_is_help=True
+)
+models_app = typer.Typer(
+    help="Import, list, show and verify model block stores.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+def err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err(f"error: {message}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@models_app.command("import")
+def models_import(
+    path: Path = typer.Argument(..., help="A Hugging Face model folder or a .gguf file."),
+    model_id: str = typer.Option(..., "--id", help="Name of the model in TikTrue."),
+    dtype: str = typer.Option(
+        None, help="fp32, fp16 or bf16 (default: the checkpoint's; fp32 for GGUF)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a model with the same id."),
+) -> None:
+    """Split a model into blocks (embed, layer_i, head) with a verified manifest."""
+    from tiktrue.model.errors import ModelError
+    from tiktrue.model.importer import import_model
+    from tiktrue.paths import models_dir
+
+    try:
+        store = import_model(path, model_id, models_dir(), dtype=dtype, overwrite=force)
+    except ModelError as exc:
+        fail(str(exc))
+    m = store.manifest
+    typer.echo(
+        f"imported {m.model_id}: {m.architecture}, {m.num_layers} layers, {m.dtype}, "
+        f"{len(m.blocks)} blocks, {m.total_bytes / 1e6:.1f} MB -> {store.root}"
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The models in this node's block store."""
+    from tiktrue.model.store import list_stores
+    from tiktrue.paths import models_dir
+
+    found = list_stores(models_dir())
+    if not found:
+        typer.echo(
+            f"no models in {models_dir()} (add one with: tiktrue models import PATH --id ID)"
+        )
+    for item in found:
+        if isinstance(item, Exception):
+            typer.echo(f"(broken) {item}")
+            continue
+        m = item.manifest
+        typer.echo(
+            f"{m.model_id:<24} {m.architecture:<8} {m.num_layers:>3} layers  {m.dtype:<4} "
+            f"{m.total_bytes / 1e6:>9.1f} MB  {m.total_parameters / 1e6:>8.1f} M params"
+        )
+
+
+def _open_store(model_id: str):
+    from tiktrue.model.errors import StoreError
+    from tiktrue.model.store import BlockStore
+    from tiktrue.paths import models_dir
+
+    try:
+        return BlockStore(models_dir() / model_id)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+@models_app.command("show")
+def models_show(
+    model_id: str,
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """A model's manifest: architecture, dtype and every block."""
+    store = _open_store(model_id)
+    m = store.manifest
+    if as_json:
+        typer.echo(json.dumps(m.model_dump(), indent=2))
+        return
+    typer.echo(f"model      {m.model_id}\narchitecture {m.architecture}\ndtype      {m.dtype}")
+    typer.echo(f"layers     {m.num_layers} (hidden {m.hidden_size}, vocab {m.vocab_size})")
+    typer.echo(f"size       {m.total_bytes / 1e6:.1f} MB, {m.total_parameters / 1e6:.1f} M params")
+    typer.echo(f"tokenizer  {'yes' if m.has_tokenizer else 'no'}\nsource     {m.source}")
+    typer.echo(f"{'block':<10} {'MB':>9} {'params':>11}  sha256")
+    for name in m.model_chain_order:
+        b = m.blocks[name]
+        typer.echo(f"{name:<10} {b.bytes / 1e6:>9.2f} {b.parameters:>11}  {b.sha256[:16]}")
+
+
+@models_app.command("verify")
+def models_verify(model_id: str) -> None:
+    """Re-hash every block; name each one that does not match the manifest."""
+    store = _open_store(model_id)
+    bad = store.verify()
+    if bad:
+        fail(f"{len(bad)} corrupted block(s) in {model_id}: {', '.join(bad)}")
+    typer.echo(f"{model_id}: all {len(store.manifest.blocks)} blocks verified")
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The question, or raw text with --raw."),
+    model: str = typer.Option(..., "--model", "-m", help="Model id (see: tiktrue models list)."),
+    raw: bool = typer.Option(
+        False, "--raw", help="Continue the text as is, without chat template."
+    ),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: int = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
+    spans: int = typer.Option(3, "--spans", help="Split the model into this many spans."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+) -> None:
+    """Stream an answer through a chain of spans in this process; only the text goes to stdout."""
+    from pydantic import ValidationError
+
+    from tiktrue.model.errors import ModelError
+    from tiktrue.model.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+            max_tokens=max_tokens,
+        )
+    except ValidationError as exc:
+        fail(f"bad generation settings: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    try:
+        _stream_local(_open_store(model), prompt, params, raw=raw, spans=spans, threads=threads)
+    except ModelError as exc:
+        fail(str(exc))
+
+
+def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) -> None:
+    import torch
+
+    from tiktrue.model.engine import BlockEngine, split_evenly
+    from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
+    from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(store)
+    chain = LocalChain(
+        [BlockEngine(store, s) for s in split_evenly(store.manifest.model_chain_order, spans)]
+    )
+    ids = prompt_ids(tokenizer, prompt, raw=raw)
+    result = GenerationResult()
+    chain.open("cli")
+    for event in stream_tokens(
+        chain,
+        ids,
+        params,
+        tokenizer=tokenizer,
+        stop_ids=stop_token_ids(store, tokenizer),
+        session_id="cli",
+        result=result,
+    ):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    err(
+        f"[{len(result.token_ids)} tokens, {result.finish_reason}; first token "
+        f"{result.time_to_first_token * 1000:.0f} ms, {result.decode_tokens_per_second:.1f} tok/s]"
+    )
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+DEMO_QUESTION = "What are three good reasons to run a language model on your own computers?"
+
+
+@app.command()
+def demo(
+    question: str = typer.Option(DEMO_QUESTION, "--question", "-q"),
+    max_tokens: int = typer.Option(200, "--max-tokens"),
+) -> None:
+    """Get SmolLM2-135M-Instruct (once), split it into three spans and stream an answer."""
+    from tiktrue.model.demo_model import ensure_demo_model
+    from tiktrue.model.errors import ModelError
+    from tiktrue.model.sampling import SamplingParams
+
+    try:
+        store = ensure_demo_model(log=err)
+        m = store.manifest
+        err(f"model {m.model_id}: {m.num_layers} layers in 3 spans (one process for now)")
+        err(f"\nyou: {question}\nmodel: ")
+        params = SamplingParams(temperature=0.3, top_p=0.9, seed=0, max_tokens=max_tokens)
+        _stream_local(store, question, params, spans=3)
+    except ModelError as exc:
+        fail(str(exc))

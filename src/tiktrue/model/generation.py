@@ -1,0 +1,149 @@
+"""Generation through a chain of spans: the token loop shared by every front end.
+
+The loop only needs ``chain.forward(session_id, token_ids, start) -> logits``; a chain of
+``BlockEngine`` objects in one process is one such chain.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tiktrue.model.engine import BlockEngine
+from tiktrue.model.sampling import Sampler, SamplingParams
+from tiktrue.model.tokenizer import IncrementalDecoder
+
+
+class LocalChain:
+    """Spans in one process, called one after the other."""
+
+    def __init__(self, engines: list[BlockEngine]) -> None:
+        if not engines or not engines[0].span.has_embed or not engines[-1].span.has_head:
+            raise ValueError("a chain must run from embed to head")
+        self.engines = engines
+
+    def open(self, session_id: str) -> None:
+        for engine in self.engines:
+            engine.open_session(session_id)
+
+    def close(self, session_id: str) -> None:
+        for engine in self.engines:
+            engine.close_session(session_id)
+
+    def forward(self, session_id: str, token_ids: list[int], start: int) -> torch.Tensor:
+        x = torch.tensor(token_ids, dtype=torch.long)
+        for engine in self.engines:
+            x = engine.forward(session_id, x, start)
+        return x[0]
+
+    def save(self, session_id: str, directory: Path) -> None:
+        for i, engine in enumerate(self.engines):
+            engine.save_session(session_id, Path(directory) / f"span{i}.npz")
+
+    def load(self, session_id: str, directory: Path) -> None:
+        for i, engine in enumerate(self.engines):
+            engine.load_session(session_id, Path(directory) / f"span{i}.npz")
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None: text held back for a possible stop string, released at the end
+    text: str  # the new text this token completes (may be empty)
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = len(self.token_ids) - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+
+def stream_tokens(
+    chain,
+    prompt: list[int],
+    params: SamplingParams,
+    *,
+    tokenizer,
+    stop_ids: set[int],
+    session_id: str | None = None,
+    start: int = 0,
+    result: GenerationResult | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[TokenEvent]:
+    """Run ``prompt`` through the chain and yield each sampled token with its text.
+
+    The session must be open; ``start`` is how many positions it already holds (a resumed
+    conversation sends only the new tokens). Stop strings are cut from the text, and text
+    that might be the beginning of a stop string is held back until it is decided.
+    """
+    session_id = session_id or uuid.uuid4().hex
+    result = result if result is not None else GenerationResult()
+    result.prompt_tokens = len(prompt)
+    sampler = Sampler(params)
+    decoder = IncrementalDecoder(tokenizer)
+    history = list(prompt)
+    pending = ""  # text held back: it could still become a stop string
+    began = time.perf_counter()
+    logits = chain.forward(session_id, prompt, start)
+    position = start + len(prompt)
+    first_at = None
+    while True:
+        token = sampler(logits, history)
+        now = time.perf_counter()
+        if first_at is None:
+            first_at = now
+            result.time_to_first_token = now - began
+        if token in stop_ids:
+            result.finish_reason = "stop"
+            break
+        history.append(token)
+        result.token_ids.append(token)
+        pending += decoder.push(token)
+        emit, pending, stopped = _split_at_stop(pending, params.stop)
+        result.text += emit
+        if emit or not stopped:
+            yield TokenEvent(token, emit)
+        if stopped:
+            result.finish_reason = "stop"
+            pending = ""
+            break
+        if len(result.token_ids) >= params.max_tokens:
+            break
+        if should_stop and should_stop():
+            result.finish_reason = "cancelled"
+            break
+        logits = chain.forward(session_id, [token], position)
+        position += 1
+    if pending:
+        result.text += pending
+        yield TokenEvent(None, pending)
+    result.decode_seconds = time.perf_counter() - (first_at or began)
+
+
+def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """(text to emit, text to hold back, whether a stop string was found)."""
+    if not stops:
+        return text, "", False
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False

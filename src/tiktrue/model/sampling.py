@@ -1,0 +1,60 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p, repetition penalty, seed."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+
+
+class SamplingParams(BaseModel):
+    """Generation settings. ``temperature == 0`` means greedy."""
+
+    temperature: float = Field(0.7, ge=0.0, le=5.0)
+    top_k: int = Field(0, ge=0, description="0 keeps every token")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    max_tokens: int = Field(256, ge=1, le=1 << 17)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    """Applies ``SamplingParams`` to logits; seeded, so the same seed gives the same answer."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """The next token for ``logits`` ``[vocab]`` after the tokens in ``history``."""
+        p = self.params
+        logits = logits.reshape(-1).float()
+        if p.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+            scores = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(
+                scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty
+            )
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if 0 < p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
+            logits = logits.clone()
+            logits[order[drop]] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
