@@ -1,8 +1,9 @@
 """Architectures TikTrue can split into blocks.
 
 Each template reuses the ``transformers`` model classes and weight names; it only records what
-differs between families at the block boundaries (how weights map to blocks, embedding scaling).
-The decoder layer, norm and rotary classes are taken from the ``transformers`` model itself.
+differs between families at the block boundaries (which weight names fall into which block).
+The embedding, decoder layer, norm, rotary and head modules are those of the ``transformers``
+model itself (Gemma's embedding scaling, Qwen3's q/k norms and so on come with them).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ class ArchitectureTemplate:
     layer_pattern: str = r"^model\.layers\.(\d+)\."
     norm_prefix: str = "model.norm."
     lm_head_prefix: str = "lm_head."
-    # Gemma multiplies token embeddings by sqrt(hidden_size) before the first layer.
-    scale_embeddings: bool = False
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
@@ -58,7 +57,7 @@ CATALOG: dict[str, ArchitectureTemplate] = {
         ArchitectureTemplate("mistral"),
         ArchitectureTemplate("qwen2"),
         ArchitectureTemplate("qwen3"),
-        ArchitectureTemplate("gemma", scale_embeddings=True),
+        ArchitectureTemplate("gemma"),
     )
 }
 

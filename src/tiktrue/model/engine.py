@@ -118,7 +118,6 @@ class BlockEngine:
         # The rotary tables are computed, not stored: build them for real, off the meta device.
         self.rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
         del skeleton
-        self.embed_scale = self.hidden_size**0.5 if self.template.scale_embeddings else None
         self._windows = [getattr(layer.self_attn, "sliding_window", None) for layer in self.layers]
 
         head_dim = (
@@ -141,6 +140,7 @@ class BlockEngine:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise StoreError(f"block weights under {prefix!r} do not fit the model: {exc}") from exc
+        _rebuild_computed_buffers(module)
         return module.to(self.device).eval()
 
     @property
@@ -215,10 +215,7 @@ class BlockEngine:
                 raise ShapeError("no token ids")
             if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
                 raise ShapeError(f"token ids must lie in 0..{self.vocab_size - 1}")
-            hidden = self.embed(ids)
-            if self.embed_scale is not None:
-                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-            return hidden
+            return self.embed(ids)
         if (
             not inputs.is_floating_point()
             or inputs.dim() != 3
@@ -244,3 +241,16 @@ def _attention_mask(start: int, count: int, window: int | None, device) -> torch
     if window is not None:
         allowed &= key > query - window
     return allowed.view(1, 1, count, total)
+
+
+def _rebuild_computed_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers are not in the blocks; rebuild the ones we know how to compute."""
+    for name, buffer in list(module.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if name == "embed_scale" and hasattr(module, "scalar_embed_scale"):  # Gemma's embedding
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)
+        else:
+            raise StoreError(
+                f"{type(module).__name__} has a computed buffer {name!r} we cannot rebuild"
+            )
