@@ -163,6 +163,11 @@ class SessionPagedKVCache:
         self._reserve(session_id, session, start + count)
         return SessionStep(self, session, start, count)
 
+    def keys_values(self, session_id: str, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A session's keys and values of one layer, ``[1, heads, length, head_dim]`` each."""
+        session = self._resident_session(session_id)
+        return self._gather(session, self._local[layer_id], session.length)
+
     def commit(self, step: SessionStep) -> None:
         step.session.length = step.start + step.count
 
