@@ -24,9 +24,10 @@ def test_manifest_describes_every_block(tiny_llama):
         assert sha256_file(path) == entry.sha256
         assert entry.parameters == sum(t.numel() for t in load_file(path).values())
     assert (tiny_llama.root / "config.json").is_file()
-    assert "chat_template" in (tiny_llama.root / "tokenizer_config.json").read_text() or (
-        tiny_llama.root / "chat_template.jinja"
-    ).is_file()
+    assert (
+        "chat_template" in (tiny_llama.root / "tokenizer_config.json").read_text()
+        or (tiny_llama.root / "chat_template.jinja").is_file()
+    )
 
 
 def test_tied_embeddings_give_the_head_its_own_copy(tiny_llama):

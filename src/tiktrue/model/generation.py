@@ -100,6 +100,7 @@ def stream_tokens(
     logits = chain.forward(session_id, prompt, start)
     position = start + len(prompt)
     first_at = None
+    stopped = False  # by a stop string
     while True:
         token = sampler(logits, history)
         now = time.perf_counter()
@@ -116,9 +117,8 @@ def stream_tokens(
         result.text += emit
         if emit or not stopped:
             yield TokenEvent(token, emit)
-        if stopped:
+        if stopped:  # the stop string and anything after it are dropped
             result.finish_reason = "stop"
-            pending = ""
             break
         if len(result.token_ids) >= params.max_tokens:
             break
@@ -127,6 +127,8 @@ def stream_tokens(
             break
         logits = chain.forward(session_id, [token], position)
         position += 1
+    if not stopped:
+        pending += decoder.flush()
     if pending:
         result.text += pending
         yield TokenEvent(None, pending)

@@ -58,3 +58,9 @@ class IncrementalDecoder:
             return ""
         delta, self.text = text[len(self.text) :], text
         return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back, as it decodes now (the answer has ended)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.text = text[len(self.text) :], text
+        return delta

@@ -1,0 +1,140 @@
+"""The token loop: chat template, streaming, stop strings, max tokens, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import reference_model
+from tiktrue.model.engine import BlockEngine, split_evenly
+from tiktrue.model.generation import GenerationResult, LocalChain, _split_at_stop, stream_tokens
+from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
+
+
+@pytest.fixture(scope="module")
+def chain_and_tokenizer(tiny_llama):
+    engines = [
+        BlockEngine(tiny_llama, s) for s in split_evenly(tiny_llama.manifest.model_chain_order, 3)
+    ]
+    return LocalChain(engines), load_tokenizer(tiny_llama)
+
+
+def run(chain, tokenizer, prompt, params, session, stop_ids=frozenset()):
+    chain.open(session)
+    result = GenerationResult()
+    events = list(
+        stream_tokens(
+            chain,
+            prompt,
+            params,
+            tokenizer=tokenizer,
+            stop_ids=set(stop_ids),
+            session_id=session,
+            result=result,
+        )
+    )
+    chain.close(session)
+    return events, result
+
+
+def test_streamed_text_is_the_decoded_answer_and_matches_transformers(
+    chain_and_tokenizer, tiny_llama
+):
+    chain, tokenizer = chain_and_tokenizer
+    prompt = prompt_ids(tokenizer, "What is the capital of France?")
+    assert tokenizer.decode(prompt).startswith("<|im_start|>user\nWhat is")
+    events, result = run(
+        chain, tokenizer, prompt, SamplingParams(temperature=0, max_tokens=20), "g"
+    )
+    assert "".join(e.text for e in events) == result.text
+    assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert len(result.token_ids) == 20 and result.finish_reason == "length"
+    expected = (
+        reference_model(tiny_llama)
+        .generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[
+            0, len(prompt) :
+        ]
+        .tolist()
+    )
+    assert result.token_ids == expected
+
+
+def test_eos_and_stop_strings_end_the_answer(chain_and_tokenizer):
+    chain, tokenizer = chain_and_tokenizer
+    prompt = prompt_ids(tokenizer, "Hello")
+    _, free = run(chain, tokenizer, prompt, SamplingParams(temperature=0, max_tokens=12), "a")
+    first = free.token_ids[3]
+    _, eos = run(
+        chain,
+        tokenizer,
+        prompt,
+        SamplingParams(temperature=0, max_tokens=12),
+        "b",
+        stop_ids={first},
+    )
+    assert eos.token_ids == free.token_ids[:3] and eos.finish_reason == "stop"
+    stop = free.text[len(free.text) // 2 :][:3]
+    events, cut = run(chain, tokenizer, prompt, SamplingParams(temperature=0, stop=[stop]), "c")
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    assert stop not in "".join(e.text for e in events)
+
+
+def test_split_at_stop_holds_back_a_possible_beginning():
+    assert _split_at_stop("hello wor", ["world"]) == ("hello ", "wor", False)
+    assert _split_at_stop("hello world!", ["world"]) == ("hello ", "", True)
+    assert _split_at_stop("abc", []) == ("abc", "", False)
+
+
+def test_seeded_sampling_repeats(chain_and_tokenizer):
+    chain, tokenizer = chain_and_tokenizer
+    prompt = prompt_ids(tokenizer, "Hello")
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=15)
+    _, one = run(chain, tokenizer, prompt, params, "x")
+    _, two = run(chain, tokenizer, prompt, params, "y")
+    assert one.token_ids == two.token_ids
+
+
+def test_second_turn_sends_only_new_tokens(chain_and_tokenizer, tiny_llama):
+    """A kept session continues from its cache and equals recomputing the whole conversation."""
+    chain, tokenizer = chain_and_tokenizer
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    first = prompt_ids(tokenizer, "Hello")
+    chain.open("kept")
+    turn1 = GenerationResult()
+    list(
+        stream_tokens(
+            chain,
+            first,
+            greedy,
+            tokenizer=tokenizer,
+            stop_ids=set(),
+            session_id="kept",
+            result=turn1,
+        )
+    )
+    held = len(first) + len(turn1.token_ids) - 1  # the last sampled token is not in the cache yet
+    more = [turn1.token_ids[-1], *prompt_ids(tokenizer, "again", raw=True)]
+    turn2 = GenerationResult()
+    list(
+        stream_tokens(
+            chain,
+            more,
+            greedy,
+            tokenizer=tokenizer,
+            stop_ids=set(),
+            session_id="kept",
+            start=held,
+            result=turn2,
+        )
+    )
+    chain.close("kept")
+    whole = first + turn1.token_ids + more[1:]
+    _, recomputed = run(chain, tokenizer, whole, greedy, "fresh")
+    assert turn2.token_ids == recomputed.token_ids
+
+
+def test_stop_ids_come_from_config_and_tokenizer(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tiny_llama, tokenizer)
