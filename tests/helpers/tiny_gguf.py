@@ -74,11 +74,13 @@ def write_llama_gguf(
     half: bool = False,
     architecture: str = "llama",
     name: str = "tiny-llama",
+    reverse: bool = False,
 ) -> Path:
     """Write the Llama model in HF ``folder`` as the GGUF file ``path`` (F32, or F16 if ``half``).
 
     As llama.cpp does for F16, 1-D tensors (the norms) stay F32. ``architecture`` only changes the
-    ``general.architecture`` string and the key prefix (to make files the importer must refuse).
+    ``general.architecture`` string and the key prefix (to make files the importer must refuse);
+    ``reverse`` writes the tensors last block first (the head before the embedding).
     """
     folder, path = Path(folder), Path(path)
     config = AutoConfig.from_pretrained(folder)
@@ -101,7 +103,8 @@ def write_llama_gguf(
     _write_tokenizer(writer, folder)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for hf_name, tensor in hf_state_dict(folder).items():
+    items = list(hf_state_dict(folder).items())
+    for hf_name, tensor in reversed(items) if reverse else items:
         base, suffix = hf_name.rsplit(".", 1)
         gguf_name = names.get_name(base)
         assert gguf_name is not None, f"no GGUF name for {hf_name}"

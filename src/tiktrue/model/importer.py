@@ -7,16 +7,17 @@ needs about one block of memory beyond the source's own reader, not the whole mo
 from __future__ import annotations
 
 import shutil
+import struct
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from tiktrue.model.catalog import EMBED, HEAD, ArchitectureTemplate, chain_order, template_for
-from tiktrue.model.errors import StoreError
+from tiktrue.model.errors import ModelError, StoreError
 from tiktrue.model.store import (
     BlockEntry,
     BlockStore,
@@ -51,12 +52,7 @@ def import_model(
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "blocks").mkdir(parents=True)
     try:
-        if source.is_file() and source.suffix.lower() == ".gguf":
-            manifest = _import_gguf(source, model_id, partial, dtype)
-        elif source.is_dir():
-            manifest = _import_hf_folder(source, model_id, partial, dtype)
-        else:
-            raise StoreError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
+        manifest = _convert(source, model_id, partial, dtype)
         write_manifest(partial, manifest)
         if dest.exists():
             shutil.rmtree(dest)
@@ -64,6 +60,27 @@ def import_model(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return BlockStore(dest)
+
+
+def _convert(source: Path, model_id: str, partial: Path, dtype: str | None) -> Manifest:
+    try:
+        if source.is_file() and source.suffix.lower() == ".gguf":
+            return _import_gguf(source, model_id, partial, dtype)
+        if source.is_dir():
+            return _import_hf_folder(source, model_id, partial, dtype)
+    except ModelError:
+        raise
+    except (
+        ValueError,
+        struct.error,
+        OSError,
+        EOFError,
+        NotImplementedError,
+        SafetensorError,
+    ) as exc:
+        # truncated or damaged source files: the readers raise their own low-level errors
+        raise StoreError(f"cannot read {source}: {exc}") from exc
+    raise StoreError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
 
 
 def _check_model_id(model_id: str) -> None:

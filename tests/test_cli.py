@@ -1,0 +1,87 @@
+"""The ``tiktrue`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.tiny_models import make_tiny_model
+
+
+def tiktrue(home, *args, check=True):
+    env = {**os.environ, "TIKTRUE_HOME": str(home)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tiktrue", *args], capture_output=True, text=True, env=env
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"tiktrue {' '.join(args)} failed:\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def home_with_model(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    source = make_tiny_model(tmp_path_factory.mktemp("src"), "qwen2", num_layers=4)
+    out = tiktrue(home, "models", "import", str(source), "--id", "tiny")
+    assert "imported tiny: qwen2, 4 layers, fp32, 6 blocks" in out.stdout
+    return home
+
+
+def test_models_list_show_verify(home_with_model):
+    listing = tiktrue(home_with_model, "models", "list").stdout
+    assert listing.split()[:3] == ["tiny", "qwen2", "4"]
+    shown = tiktrue(home_with_model, "models", "show", "tiny").stdout
+    assert "architecture qwen2" in shown and "layer_3" in shown
+    assert (
+        '"model_chain_order"' in tiktrue(home_with_model, "models", "show", "tiny", "--json").stdout
+    )
+    assert "all 6 blocks verified" in tiktrue(home_with_model, "models", "verify", "tiny").stdout
+
+
+def test_verify_names_a_corrupted_block(tmp_path):
+    source = make_tiny_model(tmp_path / "src", "llama", num_layers=2)
+    tiktrue(tmp_path, "models", "import", str(source), "--id", "m")
+    (tmp_path / "models" / "m" / "blocks" / "layer_1.safetensors").write_bytes(b"x")
+    done = tiktrue(tmp_path, "models", "verify", "m", check=False)
+    assert done.returncode == 1 and "layer_1" in done.stderr
+
+
+def test_generate_streams_only_the_text_to_stdout(home_with_model):
+    done = tiktrue(
+        home_with_model,
+        "generate",
+        "--model",
+        "tiny",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "Hello there",
+    )
+    again = tiktrue(
+        home_with_model,
+        "generate",
+        "--model",
+        "tiny",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "Hello there",
+    )
+    assert done.stdout == again.stdout and done.stdout.strip()
+    assert "tokens" not in done.stdout and "8 tokens, length" in done.stderr
+    raw = tiktrue(home_with_model, "generate", "-m", "tiny", "--raw", "--seed", "1", "The quick")
+    assert raw.returncode == 0
+
+
+def test_clear_errors_for_unknown_model_and_bad_settings(home_with_model):
+    missing = tiktrue(home_with_model, "generate", "-m", "nope", "hi", check=False)
+    assert missing.returncode == 1 and "no block store" in missing.stderr
+    bad = tiktrue(home_with_model, "generate", "-m", "tiny", "--top-p", "0", "hi", check=False)
+    assert bad.returncode == 1 and "top_p" in bad.stderr
+    nothing = tiktrue(home_with_model, "models", "import", "/no/such/dir", "--id", "x", check=False)
+    assert nothing.returncode == 1 and "does not exist" in nothing.stderr
