@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -189,17 +190,21 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
     ids = prompt_ids(tokenizer, prompt, raw=raw)
     result = GenerationResult()
     chain.open("cli")
-    for event in stream_tokens(
-        chain,
-        ids,
-        params,
-        tokenizer=tokenizer,
-        stop_ids=stop_token_ids(store, tokenizer),
-        session_id="cli",
-        result=result,
-    ):
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
+
+    async def run() -> None:
+        async for event in stream_tokens(
+            chain,
+            ids,
+            params,
+            tokenizer=tokenizer,
+            stop_ids=stop_token_ids(store, tokenizer),
+            session_id="cli",
+            result=result,
+        ):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+    asyncio.run(run())
     sys.stdout.write("\n")
     sys.stdout.flush()
     err(

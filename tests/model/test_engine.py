@@ -93,7 +93,7 @@ def test_saved_session_continues_identically_in_a_fresh_engine(tiny_llama, tmp_p
     chain.save("s", tmp_path)
 
     fresh = LocalChain(three_spans(tiny_llama))
-    fresh.load("s", tmp_path)
+    fresh.load("s", tmp_path, history=tokens)
     assert [e.session_length("s") for e in fresh.engines] == [len(tokens)] * 3
     following = int(logits[-1][-1].argmax())
     continued = fresh.forward("s", [following], len(tokens))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -20,22 +22,32 @@ def chain_and_tokenizer(tiny_llama):
     return LocalChain(engines), load_tokenizer(tiny_llama)
 
 
-def run(chain, tokenizer, prompt, params, session, stop_ids=frozenset()):
-    chain.open(session)
+def collect(chain, tokenizer, prompt, params, session, *, stop_ids=frozenset(), start=0):
+    """Run one answer on an open session; returns (events, result)."""
     result = GenerationResult()
-    events = list(
-        stream_tokens(
+
+    async def go():
+        stream = stream_tokens(
             chain,
             prompt,
             params,
             tokenizer=tokenizer,
             stop_ids=set(stop_ids),
             session_id=session,
+            start=start,
             result=result,
         )
-    )
-    chain.close(session)
-    return events, result
+        return [event async for event in stream]
+
+    return asyncio.run(go()), result
+
+
+def run(chain, tokenizer, prompt, params, session, stop_ids=frozenset()):
+    chain.open(session)
+    try:
+        return collect(chain, tokenizer, prompt, params, session, stop_ids=stop_ids)
+    finally:
+        chain.close(session)
 
 
 def test_streamed_text_is_the_decoded_answer_and_matches_transformers(
@@ -102,33 +114,10 @@ def test_second_turn_sends_only_new_tokens(chain_and_tokenizer, tiny_llama):
     greedy = SamplingParams(temperature=0, max_tokens=6)
     first = prompt_ids(tokenizer, "Hello")
     chain.open("kept")
-    turn1 = GenerationResult()
-    list(
-        stream_tokens(
-            chain,
-            first,
-            greedy,
-            tokenizer=tokenizer,
-            stop_ids=set(),
-            session_id="kept",
-            result=turn1,
-        )
-    )
+    _, turn1 = collect(chain, tokenizer, first, greedy, "kept")
     held = len(first) + len(turn1.token_ids) - 1  # the last sampled token is not in the cache yet
     more = [turn1.token_ids[-1], *prompt_ids(tokenizer, "again", raw=True)]
-    turn2 = GenerationResult()
-    list(
-        stream_tokens(
-            chain,
-            more,
-            greedy,
-            tokenizer=tokenizer,
-            stop_ids=set(),
-            session_id="kept",
-            start=held,
-            result=turn2,
-        )
-    )
+    _, turn2 = collect(chain, tokenizer, more, greedy, "kept", start=held)
     chain.close("kept")
     whole = first + turn1.token_ids + more[1:]
     _, recomputed = run(chain, tokenizer, whole, greedy, "fresh")

@@ -1,21 +1,22 @@
 """Generation through a chain of spans: the token loop shared by every front end.
 
-The loop only needs ``chain.forward(session_id, token_ids, start) -> logits``; a chain of
-``BlockEngine`` objects in one process is one such chain.
+The loop needs a chain with ``async step(session_id, token_ids, start, sampling) -> token``:
+the chain runs the new tokens through every span and the head samples the next token (so in
+a network only a token id comes back, never logits). ``LocalChain`` runs the spans in this
+process; the gateway's ``RemoteChain`` runs them on the nodes of a network.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tiktrue.model.engine import BlockEngine
-from tiktrue.model.sampling import Sampler, SamplingParams
+from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.tokenizer import IncrementalDecoder
 
 
@@ -26,14 +27,30 @@ class LocalChain:
         if not engines or not engines[0].span.has_embed or not engines[-1].span.has_head:
             raise ValueError("a chain must run from embed to head")
         self.engines = engines
+        self.samplers: dict[str, SessionSampler] = {}
 
     def open(self, session_id: str) -> None:
         for engine in self.engines:
             engine.open_session(session_id)
+        self.samplers[session_id] = SessionSampler()
 
     def close(self, session_id: str) -> None:
         for engine in self.engines:
             engine.close_session(session_id)
+        self.samplers.pop(session_id, None)
+
+    async def step(
+        self,
+        session_id: str,
+        token_ids: list[int],
+        start: int,
+        sampling: SamplingParams | None = None,
+    ) -> int:
+        logits = self.forward(session_id, token_ids, start)
+        sampler = self.samplers[session_id]
+        if sampling is not None:
+            sampler.set_params(sampling)
+        return sampler.next_token(logits, token_ids)
 
     def forward(self, session_id: str, token_ids: list[int], start: int) -> torch.Tensor:
         x = torch.tensor(token_ids, dtype=torch.long)
@@ -45,9 +62,10 @@ class LocalChain:
         for i, engine in enumerate(self.engines):
             engine.save_session(session_id, Path(directory) / f"span{i}.npz")
 
-    def load(self, session_id: str, directory: Path) -> None:
+    def load(self, session_id: str, directory: Path, history: list[int]) -> None:
         for i, engine in enumerate(self.engines):
             engine.load_session(session_id, Path(directory) / f"span{i}.npz")
+        self.samplers[session_id] = SessionSampler(history=history)
 
 
 @dataclass
@@ -63,54 +81,48 @@ class GenerationResult:
     finish_reason: str = "length"
     prompt_tokens: int = 0
     time_to_first_token: float = 0.0
+    decode_steps: int = 0  # chain steps after the first (the prompt's)
     decode_seconds: float = 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = len(self.token_ids) - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+        if self.decode_steps and self.decode_seconds > 0:
+            return self.decode_steps / self.decode_seconds
+        return 0.0
 
 
-def stream_tokens(
+async def stream_tokens(
     chain,
     prompt: list[int],
     params: SamplingParams,
     *,
     tokenizer,
     stop_ids: set[int],
-    session_id: str | None = None,
+    session_id: str,
     start: int = 0,
     result: GenerationResult | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> Iterator[TokenEvent]:
+) -> AsyncIterator[TokenEvent]:
     """Run ``prompt`` through the chain and yield each sampled token with its text.
 
     The session must be open; ``start`` is how many positions it already holds (a resumed
     conversation sends only the new tokens). Stop strings are cut from the text, and text
     that might be the beginning of a stop string is held back until it is decided.
     """
-    session_id = session_id or uuid.uuid4().hex
     result = result if result is not None else GenerationResult()
     result.prompt_tokens = len(prompt)
-    sampler = Sampler(params)
     decoder = IncrementalDecoder(tokenizer)
-    history = list(prompt)
     pending = ""  # text held back: it could still become a stop string
     began = time.perf_counter()
-    logits = chain.forward(session_id, prompt, start)
+    token = await chain.step(session_id, prompt, start, params)
     position = start + len(prompt)
-    first_at = None
+    result.time_to_first_token = time.perf_counter() - began
+    first_at = time.perf_counter()
     stopped = False  # by a stop string
     while True:
-        token = sampler(logits, history)
-        now = time.perf_counter()
-        if first_at is None:
-            first_at = now
-            result.time_to_first_token = now - began
         if token in stop_ids:
             result.finish_reason = "stop"
             break
-        history.append(token)
         result.token_ids.append(token)
         pending += decoder.push(token)
         emit, pending, stopped = _split_at_stop(pending, params.stop)
@@ -125,14 +137,15 @@ def stream_tokens(
         if should_stop and should_stop():
             result.finish_reason = "cancelled"
             break
-        logits = chain.forward(session_id, [token], position)
+        token = await chain.step(session_id, [token], position)
         position += 1
+        result.decode_steps += 1
     if not stopped:
         pending += decoder.flush()
     if pending:
         result.text += pending
         yield TokenEvent(None, pending)
-    result.decode_seconds = time.perf_counter() - (first_at or began)
+    result.decode_seconds = time.perf_counter() - first_at
 
 
 def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:

@@ -58,3 +58,22 @@ class Sampler:
             logits[order[drop]] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class SessionSampler:
+    """The sampling state of one session where its head runs: settings and every token fed.
+
+    Repetition penalty looks at the whole conversation, so the history holds every token the
+    chain has consumed (prompt and answers); settings may change at each turn.
+    """
+
+    def __init__(self, params: SamplingParams | None = None, history: list[int] | None = None):
+        self.history: list[int] = list(history or [])
+        self.sampler = Sampler(params or SamplingParams(temperature=0))
+
+    def set_params(self, params: SamplingParams) -> None:
+        self.sampler = Sampler(params)
+
+    def next_token(self, logits: torch.Tensor, fed: list[int]) -> int:
+        self.history.extend(fed)
+        return self.sampler(logits, self.history)

@@ -1,0 +1,1 @@
+"""Control plane: network configs, and later discovery, planning and distribution."""

@@ -1,0 +1,119 @@
+"""``network_config_<network_id>.json``: who is in a network and which blocks each node serves.
+
+Every node of a network keeps the same config in its data dir; the node service starts one
+block server per config in which it appears. The network's CA certificate and this node's
+certificate for the network live beside it in ``<data>/networks/<network_id>/``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from tiktrue.protocol.protocol_spec import ID_PATTERN
+
+CONFIG_PREFIX = "network_config_"
+
+
+class ConfigError(Exception):
+    """A network config that is missing, malformed, or does not fit its model."""
+
+
+class NodeEntry(BaseModel):
+    node_id: str = Field(pattern=ID_PATTERN)
+    role: Literal["admin", "worker", "backup"] = "worker"
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    blocks: list[str] = Field(default_factory=list)  # a contiguous span of model_chain_order
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class NetworkConfig(BaseModel):
+    network_id: str = Field(pattern=ID_PATTERN)
+    name: str = ""
+    model_id: str
+    model_chain_order: list[str]
+    port: int = Field(7480, ge=1, le=65535, description="default block-server port of the network")
+    nodes: list[NodeEntry]
+    version: int = Field(1, ge=1)
+    updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    @model_validator(mode="after")
+    def _chain_is_covered(self) -> NetworkConfig:
+        serving = [n for n in self.nodes if n.blocks and n.role != "backup"]
+        at = 0
+        for node in sorted(serving, key=lambda n: self._index(n.blocks[0])):
+            first = self._index(node.blocks[0])
+            if first != at or node.blocks != self.model_chain_order[at : at + len(node.blocks)]:
+                raise ValueError(
+                    f"node {node.node_id} serves {node.blocks[0]}..{node.blocks[-1]}, "
+                    f"but the chain needs {self.model_chain_order[at]} next, in order"
+                )
+            at += len(node.blocks)
+        if serving and at != len(self.model_chain_order):
+            raise ValueError(f"no node serves {self.model_chain_order[at]}..")
+        return self
+
+    def _index(self, block: str) -> int:
+        try:
+            return self.model_chain_order.index(block)
+        except ValueError:
+            raise ValueError(f"block {block!r} is not in model_chain_order") from None
+
+    def node(self, node_id: str) -> NodeEntry:
+        for entry in self.nodes:
+            if entry.node_id == node_id:
+                return entry
+        raise ConfigError(f"node {node_id} is not in network {self.network_id}")
+
+    def chain(self) -> list[NodeEntry]:
+        """The serving nodes in chain order: embed first, head last."""
+        serving = [n for n in self.nodes if n.blocks and n.role != "backup"]
+        return sorted(serving, key=lambda n: self._index(n.blocks[0]))
+
+    def next_node(self, node_id: str) -> NodeEntry | None:
+        chain = self.chain()
+        for i, entry in enumerate(chain):
+            if entry.node_id == node_id:
+                return chain[i + 1] if i + 1 < len(chain) else None
+        raise ConfigError(f"node {node_id} serves no blocks in network {self.network_id}")
+
+
+def config_path(data_dir: Path, network_id: str) -> Path:
+    return Path(data_dir) / f"{CONFIG_PREFIX}{network_id}.json"
+
+
+def network_dir(data_dir: Path, network_id: str) -> Path:
+    """Where a network's CA certificate and this node's certificate live."""
+    path = Path(data_dir) / "networks" / network_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(data_dir: Path, config: NetworkConfig) -> Path:
+    path = config_path(data_dir, config.network_id)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(config.model_dump(), indent=2), "utf-8")
+    partial.replace(path)
+    return path
+
+
+def read_config(path: Path) -> NetworkConfig:
+    try:
+        return NetworkConfig.model_validate_json(Path(path).read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{path} is not a valid network config: {exc}") from exc
+
+
+def list_configs(data_dir: Path) -> list[NetworkConfig]:
+    """Every network config in the data dir (sorted by network id)."""
+    return [read_config(p) for p in sorted(Path(data_dir).glob(f"{CONFIG_PREFIX}*.json"))]

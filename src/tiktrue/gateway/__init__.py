@@ -1,0 +1,1 @@
+"""Gateway: chain client, sessions, OpenAI-compatible API, client WebSocket."""

@@ -1,0 +1,1 @@
+"""The node service: block servers, one per joined network."""
