@@ -213,27 +213,110 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
     )
 
 
-# --- demo ------------------------------------------------------------------------------------
+# --- node, chat --------------------------------------------------------------------------
 
-DEMO_QUESTION = "What are three good reasons to run a language model on your own computers?"
+
+@app.command()
+def node(
+    api_port: int = typer.Option(
+        None, "--api-port", help="Also serve the gateway (OpenAI API, /ws) on this port (0: any)."
+    ),
+    api_host: str = typer.Option("127.0.0.1", "--api-host"),
+    kv_budget_mb: int = typer.Option(512, "--kv-budget-mb", help="KV cache budget per network."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the node service: one block server per network this node belongs to."""
+    import logging
+
+    import torch
+
+    from tiktrue.node.service_runner import run_node
+    from tiktrue.paths import data_dir
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("tiktrue").setLevel(logging.INFO)
+    if threads:
+        torch.set_num_threads(threads)
+    asyncio.run(
+        run_node(data_dir(), api_host=api_host, api_port=api_port, kv_budget_mb=kv_budget_mb)
+    )
+
+
+@app.command()
+def chat(
+    url: str = typer.Option(None, "--url", help="Gateway API, e.g. http://127.0.0.1:8000/v1"),
+    model: str = typer.Option(None, "--model", "-m", help="Which model (network) answers."),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    max_tokens: int = typer.Option(512, "--max-tokens"),
+) -> None:
+    """Chat in the terminal with streamed answers (the local node's gateway by default)."""
+    from tiktrue.paths import data_dir
+    from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat
+
+    url = url or local_api_url(data_dir())
+    if not url:
+        fail("no gateway running from this data dir; pass --url or start `tiktrue demo`")
+    try:
+        run_chat(url, model, system, temperature=temperature, max_tokens=max_tokens)
+    except ChatError as exc:
+        fail(str(exc))
+
+
+# --- demo ------------------------------------------------------------------------------------
 
 
 @app.command()
 def demo(
-    question: str = typer.Option(DEMO_QUESTION, "--question", "-q"),
-    max_tokens: int = typer.Option(200, "--max-tokens"),
+    headless: bool = typer.Option(
+        False, "--headless", help="Serve the API until SIGINT/SIGTERM instead of opening the chat."
+    ),
+    nodes: int = typer.Option(3, "--nodes", min=1, max=8),
 ) -> None:
-    """Get SmolLM2-135M-Instruct (once), split it into three spans and stream an answer."""
+    """Three node processes on this PC serve SmolLM2-135M-Instruct; then chat with it."""
+    import signal
+    import threading
+
+    from tiktrue.control.local_network import LocalCluster, prepare_local_network
     from tiktrue.model.demo_model import ensure_demo_model
     from tiktrue.model.errors import ModelError
-    from tiktrue.model.sampling import SamplingParams
+    from tiktrue.paths import data_dir
+    from tiktrue.ui.terminal_chat import ChatError, run_chat
 
     try:
         store = ensure_demo_model(log=err)
-        m = store.manifest
-        err(f"model {m.model_id}: {m.num_layers} layers in 3 spans (one process for now)")
-        err(f"\nyou: {question}\nmodel: ")
-        params = SamplingParams(temperature=0.3, top_p=0.9, seed=0, max_tokens=max_tokens)
-        _stream_local(store, question, params, spans=3)
     except ModelError as exc:
         fail(str(exc))
+    homes, config = prepare_local_network(
+        data_dir() / "demo", store, nodes=nodes, network_id="demo"
+    )
+    for entry in config.chain():
+        span = f"{entry.blocks[0]}..{entry.blocks[-1]}"
+        err(f"node {entry.node_id} ({entry.role}) {entry.address}: {span}")
+    err(f"starting {len(homes)} node processes (logs: {data_dir() / 'demo'}/node*/node.log) ...")
+    cluster = LocalCluster(homes)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM,)}
+    try:
+        cluster.start()
+        typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
+        sys.stdout.flush()
+        if headless:
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+        else:
+            run_chat(cluster.api_url, temperature=0.3, max_tokens=300)
+    except (ChatError, RuntimeError, TimeoutError) as exc:
+        fail(str(exc))
+    finally:
+        cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        err("demo stopped; every node process has exited")

@@ -161,7 +161,7 @@ class InferenceRequest(Message):
     message_type: ClassVar[MessageType] = MessageType.inference_request
 
     network_id: Identifier
-    session_id: Identifier
+    session_id: Identifier | None = None  # None: a one-off answer in a fresh session
     model_id: str | None = Field(None, max_length=200)
     prompt: str | None = None
     input_ids: list[TokenId] | None = Field(None, max_length=MAX_INPUT_TOKENS)

@@ -1,0 +1,160 @@
+"""A network of several node processes on this PC: the demo and the integration tests.
+
+``prepare_local_network`` does by hand what joining will do over the LAN: one node home per
+node, each with its own identity, a certificate from the network's CA, the network config and
+only its own blocks. ``LocalCluster`` starts one ``tiktrue node`` process per home and stops
+them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tiktrue.control.network_config import NetworkConfig, NodeEntry, network_dir, write_config
+from tiktrue.model.engine import Span, split_evenly
+from tiktrue.model.store import BlockStore
+from tiktrue.node.service_runner import run_file
+from tiktrue.paths import HOME_ENV
+from tiktrue.security.auth_manager import NetworkCA, create_network_ca
+from tiktrue.security.node_tls import install_certificate, node_identity
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def place_blocks(store: BlockStore, target: Path, blocks: list[str]) -> None:
+    """A node's copy of a model: manifest, config, tokenizer and only ``blocks``' files."""
+    (target / "blocks").mkdir(parents=True, exist_ok=True)
+    for item in store.root.iterdir():
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
+    for name in blocks:
+        source, dest = store.block_path(name), target / store.manifest.blocks[name].file
+        if dest.exists() and dest.stat().st_size == source.stat().st_size:
+            continue
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(source, dest)  # same disk: no copy
+        except OSError:
+            shutil.copy2(source, dest)
+
+
+def prepare_local_network(
+    base: Path,
+    store: BlockStore,
+    *,
+    nodes: int = 3,
+    network_id: str = "local",
+    spans: list[Span] | None = None,
+    host: str = "127.0.0.1",
+) -> tuple[list[Path], NetworkConfig]:
+    """Homes ``base/node1..N`` for a network serving ``store``'s model, fresh ports each call."""
+    spans = spans or split_evenly(store.manifest.model_chain_order, nodes)
+    homes = [Path(base) / f"node{i + 1}" for i in range(len(spans))]
+    identities = [node_identity(home) for home in homes]
+    ca_dir = network_dir(homes[0], network_id) / "ca"
+    ca = NetworkCA.load(ca_dir) if (ca_dir / "ca_key.pem").is_file() else None
+    ca = ca or create_network_ca(network_id, ca_dir)
+    ports = free_ports(len(homes), host)
+    entries = [
+        NodeEntry(
+            node_id=identity.node_id,
+            role="admin" if i == 0 else "worker",
+            host=host,
+            port=port,
+            blocks=list(span.blocks),
+        )
+        for i, (identity, span, port) in enumerate(zip(identities, spans, ports, strict=True))
+    ]
+    config = NetworkConfig(
+        network_id=network_id,
+        name=f"{network_id} (this PC)",
+        model_id=store.model_id,
+        model_chain_order=store.manifest.model_chain_order,
+        nodes=entries,
+    )
+    for home, identity, entry in zip(homes, identities, entries, strict=True):
+        cert = ca.generate_node_certificate(
+            identity.node_id, identity.public_key, entry.role, hosts=(host, "localhost")
+        )
+        install_certificate(home, network_id, ca.cert_pem, cert)
+        write_config(home, config)
+        place_blocks(store, home / "models" / store.model_id, entry.blocks)
+    return homes, config
+
+
+class LocalCluster:
+    """``tiktrue node`` processes, one per home; the first one also runs the gateway."""
+
+    def __init__(self, homes: list[Path], *, kv_budget_mb: int = 256) -> None:
+        self.homes = [Path(h) for h in homes]
+        self.kv_budget_mb = kv_budget_mb
+        self.processes: list[subprocess.Popen] = []
+        self.api_url: str | None = None
+
+    def start(self, timeout: float = 120.0) -> LocalCluster:
+        for i, home in enumerate(self.homes):
+            run_file(home).unlink(missing_ok=True)
+            args = [
+                sys.executable,
+                "-m",
+                "tiktrue",
+                "node",
+                "--kv-budget-mb",
+                str(self.kv_budget_mb),
+            ]
+            if i == 0:
+                args += ["--api-port", "0"]
+            log = (home / "node.log").open("ab")
+            env = {**os.environ, HOME_ENV: str(home)}
+            self.processes.append(
+                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+        deadline = time.monotonic() + timeout
+        for home, process in zip(self.homes, self.processes, strict=True):
+            while not run_file(home).is_file():
+                if process.poll() is not None:
+                    self.stop()
+                    tail = (home / "node.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"node in {home} exited:\n{tail}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"node in {home} did not start in {timeout} s")
+                time.sleep(0.1)
+        self.api_url = json.loads(run_file(self.homes[0]).read_text())["api"]
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

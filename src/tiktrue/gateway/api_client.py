@@ -1,0 +1,251 @@
+"""The gateway of a network (seed ``api_client``): tokenizer, chat template, sessions, and the
+chain client that runs every step on the network's nodes.
+
+``RemoteChain`` sends token ids to the node holding ``embed``; hidden states travel node to
+node; the node holding ``head`` samples and its token comes back. ``Gateway`` keeps each
+session's token history (what the chain's KV caches hold), so a conversation continues by
+sending only its new tokens, and a replacement worker can later rebuild its cache by replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tiktrue.control.network_config import NetworkConfig
+from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
+from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.store import BlockStore
+from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
+from tiktrue.node.peer_link import PeerLink, new_message_id
+from tiktrue.protocol import protocol_spec as ps
+from tiktrue.protocol.frames import encode_tensor_frame
+from tiktrue.security.node_tls import NetworkCredentials
+
+
+class ChainError(Exception):
+    """A node of the chain answered with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _raise_if_error(reply: dict) -> dict:
+    if reply.get("header", {}).get("message_type") == "error":
+        raise ChainError(reply.get("code", "error"), reply.get("message", ""))
+    return reply
+
+
+class RemoteChain:
+    """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``)."""
+
+    def __init__(self, config: NetworkConfig, credentials: NetworkCredentials) -> None:
+        entry = config.chain()[0]
+        self.network_id = config.network_id
+        self.link = PeerLink(
+            entry.host,
+            entry.port,
+            network_id=config.network_id,
+            node_id=credentials.identity.node_id,
+            ssl_context=credentials.client_context(),
+            role=credentials.info.role,
+        )
+
+    async def step(
+        self,
+        session_id: str,
+        token_ids: list[int],
+        start: int,
+        sampling: SamplingParams | None = None,
+    ) -> int:
+        message_id = new_message_id()
+        meta = {
+            "kind": "forward",
+            "network_id": self.network_id,
+            "session_id": session_id,
+            "message_id": message_id,
+            "start": start,
+            "tokens": token_ids,
+        }
+        if sampling is not None:
+            meta["sampling"] = sampling.model_dump()
+        frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
+        reply = _raise_if_error(await self.link.request(frame, message_id))
+        return int(reply["token_id"])
+
+    async def control(self, kind: type[ps.Message], session_id: str) -> dict:
+        message = kind(network_id=self.network_id, session_id=session_id)
+        return _raise_if_error(await self.link.request(message, message.message_id))
+
+    async def open(self, session_id: str) -> None:
+        await self.control(ps.SessionOpen, session_id)
+
+    async def close(self, session_id: str) -> None:
+        await self.control(ps.SessionClose, session_id)
+
+    async def aclose(self) -> None:
+        await self.link.close()
+
+
+@dataclass
+class SessionState:
+    """What the chain holds for a session: ``tokens`` are in every node's KV cache."""
+
+    tokens: list[int] = field(default_factory=list)
+    unfed: list[int] = field(default_factory=list)  # sampled last, not yet run through the chain
+    messages: list[dict] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cancelled: bool = False
+
+
+class Gateway:
+    """Answers requests for one network."""
+
+    def __init__(self, data_dir: Path, config: NetworkConfig, credentials: NetworkCredentials):
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.network_id = config.network_id
+        self.model_id = config.model_id
+        store = BlockStore(self.data_dir / "models" / config.model_id)
+        self.tokenizer = load_tokenizer(store)
+        self.stop_ids = stop_token_ids(store, self.tokenizer)
+        self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
+        self.chain = RemoteChain(config, credentials)
+        self.sessions: dict[str, SessionState] = {}
+
+    # --- answering -------------------------------------------------------------------------
+
+    async def answer(
+        self,
+        params: SamplingParams,
+        *,
+        messages: list[dict] | None = None,
+        text: str | None = None,
+        input_ids: list[int] | None = None,
+        session_id: str | None = None,
+        result: GenerationResult | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream an answer. Exactly one input:
+
+        - ``messages``: the whole conversation (OpenAI style), rendered with the chat template;
+        - ``text``: one user turn (added to the session's conversation) or raw text without
+          a session;
+        - ``input_ids``: token ids appended to the session as they are.
+
+        Without ``session_id`` the answer runs in a fresh session that is closed afterwards.
+        """
+        result = result if result is not None else GenerationResult()
+        keep = session_id is not None
+        session_id = session_id or f"tmp-{uuid.uuid4().hex}"
+        state = self.sessions.get(session_id)
+        if state is None:
+            state = SessionState()
+            await self.chain.open(session_id)
+            self.sessions[session_id] = state
+        try:
+            async with state.lock:
+                state.cancelled = False
+                wanted = self._conversation_ids(state, messages, text, input_ids, keep)
+                if wanted[: len(state.tokens)] != state.tokens:
+                    await self._reset(session_id, state)  # the conversation was edited
+                new = wanted[len(state.tokens) :]
+                if not new:
+                    raise ChainError(ps.INVALID_MESSAGE, "nothing new to answer")
+                if len(wanted) + params.max_tokens > self.max_context:
+                    params = params.model_copy(
+                        update={"max_tokens": max(1, self.max_context - len(wanted))}
+                    )
+                stream = stream_tokens(
+                    self.chain,
+                    new,
+                    params,
+                    tokenizer=self.tokenizer,
+                    stop_ids=self.stop_ids,
+                    session_id=session_id,
+                    start=len(state.tokens),
+                    result=result,
+                    should_stop=lambda: state.cancelled,
+                )
+                async for event in stream:
+                    yield event
+                state.tokens += new + result.token_ids[: result.decode_steps]
+                state.unfed = result.token_ids[result.decode_steps :]
+                if messages is not None or (text is not None and keep):
+                    state.messages.append({"role": "assistant", "content": result.text})
+        finally:
+            if not keep:
+                self.sessions.pop(session_id, None)
+                await self.chain.close(session_id)
+
+    def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
+        if messages is not None:
+            state.messages = list(messages)
+            return prompt_ids(self.tokenizer, state.messages)
+        if text is not None and keep:
+            state.messages.append({"role": "user", "content": text})
+            return prompt_ids(self.tokenizer, state.messages)
+        if text is not None:
+            return prompt_ids(self.tokenizer, text, raw=True)
+        if input_ids is not None:
+            return state.tokens + state.unfed + list(input_ids)
+        raise ChainError(ps.INVALID_MESSAGE, "a request needs messages, text or input_ids")
+
+    async def _reset(self, session_id: str, state: SessionState) -> None:
+        await self.chain.close(session_id)
+        await self.chain.open(session_id)
+        state.tokens, state.unfed = [], []
+
+    def cancel(self, session_id: str) -> bool:
+        state = self.sessions.get(session_id)
+        if state is not None:
+            state.cancelled = True
+        return state is not None
+
+    # --- sessions across restarts -----------------------------------------------------------
+
+    def _session_dir(self, session_id: str) -> Path:
+        return self.data_dir / "sessions" / self.network_id / session_id
+
+    async def save_session(self, session_id: str) -> Path:
+        """Every node saves its layers' KV cache; the gateway saves the history."""
+        state = self._state(session_id)
+        async with state.lock:
+            await self.chain.control(ps.SessionSave, session_id)
+            folder = self._session_dir(session_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            saved = {"tokens": state.tokens, "unfed": state.unfed, "messages": state.messages}
+            (folder / "gateway.json").write_text(json.dumps(saved), "utf-8")
+        return folder
+
+    async def restore_session(self, session_id: str) -> None:
+        """Load a saved session on every node; it continues without recomputing its prompt."""
+        if session_id in self.sessions:
+            raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
+        path = self._session_dir(session_id) / "gateway.json"
+        if not path.is_file():
+            raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
+        saved = json.loads(path.read_text("utf-8"))
+        await self.chain.control(ps.SessionRestore, session_id)
+        self.sessions[session_id] = SessionState(
+            tokens=saved["tokens"], unfed=saved["unfed"], messages=saved["messages"]
+        )
+
+    async def close_session(self, session_id: str) -> None:
+        state = self.sessions.pop(session_id, None)
+        if state is not None:
+            async with state.lock:
+                await self.chain.close(session_id)
+
+    def _state(self, session_id: str) -> SessionState:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}") from None

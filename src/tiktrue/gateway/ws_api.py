@@ -1,0 +1,159 @@
+"""Client requests in the seed-003 protocol (2.0, seed-000 and legacy shapes), answered as a
+stream of ``inference_response`` messages. The gateway's ``/ws`` endpoint and the block
+servers' WebSockets both hand their client messages here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from pydantic import ValidationError
+
+from tiktrue.gateway.api_client import ChainError, Gateway
+from tiktrue.model.errors import ModelError
+from tiktrue.model.generation import GenerationResult
+from tiktrue.model.sampling import SamplingParams
+from tiktrue.node.peer_link import PeerUnavailable
+from tiktrue.protocol import protocol_spec as ps
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+def _dump(message: ps.Message) -> dict:
+    return message.model_dump(mode="json", exclude_none=True)
+
+
+class ClientProtocol:
+    """Routes client messages to the gateway of the network they name."""
+
+    def __init__(self, gateways: dict[str, Gateway]) -> None:
+        self.gateways = gateways
+        self.stats = ps.ProtocolStats()
+
+    def _gateway(self, network_id: str | None, parsed: ps.ParsedMessage) -> Gateway:
+        if network_id is None and len(self.gateways) == 1:  # legacy clients name no network
+            return next(iter(self.gateways.values()))
+        gateway = self.gateways.get(network_id or "")
+        if gateway is None:
+            known = ", ".join(sorted(self.gateways)) or "none"
+            raise ps.ProtocolError(
+                ps.WRONG_NETWORK,
+                f"this gateway serves network(s) {known}, not {network_id}",
+                parsed.message_id,
+                parsed.session_id,
+            )
+        return gateway
+
+    async def handle_text(self, raw: str | bytes, send: Send) -> None:
+        """One text message from a client connection (parse errors answered too)."""
+        try:
+            parsed = ps.parse_message(raw, max_bytes=4 << 20)
+        except ps.ProtocolError as exc:
+            self.stats.record_error()
+            await send(ps.error_reply(exc))
+            return
+        self.stats.record(parsed)
+        await self.handle(parsed, send)
+
+    async def handle(self, parsed: ps.ParsedMessage, send: Send) -> None:
+        try:
+            message = parsed.message
+            if isinstance(message, ps.LegacyRequest):
+                await self._legacy(message, parsed, send)
+            elif isinstance(message, ps.InferenceRequest):
+                await self._inference(message, parsed, send)
+            elif isinstance(message, ps.Cancel):
+                found = self._gateway(message.network_id, parsed).cancel(message.session_id)
+                await send(
+                    _dump(
+                        ps.Ack(
+                            in_reply_to=message.message_id,
+                            session_id=message.session_id,
+                            detail="cancelled" if found else "no such session",
+                        )
+                    )
+                )
+            elif isinstance(message, ps.Heartbeat):
+                await send(_dump(ps.Ack(in_reply_to=message.message_id, detail="alive")))
+            else:
+                raise ps.ProtocolError(
+                    ps.UNKNOWN_MESSAGE_TYPE,
+                    f"a client may send inference_request, cancel or heartbeat, "
+                    f"not {parsed.message_type.value}",
+                    parsed.message_id,
+                    parsed.session_id,
+                )
+        except ps.ProtocolError as exc:
+            self.stats.record_error()
+            await send(ps.error_reply(exc))
+
+    async def _inference(self, request: ps.InferenceRequest, parsed, send: Send) -> None:
+        gateway = self._gateway(request.network_id, parsed)
+        try:
+            params = SamplingParams(
+                temperature=min(request.temperature, 5.0),
+                top_k=request.top_k,
+                top_p=request.top_p,
+                repetition_penalty=min(request.repetition_penalty, 10.0),
+                seed=request.seed,
+                stop=request.stop,
+                max_tokens=request.max_tokens,
+            )
+        except ValidationError as exc:
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE, str(exc), request.message_id, request.session_id
+            ) from None
+        inputs = (
+            {"input_ids": request.input_ids}
+            if request.input_ids is not None
+            else {"text": request.prompt}
+        )
+        await self._stream(gateway, params, inputs, request.session_id, request.message_id, send)
+
+    async def _legacy(self, request: ps.LegacyRequest, parsed, send: Send) -> None:
+        gateway = self._gateway(request.network_id, parsed)
+        ids = request.input_tensors.input_ids
+        if ids is None:
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE, "input_tensors.input_ids is required", None, request.session_id
+            )
+        if request.step == 0 and request.session_id in gateway.sessions:
+            await gateway.close_session(request.session_id)  # step 0 starts the session anew
+        inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
+        message_id = f"{request.session_id}:{request.step}"
+        await self._stream(gateway, SamplingParams(), inputs, request.session_id, message_id, send)
+
+    async def _stream(self, gateway: Gateway, params, inputs, session_id, message_id, send):
+        result = GenerationResult()
+        reply_session = session_id or "-"
+
+        def response(**fields) -> dict:
+            return _dump(
+                ps.InferenceResponse(
+                    network_id=gateway.network_id,
+                    session_id=reply_session,
+                    in_reply_to=message_id,
+                    **fields,
+                )
+            )
+
+        try:
+            async for event in gateway.answer(
+                params, session_id=session_id, result=result, **inputs
+            ):
+                await send(response(status="processing", token_id=event.token_id, text=event.text))
+        except (ChainError, ModelError, PeerUnavailable) as exc:
+            code = getattr(exc, "code", ps.INTERNAL_ERROR)
+            await send(ps.error_reply(ps.ProtocolError(code, str(exc), message_id, session_id)))
+            return
+        usage = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(result.token_ids),
+            "time_to_first_token_ms": round(result.time_to_first_token * 1000, 1),
+            "tokens_per_second": round(result.decode_tokens_per_second, 2),
+        }
+        await send(
+            response(
+                status="success", text=result.text, finish_reason=result.finish_reason, usage=usage
+            )
+        )

@@ -1,0 +1,367 @@
+"""The block server of one network on one node (seed 003's ``model_node``).
+
+It accepts mutual-TLS WebSocket connections from the network's own nodes only (the TLS context
+trusts the network CA alone). The first message must be ``hello``; versions are checked and a
+mismatch is refused with a message naming both. Then:
+
+- binary frames are forward steps: run the span, pass the hidden states to the next node over a
+  persistent link, and relay its reply back; the node holding ``head`` samples the token;
+- text frames are protocol messages (2.0, seed-000 or legacy shape): session control that
+  travels the chain (open, close, save, restore), heartbeats, and inference requests, which the
+  node's gateway answers when it has one.
+
+Every bad message gets a structured ``error`` reply naming the offending message_id; the
+connection and every other session keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import websockets
+from pydantic import ValidationError
+
+from tiktrue.control.network_config import NetworkConfig
+from tiktrue.model.engine import BlockEngine, Span
+from tiktrue.model.errors import ModelError
+from tiktrue.model.sampling import SamplingParams, SessionSampler
+from tiktrue.model.store import BlockStore
+from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable
+from tiktrue.protocol import protocol_spec as ps
+from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
+from tiktrue.security.node_tls import NetworkCredentials
+
+log = logging.getLogger("tiktrue.node")
+
+HELLO_TIMEOUT = 10.0
+SESSION_CONTROL = {
+    ps.MessageType.session_open,
+    ps.MessageType.session_close,
+    ps.MessageType.session_save,
+    ps.MessageType.session_restore,
+}
+# Client requests (inference) are answered by the gateway living in the same node process.
+ClientHandler = Callable[[ps.ParsedMessage, Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+def error_dict(code: str, message: str, message_id=None, session_id=None, network_id=None):
+    err = ps.ProtocolError(code, message, message_id, session_id)
+    return ps.error_reply(err, network_id=network_id)
+
+
+class BlockServer:
+    """Serves this node's span of one network's model."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config: NetworkConfig,
+        credentials: NetworkCredentials,
+        *,
+        kv_budget_bytes: int = 512 << 20,
+        max_request_tokens: int = 8192,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.network_id = config.network_id
+        self.credentials = credentials
+        self.node_id = credentials.identity.node_id
+        self.entry = config.node(self.node_id)
+        store = BlockStore(self.data_dir / "models" / config.model_id)
+        self.engine = BlockEngine(
+            store,
+            Span(tuple(self.entry.blocks)),
+            kv_budget_bytes=kv_budget_bytes,
+            spill_dir=self.data_dir / "cache" / "kv" / self.network_id,
+        )
+        itemsize = 4
+        # the largest legitimate frame: a full request's hidden states, plus headers
+        self.max_frame_bytes = max_request_tokens * self.engine.hidden_size * itemsize + (1 << 16)
+        self.samplers: dict[str, SessionSampler] = {}
+        self.stats = ps.ProtocolStats()
+        self.client_handler: ClientHandler | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.network_id}")
+        self._next: PeerLink | None = None
+        next_entry = config.next_node(self.node_id)
+        if next_entry is not None:
+            self._next = PeerLink(
+                next_entry.host,
+                next_entry.port,
+                network_id=self.network_id,
+                node_id=self.node_id,
+                ssl_context=credentials.client_context(),
+                role=self.entry.role,
+            )
+        self._server = None
+
+    @property
+    def span(self) -> Span:
+        return self.engine.span
+
+    async def start(self) -> None:
+        self._server = await websockets.serve(
+            self._handle,
+            self.entry.host,
+            self.entry.port,
+            ssl=self.credentials.server_context(),
+            max_size=HARD_FRAME_LIMIT,
+            compression=None,
+            ping_interval=20,
+            ping_timeout=20,
+        )
+        log.info("network %s: serving %s on %s", self.network_id, self.span, self.entry.address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._next is not None:
+            await self._next.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.engine.kv.clear()
+
+    # --- connections ---------------------------------------------------------------------
+
+    async def _handle(self, ws) -> None:
+        if not await self._hello(ws):
+            return
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for raw in ws:
+                handler = self._on_frame if isinstance(raw, bytes) else self._on_text
+                task = asyncio.create_task(handler(ws, raw))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except websockets.ConnectionClosed:
+            pass
+
+    async def _hello(self, ws) -> bool:
+        try:
+            raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+            parsed = ps.parse_message(raw, max_bytes=1 << 16)
+            hello = parsed.message
+            if not isinstance(hello, ps.Hello):
+                raise ps.ProtocolError(
+                    ps.INVALID_MESSAGE,
+                    "the first message on a connection must be hello",
+                    parsed.message_id,
+                )
+            if hello.network_id != self.network_id:
+                raise ps.ProtocolError(
+                    ps.WRONG_NETWORK,
+                    f"this server belongs to network {self.network_id}, not {hello.network_id}",
+                    hello.message_id,
+                )
+            try:
+                ps.check_versions(
+                    ps.SOFTWARE_VERSION,
+                    ps.PROTOCOL_VERSION,
+                    hello.software_version,
+                    hello.protocol_version,
+                )
+            except ps.ProtocolError as exc:
+                exc.message_id = hello.message_id
+                raise
+        except ps.ProtocolError as exc:
+            await ws.send(json.dumps(ps.error_reply(exc, network_id=self.network_id)))
+            await ws.close(1008, exc.code)
+            return False
+        except (asyncio.TimeoutError, websockets.ConnectionClosed):
+            await ws.close(1008, "no hello")
+            return False
+        reply = ps.HelloReply(
+            node_id=self.node_id, network_id=self.network_id, in_reply_to=hello.message_id
+        )
+        await ws.send(ps.make_message(reply))
+        return True
+
+    # --- the hot path: forward steps -------------------------------------------------------
+
+    async def _on_frame(self, ws, raw: bytes) -> None:
+        message_id = session_id = None
+        try:
+            header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
+            message_id = _opt_str(header.get("message_id"))
+            session_id = _opt_str(header.get("session_id"))
+            self._check_network(header.get("network_id"), message_id, session_id)
+            if header.get("kind") != "forward" or not isinstance(header.get("start"), int):
+                raise ps.ProtocolError(
+                    ps.INVALID_MESSAGE,
+                    "a tensor frame must be a forward step with an integer 'start'",
+                    message_id,
+                    session_id,
+                )
+            reply = await self._forward(header, tensor, message_id, session_id)
+        except ps.ProtocolError as exc:
+            exc.message_id = exc.message_id or message_id
+            exc.session_id = exc.session_id or session_id
+            reply = ps.error_reply(exc, network_id=self.network_id)
+        except ModelError as exc:
+            reply = error_dict(exc.code, str(exc), message_id, session_id, self.network_id)
+        except PeerUnavailable as exc:
+            reply = error_dict(exc.code, str(exc), message_id, session_id, self.network_id)
+        except ValidationError as exc:
+            reply = error_dict(
+                ps.INVALID_MESSAGE, f"bad sampling settings: {exc}", message_id, session_id
+            )
+        except Exception as exc:  # a bug: answer it, log it, keep serving
+            log.exception("forward step %s failed", message_id)
+            reply = error_dict(ps.INTERNAL_ERROR, repr(exc), message_id, session_id)
+        await _send(ws, reply)
+
+    async def _forward(self, header: dict, tensor, message_id, session_id) -> dict:
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(
+            self._executor, self.engine.forward, session_id, tensor, header["start"]
+        )
+        if self.span.has_head:
+            sampler = self.samplers.setdefault(session_id, SessionSampler())
+            if isinstance(header.get("sampling"), dict):
+                sampler.set_params(SamplingParams.model_validate(header["sampling"]))
+            tokens = header.get("tokens") or []
+            token = sampler.next_token(out[0], [int(t) for t in tokens])
+            return ps.InferenceResponse(
+                network_id=self.network_id,
+                session_id=session_id,
+                in_reply_to=message_id,
+                status="processing",
+                token_id=token,
+            ).model_dump(mode="json", exclude_none=True)
+        meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
+        return await self._next.request(encode_tensor_frame(out, **meta), message_id)
+
+    def _check_network(self, network_id, message_id, session_id) -> None:
+        if network_id != self.network_id:
+            raise ps.ProtocolError(
+                ps.WRONG_NETWORK,
+                f"this server belongs to network {self.network_id}, not {network_id}",
+                message_id,
+                session_id,
+            )
+
+    # --- text messages ---------------------------------------------------------------------
+
+    async def _on_text(self, ws, raw: str) -> None:
+        parsed = None
+        try:
+            parsed = ps.parse_message(raw, max_bytes=self.max_frame_bytes)
+            self.stats.record(parsed)
+            kind = parsed.message_type
+            if parsed.network_id is not None or kind in SESSION_CONTROL:
+                self._check_network(parsed.network_id, parsed.message_id, parsed.session_id)
+            if kind in SESSION_CONTROL:
+                reply = await self._session_control(parsed.message)
+            elif kind == ps.MessageType.heartbeat:
+                reply = self._heartbeat(parsed.message)
+            elif kind in (ps.MessageType.inference_request, ps.MessageType.cancel):
+                if self.client_handler is None:
+                    raise ps.ProtocolError(
+                        ps.INVALID_MESSAGE,
+                        "this node runs no gateway; send inference requests to a gateway node",
+                        parsed.message_id,
+                        parsed.session_id,
+                    )
+                await self.client_handler(parsed, lambda m: _send(ws, m))
+                return
+            elif kind == ps.MessageType.authentication:
+                reply = ps.Ack(
+                    in_reply_to=parsed.message_id,
+                    detail="nodes authenticate with network certificates (mutual TLS); "
+                    "no license key is needed",
+                ).model_dump(mode="json", exclude_none=True)
+            else:
+                raise ps.ProtocolError(
+                    ps.UNKNOWN_MESSAGE_TYPE,
+                    f"a block server does not accept {kind.value} messages",
+                    parsed.message_id,
+                    parsed.session_id,
+                )
+        except ps.ProtocolError as exc:
+            self.stats.record_error()
+            reply = ps.error_reply(exc, network_id=self.network_id)
+        except (ModelError, PeerUnavailable) as exc:
+            reply = error_dict(
+                exc.code,
+                str(exc),
+                parsed.message_id if parsed else None,
+                parsed.session_id if parsed else None,
+                self.network_id,
+            )
+        except Exception as exc:  # a bug: answer it, log it, keep serving
+            log.exception("message failed")
+            reply = error_dict(ps.INTERNAL_ERROR, repr(exc), parsed and parsed.message_id)
+        await _send(ws, reply)
+
+    async def _session_control(self, message) -> dict:
+        """Apply locally, then pass along the chain; ack once every later node has."""
+        loop = asyncio.get_running_loop()
+        info = await loop.run_in_executor(self._executor, self._apply_session, message)
+        if self._next is not None:
+            reply = await self._next.request(message, message.message_id)
+            if reply.get("header", {}).get("message_type") == "error":
+                return reply
+            info = {**reply.get("info", {}), **info}
+        return ps.Ack(
+            in_reply_to=message.message_id,
+            network_id=self.network_id,
+            session_id=message.session_id,
+            info=info,
+        ).model_dump(mode="json", exclude_none=True)
+
+    def _apply_session(self, message) -> dict[str, Any]:
+        sid = message.session_id
+        folder = self.data_dir / "sessions" / self.network_id / sid
+        span_file = folder / f"{self.span.blocks[0]}-{self.span.blocks[-1]}.npz"
+        if isinstance(message, ps.SessionOpen):
+            self.engine.open_session(sid)
+        elif isinstance(message, ps.SessionClose):
+            self.engine.close_session(sid)
+            self.samplers.pop(sid, None)
+        elif isinstance(message, ps.SessionSave):
+            self.engine.save_session(sid, span_file)
+            if self.span.has_head:
+                history = self.samplers.get(sid, SessionSampler()).history
+                (folder / "history.json").write_text(json.dumps(history), "utf-8")
+        elif isinstance(message, ps.SessionRestore):
+            if not span_file.is_file():
+                raise ps.ProtocolError(
+                    ps.SESSION_NOT_FOUND,
+                    f"no saved session {sid} for {self.span} on node {self.node_id}",
+                    message.message_id,
+                    sid,
+                )
+            self.engine.load_session(sid, span_file)
+            if self.span.has_head:
+                history = json.loads((folder / "history.json").read_text("utf-8"))
+                self.samplers[sid] = SessionSampler(history=history)
+        return (
+            {f"length@{self.span}": self.engine.session_length(sid)}
+            if self.engine.kv.has(sid)
+            else {}
+        )
+
+    def _heartbeat(self, message) -> dict:
+        return ps.Heartbeat(
+            node_id=self.node_id,
+            network_id=self.network_id,
+            cpu_percent=psutil.cpu_percent(None),
+            ram_percent=psutil.virtual_memory().percent,
+            active_sessions=len(self.engine.kv.sessions()),
+        ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
+
+
+async def _send(ws, message: dict) -> None:
+    with contextlib.suppress(websockets.ConnectionClosed):
+        await ws.send(json.dumps(message))
+
+
+def _opt_str(value) -> str | None:
+    return value if isinstance(value, str) and value else None

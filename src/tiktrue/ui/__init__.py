@@ -1,0 +1,1 @@
+"""People's apps: terminal chat (web UI to come)."""
