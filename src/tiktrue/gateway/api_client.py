@@ -44,6 +44,10 @@ def _raise_if_error(reply: dict) -> dict:
     return reply
 
 
+def new_session_id() -> str:
+    return f"tmp-{uuid.uuid4().hex}"
+
+
 class RemoteChain:
     """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``)."""
 
@@ -131,6 +135,7 @@ class Gateway:
         text: str | None = None,
         input_ids: list[int] | None = None,
         session_id: str | None = None,
+        keep: bool | None = None,
         result: GenerationResult | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream an answer. Exactly one input:
@@ -140,11 +145,12 @@ class Gateway:
           a session;
         - ``input_ids``: token ids appended to the session as they are.
 
-        Without ``session_id`` the answer runs in a fresh session that is closed afterwards.
+        A session is kept for the next turn when ``keep`` (default: when ``session_id`` is
+        given); otherwise the answer runs in a fresh session that is closed afterwards.
         """
         result = result if result is not None else GenerationResult()
-        keep = session_id is not None
-        session_id = session_id or f"tmp-{uuid.uuid4().hex}"
+        keep = session_id is not None if keep is None else keep
+        session_id = session_id or new_session_id()
         state = self.sessions.get(session_id)
         if state is None:
             state = SessionState()

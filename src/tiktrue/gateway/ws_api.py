@@ -5,11 +5,12 @@ servers' WebSockets both hand their client messages here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 
-from tiktrue.gateway.api_client import ChainError, Gateway
+from tiktrue.gateway.api_client import ChainError, Gateway, new_session_id
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams
@@ -17,6 +18,7 @@ from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.protocol import protocol_spec as ps
 
 Send = Callable[[dict], Awaitable[None]]
+log = logging.getLogger("tiktrue.gateway")
 
 
 def _dump(message: ps.Message) -> dict:
@@ -73,19 +75,44 @@ class ClientProtocol:
                         )
                     )
                 )
+            elif isinstance(message, (ps.SessionSave, ps.SessionRestore, ps.SessionClose)):
+                await self._session(message, parsed, send)
             elif isinstance(message, ps.Heartbeat):
                 await send(_dump(ps.Ack(in_reply_to=message.message_id, detail="alive")))
             else:
                 raise ps.ProtocolError(
                     ps.UNKNOWN_MESSAGE_TYPE,
-                    f"a client may send inference_request, cancel or heartbeat, "
-                    f"not {parsed.message_type.value}",
+                    "a client may send inference_request, cancel, session_save, "
+                    f"session_restore, session_close or heartbeat, not {parsed.message_type.value}",
                     parsed.message_id,
                     parsed.session_id,
                 )
         except ps.ProtocolError as exc:
             self.stats.record_error()
             await send(ps.error_reply(exc))
+
+    async def _session(self, message, parsed, send: Send) -> None:
+        """Save a conversation (every node saves its KV cache), restore it, or close it."""
+        gateway = self._gateway(message.network_id, parsed)
+        try:
+            if isinstance(message, ps.SessionSave):
+                detail = f"saved in {await gateway.save_session(message.session_id)}"
+            elif isinstance(message, ps.SessionRestore):
+                await gateway.restore_session(message.session_id)
+                detail = "restored"
+            else:
+                await gateway.close_session(message.session_id)
+                detail = "closed"
+        except (ChainError, ModelError, PeerUnavailable) as exc:
+            code = getattr(exc, "code", ps.INTERNAL_ERROR)
+            raise ps.ProtocolError(code, str(exc), message.message_id, message.session_id) from None
+        ack = ps.Ack(
+            in_reply_to=message.message_id,
+            network_id=gateway.network_id,
+            session_id=message.session_id,
+            detail=detail,
+        )
+        await send(_dump(ack))
 
     async def _inference(self, request: ps.InferenceRequest, parsed, send: Send) -> None:
         gateway = self._gateway(request.network_id, parsed)
@@ -125,13 +152,14 @@ class ClientProtocol:
 
     async def _stream(self, gateway: Gateway, params, inputs, session_id, message_id, send):
         result = GenerationResult()
-        reply_session = session_id or "-"
+        keep = session_id is not None
+        session_id = session_id or new_session_id()
 
         def response(**fields) -> dict:
             return _dump(
                 ps.InferenceResponse(
                     network_id=gateway.network_id,
-                    session_id=reply_session,
+                    session_id=session_id,
                     in_reply_to=message_id,
                     **fields,
                 )
@@ -139,12 +167,17 @@ class ClientProtocol:
 
         try:
             async for event in gateway.answer(
-                params, session_id=session_id, result=result, **inputs
+                params, session_id=session_id, keep=keep, result=result, **inputs
             ):
                 await send(response(status="processing", token_id=event.token_id, text=event.text))
         except (ChainError, ModelError, PeerUnavailable) as exc:
             code = getattr(exc, "code", ps.INTERNAL_ERROR)
             await send(ps.error_reply(ps.ProtocolError(code, str(exc), message_id, session_id)))
+            return
+        except Exception as exc:  # a bug: answer it, log it, keep the connection
+            log.exception("answer %s failed", message_id)
+            error = ps.ProtocolError(ps.INTERNAL_ERROR, repr(exc), message_id, session_id)
+            await send(ps.error_reply(error))
             return
         usage = {
             "prompt_tokens": result.prompt_tokens,

@@ -110,9 +110,15 @@ def decode_tensor_frame(
         view = memoryview(data).cast("B")
     except TypeError as exc:  # a non-contiguous view
         raise _bad(f"frame buffer is not contiguous: {exc}") from None
+    header, offset = _read_header(view)  # first, so a refusal can name the message
     if max_bytes is not None and len(view) > max_bytes:
-        raise ProtocolError(FRAME_TOO_LARGE, f"frame of {len(view)} bytes exceeds {max_bytes}")
-    header, offset = _read_header(view)
+        message_id, session_id = header.get("message_id"), header.get("session_id")
+        raise ProtocolError(
+            FRAME_TOO_LARGE,
+            f"frame of {len(view)} bytes exceeds {max_bytes}",
+            message_id if isinstance(message_id, str) else None,
+            session_id if isinstance(session_id, str) else None,
+        )
     name = header.get("dtype")
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:

@@ -1,0 +1,47 @@
+"""Talking to a running local cluster from tests: raw node connections and the client /ws."""
+
+from __future__ import annotations
+
+import json
+import ssl
+
+import websockets
+
+from tiktrue.protocol import protocol_spec as ps
+
+
+async def node_connection(address: str, ssl_context: ssl.SSLContext, hello: ps.Hello):
+    """A raw mutual-TLS connection to a block server, after a successful hello."""
+    ws = await websockets.connect(f"wss://{address}", ssl=ssl_context, max_size=64 << 20)
+    await ws.send(ps.make_message(hello))
+    reply = json.loads(await ws.recv())
+    assert reply["header"]["message_type"] == "hello_reply", reply
+    return ws
+
+
+async def ask(ws, message: dict | str) -> list[dict]:
+    """Send one client request; collect replies until a final one (success, error or ack)."""
+    await ws.send(message if isinstance(message, str) else json.dumps(message))
+    replies = []
+    while True:
+        reply = json.loads(await ws.recv())
+        replies.append(reply)
+        kind = reply["header"]["message_type"]
+        if kind != "inference_response" or reply["status"] != "processing":
+            return replies
+
+
+def token_ids(replies: list[dict]) -> list[int]:
+    return [r["token_id"] for r in replies if r.get("status") == "processing" and "token_id" in r]
+
+
+def request(network_id: str, **body) -> dict:
+    return {
+        "header": {
+            "message_id": body.pop("message_id", "m-1"),
+            "message_type": body.pop("message_type", "inference_request"),
+            "protocol_version": "2.0",
+        },
+        "network_id": network_id,
+        **body,
+    }

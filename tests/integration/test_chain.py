@@ -1,0 +1,277 @@
+"""A chain of three real node processes: correctness, protocol, errors, TLS, sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+
+import pytest
+import torch
+import websockets
+
+from tests.helpers.cluster import ask, node_connection, request, token_ids
+from tiktrue.model.engine import BlockEngine, split_evenly
+from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
+from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.tokenizer import load_tokenizer
+from tiktrue.protocol import protocol_spec as ps
+from tiktrue.protocol.frames import encode_tensor_frame
+from tiktrue.security.auth_manager import create_network_ca
+from tiktrue.security.crypto_layer import client_ssl_context
+from tiktrue.security.node_tls import NetworkCredentials, node_identity
+
+pytestmark = pytest.mark.integration
+NET = "testnet"
+PROMPTS = [[5, 17, 42, 99], [7, 250, 31], [64, 12, 3, 77, 8], [100, 101]]
+
+
+def reference_tokens(store, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of the one-process engine for ``prompt``."""
+    chain = LocalChain(
+        [BlockEngine(store, s) for s in split_evenly(store.manifest.model_chain_order, 2)]
+    )
+    chain.open("ref")
+    result = GenerationResult()
+
+    async def go():
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        stream = stream_tokens(
+            chain,
+            prompt,
+            params,
+            tokenizer=load_tokenizer(store),
+            stop_ids=set(),
+            session_id="ref",
+            result=result,
+        )
+        async for _ in stream:
+            pass
+
+    asyncio.run(go())
+    return result.token_ids
+
+
+def client_ws_url(cluster) -> str:
+    return cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def greedy(ids: list[int], n: int, **extra) -> dict:
+    return request(NET, input_ids=ids, temperature=0, max_tokens=n, **extra)
+
+
+def test_three_nodes_match_the_one_process_engine(tiny_cluster, tiny_llama):
+    cluster, _, _ = tiny_cluster
+
+    async def go():
+        async with websockets.connect(client_ws_url(cluster)) as ws:
+            return await ask(ws, greedy(PROMPTS[0], 16))
+
+    replies = run(go())
+    assert replies[-1]["status"] == "success" and replies[-1]["finish_reason"] == "length"
+    assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[0], 16)
+
+
+def test_four_concurrent_sessions_are_each_correct(tiny_cluster, tiny_llama):
+    cluster, _, _ = tiny_cluster
+
+    async def one(i: int):
+        async with websockets.connect(client_ws_url(cluster)) as ws:
+            return await ask(ws, greedy(PROMPTS[i], 12, message_id=f"c{i}"))
+
+    async def go():
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    for i, replies in enumerate(run(go())):
+        assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[i], 12), i
+
+
+def test_legacy_and_protocol_messages_are_each_answered(tiny_cluster):
+    cluster, _, _ = tiny_cluster
+    legacy = {"session_id": "legacy-1", "step": 0, "input_tensors": {"input_ids": [5, 17, 42]}}
+    seed000 = {
+        "network_id": NET,
+        "session_id": "s000",
+        "payload": {"input_ids": [5, 17], "max_length": 4},
+    }
+
+    async def go():
+        async with websockets.connect(client_ws_url(cluster)) as ws:
+            a = await ask(ws, legacy)
+            b = await ask(ws, request(NET, prompt="Hello", max_tokens=5, seed=1))
+            c = await ask(ws, seed000)
+            return a, b, c
+
+    legacy_replies, protocol_replies, seed_replies = run(go())
+    assert (
+        legacy_replies[-1]["status"] == "success" and legacy_replies[-1]["session_id"] == "legacy-1"
+    )
+    assert protocol_replies[-1]["status"] == "success"
+    assert protocol_replies[-1]["in_reply_to"] == "m-1"
+    assert len(token_ids(protocol_replies)) <= 5
+    assert seed_replies[-1]["status"] == "success" and len(token_ids(seed_replies)) <= 4
+
+
+def test_client_errors_are_structured_and_the_connection_survives(tiny_cluster):
+    cluster, _, _ = tiny_cluster
+
+    async def go():
+        async with websockets.connect(client_ws_url(cluster)) as ws:
+            wrong = await ask(ws, request("othernet", prompt="hi", message_id="w-1"))
+            malformed = await ask(ws, "{not json")
+            unknown = await ask(ws, request(NET, message_type="teleport", message_id="u-1"))
+            after = await ask(ws, greedy(PROMPTS[1], 3))
+            return wrong, malformed, unknown, after
+
+    wrong, malformed, unknown, after = run(go())
+    assert wrong[0]["code"] == "wrong_network" and wrong[0]["in_reply_to"] == "w-1"
+    assert malformed[0]["code"] == "malformed_json"
+    assert unknown[0]["code"] == "unknown_message_type" and unknown[0]["in_reply_to"] == "u-1"
+    assert after[-1]["status"] == "success"
+
+
+def member_credentials(homes) -> NetworkCredentials:
+    return NetworkCredentials.load(homes[0], NET)
+
+
+def hello(credentials, **overrides) -> ps.Hello:
+    fields = {"node_id": credentials.identity.node_id, "network_id": NET, **overrides}
+    return ps.Hello(**fields)
+
+
+def test_bad_frames_get_structured_errors_while_other_sessions_go_on(tiny_cluster):
+    cluster, homes, config = tiny_cluster
+    credentials = member_credentials(homes)
+    middle = config.chain()[1].address
+
+    async def go():
+        ws = await node_connection(middle, credentials.client_context(), hello(credentials))
+        replies = {}
+        # oversized: larger than the largest legitimate request of this model
+        big = encode_tensor_frame(
+            torch.zeros(1, 9000, 64),
+            kind="forward",
+            network_id=NET,
+            session_id="x",
+            message_id="big",
+            start=0,
+        )
+        await ws.send(big)
+        replies["big"] = json.loads(await ws.recv())
+        shape = encode_tensor_frame(
+            torch.zeros(1, 2, 65),
+            kind="forward",
+            network_id=NET,
+            session_id="x",
+            message_id="shape",
+            start=0,
+        )
+        await ws.send(shape)
+        replies["shape"] = json.loads(await ws.recv())
+        other = encode_tensor_frame(
+            torch.zeros(1, 2, 64),
+            kind="forward",
+            network_id="othernet",
+            session_id="x",
+            message_id="net",
+            start=0,
+        )
+        await ws.send(other)
+        replies["net"] = json.loads(await ws.recv())
+        await ws.send(b"\x00\x00\x00\x05{bad}")
+        replies["garbage"] = json.loads(await ws.recv())
+        await ws.send("{oops")
+        replies["json"] = json.loads(await ws.recv())
+        heartbeat = ps.Heartbeat(node_id=credentials.identity.node_id, network_id=NET)
+        await ws.send(ps.make_message(heartbeat))
+        replies["alive"] = json.loads(await ws.recv())
+        await ws.close()
+        async with websockets.connect(client_ws_url(cluster)) as client:
+            replies["session"] = await ask(client, greedy(PROMPTS[2], 4))
+        return replies
+
+    replies = run(go())
+    assert replies["big"]["code"] == "frame_too_large" and replies["big"]["in_reply_to"] == "big"
+    assert replies["shape"]["code"] == "bad_shape" and replies["shape"]["in_reply_to"] == "shape"
+    assert replies["net"]["code"] == "wrong_network" and replies["net"]["in_reply_to"] == "net"
+    assert replies["garbage"]["code"] == "bad_tensor"
+    assert replies["json"]["code"] == "malformed_json"
+    assert replies["alive"]["header"]["message_type"] == "heartbeat"
+    assert replies["session"][-1]["status"] == "success"
+
+
+def test_a_client_without_a_network_certificate_cannot_connect(tiny_cluster, tmp_path):
+    _, homes, config = tiny_cluster
+    ca_cert = homes[0] / "networks" / NET / "ca_cert.pem"
+    address = config.chain()[1].address
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.load_verify_locations(ca_cert)
+    stranger = node_identity(tmp_path / "stranger")
+    other_ca = create_network_ca(NET, tmp_path / "other-ca")  # same name, another CA
+    cert = other_ca.generate_node_certificate(stranger.node_id, stranger.public_key, "worker")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    foreign = client_ssl_context(tmp_path / "cert.pem", stranger.key_path, ca_cert)
+
+    async def attempt(context):
+        ws = await websockets.connect(f"wss://{address}", ssl=context, open_timeout=5)
+        await ws.send(ps.make_message(ps.Hello(node_id=stranger.node_id, network_id=NET)))
+        return await ws.recv()
+
+    for context in (no_cert, foreign):
+        with pytest.raises(
+            (ssl.SSLError, websockets.ConnectionClosed, OSError, websockets.InvalidHandshake)
+        ):
+            run(attempt(context))
+
+
+def test_a_version_mismatch_is_refused_with_both_versions(tiny_cluster):
+    _, homes, config = tiny_cluster
+    credentials = member_credentials(homes)
+
+    async def go():
+        ws = await websockets.connect(
+            f"wss://{config.chain()[2].address}", ssl=credentials.client_context()
+        )
+        await ws.send(ps.make_message(hello(credentials, software_version="9.1.0")))
+        reply = json.loads(await ws.recv())
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        return reply
+
+    reply = run(go())
+    assert reply["code"] == "version_mismatch"
+    assert "9.1.0" in reply["message"] and ps.SOFTWARE_VERSION in reply["message"]
+
+
+def test_a_saved_and_restored_session_continues_identically(tiny_cluster):
+    cluster, _, _ = tiny_cluster
+
+    def session_msg(kind: str, sid: str) -> dict:
+        return request(NET, message_type=kind, session_id=sid, message_id=f"{kind}-{sid}")
+
+    async def conversation(ws, sid: str, save: bool):
+        first = await ask(ws, greedy(PROMPTS[3], 6, session_id=sid))
+        if save:
+            assert (await ask(ws, session_msg("session_save", sid)))[0]["detail"].startswith(
+                "saved"
+            )
+            assert (await ask(ws, session_msg("session_close", sid)))[0]["detail"] == "closed"
+            restored = await ask(ws, session_msg("session_restore", sid))
+            assert restored[0]["detail"] == "restored", restored
+        second = await ask(ws, greedy([9, 10], 6, session_id=sid))
+        return token_ids(first), token_ids(second)
+
+    async def go():
+        async with websockets.connect(client_ws_url(cluster)) as ws:
+            kept = await conversation(ws, "kept", save=False)
+            saved = await conversation(ws, "saved", save=True)
+            missing = await ask(ws, session_msg("session_restore", "never-saved"))
+            return kept, saved, missing
+
+    kept, saved, missing = run(go())
+    assert saved == kept and len(kept[1]) == 6
+    assert missing[0]["code"] == "session_not_found"
