@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -90,6 +91,14 @@ def create_app(gateways: dict[str, Gateway]) -> FastAPI:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": exc.detail, "type": kind, "code": exc.status_code}}
         return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def openai_validation_error(request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        body = {"error": {"message": problems, "type": "invalid_request_error", "code": 400}}
+        return JSONResponse(body, status_code=400)
 
     @app.get("/health")
     async def health() -> dict:

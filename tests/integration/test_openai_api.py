@@ -1,0 +1,62 @@
+"""The gateway's OpenAI-compatible API, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from openai import OpenAI
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(tiny_cluster) -> OpenAI:
+    cluster, _, _ = tiny_cluster
+    return OpenAI(base_url=cluster.api_url, api_key="not-needed-yet", max_retries=0)
+
+
+def test_models_lists_the_network_model(client, tiny_llama):
+    assert [m.id for m in client.models.list().data] == [tiny_llama.model_id]
+
+
+def test_chat_completion_streams_and_matches_the_non_streamed_answer(client, tiny_llama):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    settings = {"model": tiny_llama.model_id, "temperature": 0, "max_tokens": 12}
+    stream = client.chat.completions.create(messages=messages, stream=True, **settings)
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    whole = client.chat.completions.create(messages=messages, **settings)
+    assert whole.choices[0].message.content == streamed and streamed
+    assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 5
+
+
+def test_completions_and_stop_strings(client, tiny_llama):
+    free = client.completions.create(
+        model=tiny_llama.model_id, prompt="The quick brown", max_tokens=10, temperature=0
+    )
+    text = free.choices[0].text
+    assert text and free.object == "text_completion"
+    stop = text[3:6]
+    cut = client.completions.create(
+        model=tiny_llama.model_id,
+        prompt="The quick brown",
+        max_tokens=10,
+        temperature=0,
+        stop=[stop],
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_raw_sse_ends_with_done_and_bad_requests_are_clear(tiny_cluster):
+    cluster, _, _ = tiny_cluster
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}
+    with httpx.stream("POST", f"{cluster.api_url}/chat/completions", json=body) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    unknown = httpx.post(f"{cluster.api_url}/chat/completions", json={**body, "model": "gpt-9"})
+    assert unknown.status_code == 404 and "gpt-9" in unknown.json()["error"]["message"]
+    empty = httpx.post(f"{cluster.api_url}/chat/completions", json={"messages": []})
+    assert empty.status_code == 400 and "messages" in empty.json()["error"]["message"]
