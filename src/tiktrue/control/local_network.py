@@ -123,7 +123,9 @@ class LocalCluster:
             if i == 0:
                 args += ["--api-port", "0"]
             log = (home / "node.log").open("ab")
-            env = {**os.environ, HOME_ENV: str(home)}
+            # Node processes on one PC share its cores: an idle node's OpenMP threads must not
+            # spin long (GNU default 300k spins) while the next node of the chain computes.
+            env = {"GOMP_SPINCOUNT": "30000", **os.environ, HOME_ENV: str(home)}
             self.processes.append(
                 subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,6 +49,24 @@ def new_session_id() -> str:
     return f"tmp-{uuid.uuid4().hex}"
 
 
+@dataclass
+class StepTiming:
+    """One step seen from the gateway: the round trip, and each node's own timings."""
+
+    round_trip_ms: float
+    nodes: list[dict]  # per node in chain order: node, span, compute_ms, total_ms
+    tokens: int
+
+    def hop_latencies_ms(self) -> list[float]:
+        """Network and protocol time of each hop: gateway->first, first->second, ...
+
+        A hop's time is what its sender waited beyond the receiver's own total time.
+        """
+        waits = [self.round_trip_ms] + [n["total_ms"] - n["compute_ms"] for n in self.nodes[:-1]]
+        totals = [n["total_ms"] for n in self.nodes]
+        return [wait - total for wait, total in zip(waits, totals, strict=True)]
+
+
 class RemoteChain:
     """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``)."""
 
@@ -62,6 +81,7 @@ class RemoteChain:
             ssl_context=credentials.client_context(),
             role=credentials.info.role,
         )
+        self.last_step: StepTiming | None = None
 
     async def step(
         self,
@@ -82,7 +102,11 @@ class RemoteChain:
         if sampling is not None:
             meta["sampling"] = sampling.model_dump()
         frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
+        began = time.perf_counter()
         reply = _raise_if_error(await self.link.request(frame, message_id))
+        self.last_step = StepTiming(
+            (time.perf_counter() - began) * 1000, reply.get("timings", []), len(token_ids)
+        )
         return int(reply["token_id"])
 
     async def control(self, kind: type[ps.Message], session_id: str) -> dict:

@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from tiktrue.model.engine import BlockEngine, Span
 from tiktrue.model.errors import ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.store import BlockStore
-from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable
+from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.security.node_tls import NetworkCredentials
@@ -218,25 +220,59 @@ class BlockServer:
         await _send(ws, reply)
 
     async def _forward(self, header: dict, tensor, message_id, session_id) -> dict:
+        """Run the span; the head samples, other nodes pass on and relay the answer back.
+
+        Each node adds its own timing to the reply (``timings``: compute and total ms), so the
+        gateway can tell compute from per-hop latency.
+        """
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(
-            self._executor, self.engine.forward, session_id, tensor, header["start"]
-        )
+        began = time.perf_counter()
+        # All torch work runs on the engine thread: one OpenMP thread team per process
+        outcome = await loop.run_in_executor(self._executor, self._compute, header, tensor)
+        computed = time.perf_counter()
         if self.span.has_head:
-            sampler = self.samplers.setdefault(session_id, SessionSampler())
-            if isinstance(header.get("sampling"), dict):
-                sampler.set_params(SamplingParams.model_validate(header["sampling"]))
-            tokens = header.get("tokens") or []
-            token = sampler.next_token(out[0], [int(t) for t in tokens])
-            return ps.InferenceResponse(
-                network_id=self.network_id,
-                session_id=session_id,
-                in_reply_to=message_id,
-                status="processing",
-                token_id=token,
-            ).model_dump(mode="json", exclude_none=True)
-        meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
-        return await self._next.request(encode_tensor_frame(out, **meta), message_id)
+            reply = self._token_reply(message_id, session_id, outcome)
+            later = []
+        else:
+            reply = await self._next.request(outcome, message_id)
+            later = reply.get("timings", [])
+        mine = {
+            "node": self.node_id,
+            "span": str(self.span),
+            "compute_ms": round((computed - began) * 1000, 3),
+            "total_ms": round((time.perf_counter() - began) * 1000, 3),
+        }
+        reply["timings"] = [mine, *later]
+        return reply
+
+    def _token_reply(self, message_id: str, session_id: str, token: int) -> dict:
+        """The head's answer to a step: an inference_response, built without validation
+        because every field comes from this node (the hot path)."""
+        return {
+            "header": {
+                "message_id": new_message_id(),
+                "message_type": "inference_response",
+                "protocol_version": ps.PROTOCOL_VERSION,
+                "timestamp": datetime.now(timezone.utc).isoformat(),
+            },
+            "network_id": self.network_id,
+            "session_id": session_id,
+            "in_reply_to": message_id,
+            "status": "processing",
+            "token_id": token,
+        }
+
+    def _compute(self, header: dict, tensor) -> int | bytes:
+        """Engine thread: the span's forward, then the sampled token (head) or the next frame."""
+        session_id = header.get("session_id")
+        out = self.engine.forward(session_id, tensor, header["start"])
+        if not self.span.has_head:
+            meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
+            return encode_tensor_frame(out, **meta)
+        sampler = self.samplers.setdefault(session_id, SessionSampler())
+        if isinstance(header.get("sampling"), dict):
+            sampler.set_params(SamplingParams.model_validate(header["sampling"]))
+        return sampler.next_token(out[0], [int(t) for t in header.get("tokens") or []])
 
     def _check_network(self, network_id, message_id, session_id) -> None:
         if network_id != self.network_id:
