@@ -151,37 +151,27 @@ def test_bad_frames_get_structured_errors_while_other_sessions_go_on(tiny_cluste
     async def go():
         ws = await node_connection(middle, credentials.client_context(), hello(credentials))
         replies = {}
+
         # oversized: larger than the largest legitimate request of this model
-        big = encode_tensor_frame(
-            torch.zeros(1, 9000, 64),
-            kind="forward",
-            network_id=NET,
-            session_id="x",
-            message_id="big",
-            start=0,
-        )
-        await ws.send(big)
-        replies["big"] = json.loads(await ws.recv())
-        shape = encode_tensor_frame(
-            torch.zeros(1, 2, 65),
-            kind="forward",
-            network_id=NET,
-            session_id="x",
-            message_id="shape",
-            start=0,
-        )
-        await ws.send(shape)
-        replies["shape"] = json.loads(await ws.recv())
-        other = encode_tensor_frame(
-            torch.zeros(1, 2, 64),
-            kind="forward",
-            network_id="othernet",
-            session_id="x",
-            message_id="net",
-            start=0,
-        )
-        await ws.send(other)
-        replies["net"] = json.loads(await ws.recv())
+        def step(tensor, message_id, network_id=NET):
+            return encode_tensor_frame(
+                tensor,
+                kind="forward",
+                network_id=network_id,
+                session_id="x",
+                message_id=message_id,
+                start=0,
+            )
+
+        # larger than the largest legitimate request of this model; a wrong hidden size;
+        # another network
+        for name, frame in (
+            ("big", step(torch.zeros(1, 9000, 64), "big")),
+            ("shape", step(torch.zeros(1, 2, 65), "shape")),
+            ("net", step(torch.zeros(1, 2, 64), "net", network_id="othernet")),
+        ):
+            await ws.send(frame)
+            replies[name] = json.loads(await ws.recv())
         await ws.send(b"\x00\x00\x00\x05{bad}")
         replies["garbage"] = json.loads(await ws.recv())
         await ws.send("{oops")
