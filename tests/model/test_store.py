@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.helpers.tiny_models import make_tiny_model
 from tiktrue.model.errors import StoreError, UnsupportedArchitecture
 from tiktrue.model.importer import import_model
-from tiktrue.model.store import BlockStore, list_stores, sha256_file
+from tiktrue.model.store import BlockStore, hash_chunks, list_stores, sha256_file
 
 
 def test_manifest_describes_every_block(tiny_llama):
@@ -23,6 +23,10 @@ def test_manifest_describes_every_block(tiny_llama):
         assert path.stat().st_size == entry.bytes
         assert sha256_file(path) == entry.sha256
         assert entry.parameters == sum(t.numel() for t in load_file(path).values())
+        assert (entry.sha256, entry.chunks) == hash_chunks(path, entry.chunk_size)
+    assert {"config.json", "tokenizer.json"} <= set(m.files)
+    for name, item in m.files.items():
+        assert sha256_file(tiny_llama.root / name) == item.sha256
     assert (tiny_llama.root / "config.json").is_file()
     assert (
         "chat_template" in (tiny_llama.root / "tokenizer_config.json").read_text()

@@ -21,8 +21,10 @@ from tiktrue.model.errors import ModelError, StoreError
 from tiktrue.model.store import (
     BlockEntry,
     BlockStore,
+    FileEntry,
     Manifest,
     dtype_name,
+    hash_chunks,
     parse_dtype,
     sha256_file,
     write_manifest,
@@ -120,7 +122,7 @@ def _import_hf_folder(source: Path, model_id: str, dest: Path, dtype: str | None
 
     blocks = _write_blocks(config, by_block, tensors_of, dest, target)
     has_tokenizer = _copy_tokenizer(lambda: AutoTokenizer.from_pretrained(source), dest)
-    return _manifest(config, model_id, target, blocks, has_tokenizer, str(source))
+    return _manifest(config, model_id, target, blocks, has_tokenizer, str(source), dest)
 
 
 def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
@@ -163,11 +165,13 @@ def _save_block(block: str, tensors: dict[str, torch.Tensor], dest: Path) -> Blo
     relative = f"blocks/{block}.safetensors"
     path = dest / relative
     save_file(tensors, path)
+    whole, chunks = hash_chunks(path)
     return BlockEntry(
         file=relative,
         bytes=path.stat().st_size,
-        sha256=sha256_file(path),
+        sha256=whole,
         parameters=sum(t.numel() for t in tensors.values()),
+        chunks=chunks,
     )
 
 
@@ -180,8 +184,14 @@ def _copy_tokenizer(load, dest: Path) -> bool:
     return True
 
 
-def _manifest(config, model_id, target, blocks, has_tokenizer, source) -> Manifest:
+def _manifest(config, model_id, target, blocks, has_tokenizer, source, dest: Path) -> Manifest:
+    files = {
+        path.name: FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
+        for path in sorted(dest.iterdir())
+        if path.is_file()
+    }
     return Manifest(
+        files=files,
         model_id=model_id,
         architecture=config.model_type,
         dtype=dtype_name(target),
@@ -267,4 +277,4 @@ def _import_gguf(source: Path, model_id: str, dest: Path, dtype: str | None) -> 
     has_tokenizer = _copy_tokenizer(
         lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), dest
     )
-    return _manifest(config, model_id, target, entries, has_tokenizer, str(source))
+    return _manifest(config, model_id, target, entries, has_tokenizer, str(source), dest)

@@ -27,6 +27,7 @@ from tiktrue.model.errors import CorruptBlock, StoreError
 MANIFEST = "manifest.json"
 STORE_FORMAT = "tiktrue-block-store/1"
 HASH_CHUNK = 4 << 20
+CHUNK_SIZE = 4 << 20  # transfers (download, distribution) verify and resume per chunk
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -49,11 +50,23 @@ def parse_dtype(name: str) -> torch.dtype:
         raise StoreError(f"unknown dtype {name!r} (use one of {', '.join(DTYPES)})") from None
 
 
+class FileEntry(BaseModel):
+    """A file of the store that is not a block (config, tokenizer): fetched with the blocks."""
+
+    bytes: int
+    sha256: str
+
+
 class BlockEntry(BaseModel):
     file: str
     bytes: int
     sha256: str
     parameters: int
+    chunk_size: int = CHUNK_SIZE
+    chunks: list[str] = Field(default_factory=list)  # sha256 of each chunk_size piece
+
+    def chunk_count(self) -> int:
+        return max(1, -(-self.bytes // self.chunk_size))
 
 
 class Manifest(BaseModel):
@@ -67,6 +80,7 @@ class Manifest(BaseModel):
     model_chain_order: list[str]
     blocks: dict[str, BlockEntry]
     has_tokenizer: bool = False
+    files: dict[str, FileEntry] = Field(default_factory=dict)  # by path relative to the store
     source: str = ""
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     encryption: dict | None = None
@@ -86,6 +100,16 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def hash_chunks(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str]]:
+    """The whole file's sha256 and each chunk's, in one read."""
+    whole, pieces = hashlib.sha256(), []
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            whole.update(chunk)
+            pieces.append(hashlib.sha256(chunk).hexdigest())
+    return whole.hexdigest(), pieces or [hashlib.sha256(b"").hexdigest()]
 
 
 class BlockStore:
