@@ -130,6 +130,31 @@ def models_verify(model_id: str) -> None:
     typer.echo(f"{model_id}: all {len(store.manifest.blocks)} blocks verified")
 
 
+@models_app.command("serve")
+def models_serve(
+    directory: Path = typer.Argument(
+        ..., help="A models directory (e.g. <data>/models) or one block store."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (LAN: 0.0.0.0)."),
+    port: int = typer.Option(8765, "--port"),
+) -> None:
+    """Serve block stores over HTTP (with Range) as a model repository for downloads."""
+    from tiktrue.control.model_repository import list_repository_models, serve_repository
+    from tiktrue.model.errors import StoreError
+
+    if not directory.is_dir():
+        fail(f"{directory} is not a directory")
+    models = list_repository_models(directory)
+    typer.echo(f"model repository: http://{host}:{port}/ (models: {', '.join(models) or 'none'})")
+    sys.stdout.flush()
+    try:
+        serve_repository(directory, host, port)
+    except StoreError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
 # --- generation ------------------------------------------------------------------------------
 
 
@@ -218,6 +243,10 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
 
 @app.command()
 def node(
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address this node listens on and announces (its LAN IP)."
+    ),
+    control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
     api_port: int = typer.Option(
         None, "--api-port", help="Also serve the gateway (OpenAI API, /ws) on this port (0: any)."
     ),
@@ -226,7 +255,7 @@ def node(
     threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run the node service: one block server per network this node belongs to."""
+    """Run the node service: control channel, one block server per network, gateway."""
     import logging
 
     import torch
@@ -242,7 +271,14 @@ def node(
     if threads:
         torch.set_num_threads(threads)
     asyncio.run(
-        run_node(data_dir(), api_host=api_host, api_port=api_port, kv_budget_mb=kv_budget_mb)
+        run_node(
+            data_dir(),
+            host=host,
+            control_port=control_port,
+            api_host=api_host,
+            api_port=api_port,
+            kv_budget_mb=kv_budget_mb,
+        )
     )
 
 

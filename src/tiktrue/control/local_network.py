@@ -117,6 +117,8 @@ class LocalCluster:
                 "-m",
                 "tiktrue",
                 "node",
+                "--control-port",
+                "0",
                 "--kv-budget-mb",
                 str(self.kv_budget_mb),
             ]

@@ -27,12 +27,18 @@ class NodeEntry(BaseModel):
     node_id: str = Field(pattern=ID_PATTERN)
     role: Literal["admin", "worker", "backup"] = "worker"
     host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(ge=1, le=65535)  # this node's block server for the network
+    control_port: int | None = Field(None, ge=1, le=65535)  # its control channel
+    name: str = ""
     blocks: list[str] = Field(default_factory=list)  # a contiguous span of model_chain_order
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def control_address(self) -> str | None:
+        return f"{self.host}:{self.control_port}" if self.control_port else None
 
 
 class NetworkConfig(BaseModel):

@@ -10,6 +10,7 @@ sending only its new tokens, and a replacement worker can later rebuild its cach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -24,7 +25,7 @@ from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.store import BlockStore
 from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
-from tiktrue.node.peer_link import PeerLink, new_message_id
+from tiktrue.node.peer_link import PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import encode_tensor_frame
 from tiktrue.security.node_tls import NetworkCredentials
@@ -123,6 +124,80 @@ class RemoteChain:
         await self.link.close()
 
 
+RECOVERABLE = {"peer_unavailable", "unknown_session"}
+
+
+class ReplayingChain:
+    """The chain as the gateway uses it: it remembers what each session fed, so when the chain
+    changes (a new config, a node replaced) a session is rebuilt on the new chain by replaying
+    its tokens; the answer pauses, and no token is lost or repeated."""
+
+    def __init__(self, chain: RemoteChain, *, retries: int = 3, pause: float = 0.5) -> None:
+        self.inner = chain
+        self.fed: dict[str, list[int]] = {}
+        self.sampling: dict[str, SamplingParams] = {}
+        self.stale: set[str] = set()
+        self.retries, self.pause = retries, pause
+        self.replays = 0
+
+    @property
+    def last_step(self) -> StepTiming | None:
+        return self.inner.last_step
+
+    def switch(self, chain: RemoteChain) -> None:
+        old, self.inner = self.inner, chain
+        self.stale |= set(self.fed)
+        asyncio.get_event_loop().create_task(old.aclose())
+
+    async def open(self, session_id: str) -> None:
+        await self.inner.open(session_id)
+        self.fed[session_id] = []
+
+    async def close(self, session_id: str) -> None:
+        self.fed.pop(session_id, None)
+        self.sampling.pop(session_id, None)
+        stale = session_id in self.stale
+        self.stale.discard(session_id)
+        if not stale:
+            with contextlib.suppress(ChainError, PeerUnavailable):
+                await self.inner.close(session_id)
+
+    async def control(self, kind, session_id: str) -> dict:
+        return await self.inner.control(kind, session_id)
+
+    async def step(self, session_id, token_ids, start, sampling=None) -> int:
+        if sampling is not None:
+            self.sampling[session_id] = sampling
+        for attempt in range(self.retries + 1):
+            try:
+                if session_id in self.stale:
+                    await self._replay(session_id, start)
+                token = await self.inner.step(session_id, token_ids, start, sampling)
+                self.fed[session_id] = self.fed.get(session_id, [])[:start] + list(token_ids)
+                return token
+            except (PeerUnavailable, ChainError) as exc:
+                code = getattr(exc, "code", "peer_unavailable")
+                if attempt == self.retries or code not in RECOVERABLE:
+                    raise
+                self.stale.add(session_id)
+                await asyncio.sleep(self.pause * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _replay(self, session_id: str, upto: int) -> None:
+        """Open the session on the current chain and run its history through it."""
+        with contextlib.suppress(ChainError):
+            await self.inner.close(session_id)
+        await self.inner.open(session_id)
+        history = self.fed.get(session_id, [])[:upto]
+        if history:
+            await self.inner.step(session_id, history, 0, self.sampling.get(session_id))
+        self.stale.discard(session_id)
+        self.replays += 1
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @dataclass
 class SessionState:
     """What the chain holds for a session: ``tokens`` are in every node's KV cache."""
@@ -146,8 +221,14 @@ class Gateway:
         self.tokenizer = load_tokenizer(store)
         self.stop_ids = stop_token_ids(store, self.tokenizer)
         self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
-        self.chain = RemoteChain(config, credentials)
+        self.credentials = credentials
+        self.chain = ReplayingChain(RemoteChain(config, credentials))
         self.sessions: dict[str, SessionState] = {}
+
+    def switch(self, config: NetworkConfig) -> None:
+        """A new config: later steps go to the new chain; sessions are replayed there."""
+        self.config = config
+        self.chain.switch(RemoteChain(config, self.credentials))
 
     # --- answering -------------------------------------------------------------------------
 

@@ -70,20 +70,21 @@ class CompletionRequest(GenerationFields):
     prompt: str
 
 
-def create_app(gateways: dict[str, Gateway]) -> FastAPI:
-    """One ASGI app for every network this node is a gateway of (keyed by network id)."""
+def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = None) -> FastAPI:
+    """One ASGI app for every network this node is a gateway of (keyed by network id; the
+    dict may change while the app runs: networks joined or left)."""
     app = FastAPI(title="TikTrue gateway", version=__version__)
-    protocol = ClientProtocol(gateways)
-    by_model = {g.model_id: g for g in gateways.values()}
+    protocol = protocol or ClientProtocol(gateways)
 
     def pick(model: str | None) -> Gateway:
+        by_model = {g.model_id: g for g in gateways.values()}
         if model in by_model:
             return by_model[model]
         if model in gateways:
             return gateways[model]
         if len(gateways) == 1 and model in (None, ""):
             return next(iter(gateways.values()))
-        known = ", ".join(sorted(by_model)) or "none"
+        known = ", ".join(sorted(by_model)) or "none yet"
         raise HTTPException(404, detail=f"model {model!r} is not served here (models: {known})")
 
     @app.exception_handler(HTTPException)

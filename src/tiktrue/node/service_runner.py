@@ -1,9 +1,12 @@
 """``tiktrue node``: the node service (seed ``service_runner``).
 
-Reads every ``network_config_<network_id>.json`` in the data dir and starts, with
-``asyncio.gather``, one block server per network in which this node serves blocks, and the
-gateway's HTTP app (OpenAI API, ``/ws``) for the networks whose model tokenizer it holds.
-When everything listens it writes ``<data>/run/node.json`` (pid, ports, API URL).
+One process per PC. It runs the node's control channel (join, config and block pushes), one
+block server per network in which it serves blocks (asyncio, side by side), and the gateway's
+HTTP app (OpenAI API, ``/ws``) for its networks when asked to. Whenever a network config
+changes (a join, a push from the admin, the CLI) ``reload`` brings the running servers in line:
+only servers whose span or neighbours changed restart, and the gateway moves its sessions to
+the new chain by replaying their history. ``<data>/run/node.json`` tells the CLI and the demo
+where everything listens.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from pathlib import Path
 
 import uvicorn
 
-from tiktrue.control.network_config import list_configs
+from tiktrue import __version__
+from tiktrue.control.network_config import NetworkConfig, list_configs
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.ws_api import ClientProtocol
+from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.model_node import BlockServer
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 log = logging.getLogger("tiktrue.node")
+RUNTIME_BYTES = 300 << 20  # a node process before any block: Python, torch, servers
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -40,84 +46,242 @@ def run_file(data_dir: Path) -> Path:
     return Path(data_dir) / "run" / "node.json"
 
 
-async def run_node(
-    data_dir: Path,
-    *,
-    api_host: str = "127.0.0.1",
-    api_port: int | None = None,
-    kv_budget_mb: int = 512,
-) -> None:
-    data_dir = Path(data_dir)
-    identity = node_identity(data_dir)
-    servers: list[BlockServer] = []
-    gateways: dict[str, Gateway] = {}
-    for config in list_configs(data_dir):
-        if identity.node_id not in {n.node_id for n in config.nodes}:
-            continue
-        credentials = NetworkCredentials.load(data_dir, config.network_id)
-        if config.node(identity.node_id).blocks:
-            servers.append(
-                BlockServer(data_dir, config, credentials, kv_budget_bytes=kv_budget_mb << 20)
-            )
-        if api_port is not None:
-            gateways[config.network_id] = Gateway(data_dir, config, credentials)
-    if not servers and not gateways:
-        raise SystemExit(
-            f"node {identity.node_id} is in no network yet (no network_config_*.json in "
-            f"{data_dir} names it)"
-        )
-    protocol = ClientProtocol(gateways)
-    for server in servers:
-        if server.network_id in gateways:
-            server.client_handler = protocol.handle
-        await server.start()
+def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
+    """What a block server depends on: its span, its port, and the next node's address."""
+    entry = config.node(node_id)
+    after = config.next_node(node_id) if entry.blocks else None
+    return (config.model_id, tuple(entry.blocks), entry.host, entry.port, after and after.address)
 
+
+class NodeService:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        control_port: int = 0,
+        api_host: str = "127.0.0.1",
+        api_port: int | None = None,
+        kv_budget_mb: int = 512,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.identity = node_identity(self.data_dir)
+        self.host = host
+        self.control_port = control_port
+        self.api_host, self.api_port = api_host, api_port
+        self.kv_budget_mb = kv_budget_mb
+        self.servers: dict[str, BlockServer] = {}
+        self.gateways: dict[str, Gateway] = {}
+        self.protocol = ClientProtocol(self.gateways)  # sees gateways added later
+        self.api_url: str | None = None
+        self.control = None
+        self._lock = asyncio.Lock()
+        self.waiting: dict[str, str] = {}  # network -> why its block server is not running
+
+    # --- caps ----------------------------------------------------------------------------
+
+    def caps(self):
+        from tiktrue.node.resources import NodeCaps
+
+        path = self.data_dir / "caps.json"
+        return (
+            NodeCaps.model_validate_json(path.read_text("utf-8")) if path.exists() else NodeCaps()
+        )
+
+    def set_caps(self, caps: dict) -> dict:
+        from tiktrue.node.resources import NodeCaps, collect_resources
+
+        checked = NodeCaps.model_validate(caps)
+        checked.effective(collect_resources(self.data_dir))  # refuses caps above what we have
+        (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
+        return checked.model_dump()
+
+    def _kv_budget(self, store: BlockStore, blocks: list[str]) -> int:
+        budget = self.kv_budget_mb << 20
+        ram = self.caps().ram_bytes
+        if ram is not None:
+            weights = sum(store.manifest.blocks[b].bytes for b in blocks)
+            budget = min(budget, max(16 << 20, ram - weights - RUNTIME_BYTES))
+        return budget
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from tiktrue.node.control_server import ControlServer
+
+        threads = self.caps().threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.control = ControlServer(self)
+        await self.control.start(self.host, self.control_port)
+        await self.reload()
+        if self.api_port is not None:
+            await self._start_http()
+        self._write_run_file()
+
+    async def _start_http(self) -> None:
+        config = uvicorn.Config(
+            create_app(self.gateways, self.protocol),
+            host=self.api_host,
+            port=self.api_port,
+            log_level="warning",
+            lifespan="off",
+        )
+        self._http = _EmbeddedServer(config)
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the bind error
+            await asyncio.sleep(0.05)
+        port = self._http.servers[0].sockets[0].getsockname()[1]
+        self.api_url = f"http://{self.api_host}:{port}/v1"
+        log.info("OpenAI API on %s", self.api_url)
+
+    async def stop(self) -> None:
+        if getattr(self, "_http", None) is not None:
+            self._http.should_exit = True
+            await asyncio.gather(self._http_task, return_exceptions=True)
+        for gateway in self.gateways.values():
+            await gateway.chain.aclose()
+        for server in self.servers.values():
+            await server.stop()
+        if self.control is not None:
+            await self.control.stop()
+        run_file(self.data_dir).unlink(missing_ok=True)
+
+    async def reload(self, *, force: bool = False) -> None:
+        """Bring block servers and gateways in line with the configs on disk."""
+        async with self._lock:
+            configs = {
+                c.network_id: c
+                for c in list_configs(self.data_dir)
+                if self.identity.node_id in {n.node_id for n in c.nodes}
+            }
+            node_id = self.identity.node_id
+            for network_id, server in list(self.servers.items()):
+                config = configs.get(network_id)
+                same = config is not None and _span_signature(config, node_id) == _span_signature(
+                    server.config, node_id
+                )
+                if force or not same:
+                    await server.stop()
+                    del self.servers[network_id]
+                elif config is not None:
+                    server.config = config
+            self.waiting.clear()
+            for network_id, config in configs.items():
+                entry = config.node(node_id)
+                if entry.blocks and network_id not in self.servers:
+                    await self._start_block_server(config, entry.blocks)
+                if self.api_port is not None:
+                    self._update_gateway(config)
+            for network_id in set(self.gateways) - set(configs):
+                await self.gateways.pop(network_id).chain.aclose()
+            for network_id, server in self.servers.items():
+                server.client_handler = (
+                    self.protocol.handle if network_id in self.gateways else None
+                )
+            if self.control is not None:
+                self.control.refresh_trust()
+            self._write_run_file()
+
+    async def _start_block_server(self, config: NetworkConfig, blocks: list[str]) -> None:
+        root = self.data_dir / "models" / config.model_id
+        if not (root / MANIFEST).is_file():
+            self.waiting[config.network_id] = f"no copy of {config.model_id} yet"
+            return
+        store = BlockStore(root)
+        missing = [b for b in blocks if not store.block_path(b).is_file()]
+        if missing:
+            self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
+            return
+        credentials = NetworkCredentials.load(self.data_dir, config.network_id)
+        server = BlockServer(
+            self.data_dir, config, credentials, kv_budget_bytes=self._kv_budget(store, blocks)
+        )
+        await server.start()
+        self.servers[config.network_id] = server
+
+    def _update_gateway(self, config: NetworkConfig) -> None:
+        gateway = self.gateways.get(config.network_id)
+        if gateway is None:
+            tokenizer = self.data_dir / "models" / config.model_id / "tokenizer_config.json"
+            if not tokenizer.is_file() or not config.chain():
+                return
+            credentials = NetworkCredentials.load(self.data_dir, config.network_id)
+            self.gateways[config.network_id] = Gateway(self.data_dir, config, credentials)
+        elif gateway.config.version != config.version:
+            gateway.switch(config)
+
+    # --- what others ask -----------------------------------------------------------------
+
+    def node_info(self) -> dict:
+        from tiktrue.node.resources import collect_resources
+
+        networks = {}
+        for config in list_configs(self.data_dir):
+            if self.identity.node_id not in {n.node_id for n in config.nodes}:
+                continue
+            entry = config.node(self.identity.node_id)
+            server = self.servers.get(config.network_id)
+            networks[config.network_id] = {
+                "name": config.name,
+                "model_id": config.model_id,
+                "role": entry.role,
+                "version": config.version,
+                "blocks": entry.blocks,
+                "serving": server is not None,
+                "waiting": self.waiting.get(config.network_id),
+                "sessions": len(server.engine.kv.sessions()) if server else 0,
+            }
+        return {
+            "node_id": self.identity.node_id,
+            "version": __version__,
+            "host": self.host,
+            "control_port": self.control.port if self.control else None,
+            "api": self.api_url,
+            "pid": os.getpid(),
+            "rss_bytes": _rss(),
+            "resources": collect_resources(self.data_dir).model_dump(),
+            "caps": self.caps().model_dump(),
+            "networks": networks,
+        }
+
+    def _write_run_file(self) -> None:
+        path = run_file(self.data_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {
+            "pid": os.getpid(),
+            "node_id": self.identity.node_id,
+            "control": f"{self.host}:{self.control.port}" if self.control else None,
+            "networks": {
+                s.network_id: {"port": s.entry.port, "span": str(s.span)}
+                for s in self.servers.values()
+            },
+            "api": self.api_url,
+        }
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(info, indent=2), "utf-8")
+        partial.replace(path)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+async def run_node(data_dir: Path, **options) -> None:
+    service = NodeService(data_dir, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no such API
             loop.add_signal_handler(sig, stop.set)
-
-    tasks = [asyncio.create_task(stop.wait())]
-    api_url = None
-    http = None
-    if gateways:
-        config = uvicorn.Config(
-            create_app(gateways), host=api_host, port=api_port, log_level="warning", lifespan="off"
-        )
-        http = _EmbeddedServer(config)
-        tasks.append(asyncio.create_task(http.serve()))
-        while not http.started:
-            if tasks[-1].done():
-                tasks[-1].result()  # raises the bind error
-            await asyncio.sleep(0.05)
-        port = http.servers[0].sockets[0].getsockname()[1]
-        api_url = f"http://{api_host}:{port}/v1"
-        log.info("OpenAI API on %s", api_url)
-
-    _write_run_file(data_dir, identity.node_id, servers, api_url)
+    await service.start()
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await stop.wait()
     finally:
-        if http is not None:
-            http.should_exit = True
-        for gateway in gateways.values():
-            await gateway.chain.aclose()
-        for server in servers:
-            await server.stop()
-        await asyncio.gather(*tasks[1:], return_exceptions=True)
-        run_file(data_dir).unlink(missing_ok=True)
-
-
-def _write_run_file(data_dir, node_id, servers, api_url) -> None:
-    path = run_file(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {
-        "pid": os.getpid(),
-        "node_id": node_id,
-        "networks": {s.network_id: {"port": s.entry.port, "span": str(s.span)} for s in servers},
-        "api": api_url,
-    }
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(info, indent=2), "utf-8")
-    partial.replace(path)
+        await service.stop()

@@ -56,12 +56,35 @@ def encode_tensor_frame(tensor: torch.Tensor, **meta: Any) -> bytes:
         raise ValueError("'dtype' and 'shape' are set by the frame itself")
     data = tensor.detach().to("cpu").contiguous()
     header = {"dtype": name, "shape": list(data.shape), **meta}
+    raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
+    return _pack(header, memoryview(raw))
+
+
+def _pack(header: dict[str, Any], payload) -> bytes:
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     text += b" " * (-(_PREFIX.size + len(text)) % _ALIGN)
     if len(text) > MAX_HEADER_BYTES:
         raise ValueError(f"frame header of {len(text)} bytes exceeds {MAX_HEADER_BYTES}")
-    raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
-    return b"".join((_PREFIX.pack(len(text)), text, memoryview(raw)))
+    return b"".join((_PREFIX.pack(len(text)), text, payload))
+
+
+def encode_bytes_frame(payload: bytes, **meta: Any) -> bytes:
+    """A frame carrying raw bytes (block chunks) instead of a tensor; same layout."""
+    if "length" in meta:
+        raise ValueError("'length' is set by the frame itself")
+    return _pack({"length": len(payload), **meta}, payload)
+
+
+def decode_bytes_frame(
+    data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
+) -> tuple[dict[str, Any], bytes]:
+    view = memoryview(data).cast("B")
+    if max_bytes is not None and len(view) > max_bytes:
+        raise ProtocolError(FRAME_TOO_LARGE, f"frame of {len(view)} bytes exceeds {max_bytes}")
+    header, offset = _read_header(view)
+    if header.get("length") != len(view) - offset:
+        raise _bad(f"frame says {header.get('length')!r} bytes, holds {len(view) - offset}")
+    return header, bytes(view[offset:])
 
 
 def _bad(message: str) -> ProtocolError:

@@ -477,6 +477,22 @@ def sign_challenge(identity: NodeIdentity, nonce: bytes, context: bytes) -> byte
     return identity.private_key.sign(_challenge_message(nonce, context), ec.ECDSA(hashes.SHA256()))
 
 
+def verify_key_possession(
+    public_key: ec.EllipticCurvePublicKey | bytes, nonce: bytes, signature: bytes, context: bytes
+) -> str:
+    """Check a challenge answer against a bare public key (a node that holds no certificate
+    yet, e.g. when it asks to join); returns the key's node id, raises ``IdentityError``."""
+    try:
+        if isinstance(public_key, bytes):
+            public_key = serialization.load_pem_public_key(public_key)  # type: ignore[assignment]
+        _require_p256(public_key, "node public key")
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        public_key.verify(signature, _challenge_message(nonce, context), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise IdentityError(f"the answer does not prove possession of the key: {exc}") from exc
+    return node_id_for_public_key(public_key)
+
+
 def verify_node_identity(
     cert_pem: bytes | str | x509.Certificate,
     ca_cert_pem: bytes | str | x509.Certificate,

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from tiktrue.security.auth_manager import (
     CertInfo,
     IdentityError,
     NodeIdentity,
+    certificate_info,
     load_or_create_node_identity,
+    node_id_for_public_key,
     verify_certificate,
 )
 from tiktrue.security.crypto_layer import client_ssl_context, server_ssl_context
@@ -66,3 +73,71 @@ def install_certificate(data_dir: Path, network_id: str, ca_cert_pem: bytes, nod
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CA_CERT).write_bytes(ca_cert_pem)
     (directory / NODE_CERT).write_bytes(node_cert_pem)
+
+
+# --- the control channel: reachable before a node has joined any network ------------------
+#
+# A node's control server presents a self-signed certificate of its own identity key. Clients
+# do not trust it through a CA: they pin it, checking that the key hashes to the node id they
+# expect (from a join token, a discovery announcement or the network config). Clients that act
+# for a network (the admin pushing config or blocks) present their network certificate, which
+# the server verifies against the CAs of the networks it has joined.
+
+CONTROL_CERT = "control_cert.pem"
+
+
+def _self_signed(identity: NodeIdentity) -> bytes:
+    now = datetime.now(timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.node_id)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(identity.public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(identity.private_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def control_server_context(data_dir: Path) -> ssl.SSLContext:
+    identity = node_identity(data_dir)
+    cert_path = identity.directory / CONTROL_CERT
+    if not cert_path.is_file():
+        cert_path.write_bytes(_self_signed(identity))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert_path, identity.key_path)
+    cas = sorted((Path(data_dir) / "networks").glob(f"*/{CA_CERT}"))
+    for ca in cas:
+        context.load_verify_locations(ca)
+    context.verify_mode = ssl.CERT_OPTIONAL if cas else ssl.CERT_NONE
+    return context
+
+
+def control_client_context(credentials: NetworkCredentials | None = None) -> ssl.SSLContext:
+    """Client side of the control channel; the server is pinned by node id, not by a CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if credentials is not None:
+        context.load_cert_chain(credentials.node_cert, credentials.identity.key_path)
+    return context
+
+
+def peer_node_id(ssl_object) -> str:
+    """The node id of the key the peer proved it holds in the TLS handshake."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise IdentityError("the peer presented no certificate")
+    return node_id_for_public_key(x509.load_der_x509_certificate(der).public_key())
+
+
+def peer_network_certificate(ssl_object) -> CertInfo | None:
+    """The network certificate a client presented (already verified by the TLS handshake)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    return certificate_info(x509.load_der_x509_certificate(der)) if der else None

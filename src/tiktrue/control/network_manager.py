@@ -1,0 +1,354 @@
+"""``network_manager``: create a network, hand out join tokens, accept joins, join, leave.
+
+State lives in files, so the CLI and the node service share it without talking to each other:
+``<data>/network_config_<id>.json`` and ``<data>/networks/<id>/`` holding the CA certificate,
+this node's certificate, the network's block key, and on the admin the CA key (``ca/``),
+join tokens (only their hashes) and join requests waiting for approval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tiktrue.control.network_config import (
+    ConfigError,
+    NetworkConfig,
+    NodeEntry,
+    config_path,
+    list_configs,
+    network_dir,
+    read_config,
+    write_config,
+)
+from tiktrue.model.store import BlockStore
+from tiktrue.protocol.protocol_spec import ID_PATTERN
+from tiktrue.security.auth_manager import (
+    IdentityError,
+    NetworkCA,
+    create_network_ca,
+    sign_challenge,
+    verify_key_possession,
+)
+from tiktrue.security.crypto_layer import new_block_key
+from tiktrue.security.node_tls import install_certificate, node_identity
+
+TOKEN_TTL = 24 * 3600
+BLOCK_KEY = "block_key"
+
+
+class JoinError(Exception):
+    """A join that cannot go ahead (bad token, unknown request, not the admin, ...)."""
+
+    code = "join_refused"
+
+
+# --- the admin's side ---------------------------------------------------------------------
+
+
+def create_network(
+    data_dir: Path,
+    name: str,
+    store: BlockStore,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7480,
+    control_port: int | None = None,
+    network_id: str | None = None,
+) -> NetworkConfig:
+    """Make a network administered by this node; at first this node serves every block."""
+    data_dir = Path(data_dir)
+    network_id = network_id or f"net-{uuid.uuid4().hex[:8]}"
+    if config_path(data_dir, network_id).exists():
+        raise ConfigError(f"network {network_id} already exists")
+    identity = node_identity(data_dir)
+    folder = network_dir(data_dir, network_id)
+    ca = create_network_ca(network_id, folder / "ca")
+    cert = ca.generate_node_certificate(
+        identity.node_id, identity.public_key, "admin", hosts=_hosts(host)
+    )
+    install_certificate(data_dir, network_id, ca.cert_pem, cert)
+    _write_secret(folder / BLOCK_KEY, new_block_key().hex())
+    config = NetworkConfig(
+        network_id=network_id,
+        name=name,
+        model_id=store.model_id,
+        model_chain_order=store.manifest.model_chain_order,
+        port=port,
+        nodes=[
+            NodeEntry(
+                node_id=identity.node_id,
+                role="admin",
+                host=host,
+                port=port,
+                control_port=control_port,
+                name=name_of_this_pc(),
+                blocks=list(store.manifest.model_chain_order),
+            )
+        ],
+    )
+    write_config(data_dir, config)
+    return config
+
+
+def name_of_this_pc() -> str:
+    import platform
+
+    return platform.node() or "this PC"
+
+
+def _hosts(host: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([host, "127.0.0.1", "localhost"]))
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.write_text(text, "utf-8")
+    with contextlib.suppress(OSError):  # Windows: the user profile is private already
+        path.chmod(0o600)
+
+
+def block_key(data_dir: Path, network_id: str) -> bytes:
+    path = Path(data_dir) / "networks" / network_id / BLOCK_KEY
+    if not path.is_file():
+        raise JoinError(f"this node holds no block key for network {network_id}")
+    return bytes.fromhex(path.read_text("utf-8").strip())
+
+
+def admin_ca(data_dir: Path, network_id: str) -> NetworkCA:
+    folder = Path(data_dir) / "networks" / network_id / "ca"
+    if not (folder / "ca_key.pem").is_file():
+        raise JoinError(f"this node is not the admin of network {network_id}")
+    return NetworkCA.load(folder)
+
+
+def create_join_token(data_dir: Path, network_id: str, ttl: float = TOKEN_TTL) -> str:
+    """A one-time token ``<network_id>.<admin node id>.<secret>``; only its hash is kept."""
+    admin_ca(data_dir, network_id)
+    secret = secrets.token_urlsafe(24)
+    tokens = _load(_tokens_path(data_dir, network_id), [])
+    now = time.time()
+    tokens = [t for t in tokens if t["expires"] > now and not t.get("used_by")]
+    tokens.append({"sha256": _digest(secret), "expires": now + ttl, "used_by": None})
+    _save(_tokens_path(data_dir, network_id), tokens)
+    return f"{network_id}.{node_identity(data_dir).node_id}.{secret}"
+
+
+def parse_token(token: str) -> tuple[str, str, str]:
+    parts = token.strip().split(".")
+    if len(parts) < 3 or not all(parts):
+        raise JoinError("a join token looks like <network>.<admin node>.<secret>")
+    return parts[0], parts[1], ".".join(parts[2:])
+
+
+class JoinRequest(BaseModel):
+    network_id: str = Field(pattern=ID_PATTERN)
+    public_key_pem: str
+    proof: str  # hex signature over the join challenge: the joiner holds the key
+    name: str = ""
+    host: str = "127.0.0.1"
+    block_port: int = Field(ge=1, le=65535)
+    control_port: int | None = Field(None, ge=1, le=65535)
+    token_secret: str | None = None  # None: wait for the admin's approval
+
+
+class JoinGrant(BaseModel):
+    network_id: str
+    ca_cert: str
+    node_cert: str
+    block_key: str
+    config: dict
+
+
+def join_challenge(public_key_pem: str, network_id: str) -> tuple[bytes, bytes]:
+    """(nonce, context) the joiner signs: binds the request to its key and the network."""
+    nonce = hashlib.sha256(public_key_pem.encode()).digest()
+    return nonce, f"tiktrue-join:{network_id}".encode()
+
+
+def accept_join(data_dir: Path, request: JoinRequest) -> JoinGrant | str:
+    """Admin: a token join gives a grant at once; without a token the request waits for
+    approval and its id is returned."""
+    ca = admin_ca(data_dir, request.network_id)
+    node_id = _check_proof(request)
+    if request.token_secret is None:
+        requests = _load(_requests_path(data_dir, request.network_id), {})
+        for request_id, item in requests.items():
+            if item["node_id"] == node_id and item["state"] == "pending":
+                return request_id
+        request_id = uuid.uuid4().hex[:12]
+        requests[request_id] = {
+            "node_id": node_id,
+            "state": "pending",
+            "request": request.model_dump(),
+            "asked_at": time.time(),
+        }
+        _save(_requests_path(data_dir, request.network_id), requests)
+        return request_id
+    _spend_token(data_dir, request.network_id, request.token_secret, node_id)
+    return _grant(data_dir, ca, request, node_id)
+
+
+def list_join_requests(data_dir: Path, network_id: str) -> dict[str, dict]:
+    return _load(_requests_path(data_dir, network_id), {})
+
+
+def approve_join_request(data_dir: Path, network_id: str, request_id: str, approve: bool = True):
+    ca = admin_ca(data_dir, network_id)
+    requests = _load(_requests_path(data_dir, network_id), {})
+    item = requests.get(request_id)
+    if item is None:
+        raise JoinError(f"no join request {request_id} in network {network_id}")
+    if item["state"] != "pending":
+        raise JoinError(f"join request {request_id} is already {item['state']}")
+    if approve:
+        request = JoinRequest.model_validate(item["request"])
+        item["grant"] = _grant(data_dir, ca, request, item["node_id"]).model_dump()
+    item["state"] = "approved" if approve else "rejected"
+    _save(_requests_path(data_dir, network_id), requests)
+
+
+def join_status(data_dir: Path, network_id: str, request_id: str) -> tuple[str, JoinGrant | None]:
+    item = _load(_requests_path(data_dir, network_id), {}).get(request_id)
+    if item is None:
+        raise JoinError(f"no join request {request_id} in network {network_id}")
+    grant = JoinGrant.model_validate(item["grant"]) if item.get("grant") else None
+    return item["state"], grant
+
+
+def _check_proof(request: JoinRequest) -> str:
+    nonce, context = join_challenge(request.public_key_pem, request.network_id)
+    try:
+        signature = bytes.fromhex(request.proof)
+        return verify_key_possession(request.public_key_pem.encode(), nonce, signature, context)
+    except (ValueError, IdentityError) as exc:
+        raise JoinError(f"the join request does not prove its key: {exc}") from exc
+
+
+def _spend_token(data_dir: Path, network_id: str, secret: str, node_id: str) -> None:
+    path = _tokens_path(data_dir, network_id)
+    tokens = _load(path, [])
+    digest, now = _digest(secret), time.time()
+    for token in tokens:
+        if secrets.compare_digest(token["sha256"], digest):
+            if token.get("used_by"):
+                raise JoinError("this join token was already used; ask the admin for a new one")
+            if token["expires"] < now:
+                raise JoinError("this join token has expired; ask the admin for a new one")
+            token["used_by"] = node_id
+            _save(path, tokens)
+            return
+    raise JoinError("unknown join token")
+
+
+def _grant(data_dir: Path, ca: NetworkCA, request: JoinRequest, node_id: str) -> JoinGrant:
+    cert = ca.generate_node_certificate(
+        node_id, request.public_key_pem.encode(), "worker", hosts=_hosts(request.host)
+    )
+    config = read_config(config_path(data_dir, request.network_id))
+    nodes = [n for n in config.nodes if n.node_id != node_id]
+    nodes.append(
+        NodeEntry(
+            node_id=node_id,
+            role="worker",
+            host=request.host,
+            port=request.block_port,
+            control_port=request.control_port,
+            name=request.name,
+        )
+    )
+    config = config.model_copy(update={"nodes": nodes, "version": config.version + 1})
+    config = NetworkConfig.model_validate(config.model_dump())
+    write_config(data_dir, config)
+    return JoinGrant(
+        network_id=request.network_id,
+        ca_cert=ca.cert_pem.decode(),
+        node_cert=cert.decode(),
+        block_key=block_key(data_dir, request.network_id).hex(),
+        config=config.model_dump(),
+    )
+
+
+# --- the joining node's side ----------------------------------------------------------------
+
+
+def make_join_request(
+    data_dir: Path,
+    network_id: str,
+    *,
+    host: str,
+    block_port: int,
+    control_port: int | None,
+    token_secret: str | None,
+) -> JoinRequest:
+    identity = node_identity(data_dir)
+    public_pem = identity.public_key_pem().decode()
+    nonce, context = join_challenge(public_pem, network_id)
+    return JoinRequest(
+        network_id=network_id,
+        public_key_pem=public_pem,
+        proof=sign_challenge(identity, nonce, context).hex(),
+        name=name_of_this_pc(),
+        host=host,
+        block_port=block_port,
+        control_port=control_port,
+        token_secret=token_secret,
+    )
+
+
+def install_grant(data_dir: Path, grant: JoinGrant) -> NetworkConfig:
+    """The joiner keeps its certificate, the CA, the block key and the config."""
+    install_certificate(
+        data_dir, grant.network_id, grant.ca_cert.encode(), grant.node_cert.encode()
+    )
+    _write_secret(network_dir(data_dir, grant.network_id) / BLOCK_KEY, grant.block_key)
+    config = NetworkConfig.model_validate(grant.config)
+    write_config(data_dir, config)
+    return config
+
+
+def list_joined_networks(data_dir: Path) -> list[NetworkConfig]:
+    """The networks this node belongs to."""
+    node_id = node_identity(data_dir).node_id
+    return [c for c in list_configs(data_dir) if node_id in {n.node_id for n in c.nodes}]
+
+
+def leave_network(data_dir: Path, network_id: str) -> None:
+    """Forget a network here (its certificate, key and config); the admin drops the node."""
+    import shutil
+
+    config_path(data_dir, network_id).unlink(missing_ok=True)
+    shutil.rmtree(Path(data_dir) / "networks" / network_id, ignore_errors=True)
+
+
+# --- small file helpers -------------------------------------------------------------------
+
+
+def _tokens_path(data_dir: Path, network_id: str) -> Path:
+    return network_dir(data_dir, network_id) / "join_tokens.json"
+
+
+def _requests_path(data_dir: Path, network_id: str) -> Path:
+    return network_dir(data_dir, network_id) / "join_requests.json"
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _load(path: Path, default):
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text("utf-8"))
+
+
+def _save(path: Path, data) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=2), "utf-8")
+    partial.replace(path)

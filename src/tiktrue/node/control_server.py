@@ -1,0 +1,236 @@
+"""A node's control channel (one per node, every network): node info, join, config and block
+pushes, caps, speed probe. See ``control_link`` for the client side and the trust model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import websockets
+from pydantic import ValidationError
+
+from tiktrue.control import network_manager as nm
+from tiktrue.control.distributor import chunk_aad
+from tiktrue.control.network_config import (
+    NetworkConfig,
+    config_path,
+    read_config,
+    write_config,
+)
+from tiktrue.model.store import MANIFEST, Manifest
+from tiktrue.node import block_receiver
+from tiktrue.node.peer_link import HARD_FRAME_LIMIT
+from tiktrue.protocol.frames import decode_bytes_frame
+from tiktrue.security.crypto_layer import decrypt_block_transfer
+from tiktrue.security.node_tls import (
+    control_server_context,
+    peer_network_certificate,
+)
+
+if TYPE_CHECKING:
+    from tiktrue.node.service_runner import NodeService
+
+log = logging.getLogger("tiktrue.control")
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def probe_speed(seconds: float = 0.3) -> float:
+    """Weight bytes this node multiplies per millisecond, as a decode step does."""
+    import torch
+
+    weight = torch.randn(2048, 2048)
+    x = torch.randn(1, 2048)
+    torch.nn.functional.linear(x, weight)
+    runs, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        torch.nn.functional.linear(x, weight)
+        runs += 1
+    elapsed_ms = (time.perf_counter() - began) * 1000
+    return weight.numel() * 4 * runs / elapsed_ms
+
+
+class ControlServer:
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+        self.data_dir = service.data_dir
+        self.context = control_server_context(self.data_dir)
+        self._server = None
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await websockets.serve(
+            self._handle, host, port, ssl=self.context, max_size=HARD_FRAME_LIMIT, compression=None
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def refresh_trust(self) -> None:
+        """A network was joined: accept its certificates on new connections from now on."""
+        cas = sorted((self.data_dir / "networks").glob("*/ca_cert.pem"))
+        for ca in cas:
+            self.context.load_verify_locations(ca)
+        if cas:
+            self.context.verify_mode = ssl.CERT_OPTIONAL
+
+    async def _handle(self, ws) -> None:
+        ssl_object = ws.transport.get_extra_info("ssl_object")
+        peer = peer_network_certificate(ssl_object)
+        local = ws.remote_address[0] in ("127.0.0.1", "::1")
+        try:
+            async for raw in ws:
+                reply = await self._answer(raw, peer, local)
+                await ws.send(json.dumps(reply))
+        except websockets.ConnectionClosed:
+            pass
+
+    async def _answer(self, raw, peer, local: bool) -> dict:
+        request_id = None
+        try:
+            if isinstance(raw, bytes):
+                header, payload = decode_bytes_frame(raw)
+            else:
+                header, payload = json.loads(raw), None
+            request_id = header.get("id")
+            op = header.get("op")
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise Refused("unknown_op", f"unknown control operation {op!r}")
+            result = await handler(header, payload, peer, local)
+            return {"in_reply_to": request_id, "ok": True, **(result or {})}
+        except Refused as exc:
+            return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
+        except (nm.JoinError, block_receiver.ReceiveError) as exc:
+            return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
+        except (ValueError, ValidationError, KeyError, TypeError) as exc:
+            return {
+                "in_reply_to": request_id,
+                "ok": False,
+                "code": "bad_request",
+                "message": str(exc),
+            }
+        except Exception as exc:  # a bug: answer it and keep serving
+            log.exception("control request failed")
+            return {
+                "in_reply_to": request_id,
+                "ok": False,
+                "code": "internal_error",
+                "message": repr(exc),
+            }
+
+    # --- who may do what -------------------------------------------------------------------
+
+    def _require_admin(self, peer, network_id: str) -> None:
+        if peer is None or peer.network_id != network_id or peer.role != "admin":
+            raise Refused(
+                "forbidden", f"only the admin of network {network_id} may do this (mutual TLS)"
+            )
+
+    # --- operations --------------------------------------------------------------------------
+
+    async def op_node_info(self, header, payload, peer, local) -> dict:
+        return self.service.node_info()
+
+    async def op_join(self, header, payload, peer, local) -> dict:
+        request = nm.JoinRequest.model_validate(header["request"])
+        outcome = nm.accept_join(self.data_dir, request)
+        if isinstance(outcome, str):
+            return {"state": "pending", "request_id": outcome}
+        await self.service.reload()
+        return {"state": "approved", "grant": outcome.model_dump()}
+
+    async def op_join_status(self, header, payload, peer, local) -> dict:
+        state, grant = nm.join_status(self.data_dir, header["network_id"], header["request_id"])
+        if state == "approved":
+            await self.service.reload()
+        return {"state": state, "grant": grant.model_dump() if grant else None}
+
+    async def op_config_push(self, header, payload, peer, local) -> dict:
+        config = NetworkConfig.model_validate(header["config"])
+        self._require_admin(peer, config.network_id)
+        path = config_path(self.data_dir, config.network_id)
+        current = read_config(path) if path.exists() else None
+        if current is not None and current.version > config.version:
+            raise Refused("stale_config", f"this node has version {current.version} already")
+        write_config(self.data_dir, config)
+        await self.service.reload()
+        return {"version": config.version}
+
+    async def op_manifest_push(self, header, payload, peer, local) -> dict:
+        self._require_admin(peer, header["network_id"])
+        manifest = Manifest.model_validate(header["manifest"])
+        root = self._model_root(header["model_id"], manifest)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2), "utf-8")
+        return {}
+
+    async def op_blocks_held(self, header, payload, peer, local) -> dict:
+        if peer is None or peer.network_id != header["network_id"]:
+            raise Refused("forbidden", "only members of the network may ask")
+        manifest, root = self._manifest(header["model_id"])
+        return await asyncio.to_thread(block_receiver.held, root, manifest)
+
+    async def op_chunk(self, header, payload, peer, local) -> dict:
+        network_id, model_id = header["network_id"], header["model_id"]
+        self._require_admin(peer, network_id)
+        manifest, root = self._manifest(model_id)
+        path, index = header["path"], int(header["index"])
+        try:
+            data = decrypt_block_transfer(
+                payload, nm.block_key(self.data_dir, network_id), chunk_aad(model_id, path, index)
+            )
+        except Exception as exc:
+            raise Refused("bad_chunk", f"chunk {index} of {path} does not decrypt: {exc}") from exc
+        complete = await asyncio.to_thread(
+            block_receiver.receive_chunk,
+            root,
+            manifest,
+            path,
+            index,
+            data,
+            bool(header.get("last")),
+            disk_cap=self.service.caps().disk_bytes,
+        )
+        return {"complete": complete}
+
+    async def op_caps_set(self, header, payload, peer, local) -> dict:
+        self._require_admin(peer, header["network_id"])
+        caps = self.service.set_caps(header["caps"])
+        await self.service.reload(force=True)
+        return {"caps": caps}
+
+    async def op_probe(self, header, payload, peer, local) -> dict:
+        return {"bytes_per_ms": await asyncio.to_thread(probe_speed)}
+
+    async def op_reload(self, header, payload, peer, local) -> dict:
+        if not local:
+            raise Refused("forbidden", "reload is only accepted from this PC")
+        await self.service.reload()
+        return {}
+
+    def _model_root(self, model_id: str, manifest: Manifest | None = None) -> Path:
+        if manifest is not None and manifest.model_id != model_id:
+            raise Refused("bad_request", f"manifest is for {manifest.model_id}, not {model_id}")
+        if "/" in model_id or "\\" in model_id or model_id.startswith("."):
+            raise Refused("bad_request", f"bad model id {model_id!r}")
+        return self.data_dir / "models" / model_id
+
+    def _manifest(self, model_id: str) -> tuple[Manifest, Path]:
+        root = self._model_root(model_id)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise Refused("no_manifest", f"this node has no manifest of {model_id}; push it first")
+        return Manifest.model_validate_json(path.read_text("utf-8")), root
