@@ -18,6 +18,10 @@ models_app = typer.Typer(
     help="Import, list, show and verify model block stores.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+network_app = typer.Typer(
+    help="Create, join, plan and apply networks of PCs.", no_args_is_help=True
+)
+app.add_typer(network_app, name="network")
 
 
 def err(message: str) -> None:
@@ -236,6 +240,285 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
         f"[{len(result.token_ids)} tokens, {result.finish_reason}; first token "
         f"{result.time_to_first_token * 1000:.0f} ms, {result.decode_tokens_per_second:.1f} tok/s]"
     )
+
+
+# --- networks ------------------------------------------------------------------------------
+
+
+def _run(coro):
+    """Run a control-plane coroutine; its refusals become clear one-line errors."""
+    from tiktrue.control.network_config import ConfigError
+    from tiktrue.control.network_manager import JoinError
+    from tiktrue.control.planner import PlanError
+    from tiktrue.model.errors import ModelError
+    from tiktrue.node.control_link import ControlError
+    from tiktrue.node.peer_link import PeerUnavailable
+    from tiktrue.security.auth_manager import SecurityError
+
+    try:
+        return asyncio.run(coro)
+    except (
+        ConfigError,
+        JoinError,
+        PlanError,
+        ModelError,
+        ControlError,
+        PeerUnavailable,
+        SecurityError,
+    ) as exc:
+        fail(str(exc))
+
+
+def _local_service() -> dict:
+    from tiktrue.node.service_runner import run_file
+    from tiktrue.paths import data_dir
+
+    path = run_file(data_dir())
+    if not path.is_file():
+        fail("the node service is not running from this data dir; start it with: tiktrue node")
+    return json.loads(path.read_text("utf-8"))
+
+
+@network_app.command("create")
+def network_create(
+    name: str,
+    model: str = typer.Option(..., "--model", "-m", help="A model in this node's store."),
+    host: str = typer.Option(None, "--host", help="This PC's LAN address (default: the node's)."),
+    port: int = typer.Option(None, "--port", help="Block server port (default: any free)."),
+    network_id: str = typer.Option(None, "--id", help="Network id (default: generated)."),
+) -> None:
+    """Create a network administered by this node (it holds the model and serves all of it)."""
+    from tiktrue.control.local_network import free_ports
+    from tiktrue.control.network_admin import poke_local_service
+    from tiktrue.control.network_manager import create_network
+    from tiktrue.paths import data_dir
+
+    service = _local_service()
+    host = host or service["control"].rsplit(":", 1)[0]
+    control_port = int(service["control"].rsplit(":", 1)[1])
+    config = create_network(
+        data_dir(),
+        name,
+        _open_store(model),
+        host=host,
+        port=port or free_ports(1, host)[0],
+        control_port=control_port,
+        network_id=network_id,
+    )
+    _run(poke_local_service(data_dir()))
+    typer.echo(f"created network {config.network_id} ({name}) serving {config.model_id}")
+    typer.echo(f"invite a PC: tiktrue network token {config.network_id}")
+
+
+@network_app.command("token")
+def network_token(
+    network_id: str, hours: float = typer.Option(24, "--hours", help="Valid for this long.")
+) -> None:
+    """A one-time join token for one more PC."""
+    from tiktrue.control.network_manager import JoinError, create_join_token
+    from tiktrue.paths import data_dir
+
+    try:
+        token = create_join_token(data_dir(), network_id, ttl=hours * 3600)
+    except JoinError as exc:
+        fail(str(exc))
+    service = _local_service()
+    typer.echo(token)
+    err(f"on the other PC: tiktrue network join {service['control']} --token {token}")
+
+
+@network_app.command("join")
+def network_join(
+    admin: str = typer.Argument(..., help="The admin node's control address, host:port."),
+    token: str = typer.Option(None, "--token", help="A join token (else: wait for approval)."),
+    network_id: str = typer.Option(None, "--network", help="Network id (with approval)."),
+    admin_node: str = typer.Option(None, "--admin-node", help="Admin node id (with approval)."),
+    block_port: int = typer.Option(None, "--block-port", help="Block server port."),
+    wait: float = typer.Option(600, "--wait", help="Seconds to wait for approval."),
+) -> None:
+    """Join a network: by token at once, or ask the admin and wait for approval."""
+    from tiktrue.control.join import join_network
+    from tiktrue.paths import data_dir
+
+    service = _local_service()
+    config = _run(
+        join_network(
+            data_dir(),
+            admin,
+            token=token,
+            network_id=network_id,
+            admin_node_id=admin_node,
+            service=service,
+            block_port=block_port,
+            wait=wait,
+            log=err,
+        )
+    )
+    typer.echo(f"joined network {config.network_id} ({config.name}), model {config.model_id}")
+
+
+@network_app.command("pending")
+def network_pending(network_id: str) -> None:
+    """Join requests waiting for approval."""
+    from tiktrue.control.network_manager import list_join_requests
+    from tiktrue.paths import data_dir
+
+    for request_id, item in list_join_requests(data_dir(), network_id).items():
+        request = item["request"]
+        typer.echo(
+            f"{request_id}  {item['state']:<9} node {item['node_id']} "
+            f"{request.get('name', '')} {request.get('host')}"
+        )
+
+
+@network_app.command("approve")
+def network_approve(
+    network_id: str, request_id: str, reject: bool = typer.Option(False, "--reject")
+) -> None:
+    """Approve (or reject) a join request."""
+    from tiktrue.control.network_manager import JoinError, approve_join_request
+    from tiktrue.paths import data_dir
+
+    try:
+        approve_join_request(data_dir(), network_id, request_id, approve=not reject)
+    except JoinError as exc:
+        fail(str(exc))
+    typer.echo(f"{'rejected' if reject else 'approved'} {request_id}")
+
+
+@network_app.command("list")
+def network_list() -> None:
+    """The networks this node belongs to."""
+    from tiktrue.control.network_manager import list_joined_networks
+    from tiktrue.paths import data_dir
+    from tiktrue.security.node_tls import node_identity
+
+    me = node_identity(data_dir()).node_id
+    configs = list_joined_networks(data_dir())
+    if not configs:
+        typer.echo("this node is in no network yet (tiktrue network create | join)")
+    for config in configs:
+        entry = config.node(me)
+        span = f"{entry.blocks[0]}..{entry.blocks[-1]}" if entry.blocks else "no blocks"
+        typer.echo(
+            f"{config.network_id:<16} {config.name:<20} {config.model_id:<16} {entry.role:<7} "
+            f"{span} (v{config.version}, {len(config.nodes)} nodes)"
+        )
+
+
+@network_app.command("status")
+def network_status_cmd(
+    network_id: str = typer.Argument(None, help="Default: the only network of this node."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every node of the network: address, role, state, resources, caps, blocks, RSS."""
+    from tiktrue.control.network_admin import network_status
+    from tiktrue.paths import data_dir
+
+    status = _run(network_status(data_dir(), _one_network(network_id)))
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    typer.echo(
+        f"{status['network_id']} {status['name']}: {status['model_id']}, v{status['version']}"
+    )
+    for node in status["nodes"]:
+        span = f"{node['blocks'][0]}..{node['blocks'][-1]}" if node["blocks"] else "-"
+        res = node.get("resources") or {}
+        ram = (
+            f"{res.get('ram_free_bytes', 0) / 1e9:.1f}/{res.get('ram_total_bytes', 0) / 1e9:.1f} GB"
+        )
+        rss = f"{(node.get('rss_bytes') or 0) / 1e6:.0f} MB"
+        typer.echo(
+            f"  {node['node_id']} {node['role']:<6} {node['address']:<21} {node['state']:<8} "
+            f"{span:<20} cores {res.get('cpu_cores_logical', '?')} RAM free {ram} RSS {rss}"
+        )
+
+
+def _one_network(network_id: str | None) -> str:
+    from tiktrue.control.network_manager import list_joined_networks
+    from tiktrue.paths import data_dir
+
+    if network_id:
+        return network_id
+    configs = list_joined_networks(data_dir())
+    if len(configs) != 1:
+        fail("name the network (this node is in " + str(len(configs)) + " networks)")
+    return configs[0].network_id
+
+
+def _overrides(items: list[str]) -> dict[str, int] | None:
+    out = {}
+    for item in items:
+        node_id, _, count = item.partition("=")
+        if not count.isdigit():
+            fail(f"--override takes NODE=BLOCKS, got {item!r}")
+        out[node_id] = int(count)
+    return out or None
+
+
+@network_app.command("plan")
+def network_plan(
+    network_id: str = typer.Argument(None),
+    override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
+    context: int = typer.Option(2048, "--context", help="Tokens of KV cache to reserve."),
+) -> None:
+    """Measure every node and show the best split of the model (changes nothing)."""
+    from tiktrue.control.network_admin import make_plan
+    from tiktrue.paths import data_dir
+
+    plan, _ = _run(
+        make_plan(
+            data_dir(),
+            _one_network(network_id),
+            overrides=_overrides(override),
+            context_tokens=context,
+        )
+    )
+    typer.echo(plan.describe())
+
+
+@network_app.command("apply")
+def network_apply(
+    network_id: str = typer.Argument(None),
+    override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
+    context: int = typer.Option(2048, "--context"),
+) -> None:
+    """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
+    from tiktrue.control.network_admin import apply_plan, make_plan
+    from tiktrue.paths import data_dir
+
+    network_id = _one_network(network_id)
+
+    async def go():
+        plan, _ = await make_plan(
+            data_dir(), network_id, overrides=_overrides(override), context_tokens=context
+        )
+        err(plan.describe())
+        shown: dict[str, int] = {}
+
+        def progress(p) -> None:
+            step = int(p.sent_bytes * 10 / max(p.total_bytes, 1))
+            if shown.get(p.node_id) != step:
+                shown[p.node_id] = step
+                err(f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB")
+
+        return await apply_plan(data_dir(), network_id, plan, progress=progress)
+
+    config = _run(go())
+    typer.echo(f"network {network_id} now runs config v{config.version}")
+
+
+@network_app.command("leave")
+def network_leave(network_id: str) -> None:
+    """Forget a network on this node."""
+    from tiktrue.control.network_admin import poke_local_service
+    from tiktrue.control.network_manager import leave_network
+    from tiktrue.paths import data_dir
+
+    leave_network(data_dir(), network_id)
+    asyncio.run(poke_local_service(data_dir()))
+    typer.echo(f"left network {network_id}")
 
 
 # --- node, chat --------------------------------------------------------------------------

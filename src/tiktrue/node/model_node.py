@@ -357,9 +357,15 @@ class BlockServer:
         folder = self.data_dir / "sessions" / self.network_id / sid
         span_file = folder / f"{self.span.blocks[0]}-{self.span.blocks[-1]}.npz"
         if isinstance(message, ps.SessionOpen):
+            # opening starts the session afresh: a gateway replaying a session onto a changed
+            # chain may find what an unchanged node still holds of it
+            if self.engine.kv.has(sid):
+                self.engine.close_session(sid)
+            self.samplers.pop(sid, None)
             self.engine.open_session(sid)
         elif isinstance(message, ps.SessionClose):
-            self.engine.close_session(sid)
+            if self.engine.kv.has(sid):  # closing is idempotent and always travels the chain
+                self.engine.close_session(sid)
             self.samplers.pop(sid, None)
         elif isinstance(message, ps.SessionSave):
             self.engine.save_session(sid, span_file)

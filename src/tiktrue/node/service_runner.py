@@ -76,6 +76,7 @@ class NodeService:
         self.api_url: str | None = None
         self.control = None
         self._lock = asyncio.Lock()
+        self.started = False
         self.waiting: dict[str, str] = {}  # network -> why its block server is not running
 
     # --- caps ----------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class NodeService:
         await self.reload()
         if self.api_port is not None:
             await self._start_http()
+        self.started = True
         self._write_run_file()
 
     async def _start_http(self) -> None:
@@ -185,7 +187,8 @@ class NodeService:
                 )
             if self.control is not None:
                 self.control.refresh_trust()
-            self._write_run_file()
+            if self.started:  # before that, start() writes it once everything listens
+                self._write_run_file()
 
     async def _start_block_server(self, config: NetworkConfig, blocks: list[str]) -> None:
         root = self.data_dir / "models" / config.model_id

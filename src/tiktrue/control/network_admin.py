@@ -1,0 +1,198 @@
+"""What the admin of a network does over the control channel: ask every node how it is, plan
+the spans, push blocks and the new config, set caps. The CLI (and later the web UI) call these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from tiktrue.control.distributor import PushProgress, push_blocks
+from tiktrue.control.network_config import NetworkConfig, config_path, read_config, write_config
+from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_spans
+from tiktrue.model.store import BlockStore
+from tiktrue.node.control_link import ControlError, ControlLink
+from tiktrue.node.peer_link import PeerUnavailable
+from tiktrue.security.auth_manager import IdentityError
+from tiktrue.security.node_tls import NetworkCredentials
+
+
+def load(data_dir: Path, network_id: str) -> tuple[NetworkConfig, NetworkCredentials]:
+    return read_config(config_path(data_dir, network_id)), NetworkCredentials.load(
+        data_dir, network_id
+    )
+
+
+async def node_report(node, credentials: NetworkCredentials, *, probe: bool = False) -> dict:
+    """``node_info`` of one node (plus a speed probe), or its state when it cannot answer."""
+    if node.control_address is None:
+        return {"node_id": node.node_id, "state": "unknown (no control port)"}
+    try:
+        async with ControlLink(
+            node.control_address, expected_node_id=node.node_id, credentials=credentials
+        ) as link:
+            info = await link.call("node_info")
+            if probe:
+                info["bytes_per_ms"] = (await link.call("probe"))["bytes_per_ms"]
+    except (PeerUnavailable, ControlError, IdentityError, OSError) as exc:
+        return {"node_id": node.node_id, "state": "offline", "error": str(exc)}
+    info["state"] = "online"
+    return info
+
+
+async def network_status(data_dir: Path, network_id: str, *, probe: bool = False) -> dict:
+    config, credentials = load(data_dir, network_id)
+    reports = await asyncio.gather(
+        *(node_report(n, credentials, probe=probe) for n in config.nodes)
+    )
+    nodes = []
+    for entry, report in zip(config.nodes, reports, strict=True):
+        network = report.get("networks", {}).get(network_id, {})
+        nodes.append(
+            {
+                "node_id": entry.node_id,
+                "name": entry.name,
+                "address": entry.address,
+                "control": entry.control_address,
+                "role": entry.role,
+                "state": _state(report, network),
+                "blocks": entry.blocks,
+                "resources": report.get("resources"),
+                "caps": report.get("caps"),
+                "rss_bytes": report.get("rss_bytes"),
+                "bytes_per_ms": report.get("bytes_per_ms"),
+                "sessions": network.get("sessions", 0),
+                "version_held": network.get("version"),
+            }
+        )
+    return {
+        "network_id": network_id,
+        "name": config.name,
+        "model_id": config.model_id,
+        "version": config.version,
+        "nodes": nodes,
+    }
+
+
+def _state(report: dict, network: dict) -> str:
+    if report.get("state") != "online":
+        return report.get("state", "offline")
+    if network.get("serving"):
+        return "serving"
+    return network.get("waiting") or "idle"
+
+
+def capacities(status: dict, model: ModelProfile, context_tokens: int) -> list[NodeCapacity]:
+    """What each online node can give, under its caps."""
+    out = []
+    for node in status["nodes"]:
+        resources, caps = node.get("resources"), node.get("caps") or {}
+        if node["state"] in ("offline",) or not resources or not node.get("bytes_per_ms"):
+            continue
+        ram = caps.get("ram_bytes") or int(resources["ram_free_bytes"] * 0.8)
+        disk = caps.get("disk_bytes") or int(resources["disk_free_bytes"] * 0.9)
+        out.append(
+            NodeCapacity(
+                node_id=node["node_id"],
+                ram_bytes=ram,
+                disk_bytes=disk,
+                bytes_per_ms=node["bytes_per_ms"],
+            )
+        )
+    return out
+
+
+async def make_plan(
+    data_dir: Path,
+    network_id: str,
+    *,
+    overrides: dict[str, int] | None = None,
+    context_tokens: int = 2048,
+) -> tuple[Plan, dict]:
+    config, _ = load(data_dir, network_id)
+    store = BlockStore(Path(data_dir) / "models" / config.model_id)
+    model = ModelProfile.from_manifest(store.manifest, store.config())
+    status = await network_status(data_dir, network_id, probe=True)
+    plan = plan_spans(
+        model,
+        capacities(status, model, context_tokens),
+        context_tokens=context_tokens,
+        overrides=overrides,
+    )
+    return plan, status
+
+
+async def apply_plan(
+    data_dir: Path,
+    network_id: str,
+    plan: Plan,
+    *,
+    progress: Callable[[PushProgress], None] | None = None,
+) -> NetworkConfig:
+    """Push every node the blocks of its new span, then the new config to every node."""
+    config, credentials = load(data_dir, network_id)
+    store = BlockStore(Path(data_dir) / "models" / config.model_id)
+    by_id = {n.node_id: n for n in config.nodes}
+    me = credentials.identity.node_id
+    for node_id, blocks in plan.assignments.items():
+        if node_id != me:
+            await push_blocks(
+                data_dir, network_id, store, by_id[node_id], blocks, progress=progress
+            )
+    nodes = [
+        n.model_copy(update={"blocks": list(plan.assignments.get(n.node_id, []))})
+        for n in config.nodes
+    ]
+    new = NetworkConfig.model_validate(
+        {
+            **config.model_dump(),
+            "nodes": [n.model_dump() for n in nodes],
+            "version": config.version + 1,
+        }
+    )
+    await push_config(data_dir, new, credentials)
+    return new
+
+
+async def push_config(data_dir: Path, config: NetworkConfig, credentials) -> None:
+    """Every node gets the config (acknowledged); this node's own copy is written last."""
+    me = credentials.identity.node_id
+    for node in config.nodes:
+        if node.node_id == me or node.control_address is None:
+            continue
+        async with ControlLink(
+            node.control_address, expected_node_id=node.node_id, credentials=credentials
+        ) as link:
+            await link.call("config_push", config=config.model_dump())
+    write_config(data_dir, config)
+    await poke_local_service(data_dir)
+
+
+async def poke_local_service(data_dir: Path) -> bool:
+    """Ask the node service running from this data dir to re-read its configs."""
+    import json
+
+    from tiktrue.node.service_runner import run_file
+
+    path = run_file(data_dir)
+    if not path.is_file():
+        return False
+    control = json.loads(path.read_text("utf-8")).get("control")
+    if not control:
+        return False
+    try:
+        async with ControlLink(control, expected_node_id=None) as link:
+            await link.call("reload")
+    except (PeerUnavailable, ControlError, OSError):
+        return False
+    return True
+
+
+async def set_caps(data_dir: Path, network_id: str, node_id: str, caps: dict) -> dict:
+    config, credentials = load(data_dir, network_id)
+    node = config.node(node_id)
+    async with ControlLink(
+        node.control_address, expected_node_id=node_id, credentials=credentials
+    ) as link:
+        return (await link.call("caps_set", network_id=network_id, caps=caps))["caps"]
