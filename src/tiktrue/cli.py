@@ -103,6 +103,33 @@ def _open_store(model_id: str):
         fail(str(exc))
 
 
+@models_app.command("download")
+def models_download(
+    model_id: str,
+    source: str = typer.Option(..., "--from", help="Model repository URL, e.g. http://pc:8765"),
+) -> None:
+    """Download a model from a model repository (resumable, every chunk verified)."""
+    from tiktrue.control.model_downloader import download_model_blocks
+    from tiktrue.model.errors import ModelError
+    from tiktrue.paths import models_dir
+
+    last = [-1]
+
+    def progress(p) -> None:
+        step = int(p.done_bytes * 20 / max(p.total_bytes, 1))
+        if step != last[0]:
+            last[0] = step
+            err(f"  {p.done_bytes / 1e6:8.1f} / {p.total_bytes / 1e6:.1f} MB  {p.file}")
+
+    try:
+        store = download_model_blocks(
+            model_id, source, dest_root=models_dir(), progress_callback=progress
+        )
+    except ModelError as exc:
+        fail(str(exc))
+    typer.echo(f"downloaded {model_id}: {store.manifest.total_bytes / 1e6:.1f} MB verified")
+
+
 @models_app.command("show")
 def models_show(
     model_id: str,
@@ -286,6 +313,9 @@ def network_create(
     host: str = typer.Option(None, "--host", help="This PC's LAN address (default: the node's)."),
     port: int = typer.Option(None, "--port", help="Block server port (default: any free)."),
     network_id: str = typer.Option(None, "--id", help="Network id (default: generated)."),
+    manual_plan: bool = typer.Option(
+        False, "--manual-plan", help="Do not re-plan by itself when PCs join (use apply)."
+    ),
 ) -> None:
     """Create a network administered by this node (it holds the model and serves all of it)."""
     from tiktrue.control.local_network import free_ports
@@ -304,10 +334,59 @@ def network_create(
         port=port or free_ports(1, host)[0],
         control_port=control_port,
         network_id=network_id,
+        auto_plan=not manual_plan,
     )
     _run(poke_local_service(data_dir()))
     typer.echo(f"created network {config.network_id} ({name}) serving {config.model_id}")
     typer.echo(f"invite a PC: tiktrue network token {config.network_id}")
+
+
+@network_app.command("discover")
+def network_discover(
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to listen."),
+    manual: list[str] = typer.Option(
+        [], "--manual", help="host:port of a node's control channel (LANs without multicast)."
+    ),
+    interface: list[str] = typer.Option([], "--interface", help="Listen on this address only."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The TikTrue nodes on the LAN and the networks they serve."""
+    from tiktrue.control.discovery import discover_networks, summarize_networks
+    from tiktrue.control.network_admin import probe_announcement
+
+    nodes = discover_networks(
+        timeout, interfaces=interface or None, manual=manual, probe=probe_announcement
+    )
+    if as_json:
+        typer.echo(json.dumps([n.model_dump() for n in nodes], indent=2))
+        return
+    if not nodes:
+        typer.echo("no TikTrue node found (is multicast blocked? try --manual host:port)")
+    for node in nodes:
+        networks = ", ".join(f"{i} ({n.role})" for i, n in node.networks.items()) or "no network"
+        typer.echo(f"{node.node_id}  {node.name:<20} {node.host}:{node.control_port}  {networks}")
+    for network in summarize_networks(nodes):
+        typer.echo(f"network {network.network_id}: {network.name}, {len(network.members)} nodes")
+
+
+@network_app.command("caps")
+def network_caps(
+    network_id: str,
+    node_id: str,
+    ram_gb: float = typer.Option(None, "--ram-gb", help="RAM for blocks and KV cache."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
+    disk_gb: float = typer.Option(None, "--disk-gb", help="Disk for stored blocks."),
+) -> None:
+    """Cap what one node gives to the network (the node enforces it)."""
+    from tiktrue.control.network_admin import set_caps
+    from tiktrue.paths import data_dir
+
+    caps = {
+        "ram_bytes": int(ram_gb * 1e9) if ram_gb else None,
+        "threads": threads,
+        "disk_bytes": int(disk_gb * 1e9) if disk_gb else None,
+    }
+    typer.echo(json.dumps(_run(set_caps(data_dir(), network_id, node_id, caps))))
 
 
 @network_app.command("token")

@@ -18,9 +18,16 @@ from tests.helpers.cluster import ask, request, token_ids
 from tests.integration.test_chain import reference_tokens
 from tiktrue.control.distributor import push_blocks
 from tiktrue.control.local_network import LocalCluster
-from tiktrue.control.network_admin import apply_plan, make_plan, network_status
+from tiktrue.control.network_admin import (
+    apply_plan,
+    make_plan,
+    network_status,
+    probe_announcement,
+)
 from tiktrue.control.network_config import config_path, read_config
+from tiktrue.control.planner import ModelProfile, NodeCapacity
 from tiktrue.model.store import BlockStore
+from tiktrue.node.resources import NodeCaps
 from tiktrue.security.node_tls import node_identity
 
 pytestmark = pytest.mark.integration
@@ -71,7 +78,9 @@ def import_model_from_store(store_root, models_dir):
 def test_the_whole_journey(journey, tiny_llama):
     cluster, (admin, pc2, pc3) = journey
     model_id = tiny_llama.model_id
-    out = cli(admin, "network", "create", "Office", "--model", model_id, "--id", NET)
+    out = cli(
+        admin, "network", "create", "Office", "--model", model_id, "--id", NET, "--manual-plan"
+    )
     assert f"created network {NET}" in out.stdout
 
     # pc2 joins with a one-time token
@@ -192,3 +201,79 @@ def test_a_new_plan_mid_conversation_keeps_the_answer_correct(journey, tiny_llam
     status = asyncio.run(network_status(admin, NET))
     spans = {n["node_id"]: n["blocks"] for n in status["nodes"]}
     assert spans[ids[1]] == ["layer_1", "layer_2", "layer_3", "layer_4"]
+
+
+def test_discovery_finds_the_running_nodes(journey):
+    from tiktrue.control.discovery import discover_networks
+
+    _, homes = journey
+    ids = {node_identity(h).node_id for h in homes}
+    began = time.monotonic()
+    found = []
+    while time.monotonic() - began < 5 and not ids <= {n.node_id for n in found}:
+        found = discover_networks(1.0, interfaces=["127.0.0.1"])
+    assert ids <= {n.node_id for n in found}, "not every node was found within 5 s"
+    admin = next(n for n in found if n.node_id == node_identity(homes[0]).node_id)
+    assert admin.networks[NET].role == "admin"
+    manual = discover_networks(0, manual=[control_address(homes[1])], probe=probe_announcement)
+    assert [n.node_id for n in manual] == [node_identity(homes[1]).node_id]
+
+
+def test_a_pc_joining_mid_chat_gets_a_new_plan_and_the_chat_goes_on(tiny_llama, tmp_path):
+    """With auto-plan (the default) a join re-plans and moves blocks by itself. Here each PC
+    may give RAM for about a third of the model: it fits only once the third PC joins."""
+    admin, pc2, late = (tmp_path / n for n in ("admin", "pc2", "late"))
+    import_model_from_store(tiny_llama.root, admin / "models")
+    model = ModelProfile.from_manifest(tiny_llama.manifest, tiny_llama.config())
+    third = (
+        model.block_bytes["embed"]
+        + 2 * (model.block_bytes["layer_0"] + model.kv_bytes(["layer_0"], 2048))
+        + 4096
+    )
+    caps = NodeCaps(ram_bytes=NodeCapacity("x", 1, 1, 1.0).runtime_bytes + third)
+    for home in (admin, pc2, late):
+        home.mkdir(exist_ok=True)
+        (home / "caps.json").write_text(caps.model_dump_json())
+    with LocalCluster([admin, pc2], kv_budget_mb=16) as cluster:
+        cli(admin, "network", "create", "Lab", "--model", tiny_llama.model_id, "--id", "lab")
+        cli(pc2, "network", "join", control_address(admin), "--token", _token(admin, "lab"))
+        first_version = _wait_for_version(admin, "lab", 2)  # the plan fails: too little RAM
+        time.sleep(2)
+        assert read_config(config_path(admin, "lab")).version == first_version
+        ws_url = cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
+
+        async def conversation(sid, between):
+            async with websockets.connect(ws_url) as ws:
+                body = {"temperature": 0, "max_tokens": 6, "session_id": sid}
+                one = await ask(ws, request("lab", input_ids=[7, 250, 31], **body))
+                await asyncio.to_thread(between)
+                two = await ask(ws, request("lab", input_ids=[9, 10], **body))
+            return token_ids(one), token_ids(two), two[-1]
+
+        def join_late() -> None:
+            cli(late, "network", "join", control_address(admin), "--token", _token(admin, "lab"))
+            _wait_for_version(admin, "lab", first_version + 2)  # the join, then the new plan
+
+        steady = asyncio.run(conversation("steady", lambda: None))
+        with LocalCluster([late], kv_budget_mb=16, gateway=False):
+            moved = asyncio.run(conversation("moved", join_late))
+            status = asyncio.run(network_status(admin, "lab"))
+    assert [n["state"] for n in status["nodes"]] == ["serving"] * 3, status
+    assert moved[2].get("status") == "success", moved[2]
+    assert moved[:2] == steady[:2]
+
+
+def _token(admin, network_id) -> str:
+    return cli(admin, "network", "token", network_id).stdout.strip()
+
+
+def _wait_for_version(home, network_id: str, version: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = read_config(config_path(home, network_id)).version
+        if current >= version:
+            status = asyncio.run(network_status(home, network_id))
+            if all(n["state"] == "serving" or not n["blocks"] for n in status["nodes"]):
+                return current
+        time.sleep(0.3)
+    raise AssertionError(f"network {network_id} did not reach config v{version}")

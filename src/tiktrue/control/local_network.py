@@ -103,14 +103,16 @@ def prepare_local_network(
 class LocalCluster:
     """``tiktrue node`` processes, one per home; the first one also runs the gateway."""
 
-    def __init__(self, homes: list[Path], *, kv_budget_mb: int = 256) -> None:
+    def __init__(self, homes: list[Path], *, kv_budget_mb: int = 256, gateway: bool = True):
         self.homes = [Path(h) for h in homes]
+        self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
 
     def start(self, timeout: float = 120.0) -> LocalCluster:
         for i, home in enumerate(self.homes):
+            home.mkdir(parents=True, exist_ok=True)
             run_file(home).unlink(missing_ok=True)
             args = [
                 sys.executable,
@@ -122,7 +124,7 @@ class LocalCluster:
                 "--kv-budget-mb",
                 str(self.kv_budget_mb),
             ]
-            if i == 0:
+            if i == 0 and self.gateway:
                 args += ["--api-port", "0"]
             log = (home / "node.log").open("ab")
             # Node processes on one PC share its cores: an idle node's OpenMP threads must not
@@ -142,7 +144,8 @@ class LocalCluster:
                     self.stop()
                     raise TimeoutError(f"node in {home} did not start in {timeout} s")
                 time.sleep(0.1)
-        self.api_url = json.loads(run_file(self.homes[0]).read_text())["api"]
+        if self.gateway:
+            self.api_url = json.loads(run_file(self.homes[0]).read_text())["api"]
         return self
 
     def stop(self, timeout: float = 15.0) -> None:

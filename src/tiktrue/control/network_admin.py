@@ -196,3 +196,21 @@ async def set_caps(data_dir: Path, network_id: str, node_id: str, caps: dict) ->
         node.control_address, expected_node_id=node_id, credentials=credentials
     ) as link:
         return (await link.call("caps_set", network_id=network_id, caps=caps))["caps"]
+
+
+def probe_announcement(host: str, port: int):
+    """For discovery's manual addresses: ask a node's control channel who it is."""
+    from tiktrue.control.discovery import NetworkInfo, NodeAnnouncement
+
+    async def ask() -> dict:
+        async with ControlLink(f"{host}:{port}", expected_node_id=None) as link:
+            return await link.call("node_info")
+
+    info = asyncio.run(ask())
+    networks = {
+        network_id: NetworkInfo(name=n["name"], role=n["role"], model_id=n["model_id"])
+        for network_id, n in info["networks"].items()
+    }
+    return NodeAnnouncement(
+        node_id=info["node_id"], host=host, control_port=port, networks=networks
+    )

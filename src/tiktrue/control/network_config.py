@@ -49,6 +49,7 @@ class NetworkConfig(BaseModel):
     port: int = Field(7480, ge=1, le=65535, description="default block-server port of the network")
     nodes: list[NodeEntry]
     version: int = Field(1, ge=1)
+    auto_plan: bool = True  # re-plan and re-distribute when a node joins or leaves
     updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @model_validator(mode="after")

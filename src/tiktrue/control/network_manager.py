@@ -62,6 +62,7 @@ def create_network(
     port: int = 7480,
     control_port: int | None = None,
     network_id: str | None = None,
+    auto_plan: bool = True,
 ) -> NetworkConfig:
     """Make a network administered by this node; at first this node serves every block."""
     data_dir = Path(data_dir)
@@ -82,6 +83,7 @@ def create_network(
         model_id=store.model_id,
         model_chain_order=store.manifest.model_chain_order,
         port=port,
+        auto_plan=auto_plan,
         nodes=[
             NodeEntry(
                 node_id=identity.node_id,

@@ -149,13 +149,17 @@ class ControlServer:
         outcome = nm.accept_join(self.data_dir, request)
         if isinstance(outcome, str):
             return {"state": "pending", "request_id": outcome}
-        await self.service.reload()
+        await self._joined(request.network_id)
         return {"state": "approved", "grant": outcome.model_dump()}
+
+    async def _joined(self, network_id: str) -> None:
+        await self.service.reload()
+        self.service.schedule_replan(network_id)
 
     async def op_join_status(self, header, payload, peer, local) -> dict:
         state, grant = nm.join_status(self.data_dir, header["network_id"], header["request_id"])
         if state == "approved":
-            await self.service.reload()
+            await self._joined(header["network_id"])
         return {"state": state, "grant": grant.model_dump() if grant else None}
 
     async def op_config_push(self, header, payload, peer, local) -> dict:

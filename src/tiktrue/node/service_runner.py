@@ -63,8 +63,12 @@ class NodeService:
         api_host: str = "127.0.0.1",
         api_port: int | None = None,
         kv_budget_mb: int = 512,
+        announce: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.announce = announce
+        self.announcer = None
+        self._replans: dict[str, asyncio.Task] = {}
         self.identity = node_identity(self.data_dir)
         self.host = host
         self.control_port = control_port
@@ -122,6 +126,53 @@ class NodeService:
             await self._start_http()
         self.started = True
         self._write_run_file()
+        if self.announce:
+            asyncio.create_task(self._announce())
+
+    async def _announce(self) -> None:
+        """Tell the LAN this node is here (zeroconf, ``_tiktrue._tcp``); best effort."""
+        from tiktrue.control.discovery import NodeAnnouncer, announcement_for
+
+        try:
+            announcement = announcement_for(self.data_dir, self.control.port, host=self.host)
+            self.announcer = NodeAnnouncer(announcement, interfaces=[self.host])
+            await asyncio.to_thread(self.announcer.start)
+        except Exception as exc:  # a LAN without multicast still has manual addresses
+            log.warning("cannot announce on the LAN: %s", exc)
+            self.announcer = None
+
+    async def _announce_update(self) -> None:
+        from tiktrue.control.discovery import announcement_for
+
+        if self.announcer is not None:
+            announcement = announcement_for(self.data_dir, self.control.port, host=self.host)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.announcer.update, announcement)
+
+    def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
+        """After a join (admin side): plan again and move blocks, if the network wants it."""
+        from tiktrue.control.network_config import config_path, read_config
+
+        if not read_config(config_path(self.data_dir, network_id)).auto_plan:
+            return
+        running = self._replans.get(network_id)
+        if running is not None and not running.done():
+            running.cancel()  # several joins in a row: one plan for all of them
+        self._replans[network_id] = asyncio.create_task(self._replan(network_id, delay))
+
+    async def _replan(self, network_id: str, delay: float) -> None:
+        from tiktrue.control.network_admin import apply_plan, make_plan
+
+        await asyncio.sleep(delay)
+        try:
+            plan, _ = await make_plan(self.data_dir, network_id)
+            log.info("network %s: new plan after a join\n%s", network_id, plan.describe())
+            config = await apply_plan(self.data_dir, network_id, plan)
+            log.info("network %s: now on config v%d", network_id, config.version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("network %s: re-plan after a join failed: %s", network_id, exc)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -142,6 +193,9 @@ class NodeService:
         log.info("OpenAI API on %s", self.api_url)
 
     async def stop(self) -> None:
+        if self.announcer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.announcer.stop)
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
@@ -189,6 +243,7 @@ class NodeService:
                 self.control.refresh_trust()
             if self.started:  # before that, start() writes it once everything listens
                 self._write_run_file()
+        await self._announce_update()
 
     async def _start_block_server(self, config: NetworkConfig, blocks: list[str]) -> None:
         root = self.data_dir / "models" / config.model_id
