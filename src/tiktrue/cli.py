@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -673,48 +674,41 @@ def demo(
     headless: bool = typer.Option(
         False, "--headless", help="Serve the API until SIGINT/SIGTERM instead of opening the chat."
     ),
-    nodes: int = typer.Option(3, "--nodes", min=1, max=8),
+    nodes: int = typer.Option(3, "--nodes", min=2, max=8),
 ) -> None:
-    """Three node processes on this PC serve SmolLM2-135M-Instruct; then chat with it."""
+    """The whole journey on this PC: repository, 3 nodes, create, discover, join, plan,
+    download, distribute, then chat with SmolLM2-135M-Instruct."""
     import signal
     import threading
 
-    from tiktrue.control.local_network import LocalCluster, prepare_local_network
-    from tiktrue.model.demo_model import ensure_demo_model
+    from tiktrue.demo import start_demo_network
     from tiktrue.model.errors import ModelError
     from tiktrue.paths import data_dir
     from tiktrue.ui.terminal_chat import ChatError, run_chat
 
-    try:
-        store = ensure_demo_model(log=err)
-    except ModelError as exc:
-        fail(str(exc))
-    homes, config = prepare_local_network(
-        data_dir() / "demo", store, nodes=nodes, network_id="demo"
-    )
-    for entry in config.chain():
-        span = f"{entry.blocks[0]}..{entry.blocks[-1]}"
-        err(f"node {entry.node_id} ({entry.role}) {entry.address}: {span}")
-    err(f"starting {len(homes)} node processes (logs: {data_dir() / 'demo'}/node*/node.log) ...")
-    cluster = LocalCluster(homes)
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM,)}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    cluster = None
     try:
-        cluster.start()
+        cluster = _run(_as_coroutine(start_demo_network, data_dir(), nodes=nodes, log=err))
         typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
         sys.stdout.flush()
+        err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 while not stop.wait(0.5):
                     pass
-            except KeyboardInterrupt:
-                pass
         else:
             run_chat(cluster.api_url, temperature=0.3, max_tokens=300)
-    except (ChatError, RuntimeError, TimeoutError) as exc:
+    except (ChatError, RuntimeError, TimeoutError, ModelError) as exc:
         fail(str(exc))
     finally:
-        cluster.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if cluster is not None:
+            cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
         err("demo stopped; every node process has exited")
+
+
+async def _as_coroutine(func, *args, **kwargs):
+    """Run blocking setup code where ``_run`` expects a coroutine (for its error handling)."""
+    return await asyncio.to_thread(func, *args, **kwargs)

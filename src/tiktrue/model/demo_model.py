@@ -48,11 +48,14 @@ def fetch_demo_gguf(log=print) -> Path:
     return target
 
 
-def ensure_demo_model(log=print) -> BlockStore:
-    """The demo model's block store, imported on first use (fp32)."""
-    root = models_dir() / DEMO_MODEL_ID
+def ensure_demo_model(log=print, models_root: Path | None = None) -> BlockStore:
+    """The demo model's block store in ``models_root`` (default: this node's models dir),
+    imported on first use (fp32)."""
+    models_root = models_root or models_dir()
+    root = models_root / DEMO_MODEL_ID
     if (root / "manifest.json").is_file():
         return BlockStore(root)
     gguf = fetch_demo_gguf(log)
     log(f"importing {gguf.name} as {DEMO_MODEL_ID} (one time, about 30 s) ...")
-    return import_model(gguf, DEMO_MODEL_ID, models_dir(), dtype="fp32")
+    models_root.mkdir(parents=True, exist_ok=True)
+    return import_model(gguf, DEMO_MODEL_ID, models_root, dtype="fp32")

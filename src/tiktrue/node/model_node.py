@@ -127,8 +127,10 @@ class BlockServer:
             await self._server.wait_closed()
         if self._next is not None:
             await self._next.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
         self.engine.kv.clear()
+        self.engine = None  # release the span's weights now (memory-mapped block files)
+        self.samplers.clear()
 
     # --- connections ---------------------------------------------------------------------
 

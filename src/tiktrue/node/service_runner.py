@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -224,6 +225,7 @@ class NodeService:
                 if force or not same:
                     await server.stop()
                     del self.servers[network_id]
+                    gc.collect()  # the old span's weights go before the new span loads
                 elif config is not None:
                     server.config = config
             self.waiting.clear()

@@ -1,0 +1,151 @@
+"""``tiktrue demo``: the whole seed-000 journey on this PC, with the real small model.
+
+1. A model repository (``tiktrue models serve``) holds SmolLM2-135M-Instruct, imported once.
+2. Three node services start: the admin in ``TIKTRUE_HOME`` itself (so ``tiktrue network
+   status`` and ``tiktrue chat`` there see the demo), two more in ``<home>/demo/node2..3``.
+3. The admin downloads the model from the repository (resumable, verified) and creates the
+   network; discovery (zeroconf) finds the other two; each joins with a one-time token.
+4. The admin measures every node, plans the spans, pushes each worker its blocks (encrypted,
+   verified) and switches the chain to the new config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from tiktrue.control.discovery import discover_networks
+from tiktrue.control.join import join_network
+from tiktrue.control.local_network import LocalCluster, free_ports
+from tiktrue.control.model_downloader import download_model_blocks
+from tiktrue.control.model_repository import repository_app
+from tiktrue.control.network_admin import apply_plan, make_plan, poke_local_service, set_caps
+from tiktrue.control.network_config import config_path
+from tiktrue.control.network_manager import create_join_token, create_network, leave_network
+from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
+from tiktrue.node.service_runner import run_file
+
+NETWORK_ID = "demo"
+RAM_PER_NODE = 600_000_000
+
+
+class _Repository:
+    """``tiktrue models serve`` in a thread of this process."""
+
+    def __init__(self, root: Path) -> None:
+        port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(
+            repository_app(root), host="127.0.0.1", port=port, log_level="error"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> _Repository:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def _service(home: Path) -> dict:
+    return json.loads(run_file(home).read_text("utf-8"))
+
+
+def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster:
+    """Everything up to a served network; returns the running cluster (stop it when done)."""
+    repository = home / "repository"
+    ensure_demo_model(log, models_root=repository)
+    homes = [home] + [home / "demo" / f"node{i}" for i in range(2, nodes + 1)]
+    for h in homes:  # a fresh network each run (identities and downloads are kept)
+        leave_network(h, NETWORK_ID)
+    cluster = LocalCluster(homes)
+    log(f"starting {len(homes)} node services (logs: node.log in each node's folder) ...")
+    cluster.start()
+    try:
+        with _Repository(repository) as repo:
+            log(f"model repository at {repo.url}; the admin downloads {DEMO_MODEL_ID} once ...")
+            shown = [-1]
+
+            def progress(p) -> None:
+                tenth = int(p.done_bytes * 10 / max(p.total_bytes, 1))
+                if tenth != shown[0]:
+                    shown[0] = tenth
+                    log(f"  download {p.done_bytes / 1e6:6.1f} / {p.total_bytes / 1e6:.1f} MB")
+
+            admin_store = download_model_blocks(
+                DEMO_MODEL_ID, repo.url, dest_root=home / "models", progress_callback=progress
+            )
+        admin = _service(home)
+        control_host, control_port = admin["control"].rsplit(":", 1)
+        create_network(
+            home,
+            "Demo",
+            admin_store,
+            host=control_host,
+            port=free_ports(1)[0],
+            control_port=int(control_port),
+            network_id=NETWORK_ID,
+            auto_plan=False,
+        )
+        asyncio.run(poke_local_service(home))
+        log(f"created network {NETWORK_ID} on the admin node {admin['node_id']}")
+        found = discover_networks(2.0, interfaces=["127.0.0.1"])
+        others = [_service(h) for h in homes[1:]]
+        seen = {n.node_id for n in found}
+        for other in others:
+            how = "found by discovery" if other["node_id"] in seen else "not announced; by address"
+            log(f"node {other['node_id']} at {other['control']}: {how}")
+        for h in homes[1:]:
+            token = create_join_token(home, NETWORK_ID, ttl=600)
+            asyncio.run(
+                join_network(h, admin["control"], token=token, service=_service(h), log=log)
+            )
+            log(f"node {_service(h)['node_id']} joined with a one-time token")
+
+        async def plan_and_apply():
+            # each PC gives RAM_PER_NODE: the model and its KV cache fit only on all three
+            for h in homes:
+                caps = {"ram_bytes": RAM_PER_NODE}
+                await set_caps(home, NETWORK_ID, _service(h)["node_id"], caps)
+            log(f"each node gives {RAM_PER_NODE / 1e6:.0f} MB of RAM to the network")
+            plan, _ = await make_plan(home, NETWORK_ID)
+            log(plan.describe())
+            last: dict[str, int] = {}
+
+            def pushed(p) -> None:
+                tenth = int(p.sent_bytes * 4 / max(p.total_bytes, 1))
+                if last.get(p.node_id) != tenth:
+                    last[p.node_id] = tenth
+                    done, total = p.sent_bytes / 1e6, p.total_bytes / 1e6
+                    log(f"  -> {p.node_id}: {done:6.1f} / {total:.1f} MB")
+
+            return await apply_plan(home, NETWORK_ID, plan, progress=pushed)
+
+        config = asyncio.run(plan_and_apply())
+        log(f"network {NETWORK_ID} runs config v{config.version} ({config_path(home, NETWORK_ID)})")
+        _wait_serving(homes, config)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _wait_serving(homes: list[Path], config, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    expected = {n.node_id for n in config.nodes if n.blocks}
+    while time.monotonic() < deadline:
+        serving = {_service(h)["node_id"] for h in homes if _service(h)["networks"].get(NETWORK_ID)}
+        if expected <= serving:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the nodes did not start serving their new spans in time")
