@@ -35,6 +35,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/span_memory.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/network.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -31,7 +31,7 @@ from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.service_runner import run_file
 
 NETWORK_ID = "demo"
-RAM_PER_NODE = 600_000_000
+RAM_PER_NODE = 700_000_000
 
 
 class _Repository:

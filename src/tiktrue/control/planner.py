@@ -24,7 +24,8 @@ from typing import Any
 from tiktrue.model.catalog import EMBED
 
 DEFAULT_CONTEXT_TOKENS = 4096
-DEFAULT_RUNTIME_BYTES = 300_000_000  # baseline memory of a node process (Python, torch, server)
+# a serving node process without weights: Python, torch, servers, model code (bench/network.py)
+DEFAULT_RUNTIME_BYTES = 400_000_000
 DTYPE_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 _REL_EPS = 1e-9  # float sums that differ by less than this (relative) are ties
 

@@ -24,6 +24,7 @@ from tiktrue.control.network_config import (
 )
 from tiktrue.model.store import MANIFEST, Manifest
 from tiktrue.node import block_receiver
+from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
 from tiktrue.security.crypto_layer import decrypt_block_transfer
@@ -208,6 +209,8 @@ class ControlServer:
             bool(header.get("last")),
             disk_cap=self.service.caps().disk_bytes,
         )
+        if complete:
+            release_free_memory()
         return {"complete": complete}
 
     async def op_caps_set(self, header, payload, peer, local) -> dict:

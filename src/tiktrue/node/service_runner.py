@@ -24,15 +24,16 @@ import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control.network_config import NetworkConfig, list_configs
+from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
+from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 log = logging.getLogger("tiktrue.node")
-RUNTIME_BYTES = 300 << 20  # a node process before any block: Python, torch, servers
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -241,6 +242,7 @@ class NodeService:
                 server.client_handler = (
                     self.protocol.handle if network_id in self.gateways else None
                 )
+            release_free_memory()
             if self.control is not None:
                 self.control.refresh_trust()
             if self.started:  # before that, start() writes it once everything listens
@@ -295,6 +297,10 @@ class NodeService:
                 "serving": server is not None,
                 "waiting": self.waiting.get(config.network_id),
                 "sessions": len(server.engine.kv.sessions()) if server else 0,
+                "weights_bytes": server.engine.weight_bytes if server else 0,
+                "kv_budget_bytes": (
+                    server.engine.kv.num_pages * server.engine.kv.bytes_per_page if server else 0
+                ),
             }
         return {
             "node_id": self.identity.node_id,
