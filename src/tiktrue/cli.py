@@ -591,13 +591,11 @@ def network_apply(
 
 @network_app.command("leave")
 def network_leave(network_id: str) -> None:
-    """Forget a network on this node."""
-    from tiktrue.control.network_admin import poke_local_service
-    from tiktrue.control.network_manager import leave_network
+    """Leave a network: the admin moves this PC's blocks to the others first."""
+    from tiktrue.control.network_admin import leave_gracefully
     from tiktrue.paths import data_dir
 
-    leave_network(data_dir(), network_id)
-    asyncio.run(poke_local_service(data_dir()))
+    _run(leave_gracefully(data_dir(), network_id))
     typer.echo(f"left network {network_id}")
 
 

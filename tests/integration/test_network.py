@@ -277,3 +277,23 @@ def _wait_for_version(home, network_id: str, version: int, timeout: float = 60) 
                 return current
         time.sleep(0.3)
     raise AssertionError(f"network {network_id} did not reach config v{version}")
+
+
+def test_a_pc_leaving_gracefully_hands_its_blocks_over(journey, tiny_llama):
+    cluster, (admin, pc2, pc3) = journey
+    leaver = node_identity(pc3).node_id
+    version = read_config(config_path(admin, NET)).version
+    out = cli(pc3, "network", "leave", NET)
+    assert f"left network {NET}" in out.stdout
+    config = read_config(config_path(admin, NET))
+    assert config.version > version and leaver not in {n.node_id for n in config.nodes}
+    assert not config_path(pc3, NET).exists()
+    _wait_for_version(admin, NET, config.version)
+    ws_url = cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
+
+    async def go():
+        async with websockets.connect(ws_url) as ws:
+            body = request(NET, input_ids=[5, 17, 42, 99], temperature=0, max_tokens=10)
+            return await ask(ws, body)
+
+    assert token_ids(asyncio.run(go())) == reference_tokens(tiny_llama, [5, 17, 42, 99], 10)

@@ -5,6 +5,7 @@ the spans, push blocks and the new config, set caps. The CLI (and later the web 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,10 +36,21 @@ async def node_report(node, credentials: NetworkCredentials, *, probe: bool = Fa
             info = await link.call("node_info")
             if probe:
                 info["bytes_per_ms"] = (await link.call("probe"))["bytes_per_ms"]
+                info["link_ms"] = await _one_way_ms(link)
     except (PeerUnavailable, ControlError, IdentityError, OSError) as exc:
         return {"node_id": node.node_id, "state": "offline", "error": str(exc)}
     info["state"] = "online"
     return info
+
+
+async def _one_way_ms(link: ControlLink, rounds: int = 5) -> float:
+    """Half the median round trip of a tiny request: the hop's latency for the planner."""
+    times = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        await link.call("ping")
+        times.append((time.perf_counter() - began) * 1000)
+    return sorted(times)[len(times) // 2] / 2
 
 
 async def network_status(data_dir: Path, network_id: str, *, probe: bool = False) -> dict:
@@ -62,6 +74,7 @@ async def network_status(data_dir: Path, network_id: str, *, probe: bool = False
                 "caps": report.get("caps"),
                 "rss_bytes": report.get("rss_bytes"),
                 "bytes_per_ms": report.get("bytes_per_ms"),
+                "link_ms": report.get("link_ms", 0.0),
                 "sessions": network.get("sessions", 0),
                 "version_held": network.get("version"),
             }
@@ -98,6 +111,7 @@ def capacities(status: dict, model: ModelProfile, context_tokens: int) -> list[N
                 ram_bytes=ram,
                 disk_bytes=disk,
                 bytes_per_ms=node["bytes_per_ms"],
+                link_ms=node.get("link_ms") or 0.0,
             )
         )
     return out
@@ -109,11 +123,14 @@ async def make_plan(
     *,
     overrides: dict[str, int] | None = None,
     context_tokens: int = 2048,
+    without: set[str] = frozenset(),
 ) -> tuple[Plan, dict]:
+    """Measure every node (``without`` those leaving) and plan the spans."""
     config, _ = load(data_dir, network_id)
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     model = ModelProfile.from_manifest(store.manifest, store.config())
     status = await network_status(data_dir, network_id, probe=True)
+    status["nodes"] = [n for n in status["nodes"] if n["node_id"] not in without]
     plan = plan_spans(
         model,
         capacities(status, model, context_tokens),
@@ -129,8 +146,10 @@ async def apply_plan(
     plan: Plan,
     *,
     progress: Callable[[PushProgress], None] | None = None,
+    remove: set[str] = frozenset(),
 ) -> NetworkConfig:
-    """Push every node the blocks of its new span, then the new config to every node."""
+    """Push every node the blocks of its new span, then the new config (without the nodes in
+    ``remove``, which are leaving) to every node."""
     config, credentials = load(data_dir, network_id)
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     by_id = {n.node_id: n for n in config.nodes}
@@ -143,6 +162,7 @@ async def apply_plan(
     nodes = [
         n.model_copy(update={"blocks": list(plan.assignments.get(n.node_id, []))})
         for n in config.nodes
+        if n.node_id not in remove
     ]
     new = NetworkConfig.model_validate(
         {
@@ -214,3 +234,20 @@ def probe_announcement(host: str, port: int):
     return NodeAnnouncement(
         node_id=info["node_id"], host=host, control_port=port, networks=networks
     )
+
+
+async def leave_gracefully(data_dir: Path, network_id: str) -> None:
+    """This node leaves: the admin re-plans without it and moves its blocks, then it forgets
+    the network. Its block server keeps serving until the new chain is in place."""
+    from tiktrue.control.network_manager import leave_network
+
+    config, credentials = load(data_dir, network_id)
+    me = credentials.identity.node_id
+    admin = next(n for n in config.nodes if n.role == "admin")
+    if admin.node_id != me:
+        async with ControlLink(
+            admin.control_address, expected_node_id=admin.node_id, credentials=credentials
+        ) as link:
+            await link.call("leave", network_id=network_id)
+    leave_network(data_dir, network_id)
+    await poke_local_service(data_dir)

@@ -315,6 +315,20 @@ def install_grant(data_dir: Path, grant: JoinGrant) -> NetworkConfig:
     return config
 
 
+async def join_network(data_dir: Path, admin_address: str, **options) -> NetworkConfig:
+    """Seed name kept: the joining side lives in ``tiktrue.control.join``."""
+    from tiktrue.control.join import join_network as join
+
+    return await join(data_dir, admin_address, **options)
+
+
+def discover_networks(timeout: float = 3.0, **options):
+    """Seed name kept: discovery lives in ``tiktrue.control.discovery`` (zeroconf)."""
+    from tiktrue.control.discovery import discover_networks as discover
+
+    return discover(timeout, **options)
+
+
 def list_joined_networks(data_dir: Path) -> list[NetworkConfig]:
     """The networks this node belongs to."""
     node_id = node_identity(data_dir).node_id

@@ -219,6 +219,29 @@ class ControlServer:
         await self.service.reload(force=True)
         return {"caps": caps}
 
+    async def op_ping(self, header, payload, peer, local) -> dict:
+        return {}
+
+    async def op_leave(self, header, payload, peer, local) -> dict:
+        """A member leaves (it asks with its own certificate): admin re-plans without it."""
+        from tiktrue.control.network_admin import apply_plan, make_plan
+
+        network_id = header["network_id"]
+        if peer is None or peer.network_id != network_id:
+            raise Refused("forbidden", "only a member of the network may leave it")
+        nm.admin_ca(self.data_dir, network_id)  # only the admin handles leaves
+        config = read_config(config_path(self.data_dir, network_id))
+        leaving = config.node(peer.node_id)
+        if leaving.blocks:
+            plan, _ = await make_plan(self.data_dir, network_id, without={peer.node_id})
+            new = await apply_plan(self.data_dir, network_id, plan, remove={peer.node_id})
+        else:
+            nodes = [n for n in config.nodes if n.node_id != peer.node_id]
+            new = config.model_copy(update={"nodes": nodes, "version": config.version + 1})
+            write_config(self.data_dir, NetworkConfig.model_validate(new.model_dump()))
+            await self.service.reload()
+        return {"version": new.version}
+
     async def op_probe(self, header, payload, peer, local) -> dict:
         return {"bytes_per_ms": await asyncio.to_thread(probe_speed)}
 

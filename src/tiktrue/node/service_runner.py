@@ -116,11 +116,6 @@ class NodeService:
     async def start(self) -> None:
         from tiktrue.node.control_server import ControlServer
 
-        threads = self.caps().threads
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         self.control = ControlServer(self)
         await self.control.start(self.host, self.control_port)
         await self.reload()
@@ -212,6 +207,11 @@ class NodeService:
     async def reload(self, *, force: bool = False) -> None:
         """Bring block servers and gateways in line with the configs on disk."""
         async with self._lock:
+            threads = self.caps().threads
+            if threads:  # the admin's cap on this node's CPU threads
+                import torch
+
+                torch.set_num_threads(threads)
             configs = {
                 c.network_id: c
                 for c in list_configs(self.data_dir)
