@@ -62,7 +62,9 @@ async def join_network(
                 )
             request_id = reply["request_id"]
             await asyncio.sleep(poll)
-            reply = await link.call("join_status", network_id=network_id, request_id=request_id)
+            reply = await link.call(
+                "join_status", request=request.model_dump(), request_id=request_id
+            )
             reply.setdefault("request_id", request_id)
             reply["told"] = True
         if reply["state"] != "approved":

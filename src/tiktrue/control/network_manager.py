@@ -216,10 +216,17 @@ def approve_join_request(data_dir: Path, network_id: str, request_id: str, appro
     _save(_requests_path(data_dir, network_id), requests)
 
 
-def join_status(data_dir: Path, network_id: str, request_id: str) -> tuple[str, JoinGrant | None]:
+def join_status(
+    data_dir: Path, request: JoinRequest, request_id: str
+) -> tuple[str, JoinGrant | None]:
+    """The state of a join request; only its author (who proves the same key) may ask, since
+    an approved grant carries the network's block key."""
+    network_id = request.network_id
     item = _load(_requests_path(data_dir, network_id), {}).get(request_id)
     if item is None:
         raise JoinError(f"no join request {request_id} in network {network_id}")
+    if _check_proof(request) != item["node_id"]:
+        raise JoinError(f"join request {request_id} belongs to another node")
     grant = JoinGrant.model_validate(item["grant"]) if item.get("grant") else None
     return item["state"], grant
 

@@ -158,9 +158,10 @@ class ControlServer:
         self.service.schedule_replan(network_id)
 
     async def op_join_status(self, header, payload, peer, local) -> dict:
-        state, grant = nm.join_status(self.data_dir, header["network_id"], header["request_id"])
+        request = nm.JoinRequest.model_validate(header["request"])
+        state, grant = nm.join_status(self.data_dir, request, header["request_id"])
         if state == "approved":
-            await self._joined(header["network_id"])
+            await self._joined(request.network_id)
         return {"state": state, "grant": grant.model_dump() if grant else None}
 
     async def op_config_push(self, header, payload, peer, local) -> dict:
