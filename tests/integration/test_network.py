@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -297,3 +298,34 @@ def test_a_pc_leaving_gracefully_hands_its_blocks_over(journey, tiny_llama):
             return await ask(ws, body)
 
     assert token_ids(asyncio.run(go())) == reference_tokens(tiny_llama, [5, 17, 42, 99], 10)
+
+
+def test_an_interrupted_push_resumes_from_the_last_good_chunk(journey, tiny_llama):
+    _, (admin, pc2, _) = journey
+    from tiktrue.model.store import MANIFEST, hash_chunks
+
+    copy_root = admin / "models" / "resume-copy"
+    shutil.copytree(admin / "models" / tiny_llama.model_id, copy_root)
+    manifest = json.loads((copy_root / MANIFEST).read_text())
+    manifest["model_id"] = "resume-copy"
+    for entry in manifest["blocks"].values():  # small chunks: a block is many chunks
+        entry["chunk_size"] = 4096
+        entry["sha256"], entry["chunks"] = hash_chunks(copy_root / entry["file"], 4096)
+    (copy_root / MANIFEST).write_text(json.dumps(manifest))
+    store = BlockStore(copy_root)
+    node = read_config(config_path(admin, NET)).node(node_identity(pc2).node_id)
+    chunks_seen = []
+
+    def interrupt(progress) -> None:
+        if progress.block == "layer_0":
+            chunks_seen.append(progress.sent_bytes)
+            if len(chunks_seen) == 5:
+                raise ConnectionError("cable pulled")
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(push_blocks(admin, NET, store, node, ["layer_0"], progress=interrupt))
+    sent = asyncio.run(push_blocks(admin, NET, store, node, ["layer_0"]))
+    size = store.manifest.blocks["layer_0"].bytes
+    assert sent["layer_0"] == size - 5 * 4096
+    received = pc2 / "models" / "resume-copy" / "blocks" / "layer_0.safetensors"
+    assert received.read_bytes() == (copy_root / "blocks" / "layer_0.safetensors").read_bytes()
