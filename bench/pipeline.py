@@ -2,37 +2,75 @@
 
     python bench/pipeline.py [--decode 64] [--prompt 64] [--repeats 3] [--threads 2]
 
-SmolLM2-135M-Instruct fp32, greedy, the same 3 spans. The network side runs three real
-``tiktrue node`` processes on 127.0.0.1 with mutual TLS; this process drives the chain with the
-gateway's own ``RemoteChain`` and token loop, so the figures are the chain's, without HTTP.
-Per-hop latency is what each sender waited beyond the receiver's own time (network, TLS,
-framing, queueing). Results go to docs/benchmarks.md.
+SmolLM2-135M-Instruct fp32, greedy, the same 3 spans. The network side is what a user runs:
+three ``tiktrue node`` processes on 127.0.0.1 with mutual TLS, the first one also the gateway;
+this process is a client of the gateway's WebSocket ``/ws`` and times the streamed tokens as
+they arrive. The one-process engine runs the same spans and token loop in this process.
+Per-hop latency (from the gateway's per-step timings) is what each sender waited beyond the
+receiver's own time: network, TLS, framing, queueing. Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import websockets
 
 from report import append
 from tiktrue.control.local_network import LocalCluster, prepare_local_network
-from tiktrue.gateway.api_client import RemoteChain
 from tiktrue.model.demo_model import ensure_demo_model
 from tiktrue.model.engine import BlockEngine, split_evenly
 from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.tokenizer import load_tokenizer
-from tiktrue.security.node_tls import NetworkCredentials
 
 
-async def run(chain, prompt, steps, tokenizer, session, timings=None):
-    await chain.open(session) if asyncio.iscoroutinefunction(chain.open) else chain.open(session)
+@dataclass
+class Run:
+    tokens: list[int]
+    ttft_s: float
+    decode_tok_s: float
+    usage: dict
+
+
+async def through_gateway(api_url: str, prompt: list[int], steps: int) -> Run:
+    """One answer streamed by the gateway, timed on arrival."""
+    url = api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
+    request = {
+        "header": {"message_type": "inference_request", "protocol_version": "2.0"},
+        "network_id": "bench",
+        "input_ids": prompt,
+        "temperature": 0,
+        "max_tokens": steps + 1,
+    }
+    tokens, arrivals = [], []
+    async with websockets.connect(url, max_size=None) as ws:
+        began = time.perf_counter()
+        await ws.send(json.dumps(request))
+        while True:
+            reply = json.loads(await ws.recv())
+            if reply.get("status") != "processing":
+                break
+            if reply.get("token_id") is not None:
+                tokens.append(reply["token_id"])
+                arrivals.append(time.perf_counter())
+    if reply.get("status") != "success":
+        raise RuntimeError(f"the gateway answered {reply}")
+    decode = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    return Run(tokens, arrivals[0] - began, decode, reply["usage"])
+
+
+async def in_process(chain: LocalChain, prompt, steps, tokenizer, session) -> Run:
+    chain.open(session)
     result = GenerationResult()
     params = SamplingParams(temperature=0, max_tokens=steps + 1)
     stream = stream_tokens(
@@ -45,24 +83,9 @@ async def run(chain, prompt, steps, tokenizer, session, timings=None):
         result=result,
     )
     async for _ in stream:
-        if timings is not None and chain.last_step is not None and chain.last_step.tokens == 1:
-            timings.append(chain.last_step)
-    await chain.close(session) if asyncio.iscoroutinefunction(chain.close) else chain.close(session)
-    return result
-
-
-async def measure(args, store, tokenizer, prompt, homes, config):
-    remote = RemoteChain(config, NetworkCredentials.load(homes[0], config.network_id))
-    spans = split_evenly(store.manifest.model_chain_order, 3)
-    local = LocalChain([BlockEngine(store, s) for s in spans])
-    await run(remote, prompt, 4, tokenizer, "warm-r")
-    await run(local, prompt, 4, tokenizer, "warm-l")
-    remote_runs, local_runs, timings = [], [], []
-    for r in range(args.repeats):
-        remote_runs.append(await run(remote, prompt, args.decode, tokenizer, f"r{r}", timings))
-        local_runs.append(await run(local, prompt, args.decode, tokenizer, f"l{r}"))
-    await remote.aclose()
-    return remote_runs, local_runs, timings
+        pass
+    chain.close(session)
+    return Run(result.token_ids, result.time_to_first_token, result.decode_tokens_per_second, {})
 
 
 def main() -> None:
@@ -81,29 +104,37 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = store.manifest.vocab_size
     prompt = torch.randint(100, vocab - 100, (args.prompt,), generator=generator).tolist()
+    spans = split_evenly(store.manifest.model_chain_order, 3)
+    local = LocalChain([BlockEngine(store, s) for s in spans])
+    remote_runs, local_runs = [], []
     with tempfile.TemporaryDirectory(prefix="tiktrue-bench-") as base:
-        homes, config = prepare_local_network(Path(base), store, nodes=3, network_id="bench")
-        with LocalCluster(homes):
-            remote_runs, local_runs, timings = asyncio.run(
-                measure(args, store, tokenizer, prompt, homes, config)
-            )
-    same = remote_runs[0].token_ids == local_runs[0].token_ids
+        homes, _ = prepare_local_network(Path(base), store, nodes=3, network_id="bench")
+        with LocalCluster(homes) as cluster:
+            asyncio.run(through_gateway(cluster.api_url, prompt, 4))  # warm up
+            asyncio.run(in_process(local, prompt, 4, tokenizer, "warm"))
+            for r in range(args.repeats):
+                remote_runs.append(
+                    asyncio.run(through_gateway(cluster.api_url, prompt, args.decode))
+                )
+                local_runs.append(
+                    asyncio.run(in_process(local, prompt, args.decode, tokenizer, f"l{r}"))
+                )
+    same = remote_runs[0].tokens == local_runs[0].tokens
 
     def med(values):
         return statistics.median(values)
 
-    r_decode = med(r.decode_tokens_per_second for r in remote_runs)
-    l_decode = med(r.decode_tokens_per_second for r in local_runs)
-    r_ttft = med(r.time_to_first_token for r in remote_runs) * 1000
-    l_ttft = med(r.time_to_first_token for r in local_runs) * 1000
-    hops = list(zip(*(t.hop_latencies_ms() for t in timings), strict=True))
-    computes = list(zip(*([n["compute_ms"] for n in t.nodes] for t in timings), strict=True))
+    r_decode = med(r.decode_tok_s for r in remote_runs)
+    l_decode = med(r.decode_tok_s for r in local_runs)
+    r_ttft = med(r.ttft_s for r in remote_runs) * 1000
+    l_ttft = med(r.ttft_s for r in local_runs) * 1000
+    usage = remote_runs[len(remote_runs) // 2].usage
     names = ["gateway -> node1", "node1 -> node2", "node2 -> node3"]
     lines = [
         f"SmolLM2-135M-Instruct fp32, {args.threads} torch threads per process, "
         f"{args.prompt}-token prompt, {args.decode} greedy decode steps, median of "
-        f"{args.repeats}; spans {', '.join(n['span'] for n in timings[0].nodes)}; "
-        f"tokens identical to the one-process engine: {same}",
+        f"{args.repeats}; spans {', '.join(usage['nodes'])}; gateway in node1's process, "
+        f"timed by a /ws client; tokens identical to the one-process engine: {same}",
         "",
         "| | decode tok/s | time to first token ms |",
         "|---|---|---|",
@@ -111,13 +142,15 @@ def main() -> None:
         f"| one-process engine, same 3 spans | {l_decode:.1f} | {l_ttft:.0f} |",
         f"| ratio network / one process | {r_decode / l_decode:.2f} | {r_ttft / l_ttft:.2f} |",
         "",
-        "Per decode step (median over every step of every run):",
+        "Per decode step (median, one run's every step):",
         "",
         "| hop | latency ms | receiver compute ms |",
         "|---|---|---|",
         *(
-            f"| {name} | {med(h):.2f} | {med(c):.2f} |"
-            for name, h, c in zip(names, hops, computes, strict=False)
+            f"| {name} | {h:.2f} | {c:.2f} |"
+            for name, h, c in zip(
+                names, usage["hop_latency_ms"], usage["node_compute_ms"], strict=False
+            )
         ),
     ]
     print("\n".join(lines))

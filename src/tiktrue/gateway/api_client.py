@@ -68,11 +68,35 @@ class StepTiming:
         return [wait - total for wait, total in zip(waits, totals, strict=True)]
 
 
-class RemoteChain:
-    """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``)."""
+class LocalEntry:
+    """The first node of the chain when it runs in the gateway's own process: requests go to
+    its block server directly, without a TLS hop to itself."""
 
-    def __init__(self, config: NetworkConfig, credentials: NetworkCredentials) -> None:
+    def __init__(self, server) -> None:
+        self.server = server
+
+    async def request(self, payload: bytes | ps.Message, message_id: str) -> dict:
+        if isinstance(payload, bytes):
+            return await self.server.answer_frame(payload)
+        return await self.server.answer_text(ps.make_message(payload))
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteChain:
+    """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``).
+
+    ``local_server``, when given, returns this process's block server of the network (or
+    None); when that server is the chain's first node, steps are handed to it in-process.
+    """
+
+    def __init__(
+        self, config: NetworkConfig, credentials: NetworkCredentials, local_server=None
+    ) -> None:
         entry = config.chain()[0]
+        self.entry_node_id = entry.node_id
+        self.local_server = local_server or (lambda: None)
         self.network_id = config.network_id
         self.link = PeerLink(
             entry.host,
@@ -104,7 +128,7 @@ class RemoteChain:
             meta["sampling"] = sampling.model_dump()
         frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
         began = time.perf_counter()
-        reply = _raise_if_error(await self.link.request(frame, message_id))
+        reply = _raise_if_error(await self._entry().request(frame, message_id))
         self.last_step = StepTiming(
             (time.perf_counter() - began) * 1000, reply.get("timings", []), len(token_ids)
         )
@@ -112,7 +136,13 @@ class RemoteChain:
 
     async def control(self, kind: type[ps.Message], session_id: str) -> dict:
         message = kind(network_id=self.network_id, session_id=session_id)
-        return _raise_if_error(await self.link.request(message, message.message_id))
+        return _raise_if_error(await self._entry().request(message, message.message_id))
+
+    def _entry(self):
+        server = self.local_server()
+        if server is not None and server.node_id == self.entry_node_id and server.engine:
+            return LocalEntry(server)
+        return self.link
 
     async def open(self, session_id: str) -> None:
         await self.control(ps.SessionOpen, session_id)
@@ -212,7 +242,13 @@ class SessionState:
 class Gateway:
     """Answers requests for one network."""
 
-    def __init__(self, data_dir: Path, config: NetworkConfig, credentials: NetworkCredentials):
+    def __init__(
+        self,
+        data_dir: Path,
+        config: NetworkConfig,
+        credentials: NetworkCredentials,
+        local_server=None,
+    ):
         self.data_dir = Path(data_dir)
         self.config = config
         self.network_id = config.network_id
@@ -222,13 +258,14 @@ class Gateway:
         self.stop_ids = stop_token_ids(store, self.tokenizer)
         self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
         self.credentials = credentials
-        self.chain = ReplayingChain(RemoteChain(config, credentials))
+        self.local_server = local_server
+        self.chain = ReplayingChain(RemoteChain(config, credentials, local_server))
         self.sessions: dict[str, SessionState] = {}
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""
         self.config = config
-        self.chain.switch(RemoteChain(config, self.credentials))
+        self.chain.switch(RemoteChain(config, self.credentials, self.local_server))
 
     # --- answering -------------------------------------------------------------------------
 
@@ -286,6 +323,9 @@ class Gateway:
                     should_stop=lambda: state.cancelled,
                 )
                 async for event in stream:
+                    step = self.chain.last_step
+                    if step is not None and step.tokens == 1:
+                        result.step_timings.append(step)
                     yield event
                 state.tokens += new + result.token_ids[: result.decode_steps]
                 state.unfed = result.token_ids[result.decode_steps :]

@@ -6,6 +6,7 @@ servers' WebSockets both hand their client messages here.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
@@ -184,9 +185,23 @@ class ClientProtocol:
             "completion_tokens": len(result.token_ids),
             "time_to_first_token_ms": round(result.time_to_first_token * 1000, 1),
             "tokens_per_second": round(result.decode_tokens_per_second, 2),
+            **_chain_timing(result.step_timings),
         }
         await send(
             response(
                 status="success", text=result.text, finish_reason=result.finish_reason, usage=usage
             )
         )
+
+
+def _chain_timing(steps) -> dict:
+    """Median per decode step: each hop's latency and each node's compute, in chain order."""
+    if not steps:
+        return {}
+    hops = list(zip(*(step.hop_latencies_ms() for step in steps), strict=False))
+    compute = list(zip(*([n["compute_ms"] for n in step.nodes] for step in steps), strict=False))
+    return {
+        "hop_latency_ms": [round(statistics.median(h), 3) for h in hops],
+        "node_compute_ms": [round(statistics.median(c), 3) for c in compute],
+        "nodes": [n["span"] for n in steps[-1].nodes],
+    }

@@ -83,6 +83,7 @@ class GenerationResult:
     time_to_first_token: float = 0.0
     decode_steps: int = 0  # chain steps after the first (the prompt's)
     decode_seconds: float = 0.0
+    step_timings: list = field(default_factory=list)  # per decode step, when the chain tells
 
     @property
     def decode_tokens_per_second(self) -> float:

@@ -190,6 +190,10 @@ class BlockServer:
     # --- the hot path: forward steps -------------------------------------------------------
 
     async def _on_frame(self, ws, raw: bytes) -> None:
+        await _send(ws, await self.answer_frame(raw))
+
+    async def answer_frame(self, raw: bytes) -> dict:
+        """The answer to one forward step (a token, or a structured error)."""
         message_id = session_id = None
         try:
             header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
@@ -219,7 +223,7 @@ class BlockServer:
         except Exception as exc:  # a bug: answer it, log it, keep serving
             log.exception("forward step %s failed", message_id)
             reply = error_dict(ps.INTERNAL_ERROR, repr(exc), message_id, session_id)
-        await _send(ws, reply)
+        return reply
 
     async def _forward(self, header: dict, tensor, message_id, session_id) -> dict:
         """Run the span; the head samples, other nodes pass on and relay the answer back.
@@ -288,6 +292,12 @@ class BlockServer:
     # --- text messages ---------------------------------------------------------------------
 
     async def _on_text(self, ws, raw: str) -> None:
+        reply = await self.answer_text(raw, lambda message: _send(ws, message))
+        if reply is not None:
+            await _send(ws, reply)
+
+    async def answer_text(self, raw: str, send=None) -> dict | None:
+        """The answer to one text message; client requests stream through ``send`` instead."""
         parsed = None
         try:
             parsed = ps.parse_message(raw, max_bytes=self.max_frame_bytes)
@@ -300,15 +310,15 @@ class BlockServer:
             elif kind == ps.MessageType.heartbeat:
                 reply = self._heartbeat(parsed.message)
             elif kind in (ps.MessageType.inference_request, ps.MessageType.cancel):
-                if self.client_handler is None:
+                if self.client_handler is None or send is None:
                     raise ps.ProtocolError(
                         ps.INVALID_MESSAGE,
                         "this node runs no gateway; send inference requests to a gateway node",
                         parsed.message_id,
                         parsed.session_id,
                     )
-                await self.client_handler(parsed, lambda m: _send(ws, m))
-                return
+                await self.client_handler(parsed, send)
+                return None
             elif kind == ps.MessageType.authentication:
                 reply = ps.Ack(
                     in_reply_to=parsed.message_id,
@@ -336,7 +346,7 @@ class BlockServer:
         except Exception as exc:  # a bug: answer it, log it, keep serving
             log.exception("message failed")
             reply = error_dict(ps.INTERNAL_ERROR, repr(exc), parsed and parsed.message_id)
-        await _send(ws, reply)
+        return reply
 
     async def _session_control(self, message) -> dict:
         """Apply locally, then pass along the chain; ack once every later node has."""

@@ -273,7 +273,10 @@ class NodeService:
             if not tokenizer.is_file() or not config.chain():
                 return
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
-            self.gateways[config.network_id] = Gateway(self.data_dir, config, credentials)
+            network_id = config.network_id
+            self.gateways[network_id] = Gateway(
+                self.data_dir, config, credentials, lambda: self.servers.get(network_id)
+            )
         elif gateway.config.version != config.version:
             gateway.switch(config)
 
