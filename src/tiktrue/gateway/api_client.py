@@ -169,6 +169,7 @@ class ReplayingChain:
         self.stale: set[str] = set()
         self.retries, self.pause = retries, pause
         self.replays = 0
+        self._closing: set[asyncio.Task] = set()
 
     @property
     def last_step(self) -> StepTiming | None:
@@ -177,7 +178,9 @@ class ReplayingChain:
     def switch(self, chain: RemoteChain) -> None:
         old, self.inner = self.inner, chain
         self.stale |= set(self.fed)
-        asyncio.get_event_loop().create_task(old.aclose())
+        closing = asyncio.get_running_loop().create_task(old.aclose())
+        self._closing.add(closing)  # keep a reference until the old links are closed
+        closing.add_done_callback(self._closing.discard)
 
     async def open(self, session_id: str) -> None:
         await self.inner.open(session_id)

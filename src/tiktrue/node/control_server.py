@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import websockets
+from cryptography import x509
 from pydantic import ValidationError
 
 from tiktrue.control import network_manager as nm
@@ -27,11 +28,9 @@ from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
+from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
 from tiktrue.security.crypto_layer import decrypt_block_transfer
-from tiktrue.security.node_tls import (
-    control_server_context,
-    peer_network_certificate,
-)
+from tiktrue.security.node_tls import control_server_context
 
 if TYPE_CHECKING:
     from tiktrue.node.service_runner import NodeService
@@ -89,7 +88,7 @@ class ControlServer:
 
     async def _handle(self, ws) -> None:
         ssl_object = ws.transport.get_extra_info("ssl_object")
-        peer = peer_network_certificate(ssl_object)
+        peer = ssl_object.getpeercert(binary_form=True)  # checked per network, per request
         local = ws.remote_address[0] in ("127.0.0.1", "::1")
         try:
             async for raw in ws:
@@ -134,11 +133,24 @@ class ControlServer:
 
     # --- who may do what -------------------------------------------------------------------
 
-    def _require_admin(self, peer, network_id: str) -> None:
-        if peer is None or peer.network_id != network_id or peer.role != "admin":
+    def _member(self, peer: bytes | None, network_id: str) -> CertInfo:
+        """The peer's certificate, verified against *this* network's CA: a node in several
+        networks must not let one network's CA speak for another."""
+        ca = self.data_dir / "networks" / str(network_id) / "ca_cert.pem"
+        if not peer or not ca.is_file():
+            raise Refused("forbidden", f"only members of network {network_id} may do this")
+        try:
+            return verify_certificate(x509.load_der_x509_certificate(peer), ca.read_bytes())
+        except IdentityError as exc:
+            raise Refused("forbidden", f"not a certificate of network {network_id}: {exc}") from exc
+
+    def _require_admin(self, peer: bytes | None, network_id: str) -> CertInfo:
+        info = self._member(peer, network_id)
+        if info.role != "admin":
             raise Refused(
                 "forbidden", f"only the admin of network {network_id} may do this (mutual TLS)"
             )
+        return info
 
     # --- operations --------------------------------------------------------------------------
 
@@ -184,8 +196,7 @@ class ControlServer:
         return {}
 
     async def op_blocks_held(self, header, payload, peer, local) -> dict:
-        if peer is None or peer.network_id != header["network_id"]:
-            raise Refused("forbidden", "only members of the network may ask")
+        self._member(peer, header["network_id"])
         manifest, root = self._manifest(header["model_id"])
         return await asyncio.to_thread(block_receiver.held, root, manifest)
 
@@ -228,8 +239,7 @@ class ControlServer:
         from tiktrue.control.network_admin import apply_plan, make_plan
 
         network_id = header["network_id"]
-        if peer is None or peer.network_id != network_id:
-            raise Refused("forbidden", "only a member of the network may leave it")
+        peer = self._member(peer, network_id)
         nm.admin_ca(self.data_dir, network_id)  # only the admin handles leaves
         config = read_config(config_path(self.data_dir, network_id))
         leaving = config.node(peer.node_id)

@@ -19,7 +19,6 @@ from tiktrue.security.auth_manager import (
     CertInfo,
     IdentityError,
     NodeIdentity,
-    certificate_info,
     load_or_create_node_identity,
     node_id_for_public_key,
     verify_certificate,
@@ -135,9 +134,3 @@ def peer_node_id(ssl_object) -> str:
     if not der:
         raise IdentityError("the peer presented no certificate")
     return node_id_for_public_key(x509.load_der_x509_certificate(der).public_key())
-
-
-def peer_network_certificate(ssl_object) -> CertInfo | None:
-    """The network certificate a client presented (already verified by the TLS handshake)."""
-    der = ssl_object.getpeercert(binary_form=True)
-    return certificate_info(x509.load_der_x509_certificate(der)) if der else None
