@@ -646,7 +646,8 @@ def node(
 @app.command()
 def chat(
     url: str = typer.Option(None, "--url", help="Gateway API, e.g. http://127.0.0.1:8000/v1"),
-    model: str = typer.Option(None, "--model", "-m", help="Which model (network) answers."),
+    model: str = typer.Option(None, "--model", "-m", help="Which model answers."),
+    network: str = typer.Option(None, "--network", "-n", help="Which network answers."),
     system: str = typer.Option(None, "--system", help="System prompt."),
     temperature: float = typer.Option(0.7, "--temperature"),
     max_tokens: int = typer.Option(512, "--max-tokens"),
@@ -659,7 +660,8 @@ def chat(
     if not url:
         fail("no gateway running from this data dir; pass --url or start `tiktrue demo`")
     try:
-        run_chat(url, model, system, temperature=temperature, max_tokens=max_tokens)
+        # the gateway takes a network id where OpenAI clients put the model
+        run_chat(url, network or model, system, temperature=temperature, max_tokens=max_tokens)
     except ChatError as exc:
         fail(str(exc))
 

@@ -60,3 +60,41 @@ def test_raw_sse_ends_with_done_and_bad_requests_are_clear(tiny_cluster):
     assert unknown.status_code == 404 and "gpt-9" in unknown.json()["error"]["message"]
     empty = httpx.post(f"{cluster.api_url}/chat/completions", json={"messages": []})
     assert empty.status_code == 400 and "messages" in empty.json()["error"]["message"]
+
+
+def test_terminal_chat_streams_an_answer_from_the_network(tiny_cluster):
+    import subprocess
+    import sys
+
+    cluster, _, config = tiny_cluster
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiktrue",
+            "chat",
+            "--url",
+            cluster.api_url,
+            "--network",
+            config.network_id,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "5",
+        ],
+        input="Hello there\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    answer = done.stdout.split("model> ", 1)[1].split("\n", 1)[0]
+    assert answer.strip(), done.stdout
+    wrong = subprocess.run(
+        [sys.executable, "-m", "tiktrue", "chat", "--url", cluster.api_url, "--network", "nope"],
+        input="Hello\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "nope" in wrong.stdout and "error" in wrong.stdout
