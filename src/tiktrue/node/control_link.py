@@ -84,10 +84,3 @@ class ControlLink:
         if not reply.get("ok"):
             raise ControlError(reply.get("code", "error"), reply.get("message", ""))
         return reply
-
-
-async def control_call(address: str, op: str, *, expected_node_id=None, credentials=None, **fields):
-    async with ControlLink(
-        address, expected_node_id=expected_node_id, credentials=credentials
-    ) as link:
-        return await link.call(op, **fields)
