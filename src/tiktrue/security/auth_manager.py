@@ -518,8 +518,8 @@ def verify_node_identity(
     public_key = _load_cert(cert_pem).public_key()
     assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked by verify_certificate
     try:
-        public_key.verify(signature, _challenge_message(nonce, context), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature as exc:
+        verify_key_possession(public_key, nonce, signature, context)
+    except IdentityError as exc:
         raise IdentityError(
             f"challenge answer from node {info.node_id} does not verify "
             "(wrong key, nonce or context)"
