@@ -50,28 +50,8 @@ def test_verify_names_a_corrupted_block(tmp_path):
 
 
 def test_generate_streams_only_the_text_to_stdout(home_with_model):
-    done = tiktrue(
-        home_with_model,
-        "generate",
-        "--model",
-        "tiny",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "8",
-        "Hello there",
-    )
-    again = tiktrue(
-        home_with_model,
-        "generate",
-        "--model",
-        "tiny",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "8",
-        "Hello there",
-    )
+    args = ("generate", "--model", "tiny", "--temperature", "0", "--max-tokens", "8", "Hello")
+    done, again = (tiktrue(home_with_model, *args) for _ in range(2))
     assert done.stdout == again.stdout and done.stdout.strip()
     assert "tokens" not in done.stdout and "8 tokens, length" in done.stderr
     raw = tiktrue(home_with_model, "generate", "-m", "tiny", "--raw", "--seed", "1", "The quick")

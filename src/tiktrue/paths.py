@@ -10,6 +10,13 @@ from platformdirs import user_data_dir
 HOME_ENV = "TIKTRUE_HOME"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write next to ``path``, then rename over it: readers never see half a file."""
+    partial = Path(path).with_suffix(Path(path).suffix + ".partial")
+    partial.write_text(text, "utf-8")
+    partial.replace(path)
+
+
 def data_dir() -> Path:
     """The data directory, created on first use."""
     configured = os.environ.get(HOME_ENV)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tiktrue.control.network_config import NodeEntry
 from tiktrue.control.network_manager import block_key
-from tiktrue.model.store import BlockStore
+from tiktrue.model.store import CHUNK_SIZE, BlockStore
 from tiktrue.node.control_link import ControlLink
 from tiktrue.security.crypto_layer import encrypt_block_transfer
 from tiktrue.security.node_tls import NetworkCredentials
@@ -47,9 +47,7 @@ async def push_blocks(
     key = block_key(data_dir, network_id)
     model_id = store.model_id
     sent: dict[str, int] = {}
-    async with ControlLink(
-        node.control_address, expected_node_id=node.node_id, credentials=credentials
-    ) as link:
+    async with ControlLink.to(node, credentials) as link:
         await link.call(
             "manifest_push",
             network_id=network_id,
@@ -68,16 +66,14 @@ async def push_blocks(
                 progress(PushProgress(node.node_id, block, done, total, skipped=True))
         for name, entry in todo:
             path = entry.file if entry else name
-            size = entry.chunk_size if entry else 4 << 20
-            first = held["partial"].get(path, 0)
+            chunk_size = entry.chunk_size if entry else CHUNK_SIZE
+            file_size = (store.root / path).stat().st_size
+            count = max(1, -(-file_size // chunk_size))  # an empty file is one empty chunk
+            first = held["partial"].get(path, 0)  # resume after the worker's good chunks
             with (store.root / path).open("rb") as handle:
-                handle.seek(first * size)
-                index = first
-                while True:
-                    chunk = handle.read(size)
-                    last = handle.tell() >= (store.root / path).stat().st_size
-                    if not chunk and index > 0:
-                        break
+                handle.seek(first * chunk_size)
+                for index in range(first, count):
+                    chunk = handle.read(chunk_size)
                     payload = encrypt_block_transfer(chunk, key, chunk_aad(model_id, path, index))
                     await link.call(
                         "chunk",
@@ -86,13 +82,10 @@ async def push_blocks(
                         model_id=model_id,
                         path=path,
                         index=index,
-                        last=last,
+                        last=index == count - 1,
                     )
                     done += len(chunk)
                     sent[name] = sent.get(name, 0) + len(chunk)
                     if progress:
                         progress(PushProgress(node.node_id, name, done, total))
-                    index += 1
-                    if last:
-                        break
     return sent

@@ -30,9 +30,7 @@ async def node_report(node, credentials: NetworkCredentials, *, probe: bool = Fa
     if node.control_address is None:
         return {"node_id": node.node_id, "state": "unknown (no control port)"}
     try:
-        async with ControlLink(
-            node.control_address, expected_node_id=node.node_id, credentials=credentials
-        ) as link:
+        async with ControlLink.to(node, credentials) as link:
             info = await link.call("node_info")
             if probe:
                 info["bytes_per_ms"] = (await link.call("probe"))["bytes_per_ms"]
@@ -96,7 +94,7 @@ def _state(report: dict, network: dict) -> str:
     return network.get("waiting") or "idle"
 
 
-def capacities(status: dict, model: ModelProfile, context_tokens: int) -> list[NodeCapacity]:
+def capacities(status: dict) -> list[NodeCapacity]:
     """What each online node can give, under its caps."""
     out = []
     for node in status["nodes"]:
@@ -133,7 +131,7 @@ async def make_plan(
     status["nodes"] = [n for n in status["nodes"] if n["node_id"] not in without]
     plan = plan_spans(
         model,
-        capacities(status, model, context_tokens),
+        capacities(status),
         context_tokens=context_tokens,
         overrides=overrides,
     )
@@ -181,9 +179,7 @@ async def push_config(data_dir: Path, config: NetworkConfig, credentials) -> Non
     for node in config.nodes:
         if node.node_id == me or node.control_address is None:
             continue
-        async with ControlLink(
-            node.control_address, expected_node_id=node.node_id, credentials=credentials
-        ) as link:
+        async with ControlLink.to(node, credentials) as link:
             await link.call("config_push", config=config.model_dump())
     write_config(data_dir, config)
     await poke_local_service(data_dir)
@@ -212,9 +208,7 @@ async def poke_local_service(data_dir: Path) -> bool:
 async def set_caps(data_dir: Path, network_id: str, node_id: str, caps: dict) -> dict:
     config, credentials = load(data_dir, network_id)
     node = config.node(node_id)
-    async with ControlLink(
-        node.control_address, expected_node_id=node_id, credentials=credentials
-    ) as link:
+    async with ControlLink.to(node, credentials) as link:
         return (await link.call("caps_set", network_id=network_id, caps=caps))["caps"]
 
 
@@ -245,9 +239,7 @@ async def leave_gracefully(data_dir: Path, network_id: str) -> None:
     me = credentials.identity.node_id
     admin = next(n for n in config.nodes if n.role == "admin")
     if admin.node_id != me:
-        async with ControlLink(
-            admin.control_address, expected_node_id=admin.node_id, credentials=credentials
-        ) as link:
+        async with ControlLink.to(admin, credentials) as link:
             await link.call("leave", network_id=network_id)
     leave_network(data_dir, network_id)
     await poke_local_service(data_dir)

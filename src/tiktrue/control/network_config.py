@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from tiktrue.paths import write_text_atomic
 from tiktrue.protocol.protocol_spec import ID_PATTERN
 
 CONFIG_PREFIX = "network_config_"
@@ -106,9 +107,7 @@ def network_dir(data_dir: Path, network_id: str) -> Path:
 
 def write_config(data_dir: Path, config: NetworkConfig) -> Path:
     path = config_path(data_dir, config.network_id)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(config.model_dump(), indent=2), "utf-8")
-    partial.replace(path)
+    write_text_atomic(path, json.dumps(config.model_dump(), indent=2))
     return path
 
 

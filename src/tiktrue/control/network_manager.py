@@ -29,6 +29,7 @@ from tiktrue.control.network_config import (
     write_config,
 )
 from tiktrue.model.store import BlockStore
+from tiktrue.paths import write_text_atomic
 from tiktrue.protocol.protocol_spec import ID_PATTERN
 from tiktrue.security.auth_manager import (
     IdentityError,
@@ -372,6 +373,4 @@ def _load(path: Path, default):
 
 
 def _save(path: Path, data) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2), "utf-8")
-    partial.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2))

@@ -206,7 +206,9 @@ class ReplayingChain:
                 if session_id in self.stale:
                     await self._replay(session_id, start)
                 token = await self.inner.step(session_id, token_ids, start, sampling)
-                self.fed[session_id] = self.fed.get(session_id, [])[:start] + list(token_ids)
+                fed = self.fed.setdefault(session_id, [])
+                del fed[start:]  # a no-op unless the session was rewound
+                fed.extend(token_ids)  # per token: O(1), not a copy of the history
                 return token
             except (PeerUnavailable, ChainError) as exc:
                 code = getattr(exc, "code", "peer_unavailable")

@@ -46,7 +46,7 @@ def import_model(
     source = Path(source)
     if not source.exists():
         raise StoreError(f"{source} does not exist")
-    _check_model_id(model_id)
+    check_model_id(model_id)
     dest = models_root / model_id
     if dest.exists() and not overwrite:
         raise StoreError(f"model {model_id!r} already exists at {dest} (use --force to replace)")
@@ -85,7 +85,8 @@ def _convert(source: Path, model_id: str, partial: Path, dtype: str | None) -> M
     raise StoreError(f"{source} is neither a Hugging Face model folder nor a .gguf file")
 
 
-def _check_model_id(model_id: str) -> None:
+def check_model_id(model_id: str) -> None:
+    """Model ids become folder names: letters, digits, '-', '_', '.'; no leading dot."""
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
     if not model_id or model_id.startswith(".") or set(model_id) - allowed:
         raise StoreError(f"model id {model_id!r} may only use letters, digits, '-', '_' and '.'")

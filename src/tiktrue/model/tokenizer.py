@@ -44,23 +44,37 @@ def prompt_ids(
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character."""
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
+
+    Each step decodes only a short window (the tokens since the last emitted text plus the one
+    before, for spacing), not the whole answer: the per-token cost stays flat (the method of
+    Hugging Face TGI and vLLM).
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """Whatever is still held back, as it decodes now (the answer has ended)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.text = text[len(self.text) :], text
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""  # nothing new yet, or an incomplete multi-byte character
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
         return delta

@@ -10,7 +10,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from tiktrue.model.store import Manifest, sha256_file
+from tiktrue.model.store import CHUNK_SIZE, Manifest, sha256_file
 
 
 class ReceiveError(Exception):
@@ -28,7 +28,7 @@ def _target(manifest: Manifest, path: str) -> tuple[str, int, list[str], int, st
             return "block", entry.chunk_size, entry.chunks, entry.bytes, entry.sha256
     if path in manifest.files:
         item = manifest.files[path]
-        return "file", 4 << 20, [], item.bytes, item.sha256
+        return "file", CHUNK_SIZE, [], item.bytes, item.sha256
     raise ReceiveError(f"{path} is not part of model {manifest.model_id}")
 
 

@@ -43,6 +43,13 @@ class ControlLink:
         self.node_id: str | None = None
         self._ws = None
 
+    @classmethod
+    def to(cls, node, credentials: NetworkCredentials) -> ControlLink:
+        """A link to ``node`` (a config entry), pinned by its id, presenting ``credentials``."""
+        if node.control_address is None:
+            raise PeerUnavailable(f"node {node.node_id} has no control port in the config")
+        return cls(node.control_address, expected_node_id=node.node_id, credentials=credentials)
+
     async def __aenter__(self) -> ControlLink:
         try:
             self._ws = await asyncio.wait_for(

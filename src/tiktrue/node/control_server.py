@@ -23,6 +23,8 @@ from tiktrue.control.network_config import (
     read_config,
     write_config,
 )
+from tiktrue.model.errors import StoreError
+from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest
 from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
@@ -113,7 +115,7 @@ class ControlServer:
             return {"in_reply_to": request_id, "ok": True, **(result or {})}
         except Refused as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (nm.JoinError, block_receiver.ReceiveError) as exc:
+        except (nm.JoinError, block_receiver.ReceiveError, StoreError) as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
         except (ValueError, ValidationError, KeyError, TypeError) as exc:
             return {
@@ -265,8 +267,7 @@ class ControlServer:
     def _model_root(self, model_id: str, manifest: Manifest | None = None) -> Path:
         if manifest is not None and manifest.model_id != model_id:
             raise Refused("bad_request", f"manifest is for {manifest.model_id}, not {model_id}")
-        if "/" in model_id or "\\" in model_id or model_id.startswith("."):
-            raise Refused("bad_request", f"bad model id {model_id!r}")
+        check_model_id(model_id)  # raises StoreError, answered with its message
         return self.data_dir / "models" / model_id
 
     def _manifest(self, model_id: str) -> tuple[Manifest, Path]:

@@ -31,6 +31,7 @@ from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
+from tiktrue.paths import write_text_atomic
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 log = logging.getLogger("tiktrue.node")
@@ -331,9 +332,7 @@ class NodeService:
             },
             "api": self.api_url,
         }
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(info, indent=2), "utf-8")
-        partial.replace(path)
+        write_text_atomic(path, json.dumps(info, indent=2))
 
 
 def _rss() -> int:
