@@ -328,9 +328,6 @@ class Gateway:
                     should_stop=lambda: state.cancelled,
                 )
                 async for event in stream:
-                    step = self.chain.last_step
-                    if step is not None and step.tokens == 1:
-                        result.step_timings.append(step)
                     yield event
                 state.tokens += new + result.token_ids[: result.decode_steps]
                 state.unfed = result.token_ids[result.decode_steps :]

@@ -8,6 +8,8 @@ process; the gateway's ``RemoteChain`` runs them on the nodes of a network.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -109,44 +111,71 @@ async def stream_tokens(
     The session must be open; ``start`` is how many positions it already holds (a resumed
     conversation sends only the new tokens). Stop strings are cut from the text, and text
     that might be the beginning of a stop string is held back until it is decided.
+
+    Each token goes back into the chain as soon as it is known not to end the answer (not a
+    stop id, not the last by count), before it is detokenized and handed to the caller: the
+    chain computes the next token while the caller streams this one. When a stop string or a
+    cancel ends the answer, that step still completes; ``result.decode_steps`` counts it, so
+    the caller knows which tokens the chain's caches hold (the first ``decode_steps``).
     """
     result = result if result is not None else GenerationResult()
     result.prompt_tokens = len(prompt)
     decoder = IncrementalDecoder(tokenizer)
     pending = ""  # text held back: it could still become a stop string
     began = time.perf_counter()
-    token = await chain.step(session_id, prompt, start, params)
+    token = await _timed_step(chain, result, session_id, prompt, start, params)
     position = start + len(prompt)
     result.time_to_first_token = time.perf_counter() - began
     first_at = time.perf_counter()
     stopped = False  # by a stop string
-    while True:
-        if token in stop_ids:
-            result.finish_reason = "stop"
-            break
-        result.token_ids.append(token)
-        pending += decoder.push(token)
-        emit, pending, stopped = _split_at_stop(pending, params.stop)
-        result.text += emit
-        if emit or not stopped:
-            yield TokenEvent(token, emit)
-        if stopped:  # the stop string and anything after it are dropped
-            result.finish_reason = "stop"
-            break
-        if len(result.token_ids) >= params.max_tokens:
-            break
-        if should_stop and should_stop():
-            result.finish_reason = "cancelled"
-            break
-        token = await chain.step(session_id, [token], position)
-        position += 1
-        result.decode_steps += 1
+    ahead: asyncio.Task | None = None  # the next step, already running
+    try:
+        while True:
+            if token in stop_ids:
+                result.finish_reason = "stop"
+                break
+            result.token_ids.append(token)
+            if len(result.token_ids) < params.max_tokens:
+                ahead = asyncio.ensure_future(
+                    _timed_step(chain, result, session_id, [token], position)
+                )
+                position += 1
+            pending += decoder.push(token)
+            emit, pending, stopped = _split_at_stop(pending, params.stop)
+            result.text += emit
+            if emit or not stopped:
+                yield TokenEvent(token, emit)
+            if stopped:  # the stop string and anything after it are dropped
+                result.finish_reason = "stop"
+                break
+            if ahead is None:
+                break
+            if should_stop and should_stop():
+                result.finish_reason = "cancelled"
+                break
+            token = await ahead
+            ahead = None
+            result.decode_steps += 1
+    finally:
+        if ahead is not None:  # a step the answer no longer needs: let it finish, count it
+            with contextlib.suppress(Exception):
+                await ahead
+                result.decode_steps += 1
     if not stopped:
         pending += decoder.flush()
     if pending:
         result.text += pending
         yield TokenEvent(None, pending)
     result.decode_seconds = time.perf_counter() - first_at
+
+
+async def _timed_step(chain, result: GenerationResult, session_id, token_ids, start, params=None):
+    """One chain step; the chain's own timing of a decode step goes to the result."""
+    token = await chain.step(session_id, token_ids, start, params)
+    timing = getattr(chain, "last_step", None)
+    if timing is not None and len(token_ids) == 1:
+        result.step_timings.append(timing)
+    return token
 
 
 def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
