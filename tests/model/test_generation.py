@@ -127,3 +127,78 @@ def test_second_turn_sends_only_new_tokens(chain_and_tokenizer, tiny_llama):
 def test_stop_ids_come_from_config_and_tokenizer(tiny_llama):
     tokenizer = load_tokenizer(tiny_llama)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tiny_llama, tokenizer)
+
+
+def _cache_lengths(chain, session):
+    return {engine.session_length(session) for engine in chain.engines}
+
+
+def test_the_step_already_running_when_a_stop_string_ends_the_answer_is_counted(
+    chain_and_tokenizer,
+):
+    """Each token goes back into the chain before its text is checked; when a stop string
+    ends the answer, that step still completes and ``decode_steps`` says the caches hold it."""
+    chain, tokenizer = chain_and_tokenizer
+    prompt = prompt_ids(tokenizer, "Hello")
+    _, free = run(chain, tokenizer, prompt, SamplingParams(temperature=0, max_tokens=16), "f")
+    stop = free.text[len(free.text) // 2 :][:3]
+    chain.open("s")
+    _, cut = collect(chain, tokenizer, prompt, SamplingParams(temperature=0, stop=[stop]), "s")
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < len(free.token_ids)
+    assert cut.decode_steps == len(cut.token_ids)  # the stopping token was fed too
+    assert _cache_lengths(chain, "s") == {len(prompt) + cut.decode_steps}
+    chain.close("s")
+
+
+def test_a_cancel_or_a_closed_stream_leaves_the_caches_as_counted(chain_and_tokenizer):
+    chain, tokenizer = chain_and_tokenizer
+    prompt = prompt_ids(tokenizer, "Hello")
+    params = SamplingParams(temperature=0, max_tokens=16)
+
+    chain.open("c")
+    result = GenerationResult()
+
+    async def cancelled_after_three():
+        events = []
+        stream = stream_tokens(
+            chain,
+            prompt,
+            params,
+            tokenizer=tokenizer,
+            stop_ids=set(),
+            session_id="c",
+            result=result,
+            should_stop=lambda: len(events) >= 3,
+        )
+        async for event in stream:
+            events.append(event)
+        return events
+
+    asyncio.run(cancelled_after_three())
+    assert result.finish_reason == "cancelled" and len(result.token_ids) == 3
+    assert _cache_lengths(chain, "c") == {len(prompt) + result.decode_steps}
+    chain.close("c")
+
+    chain.open("d")
+    closed = GenerationResult()
+
+    async def consumer_walks_away():
+        stream = stream_tokens(
+            chain,
+            prompt,
+            params,
+            tokenizer=tokenizer,
+            stop_ids=set(),
+            session_id="d",
+            result=closed,
+        )
+        async for _ in stream:
+            if len(closed.token_ids) == 2:
+                break
+        await stream.aclose()
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(consumer_walks_away()) == []  # nothing left running
+    assert closed.decode_steps == 2
+    assert _cache_lengths(chain, "d") == {len(prompt) + closed.decode_steps}
+    chain.close("d")

@@ -140,6 +140,7 @@ async def stream_tokens(
                     _timed_step(chain, result, session_id, [token], position)
                 )
                 position += 1
+                await asyncio.sleep(0)  # let the step reach the chain before the work below
             pending += decoder.push(token)
             emit, pending, stopped = _split_at_stop(pending, params.stop)
             result.text += emit
