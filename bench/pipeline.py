@@ -6,8 +6,13 @@ SmolLM2-135M-Instruct fp32, greedy, the same 3 spans. The network side is what a
 three ``tiktrue node`` processes on 127.0.0.1 with mutual TLS, the first one also the gateway;
 this process is a client of the gateway's WebSocket ``/ws`` and times the streamed tokens as
 they arrive. The one-process engine runs the same spans and token loop in this process.
-Per-hop latency (from the gateway's per-step timings) is what each sender waited beyond the
-receiver's own time: network, TLS, framing, queueing. Results go to docs/benchmarks.md.
+
+Per decode step the gateway reports each node's compute and the time in transit: the round
+trip less every node's own time, i.e. all hops of the step together (network, TLS, framing,
+queues, thread hand-offs); per hop is that divided by the hops. Each link's ping round trip
+is shown beside it. A control run times the one-process spans when each waits, before it
+computes, as long as the other spans took: what being an idle pipeline stage costs on this
+machine with no network at all. Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,6 +37,33 @@ from tiktrue.model.engine import BlockEngine, split_evenly
 from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.tokenizer import load_tokenizer
+
+
+class TimedChain(LocalChain):
+    """The one-process chain, timing each span's decode steps. With ``idle`` each span first
+    sleeps as long as the other spans took at the last step, as a pipeline stage idles."""
+
+    def __init__(self, engines, *, idle: bool = False) -> None:
+        super().__init__(engines)
+        self.idle = idle
+        self.last = [0.0] * len(engines)
+        self.compute_s: list[list[float]] = [[] for _ in engines]
+
+    def forward(self, session_id, token_ids, start):
+        x = torch.tensor(token_ids, dtype=torch.long)
+        for i, engine in enumerate(self.engines):
+            decode = len(token_ids) == 1
+            if self.idle and decode:
+                time.sleep(sum(self.last) - self.last[i])
+            began = time.perf_counter()
+            x = engine.forward(session_id, x, start)
+            self.last[i] = time.perf_counter() - began
+            if decode:
+                self.compute_s[i].append(self.last[i])
+        return x[0]
+
+    def median_ms(self) -> list[float]:
+        return [statistics.median(c) * 1000 for c in self.compute_s]
 
 
 @dataclass
@@ -105,7 +137,9 @@ def main() -> None:
     vocab = store.manifest.vocab_size
     prompt = torch.randint(100, vocab - 100, (args.prompt,), generator=generator).tolist()
     spans = split_evenly(store.manifest.model_chain_order, 3)
-    local = LocalChain([BlockEngine(store, s) for s in spans])
+    engines = [BlockEngine(store, s) for s in spans]
+    local = TimedChain(engines)
+    idle = TimedChain(engines, idle=True)
     remote_runs, local_runs = [], []
     with tempfile.TemporaryDirectory(prefix="tiktrue-bench-") as base:
         homes, _ = prepare_local_network(Path(base), store, nodes=3, network_id="bench")
@@ -119,6 +153,7 @@ def main() -> None:
                 local_runs.append(
                     asyncio.run(in_process(local, prompt, args.decode, tokenizer, f"l{r}"))
                 )
+                asyncio.run(in_process(idle, prompt, args.decode, tokenizer, f"i{r}"))
     same = remote_runs[0].tokens == local_runs[0].tokens
 
     def med(values):
@@ -129,7 +164,12 @@ def main() -> None:
     r_ttft = med(r.ttft_s for r in remote_runs) * 1000
     l_ttft = med(r.ttft_s for r in local_runs) * 1000
     usage = remote_runs[len(remote_runs) // 2].usage
-    names = ["gateway -> node1", "node1 -> node2", "node2 -> node3"]
+    compute = usage["node_compute_ms"]
+    transit, hops = usage["transit_ms"], usage["hops"]
+    links = ["gateway -> node1 (in-process)", "node1 -> node2", "node2 -> node3"]
+    links += ["node3 -> node1 (the answer)"]
+    rtts = ["-" if v is None else f"{v:.2f}" for v in usage["link_rtt_ms"][1:]]
+    plain, waiting = local.median_ms(), idle.median_ms()
     lines = [
         f"SmolLM2-135M-Instruct fp32, {args.threads} torch threads per process, "
         f"{args.prompt}-token prompt, {args.decode} greedy decode steps, median of "
@@ -142,16 +182,24 @@ def main() -> None:
         f"| one-process engine, same 3 spans | {l_decode:.1f} | {l_ttft:.0f} |",
         f"| ratio network / one process | {r_decode / l_decode:.2f} | {r_ttft / l_ttft:.2f} |",
         "",
-        "Per decode step (median, one run's every step):",
+        "Per decode step (median of one run's steps), ms:",
         "",
-        "| hop | latency ms | receiver compute ms |",
-        "|---|---|---|",
+        "| span | compute in its node | same span, one process | one process, idle first "
+        "| ping RTT of the link to the next |",
+        "|---|---|---|---|---|",
         *(
-            f"| {name} | {h:.2f} | {c:.2f} |"
-            for name, h, c in zip(
-                names, usage["hop_latency_ms"], usage["node_compute_ms"], strict=False
+            f"| {span} | {c:.2f} | {p:.2f} | {w:.2f} | {rtt} |"
+            for span, c, p, w, rtt in zip(
+                usage["nodes"], compute, plain, waiting, rtts, strict=False
             )
         ),
+        f"| all 3 spans | {sum(compute):.2f} | {sum(plain):.2f} | {sum(waiting):.2f} | |",
+        "",
+        f"In transit per step: {transit:.2f} ms over {hops} hops ({', '.join(links[1:])}), "
+        f"{transit / max(hops, 1):.2f} ms per hop; the gateway hands steps to node1 in-process.",
+        "",
+        "'One process, idle first': each span sleeps, before it computes, as long as the other "
+        "two took (as a pipeline stage waits); no network, no node service.",
     ]
     print("\n".join(lines))
     if not args.no_record:

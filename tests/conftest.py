@@ -37,9 +37,8 @@ def tiny_llama(tiny_store_factory) -> BlockStore:
     return tiny_store_factory("llama")
 
 
-@pytest.fixture(scope="session")
-def tiny_cluster(tiny_llama, tmp_path_factory):
-    """Three real node processes on 127.0.0.1 serving the tiny Llama over mutual TLS.
+def _tiny_cluster(store, base: Path):
+    """Three real node processes on 127.0.0.1 serving ``store`` over mutual TLS.
 
     Spans: [embed, layer_0, layer_1], [layer_2, layer_3], [layer_4, layer_5, head]; the first
     node also runs the gateway. Yields (cluster, homes, config).
@@ -47,18 +46,28 @@ def tiny_cluster(tiny_llama, tmp_path_factory):
     from tiktrue.control.local_network import LocalCluster, prepare_local_network
     from tiktrue.model.engine import Span
 
-    order = tiny_llama.manifest.model_chain_order
+    order = store.manifest.model_chain_order
     spans = [
         Span.of(order, "embed", "layer_1"),
         Span.of(order, "layer_2", "layer_3"),
         Span.of(order, "layer_4", "head"),
     ]
-    homes, config = prepare_local_network(
-        tmp_path_factory.mktemp("cluster"), tiny_llama, spans=spans, network_id="testnet"
-    )
+    homes, config = prepare_local_network(base, store, spans=spans, network_id="testnet")
     cluster = LocalCluster(homes, kv_budget_mb=16)
     cluster.start()
     try:
         yield cluster, homes, config
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_cluster(tiny_llama, tmp_path_factory):
+    """The tiny Llama on three node processes, shared by the tests that leave it running."""
+    yield from _tiny_cluster(tiny_llama, tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture
+def own_tiny_cluster(tiny_llama, tmp_path):
+    """A cluster of its own for a test that breaks it (kills a node)."""
+    yield from _tiny_cluster(tiny_llama, tmp_path / "cluster")

@@ -265,3 +265,21 @@ def test_a_saved_and_restored_session_continues_identically(tiny_cluster):
     kept, saved, missing = run(go())
     assert saved == kept and len(kept[1]) == 6
     assert missing[0]["code"] == "session_not_found"
+
+
+def test_the_head_answers_the_first_node_directly(tiny_cluster):
+    """Steps go node to node and the head's answer goes straight back to the first node (the
+    gateway's), not back through the chain; the usage shows the links a step used."""
+    cluster, _, _ = tiny_cluster
+
+    async def go():
+        async with websockets.connect(client_ws_url(cluster)) as client:
+            return await ask(client, greedy(PROMPTS[0], 8))
+
+    usage = run(go())[-1]["usage"]
+    assert usage["hops"] == 3  # node1 -> node2 -> node3 -> node1; the gateway is in node1
+    entry, *links = usage["link_rtt_ms"]
+    assert entry == 0.0 and len(links) == 3
+    assert all(isinstance(rtt, float) and rtt > 0 for rtt in links), links  # head -> node1 too
+    assert usage["transit_ms"] > 0
+    assert len(usage["node_compute_ms"]) == 3

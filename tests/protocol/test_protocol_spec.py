@@ -19,6 +19,7 @@ from tiktrue.protocol.protocol_spec import (
     InferenceRequest,
     InferenceResponse,
     LegacyRequest,
+    LinkLost,
     Message,
     MessageType,
     ProtocolError,
@@ -77,6 +78,7 @@ SAMPLES: list[Message] = [
     SessionRestore(network_id="net1", session_id="s1"),
     Cancel(network_id="net1", session_id="s1"),
     Ack(in_reply_to="m-1", session_id="s1", info={"cached_tokens": 12}),
+    LinkLost(network_id="net1", node_id="n2", peer="127.0.0.1:9002"),
 ]
 
 

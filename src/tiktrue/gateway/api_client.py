@@ -55,17 +55,26 @@ class StepTiming:
     """One step seen from the gateway: the round trip, and each node's own timings."""
 
     round_trip_ms: float
-    nodes: list[dict]  # per node in chain order: node, span, compute_ms, total_ms
+    nodes: list[dict]  # in chain order: node, span, compute_ms, total_ms, link_rtt_ms
     tokens: int
+    entry_rtt_ms: float | None = None  # ping round trip of the gateway's link to the first node
 
-    def hop_latencies_ms(self) -> list[float]:
-        """Network and protocol time of each hop: gateway->first, first->second, ...
+    @property
+    def hops(self) -> int:
+        """Network hops of the step: node to node, the head's answer back to the first node,
+        and to and from the first node when the gateway is not in its process."""
+        between = len(self.nodes) if len(self.nodes) > 1 else 0
+        return between + (0 if self.entry_rtt_ms == 0.0 else 2)
 
-        A hop's time is what its sender waited beyond the receiver's own total time.
-        """
-        waits = [self.round_trip_ms] + [n["total_ms"] - n["compute_ms"] for n in self.nodes[:-1]]
-        totals = [n["total_ms"] for n in self.nodes]
-        return [wait - total for wait, total in zip(waits, totals, strict=True)]
+    def transit_ms(self) -> float:
+        """The step's time between nodes (network, TLS, framing, queues), all hops together:
+        the round trip less each node's own time."""
+        return self.round_trip_ms - sum(n["total_ms"] for n in self.nodes)
+
+    def link_rtt_ms(self) -> list[float | None]:
+        """Ping round trip of each link the step used: the gateway's link to the first node
+        (0 in-process), then each node's link to the next (the head's, back to the first)."""
+        return [self.entry_rtt_ms, *(n.get("link_rtt_ms") for n in self.nodes)]
 
 
 class LocalEntry:
@@ -128,9 +137,13 @@ class RemoteChain:
             meta["sampling"] = sampling.model_dump()
         frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
         began = time.perf_counter()
-        reply = _raise_if_error(await self._entry().request(frame, message_id))
+        entry = self._entry()
+        reply = _raise_if_error(await entry.request(frame, message_id))
         self.last_step = StepTiming(
-            (time.perf_counter() - began) * 1000, reply.get("timings", []), len(token_ids)
+            (time.perf_counter() - began) * 1000,
+            reply.get("timings", []),
+            len(token_ids),
+            0.0 if isinstance(entry, LocalEntry) else entry.latency_ms,
         )
         return int(reply["token_id"])
 

@@ -195,13 +195,16 @@ class ClientProtocol:
 
 
 def _chain_timing(steps) -> dict:
-    """Median per decode step: each hop's latency and each node's compute, in chain order."""
+    """Per decode step (medians): each node's compute and the time in transit between nodes;
+    and each link's ping round trip, in chain order."""
     if not steps:
         return {}
-    hops = list(zip(*(step.hop_latencies_ms() for step in steps), strict=False))
     compute = list(zip(*([n["compute_ms"] for n in step.nodes] for step in steps), strict=False))
+    last = steps[-1]
     return {
-        "hop_latency_ms": [round(statistics.median(h), 3) for h in hops],
         "node_compute_ms": [round(statistics.median(c), 3) for c in compute],
-        "nodes": [n["span"] for n in steps[-1].nodes],
+        "transit_ms": round(statistics.median(step.transit_ms() for step in steps), 3),
+        "hops": last.hops,
+        "link_rtt_ms": last.link_rtt_ms(),
+        "nodes": [n["span"] for n in last.nodes],
     }

@@ -4,8 +4,13 @@ It accepts mutual-TLS WebSocket connections from the network's own nodes only (t
 trusts the network CA alone). The first message must be ``hello``; versions are checked and a
 mismatch is refused with a message naming both. Then:
 
-- binary frames are forward steps: run the span, pass the hidden states to the next node over a
-  persistent link, and relay its reply back; the node holding ``head`` samples the token;
+- binary frames are forward steps: run the span and pass the hidden states to the next node
+  over a persistent link; the node holding ``head`` samples the token. The chain's first node
+  names itself in the frame (``answer_to``), and the head sends its answer straight there
+  instead of back through every node. Errors on the way go there too, and a node whose link
+  to the next one drops tells the first node (``link_lost``), so no step waits forever.
+  A frame without ``answer_to`` (a peer calling a middle node directly) is answered on its own
+  connection, each node relaying the answer of the next;
 - text frames are protocol messages (2.0, seed-000 or legacy shape): session control that
   travels the chain (open, close, save, restore), heartbeats, and inference requests, which the
   node's gateway answers when it has one.
@@ -94,15 +99,40 @@ class BlockServer:
         self._next: PeerLink | None = None
         next_entry = config.next_node(self.node_id)
         if next_entry is not None:
-            self._next = PeerLink(
-                next_entry.host,
-                next_entry.port,
-                network_id=self.network_id,
-                node_id=self.node_id,
-                ssl_context=credentials.client_context(),
-                role=self.entry.role,
-            )
+            self._next = self._link(next_entry, on_lost=self._next_lost)
+        self._answer_links: dict[str, PeerLink] = {}  # to the first node, by address
+        self._chain_of: NetworkConfig | None = None
+        self._chain_ids_cached: list[str] = []
+        self._head_connections = 0  # open connections from the chain's head (first node only)
+        self._background: set[asyncio.Task] = set()
         self._server = None
+
+    def _link(self, entry, on_lost=None) -> PeerLink:
+        return PeerLink(
+            entry.host,
+            entry.port,
+            network_id=self.network_id,
+            node_id=self.node_id,
+            ssl_context=self.credentials.client_context(),
+            role=self.entry.role,
+            on_lost=on_lost,
+        )
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _chain_ids(self) -> list[str]:
+        """The node ids of this network's chain, in order (cached per config)."""
+        if self._chain_of is not self.config:
+            self._chain_ids_cached = [n.node_id for n in self.config.chain()]
+            self._chain_of = self.config
+        return self._chain_ids_cached
+
+    @property
+    def is_first(self) -> bool:
+        return self._chain_ids()[0] == self.node_id
 
     @property
     def span(self) -> Span:
@@ -120,13 +150,26 @@ class BlockServer:
             ping_timeout=20,
         )
         log.info("network %s: serving %s on %s", self.network_id, self.span, self.entry.address)
+        self._in_background(self._warm_links())
+
+    async def _warm_links(self) -> None:
+        """Open the links a step will use now, so the first answer does not wait for them."""
+        links = [self._next] if self._next is not None else []
+        if not self.is_first:
+            links.append(self._answer_link(self._chain_ids()[0]))
+        for link in links:
+            with contextlib.suppress(PeerUnavailable, ps.ProtocolError, OSError):
+                await link.connect()
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        if self._next is not None:
-            await self._next.close()
+        for task in list(self._background):
+            task.cancel()
+        for link in [self._next, *self._answer_links.values()]:
+            if link is not None:
+                await link.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.engine.kv.clear()
         self.engine = None  # release the span's weights now (memory-mapped block files)
@@ -135,19 +178,47 @@ class BlockServer:
     # --- connections ---------------------------------------------------------------------
 
     async def _handle(self, ws) -> None:
-        if not await self._hello(ws):
+        hello = await self._hello(ws)
+        if hello is None:
             return
+        # On the chain's first node, a connection from a later node of the chain brings
+        # answers (and errors) of steps in flight; the head's tells that it can answer here.
+        ids = self._chain_ids()
+        brings_answers = self.is_first and hello.node_id in ids[1:]
+        from_head = brings_answers and hello.node_id == ids[-1]
+        self._head_connections += from_head
         tasks: set[asyncio.Task] = set()
         try:
             async for raw in ws:
+                if brings_answers and isinstance(raw, str) and self._take_answer(raw):
+                    continue
                 handler = self._on_frame if isinstance(raw, bytes) else self._on_text
                 task = asyncio.create_task(handler(ws, raw))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except websockets.ConnectionClosed:
             pass
+        finally:
+            self._head_connections -= from_head
+            if brings_answers and self._next is not None:  # answers in flight on it are lost
+                self._next.fail_pending(
+                    PeerUnavailable(f"the connection from node {hello.node_id} was lost")
+                )
 
-    async def _hello(self, ws) -> bool:
+    def _take_answer(self, raw: str) -> bool:
+        """A step's answer sent straight to this node (its chain's first): hand it to the
+        step waiting for it. The hot path: plain JSON, no validation beyond the match."""
+        if self._next is None or not self._next.waiting or len(raw) > 1 << 16:
+            return False
+        try:
+            reply = json.loads(raw)
+            kind = reply["header"]["message_type"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        return kind in ("inference_response", "error") and self._next.resolve(reply)
+
+    async def _hello(self, ws) -> ps.Hello | None:
+        """The peer's hello, answered; None (connection closed) when it is refused."""
         try:
             raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
             parsed = ps.parse_message(raw, max_bytes=1 << 16)
@@ -177,29 +248,33 @@ class BlockServer:
         except ps.ProtocolError as exc:
             await ws.send(json.dumps(ps.error_reply(exc, network_id=self.network_id)))
             await ws.close(1008, exc.code)
-            return False
+            return None
         except (asyncio.TimeoutError, websockets.ConnectionClosed):
             await ws.close(1008, "no hello")
-            return False
+            return None
         reply = ps.HelloReply(
             node_id=self.node_id, network_id=self.network_id, in_reply_to=hello.message_id
         )
         await ws.send(ps.make_message(reply))
-        return True
+        return hello
 
     # --- the hot path: forward steps -------------------------------------------------------
 
     async def _on_frame(self, ws, raw: bytes) -> None:
-        await _send(ws, await self.answer_frame(raw))
+        reply = await self.answer_frame(raw)
+        if reply is not None:
+            await _send(ws, reply)
 
-    async def answer_frame(self, raw: bytes) -> dict:
-        """The answer to one forward step (a token, or a structured error)."""
-        message_id = session_id = None
+    async def answer_frame(self, raw: bytes) -> dict | None:
+        """The answer to one forward step (a token, or a structured error); None when it goes
+        to the node the frame names in ``answer_to`` instead of back on this connection."""
+        message_id = session_id = answer_to = None
         try:
             header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
             message_id = _opt_str(header.get("message_id"))
             session_id = _opt_str(header.get("session_id"))
             self._check_network(header.get("network_id"), message_id, session_id)
+            answer_to = self._answer_to(header, message_id, session_id)
             if header.get("kind") != "forward" or not isinstance(header.get("start"), int):
                 raise ps.ProtocolError(
                     ps.INVALID_MESSAGE,
@@ -223,33 +298,112 @@ class BlockServer:
         except Exception as exc:  # a bug: answer it, log it, keep serving
             log.exception("forward step %s failed", message_id)
             reply = error_dict(ps.INTERNAL_ERROR, repr(exc), message_id, session_id)
-        return reply
+        elsewhere = answer_to is not None and not self._answers_here(answer_to)
+        if reply is not None and elsewhere and await self._deliver(answer_to, reply):
+            return None
+        return reply  # on this connection (also when the first node is out of reach)
 
-    async def _forward(self, header: dict, tensor, message_id, session_id) -> dict:
-        """Run the span; the head samples, other nodes pass on and relay the answer back.
+    def _answer_to(self, header: dict, message_id, session_id) -> str | None:
+        """Where this step's answer goes: the first node names itself when it passes a step
+        on and the head can reach it (the head keeps a connection to it open, or is next);
+        a frame without the field is answered on its connection (relayed)."""
+        if self.is_first and not self.span.has_head:
+            header.pop("answer_to", None)
+            if len(self._chain_ids()) <= 2 or self._head_connections > 0:
+                header["answer_to"] = self.node_id
+                header["timings"] = []
+        answer_to = header.get("answer_to")
+        if answer_to is None:
+            return None
+        if not isinstance(answer_to, str) or answer_to not in self._chain_ids():
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE,
+                f"answer_to must name a node of network {self.network_id}",
+                message_id,
+                session_id,
+            )
+        return answer_to
 
-        Each node adds its own timing to the reply (``timings``: compute and total ms), so the
-        gateway can tell compute from per-hop latency.
+    def _answers_here(self, answer_to: str) -> bool:
+        """Whether the node waiting for the answer is the one at the other end of the
+        connection the step came on (the previous node), or this node itself."""
+        ids = self._chain_ids()
+        if answer_to == self.node_id or self.node_id not in ids:
+            return True
+        here = ids.index(self.node_id)
+        return here > 0 and ids[here - 1] == answer_to
+
+    def _answer_link(self, node_id: str) -> PeerLink:
+        entry = self.config.node(node_id)
+        link = self._answer_links.get(entry.address)
+        if link is None:
+            link = self._answer_links[entry.address] = self._link(entry)
+        return link
+
+    async def _deliver(self, node_id: str, reply: dict) -> bool:
+        """Send an answer (or a link_lost notice) to the node waiting for it. When that fails,
+        the connection the node keeps to us has dropped too, and it has failed the step."""
+        try:
+            await self._answer_link(node_id).send(json.dumps(reply))
+            return True
+        except (PeerUnavailable, ps.ProtocolError) as exc:
+            log.warning(
+                "network %s: cannot send an answer to %s: %s", self.network_id, node_id, exc
+            )
+            return False
+
+    def _next_lost(self, link: PeerLink) -> None:
+        """The link to the next node dropped: steps beyond this node will not be answered."""
+        if self.is_first:
+            return  # the link itself failed the steps waiting on it
+        first = self._chain_ids()[0]
+        notice = ps.LinkLost(network_id=self.network_id, node_id=self.node_id, peer=link.address)
+        self._in_background(self._deliver(first, notice.model_dump(mode="json")))
+
+    async def _forward(self, header: dict, tensor, message_id, session_id) -> dict | None:
+        """Run the span; the head samples and answers, other nodes pass the step on.
+
+        Each node adds its own timing (``timings``: compute and total ms, and the round trip
+        of its link to the next node), so the gateway can tell compute from time in transit.
+        With ``answer_to`` the timings travel forward in the frame and the head's answer
+        carries them all; a node then counts only its own time, not the nodes after it.
         """
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
         # All torch work runs on the engine thread: one OpenMP thread team per process
-        outcome = await loop.run_in_executor(self._executor, self._compute, header, tensor)
-        computed = time.perf_counter()
+        outcome = await loop.run_in_executor(self._executor, self._compute, header, tensor, began)
+        direct = "answer_to" in header
         if self.span.has_head:
             reply = self._token_reply(message_id, session_id, outcome)
-            later = []
+            mine = self._timing(began, time.perf_counter(), header.get("answer_to"))
+            reply["timings"] = [*header.get("timings", []), mine] if direct else [mine]
+            return reply
+        if direct and not self.is_first:
+            await self._next.send(outcome)  # the head answers the first node directly
+            return None
+        reply = await self._next.request(outcome, message_id)
+        if not direct:  # relayed: this node's total includes the nodes after it
+            computed = header.pop("computed_at")
+            reply["timings"] = [
+                self._timing(began, computed, None),
+                *reply.get("timings", []),
+            ]
+        return reply
+
+    def _timing(self, began: float, computed: float, answer_to: str | None) -> dict:
+        if self._next is not None:
+            link = self._next
+        elif answer_to is not None and not self._answers_here(answer_to):
+            link = self._answer_link(answer_to)
         else:
-            reply = await self._next.request(outcome, message_id)
-            later = reply.get("timings", [])
-        mine = {
+            link = None
+        return {
             "node": self.node_id,
             "span": str(self.span),
             "compute_ms": round((computed - began) * 1000, 3),
             "total_ms": round((time.perf_counter() - began) * 1000, 3),
+            "link_rtt_ms": link.latency_ms if link is not None else None,
         }
-        reply["timings"] = [mine, *later]
-        return reply
 
     def _token_reply(self, message_id: str, session_id: str, token: int) -> dict:
         """The head's answer to a step: an inference_response, built without validation
@@ -268,12 +422,17 @@ class BlockServer:
             "token_id": token,
         }
 
-    def _compute(self, header: dict, tensor) -> int | bytes:
-        """Engine thread: the span's forward, then the sampled token (head) or the next frame."""
+    def _compute(self, header: dict, tensor, began: float) -> int | bytes:
+        """Engine thread: the span's forward, then the sampled token (head) or the next frame
+        (which carries this node's timing forward when the head answers directly)."""
         session_id = header.get("session_id")
         out = self.engine.forward(session_id, tensor, header["start"])
         if not self.span.has_head:
             meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
+            header["computed_at"] = time.perf_counter()
+            if "answer_to" in meta:
+                timing = self._timing(began, header["computed_at"], None)
+                meta["timings"] = [*(meta.get("timings") or []), timing]
             return encode_tensor_frame(out, **meta)
         sampler = self.samplers.setdefault(session_id, SessionSampler())
         if isinstance(header.get("sampling"), dict):
@@ -309,6 +468,13 @@ class BlockServer:
                 reply = await self._session_control(parsed.message)
             elif kind == ps.MessageType.heartbeat:
                 reply = self._heartbeat(parsed.message)
+            elif kind == ps.MessageType.link_lost:
+                lost = parsed.message
+                if self._next is not None:
+                    self._next.fail_pending(
+                        PeerUnavailable(f"node {lost.node_id} lost its link to {lost.peer}")
+                    )
+                return None
             elif kind in (ps.MessageType.inference_request, ps.MessageType.cancel):
                 if self.client_handler is None or send is None:
                     raise ps.ProtocolError(

@@ -3,7 +3,9 @@
 Used by a node to reach the next node of its chain, and by the gateway to reach the first.
 The link says hello (node id, network, versions) and then multiplexes requests: each request
 carries a message_id, the reader task hands each reply to the request that waits for it, so
-many sessions share one connection.
+many sessions share one connection. A reply may also come back by another way (the chain's
+head answers its first node directly): ``resolve`` hands it to the waiting request. ``send``
+is for one-way messages that expect no reply on this link.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import ssl
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import websockets
@@ -44,6 +47,7 @@ class PeerLink:
         ssl_context: ssl.SSLContext,
         role: str | None = None,
         hello: Hello | None = None,
+        on_lost: Callable[[PeerLink], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.network_id = network_id
@@ -55,6 +59,9 @@ class PeerLink:
         self._reader: asyncio.Task | None = None
         self._pending: dict[str, asyncio.Future] = {}
         self._connecting = asyncio.Lock()
+        self._on_lost = on_lost  # called when an open connection drops (not on close())
+        self._closing = False
+        self._latency: float | None = None
 
     @property
     def address(self) -> str:
@@ -89,6 +96,28 @@ class PeerLink:
             self.peer = reply
             self._ws = ws
             self._reader = asyncio.create_task(self._read(ws))
+            await self.measure_latency()
+
+    async def measure_latency(self) -> float | None:
+        """Ping the peer; the round trip in ms (also kept in ``latency_ms``)."""
+        ws = self._ws
+        if ws is None:
+            return None
+        try:
+            pong = await ws.ping()
+            await asyncio.wait_for(pong, CONNECT_TIMEOUT)
+        except (websockets.ConnectionClosed, asyncio.TimeoutError):
+            return None
+        self._latency = ws.latency
+        return self.latency_ms
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Round trip of the last WebSocket ping (on connect, then every keepalive), in ms."""
+        ws = self._ws
+        if ws is not None and ws.latency > 0:
+            self._latency = ws.latency
+        return None if self._latency is None else round(self._latency * 1000, 3)
 
     async def _read(self, ws) -> None:
         try:
@@ -97,18 +126,36 @@ class PeerLink:
                     reply = json.loads(raw)
                 except ValueError:
                     continue
-                future = self._pending.pop(str(reply.get("in_reply_to")), None)
-                if future is not None and not future.done():
-                    future.set_result(reply)
+                if isinstance(reply, dict):
+                    self.resolve(reply)
         except websockets.ConnectionClosed:
             pass
         finally:
-            self._ws = None
-            error = PeerUnavailable(f"connection to {self.address} was lost")
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._pending.clear()
+            if self._ws is ws:
+                self._ws = None
+            if self._ws is None:  # not already replaced by a new connection
+                self.fail_pending(PeerUnavailable(f"connection to {self.address} was lost"))
+                if self._on_lost is not None and not self._closing:
+                    self._on_lost(self)
+
+    def resolve(self, reply: dict) -> bool:
+        """Hand ``reply`` to the request waiting for its ``in_reply_to``; False if none."""
+        future = self._pending.pop(str(reply.get("in_reply_to")), None)
+        if future is None or future.done():
+            return False
+        future.set_result(reply)
+        return True
+
+    def fail_pending(self, error: Exception) -> None:
+        """Every request still waiting gets ``error``."""
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
 
     async def request(self, payload: bytes | str | Message, message_id: str) -> dict:
         """Send one frame or message and wait for the reply naming ``message_id``."""
@@ -125,7 +172,24 @@ class PeerLink:
             raise PeerUnavailable(f"connection to {self.address} was lost") from exc
         return await future
 
+    async def send(self, payload: bytes | str | Message) -> None:
+        """Send one message that expects no reply on this link; reconnects once if the
+        connection dropped since the last use."""
+        if isinstance(payload, Message):
+            payload = make_message(payload)
+        for attempt in range(2):
+            if self._ws is None:
+                await self.connect()
+            try:
+                await self._ws.send(payload)
+                return
+            except (websockets.ConnectionClosed, AttributeError) as exc:
+                self._ws = None
+                if attempt:
+                    raise PeerUnavailable(f"connection to {self.address} was lost") from exc
+
     async def close(self) -> None:
+        self._closing = True
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:

@@ -107,6 +107,7 @@ class MessageType(str, Enum):
     hello = "hello"  # first message on a connection: who I am, my versions
     hello_reply = "hello_reply"  # the answer to hello when the versions agree
     ack = "ack"  # generic success answer to a control message
+    link_lost = "link_lost"  # to a chain's first node: a link further down the chain dropped
 
 
 class Header(BaseModel):
@@ -311,6 +312,17 @@ class Ack(Message):
     info: dict[str, Any] = Field(default_factory=dict)
 
 
+class LinkLost(Message):
+    """A node tells the first node of its chain that its link to the next node dropped: steps
+    in flight beyond it will get no answer (the head answers the first node directly)."""
+
+    message_type: ClassVar[MessageType] = MessageType.link_lost
+
+    network_id: Identifier
+    node_id: Identifier
+    peer: str = Field(max_length=300)  # the address that was lost
+
+
 MESSAGE_MODELS: dict[MessageType, type[Message]] = {
     cls.message_type: cls
     for cls in (
@@ -327,6 +339,7 @@ MESSAGE_MODELS: dict[MessageType, type[Message]] = {
         SessionRestore,
         Cancel,
         Ack,
+        LinkLost,
     )
 }
 
