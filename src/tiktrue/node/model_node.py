@@ -49,6 +49,7 @@ from tiktrue.security.node_tls import NetworkCredentials
 log = logging.getLogger("tiktrue.node")
 
 HELLO_TIMEOUT = 10.0
+ANSWER_LINK_RETRY_S = 2.0
 SESSION_CONTROL = {
     ps.MessageType.session_open,
     ps.MessageType.session_close,
@@ -153,13 +154,21 @@ class BlockServer:
         self._in_background(self._warm_links())
 
     async def _warm_links(self) -> None:
-        """Open the links a step will use now, so the first answer does not wait for them."""
+        """Open the links a step will use now, so the first answer does not wait for them.
+
+        The head keeps its link to the first node open (retrying while that node is away):
+        the first node asks for direct answers only while it sees that link.
+        """
         links = [self._next] if self._next is not None else []
         if not self.is_first:
             links.append(self._answer_link(self._chain_ids()[0]))
         for link in links:
-            with contextlib.suppress(PeerUnavailable, ps.ProtocolError, OSError):
-                await link.connect()
+            await _try_connect(link)
+        while self.span.has_head and not self.is_first:
+            link = self._answer_link(self._chain_ids()[0])
+            if not link.connected:
+                await _try_connect(link)
+            await asyncio.sleep(ANSWER_LINK_RETRY_S)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -576,6 +585,11 @@ class BlockServer:
             ram_percent=psutil.virtual_memory().percent,
             active_sessions=len(self.engine.kv.sessions()),
         ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
+
+
+async def _try_connect(link: PeerLink) -> None:
+    with contextlib.suppress(PeerUnavailable, ps.ProtocolError, OSError):
+        await link.connect()
 
 
 async def _send(ws, message: dict) -> None:

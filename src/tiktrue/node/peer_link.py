@@ -64,6 +64,10 @@ class PeerLink:
         self._latency: float | None = None
 
     @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
