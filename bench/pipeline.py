@@ -124,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every process")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -161,6 +161,10 @@ def main() -> None:
 
     r_decode = med(r.decode_tok_s for r in remote_runs)
     l_decode = med(r.decode_tok_s for r in local_runs)
+    # each network run is paired with the one-process run right after it: this machine's
+    # speed drifts between minutes, a pair's ratio does not
+    pairs = zip(remote_runs, local_runs, strict=True)
+    ratios = sorted(net.decode_tok_s / one.decode_tok_s for net, one in pairs)
     r_ttft = med(r.ttft_s for r in remote_runs) * 1000
     l_ttft = med(r.ttft_s for r in local_runs) * 1000
     usage = remote_runs[len(remote_runs) // 2].usage
@@ -181,6 +185,9 @@ def main() -> None:
         f"| 3 node processes (mutual TLS, chain forwarding) | {r_decode:.1f} | {r_ttft:.0f} |",
         f"| one-process engine, same 3 spans | {l_decode:.1f} | {l_ttft:.0f} |",
         f"| ratio network / one process | {r_decode / l_decode:.2f} | {r_ttft / l_ttft:.2f} |",
+        "",
+        f"Decode ratio of each run with the one-process run right after it: "
+        f"{', '.join(f'{x:.2f}' for x in ratios)} (median {med(ratios):.2f}).",
         "",
         "Per decode step (median of one run's steps), ms:",
         "",
