@@ -159,12 +159,9 @@ class BlockServer:
         The head keeps its link to the first node open (retrying while that node is away):
         the first node asks for direct answers only while it sees that link.
         """
-        links = [self._next] if self._next is not None else []
-        if not self.is_first:
-            links.append(self._answer_link(self._chain_ids()[0]))
-        for link in links:
-            await _try_connect(link)
-        while self.span.has_head and not self.is_first:
+        if self._next is not None:
+            await _try_connect(self._next)
+        while self.span.has_head and len(self._chain_ids()) > 2:
             link = self._answer_link(self._chain_ids()[0])
             if not link.connected:
                 await _try_connect(link)
