@@ -385,7 +385,7 @@ class BlockServer:
             reply["timings"] = [*header.get("timings", []), mine] if direct else [mine]
             return reply
         if direct and not self.is_first:
-            await self._next.send(outcome)  # the head answers the first node directly
+            await self._next.send(outcome, resend=False)  # the head answers the first node
             return None
         reply = await self._next.request(outcome, message_id)
         if not direct:  # relayed: this node's total includes the nodes after it

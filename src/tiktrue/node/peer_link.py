@@ -176,12 +176,14 @@ class PeerLink:
             raise PeerUnavailable(f"connection to {self.address} was lost") from exc
         return await future
 
-    async def send(self, payload: bytes | str | Message) -> None:
-        """Send one message that expects no reply on this link; reconnects once if the
-        connection dropped since the last use."""
+    async def send(self, payload: bytes | str | Message, *, resend: bool = True) -> None:
+        """Send one message that expects no reply on this link (connecting first if needed).
+
+        When the connection turns out to be dead, ``resend`` reconnects and sends again once;
+        a forward step must not be resent (the first node may already be replaying it)."""
         if isinstance(payload, Message):
             payload = make_message(payload)
-        for attempt in range(2):
+        for attempt in range(2 if resend else 1):
             if self._ws is None:
                 await self.connect()
             try:
@@ -189,7 +191,7 @@ class PeerLink:
                 return
             except (websockets.ConnectionClosed, AttributeError) as exc:
                 self._ws = None
-                if attempt:
+                if attempt or not resend:
                     raise PeerUnavailable(f"connection to {self.address} was lost") from exc
 
     async def close(self) -> None:
