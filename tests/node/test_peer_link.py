@@ -53,8 +53,8 @@ class Peer:
 
 
 def answer(message_id: str, token: int) -> str:
-    return json.dumps({"header": {"message_type": "inference_response"}, "in_reply_to": message_id,
-                       "token_id": token})  # fmt: skip
+    header = {"message_type": "inference_response"}
+    return json.dumps({"header": header, "in_reply_to": message_id, "token_id": token})
 
 
 def test_replies_find_their_request_however_they_come(credentials):
