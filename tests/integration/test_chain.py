@@ -274,9 +274,14 @@ def test_the_head_answers_the_first_node_directly(tiny_cluster):
 
     async def go():
         async with websockets.connect(client_ws_url(cluster)) as client:
-            return await ask(client, greedy(PROMPTS[0], 8))
+            for _ in range(50):  # the head connects to node1 once both are up (retried every 2 s)
+                usage = (await ask(client, greedy(PROMPTS[0], 8)))[-1]["usage"]
+                if usage["link_rtt_ms"][-1] is not None:
+                    break
+                await asyncio.sleep(0.2)
+            return usage
 
-    usage = run(go())[-1]["usage"]
+    usage = run(go())
     assert usage["hops"] == 3  # node1 -> node2 -> node3 -> node1; the gateway is in node1
     entry, *links = usage["link_rtt_ms"]
     assert entry == 0.0 and len(links) == 3
