@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 
@@ -45,3 +46,18 @@ def request(network_id: str, **body) -> dict:
         "network_id": network_id,
         **body,
     }
+
+
+async def direct_answer_usage(ws_url: str, network_id: str, prompt: list[int]) -> dict:
+    """The usage of a short greedy answer once the chain's head answers its first node
+    directly: the head connects to the first node when both are up (retried every 2 s)."""
+    import websockets
+
+    async with websockets.connect(ws_url) as client:
+        for _ in range(50):
+            body = request(network_id, input_ids=prompt, temperature=0, max_tokens=8)
+            usage = (await ask(client, body))[-1]["usage"]
+            if usage["link_rtt_ms"][-1] is not None:
+                break
+            await asyncio.sleep(0.2)
+    return usage

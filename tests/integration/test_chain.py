@@ -10,7 +10,13 @@ import pytest
 import torch
 import websockets
 
-from tests.helpers.cluster import ask, node_connection, request, token_ids
+from tests.helpers.cluster import (
+    ask,
+    direct_answer_usage,
+    node_connection,
+    request,
+    token_ids,
+)
 from tiktrue.model.engine import BlockEngine, split_evenly
 from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
 from tiktrue.model.sampling import SamplingParams
@@ -272,16 +278,7 @@ def test_the_head_answers_the_first_node_directly(tiny_cluster):
     gateway's), not back through the chain; the usage shows the links a step used."""
     cluster, _, _ = tiny_cluster
 
-    async def go():
-        async with websockets.connect(client_ws_url(cluster)) as client:
-            for _ in range(50):  # the head connects to node1 once both are up (retried every 2 s)
-                usage = (await ask(client, greedy(PROMPTS[0], 8)))[-1]["usage"]
-                if usage["link_rtt_ms"][-1] is not None:
-                    break
-                await asyncio.sleep(0.2)
-            return usage
-
-    usage = run(go())
+    usage = run(direct_answer_usage(client_ws_url(cluster), NET, PROMPTS[0]))
     assert usage["hops"] == 3  # node1 -> node2 -> node3 -> node1; the gateway is in node1
     entry, *links = usage["link_rtt_ms"]
     assert entry == 0.0 and len(links) == 3

@@ -13,7 +13,7 @@ import sys
 import pytest
 import websockets
 
-from tests.helpers.cluster import request, token_ids
+from tests.helpers.cluster import direct_answer_usage, request, token_ids
 from tests.integration.test_chain import client_ws_url, reference_tokens
 
 pytestmark = pytest.mark.integration
@@ -23,6 +23,8 @@ PROMPT = [5, 17, 42, 99]
 async def answer_while_killing(cluster, victim: int, after: int = 10) -> list[dict]:
     """Stream a long greedy answer; once ``after`` tokens arrived, freeze node ``victim`` (so
     a step is surely in its hands), then kill it."""
+    usage = await direct_answer_usage(client_ws_url(cluster), "testnet", PROMPT)
+    assert usage["link_rtt_ms"][-1] is not None  # the head answers node1 directly
     replies = []
     async with websockets.connect(client_ws_url(cluster)) as ws:
         body = request("testnet", input_ids=PROMPT, temperature=0, max_tokens=480)
