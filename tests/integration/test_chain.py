@@ -285,3 +285,43 @@ def test_the_head_answers_the_first_node_directly(tiny_cluster):
     assert all(isinstance(rtt, float) and rtt > 0 for rtt in links), links  # head -> node1 too
     assert usage["transit_ms"] > 0
     assert len(usage["node_compute_ms"]) == 3
+
+
+def test_a_first_step_opens_its_session_on_every_node(tiny_cluster, tiny_llama):
+    """The gateway opens a session with its first step (one chain round trip less before the
+    first token); opening again starts the session afresh."""
+    _, homes, config = tiny_cluster
+    credentials = member_credentials(homes)
+    prompt = PROMPTS[1]
+
+    def step(message_id: str, ids: list[int], start: int, **extra) -> bytes:
+        return encode_tensor_frame(
+            torch.tensor(ids),
+            kind="forward",
+            network_id=NET,
+            session_id="opened-by-step",
+            message_id=message_id,
+            start=start,
+            tokens=ids,
+            **extra,
+        )
+
+    async def go():
+        first = config.chain()[0].address
+        ws = await node_connection(first, credentials.client_context(), hello(credentials))
+        replies = []
+        for message_id, frame in (
+            ("a", step("a", prompt, 0, open=True)),  # never opened before
+            ("b", step("b", prompt, 0, open=True)),  # again: afresh, the same token
+            ("c", step("c", prompt, 0)),  # without open: the session holds positions already
+        ):
+            await ws.send(frame)
+            replies.append(json.loads(await ws.recv()))
+            assert replies[-1]["in_reply_to"] == message_id
+        await ws.close()
+        return replies
+
+    a, b, c = run(go())
+    expected = reference_tokens(tiny_llama, prompt, 1)[0]
+    assert a["token_id"] == b["token_id"] == expected
+    assert c["header"]["message_type"] == "error" and c["code"] == "bad_positions", c

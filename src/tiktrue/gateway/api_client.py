@@ -116,6 +116,7 @@ class RemoteChain:
             role=credentials.info.role,
         )
         self.last_step: StepTiming | None = None
+        self._opening: set[str] = set()  # opened here, to be opened on the nodes by a step
 
     async def step(
         self,
@@ -135,6 +136,9 @@ class RemoteChain:
         }
         if sampling is not None:
             meta["sampling"] = sampling.model_dump()
+        opening = session_id in self._opening
+        if opening:
+            meta["open"] = True
         frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
         began = time.perf_counter()
         entry = self._entry()
@@ -145,9 +149,15 @@ class RemoteChain:
             len(token_ids),
             0.0 if isinstance(entry, LocalEntry) else entry.latency_ms,
         )
+        if opening:
+            self._opening.discard(session_id)
         return int(reply["token_id"])
 
     async def control(self, kind: type[ps.Message], session_id: str) -> dict:
+        if session_id in self._opening and kind is not ps.SessionOpen:
+            self._opening.discard(session_id)
+            if kind is not ps.SessionClose:  # e.g. saved before any step: open it for real
+                await self.control(ps.SessionOpen, session_id)
         message = kind(network_id=self.network_id, session_id=session_id)
         return _raise_if_error(await self._entry().request(message, message.message_id))
 
@@ -158,7 +168,8 @@ class RemoteChain:
         return self.link
 
     async def open(self, session_id: str) -> None:
-        await self.control(ps.SessionOpen, session_id)
+        """Open a session: its first step opens it on every node (no round trip of its own)."""
+        self._opening.add(session_id)
 
     async def close(self, session_id: str) -> None:
         await self.control(ps.SessionClose, session_id)
@@ -279,6 +290,7 @@ class Gateway:
         self.local_server = local_server
         self.chain = ReplayingChain(RemoteChain(config, credentials, local_server))
         self.sessions: dict[str, SessionState] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""
@@ -347,9 +359,11 @@ class Gateway:
                 if messages is not None or (text is not None and keep):
                     state.messages.append({"role": "assistant", "content": result.text})
         finally:
-            if not keep:
+            if not keep:  # freed on the nodes after the answer, not before its last message
                 self.sessions.pop(session_id, None)
-                await self.chain.close(session_id)
+                closing = asyncio.get_running_loop().create_task(self.chain.close(session_id))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
         if messages is not None:

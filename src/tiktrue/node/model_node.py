@@ -432,6 +432,8 @@ class BlockServer:
         """Engine thread: the span's forward, then the sampled token (head) or the next frame
         (which carries this node's timing forward when the head answers directly)."""
         session_id = header.get("session_id")
+        if header.get("open") is True:  # the step opens its session (one round trip less)
+            self._open_session(session_id)
         out = self.engine.forward(session_id, tensor, header["start"])
         if not self.span.has_head:
             meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
@@ -536,17 +538,20 @@ class BlockServer:
             info=info,
         ).model_dump(mode="json", exclude_none=True)
 
+    def _open_session(self, sid: str) -> None:
+        """Start a session afresh: a gateway replaying a session onto a changed chain may find
+        what an unchanged node still holds of it."""
+        if self.engine.kv.has(sid):
+            self.engine.close_session(sid)
+        self.samplers.pop(sid, None)
+        self.engine.open_session(sid)
+
     def _apply_session(self, message) -> dict[str, Any]:
         sid = message.session_id
         folder = self.data_dir / "sessions" / self.network_id / sid
         span_file = folder / f"{self.span.blocks[0]}-{self.span.blocks[-1]}.npz"
         if isinstance(message, ps.SessionOpen):
-            # opening starts the session afresh: a gateway replaying a session onto a changed
-            # chain may find what an unchanged node still holds of it
-            if self.engine.kv.has(sid):
-                self.engine.close_session(sid)
-            self.samplers.pop(sid, None)
-            self.engine.open_session(sid)
+            self._open_session(sid)
         elif isinstance(message, ps.SessionClose):
             if self.engine.kv.has(sid):  # closing is idempotent and always travels the chain
                 self.engine.close_session(sid)
