@@ -22,22 +22,23 @@ def chain_and_tokenizer(tiny_llama):
     return LocalChain(engines), load_tokenizer(tiny_llama)
 
 
+def stream(chain, tokenizer, prompt, params, session, result, **options):
+    """The token stream of one answer on an open session."""
+    options.setdefault("stop_ids", set())
+    return stream_tokens(
+        chain, prompt, params, tokenizer=tokenizer, session_id=session, result=result, **options
+    )
+
+
 def collect(chain, tokenizer, prompt, params, session, *, stop_ids=frozenset(), start=0):
     """Run one answer on an open session; returns (events, result)."""
     result = GenerationResult()
 
     async def go():
-        stream = stream_tokens(
-            chain,
-            prompt,
-            params,
-            tokenizer=tokenizer,
-            stop_ids=set(stop_ids),
-            session_id=session,
-            start=start,
-            result=result,
+        answer = stream(
+            chain, tokenizer, prompt, params, session, result, stop_ids=set(stop_ids), start=start
         )
-        return [event async for event in stream]
+        return [event async for event in answer]
 
     return asyncio.run(go()), result
 
@@ -160,17 +161,10 @@ def test_a_cancel_or_a_closed_stream_leaves_the_caches_as_counted(chain_and_toke
 
     async def cancelled_after_three():
         events = []
-        stream = stream_tokens(
-            chain,
-            prompt,
-            params,
-            tokenizer=tokenizer,
-            stop_ids=set(),
-            session_id="c",
-            result=result,
-            should_stop=lambda: len(events) >= 3,
+        answer = stream(
+            chain, tokenizer, prompt, params, "c", result, should_stop=lambda: len(events) >= 3
         )
-        async for event in stream:
+        async for event in answer:
             events.append(event)
         return events
 
@@ -183,19 +177,11 @@ def test_a_cancel_or_a_closed_stream_leaves_the_caches_as_counted(chain_and_toke
     closed = GenerationResult()
 
     async def consumer_walks_away():
-        stream = stream_tokens(
-            chain,
-            prompt,
-            params,
-            tokenizer=tokenizer,
-            stop_ids=set(),
-            session_id="d",
-            result=closed,
-        )
-        async for _ in stream:
+        answer = stream(chain, tokenizer, prompt, params, "d", closed)
+        async for _ in answer:
             if len(closed.token_ids) == 2:
                 break
-        await stream.aclose()
+        await answer.aclose()
         return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     assert asyncio.run(consumer_walks_away()) == []  # nothing left running
