@@ -113,14 +113,13 @@ def models_download(
     from tiktrue.control.model_downloader import download_model_blocks
     from tiktrue.model.errors import ModelError
     from tiktrue.paths import models_dir
+    from tiktrue.ui.progress import progress_printer
 
-    last = [-1]
-
-    def progress(p) -> None:
-        step = int(p.done_bytes * 20 / max(p.total_bytes, 1))
-        if step != last[0]:
-            last[0] = step
-            err(f"  {p.done_bytes / 1e6:8.1f} / {p.total_bytes / 1e6:.1f} MB  {p.file}")
+    progress = progress_printer(
+        err,
+        lambda p: f"  {p.done_bytes / 1e6:8.1f} / {p.total_bytes / 1e6:.1f} MB  {p.file}",
+        steps=20,
+    )
 
     try:
         store = download_model_blocks(
@@ -567,6 +566,7 @@ def network_apply(
     """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
     from tiktrue.control.network_admin import apply_plan, make_plan
     from tiktrue.paths import data_dir
+    from tiktrue.ui.progress import progress_printer
 
     network_id = _one_network(network_id)
 
@@ -575,13 +575,12 @@ def network_apply(
             data_dir(), network_id, overrides=_overrides(override), context_tokens=context
         )
         err(plan.describe())
-        shown: dict[str, int] = {}
-
-        def progress(p) -> None:
-            step = int(p.sent_bytes * 10 / max(p.total_bytes, 1))
-            if shown.get(p.node_id) != step:
-                shown[p.node_id] = step
-                err(f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB")
+        progress = progress_printer(
+            err,
+            lambda p: f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB",
+            done="sent_bytes",
+            per="node_id",
+        )
 
         return await apply_plan(data_dir(), network_id, plan, progress=progress)
 

@@ -29,6 +29,7 @@ from tiktrue.control.network_config import config_path
 from tiktrue.control.network_manager import create_join_token, create_network, leave_network
 from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.service_runner import run_file
+from tiktrue.ui.progress import progress_printer
 
 NETWORK_ID = "demo"
 RAM_PER_NODE = 700_000_000
@@ -74,13 +75,10 @@ def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster
     try:
         with _Repository(repository) as repo:
             log(f"model repository at {repo.url}; the admin downloads {DEMO_MODEL_ID} once ...")
-            shown = [-1]
-
-            def progress(p) -> None:
-                tenth = int(p.done_bytes * 10 / max(p.total_bytes, 1))
-                if tenth != shown[0]:
-                    shown[0] = tenth
-                    log(f"  download {p.done_bytes / 1e6:6.1f} / {p.total_bytes / 1e6:.1f} MB")
+            progress = progress_printer(
+                log,
+                lambda p: f"  download {p.done_bytes / 1e6:6.1f} / {p.total_bytes / 1e6:.1f} MB",
+            )
 
             admin_store = download_model_blocks(
                 DEMO_MODEL_ID, repo.url, dest_root=home / "models", progress_callback=progress
@@ -120,14 +118,15 @@ def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster
             log(f"each node gives {RAM_PER_NODE / 1e6:.0f} MB of RAM to the network")
             plan, _ = await make_plan(home, NETWORK_ID)
             log(plan.describe())
-            last: dict[str, int] = {}
-
-            def pushed(p) -> None:
-                tenth = int(p.sent_bytes * 4 / max(p.total_bytes, 1))
-                if last.get(p.node_id) != tenth:
-                    last[p.node_id] = tenth
-                    done, total = p.sent_bytes / 1e6, p.total_bytes / 1e6
-                    log(f"  -> {p.node_id}: {done:6.1f} / {total:.1f} MB")
+            pushed = progress_printer(
+                log,
+                lambda p: (
+                    f"  -> {p.node_id}: {p.sent_bytes / 1e6:6.1f} / {p.total_bytes / 1e6:.1f} MB"
+                ),
+                steps=4,
+                done="sent_bytes",
+                per="node_id",
+            )
 
             return await apply_plan(home, NETWORK_ID, plan, progress=pushed)
 
