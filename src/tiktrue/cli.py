@@ -678,15 +678,17 @@ def demo(
     """The whole journey on this PC: repository, 3 nodes, create, discover, join, plan,
     download, distribute, then chat with SmolLM2-135M-Instruct."""
     import signal
-    import threading
+    import time
 
     from tiktrue.demo import start_demo_network
     from tiktrue.model.errors import ModelError
     from tiktrue.paths import data_dir
     from tiktrue.ui.terminal_chat import ChatError, run_chat
 
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A signal handler must not take a lock (threading.Event does): a second SIGTERM arriving
+    # inside the first handler would wait on itself forever. Appending to a list takes none.
+    stop: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.append(signum))
     cluster = None
     try:
         cluster = _run(_as_coroutine(start_demo_network, data_dir(), nodes=nodes, log=err))
@@ -695,15 +697,19 @@ def demo(
         err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:
             with contextlib.suppress(KeyboardInterrupt):
-                while not stop.wait(0.5):
-                    pass
+                while not stop:
+                    time.sleep(0.2)
         else:
             run_chat(cluster.api_url, temperature=0.3, max_tokens=300)
     except (ChatError, RuntimeError, TimeoutError, ModelError) as exc:
         fail(str(exc))
     finally:
+        # stopping must not be cut short by another Ctrl-C or SIGTERM: no node is left behind
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if cluster is not None:
             cluster.stop()
+        signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, previous)
         err("demo stopped; every node process has exited")
 
