@@ -56,7 +56,6 @@ class StepTiming:
 
     round_trip_ms: float
     nodes: list[dict]  # in chain order: node, span, compute_ms, total_ms, link_rtt_ms
-    tokens: int
     entry_rtt_ms: float | None = None  # ping round trip of the gateway's link to the first node
 
     @property
@@ -146,7 +145,6 @@ class RemoteChain:
         self.last_step = StepTiming(
             (time.perf_counter() - began) * 1000,
             reply.get("timings", []),
-            len(token_ids),
             0.0 if isinstance(entry, LocalEntry) else entry.latency_ms,
         )
         if opening:

@@ -100,9 +100,9 @@ class PeerLink:
             self.peer = reply
             self._ws = ws
             self._reader = asyncio.create_task(self._read(ws))
-            await self.measure_latency()
+            await self._ping()
 
-    async def measure_latency(self) -> float | None:
+    async def _ping(self) -> float | None:
         """Ping the peer; the round trip in ms (also kept in ``latency_ms``)."""
         ws = self._ws
         if ws is None:
