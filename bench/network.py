@@ -24,14 +24,13 @@ import httpx
 
 from report import append
 from tiktrue.control.distributor import push_blocks
-from tiktrue.control.local_network import LocalCluster
 from tiktrue.control.network_admin import network_status, node_report
-from tiktrue.control.network_config import NodeEntry, config_path, read_config
 from tiktrue.demo import NETWORK_ID, start_demo_network
 from tiktrue.model.store import MANIFEST, BlockStore
-from tiktrue.node.service_runner import run_file
-from tiktrue.paths import data_dir
+from tiktrue.paths import data_dir, run_file
+from tiktrue.protocol.network_config import NodeEntry, config_path, read_config
 from tiktrue.security.node_tls import NetworkCredentials
+from tiktrue.service.local_network import LocalCluster
 
 
 def chat(api_url: str) -> None:
@@ -55,7 +54,7 @@ def copy_store(store: BlockStore, root: Path, model_id: str) -> BlockStore:
 
 MODEL_CODE = """
 import sys, psutil, torch
-import tiktrue.node.service_runner
+import tiktrue.service.service_runner
 from tiktrue.model.store import BlockStore
 store = BlockStore(sys.argv[1])
 before = psutil.Process().memory_info().rss

@@ -31,12 +31,12 @@ import torch
 import websockets
 
 from report import append
-from tiktrue.control.local_network import LocalCluster, prepare_local_network
 from tiktrue.model.demo_model import ensure_demo_model
 from tiktrue.model.engine import BlockEngine, split_evenly
 from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.tokenizer import load_tokenizer
+from tiktrue.service.local_network import LocalCluster, prepare_local_network
 
 
 class TimedChain(LocalChain):

@@ -43,8 +43,8 @@ def _tiny_cluster(store, base: Path):
     Spans: [embed, layer_0, layer_1], [layer_2, layer_3], [layer_4, layer_5, head]; the first
     node also runs the gateway. Yields (cluster, homes, config).
     """
-    from tiktrue.control.local_network import LocalCluster, prepare_local_network
     from tiktrue.model.engine import Span
+    from tiktrue.service.local_network import LocalCluster, prepare_local_network
 
     order = store.manifest.model_chain_order
     spans = [

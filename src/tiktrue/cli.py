@@ -274,12 +274,12 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
 
 def _run(coro):
     """Run a control-plane coroutine; its refusals become clear one-line errors."""
-    from tiktrue.control.network_config import ConfigError
     from tiktrue.control.network_manager import JoinError
     from tiktrue.control.planner import PlanError
     from tiktrue.model.errors import ModelError
     from tiktrue.node.control_link import ControlError
     from tiktrue.node.peer_link import PeerUnavailable
+    from tiktrue.protocol.network_config import ConfigError
     from tiktrue.security.auth_manager import SecurityError
 
     try:
@@ -297,8 +297,7 @@ def _run(coro):
 
 
 def _local_service() -> dict:
-    from tiktrue.node.service_runner import run_file
-    from tiktrue.paths import data_dir
+    from tiktrue.paths import data_dir, run_file
 
     path = run_file(data_dir())
     if not path.is_file():
@@ -318,9 +317,9 @@ def network_create(
     ),
 ) -> None:
     """Create a network administered by this node (it holds the model and serves all of it)."""
-    from tiktrue.control.local_network import free_ports
     from tiktrue.control.network_admin import poke_local_service
     from tiktrue.control.network_manager import create_network
+    from tiktrue.node.resources import free_ports
     from tiktrue.paths import data_dir
 
     service = _local_service()
@@ -620,8 +619,8 @@ def node(
 
     import torch
 
-    from tiktrue.node.service_runner import run_node
     from tiktrue.paths import data_dir
+    from tiktrue.service.service_runner import run_node
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

@@ -21,14 +21,15 @@ import uvicorn
 
 from tiktrue.control.discovery import discover_networks
 from tiktrue.control.join import join_network
-from tiktrue.control.local_network import LocalCluster, free_ports
 from tiktrue.control.model_downloader import download_model_blocks
 from tiktrue.control.model_repository import repository_app
 from tiktrue.control.network_admin import apply_plan, make_plan, poke_local_service, set_caps
-from tiktrue.control.network_config import config_path
 from tiktrue.control.network_manager import create_join_token, create_network, leave_network
 from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
-from tiktrue.node.service_runner import run_file
+from tiktrue.node.resources import free_ports
+from tiktrue.paths import run_file
+from tiktrue.protocol.network_config import config_path
+from tiktrue.service.local_network import LocalCluster
 from tiktrue.ui.progress import progress_printer
 
 NETWORK_ID = "demo"
@@ -97,8 +98,11 @@ def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster
         )
         asyncio.run(poke_local_service(home))
         log(f"created network {NETWORK_ID} on the admin node {admin['node_id']}")
-        found = discover_networks(2.0, interfaces=["127.0.0.1"])
         others = [_service(h) for h in homes[1:]]
+        wanted = {o["node_id"] for o in others}
+        found = discover_networks(
+            15.0, interfaces=["127.0.0.1"], until=lambda ns: wanted <= {n.node_id for n in ns}
+        )
         seen = {n.node_id for n in found}
         for other in others:
             how = "found by discovery" if other["node_id"] in seen else "not announced; by address"

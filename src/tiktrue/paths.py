@@ -37,3 +37,8 @@ def cache_dir() -> Path:
     path = data_dir() / "cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_file(data_dir: Path) -> Path:
+    """Where a running node service says where it listens (``<data>/run/node.json``)."""
+    return Path(data_dir) / "run" / "node.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tiktrue.control import network_manager as nm
-from tiktrue.control.network_config import config_path, read_config
+from tiktrue.protocol.network_config import config_path, read_config
 from tiktrue.security.auth_manager import verify_certificate
 from tiktrue.security.node_tls import node_identity
 

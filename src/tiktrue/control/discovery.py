@@ -41,7 +41,7 @@ from zeroconf import (
 )
 
 from tiktrue import __version__
-from tiktrue.control.network_config import CONFIG_PREFIX, ConfigError, read_config
+from tiktrue.protocol.network_config import CONFIG_PREFIX, ConfigError, read_config
 from tiktrue.protocol.protocol_spec import ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -444,10 +444,13 @@ def discover_networks(
     manual: Sequence[str] = (),
     probe: Callable[[str, int], NodeAnnouncement | None] | None = None,
     probe_timeout: float = 5.0,
+    until: Callable[[list[DiscoveredNode]], bool] | None = None,
 ) -> list[DiscoveredNode]:
     """The TikTrue nodes on the LAN and the networks they serve, one entry per node id.
 
-    Browses mDNS for ``timeout`` seconds (0 = don't), and meanwhile calls
+    Browses mDNS for ``timeout`` seconds (0 = don't), or until ``until(nodes found so far)``
+    holds, whichever comes first (so a caller waiting for known nodes waits on the event, with
+    ``timeout`` as a ceiling), and meanwhile calls
     ``probe(host, port)`` for every ``"host:port"`` in ``manual`` (``"[v6addr]:port"`` for
     IPv6); a probe that returns None or raises is skipped, one still running after
     ``max(timeout, probe_timeout)`` seconds too. Where a node is found both ways, the manual
@@ -462,8 +465,14 @@ def discover_networks(
         futures = {pool.submit(probe, host, port): (host, port) for host, port in targets}
         found: list[DiscoveredNode] = []
         if timeout > 0:
-            with NetworkBrowser(interfaces=interfaces) as browser:
-                time.sleep(timeout)
+            enough = threading.Event()
+
+            def seen(nodes: list[DiscoveredNode]) -> None:
+                if until is not None and until(nodes):
+                    enough.set()
+
+            with NetworkBrowser(interfaces=interfaces, on_change=seen) as browser:
+                enough.wait(timeout)
                 found = browser.nodes()
         remaining = max(timeout, probe_timeout) - (time.monotonic() - started)
         done, _ = concurrent.futures.wait(futures, timeout=max(remaining, 0))

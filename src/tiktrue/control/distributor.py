@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiktrue.control.network_config import NodeEntry
 from tiktrue.control.network_manager import block_key
 from tiktrue.model.store import CHUNK_SIZE, BlockStore
 from tiktrue.node.control_link import ControlLink
+from tiktrue.protocol.network_config import NodeEntry
 from tiktrue.security.crypto_layer import encrypt_block_transfer
 from tiktrue.security.node_tls import NetworkCredentials
 

@@ -6,9 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from tiktrue.control.local_network import free_ports
 from tiktrue.control.network_admin import poke_local_service
-from tiktrue.control.network_config import NetworkConfig
 from tiktrue.control.network_manager import (
     JoinError,
     JoinGrant,
@@ -17,6 +15,8 @@ from tiktrue.control.network_manager import (
     parse_token,
 )
 from tiktrue.node.control_link import ControlLink
+from tiktrue.node.resources import free_ports
+from tiktrue.protocol.network_config import NetworkConfig
 
 
 async def join_network(

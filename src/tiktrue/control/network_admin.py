@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tiktrue.control.distributor import PushProgress, push_blocks
-from tiktrue.control.network_config import NetworkConfig, config_path, read_config, write_config
 from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_spans
 from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
+from tiktrue.protocol.network_config import NetworkConfig, config_path, read_config, write_config
 from tiktrue.security.auth_manager import IdentityError
 from tiktrue.security.node_tls import NetworkCredentials
 
@@ -189,7 +189,7 @@ async def poke_local_service(data_dir: Path) -> bool:
     """Ask the node service running from this data dir to re-read its configs."""
     import json
 
-    from tiktrue.node.service_runner import run_file
+    from tiktrue.paths import run_file
 
     path = run_file(data_dir)
     if not path.is_file():

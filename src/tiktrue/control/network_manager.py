@@ -18,7 +18,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from tiktrue.control.network_config import (
+from tiktrue.model.store import BlockStore
+from tiktrue.paths import write_text_atomic
+from tiktrue.protocol.network_config import (
     ConfigError,
     NetworkConfig,
     NodeEntry,
@@ -28,8 +30,6 @@ from tiktrue.control.network_config import (
     read_config,
     write_config,
 )
-from tiktrue.model.store import BlockStore
-from tiktrue.paths import write_text_atomic
 from tiktrue.protocol.protocol_spec import ID_PATTERN
 from tiktrue.security.auth_manager import (
     IdentityError,

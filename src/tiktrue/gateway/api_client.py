@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from tiktrue.control.network_config import NetworkConfig
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.store import BlockStore
@@ -28,6 +27,7 @@ from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
 from tiktrue.node.peer_link import PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import encode_tensor_frame
+from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.security.node_tls import NetworkCredentials
 
 

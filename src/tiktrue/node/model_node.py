@@ -36,7 +36,6 @@ import psutil
 import websockets
 from pydantic import ValidationError
 
-from tiktrue.control.network_config import NetworkConfig
 from tiktrue.model.engine import BlockEngine, Span
 from tiktrue.model.errors import ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
@@ -44,6 +43,7 @@ from tiktrue.model.store import BlockStore
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
+from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.security.node_tls import NetworkCredentials
 
 log = logging.getLogger("tiktrue.node")

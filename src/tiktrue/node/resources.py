@@ -267,3 +267,16 @@ def gpus() -> list[GpuInfo]:
             GpuInfo(name=f"Apple {platform.machine()} GPU", memory_total_bytes=total, backend="mps")
         )
     return found
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

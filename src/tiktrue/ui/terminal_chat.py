@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tiktrue.node.service_runner import run_file
+from tiktrue.paths import run_file
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
 

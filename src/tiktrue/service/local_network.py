@@ -11,32 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tiktrue.control.network_config import NetworkConfig, NodeEntry, network_dir, write_config
 from tiktrue.model.engine import Span, split_evenly
 from tiktrue.model.store import BlockStore
-from tiktrue.node.service_runner import run_file
-from tiktrue.paths import HOME_ENV
+from tiktrue.node.resources import free_ports
+from tiktrue.paths import HOME_ENV, run_file
+from tiktrue.protocol.network_config import NetworkConfig, NodeEntry, network_dir, write_config
 from tiktrue.security.auth_manager import NetworkCA, create_network_ca
 from tiktrue.security.node_tls import install_certificate, node_identity
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def place_blocks(store: BlockStore, target: Path, blocks: list[str]) -> None:

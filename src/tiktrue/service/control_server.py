@@ -17,12 +17,6 @@ from pydantic import ValidationError
 
 from tiktrue.control import network_manager as nm
 from tiktrue.control.distributor import chunk_aad
-from tiktrue.control.network_config import (
-    NetworkConfig,
-    config_path,
-    read_config,
-    write_config,
-)
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest
@@ -30,12 +24,18 @@ from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
+from tiktrue.protocol.network_config import (
+    NetworkConfig,
+    config_path,
+    read_config,
+    write_config,
+)
 from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
 from tiktrue.security.crypto_layer import decrypt_block_transfer
 from tiktrue.security.node_tls import control_server_context
 
 if TYPE_CHECKING:
-    from tiktrue.node.service_runner import NodeService
+    from tiktrue.service.service_runner import NodeService
 
 log = logging.getLogger("tiktrue.control")
 

@@ -9,9 +9,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tiktrue.control import network_manager as nm
-from tiktrue.node.control_server import ControlServer, Refused
 from tiktrue.security.auth_manager import create_network_ca
 from tiktrue.security.node_tls import node_identity
+from tiktrue.service.control_server import ControlServer, Refused
 
 
 def der(pem: bytes) -> bytes:

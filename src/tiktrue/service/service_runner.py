@@ -23,7 +23,6 @@ from pathlib import Path
 import uvicorn
 
 from tiktrue import __version__
-from tiktrue.control.network_config import NetworkConfig, list_configs
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.openai_api import create_app
@@ -31,7 +30,8 @@ from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
-from tiktrue.paths import write_text_atomic
+from tiktrue.paths import run_file, write_text_atomic
+from tiktrue.protocol.network_config import NetworkConfig, list_configs
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 log = logging.getLogger("tiktrue.node")
@@ -43,10 +43,6 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
-
-
-def run_file(data_dir: Path) -> Path:
-    return Path(data_dir) / "run" / "node.json"
 
 
 def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
@@ -115,7 +111,7 @@ class NodeService:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from tiktrue.node.control_server import ControlServer
+        from tiktrue.service.control_server import ControlServer
 
         self.control = ControlServer(self)
         await self.control.start(self.host, self.control_port)
@@ -149,7 +145,7 @@ class NodeService:
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
-        from tiktrue.control.network_config import config_path, read_config
+        from tiktrue.protocol.network_config import config_path, read_config
 
         if not read_config(config_path(self.data_dir, network_id)).auto_plan:
             return
