@@ -255,6 +255,16 @@ class ControlServer:
             await self.service.reload()
         return {"version": new.version}
 
+    async def op_chain_broken(self, header, payload, peer, local) -> dict:
+        """A member's chain failed: the admin looks for lost nodes (in the background)."""
+        network_id = header["network_id"]
+        self._member(peer, network_id)
+        nm.admin_ca(self.data_dir, network_id)  # only the admin takes spans over
+        self.service._in_background(
+            self.service.chain_broken(network_id, str(header.get("why", ""))[:500])
+        )
+        return {}
+
     async def op_probe(self, header, payload, peer, local) -> dict:
         return {"bytes_per_ms": await asyncio.to_thread(probe_speed)}
 
