@@ -24,7 +24,7 @@ from tests.helpers.cluster import request, token_ids
 from tests.integration.test_chain import client_ws_url, reference_tokens
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
 from tiktrue.model.engine import Span
-from tiktrue.protocol.network_config import config_path, read_config
+from tiktrue.protocol.network_config import config_path, read_config, write_config
 from tiktrue.service.local_network import LocalCluster, prepare_local_network
 
 pytestmark = pytest.mark.integration
@@ -42,15 +42,20 @@ def _spans(order):
     ]
 
 
-def _cluster(store, base, *, backup: bool, caps: int | None = None):
+def _cluster(store, base, *, backup: bool, caps: int | None = None, backup_caps=None):
     order = store.manifest.model_chain_order
     backups = [Span.of(order, "layer_2", "head")] if backup else []
     homes, config = prepare_local_network(
         base, store, spans=_spans(order), backups=backups, network_id=NET
     )
-    if caps is not None:
+    if backup:  # the planner keeps a backup when it plans again
+        config = config.model_copy(update={"backup_nodes": 1})
         for home in homes:
-            (home / "caps.json").write_text(json.dumps({"ram_bytes": caps}), "utf-8")
+            write_config(home, config)
+    if caps is not None:
+        for i, home in enumerate(homes):
+            cap = backup_caps if i == 3 and backup_caps else caps
+            (home / "caps.json").write_text(json.dumps({"ram_bytes": cap}), "utf-8")
     cluster = LocalCluster(homes, kv_budget_mb=16)
     cluster.start()
     return cluster, homes, config
@@ -77,11 +82,24 @@ def without_backup(tiny_llama, tmp_path):
         cluster.stop()
 
 
-def _caps_for_all_three(store) -> int:
-    """A RAM cap with which the model (and its KV budget) fits on three nodes, not on two."""
+def _caps_for_all_three(store, share: float = 0.45) -> int:
+    """A RAM cap with which the model (and its KV budget) fits on three nodes, not on two;
+    with ``share=0.9`` a node holds a replica of two spans."""
     profile = ModelProfile.from_manifest(store.manifest, store.config())
     need = profile.total_bytes + profile.kv_bytes(profile.chain_order, 2048)  # as make_plan
-    return DEFAULT_RUNTIME_BYTES + int(need * 0.45)
+    return DEFAULT_RUNTIME_BYTES + int(need * share)
+
+
+@pytest.fixture
+def tight_with_backup(tiny_llama, tmp_path):
+    caps, large = _caps_for_all_three(tiny_llama), _caps_for_all_three(tiny_llama, 0.9)
+    cluster, homes, config = _cluster(
+        tiny_llama, tmp_path / "c", backup=True, caps=caps, backup_caps=large
+    )
+    try:
+        yield cluster, homes, config
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -204,3 +222,23 @@ def test_with_too_little_capacity_requests_queue_until_the_node_returns(tight, t
     assert "healing" in http.json()["error"]["message"]
     assert seen["ws_first"]["status"] == "queued", seen["ws_first"]
     assert _config(homes[0]).version == config.version  # nothing fitted without it
+
+
+def test_a_lost_node_that_returns_is_planned_back_in(tight_with_backup, tiny_llama):
+    """After the backup took over, the lost PC comes back: the admin sees it, plans again
+    (three PCs in the chain, the large one a backup of two spans) and answers stay right."""
+    cluster, homes, config = tight_with_backup
+    undisturbed = _undisturbed(cluster, tiny_llama)
+    _assert_complete(asyncio.run(_answer(cluster, lambda: cluster.kill(1))), undisturbed)
+    failed_over = _config(homes[0]).version
+    cluster.restart(1)
+    deadline = time.monotonic() + CEILING
+    while _config(homes[0]).version == failed_over:  # the admin polls lost nodes
+        assert time.monotonic() < deadline, "the returning node was never planned back in"
+        time.sleep(0.2)
+    now = _config(homes[0])
+    assert len(now.chain()) == 3
+    [backup] = now.backups()
+    assert backup.node_id == config.nodes[3].node_id  # the large one
+    assert config.nodes[1].node_id in {n.node_id for n in now.chain()}
+    _assert_complete(asyncio.run(_answer(cluster, None)), undisturbed)

@@ -31,6 +31,7 @@ from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import NetworkConfig
 
 log = logging.getLogger("tiktrue.failover")
+WATCH_S = 2.0  # how often the admin asks a lost node whether it is back
 
 
 def activate_backup_worker(config: NetworkConfig, lost: set[str]) -> NetworkConfig | None:
@@ -97,6 +98,32 @@ class FailoverManager:
         self.event = event or (lambda *a, **k: None)
         self.networks: dict[str, FailoverState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self.watch_s = WATCH_S
+
+    def _watch(self, network_id: str) -> None:
+        """Watch the lost nodes of a network until each answers again (``node_back``)."""
+        task = self._watchers.get(network_id)
+        if task is None or task.done():
+            self._watchers[network_id] = asyncio.get_running_loop().create_task(
+                self._watch_returns(network_id)
+            )
+
+    async def _watch_returns(self, network_id: str) -> None:
+        state = self.state(network_id)
+        while state.lost:
+            await asyncio.sleep(self.watch_s)
+            try:
+                config, credentials = load(self.data_dir, network_id)
+                lost = [n for n in config.nodes if n.node_id in state.lost]
+                still = await find_lost(config, credentials, only={n.node_id for n in lost})
+                for node in lost:
+                    if node.node_id not in still:
+                        log.warning("network %s: node %s is back", network_id, node.node_id)
+                        done = await self.node_back(network_id, node.node_id)
+                        log.warning("network %s: %s", network_id, done)
+            except Exception:
+                log.exception("network %s: watching lost nodes failed", network_id)
 
     def state(self, network_id: str) -> FailoverState:
         return self.networks.setdefault(network_id, FailoverState())
@@ -119,6 +146,7 @@ class FailoverManager:
                     done = f"blocks redistributed (config v{new.version})"
                 except PlanError as exc:
                     state.degraded = str(exc)
+                    self._watch(network_id)
                     self.event(
                         "network_degraded",
                         level="error",
@@ -129,22 +157,21 @@ class FailoverManager:
                     return f"degraded: {exc}"
             state.degraded = None
             state.failed_over = True
+            self._watch(network_id)
             self.event(
                 "failover", level="warning", network_id=network_id, node_id=node_id, done=done
             )
             return done
 
     async def node_back(self, network_id: str, node_id: str) -> str:
-        """A lost node answers again: plan the network with it (its blocks are mostly there)."""
+        """A lost node answers again: plan the network with it (its blocks are mostly there), so
+        the backups are back in place (also with a manual plan: the failover changed it)."""
         async with self._locks.setdefault(network_id, asyncio.Lock()):
             state = self.state(network_id)
             was_lost = node_id in state.lost
             state.lost.discard(node_id)
             if not was_lost or not (state.failed_over or state.degraded):
                 return "nothing to do"
-            config, _ = load(self.data_dir, network_id)
-            if not config.auto_plan and not state.degraded:
-                return "manual plan: the admin re-plans"
             try:
                 plan, _ = await make_plan(self.data_dir, network_id, without=state.lost)
                 new = await apply_plan(self.data_dir, network_id, plan, lost=state.lost)
@@ -159,9 +186,12 @@ class FailoverManager:
             return f"re-planned with {node_id} (config v{new.version})"
 
 
-async def find_lost(config: NetworkConfig, credentials, *, timeout: float = 3.0) -> set[str]:
-    """The nodes of the chain and its backups that do not answer a control ping within
-    ``timeout`` seconds: a dead process refuses at once, a hung one times out."""
+async def find_lost(
+    config: NetworkConfig, credentials, *, timeout: float = 3.0, only: set[str] | None = None
+) -> set[str]:
+    """The nodes holding blocks (chain and backups; ``only`` these, when given) that do not
+    answer a control ping within ``timeout`` seconds: a dead process refuses at once, a
+    hung one times out."""
 
     async def answers(node) -> bool:
         async def ping() -> None:
@@ -174,6 +204,10 @@ async def find_lost(config: NetworkConfig, credentials, *, timeout: float = 3.0)
             return False
         return True
 
-    nodes = [n for n in config.nodes if n.blocks and n.control_address]
+    nodes = [
+        n
+        for n in config.nodes
+        if n.control_address and (n.node_id in only if only is not None else n.blocks)
+    ]
     alive = await asyncio.gather(*(answers(n) for n in nodes))
     return {n.node_id for n, ok in zip(nodes, alive, strict=True) if not ok}

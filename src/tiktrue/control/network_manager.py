@@ -64,6 +64,7 @@ def create_network(
     control_port: int | None = None,
     network_id: str | None = None,
     auto_plan: bool = True,
+    backup_nodes: int = 0,
 ) -> NetworkConfig:
     """Make a network administered by this node; at first this node serves every block."""
     data_dir = Path(data_dir)
@@ -85,6 +86,7 @@ def create_network(
         model_chain_order=store.manifest.model_chain_order,
         port=port,
         auto_plan=auto_plan,
+        backup_nodes=backup_nodes,
         nodes=[
             NodeEntry(
                 node_id=identity.node_id,
