@@ -588,6 +588,20 @@ class BlockServer:
             active_sessions=len(self.engine.kv.sessions()),
         ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
 
+    def health_stats(self) -> dict:
+        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips."""
+        kv = self.engine.kv.stats()
+        links = {"next": self._next} if self._next is not None else {}
+        links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
+        return {
+            "sessions": len(self.engine.kv.sessions()),
+            "kv_pages_used": kv.pages_total - kv.pages_free,
+            "kv_pages_total": kv.pages_total,
+            "link_rtt_ms": {
+                name: link.latency_ms for name, link in links.items() if link.connected
+            },
+        }
+
 
 async def _try_connect(link: PeerLink) -> None:
     with contextlib.suppress(PeerUnavailable, ps.ProtocolError, OSError):
