@@ -55,15 +55,15 @@ async def _one_way_ms(link: ControlLink, rounds: int = 5) -> float:
 
 async def network_status(data_dir: Path, network_id: str, *, probe: bool = False) -> dict:
     """Every node's state. Health (online/suspect/dead, last beat, RTT) comes from the running
-    admin's monitor when it answers; nodes it holds suspect or dead are not asked directly (a
-    hung one would not answer), the others are."""
+    admin's monitor when it answers; nodes it holds dead are not asked directly (a hung one
+    would not answer), the others are (with a time limit)."""
     config, credentials = load(data_dir, network_id)
     health = await admin_health(data_dir, config, credentials)
     beats = (health or {}).get("nodes", {})
 
     async def report(node) -> dict:
         seen = beats.get(node.node_id)
-        if seen is not None and seen["state"] in ("suspect", "dead"):
+        if seen is not None and seen["state"] == "dead":
             return {"node_id": node.node_id, "state": seen["state"]}
         try:
             return await asyncio.wait_for(
