@@ -13,8 +13,11 @@ import sys
 import time
 
 import pytest
+import websockets
 
+from tests.helpers.cluster import ask, request, token_ids
 from tests.helpers.webhook import webhook_receiver
+from tests.integration.test_chain import client_ws_url
 from tiktrue.control.network_admin import network_status, node_report, poke_local_service
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.paths import HOME_ENV, run_file
@@ -98,6 +101,8 @@ def test_stopped_and_killed_workers_are_found_and_logged(own_tiny_cluster):
             os.kill(process.pid, signal.SIGCONT)
         wait_for(lambda: states(admin)[stopped] == "online", "the worker online after SIGCONT")
 
+        # an answer opens the chain's links; the one into the killed node will drop
+        assert token_ids(asyncio.run(answer(cluster)))
         cluster.processes[2].kill()
         cluster.processes[2].wait()
         wait_for(lambda: states(admin)[killed] == "dead", "the killed worker dead")
@@ -105,15 +110,20 @@ def test_stopped_and_killed_workers_are_found_and_logged(own_tiny_cluster):
 
         posted = []
         wait_for(
-            lambda: posted.extend(_drain(received))
-            or any(p["event"] == "node_dead" and p["node_id"] == killed for p in posted),
+            lambda: (
+                posted.extend(_drain(received))
+                or any(p["event"] == "node_dead" and p["node_id"] == killed for p in posted)
+            ),
             "the webhook told of the killed node",
         )
 
     log = recent_events(events_path(admin), 1000, NET)
     path = [e["event"] for e in log if e["node_id"] == stopped]
     assert path[:4] == ["node_online", "node_suspect", "node_dead", "node_online"], path
-    assert [e["event"] for e in log if e["node_id"] == killed][-1] == "node_dead"
+    died = [e for e in log if e["node_id"] == killed]
+    assert died[-1]["event"] == "node_dead", died
+    # the node before it lost its link and told the admin, whose probe was refused
+    assert died[-1]["why"].startswith("refused the connection"), died
     assert [e["time"] for e in log] == sorted(e["time"] for e in log)
     assert all(p["network_id"] == NET for p in posted)
 
@@ -137,6 +147,11 @@ def test_stopped_and_killed_workers_are_found_and_logged(own_tiny_cluster):
     )
     line = next(row for row in status.stdout.splitlines() if killed in row)
     assert "dead, beat" in line, status.stdout
+
+
+async def answer(cluster) -> list[dict]:
+    async with websockets.connect(client_ws_url(cluster)) as ws:
+        return await ask(ws, request(NET, input_ids=[5, 17, 42], temperature=0, max_tokens=3))
 
 
 def _drain(received) -> list[dict]:

@@ -34,6 +34,7 @@ log = logging.getLogger("tiktrue.health")
 
 UNKNOWN, ONLINE, SUSPECT, DEAD = "unknown", "online", "suspect", "dead"
 HISTORY = 200  # state changes kept per node
+REPORT_TIMEOUT_S = 5.0  # a member telling the admin about a lost link
 # on_change(network_id, node_id, old, new, info); may return an awaitable (run as a task)
 Listener = Callable[[str, str, str, str, dict], Awaitable[None] | None]
 
@@ -355,3 +356,24 @@ def event_logger(events) -> Listener:
         )
 
     return on_change
+
+
+async def report_suspect(data_dir, network_id: str, node_id: str, why: str) -> bool:
+    """Tell the network's admin that a link to ``node_id`` dropped (op ``health_suspect``);
+    best effort: ``False`` when the admin cannot be told."""
+    from tiktrue.protocol.network_config import config_path, read_config
+
+    try:
+        config = read_config(config_path(data_dir, network_id))
+        credentials = NetworkCredentials.load(data_dir, network_id)
+        admin = next(n for n in config.nodes if n.role == "admin")
+
+        async def tell() -> None:
+            async with ControlLink.to(admin, credentials) as link:
+                await link.call("health_suspect", network_id=network_id, node_id=node_id, why=why)
+
+        await asyncio.wait_for(tell(), REPORT_TIMEOUT_S)
+    except Exception as exc:  # the admin away too: its own beats will find the node
+        log.warning("network %s: cannot report node %s to the admin: %s", network_id, node_id, exc)
+        return False
+    return True

@@ -42,7 +42,7 @@ class EventLog:
         self.path = events_path(data_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handler = RotatingFileHandler(
-            self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
         )
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self.webhooks: dict[str, str] = {}  # network id -> URL
@@ -79,7 +79,7 @@ class EventLog:
             **details,
         }
         line = json.dumps(record, default=str)
-        self._handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
+        self._handler.handle(logging.makeLogRecord({"msg": line, "args": None}))
         url = self.webhooks.get(network_id) if network_id else None
         if url:
             self._post_later(url, record)

@@ -107,6 +107,8 @@ class BlockServer:
         self._head_connections = 0  # open connections from the chain's head (first node only)
         self._background: set[asyncio.Task] = set()
         self._server = None
+        # (node_id, why): the node service tells the admin's health monitor
+        self.on_peer_lost: Callable[[str, str], None] | None = None
 
     def _link(self, entry, on_lost=None) -> PeerLink:
         return PeerLink(
@@ -360,6 +362,9 @@ class BlockServer:
 
     def _next_lost(self, link: PeerLink) -> None:
         """The link to the next node dropped: steps beyond this node will not be answered."""
+        after = self.config.next_node(self.node_id)
+        if self.on_peer_lost is not None and after is not None:
+            self.on_peer_lost(after.node_id, f"the link from {self.node_id} dropped")
         if self.is_first:
             return  # the link itself failed the steps waiting on it
         first = self._chain_ids()[0]

@@ -87,6 +87,7 @@ class NodeService:
         self.events = EventLog(self.data_dir)
         self.health: dict[str, HealthMonitor] = {}  # networks this node administers
         self.admin_beats: dict[str, float] = {}  # network -> wall time of the admin's last beat
+        self._suspect_reports: set[asyncio.Task] = set()
         psutil.cpu_percent(None)  # primes the counter: later reads never wait for a sample
 
     # --- caps ----------------------------------------------------------------------------
@@ -273,6 +274,7 @@ class NodeService:
             self.data_dir, config, credentials, kv_budget_bytes=self._kv_budget(store, blocks)
         )
         await server.start()
+        server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
         self.servers[config.network_id] = server
 
     async def _sync_health(self, configs: dict[str, NetworkConfig]) -> None:
@@ -295,6 +297,19 @@ class NodeService:
             monitor.add_listener(event_logger(self.events))
             self.health[network_id] = monitor
             monitor.start()
+
+    def _peer_lost(self, network_id: str, node_id: str, why: str) -> None:
+        """A link to a node dropped: the admin's monitor probes it now (here, or over the
+        admin's control channel)."""
+        from tiktrue.control.health_monitor import report_suspect
+
+        monitor = self.health.get(network_id)
+        if monitor is not None:
+            monitor.suspect_now(node_id, why)
+            return
+        task = asyncio.create_task(report_suspect(self.data_dir, network_id, node_id, why))
+        self._suspect_reports.add(task)
+        task.add_done_callback(self._suspect_reports.discard)
 
     def _update_gateway(self, config: NetworkConfig) -> None:
         gateway = self.gateways.get(config.network_id)
