@@ -71,7 +71,7 @@ def test_online_suspect_dead_and_back():
     clock.now += 1.0  # 4 s: dead_after_s
     monitor.check()
     assert monitor.state("w1") == DEAD
-    monitor.record_miss("w1", "refused", refused=True)  # stays dead, no new change
+    monitor.record_miss("w1", "refused")  # stays dead, no new change
     clock.now += 30.0
     monitor.record_beat("w1", 2.0, {})
     assert monitor.state("w1") == ONLINE
@@ -114,6 +114,14 @@ def test_a_node_never_heard_is_dead_after_dead_after_s_from_the_start():
     monitor.check()
     assert (monitor.state("admin"), monitor.state("w1")) == (DEAD, DEAD)
     assert ("w1", UNKNOWN, DEAD) in changes
+    clock.now += 10
+    late = make_config("admin", "w1", "late", heartbeat_s=0.5, dead_after_s=2.0)
+    monitor.update_config(late)  # joined now: counted from now
+    monitor.check()
+    assert monitor.state("late") == UNKNOWN
+    clock.now += 2.0
+    monitor.check()
+    assert monitor.state("late") == DEAD
 
 
 def test_snapshot_reports_last_beat_rtt_and_stats():

@@ -56,6 +56,7 @@ class NodeHealth:
     node_id: str
     state: str = UNKNOWN
     since: float = 0.0  # clock time of the last change
+    watched: float = 0.0  # clock time from which a node never heard counts as quiet
     last_beat: float | None = None  # clock time of the last good beat
     last_beat_at: float | None = None  # the same, wall clock (for people)
     rtt_ms: float | None = None
@@ -87,7 +88,6 @@ class HealthMonitor:
         self._tasks: dict[str, asyncio.Task] = {}
         self._probes: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
-        self._started = clock()
         self.update_config(config)
 
     # --- settings ------------------------------------------------------------------------
@@ -96,7 +96,8 @@ class HealthMonitor:
         """A new config version: nodes that joined are watched, nodes that left are dropped."""
         self.config = config
         for entry in config.nodes:
-            self.nodes.setdefault(entry.node_id, NodeHealth(entry.node_id, since=self.clock()))
+            now = self.clock()
+            self.nodes.setdefault(entry.node_id, NodeHealth(entry.node_id, since=now, watched=now))
         for node_id in set(self.nodes) - {n.node_id for n in config.nodes}:
             del self.nodes[node_id]
             for tasks in (self._tasks, self._probes):
@@ -124,8 +125,8 @@ class HealthMonitor:
         if node.state != ONLINE:
             self._change(node, ONLINE, "heartbeat answered")
 
-    def record_miss(self, node_id: str, why: str, *, refused: bool = False) -> None:
-        """A beat got no answer. ``refused`` only matters to ``suspect_now``'s probe."""
+    def record_miss(self, node_id: str, why: str) -> None:
+        """A beat got no answer: suspect (dead comes with time, see ``check``)."""
         node = self.nodes.get(node_id)
         if node is None:
             return
@@ -140,7 +141,7 @@ class HealthMonitor:
         now = self.clock()
         overdue = self.config.heartbeat_s + self.beat_timeout_s
         for node in list(self.nodes.values()):
-            quiet = now - (node.last_beat if node.last_beat is not None else self._started)
+            quiet = now - (node.last_beat if node.last_beat is not None else node.watched)
             if node.state != DEAD and quiet >= self.config.dead_after_s:
                 self._change(node, DEAD, f"no heartbeat for {quiet:.1f} s")
             elif node.state == ONLINE and quiet >= overdue:
@@ -233,7 +234,8 @@ class HealthMonitor:
     async def monitor_worker_health(self) -> None:
         """Beat every node (one task each, so a hung node delays no other) and check the
         clocks, until cancelled."""
-        self._started = self.clock()
+        for node in self.nodes.values():
+            node.watched = self.clock()
         while True:
             for node_id in self.nodes:
                 task = self._tasks.get(node_id)
@@ -261,7 +263,7 @@ class HealthMonitor:
             try:
                 rtt_ms, stats = await self._beat(entry, self.beat_timeout_s, False)
             except BeatFailed as exc:
-                self.record_miss(node_id, str(exc), refused=exc.refused)
+                self.record_miss(node_id, str(exc))
             else:
                 self.record_beat(node_id, rtt_ms, stats)
             await asyncio.sleep(max(0.0, self.config.heartbeat_s - (self.clock() - began)))
