@@ -124,6 +124,21 @@ def test_a_node_never_heard_is_dead_after_dead_after_s_from_the_start():
     assert monitor.state("late") == DEAD
 
 
+def test_no_verdicts_while_the_admin_itself_was_held_up():
+    """After the admin's own loop stalled, its silence is not the nodes' fault."""
+    monitor, clock, _ = monitored("admin", "w1")
+    monitor.record_beat("w1", 1.0, {})
+    clock.now += 6.0
+    monitor.hold_verdicts(2.0)
+    monitor.check()
+    assert monitor.state("w1") == SUSPECT
+    monitor.record_beat("w1", 1.0, {})  # the beat that was held up comes in
+    assert monitor.state("w1") == ONLINE
+    clock.now += 6.0
+    monitor.check()
+    assert monitor.state("w1") == DEAD
+
+
 def test_snapshot_reports_last_beat_rtt_and_stats():
     monitor, clock, _ = monitored("admin", "w1")
     monitor.record_beat("w1", 2.34567, {"sessions": 2, "kv_pages_used": 5})

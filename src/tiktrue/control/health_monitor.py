@@ -88,6 +88,7 @@ class HealthMonitor:
         self._tasks: dict[str, asyncio.Task] = {}
         self._probes: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
+        self._verdicts_from = float("-inf")  # no node is declared dead before this clock time
         self.update_config(config)
 
     # --- settings ------------------------------------------------------------------------
@@ -142,10 +143,19 @@ class HealthMonitor:
         overdue = self.config.heartbeat_s + self.beat_timeout_s
         for node in list(self.nodes.values()):
             quiet = now - (node.last_beat if node.last_beat is not None else node.watched)
-            if node.state != DEAD and quiet >= self.config.dead_after_s:
+            if (
+                node.state != DEAD
+                and quiet >= self.config.dead_after_s
+                and now >= self._verdicts_from
+            ):
                 self._change(node, DEAD, f"no heartbeat for {quiet:.1f} s")
             elif node.state == ONLINE and quiet >= overdue:
                 self._change(node, SUSPECT, f"no heartbeat for {quiet:.1f} s")
+
+    def hold_verdicts(self, seconds: float) -> None:
+        """The admin itself was held up (its loop stalled, the PC slept): its beats could not
+        go out, so no node is declared dead for ``seconds``, while fresh beats come in."""
+        self._verdicts_from = max(self._verdicts_from, self.clock() + seconds)
 
     def suspect_now(self, node_id: str, why: str) -> None:
         """A link to the node dropped: suspect it and probe it at once (needs a running loop).
@@ -236,13 +246,18 @@ class HealthMonitor:
         clocks, until cancelled."""
         for node in self.nodes.values():
             node.watched = self.clock()
+        last = self.clock()
         while True:
             for node_id in self.nodes:
                 task = self._tasks.get(node_id)
                 if task is None or task.done():
                     self._tasks[node_id] = asyncio.create_task(self._beat_loop(node_id))
+            now, pause = self.clock(), self.config.heartbeat_s / 2
+            if now - last > pause + self.beat_timeout_s:  # this loop itself was held up
+                self.hold_verdicts(self.config.heartbeat_s + self.beat_timeout_s)
+            last = now
             self.check()
-            await asyncio.sleep(self.config.heartbeat_s / 2)
+            await asyncio.sleep(pause)
 
     def _target(self, node_id: str) -> NodeEntry | None:
         """The node's entry, with the admin's own control address filled in if missing."""
