@@ -24,7 +24,7 @@ import psutil
 import uvicorn
 
 from tiktrue import __version__
-from tiktrue.control.health_monitor import HealthMonitor, event_logger
+from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.openai_api import create_app
@@ -301,8 +301,6 @@ class NodeService:
     def _peer_lost(self, network_id: str, node_id: str, why: str) -> None:
         """A link to a node dropped: the admin's monitor probes it now (here, or over the
         admin's control channel)."""
-        from tiktrue.control.health_monitor import report_suspect
-
         monitor = self.health.get(network_id)
         if monitor is not None:
             monitor.suspect_now(node_id, why)
