@@ -89,50 +89,76 @@ def prepare_local_network(
 class LocalCluster:
     """``tiktrue node`` processes, one per home; the first one also runs the gateway."""
 
-    def __init__(self, homes: list[Path], *, kv_budget_mb: int = 256, gateway: bool = True):
+    def __init__(
+        self,
+        homes: list[Path],
+        *,
+        kv_budget_mb: int = 256,
+        gateway: bool = True,
+        gateway_args: list[str] | None = None,
+    ):
         self.homes = [Path(h) for h in homes]
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
+        self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
 
     def start(self, timeout: float = 120.0) -> LocalCluster:
-        for i, home in enumerate(self.homes):
-            home.mkdir(parents=True, exist_ok=True)
-            run_file(home).unlink(missing_ok=True)
-            args = [
-                sys.executable,
-                "-m",
-                "tiktrue",
-                "node",
-                "--control-port",
-                "0",
-                "--kv-budget-mb",
-                str(self.kv_budget_mb),
-            ]
-            if i == 0 and self.gateway:
-                args += ["--api-port", "0"]
-            log = (home / "node.log").open("ab")
-            # Node processes on one PC share its cores: an idle node's OpenMP threads must not
-            # spin long (GNU default 300k spins) while the next node of the chain computes.
-            env = {"GOMP_SPINCOUNT": "30000", **os.environ, HOME_ENV: str(home)}
-            self.processes.append(
-                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-            )
+        for i in range(len(self.homes)):
+            self.processes.append(self._spawn(i))
         deadline = time.monotonic() + timeout
-        for home, process in zip(self.homes, self.processes, strict=True):
-            while not run_file(home).is_file():
-                if process.poll() is not None:
-                    self.stop()
-                    tail = (home / "node.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"node in {home} exited:\n{tail}")
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"node in {home} did not start in {timeout} s")
-                time.sleep(0.1)
-        if self.gateway:
-            self.api_url = json.loads(run_file(self.homes[0]).read_text())["api"]
+        for i in range(len(self.homes)):
+            self._wait_started(i, deadline, timeout)
         return self
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        home = self.homes[i]
+        home.mkdir(parents=True, exist_ok=True)
+        run_file(home).unlink(missing_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "tiktrue",
+            "node",
+            "--control-port",
+            "0",
+            "--kv-budget-mb",
+            str(self.kv_budget_mb),
+        ]
+        if i == 0 and self.gateway:
+            args += ["--api-port", "0", *self.gateway_args]
+        log = (home / "node.log").open("ab")
+        # Node processes on one PC share its cores: an idle node's OpenMP threads must not
+        # spin long (GNU default 300k spins) while the next node of the chain computes.
+        env = {"GOMP_SPINCOUNT": "30000", **os.environ, HOME_ENV: str(home)}
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_started(self, i: int, deadline: float, timeout: float) -> None:
+        home, process = self.homes[i], self.processes[i]
+        while not run_file(home).is_file():
+            if process.poll() is not None:
+                self.stop()
+                tail = (home / "node.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"node in {home} exited:\n{tail}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"node in {home} did not start in {timeout} s")
+            time.sleep(0.1)
+        if i == 0 and self.gateway:
+            self.api_url = json.loads(run_file(home).read_text())["api"]
+
+    def restart(self, i: int, *, kill: bool = False, timeout: float = 120.0) -> None:
+        """Stop node ``i`` (SIGTERM, or SIGKILL when ``kill``: a crash) and start it again on
+        the same home; returns once it listens (the gateway's API gets a new port)."""
+        process = self.processes[i]
+        if process.poll() is None and kill:
+            process.kill()
+        elif process.poll() is None:
+            process.terminate()
+        process.wait(timeout)
+        self.processes[i] = self._spawn(i)
+        self._wait_started(i, time.monotonic() + timeout, timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
         for process in self.processes:

@@ -24,8 +24,9 @@ import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
-from tiktrue.gateway.api_client import Gateway
+from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.openai_api import create_app
+from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.memory import release_free_memory
@@ -63,6 +64,7 @@ class NodeService:
         api_port: int | None = None,
         kv_budget_mb: int = 512,
         announce: bool = True,
+        session_idle_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.announce = announce
@@ -81,6 +83,8 @@ class NodeService:
         self._lock = asyncio.Lock()
         self.started = False
         self.waiting: dict[str, str] = {}  # network -> why its block server is not running
+        self.session_idle_s = session_idle_s
+        self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -194,7 +198,9 @@ class NodeService:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
         for gateway in self.gateways.values():
-            await gateway.chain.aclose()
+            await gateway.aclose()
+        if self._session_store is not None:
+            self._session_store.db.close()
         for server in self.servers.values():
             await server.stop()
         if self.control is not None:
@@ -234,7 +240,7 @@ class NodeService:
                 if self.api_port is not None:
                     self._update_gateway(config)
             for network_id in set(self.gateways) - set(configs):
-                await self.gateways.pop(network_id).chain.aclose()
+                await self.gateways.pop(network_id).aclose()
             for network_id, server in self.servers.items():
                 server.client_handler = (
                     self.protocol.handle if network_id in self.gateways else None
@@ -271,9 +277,17 @@ class NodeService:
                 return
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
             network_id = config.network_id
-            self.gateways[network_id] = Gateway(
-                self.data_dir, config, credentials, lambda: self.servers.get(network_id)
+            if self._session_store is None:
+                self._session_store = SessionStore.open(self.data_dir)
+            gateway = self.gateways[network_id] = Gateway(
+                self.data_dir,
+                config,
+                credentials,
+                lambda: self.servers.get(network_id),
+                store=self._session_store,
+                idle_timeout_s=self.session_idle_s,
             )
+            gateway.start()
         elif gateway.config.version != config.version:
             gateway.switch(config)
 
