@@ -511,6 +511,10 @@ class Gateway:
         await self.chain.open(session_id)
         state.tokens, state.unfed = [], []
 
+    def session_stats(self) -> dict:
+        """In memory now; loaded from the store since start; rebuilt on the nodes by replay."""
+        return {"open": len(self.sessions), "resumed": self.resumed, "replays": self.chain.replays}
+
     def cancel(self, session_id: str) -> bool:
         state = self.sessions.get(session_id)
         if state is not None:

@@ -108,6 +108,7 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
             "version": __version__,
             "networks": {g.network_id: g.model_id for g in gateways.values()},
             "protocol": protocol.stats.as_dict(),
+            "sessions": {g.network_id: g.session_stats() for g in gateways.values()},
         }
 
     @app.get("/v1/models")
