@@ -99,3 +99,13 @@ def test_stores_share_one_file_and_threads_share_one_store(tmp_path):
     assert len(store.list("net")) == 100
     assert store.get("net", "t3-24").tokens == list(range(24))
     assert db.version("sessions") == 1 and db.version("accounts") == 1
+
+
+def test_a_session_that_never_completed_a_turn_is_forgotten_once_freed(tmp_path):
+    store = SessionStore.open(tmp_path)
+    store.put("net", "empty", [], [], [])  # opened on the nodes, no answer yet
+    store.put("net", "full", [1], [], [])
+    assert sorted(store.live_sessions("net")) == ["empty", "full"]
+    store.set_live("net", ["empty", "full"], False)
+    assert store.get("net", "empty") is None
+    assert store.get("net", "full").tokens == [1]

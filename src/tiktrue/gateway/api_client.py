@@ -413,7 +413,14 @@ class Gateway:
                 state.messages.append({"role": "assistant", "content": result.text})
             completed = True
             if keep:
-                await self._persist(session_id, state)
+                await self._write(
+                    self.store.put,
+                    self.network_id,
+                    session_id,
+                    state.tokens,
+                    state.unfed,
+                    state.messages,
+                )
         finally:
             state.last_used = time.monotonic()
             if keep and not completed:
@@ -423,7 +430,7 @@ class Gateway:
             state.lock.release()
             if not keep:  # freed on the nodes after the answer, not before its last message
                 self.sessions.pop(session_id, None)
-                self._in_background(self.chain.close(session_id))
+                self._in_background(self._close_temporary(session_id))
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -461,6 +468,8 @@ class Gateway:
         """Open a new session, or take over one from the store: from its saved KV when it was
         saved at exactly this point, else marked for replay on its next step."""
         if stored is None or stored.closed:
+            # in the store (live) before the nodes hold anything: after a crash, freed there
+            await self._write(self.store.put, self.network_id, session_id, [], [], [])
             await self.chain.open(session_id)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
@@ -480,18 +489,17 @@ class Gateway:
         self.chain.adopt(session_id, stored.tokens, stale=False)
         return True
 
-    async def _persist(self, session_id: str, state: SessionState) -> None:
+    async def _write(self, method, *args) -> None:
+        """A store write that must not fail an answer (a later turn without it replays less
+        or starts afresh): logged."""
         try:
-            await asyncio.to_thread(
-                self.store.put,
-                self.network_id,
-                session_id,
-                state.tokens,
-                state.unfed,
-                state.messages,
-            )
-        except Exception:  # the answer is given; a later turn without it starts afresh
-            log.exception("network %s: cannot store session %s", self.network_id, session_id)
+            await asyncio.to_thread(method, *args)
+        except Exception:
+            log.exception("network %s: cannot write the session store", self.network_id)
+
+    async def _close_temporary(self, session_id: str) -> None:
+        await self.chain.close(session_id)
+        await self._write(self.store.delete, self.network_id, session_id)
 
     def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
         if messages is not None:
@@ -613,7 +621,11 @@ class Gateway:
         async with self._sessions_lock:
             if session_id in self.sessions:
                 raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
-            await self.chain.control(ps.SessionRestore, session_id)
+            try:
+                await self.chain.control(ps.SessionRestore, session_id)
+            except (ChainError, PeerUnavailable):  # the nodes before the failing one hold it
+                await self._close_on_nodes(session_id)
+                raise
             self.chain.adopt(session_id, saved.tokens, stale=False)
             self.sessions[session_id] = SessionState(
                 tokens=list(saved.tokens), unfed=list(saved.unfed), messages=list(saved.messages)

@@ -130,13 +130,23 @@ class SessionStore:
             )
 
     def set_live(self, network_id: str, session_ids: Iterable[str], live: bool) -> None:
-        ids = [(int(live), network_id, sid) for sid in session_ids]
+        """Whether the nodes may hold these sessions. One that the nodes no longer hold and
+        that never completed a turn (an answer without a session, a first turn that failed)
+        holds nothing worth keeping: it is forgotten."""
+        ids = [(network_id, sid) for sid in session_ids]
         if not ids:
             return
         with self.db.transaction() as conn:
             conn.executemany(
-                "UPDATE sessions SET live = ? WHERE network_id = ? AND session_id = ?", ids
+                f"UPDATE sessions SET live = {int(live)} WHERE network_id = ? AND session_id = ?",
+                ids,
             )
+            if not live:
+                conn.executemany(
+                    "DELETE FROM sessions WHERE network_id = ? AND session_id = ?"
+                    " AND tokens = '[]' AND unfed = '[]' AND messages = '[]'",
+                    ids,
+                )
 
     def live_sessions(self, network_id: str) -> list[str]:
         """Sessions the nodes may still hold (from before a restart of this gateway)."""
