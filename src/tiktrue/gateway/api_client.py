@@ -474,6 +474,8 @@ class Gateway:
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
         self.resumed += 1
+        if not stored.live:  # the nodes will hold it again
+            await self._write(self.store.set_live, self.network_id, [session_id], True)
         if not await self._restore_saved_kv(session_id, stored):
             self.chain.adopt(session_id, state.tokens, stale=True)
 
@@ -539,16 +541,16 @@ class Gateway:
         for session_id, state in list(self.sessions.items()):
             if state.lock.locked() or time.monotonic() - state.last_used < limit:
                 continue
-            async with state.lock:
+            async with state.lock:  # a turn that comes meanwhile waits, then loads it again
                 if self.sessions.get(session_id) is not state:
                     continue
                 if time.monotonic() - state.last_used < limit:
                     continue
-                del self.sessions[session_id]
-            await self._close_on_nodes(session_id)
+                await self._close_on_nodes(session_id)
+                self.sessions.pop(session_id, None)
+                await self._write(self.store.set_live, self.network_id, [session_id], False)
             freed.append(session_id)
         if freed:
-            await asyncio.to_thread(self.store.set_live, self.network_id, freed, False)
             log.info("network %s: freed %d idle session(s)", self.network_id, len(freed))
         return freed
 
@@ -647,8 +649,12 @@ class Gateway:
     async def close_session(self, session_id: str) -> None:
         """The conversation ends: freed on every node; its history stays in the store, closed
         (a later turn with this id starts afresh; a saved copy can still be restored)."""
-        state = self.sessions.pop(session_id, None)
+        state = self.sessions.get(session_id)
         if state is not None:
-            async with state.lock:
-                await self.chain.close(session_id)
+            async with state.lock:  # after the answer in flight, if any
+                if self.sessions.get(session_id) is state:
+                    await self.chain.close(session_id)
+                    self.sessions.pop(session_id, None)
+                    await asyncio.to_thread(self.store.close, self.network_id, session_id)
+                    return
         await asyncio.to_thread(self.store.close, self.network_id, session_id)
