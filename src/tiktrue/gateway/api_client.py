@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tiktrue.gateway.session_store import SessionStore, StoredSession
+from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.store import BlockStore
@@ -306,22 +306,22 @@ class Gateway:
         credentials: NetworkCredentials,
         local_server=None,
         *,
-        store: SessionStore | None = None,
+        session_store: SessionStore | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
     ):
         self.data_dir = Path(data_dir)
         self.config = config
         self.network_id = config.network_id
         self.model_id = config.model_id
-        store_dir = BlockStore(self.data_dir / "models" / config.model_id)
-        self.tokenizer = load_tokenizer(store_dir)
-        self.stop_ids = stop_token_ids(store_dir, self.tokenizer)
-        self.max_context = int(getattr(store_dir.config(), "max_position_embeddings", 2048))
+        store = BlockStore(self.data_dir / "models" / config.model_id)
+        self.tokenizer = load_tokenizer(store)
+        self.stop_ids = stop_token_ids(store, self.tokenizer)
+        self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
         self.credentials = credentials
         self.local_server = local_server
         self.chain = ReplayingChain(RemoteChain(config, credentials, local_server))
         self.sessions: dict[str, SessionState] = {}
-        self.store = store if store is not None else SessionStore.open(self.data_dir)
+        self.session_store = session_store or SessionStore.open(self.data_dir)
         self.idle_timeout_s = idle_timeout_s
         self.resumed = 0  # sessions loaded from the store (not in memory) for a new turn
         self._sessions_lock = asyncio.Lock()  # creating or loading a session
@@ -414,7 +414,7 @@ class Gateway:
             completed = True
             if keep:
                 await self._write(
-                    self.store.put,
+                    self.session_store.put,
                     self.network_id,
                     session_id,
                     state.tokens,
@@ -447,7 +447,7 @@ class Gateway:
                     stored = None
                     if keep:
                         stored = await asyncio.to_thread(
-                            self.store.get, self.network_id, session_id
+                            self.session_store.get, self.network_id, session_id
                         )
                     state = SessionState()
                     self.sessions[session_id] = state
@@ -469,18 +469,18 @@ class Gateway:
         saved at exactly this point, else marked for replay on its next step."""
         if stored is None or stored.closed:
             # in the store (live) before the nodes hold anything: after a crash, freed there
-            await self._write(self.store.put, self.network_id, session_id, [], [], [])
+            await self._write(self.session_store.put, self.network_id, session_id, [], [], [])
             await self.chain.open(session_id)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
         self.resumed += 1
         if not stored.live:  # the nodes will hold it again
-            await self._write(self.store.set_live, self.network_id, [session_id], True)
+            await self._write(self.session_store.set_live, self.network_id, [session_id], True)
         if not await self._restore_saved_kv(session_id, stored):
             self.chain.adopt(session_id, state.tokens, stale=True)
 
     async def _restore_saved_kv(self, session_id: str, stored: StoredSession) -> bool:
-        saved = await asyncio.to_thread(self.store.saved, self.network_id, session_id)
+        saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
         if saved is None or (saved.tokens, saved.unfed) != (stored.tokens, stored.unfed):
             return False
         try:
@@ -501,7 +501,7 @@ class Gateway:
 
     async def _close_temporary(self, session_id: str) -> None:
         await self.chain.close(session_id)
-        await self._write(self.store.delete, self.network_id, session_id)
+        await self._write(self.session_store.delete, self.network_id, session_id)
 
     def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
         if messages is not None:
@@ -548,7 +548,7 @@ class Gateway:
                     continue
                 await self._close_on_nodes(session_id)
                 self.sessions.pop(session_id, None)
-                await self._write(self.store.set_live, self.network_id, [session_id], False)
+                await self._write(self.session_store.set_live, self.network_id, [session_id], False)
             freed.append(session_id)
         if freed:
             log.info("network %s: freed %d idle session(s)", self.network_id, len(freed))
@@ -557,13 +557,13 @@ class Gateway:
     async def free_left_over(self) -> list[str]:
         """After a restart: the nodes may still hold sessions this gateway had (its own node's
         KV is gone, so they will be replayed anyway): close them there."""
-        left = await asyncio.to_thread(self.store.live_sessions, self.network_id)
+        left = await asyncio.to_thread(self.session_store.live_sessions, self.network_id)
         freed = []
         for start in range(0, len(left), 32):
             async with self._sessions_lock:  # no session is loaded while its close is in flight
                 batch = [s for s in left[start : start + 32] if s not in self.sessions]
                 await asyncio.gather(*(self._close_on_nodes(s) for s in batch))
-            await asyncio.to_thread(self.store.set_live, self.network_id, batch, False)
+            await asyncio.to_thread(self.session_store.set_live, self.network_id, batch, False)
             freed += batch
         return freed
 
@@ -594,7 +594,7 @@ class Gateway:
     async def save_session(self, session_id: str) -> Path:
         """Every node saves its layers' KV cache; the gateway saves the history (store)."""
         if session_id not in self.sessions:
-            stored = await asyncio.to_thread(self.store.get, self.network_id, session_id)
+            stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
             if stored is None or stored.closed:
                 raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}")
         state = await self._acquire(session_id, keep=True)
@@ -602,7 +602,7 @@ class Gateway:
             await self.chain.rebuild(session_id, len(state.tokens))  # loaded from the store
             await self.chain.control(ps.SessionSave, session_id)
             await asyncio.to_thread(
-                self.store.save,
+                self.session_store.save,
                 self.network_id,
                 session_id,
                 state.tokens,
@@ -616,7 +616,7 @@ class Gateway:
 
     async def restore_session(self, session_id: str) -> None:
         """Load a saved session on every node; it continues without recomputing its prompt."""
-        saved = await asyncio.to_thread(self.store.saved, self.network_id, session_id)
+        saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
         saved = saved or self._saved_by_an_older_version(session_id)
         if saved is None:
             raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
@@ -633,13 +633,16 @@ class Gateway:
                 tokens=list(saved.tokens), unfed=list(saved.unfed), messages=list(saved.messages)
             )
         await asyncio.to_thread(
-            self.store.put, self.network_id, session_id, saved.tokens, saved.unfed, saved.messages
+            self.session_store.put,
+            self.network_id,
+            session_id,
+            saved.tokens,
+            saved.unfed,
+            saved.messages,
         )
 
-    def _saved_by_an_older_version(self, session_id: str):
+    def _saved_by_an_older_version(self, session_id: str) -> SavedSession | None:
         """Saves made before the store kept the gateway's part in ``gateway.json``."""
-        from tiktrue.gateway.session_store import SavedSession
-
         path = self._session_dir(session_id) / "gateway.json"
         if not path.is_file():
             return None
@@ -655,6 +658,6 @@ class Gateway:
                 if self.sessions.get(session_id) is state:
                     await self.chain.close(session_id)
                     self.sessions.pop(session_id, None)
-                    await asyncio.to_thread(self.store.close, self.network_id, session_id)
+                    await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
                     return
-        await asyncio.to_thread(self.store.close, self.network_id, session_id)
+        await asyncio.to_thread(self.session_store.close, self.network_id, session_id)

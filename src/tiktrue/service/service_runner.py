@@ -284,7 +284,7 @@ class NodeService:
                 config,
                 credentials,
                 lambda: self.servers.get(network_id),
-                store=self._session_store,
+                session_store=self._session_store,
                 idle_timeout_s=self.session_idle_s,
             )
             gateway.start()
