@@ -37,11 +37,12 @@ def tiny_llama(tiny_store_factory) -> BlockStore:
     return tiny_store_factory("llama")
 
 
-def _tiny_cluster(store, base: Path):
+def _tiny_cluster(store, base: Path, **options):
     """Three real node processes on 127.0.0.1 serving ``store`` over mutual TLS.
 
     Spans: [embed, layer_0, layer_1], [layer_2, layer_3], [layer_4, layer_5, head]; the first
-    node also runs the gateway. Yields (cluster, homes, config).
+    node also runs the gateway. ``options`` go to ``LocalCluster``. Yields (cluster, homes,
+    config).
     """
     from tiktrue.model.engine import Span
     from tiktrue.service.local_network import LocalCluster, prepare_local_network
@@ -53,7 +54,7 @@ def _tiny_cluster(store, base: Path):
         Span.of(order, "layer_4", "head"),
     ]
     homes, config = prepare_local_network(base, store, spans=spans, network_id="testnet")
-    cluster = LocalCluster(homes, kv_budget_mb=16)
+    cluster = LocalCluster(homes, **{"kv_budget_mb": 16, **options})
     cluster.start()
     try:
         yield cluster, homes, config

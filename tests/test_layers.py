@@ -13,7 +13,7 @@ from pathlib import Path
 import tiktrue
 
 LAYERS = [
-    {"paths", "__init__"},  # the package's own base modules
+    {"paths", "database", "__init__"},  # the package's own base modules
     {"protocol", "security", "model", "monitoring"},
     {"node"},
     {"control", "gateway"},

@@ -658,6 +658,12 @@ def node(
     kv_budget_mb: int = typer.Option(512, "--kv-budget-mb", help="KV cache budget per network."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    session_idle_minutes: float = typer.Option(
+        30.0,
+        "--session-idle-minutes",
+        help="Gateway: free a conversation's KV on the nodes after this long unused "
+        "(its history is kept; the next turn rebuilds it).",
+    ),
 ) -> None:
     """Run the node service: control channel, one block server per network, gateway."""
     import logging
@@ -682,6 +688,7 @@ def node(
             api_host=api_host,
             api_port=api_port,
             kv_budget_mb=kv_budget_mb,
+            session_idle_s=session_idle_minutes * 60.0,
         )
     )
 

@@ -110,6 +110,7 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
             # False while a node of the network is lost and the network heals (or is degraded)
             "healthy": {g.network_id: g.healthy for g in gateways.values()},
             "protocol": protocol.stats.as_dict(),
+            "sessions": {g.network_id: g.session_stats() for g in gateways.values()},
         }
 
     @app.get("/v1/models")

@@ -145,8 +145,8 @@ class ClientProtocol:
             raise ps.ProtocolError(
                 ps.INVALID_MESSAGE, "input_tensors.input_ids is required", None, request.session_id
             )
-        if request.step == 0 and request.session_id in gateway.sessions:
-            await gateway.close_session(request.session_id)  # step 0 starts the session anew
+        if request.step == 0:  # step 0 starts the session anew (also one kept in the store)
+            await gateway.close_session(request.session_id)
         inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
         message_id = f"{request.session_id}:{request.step}"
         await self._stream(gateway, SamplingParams(), inputs, request.session_id, message_id, send)

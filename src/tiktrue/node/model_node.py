@@ -84,11 +84,14 @@ class BlockServer:
         self.node_id = credentials.identity.node_id
         self.entry = config.node(self.node_id)
         store = BlockStore(self.data_dir / "models" / config.model_id)
+        spill_dir = self.data_dir / "cache" / "kv" / self.network_id
+        for stale in spill_dir.glob("*.npz"):  # KV spilled by a run that did not end cleanly
+            stale.unlink(missing_ok=True)
         self.engine = BlockEngine(
             store,
             Span(tuple(self.entry.blocks)),
             kv_budget_bytes=kv_budget_bytes,
-            spill_dir=self.data_dir / "cache" / "kv" / self.network_id,
+            spill_dir=spill_dir,
         )
         itemsize = 4
         # the largest legitimate frame: a full request's hidden states, plus headers
@@ -587,6 +590,8 @@ class BlockServer:
                     message.message_id,
                     sid,
                 )
+            if self.engine.kv.has(sid):  # a restore replaces what the node holds of it
+                self.engine.close_session(sid)
             self.engine.load_session(sid, span_file)
             if self.span.has_head:
                 history = json.loads((folder / "history.json").read_text("utf-8"))

@@ -27,8 +27,9 @@ from tiktrue import __version__
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
-from tiktrue.gateway.api_client import Gateway
+from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.openai_api import create_app
+from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.monitoring.monitoring_system import EventLog
@@ -67,6 +68,7 @@ class NodeService:
         api_port: int | None = None,
         kv_budget_mb: int = 512,
         announce: bool = True,
+        session_idle_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.announce = announce
@@ -92,6 +94,8 @@ class NodeService:
         self.admin_beats: dict[str, float] = {}  # network -> wall time of the admin's last beat
         self._suspect_reports: set[asyncio.Task] = set()
         psutil.cpu_percent(None)  # primes the counter: later reads never wait for a sample
+        self.session_idle_s = session_idle_s
+        self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -208,7 +212,9 @@ class NodeService:
         for monitor in self.health.values():
             await monitor.stop()
         for gateway in self.gateways.values():
-            await gateway.chain.aclose()
+            await gateway.aclose()
+        if self._session_store is not None:
+            self._session_store.db.close()
         for server in self.servers.values():
             await server.stop()
         if self.control is not None:
@@ -249,7 +255,7 @@ class NodeService:
                 if self.api_port is not None:
                     self._update_gateway(config)
             for network_id in set(self.gateways) - set(configs):
-                await self.gateways.pop(network_id).chain.aclose()
+                await self.gateways.pop(network_id).aclose()
             for network_id, server in self.servers.items():
                 server.client_handler = (
                     self.protocol.handle if network_id in self.gateways else None
@@ -334,7 +340,9 @@ class NodeService:
                 return
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
             network_id = config.network_id
-            self.gateways[network_id] = Gateway(
+            if self._session_store is None:
+                self._session_store = SessionStore.open(self.data_dir)
+            gateway = self.gateways[network_id] = Gateway(
                 self.data_dir,
                 config,
                 credentials,
@@ -342,7 +350,10 @@ class NodeService:
                 on_broken=lambda error: self._in_background(
                     self.chain_broken(network_id, str(error))
                 ),
+                session_store=self._session_store,
+                idle_timeout_s=self.session_idle_s,
             )
+            gateway.start()
         elif gateway.config.version != config.version:
             gateway.switch(config)
 
