@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -31,53 +27,6 @@ from tiktrue.protocol.network_config import NetworkConfig, NodeEntry, write_conf
 from tiktrue.security.node_tls import node_identity
 
 LOOPBACK = ["127.0.0.1"]
-MDNS_GROUP = "224.0.0.251"
-
-
-def _loopback_multicast() -> str:
-    """'' when a multicast datagram sent on 127.0.0.1 comes back to a member there, else why not."""
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        rx.bind(("", 0))  # a private port: no interference with real mDNS on 5353
-        membership = socket.inet_aton(MDNS_GROUP) + socket.inet_aton("127.0.0.1")
-        rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
-        rx.settimeout(1.0)
-        tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-        tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        token = os.urandom(16)
-        tx.sendto(token, (MDNS_GROUP, rx.getsockname()[1]))
-        while rx.recv(64) != token:
-            pass
-        return ""
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        rx.close()
-        tx.close()
-
-
-@pytest.fixture(scope="module")
-def loopback_multicast():
-    """Make sure mDNS can work on 127.0.0.1; else skip, saying why."""
-    problem = _loopback_multicast()
-    switched_on = False
-    if problem and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip"):
-        done = subprocess.run(
-            ["ip", "link", "set", "lo", "multicast", "on"], capture_output=True, text=True
-        )
-        if done.returncode == 0:
-            switched_on = True
-            problem = _loopback_multicast()
-        else:
-            problem += f"; `ip link set lo multicast on` failed: {done.stderr.strip()}"
-    try:
-        if problem:
-            pytest.skip(f"multicast on 127.0.0.1 does not work here ({problem})")
-        yield
-    finally:
-        if switched_on:
-            subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=False)
 
 
 class Watcher:
