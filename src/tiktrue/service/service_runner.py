@@ -232,7 +232,7 @@ class NodeService:
                 if entry.blocks and network_id not in self.servers:
                     await self._start_block_server(config, entry.blocks)
                 if self.api_port is not None:
-                    self._update_gateway(config)
+                    await self._update_gateway(config)
             for network_id in set(self.gateways) - set(configs):
                 await self.gateways.pop(network_id).chain.aclose()
             for network_id, server in self.servers.items():
@@ -257,13 +257,19 @@ class NodeService:
             self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
             return
         credentials = NetworkCredentials.load(self.data_dir, config.network_id)
-        server = BlockServer(
-            self.data_dir, config, credentials, kv_budget_bytes=self._kv_budget(store, blocks)
+        # loading and hashing the span takes seconds: off the loop, so the control channel,
+        # the gateway and other networks go on meanwhile (reload's lock still serializes)
+        server = await asyncio.to_thread(
+            BlockServer,
+            self.data_dir,
+            config,
+            credentials,
+            kv_budget_bytes=self._kv_budget(store, blocks),
         )
         await server.start()
         self.servers[config.network_id] = server
 
-    def _update_gateway(self, config: NetworkConfig) -> None:
+    async def _update_gateway(self, config: NetworkConfig) -> None:
         gateway = self.gateways.get(config.network_id)
         if gateway is None:
             tokenizer = self.data_dir / "models" / config.model_id / "tokenizer_config.json"
@@ -271,8 +277,8 @@ class NodeService:
                 return
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
             network_id = config.network_id
-            self.gateways[network_id] = Gateway(
-                self.data_dir, config, credentials, lambda: self.servers.get(network_id)
+            self.gateways[network_id] = await asyncio.to_thread(  # loads the tokenizer
+                Gateway, self.data_dir, config, credentials, lambda: self.servers.get(network_id)
             )
         elif gateway.config.version != config.version:
             gateway.switch(config)

@@ -1,0 +1,115 @@
+"""The node service in this process: what goes on while it reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from tiktrue.gateway import api_client
+from tiktrue.model.engine import Span
+from tiktrue.model.store import BlockStore
+from tiktrue.node.control_link import ControlLink
+from tiktrue.protocol.network_config import config_path
+from tiktrue.service.local_network import prepare_local_network
+from tiktrue.service.service_runner import NodeService
+
+CEILING_S = 60.0
+
+
+class Hold:
+    """Holds the first call of a function (run as it is after that) until ``release()`` or the
+    ceiling, and notes in ``order`` when that call started and ended."""
+
+    def __init__(self, monkeypatch, owner, name: str) -> None:
+        self.order: list[str] = []
+        self.started = threading.Event()
+        self._release = threading.Event()
+        real = getattr(owner, name)
+
+        def held(*args, **kwargs):
+            first = not self.started.is_set()
+            if first:
+                self.order.append(f"{name} started")
+                self.started.set()
+                self._release.wait(CEILING_S)
+            result = real(*args, **kwargs)
+            if first:
+                self.order.append(f"{name} done")
+            return result
+
+        monkeypatch.setattr(owner, name, held)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, CEILING_S), "the call never came"
+
+    def release(self) -> None:
+        self._release.set()
+
+
+async def ping(service: NodeService, hold: Hold, reload: asyncio.Task) -> None:
+    """While ``hold`` holds the reload: a ping round trip on the control channel."""
+    async with ControlLink(
+        f"127.0.0.1:{service.control.port}", expected_node_id=service.identity.node_id
+    ) as link:
+        await hold.wait_started()
+        await link.call("ping")
+        hold.order.append("pong")
+        hold.release()
+        await reload
+
+
+def _one_node(store, base):
+    chain = store.manifest.model_chain_order
+    [home], _ = prepare_local_network(
+        base, store, spans=[Span.of(chain, chain[0], chain[-1])], network_id="solo"
+    )
+    return home, chain
+
+
+def test_the_control_channel_answers_while_a_reload_loads_a_span(tiny_llama, tmp_path, monkeypatch):
+    """A reload loads and hashes the span's blocks off the event loop: a ping sent while the
+    first block is loading is answered before that load ends (the load is held until the
+    answer is in, or the ceiling passes: the order is the proof)."""
+    home, chain = _one_node(tiny_llama, tmp_path)
+
+    async def go() -> Hold:
+        service = NodeService(home, announce=False)
+        await service.start()
+        hold = Hold(monkeypatch, BlockStore, "load_block")
+        try:
+            await ping(service, hold, asyncio.create_task(service.reload(force=True)))
+            assert service.servers["solo"].span.blocks == tuple(chain)
+        finally:
+            hold.release()
+            await service.stop()
+        return hold
+
+    hold = asyncio.run(go())
+    assert hold.order == ["load_block started", "pong", "load_block done"]
+
+
+def test_the_control_channel_answers_while_a_gateway_loads_its_tokenizer(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """A network joined while the node runs: its gateway's tokenizer loads off the loop."""
+    home, _ = _one_node(tiny_llama, tmp_path)
+    path = config_path(home, "solo")
+    away = path.with_name("away.json")
+    path.rename(away)  # the node starts in no network
+
+    async def go() -> Hold:
+        service = NodeService(home, announce=False, api_port=0)
+        await service.start()
+        hold = Hold(monkeypatch, api_client, "load_tokenizer")
+        try:
+            assert not service.gateways
+            away.rename(path)
+            await ping(service, hold, asyncio.create_task(service.reload()))
+            assert service.gateways["solo"].tokenizer is not None
+        finally:
+            hold.release()
+            await service.stop()
+        return hold
+
+    hold = asyncio.run(go())
+    assert hold.order == ["load_tokenizer started", "pong", "load_tokenizer done"]
