@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from types import SimpleNamespace
 
+from tiktrue.control.discovery import NodeAnnouncement, NodeAnnouncer
 from tiktrue.gateway import api_client
 from tiktrue.model.engine import Span
-from tiktrue.model.store import BlockStore
+from tiktrue.model.errors import StoreError
+from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import config_path
 from tiktrue.service.local_network import prepare_local_network
@@ -113,3 +117,36 @@ def test_the_control_channel_answers_while_a_gateway_loads_its_tokenizer(
 
     hold = asyncio.run(go())
     assert hold.order == ["load_tokenizer started", "pong", "load_tokenizer done"]
+
+
+def test_a_failed_replan_is_logged_with_its_traceback(tiny_llama, tmp_path, caplog):
+    home, _ = _one_node(tiny_llama, tmp_path)
+    (home / "models" / tiny_llama.model_id / MANIFEST).unlink()  # the admin lost its copy
+
+    async def go() -> None:
+        service = NodeService(home, announce=False)
+        service.schedule_replan("solo", delay=0)
+        await service._replans["solo"]
+
+    with caplog.at_level(logging.ERROR, logger="tiktrue.node"):
+        asyncio.run(go())
+    [record] = [r for r in caplog.records if "re-plan after a join failed" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is StoreError
+
+
+def test_a_failed_announcement_update_is_logged(tiny_llama, tmp_path, caplog):
+    """The LAN announcement cannot be updated: a warning says why (it was swallowed)."""
+    home, _ = _one_node(tiny_llama, tmp_path)
+    other = NodeAnnouncement(node_id="0123456789abcdef", control_port=7481)
+
+    async def go() -> None:
+        service = NodeService(home, announce=False)
+        service.control = SimpleNamespace(port=7481)
+        service.announcer = NodeAnnouncer(other)  # speaks for another node: update refuses
+        await service._announce_update()
+
+    with caplog.at_level(logging.WARNING, logger="tiktrue.node"):
+        asyncio.run(go())
+    [record] = [r for r in caplog.records if "announcement" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "an announcer speaks for node 0123456789abcdef" in record.getMessage()

@@ -140,8 +140,10 @@ class NodeService:
 
         if self.announcer is not None:
             announcement = announcement_for(self.data_dir, self.control.port, host=self.host)
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.announcer.update, announcement)
+            except Exception as exc:  # the LAN sees the old announcement; nothing else breaks
+                log.warning("cannot update the LAN announcement: %s", exc)
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
@@ -166,7 +168,7 @@ class NodeService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("network %s: re-plan after a join failed: %s", network_id, exc)
+            log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -188,8 +190,10 @@ class NodeService:
 
     async def stop(self) -> None:
         if self.announcer is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.announcer.stop)
+            except Exception as exc:  # others drop this node when its announcement expires
+                log.warning("cannot withdraw the LAN announcement: %s", exc)
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
