@@ -7,6 +7,8 @@ import logging
 import threading
 from types import SimpleNamespace
 
+import psutil
+
 from tiktrue.control.discovery import NodeAnnouncement, NodeAnnouncer
 from tiktrue.gateway import api_client
 from tiktrue.model.engine import Span
@@ -150,3 +152,23 @@ def test_a_failed_announcement_update_is_logged(tiny_llama, tmp_path, caplog):
     [record] = [r for r in caplog.records if "announcement" in r.getMessage()]
     assert record.levelno == logging.WARNING
     assert "an announcer speaks for node 0123456789abcdef" in record.getMessage()
+
+
+def test_node_info_does_not_sleep_to_sample_the_cpu(tiny_llama, tmp_path, monkeypatch):
+    """node_info answers on the event loop: it reads the CPU load since the last reading
+    instead of sampling it for a while (psutil sleeps for the interval it is given)."""
+    home, _ = _one_node(tiny_llama, tmp_path)
+    service = NodeService(home, announce=False)
+    intervals = []
+    real = psutil.cpu_percent
+
+    def cpu_percent(interval=None, percpu=False):
+        intervals.append(interval)
+        return real(interval, percpu)
+
+    monkeypatch.setattr(psutil, "cpu_percent", cpu_percent)
+    info = service.node_info()
+    assert 0.0 <= info["resources"]["cpu_load_percent"] <= 100.0
+    assert intervals and not any(intervals), intervals
+    service.set_caps({"threads": 1})
+    assert not any(intervals), intervals

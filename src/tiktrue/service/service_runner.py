@@ -20,6 +20,7 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import uvicorn
 
 from tiktrue import __version__
@@ -69,6 +70,7 @@ class NodeService:
         self.announcer = None
         self._replans: dict[str, asyncio.Task] = {}
         self.identity = node_identity(self.data_dir)
+        psutil.cpu_percent(None)  # node_info's first CPU reading covers the time since now
         self.host = host
         self.control_port = control_port
         self.api_host, self.api_port = api_host, api_port
@@ -96,7 +98,8 @@ class NodeService:
         from tiktrue.node.resources import NodeCaps, collect_resources
 
         checked = NodeCaps.model_validate(caps)
-        checked.effective(collect_resources(self.data_dir))  # refuses caps above what we have
+        # refuses caps above what we have (no CPU sampling: this runs on the event loop)
+        checked.effective(collect_resources(self.data_dir, cpu_sample_s=0))
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
@@ -320,7 +323,8 @@ class NodeService:
             "api": self.api_url,
             "pid": os.getpid(),
             "rss_bytes": _rss(),
-            "resources": collect_resources(self.data_dir).model_dump(),
+            # the CPU load since the last reading: sampling would sleep on the event loop
+            "resources": collect_resources(self.data_dir, cpu_sample_s=0).model_dump(),
             "caps": self.caps().model_dump(),
             "networks": networks,
         }
@@ -342,8 +346,6 @@ class NodeService:
 
 
 def _rss() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 
