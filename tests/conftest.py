@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny block stores (session-scoped: made once per test run)."""
+"""Shared fixtures: tiny block stores (session-scoped: made once per test run), tiny clusters,
+mDNS on loopback."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.multicast import loopback_multicast_problem
 from tests.helpers.tiny_models import make_tiny_model
 from tiktrue.model.importer import import_model
 from tiktrue.model.store import BlockStore
@@ -72,3 +77,26 @@ def tiny_cluster(tiny_llama, tmp_path_factory):
 def own_tiny_cluster(tiny_llama, tmp_path):
     """A cluster of its own for a test that breaks it (kills a node)."""
     yield from _tiny_cluster(tiny_llama, tmp_path / "cluster")
+
+
+@pytest.fixture(scope="module")
+def loopback_multicast():
+    """Make sure mDNS can work on 127.0.0.1; else skip, saying why."""
+    problem = loopback_multicast_problem()
+    switched_on = False
+    if problem and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip"):
+        done = subprocess.run(
+            ["ip", "link", "set", "lo", "multicast", "on"], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            switched_on = True
+            problem = loopback_multicast_problem()
+        else:
+            problem += f"; `ip link set lo multicast on` failed: {done.stderr.strip()}"
+    try:
+        if problem:
+            pytest.skip(f"multicast on 127.0.0.1 does not work here ({problem})")
+        yield
+    finally:
+        if switched_on:
+            subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=False)

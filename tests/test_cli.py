@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 
@@ -65,3 +67,26 @@ def test_clear_errors_for_unknown_model_and_bad_settings(home_with_model):
     assert bad.returncode == 1 and "top_p" in bad.stderr
     nothing = tiktrue(home_with_model, "models", "import", "/no/such/dir", "--id", "x", check=False)
     assert nothing.returncode == 1 and "does not exist" in nothing.stderr
+
+
+def test_network_discover_lists_an_announced_network(loopback_multicast, tmp_path):
+    """A node announcing a network on the LAN (real mDNS on 127.0.0.1): the command lists the
+    node and the network. Each try listens a while; tries repeat until the node is seen."""
+    from tiktrue.control.discovery import NodeAnnouncement, NodeAnnouncer
+
+    node_id, network_id = uuid.uuid4().hex[:16], f"office-{uuid.uuid4().hex[:8]}"
+    office = {"name": "Office", "role": "admin", "model_id": "m1"}
+    announcement = NodeAnnouncement(
+        node_id=node_id, name="cli-pc", control_port=7481, networks={network_id: office}
+    )
+    args = ("network", "discover", "--interface", "127.0.0.1", "--timeout")
+    listen = 2.0
+    with NodeAnnouncer(announcement, interfaces=["127.0.0.1"]):
+        deadline = time.monotonic() + 120
+        while True:
+            out = tiktrue(tmp_path, *args, str(listen)).stdout
+            if node_id in out or time.monotonic() > deadline:
+                break
+            listen = min(listen * 2, 30.0)  # a slow machine resolves slowly: listen longer
+    assert f"{node_id}  cli-pc" in out and f"127.0.0.1:7481  {network_id} (admin)" in out, out
+    assert f"network {network_id}: Office, 1 node\n" in out, out

@@ -374,7 +374,10 @@ def network_discover(
         networks = ", ".join(f"{i} ({n.role})" for i, n in node.networks.items()) or "no network"
         typer.echo(f"{node.node_id}  {node.name:<20} {node.host}:{node.control_port}  {networks}")
     for network in summarize_networks(nodes):
-        typer.echo(f"network {network.network_id}: {network.name}, {len(network.members)} nodes")
+        count = len(network.nodes)
+        typer.echo(
+            f"network {network.network_id}: {network.name}, {count} node{'s' * (count != 1)}"
+        )
 
 
 @network_app.command("caps")

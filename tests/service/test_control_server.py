@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +11,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tiktrue.control import network_manager as nm
+from tiktrue.control.distributor import chunk_aad
+from tiktrue.model.store import MANIFEST
+from tiktrue.protocol.frames import encode_bytes_frame
 from tiktrue.security.auth_manager import create_network_ca
+from tiktrue.security.crypto_layer import encrypt_block_transfer
 from tiktrue.security.node_tls import node_identity
 from tiktrue.service.control_server import ControlServer, Refused
 
@@ -107,3 +113,32 @@ def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
     monitor = asyncio.run(run())
     assert monitor.state(worker_id) == "dead"
     assert "lost its link: link dropped" in monitor.nodes[worker_id].history[0]["why"]
+
+
+def test_only_a_chunk_that_does_not_decrypt_is_called_so(tiny_llama, tmp_path):
+    """A block push: a tampered chunk is refused as one; any other failure says what it is."""
+    home = tmp_path / "node"
+    nm.create_network(home, "A", tiny_llama, network_id="net-a")
+    root = home / "models" / tiny_llama.model_id
+    root.mkdir(parents=True)
+    shutil.copy(tiny_llama.root / MANIFEST, root / MANIFEST)
+    server = ControlServer(SimpleNamespace(data_dir=home))
+    admin = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    path = tiny_llama.manifest.blocks["embed"].file
+    chunk = (tiny_llama.root / path).read_bytes()[:1024]
+    key = nm.block_key(home, "net-a")
+    sealed = encrypt_block_transfer(chunk, key, chunk_aad(tiny_llama.model_id, path, 0))
+    meta = {"op": "chunk", "id": "c-0", "network_id": "net-a", "model_id": tiny_llama.model_id}
+
+    def push(payload: bytes) -> dict:
+        frame = encode_bytes_frame(payload, **meta, path=path, index=0)
+        return asyncio.run(server._answer(frame, admin, True))
+
+    tampered = push(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    assert (tampered["code"], tampered["in_reply_to"]) == ("bad_chunk", "c-0"), tampered
+    assert "does not decrypt" in tampered["message"]
+
+    (home / "networks" / "net-a" / nm.BLOCK_KEY).unlink()  # a node that never got the key
+    no_key = push(sealed)
+    assert no_key["code"] == "join_refused", no_key
+    assert no_key["message"] == "this node holds no block key for network net-a"

@@ -31,7 +31,7 @@ from tiktrue.protocol.network_config import (
     write_config,
 )
 from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
-from tiktrue.security.crypto_layer import decrypt_block_transfer
+from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.node_tls import control_server_context
 
 if TYPE_CHECKING:
@@ -207,11 +207,10 @@ class ControlServer:
         self._require_admin(peer, network_id)
         manifest, root = self._manifest(model_id)
         path, index = header["path"], int(header["index"])
+        key = nm.block_key(self.data_dir, network_id)  # its own error when there is none
         try:
-            data = decrypt_block_transfer(
-                payload, nm.block_key(self.data_dir, network_id), chunk_aad(model_id, path, index)
-            )
-        except Exception as exc:
+            data = decrypt_block_transfer(payload, key, chunk_aad(model_id, path, index))
+        except BlockDecryptionError as exc:
             raise Refused("bad_chunk", f"chunk {index} of {path} does not decrypt: {exc}") from exc
         complete = await asyncio.to_thread(
             block_receiver.receive_chunk,

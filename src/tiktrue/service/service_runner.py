@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -75,6 +76,7 @@ class NodeService:
         self.announcer = None
         self._replans: dict[str, asyncio.Task] = {}
         self.identity = node_identity(self.data_dir)
+        psutil.cpu_percent(None)  # node_info's first CPU reading covers the time since now
         self.host = host
         self.control_port = control_port
         self.api_host, self.api_port = api_host, api_port
@@ -111,8 +113,8 @@ class NodeService:
         from tiktrue.node.resources import NodeCaps, collect_resources
 
         checked = NodeCaps.model_validate(caps)
-        resources = collect_resources(self.data_dir, cpu_sample_s=0)
-        checked.effective(resources)  # refuses caps above what we have
+        # refuses caps above what we have (no CPU sampling: this runs on the event loop)
+        checked.effective(collect_resources(self.data_dir, cpu_sample_s=0))
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
@@ -156,8 +158,10 @@ class NodeService:
 
         if self.announcer is not None:
             announcement = announcement_for(self.data_dir, self.control.port, host=self.host)
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.announcer.update, announcement)
+            except Exception as exc:  # the LAN sees the old announcement; nothing else breaks
+                log.warning("cannot update the LAN announcement: %s", exc)
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
@@ -182,7 +186,7 @@ class NodeService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("network %s: re-plan after a join failed: %s", network_id, exc)
+            log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -204,8 +208,10 @@ class NodeService:
 
     async def stop(self) -> None:
         if self.announcer is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.announcer.stop)
+            except Exception as exc:  # others drop this node when its announcement expires
+                log.warning("cannot withdraw the LAN announcement: %s", exc)
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
@@ -253,7 +259,7 @@ class NodeService:
                 if entry.blocks and network_id not in self.servers:
                     await self._start_block_server(config, entry.blocks)
                 if self.api_port is not None:
-                    self._update_gateway(config)
+                    await self._update_gateway(config)
             for network_id in set(self.gateways) - set(configs):
                 await self.gateways.pop(network_id).aclose()
             for network_id, server in self.servers.items():
@@ -279,8 +285,14 @@ class NodeService:
             self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
             return
         credentials = NetworkCredentials.load(self.data_dir, config.network_id)
-        server = BlockServer(
-            self.data_dir, config, credentials, kv_budget_bytes=self._kv_budget(store, blocks)
+        # loading and hashing the span takes seconds: off the loop, so the control channel,
+        # the gateway and other networks go on meanwhile (reload's lock still serializes)
+        server = await asyncio.to_thread(
+            BlockServer,
+            self.data_dir,
+            config,
+            credentials,
+            kv_budget_bytes=self._kv_budget(store, blocks),
         )
         await server.start()
         server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
@@ -332,7 +344,7 @@ class NodeService:
         self._suspect_reports.add(task)
         task.add_done_callback(self._suspect_reports.discard)
 
-    def _update_gateway(self, config: NetworkConfig) -> None:
+    async def _update_gateway(self, config: NetworkConfig) -> None:
         gateway = self.gateways.get(config.network_id)
         if gateway is None:
             tokenizer = self.data_dir / "models" / config.model_id / "tokenizer_config.json"
@@ -342,16 +354,19 @@ class NodeService:
             network_id = config.network_id
             if self._session_store is None:
                 self._session_store = SessionStore.open(self.data_dir)
-            gateway = self.gateways[network_id] = Gateway(
-                self.data_dir,
-                config,
-                credentials,
-                lambda: self.servers.get(network_id),
-                on_broken=lambda error: self._in_background(
-                    self.chain_broken(network_id, str(error))
-                ),
-                session_store=self._session_store,
-                idle_timeout_s=self.session_idle_s,
+            gateway = self.gateways[network_id] = await asyncio.to_thread(  # loads the tokenizer
+                functools.partial(
+                    Gateway,
+                    self.data_dir,
+                    config,
+                    credentials,
+                    lambda: self.servers.get(network_id),
+                    on_broken=lambda error: self._in_background(
+                        self.chain_broken(network_id, str(error))
+                    ),
+                    session_store=self._session_store,
+                    idle_timeout_s=self.session_idle_s,
+                )
             )
             gateway.start()
         elif gateway.config.version != config.version:
@@ -418,6 +433,7 @@ class NodeService:
             "api": self.api_url,
             "pid": os.getpid(),
             "rss_bytes": _rss(),
+            # the CPU load since the last reading: sampling would sleep on the event loop
             "resources": collect_resources(self.data_dir, cpu_sample_s=0).model_dump(),
             "caps": self.caps().model_dump(),
             "networks": networks,
@@ -455,8 +471,6 @@ class NodeService:
 
 
 def _rss() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 
