@@ -324,6 +324,7 @@ class SessionState:
     messages: list[dict] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     cancelled: bool = False
+    owner: str | None = None  # the account whose conversation it is (None: no credentials)
 
 
 class Gateway:
@@ -377,6 +378,7 @@ class Gateway:
         session_id: str | None = None,
         keep: bool | None = None,
         result: GenerationResult | None = None,
+        owner: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream an answer. Exactly one input:
 
@@ -387,13 +389,16 @@ class Gateway:
 
         A session is kept for the next turn when ``keep`` (default: when ``session_id`` is
         given); otherwise the answer runs in a fresh session that is closed afterwards.
+        A session belongs to the ``owner`` that opened it: nobody else continues it.
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
         session_id = session_id or new_session_id()
         state = self.sessions.get(session_id)
+        if state is not None:
+            _check_owner(state.owner, owner, session_id)
         if state is None:
-            state = SessionState()
+            state = SessionState(owner=owner)
             await self.chain.open(session_id)
             self.sessions[session_id] = state
         try:
@@ -451,9 +456,10 @@ class Gateway:
         await self.chain.open(session_id)
         state.tokens, state.unfed = [], []
 
-    def cancel(self, session_id: str) -> bool:
+    def cancel(self, session_id: str, owner: str | None = None) -> bool:
         state = self.sessions.get(session_id)
         if state is not None:
+            _check_owner(state.owner, owner, session_id)
             state.cancelled = True
         return state is not None
 
@@ -462,18 +468,24 @@ class Gateway:
     def _session_dir(self, session_id: str) -> Path:
         return self.data_dir / "sessions" / self.network_id / session_id
 
-    async def save_session(self, session_id: str) -> Path:
+    async def save_session(self, session_id: str, owner: str | None = None) -> Path:
         """Every node saves its layers' KV cache; the gateway saves the history."""
         state = self._state(session_id)
+        _check_owner(state.owner, owner, session_id)
+        saved_before = self._session_dir(session_id) / "gateway.json"
+        if saved_before.is_file():  # another's saved conversation is not overwritten
+            earlier = json.loads(saved_before.read_text("utf-8")).get("owner")
+            _check_owner(earlier, owner, session_id)
         async with state.lock:
             await self.chain.control(ps.SessionSave, session_id)
             folder = self._session_dir(session_id)
             folder.mkdir(parents=True, exist_ok=True)
             saved = {"tokens": state.tokens, "unfed": state.unfed, "messages": state.messages}
+            saved["owner"] = state.owner
             (folder / "gateway.json").write_text(json.dumps(saved), "utf-8")
         return folder
 
-    async def restore_session(self, session_id: str) -> None:
+    async def restore_session(self, session_id: str, owner: str | None = None) -> None:
         """Load a saved session on every node; it continues without recomputing its prompt."""
         if session_id in self.sessions:
             raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
@@ -481,14 +493,20 @@ class Gateway:
         if not path.is_file():
             raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
         saved = json.loads(path.read_text("utf-8"))
+        _check_owner(saved.get("owner"), owner, session_id)
         await self.chain.control(ps.SessionRestore, session_id)
         self.sessions[session_id] = SessionState(
-            tokens=saved["tokens"], unfed=saved["unfed"], messages=saved["messages"]
+            tokens=saved["tokens"],
+            unfed=saved["unfed"],
+            messages=saved["messages"],
+            owner=saved.get("owner"),
         )
 
-    async def close_session(self, session_id: str) -> None:
-        state = self.sessions.pop(session_id, None)
+    async def close_session(self, session_id: str, owner: str | None = None) -> None:
+        state = self.sessions.get(session_id)
         if state is not None:
+            _check_owner(state.owner, owner, session_id)
+            self.sessions.pop(session_id, None)
             async with state.lock:
                 await self.chain.close(session_id)
 
@@ -497,3 +515,10 @@ class Gateway:
             return self.sessions[session_id]
         except KeyError:
             raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}") from None
+
+
+def _check_owner(session_owner: str | None, caller: str | None, session_id: str) -> None:
+    """A conversation is its owner's: another account (or a caller without credentials)
+    cannot continue, save, restore, cancel or close it."""
+    if session_owner != caller:
+        raise ChainError(ps.FORBIDDEN, f"session {session_id} belongs to someone else")

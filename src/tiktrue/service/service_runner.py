@@ -26,6 +26,7 @@ from tiktrue import __version__
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import Gateway
+from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
@@ -173,7 +174,7 @@ class NodeService:
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol),
+            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir)),
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
