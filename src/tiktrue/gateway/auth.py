@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 
 import psutil
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from tiktrue.paths import write_text_atomic
@@ -133,6 +133,11 @@ def credential_of(scope: dict) -> str | None:
     return None
 
 
+class Login(BaseModel):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
 class GatewayAuth:
     """The gateway's checks, on the accounts of ``data_dir`` (None: no accounts here, so every
     credential is refused and only this PC's callers get in)."""
@@ -181,10 +186,6 @@ class GatewayAuth:
     def router(self) -> APIRouter:
         """``POST /auth/login``: an account's name and password for a JWT."""
         router = APIRouter()
-
-        class Login(BaseModel):
-            username: str
-            password: str
 
         @router.post("/auth/login")
         async def login(body: Login) -> dict:
