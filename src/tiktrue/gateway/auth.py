@@ -105,8 +105,9 @@ def is_local(client_host: str | None, server_host: str | None = None) -> bool:
 
     The operating system gives a connection between two programs of one PC such a source
     address (127.0.0.1 for any loopback destination, the PC's LAN address when that is what
-    the client dialled); and it drops packets from the network that claim one (a martian
-    source), so a PC on the LAN cannot pass for this one. Other loopback addresses
+    the client dialled). A PC on the LAN cannot pass for this one: a TCP handshake claiming
+    one of this PC's addresses is answered to this PC itself, never to the sender (and Linux
+    drops such packets outright: a martian source). Other loopback addresses
     (127.0.0.2 ...) are no interface's: a program must bind one on purpose, and is treated like
     a LAN caller (this is how tests play a LAN caller without leaving 127.0.0.0/8).
     """
