@@ -14,7 +14,7 @@ import tiktrue
 
 LAYERS = [
     {"paths", "__init__"},  # the package's own base modules
-    {"protocol", "security", "model"},
+    {"protocol", "security", "model", "monitoring"},
     {"node"},
     {"control", "gateway"},
     {"ui"},

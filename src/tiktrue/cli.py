@@ -509,7 +509,8 @@ def network_status_cmd(
     network_id: str = typer.Argument(None, help="Default: the only network of this node."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Every node of the network: address, role, state, resources, caps, blocks, RSS."""
+    """Every node of the network: address, role, state, health (online/suspect/dead, from the
+    running admin's heartbeats), last beat, heartbeat RTT, blocks, resources, RSS."""
     from tiktrue.control.network_admin import network_status
     from tiktrue.paths import data_dir
 
@@ -529,7 +530,42 @@ def network_status_cmd(
         rss = f"{(node.get('rss_bytes') or 0) / 1e6:.0f} MB"
         typer.echo(
             f"  {node['node_id']} {node['role']:<6} {node['address']:<21} {node['state']:<8} "
-            f"{span:<20} cores {res.get('cpu_cores_logical', '?')} RAM free {ram} RSS {rss}"
+            f"{_beat_text(node):<30} {span:<20} cores {res.get('cpu_cores_logical', '?')} "
+            f"RAM free {ram} RSS {rss}"
+        )
+    if not status.get("monitored"):
+        typer.echo("  (the admin's monitor did not answer: states from a direct probe)")
+
+
+def _beat_text(node: dict) -> str:
+    """``online, beat 0.4 s ago, RTT 1.2 ms``: the admin's heartbeat view of one node."""
+    parts = [node.get("health") or "unknown"]
+    if node.get("last_beat_s") is not None:
+        parts.append(f"beat {node['last_beat_s']:.1f} s ago")
+    if node.get("rtt_ms") is not None:
+        parts.append(f"RTT {node['rtt_ms']:.1f} ms")
+    return ", ".join(parts)
+
+
+@network_app.command("events")
+def network_events_cmd(
+    network_id: str = typer.Argument(None, help="Default: every network of this node."),
+    limit: int = typer.Option(50, "--limit", min=1, help="How many of the latest events."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """The event log (<data>/logs/events.jsonl): nodes suspected, dead, back online."""
+    from tiktrue.monitoring.monitoring_system import events_path, recent_events
+    from tiktrue.paths import data_dir
+
+    for event in recent_events(events_path(data_dir()), limit, network_id):
+        if as_json:
+            typer.echo(json.dumps(event))
+            continue
+        known = {"ts", "time", "event", "level", "network_id", "node_id"}
+        details = " ".join(f"{k}={v}" for k, v in event.items() if k not in known)
+        typer.echo(
+            f"{event.get('ts', '?')} {event.get('level', '?'):<7} {event.get('network_id') or '-'} "
+            f"{event.get('node_id') or '-'} {event.get('event', '?')} {details}"
         )
 
 

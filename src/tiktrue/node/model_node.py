@@ -107,6 +107,8 @@ class BlockServer:
         self._head_connections = 0  # open connections from the chain's head (first node only)
         self._background: set[asyncio.Task] = set()
         self._server = None
+        # (node_id, why): the node service tells the admin's health monitor
+        self.on_peer_lost: Callable[[str, str], None] | None = None
 
     def _link(self, entry, on_lost=None) -> PeerLink:
         return PeerLink(
@@ -373,6 +375,9 @@ class BlockServer:
 
     def _next_lost(self, link: PeerLink) -> None:
         """The link to the next node dropped: steps beyond this node will not be answered."""
+        after = self.config.next_node(self.node_id)
+        if self.on_peer_lost is not None and after is not None:
+            self.on_peer_lost(after.node_id, f"the link from {self.node_id} dropped")
         if self.is_first:
             return  # the link itself failed the steps waiting on it
         first = self._chain_ids()[0]
@@ -600,6 +605,20 @@ class BlockServer:
             ram_percent=psutil.virtual_memory().percent,
             active_sessions=len(self.engine.kv.sessions()),
         ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
+
+    def health_stats(self) -> dict:
+        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips."""
+        kv = self.engine.kv.stats()
+        links = {"next": self._next} if self._next is not None else {}
+        links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
+        return {
+            "sessions": len(self.engine.kv.sessions()),
+            "kv_pages_used": kv.pages_total - kv.pages_free,
+            "kv_pages_total": kv.pages_total,
+            "link_rtt_ms": {
+                name: link.latency_ms for name, link in links.items() if link.connected
+            },
+        }
 
 
 async def _try_connect(link: PeerLink) -> None:

@@ -274,6 +274,37 @@ class ControlServer:
         await self.service.reload()
         return {}
 
+    async def op_heartbeat(self, header, payload, peer, local) -> dict:
+        """The admin's beat (members may beat too; only the admin's is recorded): this node's
+        figures back, and the time noted, so a node can tell when its admin was away."""
+        network_id = header["network_id"]
+        if self._member(peer, network_id).role == "admin":
+            self.service.admin_beats[network_id] = time.time()
+        return self.service.heartbeat(network_id)
+
+    async def op_health(self, header, payload, peer, local) -> dict:
+        """The admin's view of the network's health (``tiktrue network status``)."""
+        network_id = header["network_id"]
+        self._member(peer, network_id)
+        return self._monitor(network_id).snapshot(int(header.get("history", 20)))
+
+    async def op_health_suspect(self, header, payload, peer, local) -> dict:
+        """A member lost its link to a node: the admin suspects it and probes it now."""
+        network_id = header["network_id"]
+        reporter = self._member(peer, network_id)
+        monitor = self._monitor(network_id)
+        node_id = header["node_id"]
+        monitor.suspect_now(node_id, f"{reporter.node_id} lost its link: {header.get('why', '')}")
+        return {"state": monitor.state(node_id) if node_id in monitor.nodes else None}
+
+    def _monitor(self, network_id: str):
+        monitor = self.service.health.get(network_id)
+        if monitor is None:
+            raise Refused(
+                "not_monitoring", f"this node does not monitor network {network_id} (not its admin)"
+            )
+        return monitor
+
     def _model_root(self, model_id: str, manifest: Manifest | None = None) -> Path:
         if manifest is not None and manifest.model_id != model_id:
             raise Refused("bad_request", f"manifest is for {manifest.model_id}, not {model_id}")

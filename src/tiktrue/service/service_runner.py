@@ -20,16 +20,19 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control.failover_manager import FailoverManager, find_lost
+from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
+from tiktrue.monitoring.monitoring_system import EventLog
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
@@ -83,8 +86,13 @@ class NodeService:
         self._lock = asyncio.Lock()
         self.started = False
         self.waiting: dict[str, str] = {}  # network -> why its block server is not running
-        self.failover = FailoverManager(self.data_dir)
         self._background: set[asyncio.Task] = set()
+        self.events = EventLog(self.data_dir)
+        self.failover = FailoverManager(self.data_dir, event=self.events.log_system_events)
+        self.health: dict[str, HealthMonitor] = {}  # networks this node administers
+        self.admin_beats: dict[str, float] = {}  # network -> wall time of the admin's last beat
+        self._suspect_reports: set[asyncio.Task] = set()
+        psutil.cpu_percent(None)  # primes the counter: later reads never wait for a sample
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -100,7 +108,8 @@ class NodeService:
         from tiktrue.node.resources import NodeCaps, collect_resources
 
         checked = NodeCaps.model_validate(caps)
-        checked.effective(collect_resources(self.data_dir))  # refuses caps above what we have
+        resources = collect_resources(self.data_dir, cpu_sample_s=0)
+        checked.effective(resources)  # refuses caps above what we have
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
@@ -197,6 +206,8 @@ class NodeService:
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
+        for monitor in self.health.values():
+            await monitor.stop()
         for gateway in self.gateways.values():
             await gateway.chain.aclose()
         for server in self.servers.values():
@@ -204,6 +215,7 @@ class NodeService:
         if self.control is not None:
             await self.control.stop()
         run_file(self.data_dir).unlink(missing_ok=True)
+        self.events.close()
 
     async def reload(self, *, force: bool = False) -> None:
         """Bring block servers and gateways in line with the configs on disk."""
@@ -248,6 +260,7 @@ class NodeService:
                 self.control.refresh_trust()
             if self.started:  # before that, start() writes it once everything listens
                 self._write_run_file()
+            await self._sync_health(configs)
         await self._announce_update()
 
     async def _start_block_server(self, config: NetworkConfig, blocks: list[str]) -> None:
@@ -265,7 +278,54 @@ class NodeService:
             self.data_dir, config, credentials, kv_budget_bytes=self._kv_budget(store, blocks)
         )
         await server.start()
+        server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
         self.servers[config.network_id] = server
+
+    async def _sync_health(self, configs: dict[str, NetworkConfig]) -> None:
+        """The admin monitors each network it administers; its changes go to the event log."""
+        me = self.identity.node_id
+        mine = {i: c for i, c in configs.items() if c.node(me).role == "admin"}
+        for network_id in set(self.health) - set(mine):
+            await self.health.pop(network_id).stop()
+        for network_id, config in configs.items():
+            self.events.set_webhook(network_id, config.webhook_url)
+        for network_id, config in mine.items():
+            if network_id in self.health:
+                self.health[network_id].update_config(config)
+                continue
+            monitor = HealthMonitor(
+                config,
+                NetworkCredentials.load(self.data_dir, network_id),
+                self_address=f"{self.host}:{self.control.port}" if self.control else None,
+            )
+            monitor.add_listener(event_logger(self.events))
+            monitor.add_listener(self._health_changed)
+            self.health[network_id] = monitor
+            monitor.start()
+
+    async def _health_changed(self, network_id: str, node_id: str, old, new, info) -> None:
+        """The admin's monitor: a dead node's span is taken over; one that answers again
+        after it was lost is planned back in."""
+        try:
+            if new == "dead":
+                done = await self.failover.node_lost(network_id, node_id, info.get("why", ""))
+                log.warning("network %s: node %s is dead: %s", network_id, node_id, done)
+            elif new == "online" and node_id in self.failover.state(network_id).lost:
+                done = await self.failover.node_back(network_id, node_id)
+                log.warning("network %s: node %s is back: %s", network_id, node_id, done)
+        except Exception:
+            log.exception("network %s: failover after %s -> %s failed", network_id, old, new)
+
+    def _peer_lost(self, network_id: str, node_id: str, why: str) -> None:
+        """A link to a node dropped: the admin's monitor probes it now (here, or over the
+        admin's control channel)."""
+        monitor = self.health.get(network_id)
+        if monitor is not None:
+            monitor.suspect_now(node_id, why)
+            return
+        task = asyncio.create_task(report_suspect(self.data_dir, network_id, node_id, why))
+        self._suspect_reports.add(task)
+        task.add_done_callback(self._suspect_reports.discard)
 
     def _update_gateway(self, config: NetworkConfig) -> None:
         gateway = self.gateways.get(config.network_id)
@@ -338,6 +398,7 @@ class NodeService:
                 "kv_budget_bytes": (
                     server.engine.kv.num_pages * server.engine.kv.bytes_per_page if server else 0
                 ),
+                "last_admin_beat": self.admin_beats.get(config.network_id),
             }
         return {
             "node_id": self.identity.node_id,
@@ -347,9 +408,24 @@ class NodeService:
             "api": self.api_url,
             "pid": os.getpid(),
             "rss_bytes": _rss(),
-            "resources": collect_resources(self.data_dir).model_dump(),
+            "resources": collect_resources(self.data_dir, cpu_sample_s=0).model_dump(),
             "caps": self.caps().model_dump(),
             "networks": networks,
+        }
+
+    def heartbeat(self, network_id: str) -> dict:
+        """This node's answer to its admin's heartbeat: load, memory, and its span's figures."""
+        from tiktrue.node.resources import heartbeat_stats
+        from tiktrue.protocol.network_config import config_path, read_config
+
+        server = self.servers.get(network_id)
+        path = config_path(self.data_dir, network_id)
+        return {
+            **heartbeat_stats(self.data_dir),
+            "version": read_config(path).version if path.is_file() else None,
+            "serving": server is not None,
+            "waiting": self.waiting.get(network_id),
+            **(server.health_stats() if server is not None else {}),
         }
 
     def _write_run_file(self) -> None:
