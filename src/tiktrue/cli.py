@@ -23,6 +23,17 @@ network_app = typer.Typer(
     help="Create, join, plan and apply networks of PCs.", no_args_is_help=True
 )
 app.add_typer(network_app, name="network")
+users_app = typer.Typer(
+    help="Accounts of the people who use this node's gateway (the first one is admin).",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
+keys_app = typer.Typer(
+    help="API keys for the OpenAI API and /ws (shown once, stored hashed).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
 
 
 def err(message: str) -> None:
@@ -645,6 +656,162 @@ def network_leave(network_id: str) -> None:
     typer.echo(f"left network {network_id}")
 
 
+# --- people ---------------------------------------------------------------------------------
+
+
+def _users():
+    from tiktrue.paths import data_dir
+    from tiktrue.security.users import UserStore
+
+    return UserStore(data_dir())
+
+
+@contextlib.contextmanager
+def _refusals():
+    """Accounts and keys: a refusal becomes a clear one-line error."""
+    from tiktrue.security.users import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        fail(exc.message)
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+def _limit(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    role: str = typer.Option(None, "--role", help="admin or user (the first account: admin)."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from stdin instead of asking."
+    ),
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute (default: no limit)."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests per day (default: no limit)."),
+) -> None:
+    """Add an account."""
+    with _refusals():
+        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd)
+    typer.echo(f"added {user.name} ({user.role})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """The accounts, their roles and limits."""
+    users = _users().list_users()
+    if not users:
+        typer.echo("no accounts yet (tiktrue users add NAME: the first one is admin)")
+    for user in users:
+        typer.echo(
+            f"{user.name:<24} {user.role:<6} rpm {_limit(user.rpm):>6}  rpd {_limit(user.rpd):>8}"
+        )
+
+
+@users_app.command("remove")
+def users_remove(name: str) -> None:
+    """Remove an account and its API keys (its logins stop working at once)."""
+    with _refusals():
+        _users().remove_user(name)
+    typer.echo(f"removed {name}")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: str,
+    password_stdin: bool = typer.Option(False, "--password-stdin"),
+) -> None:
+    """Set an account's password (its earlier logins stop working)."""
+    with _refusals():
+        _users().set_password(name, _password(password_stdin))
+    typer.echo(f"new password for {name}")
+
+
+@users_app.command("limits")
+def users_limits(
+    name: str,
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute (unset: no limit)."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests per day (unset: no limit)."),
+) -> None:
+    """Set an account's rate limits (all its keys together)."""
+    with _refusals():
+        user = _users().set_user_limits(name, rpm=rpm, rpd=rpd)
+    typer.echo(f"{user.name}: rpm {_limit(user.rpm)}, rpd {_limit(user.rpd)}")
+
+
+@keys_app.command("create")
+def keys_create(
+    user: str = typer.Option(..., "--user", "-u", help="The account that owns the key."),
+    name: str = typer.Option(None, "--name", help="What the key is for (shown in lists)."),
+    network: list[str] = typer.Option(
+        [], "--network", "-n", help="Only for this network (repeatable; default: all)."
+    ),
+    days: float = typer.Option(None, "--days", help="Expires after this many days."),
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute for this key."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests per day for this key."),
+) -> None:
+    """Make an API key; it is printed this once (only its hash is kept)."""
+    with _refusals():
+        record, key = _users().create_key(
+            user,
+            name=name,
+            networks=network or None,
+            expires_in_s=None if days is None else days * 86400,
+            rpm=rpm,
+            rpd=rpd,
+        )
+    typer.echo(key)
+    err(f"key {record.id} for {record.user_name}: keep it now, it is not shown again")
+
+
+@keys_app.command("list")
+def keys_list(user: str = typer.Option(None, "--user", "-u")) -> None:
+    """The API keys (their first characters, never the keys)."""
+    import time
+
+    with _refusals():
+        keys = _users().list_keys(user)
+    if not keys:
+        typer.echo("no API keys (tiktrue keys create --user NAME)")
+    for key in keys:
+        networks = ",".join(key.networks) if key.networks else "all networks"
+        typer.echo(
+            f"{key.id:>4} {key.prefix}...  {key.user_name:<16} {key.state(time.time()):<8} "
+            f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)}  {key.name or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: int) -> None:
+    """Revoke an API key: it is refused from the next request on."""
+    with _refusals():
+        key = _users().revoke_key(key_id)
+    typer.echo(f"revoked key {key.id} ({key.prefix}...) of {key.user_name}")
+
+
+@gateway_app.command("allow-anonymous")
+def gateway_allow_anonymous(
+    state: str = typer.Argument(None, help="on or off (default: show the setting)."),
+) -> None:
+    """Whether callers without a key may use the gateway from the LAN (this PC always may)."""
+    from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
+    from tiktrue.paths import data_dir
+
+    if state is not None:
+        if state not in ("on", "off"):
+            fail(f"say on or off, not {state!r}")
+        set_allow_anonymous(data_dir(), state == "on")
+    shown = "on" if allow_anonymous(data_dir()) else "off"
+    typer.echo(f"anonymous access from the LAN: {shown}")
+
+
 # --- node, chat --------------------------------------------------------------------------
 
 
@@ -704,6 +871,9 @@ def chat(
     system: str = typer.Option(None, "--system", help="System prompt."),
     temperature: float = typer.Option(0.7, "--temperature"),
     max_tokens: int = typer.Option(512, "--max-tokens"),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
+    ),
 ) -> None:
     """Chat in the terminal with streamed answers (the local node's gateway by default)."""
     from tiktrue.paths import data_dir
@@ -714,7 +884,14 @@ def chat(
         fail("no gateway running from this data dir; pass --url or start `tiktrue demo`")
     try:
         # the gateway takes a network id where OpenAI clients put the model
-        run_chat(url, network or model, system, temperature=temperature, max_tokens=max_tokens)
+        run_chat(
+            url,
+            network or model,
+            system,
+            api_key=api_key,
+            temperature=temperature,
+            max_tokens=max_tokens,
+        )
     except ChatError as exc:
         fail(str(exc))
 
@@ -734,7 +911,7 @@ def demo(
     import signal
     import time
 
-    from tiktrue.demo import start_demo_network
+    from tiktrue.demo import DEMO_ADMIN, demo_api_key, start_demo_network
     from tiktrue.model.errors import ModelError
     from tiktrue.paths import data_dir
     from tiktrue.ui.terminal_chat import ChatError, run_chat
@@ -747,6 +924,10 @@ def demo(
     try:
         cluster = _run(_as_coroutine(start_demo_network, data_dir(), nodes=nodes, log=err))
         typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
+        api_key, password = demo_api_key(data_dir())
+        typer.echo(f"API key: {api_key}", color=False)
+        if password:
+            err(f"admin account: {DEMO_ADMIN} / {password} (shown once; tiktrue users passwd)")
         sys.stdout.flush()
         err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:
@@ -754,7 +935,7 @@ def demo(
                 while not stop:
                     time.sleep(0.2)
         else:
-            run_chat(cluster.api_url, temperature=0.3, max_tokens=300)
+            run_chat(cluster.api_url, api_key=api_key, temperature=0.3, max_tokens=300)
     except (ChatError, RuntimeError, TimeoutError, ModelError) as exc:
         fail(str(exc))
     finally:

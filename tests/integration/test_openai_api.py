@@ -8,13 +8,20 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from tiktrue.security.users import UserStore
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def client(tiny_cluster) -> OpenAI:
-    cluster, _, _ = tiny_cluster
-    return OpenAI(base_url=cluster.api_url, api_key="not-needed-yet", max_retries=0)
+    """The official client with an API key made for an account on the gateway's node."""
+    cluster, homes, _ = tiny_cluster
+    users = UserStore(homes[0], rounds=4)
+    if not users.list_users():
+        users.add_user("openai-tests", "a long password")
+    _, key = users.create_key(users.list_users()[0].name, name="openai tests")
+    return OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
 
 
 def test_models_lists_the_network_model(client, tiny_llama):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -345,6 +346,7 @@ class SessionState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     cancelled: bool = False
     last_used: float = field(default_factory=time.monotonic)  # for the idle sweep
+    owner: str | None = None  # the account whose conversation it is (None: no credentials)
 
 
 IDLE_TIMEOUT_S = 30 * 60.0  # a session idle this long is freed on the nodes (history kept)
@@ -430,6 +432,7 @@ class Gateway:
         session_id: str | None = None,
         keep: bool | None = None,
         result: GenerationResult | None = None,
+        owner: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream an answer. Exactly one input:
 
@@ -442,12 +445,13 @@ class Gateway:
         given), and written to the store after the answer; otherwise the answer runs in a
         fresh session that is closed afterwards. A turn that does not complete (an error, the
         client gone) leaves the session as it was before the turn; the nodes, which may hold
-        part of it, rebuild it by replay on the next turn.
+        part of it, rebuild it by replay on the next turn. A session belongs to the ``owner``
+        that opened it: nobody else continues it.
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
         session_id = session_id or new_session_id()
-        state = await self._acquire(session_id, keep)
+        state = await self._acquire(session_id, keep, owner)
         before = (list(state.tokens), list(state.unfed), list(state.messages))
         stepped = completed = False
         try:
@@ -486,7 +490,7 @@ class Gateway:
             completed = True
             if keep:
                 await self._write(
-                    self.session_store.put,
+                    functools.partial(self.session_store.put, owner=state.owner),
                     self.network_id,
                     session_id,
                     state.tokens,
@@ -509,9 +513,9 @@ class Gateway:
         self._closing.add(task)  # keep a reference until it is done
         task.add_done_callback(self._closing.discard)
 
-    async def _acquire(self, session_id: str, keep: bool) -> SessionState:
+    async def _acquire(self, session_id: str, keep: bool, owner: str | None) -> SessionState:
         """The session's state, locked for one turn: in memory, else loaded from the store
-        (``keep``), else new."""
+        (``keep``), else new (owned by ``owner``); another owner's session is refused."""
         while True:
             async with self._sessions_lock:
                 state = self.sessions.get(session_id)
@@ -521,7 +525,9 @@ class Gateway:
                         stored = await asyncio.to_thread(
                             self.session_store.get, self.network_id, session_id
                         )
-                    state = SessionState()
+                        if stored is not None and not stored.closed:
+                            _check_owner(stored.owner, owner, session_id)
+                    state = SessionState(owner=owner)
                     self.sessions[session_id] = state
                     await state.lock.acquire()  # a new lock: at once
                     try:
@@ -531,6 +537,7 @@ class Gateway:
                         state.lock.release()
                         raise
                     return state
+            _check_owner(state.owner, owner, session_id)
             await state.lock.acquire()
             if self.sessions.get(session_id) is state:
                 return state
@@ -541,7 +548,8 @@ class Gateway:
         saved at exactly this point, else marked for replay on its next step."""
         if stored is None or stored.closed:
             # in the store (live) before the nodes hold anything: after a crash, freed there
-            await self._write(self.session_store.put, self.network_id, session_id, [], [], [])
+            put = functools.partial(self.session_store.put, owner=state.owner)
+            await self._write(put, self.network_id, session_id, [], [], [])
             await self.chain.open(session_id)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
@@ -597,9 +605,10 @@ class Gateway:
         """In memory now; loaded from the store since start; rebuilt on the nodes by replay."""
         return {"open": len(self.sessions), "resumed": self.resumed, "replays": self.chain.replays}
 
-    def cancel(self, session_id: str) -> bool:
+    def cancel(self, session_id: str, owner: str | None = None) -> bool:
         state = self.sessions.get(session_id)
         if state is not None:
+            _check_owner(state.owner, owner, session_id)
             state.cancelled = True
         return state is not None
 
@@ -663,13 +672,13 @@ class Gateway:
     def _session_dir(self, session_id: str) -> Path:
         return self.data_dir / "sessions" / self.network_id / session_id
 
-    async def save_session(self, session_id: str) -> Path:
+    async def save_session(self, session_id: str, owner: str | None = None) -> Path:
         """Every node saves its layers' KV cache; the gateway saves the history (store)."""
         if session_id not in self.sessions:
             stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
             if stored is None or stored.closed:
                 raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}")
-        state = await self._acquire(session_id, keep=True)
+        state = await self._acquire(session_id, True, owner)
         try:
             await self.chain.rebuild(session_id, len(state.tokens))  # loaded from the store
             await self.chain.control(ps.SessionSave, session_id)
@@ -686,12 +695,13 @@ class Gateway:
             state.lock.release()
         return self._session_dir(session_id)
 
-    async def restore_session(self, session_id: str) -> None:
+    async def restore_session(self, session_id: str, owner: str | None = None) -> None:
         """Load a saved session on every node; it continues without recomputing its prompt."""
         saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
         saved = saved or self._saved_by_an_older_version(session_id)
         if saved is None:
             raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
+        _check_owner(await self._stored_owner(session_id), owner, session_id)
         async with self._sessions_lock:
             if session_id in self.sessions:
                 raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
@@ -702,10 +712,13 @@ class Gateway:
                 raise
             self.chain.adopt(session_id, saved.tokens, stale=False)
             self.sessions[session_id] = SessionState(
-                tokens=list(saved.tokens), unfed=list(saved.unfed), messages=list(saved.messages)
+                tokens=list(saved.tokens),
+                unfed=list(saved.unfed),
+                messages=list(saved.messages),
+                owner=owner,
             )
         await asyncio.to_thread(
-            self.session_store.put,
+            functools.partial(self.session_store.put, owner=owner),
             self.network_id,
             session_id,
             saved.tokens,
@@ -721,10 +734,19 @@ class Gateway:
         saved = json.loads(path.read_text("utf-8"))
         return SavedSession(saved["tokens"], saved["unfed"], saved["messages"], 0.0)
 
-    async def close_session(self, session_id: str) -> None:
+    async def _stored_owner(self, session_id: str) -> str | None:
+        stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
+        return stored.owner if stored is not None else None
+
+    async def close_session(self, session_id: str, owner: str | None = None) -> None:
         """The conversation ends: freed on every node; its history stays in the store, closed
         (a later turn with this id starts afresh; a saved copy can still be restored)."""
         state = self.sessions.get(session_id)
+        _check_owner(
+            state.owner if state is not None else await self._stored_owner(session_id),
+            owner,
+            session_id,
+        )
         if state is not None:
             async with state.lock:  # after the answer in flight, if any
                 if self.sessions.get(session_id) is state:
@@ -733,3 +755,10 @@ class Gateway:
                     await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
                     return
         await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
+
+
+def _check_owner(session_owner: str | None, caller: str | None, session_id: str) -> None:
+    """A conversation is its owner's: another account (or a caller without credentials)
+    cannot continue, save, restore, cancel or close it."""
+    if session_owner != caller:
+        raise ChainError(ps.FORBIDDEN, f"session {session_id} belongs to someone else")

@@ -29,6 +29,7 @@ from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
+from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
@@ -190,7 +191,7 @@ class NodeService:
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol),
+            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir)),
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
