@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from tiktrue.paths import database_file
+from tiktrue.database import database_path
 from tiktrue.security import users as u
 
 
@@ -37,7 +37,7 @@ def test_the_first_account_is_admin_and_the_next_are_users(store, tmp_path):
     third = store.add_user("cy", "password123", role="admin")
     assert (first.role, second.role, third.role) == ("admin", "user", "admin")
     assert [x.name for x in store.list_users()] == ["ada", "bob", "cy"]
-    assert database_file(tmp_path).is_file()
+    assert database_path(tmp_path).is_file()
     with pytest.raises(u.Conflict):
         store.add_user("bob", "another one")
     with pytest.raises(u.UserError, match="at least"):
@@ -48,7 +48,7 @@ def test_the_first_account_is_admin_and_the_next_are_users(store, tmp_path):
 
 def test_passwords_are_bcrypt_hashes_and_a_wrong_one_is_refused(store, tmp_path):
     store.add_user("ada", "correct horse")
-    stored = store._query("SELECT password_hash FROM users")[0][0]
+    stored = store.db.query("SELECT password_hash FROM users")[0][0]
     assert stored.startswith(b"$2b$") and b"correct horse" not in stored
     with pytest.raises(u.InvalidCredentials) as wrong:
         store.login("ada", "correct horsE")
@@ -88,7 +88,7 @@ def test_api_keys_are_shown_once_stored_hashed_scoped_revocable_and_expire(store
     record, key = store.create_key("ada", name="laptop", networks=["net-a"], expires_in_s=60)
     assert key.startswith("tt-") and len(key) > 40
     assert record.prefix == key[:10] and record.networks == ("net-a",)
-    rows = store._query("SELECT * FROM api_keys")
+    rows = store.db.query("SELECT * FROM api_keys")
     assert key not in repr([dict(r) for r in rows]) and rows[0]["key_hash"] == u.hash_key(key)
     caller = store.authenticate(key)
     assert caller.allows("net-a") and not caller.allows("net-b") and caller.key_id == record.id

@@ -24,17 +24,15 @@ import json
 import math
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
 import jwt
 
-from tiktrue.paths import database_file
+from tiktrue.database import Database
 from tiktrue.security.auth_manager import _write_private_file
 
 ROLES = ("admin", "user")
@@ -227,17 +225,8 @@ class UserStore:
         self.clock = clock
         self.rounds = rounds
         self.jwt_ttl_s = jwt_ttl_s
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            database_file(self.data_dir), isolation_level=None, check_same_thread=False, timeout=30
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        with self._write() as conn:
-            for statement in SCHEMA:
-                conn.execute(statement)
+        self.db = Database.open(self.data_dir)
+        self.db.migrate("users", [SCHEMA])
         self._secret = self._load_secret()
         # checking a password of an unknown account costs as much as a known one's
         self._dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(self.rounds))
@@ -252,24 +241,8 @@ class UserStore:
             raise UserError(f"{path} is too short to sign tokens; delete it to make a new one")
         return secret
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
-
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
 
     # --- accounts ---------------------------------------------------------------------------
 
@@ -290,7 +263,7 @@ class UserStore:
         if role is not None and role not in ROLES:
             raise UserError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         hashed = bcrypt.hashpw(_check_password(password), bcrypt.gensalt(self.rounds))
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             first = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
             role = "admin" if first else (role or "user")
             try:
@@ -313,19 +286,19 @@ class UserStore:
     def user(self, ref: int | str) -> User:
         """An account by id or by name."""
         column = "id" if isinstance(ref, int) else "name"
-        rows = self._query(f"SELECT * FROM users WHERE {column} = ?", (ref,))
+        rows = self.db.query(f"SELECT * FROM users WHERE {column} = ?", (ref,))
         if not rows:
             raise NotFound(f"no account {ref!r}")
         return _user(rows[0])
 
     def list_users(self) -> list[User]:
-        return [_user(r) for r in self._query("SELECT * FROM users ORDER BY id")]
+        return [_user(r) for r in self.db.query("SELECT * FROM users ORDER BY id")]
 
     def remove_user(self, name: str) -> None:
         """Remove an account, its keys and its usage; its JWTs stop working. The last admin
         stays (someone must be able to manage the others)."""
         user = self.user(name)
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             if user.role == "admin":
                 admins = conn.execute("SELECT COUNT(*) FROM users WHERE role = 'admin'").fetchone()
                 if admins[0] <= 1:
@@ -341,7 +314,7 @@ class UserStore:
     def set_password(self, name: str, password: str) -> None:
         """A new password; JWTs issued before it stop working."""
         hashed = bcrypt.hashpw(_check_password(password), bcrypt.gensalt(self.rounds))
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             done = conn.execute(
                 "UPDATE users SET password_hash = ?, token_epoch = token_epoch + 1 WHERE name = ?",
                 (hashed, name),
@@ -350,7 +323,7 @@ class UserStore:
                 raise NotFound(f"no account {name!r}")
 
     def set_user_limits(self, name: str, *, rpm: int | None, rpd: int | None) -> User:
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             done = conn.execute(
                 "UPDATE users SET rpm = ?, rpd = ? WHERE name = ?",
                 (_check_limit(rpm, "rpm"), _check_limit(rpd, "rpd"), name),
@@ -360,7 +333,7 @@ class UserStore:
         return self.user(name)
 
     def check_password(self, name: str, password: str) -> User:
-        rows = self._query("SELECT * FROM users WHERE name = ?", (name,))
+        rows = self.db.query("SELECT * FROM users WHERE name = ?", (name,))
         stored = rows[0]["password_hash"] if rows else self._dummy_hash
         try:
             ok = bcrypt.checkpw(password.encode("utf-8"), stored)
@@ -375,7 +348,7 @@ class UserStore:
     def login(self, name: str, password: str) -> str:
         """A JWT for the account, valid ``jwt_ttl_s`` seconds."""
         user = self.check_password(name, password)
-        epoch = self._query("SELECT token_epoch FROM users WHERE id = ?", (user.id,))[0][0]
+        epoch = self.db.query("SELECT token_epoch FROM users WHERE id = ?", (user.id,))[0][0]
         now = self.clock()
         claims = {
             "sub": str(user.id),
@@ -401,7 +374,7 @@ class UserStore:
             raise InvalidCredentials(f"not a valid token: {exc}") from None
         if self.clock() >= claims["exp"]:  # our clock, not PyJWT's: tests move it
             raise ExpiredCredentials("the token has expired; log in again")
-        rows = self._query("SELECT * FROM users WHERE id = ?", (int(claims["sub"]),))
+        rows = self.db.query("SELECT * FROM users WHERE id = ?", (int(claims["sub"]),))
         if not rows or rows[0]["token_epoch"] != claims["epoch"]:
             raise InvalidCredentials("the token's account was removed or changed its password")
         user = _user(rows[0])
@@ -425,7 +398,7 @@ class UserStore:
             raise UserError("a key's lifetime must be positive")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         now = self.clock()
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO api_keys (user_id, key_hash, prefix, name, networks, rpm, rpd,"
                 " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -444,21 +417,22 @@ class UserStore:
         return self.key(cursor.lastrowid), key
 
     def key(self, key_id: int) -> ApiKey:
-        rows = self._query(_KEYS + " WHERE k.id = ?", (key_id,))
+        rows = self.db.query(_KEYS + " WHERE k.id = ?", (key_id,))
         if not rows:
             raise NotFound(f"no API key {key_id}")
         return _key(rows[0])
 
     def list_keys(self, user: str | None = None) -> list[ApiKey]:
         if user is None:
-            return [_key(r) for r in self._query(_KEYS + " ORDER BY k.id")]
+            return [_key(r) for r in self.db.query(_KEYS + " ORDER BY k.id")]
         owner = self.user(user)
         return [
-            _key(r) for r in self._query(_KEYS + " WHERE k.user_id = ? ORDER BY k.id", (owner.id,))
+            _key(r)
+            for r in self.db.query(_KEYS + " WHERE k.user_id = ? ORDER BY k.id", (owner.id,))
         ]
 
     def revoke_key(self, key_id: int) -> ApiKey:
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             done = conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 (self.clock(), key_id),
@@ -469,7 +443,7 @@ class UserStore:
         return key
 
     def verify_key(self, key: str) -> tuple[Principal, ApiKey]:
-        rows = self._query(_KEYS + " WHERE k.key_hash = ?", (hash_key(key),))
+        rows = self.db.query(_KEYS + " WHERE k.key_hash = ?", (hash_key(key),))
         if not rows:
             raise InvalidCredentials("unknown API key")
         record = _key(rows[0])
@@ -498,7 +472,7 @@ class UserStore:
         if principal.anonymous:
             return
         now = self.clock()
-        with self._write() as conn:
+        with self.db.transaction() as conn:
             user = conn.execute(
                 "SELECT rpm, rpd FROM users WHERE id = ?", (principal.user_id,)
             ).fetchone()
