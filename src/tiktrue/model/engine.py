@@ -208,7 +208,7 @@ class BlockEngine:
         if self.lm_head is None:
             return hidden
         hidden = self.norm(hidden if all_logits else hidden[:, -1:])
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden).float()  # sampling wants fp32 whatever the weights are
         return logits if all_logits else logits[:, -1]
 
     def _check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
