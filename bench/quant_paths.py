@@ -313,7 +313,9 @@ def measure(shape: Shape, weights, args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--big-layers", type=int, default=2, help="layers of the 8B-shaped span")
+    parser.add_argument(
+        "--big-layers", type=int, default=2, help="layers of the 8B-shaped span (0: none)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-openvino", dest="openvino", action="store_false")
@@ -321,11 +323,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = []
-    for shape, weights in (
-        (SMOLLM2, smollm2_weights()),
-        (llama3_8b(args.big_layers), random_weights(llama3_8b(args.big_layers))),
-    ):
-        lines += measure(shape, weights, args) + [""]
+    spans = [(SMOLLM2, smollm2_weights)]
+    if args.big_layers:  # 0 skips the 8B-shaped span
+        big = llama3_8b(args.big_layers)
+        spans.append((big, lambda: random_weights(big)))
+    for shape, weights in spans:
+        lines += measure(shape, weights(), args) + [""]
         print("\n".join(lines))
     if not args.no_record:
         append("Ways to run a quantized span (bench/quant_paths.py)", lines)
