@@ -165,16 +165,12 @@ def _stored(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tenso
     """``tensors`` in weight format ``fmt``; vectors (norms, biases) stay fp32 when quantized."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if fmt in FLOAT_FORMATS or tensor.dim() != 2:
-            out[name] = tensor.to(torch.float32 if fmt not in FLOAT_FORMATS else _float(fmt))
-            out[name] = out[name].contiguous()
+        if tensor.dim() == 2 or fmt in FLOAT_FORMATS:
+            out.update(quantize(name, tensor, fmt))  # a float format only converts
         else:
-            out.update(quantize(name, tensor, fmt))
+            out[name] = tensor.to(torch.float32).contiguous()
     return out
 
-
-def _float(fmt: str) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fmt]
 
 
 def _group_by_block(template: ArchitectureTemplate, names) -> dict[str, list[str]]:
