@@ -29,6 +29,14 @@ def machine() -> str:
     )
 
 
+def _load() -> str:
+    """Other processes on a shared machine slow every figure: say how busy it was."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in psutil.getloadavg())
+    except (AttributeError, OSError):
+        return "unknown"
+
+
 def append(title: str, lines: list[str]) -> None:
     """Append a dated section with the exact command that produced it."""
     command = " ".join([Path(sys.executable).name, *sys.argv])
@@ -39,6 +47,7 @@ def append(title: str, lines: list[str]) -> None:
         f"- when: {stamp}",
         f"- machine: {machine()}",
         f"- command: `{command}`",
+        f"- load average (1, 5, 15 min) when it ended: {_load()}",
         "",
         *lines,
         "",

@@ -62,7 +62,9 @@ def models_import(
     path: Path = typer.Argument(..., help="A Hugging Face model folder or a .gguf file."),
     model_id: str = typer.Option(..., "--id", help="Name of the model in TikTrue."),
     dtype: str = typer.Option(
-        None, help="fp32, fp16 or bf16 (default: the checkpoint's; fp32 for GGUF)."
+        None,
+        help="Weight format: fp32, fp16, bf16, int8 or int4 (default: a Hugging Face folder's "
+        "own float dtype; a GGUF's quantized weights kept: Q4_0/Q4_1 as int4, Q8_0 as int8).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace a model with the same id."),
 ) -> None:
@@ -76,8 +78,11 @@ def models_import(
     except ModelError as exc:
         fail(str(exc))
     m = store.manifest
+    weights = store.weight_format
+    if weights != m.dtype:
+        weights = f"{weights} weights, {m.dtype} activations"
     typer.echo(
-        f"imported {m.model_id}: {m.architecture}, {m.num_layers} layers, {m.dtype}, "
+        f"imported {m.model_id}: {m.architecture}, {m.num_layers} layers, {weights}, "
         f"{len(m.blocks)} blocks, {m.total_bytes / 1e6:.1f} MB -> {store.root}"
     )
 
@@ -99,7 +104,8 @@ def models_list() -> None:
             continue
         m = item.manifest
         typer.echo(
-            f"{m.model_id:<24} {m.architecture:<8} {m.num_layers:>3} layers  {m.dtype:<4} "
+            f"{m.model_id:<24} {m.architecture:<8} {m.num_layers:>3} layers  "
+            f"{item.weight_format:<9} "
             f"{m.total_bytes / 1e6:>9.1f} MB  {m.total_parameters / 1e6:>8.1f} M params"
         )
 
@@ -153,13 +159,15 @@ def models_show(
         typer.echo(json.dumps(m.model_dump(), indent=2))
         return
     typer.echo(f"model      {m.model_id}\narchitecture {m.architecture}\ndtype      {m.dtype}")
+    typer.echo(f"weights    {store.weight_format}")
     typer.echo(f"layers     {m.num_layers} (hidden {m.hidden_size}, vocab {m.vocab_size})")
     typer.echo(f"size       {m.total_bytes / 1e6:.1f} MB, {m.total_parameters / 1e6:.1f} M params")
     typer.echo(f"tokenizer  {'yes' if m.has_tokenizer else 'no'}\nsource     {m.source}")
-    typer.echo(f"{'block':<10} {'MB':>9} {'params':>11}  sha256")
+    typer.echo(f"{'block':<10} {'MB':>9} {'params':>11} {'format':<9}  sha256")
     for name in m.model_chain_order:
         b = m.blocks[name]
-        typer.echo(f"{name:<10} {b.bytes / 1e6:>9.2f} {b.parameters:>11}  {b.sha256[:16]}")
+        fmt = b.format or m.dtype
+        typer.echo(f"{name:<10} {b.bytes / 1e6:>9.2f} {b.parameters:>11} {fmt:<9}  {b.sha256[:16]}")
 
 
 @models_app.command("verify")

@@ -102,7 +102,12 @@ def _service(home: Path) -> dict:
 def start_demo_network(home: Path, *, nodes: int = 4, log=print) -> LocalCluster:
     """Everything up to a served network; returns the running cluster (stop it when done)."""
     repository = home / "repository"
-    ensure_demo_model(log, models_root=repository)
+    store = ensure_demo_model(log, models_root=repository)
+    m = store.manifest
+    log(
+        f"model {m.model_id}: {store.weight_format} weights, {m.dtype} activations, "
+        f"{m.total_bytes / 1e6:.0f} MB"
+    )
     homes = [home] + [home / "demo" / f"node{i}" for i in range(2, nodes + 1)]
     for h in homes:  # a fresh network each run (identities and downloads are kept)
         leave_network(h, NETWORK_ID)

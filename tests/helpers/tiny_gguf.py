@@ -75,11 +75,14 @@ def write_llama_gguf(
     architecture: str = "llama",
     name: str = "tiny-llama",
     reverse: bool = False,
+    quant: str | None = None,
 ) -> Path:
-    """Write the Llama model in HF ``folder`` as the GGUF file ``path`` (F32, or F16 if ``half``).
+    """Write the Llama model in HF ``folder`` as the GGUF file ``path`` (F32, or F16 if ``half``,
+    or ``quant`` = ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"``, quantized by gguf-py's own code).
 
-    As llama.cpp does for F16, 1-D tensors (the norms) stay F32. ``architecture`` only changes the
-    ``general.architecture`` string and the key prefix (to make files the importer must refuse);
+    As llama.cpp does for F16 and the quantized types, 1-D tensors (the norms) stay F32.
+    ``architecture`` only changes the ``general.architecture`` string and the key prefix (to
+    make files the importer must refuse);
     ``reverse`` writes the tensors last block first (the head before the embedding).
     """
     folder, path = Path(folder), Path(path)
@@ -89,7 +92,11 @@ def write_llama_gguf(
 
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
+    qtype = gguf.GGMLQuantizationType[quant] if quant else None
+    if quant:
+        writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{quant}"])
+    else:
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -113,6 +120,10 @@ def write_llama_gguf(
             data = permute_like_llama_cpp(data, n_head, n_head)
         elif gguf_name.endswith(".attn_k"):
             data = permute_like_llama_cpp(data, n_head, n_head_kv)
+        if qtype is not None and data.ndim > 1:
+            packed = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
+            writer.add_tensor(f"{gguf_name}.{suffix}", packed, raw_dtype=qtype)
+            continue
         if half and data.ndim > 1:
             data = data.astype(np.float16)
         writer.add_tensor(f"{gguf_name}.{suffix}", np.ascontiguousarray(data))

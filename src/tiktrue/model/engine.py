@@ -1,9 +1,11 @@
 """``BlockEngine``: runs one contiguous span of a model's blocks for many sessions.
 
 It loads only its span's block files (each checked against the manifest's sha256), builds the
-layers from the ``transformers`` classes of the architecture, and keeps each session's keys and
-values in a ``SessionPagedKVCache``. Token ids go in when the span starts with ``embed``; hidden
-states go in otherwise. Logits come out when it ends with ``head``; hidden states otherwise.
+layers from the ``transformers`` classes of the architecture (quantized weights replace their
+``nn.Linear`` / ``nn.Embedding`` with the modules of ``quant``; activations then run in bf16),
+and keeps each session's keys and values in a ``SessionPagedKVCache``. Token ids go in when the
+span starts with ``embed``; hidden states go in otherwise. Logits come out when it ends with
+``head``; hidden states otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from tiktrue.model.catalog import EMBED, HEAD, template_for
 from tiktrue.model.errors import ShapeError, StoreError
 from tiktrue.model.kv_cache import SessionPagedKVCache
+from tiktrue.model.quant import dequantize_state, install_quantized
 from tiktrue.model.store import BlockStore
 
 
@@ -136,6 +139,11 @@ class BlockEngine:
 
     def _materialize(self, module: nn.Module, weights: dict, prefix: str) -> nn.Module:
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        if self.device.type == "cpu":  # torch's int8/int4 kernels used here are CPU ones
+            module, state = install_quantized(module, state, self.dtype)
+        else:
+            state = dequantize_state(state)
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
@@ -200,7 +208,7 @@ class BlockEngine:
         if self.lm_head is None:
             return hidden
         hidden = self.norm(hidden if all_logits else hidden[:, -1:])
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden).float()  # sampling wants fp32 whatever the weights are
         return logits if all_logits else logits[:, -1]
 
     def _check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:

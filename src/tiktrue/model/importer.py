@@ -2,6 +2,12 @@
 
 Weights are read one block at a time and written as soon as the block is complete, so importing
 needs about one block of memory beyond the source's own reader, not the whole model.
+
+Weight formats (``dtype``): ``fp32``, ``fp16``, ``bf16`` convert every weight; ``int8`` and
+``int4`` quantize the matrices (see ``quant``) and run with bf16 activations. By default a Hugging
+Face folder keeps its checkpoint's float dtype and a GGUF keeps its quantized weights: Q4_0 / Q4_1
+exactly as ``int4``, Q8_0 as ``int8``, other quantized types as the nearest of the two, float
+tensors as fp32.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import struct
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -18,14 +25,24 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from tiktrue.model.catalog import EMBED, HEAD, ArchitectureTemplate, chain_order, template_for
 from tiktrue.model.errors import ModelError, StoreError
+from tiktrue.model.quant import (
+    FLOAT_FORMATS,
+    GGUF_Q4_0,
+    GGUF_Q4_1,
+    GGUF_Q8_0,
+    INT4,
+    INT8,
+    WEIGHT_FORMATS,
+    formats_of,
+    gguf_q4_to_int4,
+    quantize,
+)
 from tiktrue.model.store import (
     BlockEntry,
     BlockStore,
     FileEntry,
     Manifest,
-    dtype_name,
     hash_chunks,
-    parse_dtype,
     sha256_file,
     write_manifest,
 )
@@ -47,6 +64,8 @@ def import_model(
     if not source.exists():
         raise StoreError(f"{source} does not exist")
     check_model_id(model_id)
+    if dtype is not None and dtype not in WEIGHT_FORMATS:
+        raise StoreError(f"unknown dtype {dtype!r} (use one of {', '.join(WEIGHT_FORMATS)})")
     dest = models_root / model_id
     if dest.exists() and not overwrite:
         raise StoreError(f"model {model_id!r} already exists at {dest} (use --force to replace)")
@@ -108,7 +127,7 @@ def _import_hf_folder(source: Path, model_id: str, dest: Path, dtype: str | None
         with safe_open(shard, framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                 key_to_shard[key] = shard
-    target = parse_dtype(dtype) if dtype else _checkpoint_dtype(config)
+    target = dtype or _checkpoint_dtype(config)
     by_block = _group_by_block(template, key_to_shard)
     _add_tied_head(config, by_block)
     config.save_pretrained(dest)
@@ -123,14 +142,34 @@ def _import_hf_folder(source: Path, model_id: str, dest: Path, dtype: str | None
 
     blocks = _write_blocks(config, by_block, tensors_of, dest, target)
     has_tokenizer = _copy_tokenizer(lambda: AutoTokenizer.from_pretrained(source), dest)
-    return _manifest(config, model_id, target, blocks, has_tokenizer, str(source), dest)
+    return _manifest(config, model_id, blocks, has_tokenizer, str(source), dest)
 
 
-def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+def _checkpoint_dtype(config: PretrainedConfig) -> str:
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(declared, str):
         declared = getattr(torch, declared, None)
-    return declared if declared in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    return names.get(declared, "fp32")
+
+
+def _compute_dtype(formats: set[str]) -> str:
+    """Activations run in the float format of the weights; quantized weights want bf16."""
+    floats = formats & set(FLOAT_FORMATS)
+    if formats - floats or len(floats) != 1:
+        return "bf16"
+    return floats.pop()
+
+
+def _stored(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """``tensors`` in weight format ``fmt``; vectors (norms, biases) stay fp32 when quantized."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 or fmt in FLOAT_FORMATS:
+            out.update(quantize(name, tensor, fmt))  # a float format only converts
+        else:
+            out[name] = tensor.to(torch.float32).contiguous()
+    return out
 
 
 def _group_by_block(template: ArchitectureTemplate, names) -> dict[str, list[str]]:
@@ -150,15 +189,14 @@ def _add_tied_head(config: PretrainedConfig, by_block: dict[str, list[str]]) -> 
         by_block[HEAD].append(TIED_HEAD)
 
 
-def _write_blocks(config, by_block, tensors_of, dest: Path, target: torch.dtype):
+def _write_blocks(config, by_block, tensors_of, dest: Path, target: str):
     order = chain_order(config.num_hidden_layers)
     missing = [b for b in order if not by_block.get(b)]
     if missing:
         raise StoreError(f"the checkpoint has no weights for block(s): {', '.join(missing)}")
     entries: dict[str, BlockEntry] = {}
     for block in order:
-        tensors = {k: v.to(target).contiguous() for k, v in tensors_of(block).items()}
-        entries[block] = _save_block(block, tensors, dest)
+        entries[block] = _save_block(block, _stored(tensors_of(block), target), dest)
     return entries
 
 
@@ -171,9 +209,20 @@ def _save_block(block: str, tensors: dict[str, torch.Tensor], dest: Path) -> Blo
         file=relative,
         bytes=path.stat().st_size,
         sha256=whole,
-        parameters=sum(t.numel() for t in tensors.values()),
+        parameters=_parameters(tensors),
         chunks=chunks,
+        format=formats_of(tensors),
     )
+
+
+def _parameters(tensors: dict[str, torch.Tensor]) -> int:
+    count = 0
+    for key, tensor in tensors.items():
+        if key.endswith(".int4"):
+            count += tensor.numel() * 2
+        elif not key.endswith((".int4_sz", ".int8_scale")):
+            count += tensor.numel()
+    return count
 
 
 def _copy_tokenizer(load, dest: Path) -> bool:
@@ -185,7 +234,8 @@ def _copy_tokenizer(load, dest: Path) -> bool:
     return True
 
 
-def _manifest(config, model_id, target, blocks, has_tokenizer, source, dest: Path) -> Manifest:
+def _manifest(config, model_id, blocks, has_tokenizer, source, dest: Path) -> Manifest:
+    formats = {f for entry in blocks.values() for f in entry.format.split("+")}
     files = {
         path.name: FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
         for path in sorted(dest.iterdir())
@@ -195,7 +245,8 @@ def _manifest(config, model_id, target, blocks, has_tokenizer, source, dest: Pat
         files=files,
         model_id=model_id,
         architecture=config.model_type,
-        dtype=dtype_name(target),
+        dtype=_compute_dtype(formats),
+        weights="+".join(sorted(formats)),
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
@@ -221,7 +272,6 @@ def _import_gguf(source: Path, model_id: str, dest: Path, dtype: str | None) -> 
     folder, name = source.parent, source.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     template = template_for(config.model_type)
-    target = parse_dtype(dtype) if dtype else torch.float32
     config.save_pretrained(dest)
 
     # The name map comes from a weightless (meta) model, as transformers itself does it.
@@ -239,36 +289,43 @@ def _import_gguf(source: Path, model_id: str, dest: Path, dtype: str | None) -> 
     tied = all(t.name != "output.weight" for t in reader.tensors)  # as transformers decides
     if tied:
         expected[HEAD].discard(TIED_HEAD)
-    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    # block -> weight name -> that weight's stored tensors (one, or a quantized pair)
+    pending: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
     entries: dict[str, BlockEntry] = {}
-    tied_embedding: torch.Tensor | None = None
+    tied_embedding: dict[str, torch.Tensor] | None = None
 
     def flush_if_complete(block: str) -> None:
         nonlocal tied_embedding
-        tensors = pending.get(block)
-        if tensors is None or set(tensors) != expected[block]:
+        weights = pending.get(block)
+        if weights is None or set(weights) != expected[block]:
             return
         if block == HEAD and tied:
             if tied_embedding is None:
                 return  # the head copies the embedding matrix: wait for it
-            tensors[TIED_HEAD] = tied_embedding
-        entries[block] = _save_block(block, {k: v.to(target) for k, v in tensors.items()}, dest)
+            weights[TIED_HEAD] = {
+                TIED_HEAD + k[len(TIED_SOURCE) :]: v for k, v in tied_embedding.items()
+            }
+        tensors = {k: v for stored in weights.values() for k, v in stored.items()}
+        entries[block] = _save_block(block, tensors, dest)
         if block == EMBED and tied:
-            tied_embedding = tensors[TIED_SOURCE]
+            tied_embedding = weights[TIED_SOURCE]
         del pending[block]
 
     for tensor in reader.tensors:
+        floats = dequantize(tensor.data, tensor.tensor_type)
         result = processor.process(
-            weights=dequantize(tensor.data, tensor.tensor_type),
-            name=tensor.name,
-            tensor_key_mapping=name_map,
-            parsed_parameters=parsed,
+            weights=floats, name=tensor.name, tensor_key_mapping=name_map, parsed_parameters=parsed
         )
         hf_name = name_map.get(result.name)
         block = template.block_of(hf_name) if hf_name else None
         if block is None:
             continue
-        pending[block][hf_name] = torch.from_numpy(result.weights.copy())
+        weights = torch.from_numpy(result.weights.copy())
+        fmt = _gguf_target(tensor.tensor_type, dtype) if weights.dim() == 2 else "fp32"
+        stored = None
+        if fmt == INT4 and tensor.tensor_type.name in (GGUF_Q4_0, GGUF_Q4_1):
+            stored = _exact_int4(tensor, floats, result, hf_name, processor, name_map, parsed)
+        pending[block][hf_name] = stored or _stored({hf_name: weights}, fmt)
         flush_if_complete(block)
         if block == EMBED:
             flush_if_complete(HEAD)
@@ -278,4 +335,41 @@ def _import_gguf(source: Path, model_id: str, dest: Path, dtype: str | None) -> 
     has_tokenizer = _copy_tokenizer(
         lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), dest
     )
-    return _manifest(config, model_id, target, entries, has_tokenizer, str(source), dest)
+    return _manifest(config, model_id, entries, has_tokenizer, str(source), dest)
+
+
+def _gguf_target(kind, dtype: str | None) -> str:
+    """The stored format of one GGUF matrix: ``dtype`` if given, else the nearest kept one."""
+    from gguf import GGML_QUANT_SIZES
+
+    if dtype is not None:
+        return dtype
+    if kind.name in ("F32", "F16", "BF16", "F64"):
+        return "fp32"
+    if kind.name == GGUF_Q8_0:
+        return INT8
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    return INT4 if type_size * 8 / block_size <= 5 else INT8
+
+
+def _exact_int4(tensor, floats, result, hf_name, processor, name_map, parsed):
+    """A Q4_0 / Q4_1 matrix as ``int4`` without re-quantizing, or ``None`` where transformers'
+    processing of this tensor is more than a reordering of its rows (then it is re-quantized)."""
+    rows = floats.shape[0]
+    index = processor.process(
+        weights=np.arange(rows, dtype=np.float64)[:, None],
+        name=tensor.name,
+        tensor_key_mapping=name_map,
+        parsed_parameters=parsed,
+    ).weights
+    order = np.asarray(index).reshape(-1)
+    if order.shape != (rows,) or not np.array_equal(np.sort(order), np.arange(rows)):
+        return None
+    order = order.astype(np.int64)
+    if not np.array_equal(floats[order], result.weights):
+        return None
+    packed, scale_zero = gguf_q4_to_int4(np.asarray(tensor.data), tensor.tensor_type.name)
+    return {
+        f"{hf_name}.int4": packed[order].contiguous(),
+        f"{hf_name}.int4_sz": (scale_zero[:, order].contiguous()),
+    }

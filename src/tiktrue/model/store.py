@@ -2,8 +2,9 @@
 
 Layout of ``<data>/models/<model_id>/``::
 
-    manifest.json      model_id, architecture, dtype, model_chain_order, blocks (file, bytes,
-                       sha256, parameters), optional encryption header
+    manifest.json      model_id, architecture, dtype (of activations and the KV cache),
+                       weights (the weight formats), model_chain_order, blocks (file, bytes,
+                       sha256, parameters, format), optional encryption header
     config.json        the transformers config
     tokenizer files    tokenizer.json, tokenizer_config.json (with the chat template), ...
     blocks/<name>.safetensors
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 
 from tiktrue.model.errors import CorruptBlock, StoreError
+from tiktrue.model.quant import dequantize_state
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "tiktrue-block-store/1"
@@ -59,9 +61,10 @@ class FileEntry(BaseModel):
 
 class BlockEntry(BaseModel):
     file: str
-    bytes: int
+    bytes: int  # the file's real size: the planner and the caps count these
     sha256: str
     parameters: int
+    format: str = ""  # weight formats of its matrices ("int4", "int4+int8", "fp32"; see quant)
     chunk_size: int = CHUNK_SIZE
     chunks: list[str] = Field(default_factory=list)  # sha256 of each chunk_size piece
 
@@ -73,7 +76,8 @@ class Manifest(BaseModel):
     format: str = STORE_FORMAT
     model_id: str
     architecture: str
-    dtype: str
+    dtype: str  # activations and KV cache: fp32, fp16 or bf16
+    weights: str = ""  # weight formats of the whole model ("int4+int8"); "" = dtype (old stores)
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -172,11 +176,16 @@ class BlockStore:
             raise CorruptBlock([name], str(exc)) from exc
 
     def load_full_state_dict(self, *, verify: bool = True) -> dict[str, torch.Tensor]:
-        """Every weight of the model: the reference forward and benchmarks use this."""
+        """Every weight of the model, quantized ones dequantized to fp32: the reference
+        forward and the benchmarks use this."""
         state: dict[str, torch.Tensor] = {}
         for name in self.manifest.model_chain_order:
-            state.update(self.load_block(name, verify=verify))
+            state.update(dequantize_state(self.load_block(name, verify=verify)))
         return state
+
+    @property
+    def weight_format(self) -> str:
+        return self.manifest.weights or self.manifest.dtype
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
