@@ -246,3 +246,15 @@ def test_a_lost_node_that_returns_is_planned_back_in(tight_with_backup, tiny_lla
     assert backup.node_id == config.nodes[3].node_id  # the large one
     assert config.nodes[1].node_id in {n.node_id for n in now.chain()}
     _assert_complete(asyncio.run(_answer(cluster, None)), undisturbed)
+
+
+def test_a_node_outside_the_chain_restarting_disturbs_no_answer(with_backup, tiny_llama):
+    """The backup (in no chain) is killed during an answer and started again: the answer
+    goes on undisturbed and the chain is not changed."""
+    cluster, homes, config = with_backup
+    undisturbed = _undisturbed(cluster, tiny_llama)
+    replies = asyncio.run(_answer(cluster, lambda: cluster.restart(3, kill=True)))
+    _assert_complete(replies, undisturbed)
+    now = _config(homes[0])
+    assert [n.node_id for n in now.chain()] == [n.node_id for n in config.chain()]
+    assert now.version == config.version
