@@ -329,3 +329,19 @@ def test_equal_versions_with_different_content_resolve_the_same_on_every_node(ru
     report = net.push(net.renamed("settled", winner))
     assert report.complete, report
     _wait_converged(net)
+
+
+def test_a_node_back_while_the_admin_was_away_finds_it_on_its_new_port(running):
+    """Both restart on new control ports; neither's config knows the other's. The node,
+    failing to reach the admin where it was, looks for it on the LAN and pulls from there."""
+    net = running
+    net.nodes.stop(net.pc3)
+    net.nodes.stop(net.admin)
+    net.nodes.start(net.pc3)  # the admin is away: its pull fails, it keeps trying
+    net.nodes.start(net.admin)
+    status = _wait_converged(net)
+    admin, pc3 = net.config(), net.config(net.pc3)
+    assert admin.node(net.ids[0]).control_address == control_address(net.admin)
+    assert admin.node(net.ids[2]).control_address == control_address(net.pc3)
+    assert config_digest(pc3) == config_digest(admin)
+    assert {n["node_id"]: n["state"] for n in status["nodes"]}[net.ids[2]] == "serving"

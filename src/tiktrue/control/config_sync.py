@@ -202,17 +202,28 @@ def with_control_port(config: NetworkConfig, node_id: str, port: int) -> Network
 
 
 async def pull_config(
-    data_dir: Path, network_id: str, *, control_address: str | None = None
+    data_dir: Path,
+    network_id: str,
+    *,
+    control_address: str | None = None,
+    admin_address: str | None = None,
 ) -> tuple[NetworkConfig, bool]:
     """A member asks its admin for the current config (telling it where its own control
-    channel listens now) and installs it when it wins over the one held. Returns the config
-    now held and whether it changed; raises ``PeerUnavailable`` when the admin is away."""
+    channel listens now) and installs it when it wins over the one held. ``admin_address``
+    overrides the config's (the admin restarted on another port: see ``find_admin``).
+    Returns the config now held and whether it changed; raises ``PeerUnavailable`` when the
+    admin is away."""
     current = read_config(config_path(data_dir, network_id))
     credentials = NetworkCredentials.load(data_dir, network_id)
     admin = next((n for n in current.nodes if n.role == "admin"), None)
     if admin is None or admin.node_id == credentials.identity.node_id:
         return current, False
-    async with ControlLink.to(admin, credentials) as link:  # pinned to the admin's node id
+    link = (
+        ControlLink(admin_address, expected_node_id=admin.node_id, credentials=credentials)
+        if admin_address
+        else ControlLink.to(admin, credentials)
+    )
+    async with link:  # pinned to the admin's node id, whatever the address
         reply = await link.call(
             "config_pull",
             network_id=network_id,
@@ -226,6 +237,31 @@ async def pull_config(
         return current, False
     write_config(data_dir, offered)
     return offered, True
+
+
+def find_admin(
+    data_dir: Path, network_id: str, *, timeout: float = 10.0, interfaces=None
+) -> str | None:
+    """Where the network's admin announces its control channel on the LAN now (it may have
+    restarted on another port while this node was away too); None when not heard. Blocking:
+    call it in a thread. The link to the address found is still pinned to the admin's id."""
+    from tiktrue.control.discovery import discover_networks
+
+    config = read_config(config_path(data_dir, network_id))
+    admin = next((n for n in config.nodes if n.role == "admin"), None)
+    if admin is None:
+        return None
+
+    def heard(nodes) -> bool:
+        return any(n.node_id == admin.node_id for n in nodes)
+
+    try:
+        nodes = discover_networks(timeout, interfaces=interfaces, until=heard)
+    except Exception as exc:  # a LAN without multicast: only the config's address is left
+        log.info("cannot browse the LAN for the admin of %s: %s", network_id, exc)
+        return None
+    found = next((n for n in nodes if n.node_id == admin.node_id), None)
+    return f"{found.host}:{found.control_port}" if found else None
 
 
 # --- the admin's side ---------------------------------------------------------------------
@@ -287,7 +323,8 @@ async def broadcast_config_updates(
             report.pending[node.node_id] = str(outcome)
         if progress:
             progress(node.node_id, "commit", "ok" if outcome is None else str(outcome))
-    write_config(data_dir, config)
+    if is_newer(held_config(data_dir, config.network_id), config):  # not over a newer one
+        write_config(data_dir, config)
     if report.pending:
         log.warning(
             "network %s: config v%d pending on %s (they pull it when they return)",

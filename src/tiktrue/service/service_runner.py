@@ -288,13 +288,18 @@ class NodeService:
 
     # --- config sync: pull on return, re-announce (see control.config_sync) ---------------
 
-    async def pull_config(self, network_id: str) -> NetworkConfig:
+    async def pull_config(
+        self, network_id: str, *, admin_address: str | None = None
+    ) -> NetworkConfig:
         """Ask the network's admin for the current config and run it if it wins over ours
         (call it when the admin's heartbeat shows a newer version). The request carries this
         node's control address, which the admin records. Raises ``PeerUnavailable`` (or
         ``ControlError``) when the admin cannot be reached or refuses."""
         config, changed = await config_sync.pull_config(
-            self.data_dir, network_id, control_address=self._control_address()
+            self.data_dir,
+            network_id,
+            control_address=self._control_address(),
+            admin_address=admin_address,
         )
         if changed:
             log.info("network %s: pulled config v%d from the admin", network_id, config.version)
@@ -335,17 +340,22 @@ class NodeService:
                     self._pull_until_reached(config.network_id)
                 )
 
-    async def _pull_until_reached(self, network_id: str, most: float = 30.0) -> None:
-        delay = 1.0
+    async def _pull_until_reached(self, network_id: str, most: float = 15.0) -> None:
+        """Ask the admin again with backoff; after each miss, look for it on the LAN (it may
+        have come back on another control port)."""
+        delay, address = 1.0, None
         while True:
             await asyncio.sleep(delay)
             try:
-                await self.pull_config(network_id)
+                await self.pull_config(network_id, admin_address=address)
                 return
             except (*config_sync.UNREACHABLE, ControlError) as exc:
                 log.info("network %s: admin still not reached: %s", network_id, exc)
             except Exception:
                 log.exception("network %s: pulling the config failed", network_id)
+            address = await asyncio.to_thread(
+                config_sync.find_admin, self.data_dir, network_id, interfaces=[self.host]
+            )
             delay = min(delay * 2, most)
 
     async def record_control_address(
