@@ -315,6 +315,14 @@ def network_create(
     manual_plan: bool = typer.Option(
         False, "--manual-plan", help="Do not re-plan by itself when PCs join (use apply)."
     ),
+    backups: int = typer.Option(
+        0,
+        "--backups",
+        min=0,
+        max=16,
+        help="PCs the planner holds back as backups, each with a replica of spans it can "
+        "take over at once when a PC is lost (when the others can hold the model).",
+    ),
 ) -> None:
     """Create a network administered by this node (it holds the model and serves all of it)."""
     from tiktrue.control.network_admin import poke_local_service
@@ -334,6 +342,7 @@ def network_create(
         control_port=control_port,
         network_id=network_id,
         auto_plan=not manual_plan,
+        backup_nodes=backups,
     )
     _run(poke_local_service(data_dir()))
     typer.echo(f"created network {config.network_id} ({name}) serving {config.model_id}")
@@ -672,10 +681,10 @@ def demo(
     headless: bool = typer.Option(
         False, "--headless", help="Serve the API until SIGINT/SIGTERM instead of opening the chat."
     ),
-    nodes: int = typer.Option(3, "--nodes", min=2, max=8),
+    nodes: int = typer.Option(4, "--nodes", min=2, max=8),
 ) -> None:
-    """The whole journey on this PC: repository, 3 nodes, create, discover, join, plan,
-    download, distribute, then chat with SmolLM2-135M-Instruct."""
+    """The whole journey on this PC: repository, 4 nodes (the fourth a backup), create,
+    discover, join, plan, download, distribute, then chat with SmolLM2-135M-Instruct."""
     import signal
     import time
 

@@ -1,12 +1,15 @@
 """``tiktrue demo``: the whole seed-000 journey on this PC, with the real small model.
 
 1. A model repository (``tiktrue models serve``) holds SmolLM2-135M-Instruct, imported once.
-2. Three node services start: the admin in ``TIKTRUE_HOME`` itself (so ``tiktrue network
-   status`` and ``tiktrue chat`` there see the demo), two more in ``<home>/demo/node2..3``.
+2. Four node services start: the admin in ``TIKTRUE_HOME`` itself (so ``tiktrue network
+   status`` and ``tiktrue chat`` there see the demo), three more in ``<home>/demo/node2..4``.
 3. The admin downloads the model from the repository (resumable, verified) and creates the
-   network; discovery (zeroconf) finds the other two; each joins with a one-time token.
-4. The admin measures every node, plans the spans, pushes each worker its blocks (encrypted,
-   verified) and switches the chain to the new config.
+   network (with one backup); discovery (zeroconf) finds the others; each joins with a
+   one-time token.
+4. The admin measures every node, plans the spans (the model fits only on three nodes; the
+   fourth, with more RAM, is held back as the backup of the other two workers), pushes each
+   node its blocks (encrypted, verified) and switches the chain to the new config. Killing
+   either worker is survived: the backup takes over and answers in flight go on.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tiktrue.control.model_downloader import download_model_blocks
 from tiktrue.control.model_repository import repository_app
 from tiktrue.control.network_admin import apply_plan, make_plan, poke_local_service, set_caps
 from tiktrue.control.network_manager import create_join_token, create_network, leave_network
+from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
 from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.resources import free_ports
 from tiktrue.paths import run_file
@@ -33,7 +37,15 @@ from tiktrue.service.local_network import LocalCluster
 from tiktrue.ui.progress import progress_printer
 
 NETWORK_ID = "demo"
-RAM_PER_NODE = 700_000_000
+BACKUP_INDEX = 3  # the fourth node: it gets more RAM, and the planner holds it back as backup
+
+
+def ram_caps(store) -> tuple[int, int]:
+    """RAM caps (bytes) for the demo's PCs, from the model's size: with ``small`` the model
+    and its KV budget fit only on three PCs; ``large`` holds a replica of two of the spans."""
+    profile = ModelProfile.from_manifest(store.manifest, store.config())
+    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, 2048)
+    return DEFAULT_RUNTIME_BYTES + int(need * 0.42), DEFAULT_RUNTIME_BYTES + int(need * 0.9)
 
 
 class _Repository:
@@ -63,7 +75,7 @@ def _service(home: Path) -> dict:
     return json.loads(run_file(home).read_text("utf-8"))
 
 
-def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster:
+def start_demo_network(home: Path, *, nodes: int = 4, log=print) -> LocalCluster:
     """Everything up to a served network; returns the running cluster (stop it when done)."""
     repository = home / "repository"
     ensure_demo_model(log, models_root=repository)
@@ -95,6 +107,7 @@ def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster
             control_port=int(control_port),
             network_id=NETWORK_ID,
             auto_plan=False,
+            backup_nodes=1,
         )
         asyncio.run(poke_local_service(home))
         log(f"created network {NETWORK_ID} on the admin node {admin['node_id']}")
@@ -115,11 +128,16 @@ def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster
             log(f"node {_service(h)['node_id']} joined with a one-time token")
 
         async def plan_and_apply():
-            # each PC gives RAM_PER_NODE: the model and its KV cache fit only on all three
-            for h in homes:
-                caps = {"ram_bytes": RAM_PER_NODE}
+            # the first three PCs give RAM for about a third of the model each: it fits only on
+            # all three; the fourth gives more and stands by as the backup of the other two
+            small, large = ram_caps(admin_store)
+            for i, h in enumerate(homes):
+                caps = {"ram_bytes": large if i == BACKUP_INDEX else small}
                 await set_caps(home, NETWORK_ID, _service(h)["node_id"], caps)
-            log(f"each node gives {RAM_PER_NODE / 1e6:.0f} MB of RAM to the network")
+            log(
+                f"nodes 1-3 give {small / 1e6:.0f} MB of RAM each to the network, "
+                f"node 4 gives {large / 1e6:.0f} MB"
+            )
             plan, _ = await make_plan(home, NETWORK_ID)
             log(plan.describe())
             pushed = progress_printer(
@@ -137,10 +155,24 @@ def start_demo_network(home: Path, *, nodes: int = 3, log=print) -> LocalCluster
         config = asyncio.run(plan_and_apply())
         log(f"network {NETWORK_ID} runs config v{config.version} ({config_path(home, NETWORK_ID)})")
         _wait_serving(homes, config)
+        log(survival(config))
     except BaseException:
         cluster.stop()
         raise
     return cluster
+
+
+def survival(config) -> str:
+    """What the network survives, in a sentence for the person watching the demo."""
+    for backup in config.backups():
+        covered = [n.node_id for n in config.chain() if set(n.blocks) <= set(backup.blocks)]
+        if covered:
+            return (
+                f"backup: node {backup.node_id} holds a replica of {backup.blocks[0]}.."
+                f"{backup.blocks[-1]}; if node {' or '.join(covered)} stops (kill it: "
+                f"any answer in flight pauses, then goes on), it takes over at once"
+            )
+    return "no backup: a node that stops is replaced by moving its blocks where there is room"
 
 
 def _wait_serving(homes: list[Path], config, timeout: float = 120) -> None:

@@ -52,7 +52,9 @@ class NodeProcesses:
     def start(self, home: Path | None = None) -> NodeProcesses:
         for h in [Path(home)] if home is not None else self.homes:
             if h not in self.clusters:
-                cluster = LocalCluster([h], kv_budget_mb=16, gateway=h == self.homes[0])
+                cluster = LocalCluster(
+                    [h], kv_budget_mb=16, gateway=h == self.homes[0], own_control_ports=False
+                )
                 with environment(**self.env):
                     self.clusters[h] = cluster.start()
         return self

@@ -144,18 +144,29 @@ def missing_blocks(data_dir: Path, config: NetworkConfig, node_id: str) -> list[
     if not (root / MANIFEST).is_file():
         return list(entry.blocks)
     manifest = Manifest.model_validate_json((root / MANIFEST).read_text("utf-8"))
-    missing = []
-    for name in entry.blocks:
-        block = manifest.blocks.get(name)
-        path = root / block.file if block else None
-        if (
-            block is None
-            or not path.is_file()
-            or path.stat().st_size != block.bytes
-            or sha256_file(path) != block.sha256
-        ):
-            missing.append(name)
-    return missing
+    return [
+        name
+        for name in entry.blocks
+        if name not in manifest.blocks or not _holds(root, manifest.blocks[name])
+    ]
+
+
+_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: each file version hashed once
+
+
+def _holds(root: Path, block) -> bool:
+    """The block's file is there with its size and sha256. Hashed once per file version:
+    prepares come on the failover path, where every second counts."""
+    path = root / block.file
+    if not path.is_file():
+        return False
+    stat = path.stat()
+    if stat.st_size != block.bytes:
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key] == block.sha256
 
 
 async def check_prepare(data_dir: Path, node_id: str, offered: NetworkConfig) -> bool:
@@ -273,6 +284,7 @@ async def broadcast_config_updates(
     credentials: NetworkCredentials,
     *,
     previous: NetworkConfig | None = None,
+    skip: set[str] = frozenset(),
     retries: int = 4,
     backoff: float = 0.5,
     progress: Callable[[str, str, str], None] | None = None,
@@ -282,8 +294,9 @@ async def broadcast_config_updates(
     Raises ``SyncError`` (nothing committed anywhere) when a node refuses phase 1, or when a
     node that cannot be reached would serve a span it did not serve before (the chain would
     be incomplete without it). Otherwise the admin's own copy is written last and the report
-    lists who committed and who is ``pending`` (away; pulls on return). ``progress(node_id,
-    op, outcome)`` is told each node's outcome per phase."""
+    lists who committed and who is ``pending`` (away; pulls on return). The nodes in ``skip``
+    are known lost: not asked at all (no retries to wait for), pending at once.
+    ``progress(node_id, op, outcome)`` is told each node's outcome per phase."""
     data_dir = Path(data_dir)
     me = credentials.identity.node_id
     previous = previous if previous is not None else held_config(data_dir, config.network_id)
@@ -292,7 +305,9 @@ async def broadcast_config_updates(
     if missing:
         report.refused[me] = f"missing blocks {', '.join(missing)}"
         raise SyncError("missing_blocks", f"this node lacks {', '.join(missing)}", report)
-    others = [n for n in config.nodes if n.node_id != me]
+    for node_id in sorted(skip & {n.node_id for n in config.nodes}):
+        report.pending[node_id] = "lost: not asked"
+    others = [n for n in config.nodes if n.node_id != me and n.node_id not in skip]
     body = {"config": config.model_dump(mode="json")}
     outcomes = await _on_all(others, credentials, "config_prepare", body, report, retries, backoff)
     prepared = []
@@ -336,8 +351,9 @@ async def broadcast_config_updates(
 
 
 def _needed(node: NodeEntry, previous: NetworkConfig | None) -> bool:
-    """Whether the new chain needs ``node`` to have switched: it serves a span it did not."""
-    if not node.blocks:
+    """Whether the new chain needs ``node`` to have switched: it serves a span it did not
+    (a backup is not in the chain: the switch goes on without it)."""
+    if not node.blocks or node.role == "backup":
         return False
     if previous is None:
         return True

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tiktrue.control.config_sync import SyncReport, broadcast_config_updates
 from tiktrue.control.distributor import PushProgress, push_blocks
-from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_spans
+from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_with_backups
 from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
@@ -52,13 +52,15 @@ async def _one_way_ms(link: ControlLink, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2] / 2
 
 
-async def network_status(data_dir: Path, network_id: str, *, probe: bool = False) -> dict:
+async def network_status(
+    data_dir: Path, network_id: str, *, probe: bool = False, without: set[str] = frozenset()
+) -> dict:
+    """Every node's report (``without`` the nodes not to ask: lost ones, say)."""
     config, credentials = load(data_dir, network_id)
-    reports = await asyncio.gather(
-        *(node_report(n, credentials, probe=probe) for n in config.nodes)
-    )
+    asked = [n for n in config.nodes if n.node_id not in without]
+    reports = await asyncio.gather(*(node_report(n, credentials, probe=probe) for n in asked))
     nodes = []
-    for entry, report in zip(config.nodes, reports, strict=True):
+    for entry, report in zip(asked, reports, strict=True):
         network = report.get("networks", {}).get(network_id, {})
         nodes.append(
             {
@@ -124,15 +126,17 @@ async def make_plan(
     context_tokens: int = 2048,
     without: set[str] = frozenset(),
 ) -> tuple[Plan, dict]:
-    """Measure every node (``without`` those leaving) and plan the spans."""
-    config, _ = load(data_dir, network_id)
+    """Measure every node (``without`` those leaving or lost) and plan the spans, holding
+    back the network's backup nodes where it can."""
+    config, credentials = load(data_dir, network_id)
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     model = ModelProfile.from_manifest(store.manifest, store.config())
-    status = await network_status(data_dir, network_id, probe=True)
-    status["nodes"] = [n for n in status["nodes"] if n["node_id"] not in without]
-    plan = plan_spans(
+    status = await network_status(data_dir, network_id, probe=True, without=without)
+    plan = plan_with_backups(
         model,
         capacities(status),
+        config.backup_nodes,
+        keep_first=credentials.identity.node_id,
         context_tokens=context_tokens,
         overrides=overrides,
     )
@@ -146,20 +150,23 @@ async def apply_plan(
     *,
     progress: Callable[[PushProgress], None] | None = None,
     remove: set[str] = frozenset(),
+    lost: set[str] = frozenset(),
 ) -> NetworkConfig:
-    """Push every node the blocks of its new span, then the new config (without the nodes in
-    ``remove``, which are leaving) to every node."""
+    """Push every node the blocks of its new span (and each backup its replica), then the new
+    config to every node: without the nodes in ``remove``, which are leaving; the ``lost``
+    ones stay members (they pull the config when they return) but are not asked now."""
     config, credentials = load(data_dir, network_id)
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     by_id = {n.node_id: n for n in config.nodes}
     me = credentials.identity.node_id
-    for node_id, blocks in plan.assignments.items():
+    holds = {**plan.assignments, **plan.backups}
+    for node_id, blocks in holds.items():
         if node_id != me:
             await push_blocks(
                 data_dir, network_id, store, by_id[node_id], blocks, progress=progress
             )
     nodes = [
-        n.model_copy(update={"blocks": list(plan.assignments.get(n.node_id, []))})
+        n.model_copy(update={"blocks": list(holds.get(n.node_id, [])), "role": _role(n, plan)})
         for n in config.nodes
         if n.node_id not in remove
     ]
@@ -170,14 +177,31 @@ async def apply_plan(
             "version": config.version + 1,
         }
     )
-    await push_config(data_dir, new, credentials)
+    await push_config(data_dir, new, credentials, skip=lost)
     return new
 
 
-async def push_config(data_dir: Path, config: NetworkConfig, credentials, **options) -> SyncReport:
-    """Switch every node to ``config`` (two-phase, acknowledged, retried: see ``config_sync``),
+def _role(node, plan: Plan) -> str:
+    """The admin stays admin; a node holding a replica is a backup, one in the chain a worker."""
+    if node.role == "admin":
+        return "admin"
+    if node.node_id in plan.backups:
+        return "backup"
+    return "worker" if node.node_id in plan.assignments else node.role
+
+
+async def push_config(
+    data_dir: Path,
+    config: NetworkConfig,
+    credentials,
+    *,
+    skip: set[str] = frozenset(),
+    **options,
+) -> SyncReport:
+    """Switch every node to ``config`` (two-phase, acknowledged, retried: see ``config_sync``;
+    the nodes in ``skip`` are lost: not asked now, they pull the config when they return),
     then this node's own service."""
-    report = await broadcast_config_updates(data_dir, config, credentials, **options)
+    report = await broadcast_config_updates(data_dir, config, credentials, skip=skip, **options)
     await poke_local_service(data_dir)
     return report
 

@@ -64,6 +64,7 @@ def create_network(
     control_port: int | None = None,
     network_id: str | None = None,
     auto_plan: bool = True,
+    backup_nodes: int = 0,
 ) -> NetworkConfig:
     """Make a network administered by this node; at first this node serves every block."""
     data_dir = Path(data_dir)
@@ -77,7 +78,7 @@ def create_network(
         identity.node_id, identity.public_key, "admin", hosts=_hosts(host)
     )
     install_certificate(data_dir, network_id, ca.cert_pem, cert)
-    _write_secret(folder / BLOCK_KEY, new_block_key().hex())
+    install_block_key(data_dir, network_id, new_block_key())
     config = NetworkConfig(
         network_id=network_id,
         name=name,
@@ -85,6 +86,7 @@ def create_network(
         model_chain_order=store.manifest.model_chain_order,
         port=port,
         auto_plan=auto_plan,
+        backup_nodes=backup_nodes,
         nodes=[
             NodeEntry(
                 node_id=identity.node_id,
@@ -115,6 +117,11 @@ def _write_secret(path: Path, text: str) -> None:
     path.write_text(text, "utf-8")
     with contextlib.suppress(OSError):  # Windows: the user profile is private already
         path.chmod(0o600)
+
+
+def install_block_key(data_dir: Path, network_id: str, key: bytes) -> None:
+    """The network's AES-256-GCM block key, readable by this user only."""
+    _write_secret(network_dir(data_dir, network_id) / BLOCK_KEY, key.hex())
 
 
 def block_key(data_dir: Path, network_id: str) -> bytes:
@@ -317,7 +324,7 @@ def install_grant(data_dir: Path, grant: JoinGrant) -> NetworkConfig:
     install_certificate(
         data_dir, grant.network_id, grant.ca_cert.encode(), grant.node_cert.encode()
     )
-    _write_secret(network_dir(data_dir, grant.network_id) / BLOCK_KEY, grant.block_key)
+    install_block_key(data_dir, grant.network_id, bytes.fromhex(grant.block_key))
     config = NetworkConfig.model_validate(grant.config)
     write_config(data_dir, config)
     return config

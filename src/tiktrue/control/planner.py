@@ -170,6 +170,9 @@ class Plan:
     est_ms_per_token: float
     nodes: list[NodePlan] = field(default_factory=list)  # same order as ``assignments``
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    # backup node -> the replica it holds: a run of consecutive spans it can take over at once
+    backups: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. why a wanted backup was not placed
 
     @property
     def max_node_ms(self) -> float:
@@ -192,6 +195,9 @@ class Plan:
                 f"{human_bytes(n.weight_bytes)} + KV {human_bytes(n.kv_bytes)} -> RAM "
                 f"{human_bytes(n.ram_needed)}, compute {n.compute_ms:.1f} ms{link}"
             )
+        for node, blocks in self.backups.items():
+            lines.append(f"  {node}: backup of {_span_name(blocks)} ({len(blocks)} blocks)")
+        lines += [f"  no backup: {why}" for why in self.notes]
         return "\n".join(lines)
 
 
@@ -443,3 +449,71 @@ def _explain(
 
 def _span_name(blocks: Sequence[str]) -> str:
     return blocks[0] if len(blocks) == 1 else f"{blocks[0]}..{blocks[-1]}"
+
+
+def plan_with_backups(
+    model: ModelProfile,
+    nodes: list[NodeCapacity],
+    backups: int,
+    *,
+    keep_first: str | None = None,
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+    overrides: dict[str, int] | None = None,
+) -> Plan:
+    """The chain plan, with up to ``backups`` nodes held back as backups (``Plan.backups``).
+
+    Nodes with the most RAM are tried first as backups (a backup must hold a replica of a
+    long run of spans); a node is held back only when the chain still fits without it. Each
+    backup replicates the longest run of consecutive spans it can hold, never the span of
+    ``keep_first`` (the admin: its loss is not failed over). Without room for a backup the
+    chain plan is made anyway and ``Plan.notes`` says why.
+    """
+    held: list[NodeCapacity] = []
+    missing: list[str] = []
+    chain_nodes = list(nodes)
+    for _ in range(backups):
+        candidates = sorted(
+            (
+                n
+                for n in chain_nodes
+                if n.node_id != keep_first and n.node_id not in (overrides or {})
+            ),
+            key=lambda n: -n.ram_bytes,
+        )
+        for candidate in candidates:
+            rest = [n for n in chain_nodes if n is not candidate]
+            try:
+                plan_spans(model, rest, context_tokens=context_tokens, overrides=overrides)
+            except PlanError:
+                continue
+            held.append(candidate)
+            chain_nodes = rest
+            break
+        else:
+            missing.append("the chain needs every other node")
+            break
+    plan = plan_spans(model, chain_nodes, context_tokens=context_tokens, overrides=overrides)
+    pre = _Prefix(model, context_tokens)
+    index = {b: i for i, b in enumerate(model.chain_order)}
+    spans = [
+        (index[blocks[0]], index[blocks[-1]] + 1)
+        for node, blocks in plan.assignments.items()
+        if node != keep_first
+    ]
+    replicas: dict[str, list[str]] = {}
+    for backup in held:
+        best: tuple[int, int] | None = None
+        for a in range(len(spans)):
+            for b in range(a, len(spans)):
+                i, j = spans[a][0], spans[b][1]
+                if not pre.fits(backup, i, j):
+                    break
+                if best is None or b - a > best[1] - best[0]:
+                    best = (a, b)
+        if best is None:
+            missing.append(f"node {backup.node_id} cannot hold any span")
+            continue
+        i, j = spans[best[0]][0], spans[best[1]][1]
+        replicas[backup.node_id] = list(model.chain_order[i:j])
+    plan.backups, plan.notes = replicas, missing
+    return plan

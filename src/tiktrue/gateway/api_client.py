@@ -177,20 +177,42 @@ class RemoteChain:
 
 
 RECOVERABLE = {"peer_unavailable", "unknown_session"}
+RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
+STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain
+HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
 
 
 class ReplayingChain:
     """The chain as the gateway uses it: it remembers what each session fed, so when the chain
     changes (a new config, a node replaced) a session is rebuilt on the new chain by replaying
-    its tokens; the answer pauses, and no token is lost or repeated."""
+    its tokens; the answer pauses, and no token is lost or repeated.
 
-    def __init__(self, chain: RemoteChain, *, retries: int = 3, pause: float = 0.5) -> None:
+    A step that fails because a node is unreachable reports the broken chain (``on_broken``:
+    the admin's failover takes it from there), then waits for a new chain (``switch``) or
+    tries the same one again every ``RETRY_S`` (the node may return), up to ``heal_ceiling``.
+    A step unanswered for ``stall_s`` (a node hangs) is reported too, and goes on waiting:
+    a new chain fails it (the old links close) and it is replayed there.
+    ``healthy`` is False from such a failure until a step or a probe gets through again.
+    """
+
+    def __init__(
+        self,
+        chain: RemoteChain,
+        *,
+        on_broken=None,
+        retry_s: float = RETRY_S,
+        stall_s: float = STALL_S,
+        heal_ceiling: float = HEAL_CEILING_S,
+    ) -> None:
         self.inner = chain
         self.fed: dict[str, list[int]] = {}
         self.sampling: dict[str, SamplingParams] = {}
         self.stale: set[str] = set()
-        self.retries, self.pause = retries, pause
+        self.on_broken = on_broken or (lambda error: None)
+        self.retry_s, self.stall_s, self.heal_ceiling = retry_s, stall_s, heal_ceiling
         self.replays = 0
+        self.healthy = True
+        self._switched = asyncio.Event()
         self._closing: set[asyncio.Task] = set()
 
     @property
@@ -200,9 +222,14 @@ class ReplayingChain:
     def switch(self, chain: RemoteChain) -> None:
         old, self.inner = self.inner, chain
         self.stale |= set(self.fed)
-        closing = asyncio.get_running_loop().create_task(old.aclose())
-        self._closing.add(closing)  # keep a reference until the old links are closed
-        closing.add_done_callback(self._closing.discard)
+        self._in_background(old.aclose())  # steps still waiting on it fail and are replayed
+        self._switched.set()
+        self._switched = asyncio.Event()
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._closing.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._closing.discard)
 
     async def open(self, session_id: str) -> None:
         await self.inner.open(session_id)
@@ -223,22 +250,55 @@ class ReplayingChain:
     async def step(self, session_id, token_ids, start, sampling=None) -> int:
         if sampling is not None:
             self.sampling[session_id] = sampling
-        for attempt in range(self.retries + 1):
+        began = time.monotonic()
+        while True:
             try:
                 if session_id in self.stale:
                     await self._replay(session_id, start)
-                token = await self.inner.step(session_id, token_ids, start, sampling)
-                fed = self.fed.setdefault(session_id, [])
-                del fed[start:]  # a no-op unless the session was rewound
-                fed.extend(token_ids)  # per token: O(1), not a copy of the history
-                return token
+                token = await self._watched(self.inner.step(session_id, token_ids, start, sampling))
             except (PeerUnavailable, ChainError) as exc:
                 code = getattr(exc, "code", "peer_unavailable")
-                if attempt == self.retries or code not in RECOVERABLE:
+                if code not in RECOVERABLE or time.monotonic() - began > self.heal_ceiling:
                     raise
                 self.stale.add(session_id)
-                await asyncio.sleep(self.pause * (attempt + 1))
-        raise AssertionError("unreachable")
+                await self.wait_for_heal(exc)
+                continue
+            self.healthy = True
+            fed = self.fed.setdefault(session_id, [])
+            del fed[start:]  # a no-op unless the session was rewound
+            fed.extend(token_ids)  # per token: O(1), not a copy of the history
+            return token
+
+    async def _watched(self, step):
+        """Await ``step``; when it takes longer than ``stall_s``, report the chain once."""
+        task = asyncio.ensure_future(step)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.stall_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            self.on_broken(TimeoutError(f"a step waited {self.stall_s:.0f} s for the chain"))
+        return await task
+
+    async def wait_for_heal(self, error: Exception) -> None:
+        """The chain failed: report it, then wait for a new chain or the next retry."""
+        if self.healthy:
+            self.healthy = False
+            self.on_broken(error)
+        switched = self._switched
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(switched.wait(), self.retry_s)
+
+    async def probe(self, timeout: float = 2.0) -> bool:
+        """Whether the whole chain answers now (a session close travels every node and
+        computes nothing); sets ``healthy``."""
+        try:
+            await asyncio.wait_for(self.inner.close(f"probe-{uuid.uuid4().hex}"), timeout)
+        except (PeerUnavailable, ChainError, asyncio.TimeoutError):
+            return False
+        self.healthy = True
+        return True
 
     async def _replay(self, session_id: str, upto: int) -> None:
         """Open the session on the current chain and run its history through it."""
@@ -275,7 +335,10 @@ class Gateway:
         config: NetworkConfig,
         credentials: NetworkCredentials,
         local_server=None,
+        on_broken=None,
     ):
+        """``on_broken(error)`` is told when the chain fails (a node unreachable), so the
+        network's admin can take the lost node's span over."""
         self.data_dir = Path(data_dir)
         self.config = config
         self.network_id = config.network_id
@@ -286,9 +349,16 @@ class Gateway:
         self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
         self.credentials = credentials
         self.local_server = local_server
-        self.chain = ReplayingChain(RemoteChain(config, credentials, local_server))
+        self.chain = ReplayingChain(
+            RemoteChain(config, credentials, local_server), on_broken=on_broken
+        )
         self.sessions: dict[str, SessionState] = {}
         self._closing: set[asyncio.Task] = set()
+
+    @property
+    def healthy(self) -> bool:
+        """False while the chain is broken (a node lost, the network healing or degraded)."""
+        return self.chain.healthy
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""

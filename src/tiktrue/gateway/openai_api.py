@@ -91,7 +91,7 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
     async def openai_error(request, exc: HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": exc.detail, "type": kind, "code": exc.status_code}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def openai_validation_error(request, exc: RequestValidationError):
@@ -107,6 +107,8 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
             "status": "ok",
             "version": __version__,
             "networks": {g.network_id: g.model_id for g in gateways.values()},
+            # False while a node of the network is lost and the network heals (or is degraded)
+            "healthy": {g.network_id: g.healthy for g in gateways.values()},
             "protocol": protocol.stats.as_dict(),
         }
 
@@ -153,11 +155,20 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
     return app
 
 
+RETRY_AFTER_S = 5  # what a client is told to wait while the network heals
+
+
 async def _respond(gateway: Gateway, request: GenerationFields, kind: str, **inputs):
     try:
         params = request.sampling()
     except ValidationError as exc:
         raise HTTPException(400, detail=str(exc)) from None
+    if not gateway.healthy and not await gateway.chain.probe():
+        raise HTTPException(
+            503,
+            detail="a node of the network was lost and the network is healing; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     completion_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     result = GenerationResult()

@@ -166,6 +166,9 @@ class ClientProtocol:
                 )
             )
 
+        if not gateway.healthy:
+            why = "a node of the network was lost; this request waits until the network heals"
+            await send(response(status="queued", text=why))
         try:
             async for event in gateway.answer(
                 params, session_id=session_id, keep=keep, result=result, **inputs

@@ -167,6 +167,19 @@ class BlockServer:
                 await _try_connect(link)
             await asyncio.sleep(ANSWER_LINK_RETRY_S)
 
+    async def update_config(self, config: NetworkConfig) -> None:
+        """A new config that keeps this node's span and address (a neighbour changed, or a
+        backup was activated): switch in place, without reloading the weights. Steps in
+        flight on a link to a replaced neighbour fail; the gateway replays them."""
+        self.config = config
+        self.entry = config.node(self.node_id)
+        old, after = self._next, config.next_node(self.node_id)
+        if (after and after.address) != (old and old.address):
+            self._next = self._link(after, on_lost=self._next_lost) if after else None
+            if old is not None:
+                await old.close()
+            self._in_background(self._warm_links())
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()

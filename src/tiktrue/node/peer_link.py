@@ -195,7 +195,10 @@ class PeerLink:
                     raise PeerUnavailable(f"connection to {self.address} was lost") from exc
 
     async def close(self) -> None:
+        """Close the link; requests still waiting fail at once (a hung peer would otherwise
+        hold them through the whole close handshake)."""
         self._closing = True
+        self.fail_pending(PeerUnavailable(f"the link to {self.address} was closed"))
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:

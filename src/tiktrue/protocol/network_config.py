@@ -51,6 +51,7 @@ class NetworkConfig(BaseModel):
     nodes: list[NodeEntry]
     version: int = Field(1, ge=1)
     auto_plan: bool = True  # re-plan and re-distribute when a node joins or leaves
+    backup_nodes: int = Field(0, ge=0, le=16)  # backups the planner holds back, if it can
     updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @model_validator(mode="after")
@@ -86,7 +87,14 @@ class NetworkConfig(BaseModel):
         serving = [n for n in self.nodes if n.blocks and n.role != "backup"]
         return sorted(serving, key=lambda n: self._index(n.blocks[0]))
 
+    def backups(self) -> list[NodeEntry]:
+        """Nodes holding a replica of a span, ready to take over (not in the chain)."""
+        return [n for n in self.nodes if n.role == "backup" and n.blocks]
+
     def next_node(self, node_id: str) -> NodeEntry | None:
+        """The node after ``node_id`` in the chain; None for the head and for a backup."""
+        if self.node(node_id).role == "backup":
+            return None
         chain = self.chain()
         for i, entry in enumerate(chain):
             if entry.node_id == node_id:

@@ -188,14 +188,15 @@ class InferenceRequest(Message):
 
 
 class InferenceResponse(Message):
-    """One streamed step (``processing``, ``text`` is the new text only) or the final one."""
+    """One streamed step (``processing``, ``text`` is the new text only) or the final one;
+    ``queued`` (before any step) says the request waits for the network to heal."""
 
     message_type: ClassVar[MessageType] = MessageType.inference_response
 
     network_id: Identifier
     session_id: Identifier
     in_reply_to: MessageId
-    status: Literal["processing", "success", "error"]
+    status: Literal["queued", "processing", "success", "error"]
     token_id: TokenId | None = None
     text: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"

@@ -186,17 +186,6 @@ class ControlServer:
             await self._joined(request.network_id)
         return {"state": state, "grant": grant.model_dump() if grant else None}
 
-    async def op_config_push(self, header, payload, peer, local) -> dict:
-        config = NetworkConfig.model_validate(header["config"])
-        self._require_admin(peer, config.network_id)
-        path = config_path(self.data_dir, config.network_id)
-        current = read_config(path) if path.exists() else None
-        if current is not None and current.version > config.version:
-            raise Refused("stale_config", f"this node has version {current.version} already")
-        write_config(self.data_dir, config)
-        await self.service.reload()
-        return {"version": config.version}
-
     async def op_manifest_push(self, header, payload, peer, local) -> dict:
         self._require_admin(peer, header["network_id"])
         manifest = Manifest.model_validate(header["manifest"])
@@ -262,6 +251,16 @@ class ControlServer:
             write_config(self.data_dir, NetworkConfig.model_validate(new.model_dump()))
             await self.service.reload()
         return {"version": new.version}
+
+    async def op_chain_broken(self, header, payload, peer, local) -> dict:
+        """A member's chain failed: the admin looks for lost nodes (in the background)."""
+        network_id = header["network_id"]
+        self._member(peer, network_id)
+        nm.admin_ca(self.data_dir, network_id)  # only the admin takes spans over
+        self.service._in_background(
+            self.service.chain_broken(network_id, str(header.get("why", ""))[:500])
+        )
+        return {}
 
     async def op_probe(self, header, payload, peer, local) -> dict:
         return {"bytes_per_ms": await asyncio.to_thread(probe_speed)}

@@ -16,12 +16,20 @@ import sys
 import time
 from pathlib import Path
 
+from tiktrue.control.network_manager import install_block_key
 from tiktrue.model.engine import Span, split_evenly
 from tiktrue.model.store import BlockStore
 from tiktrue.node.resources import free_ports
 from tiktrue.paths import HOME_ENV, run_file
-from tiktrue.protocol.network_config import NetworkConfig, NodeEntry, network_dir, write_config
+from tiktrue.protocol.network_config import (
+    NetworkConfig,
+    NodeEntry,
+    list_configs,
+    network_dir,
+    write_config,
+)
 from tiktrue.security.auth_manager import NetworkCA, create_network_ca
+from tiktrue.security.crypto_layer import new_block_key
 from tiktrue.security.node_tls import install_certificate, node_identity
 
 
@@ -49,25 +57,35 @@ def prepare_local_network(
     nodes: int = 3,
     network_id: str = "local",
     spans: list[Span] | None = None,
+    backups: list[Span] = (),
     host: str = "127.0.0.1",
 ) -> tuple[list[Path], NetworkConfig]:
-    """Homes ``base/node1..N`` for a network serving ``store``'s model, fresh ports each call."""
-    spans = spans or split_evenly(store.manifest.model_chain_order, nodes)
+    """Homes ``base/node1..N`` for a network serving ``store``'s model, fresh ports each call.
+
+    The first node is the admin and holds every block (as after its download: it can push
+    blocks when the plan changes); each ``backups`` span gets one more node, a backup holding
+    that replica. Every node gets a fixed control port, so the admin can reach it."""
+    spans = list(spans or split_evenly(store.manifest.model_chain_order, nodes))
+    roles = ["admin"] + ["worker"] * (len(spans) - 1) + ["backup"] * len(backups)
+    spans += list(backups)
     homes = [Path(base) / f"node{i + 1}" for i in range(len(spans))]
     identities = [node_identity(home) for home in homes]
     ca_dir = network_dir(homes[0], network_id) / "ca"
     ca = NetworkCA.load(ca_dir) if (ca_dir / "ca_key.pem").is_file() else None
     ca = ca or create_network_ca(network_id, ca_dir)
-    ports = free_ports(len(homes), host)
+    ports = free_ports(2 * len(homes), host)
     entries = [
         NodeEntry(
             node_id=identity.node_id,
-            role="admin" if i == 0 else "worker",
+            role=role,
             host=host,
             port=port,
+            control_port=control_port,
             blocks=list(span.blocks),
         )
-        for i, (identity, span, port) in enumerate(zip(identities, spans, ports, strict=True))
+        for identity, span, role, port, control_port in zip(
+            identities, spans, roles, ports[: len(homes)], ports[len(homes) :], strict=True
+        )
     ]
     config = NetworkConfig(
         network_id=network_id,
@@ -76,51 +94,68 @@ def prepare_local_network(
         model_chain_order=store.manifest.model_chain_order,
         nodes=entries,
     )
+    key = new_block_key()
     for home, identity, entry in zip(homes, identities, entries, strict=True):
+        install_block_key(home, network_id, key)
         cert = ca.generate_node_certificate(
             identity.node_id, identity.public_key, entry.role, hosts=(host, "localhost")
         )
         install_certificate(home, network_id, ca.cert_pem, cert)
         write_config(home, config)
-        place_blocks(store, home / "models" / store.model_id, entry.blocks)
+        held = store.manifest.model_chain_order if entry.role == "admin" else entry.blocks
+        place_blocks(store, home / "models" / store.model_id, held)
     return homes, config
+
+
+def _own_control_port(home: Path) -> int | None:
+    """The control port a network config of ``home`` gives its node (None: any free one)."""
+    me = node_identity(home).node_id
+    for config in list_configs(home):
+        for entry in config.nodes:
+            if entry.node_id == me and entry.control_port:
+                return entry.control_port
+    return None
 
 
 class LocalCluster:
     """``tiktrue node`` processes, one per home; the first one also runs the gateway."""
 
-    def __init__(self, homes: list[Path], *, kv_budget_mb: int = 256, gateway: bool = True):
+    def __init__(
+        self,
+        homes: list[Path],
+        *,
+        kv_budget_mb: int = 256,
+        gateway: bool = True,
+        own_control_ports: bool = True,  # False: any free port, as `--control-port 0` gives
+    ):
         self.homes = [Path(h) for h in homes]
+        self.own_control_ports = own_control_ports
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
+        self._api_port: int | None = None
 
-    def start(self, timeout: float = 120.0) -> LocalCluster:
-        for i, home in enumerate(self.homes):
-            home.mkdir(parents=True, exist_ok=True)
-            run_file(home).unlink(missing_ok=True)
-            args = [
-                sys.executable,
-                "-m",
-                "tiktrue",
-                "node",
-                "--control-port",
-                "0",
-                "--kv-budget-mb",
-                str(self.kv_budget_mb),
-            ]
-            if i == 0 and self.gateway:
-                args += ["--api-port", "0"]
-            log = (home / "node.log").open("ab")
-            # Node processes on one PC share its cores: an idle node's OpenMP threads must not
-            # spin long (GNU default 300k spins) while the next node of the chain computes.
-            env = {"GOMP_SPINCOUNT": "30000", **os.environ, HOME_ENV: str(home)}
-            self.processes.append(
-                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-            )
+    def _spawn(self, i: int) -> subprocess.Popen:
+        home = self.homes[i]
+        home.mkdir(parents=True, exist_ok=True)
+        run_file(home).unlink(missing_ok=True)
+        args = [sys.executable, "-m", "tiktrue", "node"]
+        port = _own_control_port(home) if self.own_control_ports else None
+        args += ["--control-port", str(port or 0)]
+        args += ["--kv-budget-mb", str(self.kv_budget_mb)]
+        if i == 0 and self.gateway:
+            args += ["--api-port", str(self._api_port or 0)]
+        log = (home / "node.log").open("ab")
+        # Node processes on one PC share its cores: an idle node's OpenMP threads must not
+        # spin long (GNU default 300k spins) while the next node of the chain computes.
+        env = {"GOMP_SPINCOUNT": "30000", **os.environ, HOME_ENV: str(home)}
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_started(self, indices, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for home, process in zip(self.homes, self.processes, strict=True):
+        for i in indices:
+            home, process = self.homes[i], self.processes[i]
             while not run_file(home).is_file():
                 if process.poll() is not None:
                     self.stop()
@@ -130,9 +165,28 @@ class LocalCluster:
                     self.stop()
                     raise TimeoutError(f"node in {home} did not start in {timeout} s")
                 time.sleep(0.1)
+
+    def start(self, timeout: float = 120.0) -> LocalCluster:
+        self.processes = [self._spawn(i) for i in range(len(self.homes))]
+        self._wait_started(range(len(self.homes)), timeout)
         if self.gateway:
             self.api_url = json.loads(run_file(self.homes[0]).read_text())["api"]
+            self._api_port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
         return self
+
+    def kill(self, i: int) -> None:
+        """Kill node ``i`` at once (SIGKILL): a PC switched off."""
+        self.processes[i].kill()
+        self.processes[i].wait()
+
+    def restart(self, i: int, timeout: float = 120.0) -> None:
+        """Start node ``i`` again on its home (after ``kill`` or a stop); the gateway keeps
+        its port."""
+        if self.processes[i].poll() is None:
+            self.processes[i].terminate()
+            self.processes[i].wait(timeout)
+        self.processes[i] = self._spawn(i)
+        self._wait_started([i], timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
         for process in self.processes:

@@ -24,6 +24,7 @@ import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control import config_sync
+from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.openai_api import create_app
@@ -49,10 +50,10 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
-    """What a block server depends on: its span, its port, and the next node's address."""
+    """What a block server's weights and socket depend on: its span and its address. (Its
+    neighbours and role can change in place: ``BlockServer.update_config``.)"""
     entry = config.node(node_id)
-    after = config.next_node(node_id) if entry.blocks else None
-    return (config.model_id, tuple(entry.blocks), entry.host, entry.port, after and after.address)
+    return (config.model_id, tuple(entry.blocks), entry.host, entry.port)
 
 
 class NodeService:
@@ -87,6 +88,8 @@ class NodeService:
         self._pulls: dict[str, asyncio.Task] = {}  # network -> pulling until the admin answers
         self._broadcasts: dict[str, asyncio.Task] = {}  # network -> admin's latest broadcast
         self._config_lock = asyncio.Lock()  # admin: one read-modify-write of a config at once
+        self.failover = FailoverManager(self.data_dir)
+        self._background: set[asyncio.Task] = set()
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -234,7 +237,7 @@ class NodeService:
                     del self.servers[network_id]
                     gc.collect()  # the old span's weights go before the new span loads
                 elif config is not None:
-                    server.config = config
+                    await server.update_config(config)
             self.waiting.clear()
             for network_id, config in configs.items():
                 entry = config.node(node_id)
@@ -281,7 +284,13 @@ class NodeService:
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
             network_id = config.network_id
             self.gateways[network_id] = Gateway(
-                self.data_dir, config, credentials, lambda: self.servers.get(network_id)
+                self.data_dir,
+                config,
+                credentials,
+                lambda: self.servers.get(network_id),
+                on_broken=lambda error: self._in_background(
+                    self.chain_broken(network_id, str(error))
+                ),
             )
         elif gateway.config.version != config.version:
             gateway.switch(config)
@@ -405,6 +414,33 @@ class NodeService:
             raise
         except Exception:
             log.exception("network %s: config broadcast failed", network_id)
+
+    # --- faults ------------------------------------------------------------------------------
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
+
+    async def chain_broken(self, network_id: str, why: str) -> None:
+        """A chain of the network failed (a gateway's step, or a node that saw a link drop):
+        the admin finds the lost nodes and takes their spans over; other nodes tell it."""
+        from tiktrue.control.network_admin import load
+        from tiktrue.node.control_link import ControlLink
+
+        try:
+            config, credentials = load(self.data_dir, network_id)
+            if config.node(self.identity.node_id).role == "admin":
+                for node_id in sorted(await find_lost(config, credentials)):
+                    log.warning("network %s: node %s is lost (%s)", network_id, node_id, why)
+                    done = await self.failover.node_lost(network_id, node_id, why)
+                    log.warning("network %s: %s", network_id, done)
+                return
+            admin = next(n for n in config.nodes if n.role == "admin")
+            async with ControlLink.to(admin, credentials) as link:
+                await link.call("chain_broken", network_id=network_id, why=why)
+        except Exception:
+            log.exception("network %s: handling a broken chain failed", network_id)
 
     # --- what others ask -----------------------------------------------------------------
 

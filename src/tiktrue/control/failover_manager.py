@@ -1,0 +1,213 @@
+"""``failover_manager``: what the admin of a network does when a node of its chain is lost.
+
+Three answers, tried in this order (seed 000, phase 8):
+
+- ``activate_backup_worker``: a backup node already holds a replica of a run of consecutive
+  spans that includes the lost node's span, with its block server running; it takes that
+  run over at once. No block moves, only a new config: the nodes it covers stand by as
+  backups (they keep their blocks), and the node before it links to it.
+- ``redistribute_blocks``: without such a backup, the planner places the chain again over
+  the nodes still alive, within their caps; the admin pushes the blocks they lack from its
+  own store and switches to the new config.
+- ``graceful_degradation``: when the rest cannot hold the model, the network is degraded:
+  answers in flight wait and new requests queue (the gateway says so) until a node returns.
+
+Either way the gateway replays each session's token history through the new chain, so an
+answer in flight pauses and goes on with no token lost or repeated (``ReplayingChain``).
+When a lost node returns, the network is planned again with it (backups included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tiktrue.control.network_admin import apply_plan, load, make_plan, push_config
+from tiktrue.control.planner import PlanError
+from tiktrue.node.control_link import ControlLink
+from tiktrue.protocol.network_config import NetworkConfig
+
+log = logging.getLogger("tiktrue.failover")
+WATCH_S = 2.0  # how often the admin asks a lost node whether it is back
+
+
+def activate_backup_worker(config: NetworkConfig, lost: set[str]) -> NetworkConfig | None:
+    """The config in which a backup takes over the span of a lost node, or None when no
+    backup covers it. A backup's replica must be exactly the spans of consecutive chain
+    nodes (none of them the admin); those nodes become backups of their own spans."""
+    chain = config.chain()
+    lost_in_chain = [n for n in chain if n.node_id in lost]
+    if not lost_in_chain:
+        return None
+    for backup in config.backups():
+        if backup.node_id in lost:
+            continue
+        replica = set(backup.blocks)
+        covered = [n for n in chain if set(n.blocks) <= replica]
+        joined = [b for n in covered for b in n.blocks]
+        if joined != backup.blocks or any(n.role == "admin" for n in covered):
+            continue
+        if not all(n.node_id in {c.node_id for c in covered} for n in lost_in_chain):
+            continue
+        standing_by = {n.node_id for n in covered}
+        nodes = [
+            n.model_copy(update={"role": "worker"})
+            if n.node_id == backup.node_id
+            else n.model_copy(update={"role": "backup"})
+            if n.node_id in standing_by
+            else n
+            for n in config.nodes
+        ]
+        return NetworkConfig.model_validate(
+            {
+                **config.model_dump(),
+                "nodes": [n.model_dump() for n in nodes],
+                "version": config.version + 1,
+            }
+        )
+    return None
+
+
+async def redistribute_blocks(data_dir: Path, network_id: str, lost: set[str]) -> NetworkConfig:
+    """Plan the chain over the nodes still alive, push the blocks they lack, switch.
+    Raises ``PlanError`` (saying what is missing) when the rest cannot hold the model."""
+    plan, _ = await make_plan(data_dir, network_id, without=lost)
+    log.info("network %s: redistributing without %s\n%s", network_id, lost, plan.describe())
+    return await apply_plan(data_dir, network_id, plan, lost=lost)
+
+
+@dataclass
+class FailoverState:
+    """What the failover manager knows of one network."""
+
+    lost: set[str] = field(default_factory=set)
+    degraded: str | None = None  # why the network cannot serve, while it cannot
+    failed_over: bool = False  # the plan changed because of a loss: re-plan on return
+
+
+class FailoverManager:
+    """Runs on the admin node. ``node_lost`` and ``node_back`` come from the health monitor
+    (or from a gateway that saw a link drop). A new config is pushed to the nodes still
+    alive, then written here (the local service reloads); ``event`` records what happened."""
+
+    def __init__(self, data_dir: Path, *, event: Callable[..., None] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.event = event or (lambda *a, **k: None)
+        self.networks: dict[str, FailoverState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self.watch_s = WATCH_S
+
+    def _watch(self, network_id: str) -> None:
+        """Watch the lost nodes of a network until each answers again (``node_back``)."""
+        task = self._watchers.get(network_id)
+        if task is None or task.done():
+            self._watchers[network_id] = asyncio.get_running_loop().create_task(
+                self._watch_returns(network_id)
+            )
+
+    async def _watch_returns(self, network_id: str) -> None:
+        state = self.state(network_id)
+        while state.lost:
+            await asyncio.sleep(self.watch_s)
+            try:
+                config, credentials = load(self.data_dir, network_id)
+                lost = [n for n in config.nodes if n.node_id in state.lost]
+                still = await find_lost(config, credentials, only={n.node_id for n in lost})
+                for node in lost:
+                    if node.node_id not in still:
+                        log.warning("network %s: node %s is back", network_id, node.node_id)
+                        done = await self.node_back(network_id, node.node_id)
+                        log.warning("network %s: %s", network_id, done)
+            except Exception:
+                log.exception("network %s: watching lost nodes failed", network_id)
+
+    def state(self, network_id: str) -> FailoverState:
+        return self.networks.setdefault(network_id, FailoverState())
+
+    async def node_lost(self, network_id: str, node_id: str, why: str = "") -> str:
+        """A node is lost: take its span over. Returns what was done (for the event log)."""
+        async with self._locks.setdefault(network_id, asyncio.Lock()):
+            state = self.state(network_id)
+            state.lost.add(node_id)
+            config, credentials = load(self.data_dir, network_id)
+            if not any(n.node_id in state.lost for n in config.chain()):
+                return "not in the chain: nothing to take over"
+            new = activate_backup_worker(config, state.lost)
+            if new is not None:
+                await push_config(self.data_dir, new, credentials, skip=state.lost)
+                done = f"backup took over (config v{new.version})"
+            else:
+                try:
+                    new = await redistribute_blocks(self.data_dir, network_id, state.lost)
+                    done = f"blocks redistributed (config v{new.version})"
+                except PlanError as exc:
+                    state.degraded = str(exc)
+                    self._watch(network_id)
+                    self.event(
+                        "network_degraded",
+                        level="error",
+                        network_id=network_id,
+                        node_id=node_id,
+                        reason=str(exc),
+                    )
+                    return f"degraded: {exc}"
+            state.degraded = None
+            state.failed_over = True
+            self._watch(network_id)
+            self.event(
+                "failover", level="warning", network_id=network_id, node_id=node_id, done=done
+            )
+            return done
+
+    async def node_back(self, network_id: str, node_id: str) -> str:
+        """A lost node answers again: plan the network with it (its blocks are mostly there), so
+        the backups are back in place (also with a manual plan: the failover changed it)."""
+        async with self._locks.setdefault(network_id, asyncio.Lock()):
+            state = self.state(network_id)
+            was_lost = node_id in state.lost
+            state.lost.discard(node_id)
+            if not was_lost or not (state.failed_over or state.degraded):
+                return "nothing to do"
+            try:
+                plan, _ = await make_plan(self.data_dir, network_id, without=state.lost)
+                new = await apply_plan(self.data_dir, network_id, plan, lost=state.lost)
+            except PlanError as exc:
+                state.degraded = str(exc)
+                return f"still degraded: {exc}"
+            state.degraded = None
+            state.failed_over = bool(state.lost)
+            self.event(
+                "network_restored", network_id=network_id, node_id=node_id, version=new.version
+            )
+            return f"re-planned with {node_id} (config v{new.version})"
+
+
+async def find_lost(
+    config: NetworkConfig, credentials, *, timeout: float = 3.0, only: set[str] | None = None
+) -> set[str]:
+    """The nodes holding blocks (chain and backups; ``only`` these, when given) that do not
+    answer a control ping within ``timeout`` seconds: a dead process refuses at once, a
+    hung one times out."""
+
+    async def answers(node) -> bool:
+        async def ping() -> None:
+            async with ControlLink.to(node, credentials) as link:
+                await link.call("ping")
+
+        try:
+            await asyncio.wait_for(ping(), timeout)
+        except Exception:  # refused, timed out, closed, not who it should be: lost
+            return False
+        return True
+
+    nodes = [
+        n
+        for n in config.nodes
+        if n.control_address and (n.node_id in only if only is not None else n.blocks)
+    ]
+    alive = await asyncio.gather(*(answers(n) for n in nodes))
+    return {n.node_id for n, ok in zip(nodes, alive, strict=True) if not ok}
