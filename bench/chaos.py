@@ -31,11 +31,11 @@ from report import append
 from tiktrue.demo import NETWORK_ID, start_demo_network
 from tiktrue.protocol.network_config import config_path, read_config
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain what a CPU does in one paragraph.",
-    "Give three tips for learning a language.",
+PROMPTS = [  # each gets a long answer (the node is killed among its first tokens)
+    "Write a long story about a cat.",
+    "Describe the sea in detail.",
+    "Explain how a computer works, step by step.",
+    "Write a letter to a friend about your holiday.",
 ]
 CEILING = 300.0  # seconds for one answer or one recovery: a bound, not a measure
 

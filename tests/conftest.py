@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny block stores (session-scoped: made once per test run)."""
+"""Shared fixtures: tiny block stores (session-scoped: made once per test run), tiny clusters,
+mDNS on loopback."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.multicast import loopback_multicast_problem
 from tests.helpers.tiny_models import make_tiny_model
 from tiktrue.model.importer import import_model
 from tiktrue.model.store import BlockStore
@@ -37,11 +42,12 @@ def tiny_llama(tiny_store_factory) -> BlockStore:
     return tiny_store_factory("llama")
 
 
-def _tiny_cluster(store, base: Path):
+def _tiny_cluster(store, base: Path, **options):
     """Three real node processes on 127.0.0.1 serving ``store`` over mutual TLS.
 
     Spans: [embed, layer_0, layer_1], [layer_2, layer_3], [layer_4, layer_5, head]; the first
-    node also runs the gateway. Yields (cluster, homes, config).
+    node also runs the gateway. ``options`` go to ``LocalCluster``. Yields (cluster, homes,
+    config).
     """
     from tiktrue.model.engine import Span
     from tiktrue.service.local_network import LocalCluster, prepare_local_network
@@ -53,7 +59,7 @@ def _tiny_cluster(store, base: Path):
         Span.of(order, "layer_4", "head"),
     ]
     homes, config = prepare_local_network(base, store, spans=spans, network_id="testnet")
-    cluster = LocalCluster(homes, kv_budget_mb=16)
+    cluster = LocalCluster(homes, **{"kv_budget_mb": 16, **options})
     cluster.start()
     try:
         yield cluster, homes, config
@@ -71,3 +77,26 @@ def tiny_cluster(tiny_llama, tmp_path_factory):
 def own_tiny_cluster(tiny_llama, tmp_path):
     """A cluster of its own for a test that breaks it (kills a node)."""
     yield from _tiny_cluster(tiny_llama, tmp_path / "cluster")
+
+
+@pytest.fixture(scope="module")
+def loopback_multicast():
+    """Make sure mDNS can work on 127.0.0.1; else skip, saying why."""
+    problem = loopback_multicast_problem()
+    switched_on = False
+    if problem and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip"):
+        done = subprocess.run(
+            ["ip", "link", "set", "lo", "multicast", "on"], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            switched_on = True
+            problem = loopback_multicast_problem()
+        else:
+            problem += f"; `ip link set lo multicast on` failed: {done.stderr.strip()}"
+    try:
+        if problem:
+            pytest.skip(f"multicast on 127.0.0.1 does not work here ({problem})")
+        yield
+    finally:
+        if switched_on:
+            subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=False)

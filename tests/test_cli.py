@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 
@@ -65,3 +67,78 @@ def test_clear_errors_for_unknown_model_and_bad_settings(home_with_model):
     assert bad.returncode == 1 and "top_p" in bad.stderr
     nothing = tiktrue(home_with_model, "models", "import", "/no/such/dir", "--id", "x", check=False)
     assert nothing.returncode == 1 and "does not exist" in nothing.stderr
+
+
+def test_network_discover_lists_an_announced_network(loopback_multicast, tmp_path):
+    """A node announcing a network on the LAN (real mDNS on 127.0.0.1): the command lists the
+    node and the network. Each try listens a while; tries repeat until the node is seen."""
+    from tiktrue.control.discovery import NodeAnnouncement, NodeAnnouncer
+
+    node_id, network_id = uuid.uuid4().hex[:16], f"office-{uuid.uuid4().hex[:8]}"
+    office = {"name": "Office", "role": "admin", "model_id": "m1"}
+    announcement = NodeAnnouncement(
+        node_id=node_id, name="cli-pc", control_port=7481, networks={network_id: office}
+    )
+    args = ("network", "discover", "--interface", "127.0.0.1", "--timeout")
+    listen = 2.0
+    with NodeAnnouncer(announcement, interfaces=["127.0.0.1"]):
+        deadline = time.monotonic() + 120
+        while True:
+            out = tiktrue(tmp_path, *args, str(listen)).stdout
+            if node_id in out or time.monotonic() > deadline:
+                break
+            listen = min(listen * 2, 30.0)  # a slow machine resolves slowly: listen longer
+    assert f"{node_id}  cli-pc" in out and f"127.0.0.1:7481  {network_id} (admin)" in out, out
+    assert f"network {network_id}: Office, 1 node\n" in out, out
+
+
+def tiktrue_input(home, stdin: str, *args):
+    env = {**os.environ, "TIKTRUE_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "tiktrue", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def test_users_keys_and_anonymous_access(tmp_path):
+    from tiktrue.security.users import RevokedKey, UserStore
+
+    added = tiktrue_input(tmp_path, "first password\n", "users", "add", "ada", "--password-stdin")
+    assert added.returncode == 0 and "added ada (admin)" in added.stdout, added.stderr
+    bob = tiktrue_input(tmp_path, "bob's password\n", "users", "add", "bob", "--password-stdin")
+    assert "added bob (user)" in bob.stdout
+    short = tiktrue_input(tmp_path, "short\n", "users", "add", "cy", "--password-stdin")
+    assert short.returncode == 1 and "at least" in short.stderr
+    listing = tiktrue(tmp_path, "users", "list").stdout.splitlines()
+    assert [line.split()[:2] for line in listing] == [["ada", "admin"], ["bob", "user"]]
+
+    made = tiktrue(tmp_path, "keys", "create", "--user", "bob", "--network", "n1", "--rpm", "5")
+    key = made.stdout.strip()
+    assert key.startswith("tt-") and "not shown again" in made.stderr
+    store = UserStore(tmp_path, rounds=4)
+    assert store.authenticate(key).networks == ("n1",)
+    keys = tiktrue(tmp_path, "keys", "list").stdout
+    assert key not in keys and key[:10] in keys and "active" in keys and "rpm 5" in keys
+    key_id = keys.split()[0]
+    assert "revoked key" in tiktrue(tmp_path, "keys", "revoke", key_id).stdout
+    with pytest.raises(RevokedKey):
+        store.authenticate(key)
+    assert tiktrue(tmp_path, "keys", "revoke", key_id, check=False).returncode == 1
+
+    changed = tiktrue_input(
+        tmp_path, "a new password\n", "users", "passwd", "bob", "--password-stdin"
+    )
+    assert changed.returncode == 0
+    assert store.check_password("bob", "a new password").name == "bob"
+    assert "removed bob" in tiktrue(tmp_path, "users", "remove", "bob").stdout
+    last = tiktrue(tmp_path, "users", "remove", "ada", check=False)
+    assert last.returncode == 1 and "only admin" in last.stderr
+
+    assert "off" in tiktrue(tmp_path, "gateway", "allow-anonymous").stdout
+    assert "on" in tiktrue(tmp_path, "gateway", "allow-anonymous", "on").stdout
+    assert "LAN: on" in tiktrue(tmp_path, "gateway", "allow-anonymous").stdout
+    assert "off" in tiktrue(tmp_path, "gateway", "allow-anonymous", "off").stdout
+    assert tiktrue(tmp_path, "gateway", "allow-anonymous", "maybe", check=False).returncode == 1

@@ -13,8 +13,8 @@ from pathlib import Path
 import tiktrue
 
 LAYERS = [
-    {"paths", "__init__"},  # the package's own base modules
-    {"protocol", "security", "model"},
+    {"paths", "database", "__init__"},  # the package's own base modules
+    {"protocol", "security", "model", "monitoring"},
     {"node"},
     {"control", "gateway"},
     {"ui"},

@@ -23,6 +23,17 @@ network_app = typer.Typer(
     help="Create, join, plan and apply networks of PCs.", no_args_is_help=True
 )
 app.add_typer(network_app, name="network")
+users_app = typer.Typer(
+    help="Accounts of the people who use this node's gateway (the first one is admin).",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
+keys_app = typer.Typer(
+    help="API keys for the OpenAI API and /ws (shown once, stored hashed).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
 
 
 def err(message: str) -> None:
@@ -374,7 +385,10 @@ def network_discover(
         networks = ", ".join(f"{i} ({n.role})" for i, n in node.networks.items()) or "no network"
         typer.echo(f"{node.node_id}  {node.name:<20} {node.host}:{node.control_port}  {networks}")
     for network in summarize_networks(nodes):
-        typer.echo(f"network {network.network_id}: {network.name}, {len(network.members)} nodes")
+        count = len(network.nodes)
+        typer.echo(
+            f"network {network.network_id}: {network.name}, {count} node{'s' * (count != 1)}"
+        )
 
 
 @network_app.command("caps")
@@ -498,7 +512,8 @@ def network_status_cmd(
     network_id: str = typer.Argument(None, help="Default: the only network of this node."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Every node of the network: address, role, state, resources, caps, blocks, RSS."""
+    """Every node of the network: address, role, state, health (online/suspect/dead, from the
+    running admin's heartbeats), last beat, heartbeat RTT, blocks, resources, RSS."""
     from tiktrue.control.network_admin import network_status
     from tiktrue.paths import data_dir
 
@@ -518,7 +533,42 @@ def network_status_cmd(
         rss = f"{(node.get('rss_bytes') or 0) / 1e6:.0f} MB"
         typer.echo(
             f"  {node['node_id']} {node['role']:<6} {node['address']:<21} {node['state']:<8} "
-            f"{span:<20} cores {res.get('cpu_cores_logical', '?')} RAM free {ram} RSS {rss}"
+            f"{_beat_text(node):<30} {span:<20} cores {res.get('cpu_cores_logical', '?')} "
+            f"RAM free {ram} RSS {rss}"
+        )
+    if not status.get("monitored"):
+        typer.echo("  (the admin's monitor did not answer: states from a direct probe)")
+
+
+def _beat_text(node: dict) -> str:
+    """``online, beat 0.4 s ago, RTT 1.2 ms``: the admin's heartbeat view of one node."""
+    parts = [node.get("health") or "unknown"]
+    if node.get("last_beat_s") is not None:
+        parts.append(f"beat {node['last_beat_s']:.1f} s ago")
+    if node.get("rtt_ms") is not None:
+        parts.append(f"RTT {node['rtt_ms']:.1f} ms")
+    return ", ".join(parts)
+
+
+@network_app.command("events")
+def network_events_cmd(
+    network_id: str = typer.Argument(None, help="Default: every network of this node."),
+    limit: int = typer.Option(50, "--limit", min=1, help="How many of the latest events."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """The event log (<data>/logs/events.jsonl): nodes suspected, dead, back online."""
+    from tiktrue.monitoring.monitoring_system import events_path, recent_events
+    from tiktrue.paths import data_dir
+
+    for event in recent_events(events_path(data_dir()), limit, network_id):
+        if as_json:
+            typer.echo(json.dumps(event))
+            continue
+        known = {"ts", "time", "event", "level", "network_id", "node_id"}
+        details = " ".join(f"{k}={v}" for k, v in event.items() if k not in known)
+        typer.echo(
+            f"{event.get('ts', '?')} {event.get('level', '?'):<7} {event.get('network_id') or '-'} "
+            f"{event.get('node_id') or '-'} {event.get('event', '?')} {details}"
         )
 
 
@@ -606,6 +656,162 @@ def network_leave(network_id: str) -> None:
     typer.echo(f"left network {network_id}")
 
 
+# --- people ---------------------------------------------------------------------------------
+
+
+def _users():
+    from tiktrue.paths import data_dir
+    from tiktrue.security.users import UserStore
+
+    return UserStore(data_dir())
+
+
+@contextlib.contextmanager
+def _refusals():
+    """Accounts and keys: a refusal becomes a clear one-line error."""
+    from tiktrue.security.users import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        fail(exc.message)
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+def _limit(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    role: str = typer.Option(None, "--role", help="admin or user (the first account: admin)."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from stdin instead of asking."
+    ),
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute (default: no limit)."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests per day (default: no limit)."),
+) -> None:
+    """Add an account."""
+    with _refusals():
+        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd)
+    typer.echo(f"added {user.name} ({user.role})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """The accounts, their roles and limits."""
+    users = _users().list_users()
+    if not users:
+        typer.echo("no accounts yet (tiktrue users add NAME: the first one is admin)")
+    for user in users:
+        typer.echo(
+            f"{user.name:<24} {user.role:<6} rpm {_limit(user.rpm):>6}  rpd {_limit(user.rpd):>8}"
+        )
+
+
+@users_app.command("remove")
+def users_remove(name: str) -> None:
+    """Remove an account and its API keys (its logins stop working at once)."""
+    with _refusals():
+        _users().remove_user(name)
+    typer.echo(f"removed {name}")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: str,
+    password_stdin: bool = typer.Option(False, "--password-stdin"),
+) -> None:
+    """Set an account's password (its earlier logins stop working)."""
+    with _refusals():
+        _users().set_password(name, _password(password_stdin))
+    typer.echo(f"new password for {name}")
+
+
+@users_app.command("limits")
+def users_limits(
+    name: str,
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute (unset: no limit)."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests per day (unset: no limit)."),
+) -> None:
+    """Set an account's rate limits (all its keys together)."""
+    with _refusals():
+        user = _users().set_user_limits(name, rpm=rpm, rpd=rpd)
+    typer.echo(f"{user.name}: rpm {_limit(user.rpm)}, rpd {_limit(user.rpd)}")
+
+
+@keys_app.command("create")
+def keys_create(
+    user: str = typer.Option(..., "--user", "-u", help="The account that owns the key."),
+    name: str = typer.Option(None, "--name", help="What the key is for (shown in lists)."),
+    network: list[str] = typer.Option(
+        [], "--network", "-n", help="Only for this network (repeatable; default: all)."
+    ),
+    days: float = typer.Option(None, "--days", help="Expires after this many days."),
+    rpm: int = typer.Option(None, "--rpm", help="Requests per minute for this key."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests per day for this key."),
+) -> None:
+    """Make an API key; it is printed this once (only its hash is kept)."""
+    with _refusals():
+        record, key = _users().create_key(
+            user,
+            name=name,
+            networks=network or None,
+            expires_in_s=None if days is None else days * 86400,
+            rpm=rpm,
+            rpd=rpd,
+        )
+    typer.echo(key)
+    err(f"key {record.id} for {record.user_name}: keep it now, it is not shown again")
+
+
+@keys_app.command("list")
+def keys_list(user: str = typer.Option(None, "--user", "-u")) -> None:
+    """The API keys (their first characters, never the keys)."""
+    import time
+
+    with _refusals():
+        keys = _users().list_keys(user)
+    if not keys:
+        typer.echo("no API keys (tiktrue keys create --user NAME)")
+    for key in keys:
+        networks = ",".join(key.networks) if key.networks else "all networks"
+        typer.echo(
+            f"{key.id:>4} {key.prefix}...  {key.user_name:<16} {key.state(time.time()):<8} "
+            f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)}  {key.name or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: int) -> None:
+    """Revoke an API key: it is refused from the next request on."""
+    with _refusals():
+        key = _users().revoke_key(key_id)
+    typer.echo(f"revoked key {key.id} ({key.prefix}...) of {key.user_name}")
+
+
+@gateway_app.command("allow-anonymous")
+def gateway_allow_anonymous(
+    state: str = typer.Argument(None, help="on or off (default: show the setting)."),
+) -> None:
+    """Whether callers without a key may use the gateway from the LAN (this PC always may)."""
+    from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
+    from tiktrue.paths import data_dir
+
+    if state is not None:
+        if state not in ("on", "off"):
+            fail(f"say on or off, not {state!r}")
+        set_allow_anonymous(data_dir(), state == "on")
+    shown = "on" if allow_anonymous(data_dir()) else "off"
+    typer.echo(f"anonymous access from the LAN: {shown}")
+
+
 # --- node, chat --------------------------------------------------------------------------
 
 
@@ -622,6 +828,12 @@ def node(
     kv_budget_mb: int = typer.Option(512, "--kv-budget-mb", help="KV cache budget per network."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    session_idle_minutes: float = typer.Option(
+        30.0,
+        "--session-idle-minutes",
+        help="Gateway: free a conversation's KV on the nodes after this long unused "
+        "(its history is kept; the next turn rebuilds it).",
+    ),
 ) -> None:
     """Run the node service: control channel, one block server per network, gateway."""
     import logging
@@ -646,6 +858,7 @@ def node(
             api_host=api_host,
             api_port=api_port,
             kv_budget_mb=kv_budget_mb,
+            session_idle_s=session_idle_minutes * 60.0,
         )
     )
 
@@ -658,6 +871,9 @@ def chat(
     system: str = typer.Option(None, "--system", help="System prompt."),
     temperature: float = typer.Option(0.7, "--temperature"),
     max_tokens: int = typer.Option(512, "--max-tokens"),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
+    ),
 ) -> None:
     """Chat in the terminal with streamed answers (the local node's gateway by default)."""
     from tiktrue.paths import data_dir
@@ -668,7 +884,14 @@ def chat(
         fail("no gateway running from this data dir; pass --url or start `tiktrue demo`")
     try:
         # the gateway takes a network id where OpenAI clients put the model
-        run_chat(url, network or model, system, temperature=temperature, max_tokens=max_tokens)
+        run_chat(
+            url,
+            network or model,
+            system,
+            api_key=api_key,
+            temperature=temperature,
+            max_tokens=max_tokens,
+        )
     except ChatError as exc:
         fail(str(exc))
 
@@ -688,7 +911,7 @@ def demo(
     import signal
     import time
 
-    from tiktrue.demo import start_demo_network
+    from tiktrue.demo import DEMO_ADMIN, demo_api_key, start_demo_network
     from tiktrue.model.errors import ModelError
     from tiktrue.paths import data_dir
     from tiktrue.ui.terminal_chat import ChatError, run_chat
@@ -701,6 +924,10 @@ def demo(
     try:
         cluster = _run(_as_coroutine(start_demo_network, data_dir(), nodes=nodes, log=err))
         typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
+        api_key, password = demo_api_key(data_dir())
+        typer.echo(f"API key: {api_key}", color=False)
+        if password:
+            err(f"admin account: {DEMO_ADMIN} / {password} (shown once; tiktrue users passwd)")
         sys.stdout.flush()
         err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:
@@ -708,7 +935,7 @@ def demo(
                 while not stop:
                     time.sleep(0.2)
         else:
-            run_chat(cluster.api_url, temperature=0.3, max_tokens=300)
+            run_chat(cluster.api_url, api_key=api_key, temperature=0.3, max_tokens=300)
     except (ChatError, RuntimeError, TimeoutError, ModelError) as exc:
         fail(str(exc))
     finally:

@@ -10,12 +10,15 @@
    fourth, with more RAM, is held back as the backup of the other two workers), pushes each
    node its blocks (encrypted, verified) and switches the chain to the new config. Killing
    either worker is survived: the backup takes over and answers in flight go on.
+5. An admin account (made on the first run) gets a fresh API key, printed beside the API's
+   address (the demo's earlier keys are revoked).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -33,10 +36,13 @@ from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.resources import free_ports
 from tiktrue.paths import run_file
 from tiktrue.protocol.network_config import config_path
+from tiktrue.security.users import NotFound, UserStore
 from tiktrue.service.local_network import LocalCluster
 from tiktrue.ui.progress import progress_printer
 
 NETWORK_ID = "demo"
+DEMO_ADMIN = "admin"
+DEMO_KEY_NAME = "demo"
 BACKUP_INDEX = 3  # the fourth node: it gets more RAM, and the planner holds it back as backup
 
 
@@ -69,6 +75,24 @@ class _Repository:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+
+
+def demo_api_key(home: Path) -> tuple[str, str | None]:
+    """A new API key of the demo's admin account, and the account's password when this call
+    made the account (else None: it is not stored anywhere to show again)."""
+    users = UserStore(home)
+    password = None
+    try:
+        users.user(DEMO_ADMIN)
+    except NotFound:
+        password = secrets.token_urlsafe(12)
+        users.add_user(DEMO_ADMIN, password, "admin")
+    for old in users.list_keys(DEMO_ADMIN):
+        if old.name == DEMO_KEY_NAME and old.revoked_at is None:
+            users.revoke_key(old.id)
+    _, key = users.create_key(DEMO_ADMIN, name=DEMO_KEY_NAME)
+    users.close()
+    return key, password
 
 
 def _service(home: Path) -> dict:

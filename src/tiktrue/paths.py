@@ -42,3 +42,9 @@ def cache_dir() -> Path:
 def run_file(data_dir: Path) -> Path:
     """Where a running node service says where it listens (``<data>/run/node.json``)."""
     return Path(data_dir) / "run" / "node.json"
+
+
+def database_file(data_dir: Path) -> Path:
+    """The node's embedded SQLite database (``<data>/tiktrue.db``): accounts, API keys,
+    usage, conversations and sessions, each store with its own tables."""
+    return Path(data_dir) / "tiktrue.db"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tiktrue.control import network_manager as nm
-from tiktrue.protocol.network_config import config_path, read_config
+from tiktrue.protocol.network_config import ConfigError, config_path, read_config
 from tiktrue.security.auth_manager import verify_certificate
 from tiktrue.security.node_tls import node_identity
 
@@ -32,7 +32,7 @@ def test_create_network_makes_a_ca_a_config_and_serves_everything(admin, tiny_ll
     cert = (home / "networks" / "office" / "node_cert.pem").read_bytes()
     assert verify_certificate(cert, ca).role == "admin"
     assert len(nm.block_key(home, "office")) == 32
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(ConfigError, match="network office already exists"):
         nm.create_network(home, "again", tiny_llama, network_id="office")
 
 

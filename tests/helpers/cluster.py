@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 
 import websockets
 
@@ -53,11 +54,39 @@ async def direct_answer_usage(ws_url: str, network_id: str, prompt: list[int]) -
     directly: the head connects to the first node when both are up (retried every 2 s)."""
     import websockets
 
+    deadline = time.monotonic() + 120  # a ceiling for a busy machine
     async with websockets.connect(ws_url) as client:
-        for _ in range(50):
+        while True:
             body = request(network_id, input_ids=prompt, temperature=0, max_tokens=8)
             usage = (await ask(client, body))[-1]["usage"]
-            if usage["link_rtt_ms"][-1] is not None:
-                break
+            if usage["link_rtt_ms"][-1] is not None or time.monotonic() > deadline:
+                return usage
             await asyncio.sleep(0.2)
-    return usage
+
+
+async def session_counts(homes, network_id: str) -> list[int]:
+    """How many sessions each node's KV cache holds (``node_info`` over the control port)."""
+    from tiktrue.node.control_link import ControlLink
+    from tiktrue.paths import run_file
+    from tiktrue.security.node_tls import NetworkCredentials
+
+    counts = []
+    for home in homes:
+        control = json.loads(run_file(home).read_text())["control"]
+        credentials = NetworkCredentials.load(home, network_id)
+        async with ControlLink(control, expected_node_id=None, credentials=credentials) as link:
+            info = await link.call("node_info")
+        counts.append(info["networks"][network_id]["sessions"])
+    return counts
+
+
+async def wait_for_session_counts(homes, network_id: str, expected, timeout: float = 120.0):
+    """Poll until every node holds ``expected`` sessions (an int for all, or one per node);
+    returns the last counts (the caller asserts them: they differ when the ceiling passed)."""
+    want = [expected] * len(homes) if isinstance(expected, int) else list(expected)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        counts = await session_counts(homes, network_id)
+        if counts == want or asyncio.get_running_loop().time() > deadline:
+            return counts
+        await asyncio.sleep(0.2)

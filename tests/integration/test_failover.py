@@ -24,6 +24,7 @@ from tests.helpers.cluster import request, token_ids
 from tests.integration.test_chain import client_ws_url, reference_tokens
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
 from tiktrue.model.engine import Span
+from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.protocol.network_config import config_path, read_config, write_config
 from tiktrue.service.local_network import LocalCluster, prepare_local_network
 
@@ -221,7 +222,10 @@ def test_with_too_little_capacity_requests_queue_until_the_node_returns(tight, t
     assert http.status_code == 503 and int(http.headers["retry-after"]) > 0
     assert "healing" in http.json()["error"]["message"]
     assert seen["ws_first"]["status"] == "queued", seen["ws_first"]
-    assert _config(homes[0]).version == config.version  # nothing fitted without it
+    events = [e["event"] for e in recent_events(events_path(homes[0]), 1000, NET)]
+    assert "network_degraded" in events, events  # nothing fitted without it
+    # back: planned again with it (and with three nodes, as the caps need)
+    assert config.nodes[1].node_id in {n.node_id for n in _config(homes[0]).chain()}
 
 
 def test_a_lost_node_that_returns_is_planned_back_in(tight_with_backup, tiny_llama):

@@ -65,7 +65,11 @@ def journey(tiny_llama, tmp_path_factory):
         cluster.stop()
 
 
-def test_the_whole_journey(journey, tiny_llama):
+@pytest.fixture(scope="module")
+def office(journey, tiny_llama):
+    """The journey up to a running network, as a user goes it: create, a join by token
+    (refusals for a used and a made-up token), a join by approval, a manual plan applied.
+    Every test of this module starts from it, so each one runs alone too."""
     cluster, (admin, pc2, pc3) = journey
     model_id = tiny_llama.model_id
     out = cli(
@@ -108,7 +112,7 @@ def test_the_whole_journey(journey, tiny_llama):
         text=True,
     )
     request_id = None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while request_id is None and time.monotonic() < deadline:
         lines = cli(admin, "network", "pending", NET).stdout.split()
         request_id = lines[0] if lines else None
@@ -130,6 +134,13 @@ def test_the_whole_journey(journey, tiny_llama):
     applied = cli(admin, "network", "apply", NET, *sum((["--override", o] for o in overrides), []))
     assert "now runs config v" in applied.stdout
 
+    return journey
+
+
+def test_the_whole_journey(office, tiny_llama):
+    cluster, (admin, pc2, pc3) = office
+    model_id = tiny_llama.model_id
+    ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]
     status = json.loads(cli(admin, "network", "status", NET, "--json").stdout)
     states = {n["node_id"]: n["state"] for n in status["nodes"]}
     assert all(state == "serving" for state in states.values()), status
@@ -151,8 +162,8 @@ def test_the_whole_journey(journey, tiny_llama):
     assert token_ids(replies) == reference_tokens(tiny_llama, [5, 17, 42, 99], 10)
 
 
-def test_blocks_already_held_are_not_sent_again(journey, tiny_llama):
-    _, (admin, pc2, _) = journey
+def test_blocks_already_held_are_not_sent_again(office, tiny_llama):
+    _, (admin, pc2, _) = office
     config = read_config(config_path(admin, NET))
     store = BlockStore(admin / "models" / tiny_llama.model_id)
     node = config.node(node_identity(pc2).node_id)
@@ -164,8 +175,8 @@ def test_blocks_already_held_are_not_sent_again(journey, tiny_llama):
     assert extra["layer_5"] == store.manifest.blocks["layer_5"].bytes
 
 
-def test_a_new_plan_mid_conversation_keeps_the_answer_correct(journey, tiny_llama):
-    cluster, (admin, pc2, pc3) = journey
+def test_a_new_plan_mid_conversation_keeps_the_answer_correct(office, tiny_llama):
+    cluster, (admin, pc2, pc3) = office
     ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]
     ws_url = cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
     prompt, more = [7, 250, 31], [9, 10]
@@ -193,10 +204,10 @@ def test_a_new_plan_mid_conversation_keeps_the_answer_correct(journey, tiny_llam
     assert spans[ids[1]] == ["layer_1", "layer_2", "layer_3", "layer_4"]
 
 
-def test_discovery_finds_the_running_nodes(journey):
+def test_discovery_finds_the_running_nodes(office):
     from tiktrue.control.discovery import discover_networks
 
-    _, homes = journey
+    _, homes = office
     ids = {node_identity(h).node_id for h in homes}
     # wait on the event (every node resolved), with a generous ceiling for a busy machine
     found = discover_networks(
@@ -227,8 +238,8 @@ def test_a_pc_joining_mid_chat_gets_a_new_plan_and_the_chat_goes_on(tiny_llama, 
     with LocalCluster([admin, pc2], kv_budget_mb=16) as cluster:
         cli(admin, "network", "create", "Lab", "--model", tiny_llama.model_id, "--id", "lab")
         cli(pc2, "network", "join", control_address(admin), "--token", _token(admin, "lab"))
-        first_version = _wait_for_version(admin, "lab", 2)  # the plan fails: too little RAM
-        time.sleep(2)
+        first_version = _wait_for_version(admin, "lab", 2)
+        _wait_for_log(admin, "network lab: re-plan after a join failed")  # too little RAM
         assert read_config(config_path(admin, "lab")).version == first_version
         ws_url = cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
 
@@ -257,7 +268,15 @@ def _token(admin, network_id) -> str:
     return cli(admin, "network", "token", network_id).stdout.strip()
 
 
-def _wait_for_version(home, network_id: str, version: int, timeout: float = 60) -> int:
+def _wait_for_log(home, text: str, timeout: float = 120) -> None:
+    """Until the node's log says ``text`` (an event the test cannot see otherwise)."""
+    deadline = time.monotonic() + timeout
+    while text not in (home / "node.log").read_text("utf-8", errors="replace"):
+        assert time.monotonic() < deadline, f"{home / 'node.log'} never said {text!r}"
+        time.sleep(0.3)
+
+
+def _wait_for_version(home, network_id: str, version: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         current = read_config(config_path(home, network_id)).version
@@ -269,8 +288,8 @@ def _wait_for_version(home, network_id: str, version: int, timeout: float = 60) 
     raise AssertionError(f"network {network_id} did not reach config v{version}")
 
 
-def test_a_pc_leaving_gracefully_hands_its_blocks_over(journey, tiny_llama):
-    cluster, (admin, pc2, pc3) = journey
+def test_a_pc_leaving_gracefully_hands_its_blocks_over(office, tiny_llama):
+    cluster, (admin, pc2, pc3) = office
     leaver = node_identity(pc3).node_id
     version = read_config(config_path(admin, NET)).version
     out = cli(pc3, "network", "leave", NET)
@@ -289,8 +308,8 @@ def test_a_pc_leaving_gracefully_hands_its_blocks_over(journey, tiny_llama):
     assert token_ids(asyncio.run(go())) == reference_tokens(tiny_llama, [5, 17, 42, 99], 10)
 
 
-def test_an_interrupted_push_resumes_from_the_last_good_chunk(journey, tiny_llama):
-    _, (admin, pc2, _) = journey
+def test_an_interrupted_push_resumes_from_the_last_good_chunk(office, tiny_llama):
+    _, (admin, pc2, _) = office
     from tiktrue.model.store import MANIFEST, hash_chunks
 
     copy_root = admin / "models" / "resume-copy"

@@ -52,6 +52,12 @@ class Peer:
         await self.server.wait_closed()
 
 
+async def until(condition) -> None:
+    """Wait (polling the loop) until ``condition()`` holds; callers put a ceiling on it."""
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 def answer(message_id: str, token: int) -> str:
     header = {"message_type": "inference_response"}
     return json.dumps({"header": header, "in_reply_to": message_id, "token_id": token})
@@ -72,8 +78,7 @@ def test_replies_find_their_request_however_they_come(credentials):
         )
         first = asyncio.create_task(link.request(b"step-a", "a"))
         second = asyncio.create_task(link.request(b"step-b", "b"))
-        while len(peer.received) < 2:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(until(lambda: len(peer.received) == 2), 60)
         assert link.latency_ms is not None and link.latency_ms > 0  # pinged on connect
         await peer.connections[0].send(answer("b", 2))  # out of order, on the link
         assert (await second)["token_id"] == 2
@@ -82,20 +87,18 @@ def test_replies_find_their_request_however_they_come(credentials):
         assert not link.resolve(json.loads(answer("a", 1)))  # nobody waits for it any more
 
         waiting = asyncio.create_task(link.request(b"step-c", "c"))
-        while link.waiting < 1 or len(peer.received) < 3:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(until(lambda: link.waiting == 1 and len(peer.received) == 3), 60)
         await peer.connections[0].close()  # the peer drops the connection
         with pytest.raises(PeerUnavailable):
             await waiting
         assert lost == [link]
 
         await link.send("one-way")  # reconnects on use
-        while len(peer.received) < 4:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(until(lambda: len(peer.received) == 4), 60)
         assert peer.received[-1] == "one-way" and len(peer.connections) == 2
 
         await peer.stop()  # the peer is gone: a step is not resent, and says so
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(until(lambda: len(lost) == 2), 60)  # the drop is noticed
         with pytest.raises(PeerUnavailable):
             await link.send(b"step-d", resend=False)
         await link.close()

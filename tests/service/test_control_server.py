@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +11,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tiktrue.control import network_manager as nm
+from tiktrue.control.distributor import chunk_aad
+from tiktrue.model.store import MANIFEST
+from tiktrue.protocol.frames import encode_bytes_frame
 from tiktrue.security.auth_manager import create_network_ca
+from tiktrue.security.crypto_layer import encrypt_block_transfer
 from tiktrue.security.node_tls import node_identity
 from tiktrue.service.control_server import ControlServer, Refused
 
@@ -50,3 +56,89 @@ def test_a_worker_certificate_is_not_an_admin(tiny_llama, tmp_path):
     assert server._member(der(grant.node_cert.encode()), "net-a").role == "worker"
     with pytest.raises(Refused, match="only the admin"):
         server._require_admin(der(grant.node_cert.encode()), "net-a")
+
+
+def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
+    """Beats are for members (only the admin's is noted); the health view is the admin's, for
+    members; a member's lost-link report makes the admin probe the node at once."""
+    import asyncio
+
+    from tiktrue.control.health_monitor import BeatFailed, HealthMonitor
+    from tiktrue.protocol.network_config import config_path, read_config
+
+    home = tmp_path / "admin"
+    nm.create_network(home, "A", tiny_llama, network_id="net-a")
+    secret = nm.parse_token(nm.create_join_token(home, "net-a"))[2]
+    request = nm.make_join_request(
+        tmp_path / "worker",
+        "net-a",
+        host="127.0.0.1",
+        block_port=7001,
+        control_port=7002,
+        token_secret=secret,
+    )
+    grant = nm.accept_join(home, request)
+    worker_cert = der(grant.node_cert.encode())
+    admin_cert = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    worker_id = node_identity(tmp_path / "worker").node_id
+
+    async def refused(node, timeout, fresh):
+        raise BeatFailed("connection refused", refused=True)
+
+    async def run():
+        monitor = HealthMonitor(read_config(config_path(home, "net-a")), beat=refused)
+        service = SimpleNamespace(
+            data_dir=home, health={}, admin_beats={}, heartbeat=lambda nid: {"rss_bytes": 1}
+        )
+        server = ControlServer(service)
+        header = {"network_id": "net-a"}
+        assert await server.op_heartbeat(header, None, worker_cert, False) == {"rss_bytes": 1}
+        assert service.admin_beats == {}  # a worker's beat is not the admin's
+        await server.op_heartbeat(header, None, admin_cert, False)
+        assert set(service.admin_beats) == {"net-a"}
+        with pytest.raises(Refused, match="only members"):
+            await server.op_heartbeat(header, None, None, False)
+        with pytest.raises(Refused, match="does not monitor"):
+            await server.op_health(header, None, worker_cert, False)
+        service.health["net-a"] = monitor
+        view = await server.op_health(header, None, worker_cert, False)
+        assert view["nodes"][worker_id]["state"] == "unknown"
+        told = {"node_id": worker_id, "why": "link dropped", **header}
+        assert (await server.op_health_suspect(told, None, admin_cert, False)) == {
+            "state": "suspect"
+        }
+        await asyncio.gather(*monitor._probes.values())
+        return monitor
+
+    monitor = asyncio.run(run())
+    assert monitor.state(worker_id) == "dead"
+    assert "lost its link: link dropped" in monitor.nodes[worker_id].history[0]["why"]
+
+
+def test_only_a_chunk_that_does_not_decrypt_is_called_so(tiny_llama, tmp_path):
+    """A block push: a tampered chunk is refused as one; any other failure says what it is."""
+    home = tmp_path / "node"
+    nm.create_network(home, "A", tiny_llama, network_id="net-a")
+    root = home / "models" / tiny_llama.model_id
+    root.mkdir(parents=True)
+    shutil.copy(tiny_llama.root / MANIFEST, root / MANIFEST)
+    server = ControlServer(SimpleNamespace(data_dir=home))
+    admin = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    path = tiny_llama.manifest.blocks["embed"].file
+    chunk = (tiny_llama.root / path).read_bytes()[:1024]
+    key = nm.block_key(home, "net-a")
+    sealed = encrypt_block_transfer(chunk, key, chunk_aad(tiny_llama.model_id, path, 0))
+    meta = {"op": "chunk", "id": "c-0", "network_id": "net-a", "model_id": tiny_llama.model_id}
+
+    def push(payload: bytes) -> dict:
+        frame = encode_bytes_frame(payload, **meta, path=path, index=0)
+        return asyncio.run(server._answer(frame, admin, True))
+
+    tampered = push(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    assert (tampered["code"], tampered["in_reply_to"]) == ("bad_chunk", "c-0"), tampered
+    assert "does not decrypt" in tampered["message"]
+
+    (home / "networks" / "net-a" / nm.BLOCK_KEY).unlink()  # a node that never got the key
+    no_key = push(sealed)
+    assert no_key["code"] == "join_refused", no_key
+    assert no_key["message"] == "this node holds no block key for network net-a"

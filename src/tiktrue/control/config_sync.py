@@ -109,7 +109,6 @@ def handle_config_conflicts(
         f"{config_digest(winner)[:12]} (the smaller sha256), as every node does"
     )
     log.warning(message)
-    # hook: monitoring_system.log_system_events("config_conflict", ...) once the event log lands
     if alert is not None:
         alert(message)
     return winner
@@ -120,11 +119,11 @@ def held_config(data_dir: Path, network_id: str) -> NetworkConfig | None:
     return read_config(path) if path.exists() else None
 
 
-def is_newer(current: NetworkConfig | None, offered: NetworkConfig) -> bool:
+def is_newer(current: NetworkConfig | None, offered: NetworkConfig, *, alert=None) -> bool:
     """Whether a node should take ``offered`` over what it holds (conflicts resolved)."""
     if current is None:
         return True
-    winner = handle_config_conflicts(current, offered)
+    winner = handle_config_conflicts(current, offered, alert=alert)
     return winner is offered and config_digest(offered) != config_digest(current)
 
 
@@ -169,13 +168,15 @@ def _holds(root: Path, block) -> bool:
     return _VERIFIED[key] == block.sha256
 
 
-async def check_prepare(data_dir: Path, node_id: str, offered: NetworkConfig) -> bool:
+async def check_prepare(
+    data_dir: Path, node_id: str, offered: NetworkConfig, *, alert=None
+) -> bool:
     """Phase 1 on a node: raises ``SyncRefused`` for a config it must not take; returns False
     when it holds that very config already (nothing to stage), True when it may stage it."""
     current = held_config(data_dir, offered.network_id)
     if current is not None and config_digest(current) == config_digest(offered):
         return False
-    if not is_newer(current, offered):
+    if not is_newer(current, offered, alert=alert):
         raise SyncRefused(
             "stale_config",
             f"this node holds version {current.version} of {offered.network_id} already",
@@ -218,6 +219,7 @@ async def pull_config(
     *,
     control_address: str | None = None,
     admin_address: str | None = None,
+    alert: Callable[[str], None] | None = None,
 ) -> tuple[NetworkConfig, bool]:
     """A member asks its admin for the current config (telling it where its own control
     channel listens now) and installs it when it wins over the one held. ``admin_address``
@@ -244,7 +246,7 @@ async def pull_config(
     offered = NetworkConfig.model_validate(reply["config"])
     if offered.network_id != network_id:
         raise ConfigError(f"the admin answered with network {offered.network_id}")
-    if not is_newer(current, offered):
+    if not is_newer(current, offered, alert=alert):
         return current, False
     write_config(data_dir, offered)
     return offered, True

@@ -31,7 +31,6 @@ from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import NetworkConfig
 
 log = logging.getLogger("tiktrue.failover")
-WATCH_S = 2.0  # how often the admin asks a lost node whether it is back
 
 
 def activate_backup_worker(config: NetworkConfig, lost: set[str]) -> NetworkConfig | None:
@@ -90,40 +89,15 @@ class FailoverState:
 
 class FailoverManager:
     """Runs on the admin node. ``node_lost`` and ``node_back`` come from the health monitor
-    (or from a gateway that saw a link drop). A new config is pushed to the nodes still
-    alive, then written here (the local service reloads); ``event`` records what happened."""
+    (dead / online again), and ``node_lost`` also from a gateway whose chain failed. A new
+    config is pushed to the nodes still alive, then written here (the local service reloads);
+    ``event`` records what happened."""
 
     def __init__(self, data_dir: Path, *, event: Callable[..., None] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.event = event or (lambda *a, **k: None)
         self.networks: dict[str, FailoverState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._watchers: dict[str, asyncio.Task] = {}
-        self.watch_s = WATCH_S
-
-    def _watch(self, network_id: str) -> None:
-        """Watch the lost nodes of a network until each answers again (``node_back``)."""
-        task = self._watchers.get(network_id)
-        if task is None or task.done():
-            self._watchers[network_id] = asyncio.get_running_loop().create_task(
-                self._watch_returns(network_id)
-            )
-
-    async def _watch_returns(self, network_id: str) -> None:
-        state = self.state(network_id)
-        while state.lost:
-            await asyncio.sleep(self.watch_s)
-            try:
-                config, credentials = load(self.data_dir, network_id)
-                lost = [n for n in config.nodes if n.node_id in state.lost]
-                still = await find_lost(config, credentials, only={n.node_id for n in lost})
-                for node in lost:
-                    if node.node_id not in still:
-                        log.warning("network %s: node %s is back", network_id, node.node_id)
-                        done = await self.node_back(network_id, node.node_id)
-                        log.warning("network %s: %s", network_id, done)
-            except Exception:
-                log.exception("network %s: watching lost nodes failed", network_id)
 
     def state(self, network_id: str) -> FailoverState:
         return self.networks.setdefault(network_id, FailoverState())
@@ -146,7 +120,6 @@ class FailoverManager:
                     done = f"blocks redistributed (config v{new.version})"
                 except PlanError as exc:
                     state.degraded = str(exc)
-                    self._watch(network_id)
                     self.event(
                         "network_degraded",
                         level="error",
@@ -157,7 +130,6 @@ class FailoverManager:
                     return f"degraded: {exc}"
             state.degraded = None
             state.failed_over = True
-            self._watch(network_id)
             self.event(
                 "failover", level="warning", network_id=network_id, node_id=node_id, done=done
             )

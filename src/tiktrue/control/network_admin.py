@@ -19,6 +19,8 @@ from tiktrue.protocol.network_config import NetworkConfig, config_path, read_con
 from tiktrue.security.auth_manager import IdentityError
 from tiktrue.security.node_tls import NetworkCredentials
 
+REPORT_TIMEOUT_S = 10.0  # a hung node must not hang ``network status``
+
 
 def load(data_dir: Path, network_id: str) -> tuple[NetworkConfig, NetworkCredentials]:
     return read_config(config_path(data_dir, network_id)), NetworkCredentials.load(
@@ -55,13 +57,31 @@ async def _one_way_ms(link: ControlLink, rounds: int = 5) -> float:
 async def network_status(
     data_dir: Path, network_id: str, *, probe: bool = False, without: set[str] = frozenset()
 ) -> dict:
-    """Every node's report (``without`` the nodes not to ask: lost ones, say)."""
+    """Every node's state (``without`` the nodes not to ask: lost ones, say). Health
+    (online/suspect/dead, last beat, RTT) comes from the running admin's monitor when it
+    answers; nodes it holds dead are not asked directly (a hung one would not answer), the
+    others are (with a time limit)."""
     config, credentials = load(data_dir, network_id)
     asked = [n for n in config.nodes if n.node_id not in without]
-    reports = await asyncio.gather(*(node_report(n, credentials, probe=probe) for n in asked))
+    health = await admin_health(data_dir, config, credentials)
+    beats = (health or {}).get("nodes", {})
+
+    async def report(node) -> dict:
+        seen = beats.get(node.node_id)
+        if seen is not None and seen["state"] == "dead":
+            return {"node_id": node.node_id, "state": seen["state"]}
+        try:
+            return await asyncio.wait_for(
+                node_report(node, credentials, probe=probe), None if probe else REPORT_TIMEOUT_S
+            )
+        except asyncio.TimeoutError:
+            return {"node_id": node.node_id, "state": "offline", "error": "no answer"}
+
+    reports = await asyncio.gather(*(report(n) for n in asked))
     nodes = []
     for entry, report in zip(asked, reports, strict=True):
         network = report.get("networks", {}).get(network_id, {})
+        seen = beats.get(entry.node_id) or {}
         nodes.append(
             {
                 "node_id": entry.node_id,
@@ -78,6 +98,10 @@ async def network_status(
                 "link_ms": report.get("link_ms", 0.0),
                 "sessions": network.get("sessions", 0),
                 "version_held": network.get("version"),
+                "health": seen.get("state") or _health(report),
+                "last_beat_s": seen.get("last_beat_s"),
+                "rtt_ms": seen.get("rtt_ms"),
+                "stats": seen.get("stats"),
             }
         )
     return {
@@ -85,8 +109,52 @@ async def network_status(
         "name": config.name,
         "model_id": config.model_id,
         "version": config.version,
+        "monitored": health is not None,
         "nodes": nodes,
     }
+
+
+def _health(report: dict) -> str:
+    """Without the admin's monitor: what a direct probe tells."""
+    state = report.get("state", "offline")
+    return state if state in ("online", "offline") else "unknown"
+
+
+async def admin_health(
+    data_dir: Path, config: NetworkConfig, credentials: NetworkCredentials
+) -> dict | None:
+    """The running admin's health view of the network (op ``health``), or ``None``."""
+    admin = next((n for n in config.nodes if n.role == "admin"), None)
+    if admin is None:
+        return None
+    address = admin.control_address
+    if address is None and admin.node_id == credentials.identity.node_id:
+        address = local_control_address(data_dir)
+    if address is None:
+        return None
+
+    async def ask() -> dict:
+        async with ControlLink(
+            address, expected_node_id=admin.node_id, credentials=credentials
+        ) as link:
+            return await link.call("health", network_id=config.network_id)
+
+    try:
+        return await asyncio.wait_for(ask(), REPORT_TIMEOUT_S)
+    except (PeerUnavailable, ControlError, IdentityError, OSError, asyncio.TimeoutError):
+        return None
+
+
+def local_control_address(data_dir: Path) -> str | None:
+    """Where the node service running from this data dir listens (its run file)."""
+    import json
+
+    from tiktrue.paths import run_file
+
+    path = run_file(data_dir)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text("utf-8")).get("control")
 
 
 def _state(report: dict, network: dict) -> str:
@@ -102,7 +170,8 @@ def capacities(status: dict) -> list[NodeCapacity]:
     out = []
     for node in status["nodes"]:
         resources, caps = node.get("resources"), node.get("caps") or {}
-        if node["state"] in ("offline",) or not resources or not node.get("bytes_per_ms"):
+        down = node["state"] in ("offline", "suspect", "dead")
+        if down or not resources or not node.get("bytes_per_ms"):
             continue
         ram = caps.get("ram_bytes") or int(resources["ram_free_bytes"] * 0.8)
         disk = caps.get("disk_bytes") or int(resources["disk_free_bytes"] * 0.9)
@@ -208,14 +277,7 @@ async def push_config(
 
 async def poke_local_service(data_dir: Path) -> bool:
     """Ask the node service running from this data dir to re-read its configs."""
-    import json
-
-    from tiktrue.paths import run_file
-
-    path = run_file(data_dir)
-    if not path.is_file():
-        return False
-    control = json.loads(path.read_text("utf-8")).get("control")
+    control = local_control_address(data_dir)
     if not control:
         return False
     try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.store import BlockStore
@@ -29,6 +32,8 @@ from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.security.node_tls import NetworkCredentials
+
+log = logging.getLogger("tiktrue.gateway")
 
 
 class ChainError(Exception):
@@ -180,6 +185,7 @@ RECOVERABLE = {"peer_unavailable", "unknown_session"}
 RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
 STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain
 HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
+CLOSE_TIMEOUT_S = 10.0  # freeing a session on the nodes: a hung node must not hold the caller
 
 
 class ReplayingChain:
@@ -238,11 +244,11 @@ class ReplayingChain:
     async def close(self, session_id: str) -> None:
         self.fed.pop(session_id, None)
         self.sampling.pop(session_id, None)
-        stale = session_id in self.stale
         self.stale.discard(session_id)
-        if not stale:
-            with contextlib.suppress(ChainError, PeerUnavailable):
-                await self.inner.close(session_id)
+        # also when stale: nodes of the current chain that were in the old one still hold it
+        # (bounded: a hung node must not hold the caller; the idle sweep frees it later)
+        with contextlib.suppress(ChainError, PeerUnavailable, asyncio.TimeoutError):
+            await asyncio.wait_for(self.inner.close(session_id), CLOSE_TIMEOUT_S)
 
     async def control(self, kind, session_id: str) -> dict:
         return await self.inner.control(kind, session_id)
@@ -314,6 +320,21 @@ class ReplayingChain:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+    def adopt(self, session_id: str, history: list[int], *, stale: bool) -> None:
+        """Take over a session whose history comes from elsewhere (the gateway's store after a
+        restart, a restored save): ``stale`` when the nodes do not hold it, so its next step
+        replays ``history`` first."""
+        self.fed[session_id] = list(history)
+        if stale:
+            self.stale.add(session_id)
+        else:
+            self.stale.discard(session_id)
+
+    async def rebuild(self, session_id: str, upto: int) -> None:
+        """Replay a stale session now (before a save), not at its next step."""
+        if session_id in self.stale:
+            await self._replay(session_id, upto)
+
 
 @dataclass
 class SessionState:
@@ -324,10 +345,23 @@ class SessionState:
     messages: list[dict] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     cancelled: bool = False
+    last_used: float = field(default_factory=time.monotonic)  # for the idle sweep
+    owner: str | None = None  # the account whose conversation it is (None: no credentials)
+
+
+IDLE_TIMEOUT_S = 30 * 60.0  # a session idle this long is freed on the nodes (history kept)
+CLOSE_TIMEOUT_S = 30.0  # a close that a hung node never answers is given up
 
 
 class Gateway:
-    """Answers requests for one network."""
+    """Answers requests for one network.
+
+    Sessions live in three places: ``sessions`` (in memory, while in use), the nodes' KV caches,
+    and the store (``<data>/tiktrue.db``), written after every answer. A session that is not in
+    memory (after a restart of this node, or freed when it idled out) is loaded from the store
+    on its next turn and rebuilt on the nodes by replaying its history (or from its saved KV
+    when it was saved at exactly that point).
+    """
 
     def __init__(
         self,
@@ -336,6 +370,9 @@ class Gateway:
         credentials: NetworkCredentials,
         local_server=None,
         on_broken=None,
+        *,
+        session_store: SessionStore | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ):
         """``on_broken(error)`` is told when the chain fails (a node unreachable), so the
         network's admin can take the lost node's span over."""
@@ -353,7 +390,12 @@ class Gateway:
             RemoteChain(config, credentials, local_server), on_broken=on_broken
         )
         self.sessions: dict[str, SessionState] = {}
+        self.session_store = session_store or SessionStore.open(self.data_dir)
+        self.idle_timeout_s = idle_timeout_s
+        self.resumed = 0  # sessions loaded from the store (not in memory) for a new turn
+        self._sessions_lock = asyncio.Lock()  # creating or loading a session
         self._closing: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def healthy(self) -> bool:
@@ -364,6 +406,19 @@ class Gateway:
         """A new config: later steps go to the new chain; sessions are replayed there."""
         self.config = config
         self.chain.switch(RemoteChain(config, self.credentials, self.local_server))
+
+    def start(self) -> None:
+        """Background work (on the running loop): free on the nodes the sessions they may
+        still hold from before this gateway restarted, then sweep idle sessions."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        await self.chain.aclose()
 
     # --- answering -------------------------------------------------------------------------
 
@@ -377,6 +432,7 @@ class Gateway:
         session_id: str | None = None,
         keep: bool | None = None,
         result: GenerationResult | None = None,
+        owner: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream an answer. Exactly one input:
 
@@ -386,52 +442,146 @@ class Gateway:
         - ``input_ids``: token ids appended to the session as they are.
 
         A session is kept for the next turn when ``keep`` (default: when ``session_id`` is
-        given); otherwise the answer runs in a fresh session that is closed afterwards.
+        given), and written to the store after the answer; otherwise the answer runs in a
+        fresh session that is closed afterwards. A turn that does not complete (an error, the
+        client gone) leaves the session as it was before the turn; the nodes, which may hold
+        part of it, rebuild it by replay on the next turn. A session belongs to the ``owner``
+        that opened it: nobody else continues it.
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
         session_id = session_id or new_session_id()
-        state = self.sessions.get(session_id)
-        if state is None:
-            state = SessionState()
-            await self.chain.open(session_id)
-            self.sessions[session_id] = state
+        state = await self._acquire(session_id, keep, owner)
+        before = (list(state.tokens), list(state.unfed), list(state.messages))
+        stepped = completed = False
         try:
-            async with state.lock:
-                state.cancelled = False
-                wanted = self._conversation_ids(state, messages, text, input_ids, keep)
-                if wanted[: len(state.tokens)] != state.tokens:
-                    await self._reset(session_id, state)  # the conversation was edited
-                new = wanted[len(state.tokens) :]
-                if not new:
-                    raise ChainError(ps.INVALID_MESSAGE, "nothing new to answer")
-                if len(wanted) + params.max_tokens > self.max_context:
-                    params = params.model_copy(
-                        update={"max_tokens": max(1, self.max_context - len(wanted))}
-                    )
-                stream = stream_tokens(
-                    self.chain,
-                    new,
-                    params,
-                    tokenizer=self.tokenizer,
-                    stop_ids=self.stop_ids,
-                    session_id=session_id,
-                    start=len(state.tokens),
-                    result=result,
-                    should_stop=lambda: state.cancelled,
+            state.cancelled = False
+            wanted = self._conversation_ids(state, messages, text, input_ids, keep)
+            if wanted[: len(state.tokens)] != state.tokens:
+                await self._reset(session_id, state)  # the conversation was edited
+            new = wanted[len(state.tokens) :]
+            if not new:
+                raise ChainError(ps.INVALID_MESSAGE, "nothing new to answer")
+            if len(wanted) + params.max_tokens > self.max_context:
+                params = params.model_copy(
+                    update={"max_tokens": max(1, self.max_context - len(wanted))}
                 )
+            stream = stream_tokens(
+                self.chain,
+                new,
+                params,
+                tokenizer=self.tokenizer,
+                stop_ids=self.stop_ids,
+                session_id=session_id,
+                start=len(state.tokens),
+                result=result,
+                should_stop=lambda: state.cancelled,
+            )
+            stepped = True
+            try:
                 async for event in stream:
                     yield event
-                state.tokens += new + result.token_ids[: result.decode_steps]
-                state.unfed = result.token_ids[result.decode_steps :]
-                if messages is not None or (text is not None and keep):
-                    state.messages.append({"role": "assistant", "content": result.text})
+            finally:
+                await stream.aclose()  # its step in flight ends before the session is touched
+            state.tokens += new + result.token_ids[: result.decode_steps]
+            state.unfed = result.token_ids[result.decode_steps :]
+            if messages is not None or (text is not None and keep):
+                state.messages.append({"role": "assistant", "content": result.text})
+            completed = True
+            if keep:
+                await self._write(
+                    functools.partial(self.session_store.put, owner=state.owner),
+                    self.network_id,
+                    session_id,
+                    state.tokens,
+                    state.unfed,
+                    state.messages,
+                )
         finally:
+            state.last_used = time.monotonic()
+            if keep and not completed:
+                state.tokens, state.unfed, state.messages = before
+                if stepped:
+                    self.chain.adopt(session_id, state.tokens, stale=True)
+            state.lock.release()
             if not keep:  # freed on the nodes after the answer, not before its last message
                 self.sessions.pop(session_id, None)
-                closing = asyncio.get_running_loop().create_task(self.chain.close(session_id))
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
+                self._in_background(self._close_temporary(session_id))
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._closing.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._closing.discard)
+
+    async def _acquire(self, session_id: str, keep: bool, owner: str | None) -> SessionState:
+        """The session's state, locked for one turn: in memory, else loaded from the store
+        (``keep``), else new (owned by ``owner``); another owner's session is refused."""
+        while True:
+            async with self._sessions_lock:
+                state = self.sessions.get(session_id)
+                if state is None:
+                    stored = None
+                    if keep:
+                        stored = await asyncio.to_thread(
+                            self.session_store.get, self.network_id, session_id
+                        )
+                        if stored is not None and not stored.closed:
+                            _check_owner(stored.owner, owner, session_id)
+                    state = SessionState(owner=owner)
+                    self.sessions[session_id] = state
+                    await state.lock.acquire()  # a new lock: at once
+                    try:
+                        await self._prepare(session_id, state, stored)
+                    except BaseException:
+                        self.sessions.pop(session_id, None)
+                        state.lock.release()
+                        raise
+                    return state
+            _check_owner(state.owner, owner, session_id)
+            await state.lock.acquire()
+            if self.sessions.get(session_id) is state:
+                return state
+            state.lock.release()  # closed or freed while we waited: look again
+
+    async def _prepare(self, session_id: str, state: SessionState, stored) -> None:
+        """Open a new session, or take over one from the store: from its saved KV when it was
+        saved at exactly this point, else marked for replay on its next step."""
+        if stored is None or stored.closed:
+            # in the store (live) before the nodes hold anything: after a crash, freed there
+            put = functools.partial(self.session_store.put, owner=state.owner)
+            await self._write(put, self.network_id, session_id, [], [], [])
+            await self.chain.open(session_id)
+            return
+        state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
+        self.resumed += 1
+        if not stored.live:  # the nodes will hold it again
+            await self._write(self.session_store.set_live, self.network_id, [session_id], True)
+        if not await self._restore_saved_kv(session_id, stored):
+            self.chain.adopt(session_id, state.tokens, stale=True)
+
+    async def _restore_saved_kv(self, session_id: str, stored: StoredSession) -> bool:
+        saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
+        if saved is None or (saved.tokens, saved.unfed) != (stored.tokens, stored.unfed):
+            return False
+        try:
+            await self.chain.control(ps.SessionRestore, session_id)
+        except (ChainError, PeerUnavailable) as exc:  # e.g. the chain changed since the save
+            log.info("session %s: saved KV not restored (%s); replaying", session_id, exc)
+            return False
+        self.chain.adopt(session_id, stored.tokens, stale=False)
+        return True
+
+    async def _write(self, method, *args) -> None:
+        """A store write that must not fail an answer (a later turn without it replays less
+        or starts afresh): logged."""
+        try:
+            await asyncio.to_thread(method, *args)
+        except Exception:
+            log.exception("network %s: cannot write the session store", self.network_id)
+
+    async def _close_temporary(self, session_id: str) -> None:
+        await self.chain.close(session_id)
+        await self._write(self.session_store.delete, self.network_id, session_id)
 
     def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
         if messages is not None:
@@ -451,49 +601,164 @@ class Gateway:
         await self.chain.open(session_id)
         state.tokens, state.unfed = [], []
 
-    def cancel(self, session_id: str) -> bool:
+    def session_stats(self) -> dict:
+        """In memory now; loaded from the store since start; rebuilt on the nodes by replay."""
+        return {"open": len(self.sessions), "resumed": self.resumed, "replays": self.chain.replays}
+
+    def cancel(self, session_id: str, owner: str | None = None) -> bool:
         state = self.sessions.get(session_id)
         if state is not None:
+            _check_owner(state.owner, owner, session_id)
             state.cancelled = True
         return state is not None
+
+    # --- freeing sessions on the nodes ------------------------------------------------------
+
+    async def free_idle(self, idle_s: float | None = None) -> list[str]:
+        """Close on every node the sessions unused for ``idle_s`` (default: the gateway's idle
+        timeout); their history stays in the store and a later turn rebuilds them."""
+        limit = self.idle_timeout_s if idle_s is None else idle_s
+        freed = []
+        for session_id, state in list(self.sessions.items()):
+            if state.lock.locked() or time.monotonic() - state.last_used < limit:
+                continue
+            async with state.lock:  # a turn that comes meanwhile waits, then loads it again
+                if self.sessions.get(session_id) is not state:
+                    continue
+                if time.monotonic() - state.last_used < limit:
+                    continue
+                await self._close_on_nodes(session_id)
+                self.sessions.pop(session_id, None)
+                await self._write(self.session_store.set_live, self.network_id, [session_id], False)
+            freed.append(session_id)
+        if freed:
+            log.info("network %s: freed %d idle session(s)", self.network_id, len(freed))
+        return freed
+
+    async def free_left_over(self) -> list[str]:
+        """After a restart: the nodes may still hold sessions this gateway had (its own node's
+        KV is gone, so they will be replayed anyway): close them there."""
+        left = await asyncio.to_thread(self.session_store.live_sessions, self.network_id)
+        freed = []
+        for start in range(0, len(left), 32):
+            async with self._sessions_lock:  # no session is loaded while its close is in flight
+                batch = [s for s in left[start : start + 32] if s not in self.sessions]
+                await asyncio.gather(*(self._close_on_nodes(s) for s in batch))
+            await asyncio.to_thread(self.session_store.set_live, self.network_id, batch, False)
+            freed += batch
+        return freed
+
+    async def _close_on_nodes(self, session_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.chain.close(session_id), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("network %s: closing session %s timed out", self.network_id, session_id)
+
+    async def _sweep_forever(self) -> None:
+        try:
+            await self.free_left_over()
+        except Exception:
+            log.exception("network %s: cannot free the sessions of the last run", self.network_id)
+        interval = min(60.0, max(0.05, self.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.free_idle()
+            except Exception:
+                log.exception("network %s: the idle sweep failed", self.network_id)
 
     # --- sessions across restarts -----------------------------------------------------------
 
     def _session_dir(self, session_id: str) -> Path:
         return self.data_dir / "sessions" / self.network_id / session_id
 
-    async def save_session(self, session_id: str) -> Path:
-        """Every node saves its layers' KV cache; the gateway saves the history."""
-        state = self._state(session_id)
-        async with state.lock:
+    async def save_session(self, session_id: str, owner: str | None = None) -> Path:
+        """Every node saves its layers' KV cache; the gateway saves the history (store)."""
+        if session_id not in self.sessions:
+            stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
+            if stored is None or stored.closed:
+                raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}")
+        state = await self._acquire(session_id, True, owner)
+        try:
+            await self.chain.rebuild(session_id, len(state.tokens))  # loaded from the store
             await self.chain.control(ps.SessionSave, session_id)
-            folder = self._session_dir(session_id)
-            folder.mkdir(parents=True, exist_ok=True)
-            saved = {"tokens": state.tokens, "unfed": state.unfed, "messages": state.messages}
-            (folder / "gateway.json").write_text(json.dumps(saved), "utf-8")
-        return folder
+            await asyncio.to_thread(
+                self.session_store.save,
+                self.network_id,
+                session_id,
+                state.tokens,
+                state.unfed,
+                state.messages,
+            )
+        finally:
+            state.last_used = time.monotonic()
+            state.lock.release()
+        return self._session_dir(session_id)
 
-    async def restore_session(self, session_id: str) -> None:
+    async def restore_session(self, session_id: str, owner: str | None = None) -> None:
         """Load a saved session on every node; it continues without recomputing its prompt."""
-        if session_id in self.sessions:
-            raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
-        path = self._session_dir(session_id) / "gateway.json"
-        if not path.is_file():
+        saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
+        saved = saved or self._saved_by_an_older_version(session_id)
+        if saved is None:
             raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
-        saved = json.loads(path.read_text("utf-8"))
-        await self.chain.control(ps.SessionRestore, session_id)
-        self.sessions[session_id] = SessionState(
-            tokens=saved["tokens"], unfed=saved["unfed"], messages=saved["messages"]
+        _check_owner(await self._stored_owner(session_id), owner, session_id)
+        async with self._sessions_lock:
+            if session_id in self.sessions:
+                raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
+            try:
+                await self.chain.control(ps.SessionRestore, session_id)
+            except (ChainError, PeerUnavailable):  # the nodes before the failing one hold it
+                await self._close_on_nodes(session_id)
+                raise
+            self.chain.adopt(session_id, saved.tokens, stale=False)
+            self.sessions[session_id] = SessionState(
+                tokens=list(saved.tokens),
+                unfed=list(saved.unfed),
+                messages=list(saved.messages),
+                owner=owner,
+            )
+        await asyncio.to_thread(
+            functools.partial(self.session_store.put, owner=owner),
+            self.network_id,
+            session_id,
+            saved.tokens,
+            saved.unfed,
+            saved.messages,
         )
 
-    async def close_session(self, session_id: str) -> None:
-        state = self.sessions.pop(session_id, None)
-        if state is not None:
-            async with state.lock:
-                await self.chain.close(session_id)
+    def _saved_by_an_older_version(self, session_id: str) -> SavedSession | None:
+        """Saves made before the store kept the gateway's part in ``gateway.json``."""
+        path = self._session_dir(session_id) / "gateway.json"
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text("utf-8"))
+        return SavedSession(saved["tokens"], saved["unfed"], saved["messages"], 0.0)
 
-    def _state(self, session_id: str) -> SessionState:
-        try:
-            return self.sessions[session_id]
-        except KeyError:
-            raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}") from None
+    async def _stored_owner(self, session_id: str) -> str | None:
+        stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
+        return stored.owner if stored is not None else None
+
+    async def close_session(self, session_id: str, owner: str | None = None) -> None:
+        """The conversation ends: freed on every node; its history stays in the store, closed
+        (a later turn with this id starts afresh; a saved copy can still be restored)."""
+        state = self.sessions.get(session_id)
+        _check_owner(
+            state.owner if state is not None else await self._stored_owner(session_id),
+            owner,
+            session_id,
+        )
+        if state is not None:
+            async with state.lock:  # after the answer in flight, if any
+                if self.sessions.get(session_id) is state:
+                    await self.chain.close(session_id)
+                    self.sessions.pop(session_id, None)
+                    await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
+                    return
+        await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
+
+
+def _check_owner(session_owner: str | None, caller: str | None, session_id: str) -> None:
+    """A conversation is its owner's: another account (or a caller without credentials)
+    cannot continue, save, restore, cancel or close it."""
+    if session_owner != caller:
+        raise ChainError(ps.FORBIDDEN, f"session {session_id} belongs to someone else")

@@ -2,7 +2,9 @@
 
 ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` follow the OpenAI API, with
 Server-Sent Events when ``stream`` is true, ending in ``data: [DONE]``. ``model`` selects the
-network whose model answers (a node may serve several networks).
+network whose model answers (a node may serve several networks). Who may call is decided in
+``tiktrue.gateway.auth`` (API keys, JWTs, this PC's own callers); ``/docs`` is off (its pages
+load from a CDN, which an offline LAN cannot reach).
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from tiktrue import __version__
 from tiktrue.gateway.api_client import ChainError, Gateway
+from tiktrue.gateway.auth import (
+    AuthMiddleware,
+    GatewayAuth,
+    caller_of,
+    require_network,
+)
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
@@ -70,11 +78,19 @@ class CompletionRequest(GenerationFields):
     prompt: str
 
 
-def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = None) -> FastAPI:
+def create_app(
+    gateways: dict[str, Gateway],
+    protocol: ClientProtocol | None = None,
+    auth: GatewayAuth | None = None,
+) -> FastAPI:
     """One ASGI app for every network this node is a gateway of (keyed by network id; the
-    dict may change while the app runs: networks joined or left)."""
-    app = FastAPI(title="TikTrue gateway", version=__version__)
+    dict may change while the app runs: networks joined or left). ``auth``: the node's
+    accounts (None: no accounts, only this PC's callers without credentials get in)."""
+    app = FastAPI(title="TikTrue gateway", version=__version__, docs_url=None, redoc_url=None)
     protocol = protocol or ClientProtocol(gateways)
+    auth = auth or GatewayAuth(None)
+    app.add_middleware(AuthMiddleware, auth=auth)
+    app.include_router(auth.router())
 
     def pick(model: str | None) -> Gateway:
         by_model = {g.model_id: g for g in gateways.values()}
@@ -110,10 +126,12 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
             # False while a node of the network is lost and the network heals (or is degraded)
             "healthy": {g.network_id: g.healthy for g in gateways.values()},
             "protocol": protocol.stats.as_dict(),
+            "sessions": {g.network_id: g.session_stats() for g in gateways.values()},
         }
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(http: Request) -> dict:
+        caller = caller_of(http)
         return {
             "object": "list",
             "data": [
@@ -124,23 +142,27 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
                     "owned_by": f"tiktrue network {g.network_id}",
                 }
                 for g in gateways.values()
+                if caller.allows(g.network_id)
             ],
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
+    async def chat_completions(request: ChatRequest, http: Request):
         gateway = pick(request.model)
+        require_network(caller_of(http), gateway.network_id)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         return await _respond(gateway, request, "chat", messages=messages)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, http: Request):
         gateway = pick(request.model)
+        require_network(caller_of(http), gateway.network_id)
         return await _respond(gateway, request, "text", text=request.prompt)
 
     @app.websocket("/ws")
     async def client_socket(ws: WebSocket) -> None:
         await ws.accept()
+        connection = auth.connection(ws)
 
         async def send(message: dict) -> None:
             await ws.send_text(json.dumps(message))
@@ -148,7 +170,7 @@ def create_app(gateways: dict[str, Gateway], protocol: ClientProtocol | None = N
         try:
             while True:
                 raw = await ws.receive_text()
-                await protocol.handle_text(raw, send)
+                await protocol.handle_text(raw, send, connection)
         except WebSocketDisconnect:
             pass
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pydantic import ValidationError
 
 from tiktrue.gateway.api_client import ChainError, Gateway, new_session_id
+from tiktrue.gateway.auth import Connection
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams
@@ -47,8 +48,11 @@ class ClientProtocol:
             )
         return gateway
 
-    async def handle_text(self, raw: str | bytes, send: Send) -> None:
-        """One text message from a client connection (parse errors answered too)."""
+    async def handle_text(
+        self, raw: str | bytes, send: Send, connection: Connection | None = None
+    ) -> None:
+        """One text message from a client connection (parse errors answered too).
+        ``connection``: the caller of a ``/ws`` connection (None: a network's own node)."""
         try:
             parsed = ps.parse_message(raw, max_bytes=4 << 20)
         except ps.ProtocolError as exc:
@@ -56,17 +60,24 @@ class ClientProtocol:
             await send(ps.error_reply(exc))
             return
         self.stats.record(parsed)
-        await self.handle(parsed, send)
+        await self.handle(parsed, send, connection)
 
-    async def handle(self, parsed: ps.ParsedMessage, send: Send) -> None:
+    async def handle(
+        self, parsed: ps.ParsedMessage, send: Send, connection: Connection | None = None
+    ) -> None:
         try:
             message = parsed.message
             if isinstance(message, ps.LegacyRequest):
-                await self._legacy(message, parsed, send)
+                await self._legacy(message, parsed, send, connection)
             elif isinstance(message, ps.InferenceRequest):
-                await self._inference(message, parsed, send)
+                await self._inference(message, parsed, send, connection)
+            elif isinstance(message, ps.Authentication) and connection is not None:
+                detail = await connection.authenticate(message)
+                await send(_dump(ps.Ack(in_reply_to=message.message_id, detail=detail)))
             elif isinstance(message, ps.Cancel):
-                found = self._gateway(message.network_id, parsed).cancel(message.session_id)
+                gateway = self._gateway(message.network_id, parsed)
+                owner = _owner(connection, gateway, message)
+                found = gateway.cancel(message.session_id, owner)
                 await send(
                     _dump(
                         ps.Ack(
@@ -77,32 +88,38 @@ class ClientProtocol:
                     )
                 )
             elif isinstance(message, (ps.SessionSave, ps.SessionRestore, ps.SessionClose)):
-                await self._session(message, parsed, send)
+                await self._session(message, parsed, send, connection)
             elif isinstance(message, ps.Heartbeat):
                 await send(_dump(ps.Ack(in_reply_to=message.message_id, detail="alive")))
             else:
                 raise ps.ProtocolError(
                     ps.UNKNOWN_MESSAGE_TYPE,
-                    "a client may send inference_request, cancel, session_save, "
-                    f"session_restore, session_close or heartbeat, not {parsed.message_type.value}",
+                    "a client may send inference_request, cancel, session_save, session_restore, "
+                    "session_close, authentication or heartbeat, not "
+                    f"{parsed.message_type.value}",
                     parsed.message_id,
                     parsed.session_id,
                 )
+        except ChainError as exc:  # e.g. another's session (cancel)
+            self.stats.record_error()
+            error = ps.ProtocolError(exc.code, exc.message, parsed.message_id, parsed.session_id)
+            await send(ps.error_reply(error))
         except ps.ProtocolError as exc:
             self.stats.record_error()
             await send(ps.error_reply(exc))
 
-    async def _session(self, message, parsed, send: Send) -> None:
+    async def _session(self, message, parsed, send: Send, connection=None) -> None:
         """Save a conversation (every node saves its KV cache), restore it, or close it."""
         gateway = self._gateway(message.network_id, parsed)
+        owner = _owner(connection, gateway, message)
         try:
             if isinstance(message, ps.SessionSave):
-                detail = f"saved in {await gateway.save_session(message.session_id)}"
+                detail = f"saved in {await gateway.save_session(message.session_id, owner)}"
             elif isinstance(message, ps.SessionRestore):
-                await gateway.restore_session(message.session_id)
+                await gateway.restore_session(message.session_id, owner)
                 detail = "restored"
             else:
-                await gateway.close_session(message.session_id)
+                await gateway.close_session(message.session_id, owner)
                 detail = "closed"
         except (ChainError, ModelError, PeerUnavailable) as exc:
             code = getattr(exc, "code", ps.INTERNAL_ERROR)
@@ -115,8 +132,11 @@ class ClientProtocol:
         )
         await send(_dump(ack))
 
-    async def _inference(self, request: ps.InferenceRequest, parsed, send: Send) -> None:
+    async def _inference(
+        self, request: ps.InferenceRequest, parsed, send: Send, connection=None
+    ) -> None:
         gateway = self._gateway(request.network_id, parsed)
+        owner = await _admitted(connection, gateway, request.message_id, request.session_id)
         try:
             params = SamplingParams(
                 temperature=min(request.temperature, 5.0),
@@ -136,22 +156,30 @@ class ClientProtocol:
             if request.input_ids is not None
             else {"text": request.prompt}
         )
-        await self._stream(gateway, params, inputs, request.session_id, request.message_id, send)
+        await self._stream(
+            gateway, params, inputs, request.session_id, request.message_id, send, owner
+        )
 
-    async def _legacy(self, request: ps.LegacyRequest, parsed, send: Send) -> None:
+    async def _legacy(self, request: ps.LegacyRequest, parsed, send: Send, connection=None) -> None:
         gateway = self._gateway(request.network_id, parsed)
+        message_id = f"{request.session_id}:{request.step}"
+        owner = await _admitted(connection, gateway, message_id, request.session_id)
         ids = request.input_tensors.input_ids
         if ids is None:
             raise ps.ProtocolError(
                 ps.INVALID_MESSAGE, "input_tensors.input_ids is required", None, request.session_id
             )
-        if request.step == 0 and request.session_id in gateway.sessions:
-            await gateway.close_session(request.session_id)  # step 0 starts the session anew
+        if request.step == 0:  # step 0 starts the session anew (also one kept in the store;
+            # another's session: ChainError forbidden)
+            await gateway.close_session(request.session_id, owner)
         inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
-        message_id = f"{request.session_id}:{request.step}"
-        await self._stream(gateway, SamplingParams(), inputs, request.session_id, message_id, send)
+        await self._stream(
+            gateway, SamplingParams(), inputs, request.session_id, message_id, send, owner
+        )
 
-    async def _stream(self, gateway: Gateway, params, inputs, session_id, message_id, send):
+    async def _stream(
+        self, gateway: Gateway, params, inputs, session_id, message_id, send, owner=None
+    ):
         result = GenerationResult()
         keep = session_id is not None
         session_id = session_id or new_session_id()
@@ -171,7 +199,7 @@ class ClientProtocol:
             await send(response(status="queued", text=why))
         try:
             async for event in gateway.answer(
-                params, session_id=session_id, keep=keep, result=result, **inputs
+                params, session_id=session_id, keep=keep, result=result, owner=owner, **inputs
             ):
                 await send(response(status="processing", token_id=event.token_id, text=event.text))
         except (ChainError, ModelError, PeerUnavailable) as exc:
@@ -195,6 +223,20 @@ class ClientProtocol:
                 status="success", text=result.text, finish_reason=result.finish_reason, usage=usage
             )
         )
+
+
+def _owner(connection: Connection | None, gateway: Gateway, message) -> str | None:
+    """The caller's account, after checking it may use this network (None: no credentials)."""
+    if connection is None:
+        return None
+    return connection.check(gateway.network_id, message.message_id, message.session_id)
+
+
+async def _admitted(connection, gateway: Gateway, message_id, session_id) -> str | None:
+    """Like ``_owner``, and the request counts against the caller's rate limits."""
+    if connection is None:
+        return None
+    return await connection.admit(gateway.network_id, message_id, session_id)
 
 
 def _chain_timing(steps) -> dict:

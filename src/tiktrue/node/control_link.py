@@ -75,6 +75,12 @@ class ControlLink:
         if self._ws is not None:
             await self._ws.close()
 
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake (the peer may be hung)."""
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.transport.abort()
+
     async def call(self, op: str, payload: bytes | None = None, **fields: Any) -> dict:
         """Send one request (JSON, or a binary frame when ``payload`` is given); await its reply."""
         request_id = uuid.uuid4().hex

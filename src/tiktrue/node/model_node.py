@@ -84,11 +84,14 @@ class BlockServer:
         self.node_id = credentials.identity.node_id
         self.entry = config.node(self.node_id)
         store = BlockStore(self.data_dir / "models" / config.model_id)
+        spill_dir = self.data_dir / "cache" / "kv" / self.network_id
+        for stale in spill_dir.glob("*.npz"):  # KV spilled by a run that did not end cleanly
+            stale.unlink(missing_ok=True)
         self.engine = BlockEngine(
             store,
             Span(tuple(self.entry.blocks)),
             kv_budget_bytes=kv_budget_bytes,
-            spill_dir=self.data_dir / "cache" / "kv" / self.network_id,
+            spill_dir=spill_dir,
         )
         itemsize = 4
         # the largest legitimate frame: a full request's hidden states, plus headers
@@ -107,6 +110,8 @@ class BlockServer:
         self._head_connections = 0  # open connections from the chain's head (first node only)
         self._background: set[asyncio.Task] = set()
         self._server = None
+        # (node_id, why): the node service tells the admin's health monitor
+        self.on_peer_lost: Callable[[str, str], None] | None = None
 
     def _link(self, entry, on_lost=None) -> PeerLink:
         return PeerLink(
@@ -373,6 +378,9 @@ class BlockServer:
 
     def _next_lost(self, link: PeerLink) -> None:
         """The link to the next node dropped: steps beyond this node will not be answered."""
+        after = self.config.next_node(self.node_id)
+        if self.on_peer_lost is not None and after is not None:
+            self.on_peer_lost(after.node_id, f"the link from {self.node_id} dropped")
         if self.is_first:
             return  # the link itself failed the steps waiting on it
         first = self._chain_ids()[0]
@@ -582,6 +590,8 @@ class BlockServer:
                     message.message_id,
                     sid,
                 )
+            if self.engine.kv.has(sid):  # a restore replaces what the node holds of it
+                self.engine.close_session(sid)
             self.engine.load_session(sid, span_file)
             if self.span.has_head:
                 history = json.loads((folder / "history.json").read_text("utf-8"))
@@ -600,6 +610,20 @@ class BlockServer:
             ram_percent=psutil.virtual_memory().percent,
             active_sessions=len(self.engine.kv.sessions()),
         ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
+
+    def health_stats(self) -> dict:
+        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips."""
+        kv = self.engine.kv.stats()
+        links = {"next": self._next} if self._next is not None else {}
+        links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
+        return {
+            "sessions": len(self.engine.kv.sessions()),
+            "kv_pages_used": kv.pages_total - kv.pages_free,
+            "kv_pages_total": kv.pages_total,
+            "link_rtt_ms": {
+                name: link.latency_ms for name, link in links.items() if link.connected
+            },
+        }
 
 
 async def _try_connect(link: PeerLink) -> None:

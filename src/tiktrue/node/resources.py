@@ -156,6 +156,22 @@ def collect_resources(
     )
 
 
+def heartbeat_stats(data_dir: Path) -> dict:
+    """The cheap figures a heartbeat carries: CPU load since the last call (no sampling
+    window), RAM, disk of the data dir, and this process's RSS."""
+    memory = _probe("RAM", psutil.virtual_memory)
+    disk = _probe("disk", lambda: psutil.disk_usage(str(_existing(Path(data_dir)))))
+    return {
+        "cpu_percent": _probe("CPU load", lambda: psutil.cpu_percent(interval=None)),
+        "cpu_cores_logical": psutil.cpu_count(logical=True),
+        "ram_total_bytes": int(memory.total) if memory else None,
+        "ram_free_bytes": int(memory.available) if memory else None,
+        "disk_total_bytes": int(disk.total) if disk else None,
+        "disk_free_bytes": int(disk.free) if disk else None,
+        "rss_bytes": _probe("RSS", lambda: psutil.Process().memory_info().rss),
+    }
+
+
 def _probe(what, func):
     try:
         return func()

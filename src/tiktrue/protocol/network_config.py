@@ -52,7 +52,21 @@ class NetworkConfig(BaseModel):
     version: int = Field(1, ge=1)
     auto_plan: bool = True  # re-plan and re-distribute when a node joins or leaves
     backup_nodes: int = Field(0, ge=0, le=16)  # backups the planner holds back, if it can
+    heartbeat_s: float = Field(1.0, gt=0, le=60)  # the admin beats every node this often
+    dead_after_s: float = Field(4.0, gt=0, le=600)  # no good beat this long: the node is dead
+    webhook_url: str | None = Field(None, description="health alerts are POSTed here as JSON")
     updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    @model_validator(mode="after")
+    def _beats_fit(self) -> NetworkConfig:
+        if self.dead_after_s <= self.heartbeat_s:
+            raise ValueError(
+                f"dead_after_s ({self.dead_after_s}) must be longer than heartbeat_s "
+                f"({self.heartbeat_s}): a node would be dead between two beats"
+            )
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook_url must be an http(s) URL, not {self.webhook_url!r}")
+        return self
 
     @model_validator(mode="after")
     def _chain_is_covered(self) -> NetworkConfig:

@@ -43,6 +43,8 @@ VERSION_MISMATCH = "version_mismatch"  # hello: protocol major or software major
 UNAUTHORIZED = "unauthorized"  # raised by callers: bad or missing credentials
 SESSION_NOT_FOUND = "session_not_found"  # raised by callers: no such session on this node
 INTERNAL_ERROR = "internal_error"  # raised by callers: a bug on the answering side
+FORBIDDEN = "forbidden"  # raised by callers: valid credentials that do not reach this
+RATE_LIMITED = "rate_limited"  # raised by callers: over a request limit; retry later
 
 ERROR_CODES = frozenset(
     {
@@ -57,6 +59,8 @@ ERROR_CODES = frozenset(
         UNAUTHORIZED,
         SESSION_NOT_FOUND,
         INTERNAL_ERROR,
+        FORBIDDEN,
+        RATE_LIMITED,
     }
 )
 

@@ -33,7 +33,7 @@ from tiktrue.protocol.network_config import (
     write_config,
 )
 from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
-from tiktrue.security.crypto_layer import decrypt_block_transfer
+from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.node_tls import control_server_context
 
 if TYPE_CHECKING:
@@ -204,11 +204,10 @@ class ControlServer:
         self._require_admin(peer, network_id)
         manifest, root = self._manifest(model_id)
         path, index = header["path"], int(header["index"])
+        key = nm.block_key(self.data_dir, network_id)  # its own error when there is none
         try:
-            data = decrypt_block_transfer(
-                payload, nm.block_key(self.data_dir, network_id), chunk_aad(model_id, path, index)
-            )
-        except Exception as exc:
+            data = decrypt_block_transfer(payload, key, chunk_aad(model_id, path, index))
+        except BlockDecryptionError as exc:
             raise Refused("bad_chunk", f"chunk {index} of {path} does not decrypt: {exc}") from exc
         complete = await asyncio.to_thread(
             block_receiver.receive_chunk,
@@ -271,6 +270,37 @@ class ControlServer:
         await self.service.reload()
         return {}
 
+    async def op_heartbeat(self, header, payload, peer, local) -> dict:
+        """The admin's beat (members may beat too; only the admin's is recorded): this node's
+        figures back, and the time noted, so a node can tell when its admin was away."""
+        network_id = header["network_id"]
+        if self._member(peer, network_id).role == "admin":
+            self.service.admin_beats[network_id] = time.time()
+        return self.service.heartbeat(network_id)
+
+    async def op_health(self, header, payload, peer, local) -> dict:
+        """The admin's view of the network's health (``tiktrue network status``)."""
+        network_id = header["network_id"]
+        self._member(peer, network_id)
+        return self._monitor(network_id).snapshot(int(header.get("history", 20)))
+
+    async def op_health_suspect(self, header, payload, peer, local) -> dict:
+        """A member lost its link to a node: the admin suspects it and probes it now."""
+        network_id = header["network_id"]
+        reporter = self._member(peer, network_id)
+        monitor = self._monitor(network_id)
+        node_id = header["node_id"]
+        monitor.suspect_now(node_id, f"{reporter.node_id} lost its link: {header.get('why', '')}")
+        return {"state": monitor.state(node_id) if node_id in monitor.nodes else None}
+
+    def _monitor(self, network_id: str):
+        monitor = self.service.health.get(network_id)
+        if monitor is None:
+            raise Refused(
+                "not_monitoring", f"this node does not monitor network {network_id} (not its admin)"
+            )
+        return monitor
+
     def _model_root(self, model_id: str, manifest: Manifest | None = None) -> Path:
         if manifest is not None and manifest.model_id != model_id:
             raise Refused("bad_request", f"manifest is for {manifest.model_id}, not {model_id}")
@@ -291,7 +321,9 @@ class ControlServer:
         self._require_admin(peer, config.network_id)
         node_id = self.service.identity.node_id
         try:
-            fresh = await config_sync.check_prepare(self.data_dir, node_id, config)
+            fresh = await config_sync.check_prepare(
+                self.data_dir, node_id, config, alert=self.service.config_alert(config.network_id)
+            )
         except config_sync.SyncRefused as exc:
             raise Refused(exc.code, str(exc)) from exc
         if fresh:

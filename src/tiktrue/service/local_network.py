@@ -127,11 +127,13 @@ class LocalCluster:
         kv_budget_mb: int = 256,
         gateway: bool = True,
         own_control_ports: bool = True,  # False: any free port, as `--control-port 0` gives
+        gateway_args: list[str] | None = None,
     ):
         self.homes = [Path(h) for h in homes]
         self.own_control_ports = own_control_ports
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
+        self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
         self._api_port: int | None = None
@@ -145,7 +147,7 @@ class LocalCluster:
         args += ["--control-port", str(port or 0)]
         args += ["--kv-budget-mb", str(self.kv_budget_mb)]
         if i == 0 and self.gateway:
-            args += ["--api-port", str(self._api_port or 0)]
+            args += ["--api-port", str(self._api_port or 0), *self.gateway_args]
         log = (home / "node.log").open("ab")
         # Node processes on one PC share its cores: an idle node's OpenMP threads must not
         # spin long (GNU default 300k spins) while the next node of the chain computes.
@@ -165,13 +167,13 @@ class LocalCluster:
                     self.stop()
                     raise TimeoutError(f"node in {home} did not start in {timeout} s")
                 time.sleep(0.1)
+            if i == 0 and self.gateway:
+                self.api_url = json.loads(run_file(home).read_text())["api"]
+                self._api_port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
 
     def start(self, timeout: float = 120.0) -> LocalCluster:
         self.processes = [self._spawn(i) for i in range(len(self.homes))]
         self._wait_started(range(len(self.homes)), timeout)
-        if self.gateway:
-            self.api_url = json.loads(run_file(self.homes[0]).read_text())["api"]
-            self._api_port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
         return self
 
     def kill(self, i: int) -> None:
@@ -179,12 +181,16 @@ class LocalCluster:
         self.processes[i].kill()
         self.processes[i].wait()
 
-    def restart(self, i: int, timeout: float = 120.0) -> None:
-        """Start node ``i`` again on its home (after ``kill`` or a stop); the gateway keeps
-        its port."""
-        if self.processes[i].poll() is None:
-            self.processes[i].terminate()
-            self.processes[i].wait(timeout)
+    def restart(self, i: int, *, kill: bool = False, timeout: float = 120.0) -> None:
+        """Stop node ``i`` (SIGTERM, or SIGKILL when ``kill``: a crash; nothing when it is
+        already down) and start it again on the same home and ports; returns once it
+        listens."""
+        process = self.processes[i]
+        if process.poll() is None and kill:
+            process.kill()
+        elif process.poll() is None:
+            process.terminate()
+        process.wait(timeout)
         self.processes[i] = self._spawn(i)
         self._wait_started([i], timeout)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -20,16 +21,21 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control import config_sync
 from tiktrue.control.failover_manager import FailoverManager, find_lost
+from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
-from tiktrue.gateway.api_client import Gateway
+from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
+from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
+from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
+from tiktrue.monitoring.monitoring_system import EventLog
 from tiktrue.node.control_link import ControlError
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
@@ -67,12 +73,14 @@ class NodeService:
         api_port: int | None = None,
         kv_budget_mb: int = 512,
         announce: bool = True,
+        session_idle_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.announce = announce
         self.announcer = None
         self._replans: dict[str, asyncio.Task] = {}
         self.identity = node_identity(self.data_dir)
+        psutil.cpu_percent(None)  # node_info's first CPU reading covers the time since now
         self.host = host
         self.control_port = control_port
         self.api_host, self.api_port = api_host, api_port
@@ -88,8 +96,15 @@ class NodeService:
         self._pulls: dict[str, asyncio.Task] = {}  # network -> pulling until the admin answers
         self._broadcasts: dict[str, asyncio.Task] = {}  # network -> admin's latest broadcast
         self._config_lock = asyncio.Lock()  # admin: one read-modify-write of a config at once
-        self.failover = FailoverManager(self.data_dir)
         self._background: set[asyncio.Task] = set()
+        self.events = EventLog(self.data_dir)
+        self.failover = FailoverManager(self.data_dir, event=self.events.log_system_events)
+        self.health: dict[str, HealthMonitor] = {}  # networks this node administers
+        self.admin_beats: dict[str, float] = {}  # network -> wall time of the admin's last beat
+        self._suspect_reports: set[asyncio.Task] = set()
+        psutil.cpu_percent(None)  # primes the counter: later reads never wait for a sample
+        self.session_idle_s = session_idle_s
+        self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -105,7 +120,8 @@ class NodeService:
         from tiktrue.node.resources import NodeCaps, collect_resources
 
         checked = NodeCaps.model_validate(caps)
-        checked.effective(collect_resources(self.data_dir))  # refuses caps above what we have
+        # refuses caps above what we have (no CPU sampling: this runs on the event loop)
+        checked.effective(collect_resources(self.data_dir, cpu_sample_s=0))
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
@@ -150,8 +166,10 @@ class NodeService:
 
         if self.announcer is not None:
             announcement = announcement_for(self.data_dir, self.control.port, host=self.host)
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.announcer.update, announcement)
+            except Exception as exc:  # the LAN sees the old announcement; nothing else breaks
+                log.warning("cannot update the LAN announcement: %s", exc)
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
@@ -176,11 +194,11 @@ class NodeService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("network %s: re-plan after a join failed: %s", network_id, exc)
+            log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol),
+            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir)),
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
@@ -200,18 +218,25 @@ class NodeService:
         for task in [*self._pulls.values(), *self._broadcasts.values()]:
             task.cancel()
         if self.announcer is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.announcer.stop)
+            except Exception as exc:  # others drop this node when its announcement expires
+                log.warning("cannot withdraw the LAN announcement: %s", exc)
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
+        for monitor in self.health.values():
+            await monitor.stop()
         for gateway in self.gateways.values():
-            await gateway.chain.aclose()
+            await gateway.aclose()
+        if self._session_store is not None:
+            self._session_store.db.close()
         for server in self.servers.values():
             await server.stop()
         if self.control is not None:
             await self.control.stop()
         run_file(self.data_dir).unlink(missing_ok=True)
+        self.events.close()
 
     async def reload(self, *, force: bool = False) -> None:
         """Bring block servers and gateways in line with the configs on disk."""
@@ -244,9 +269,9 @@ class NodeService:
                 if entry.blocks and network_id not in self.servers:
                     await self._start_block_server(config, entry.blocks)
                 if self.api_port is not None:
-                    self._update_gateway(config)
+                    await self._update_gateway(config)
             for network_id in set(self.gateways) - set(configs):
-                await self.gateways.pop(network_id).chain.aclose()
+                await self.gateways.pop(network_id).aclose()
             for network_id, server in self.servers.items():
                 server.client_handler = (
                     self.protocol.handle if network_id in self.gateways else None
@@ -256,6 +281,7 @@ class NodeService:
                 self.control.refresh_trust()
             if self.started:  # before that, start() writes it once everything listens
                 self._write_run_file()
+            await self._sync_health(configs)
         await self._announce_update()
 
     async def _start_block_server(self, config: NetworkConfig, blocks: list[str]) -> None:
@@ -269,13 +295,66 @@ class NodeService:
             self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
             return
         credentials = NetworkCredentials.load(self.data_dir, config.network_id)
-        server = BlockServer(
-            self.data_dir, config, credentials, kv_budget_bytes=self._kv_budget(store, blocks)
+        # loading and hashing the span takes seconds: off the loop, so the control channel,
+        # the gateway and other networks go on meanwhile (reload's lock still serializes)
+        server = await asyncio.to_thread(
+            BlockServer,
+            self.data_dir,
+            config,
+            credentials,
+            kv_budget_bytes=self._kv_budget(store, blocks),
         )
         await server.start()
+        server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
         self.servers[config.network_id] = server
 
-    def _update_gateway(self, config: NetworkConfig) -> None:
+    async def _sync_health(self, configs: dict[str, NetworkConfig]) -> None:
+        """The admin monitors each network it administers; its changes go to the event log."""
+        me = self.identity.node_id
+        mine = {i: c for i, c in configs.items() if c.node(me).role == "admin"}
+        for network_id in set(self.health) - set(mine):
+            await self.health.pop(network_id).stop()
+        for network_id, config in configs.items():
+            self.events.set_webhook(network_id, config.webhook_url)
+        for network_id, config in mine.items():
+            if network_id in self.health:
+                self.health[network_id].update_config(config)
+                continue
+            monitor = HealthMonitor(
+                config,
+                NetworkCredentials.load(self.data_dir, network_id),
+                self_address=f"{self.host}:{self.control.port}" if self.control else None,
+            )
+            monitor.add_listener(event_logger(self.events))
+            monitor.add_listener(self._health_changed)
+            self.health[network_id] = monitor
+            monitor.start()
+
+    async def _health_changed(self, network_id: str, node_id: str, old, new, info) -> None:
+        """The admin's monitor: a dead node's span is taken over; one that answers again
+        after it was lost is planned back in."""
+        try:
+            if new == "dead":
+                done = await self.failover.node_lost(network_id, node_id, info.get("why", ""))
+                log.warning("network %s: node %s is dead: %s", network_id, node_id, done)
+            elif new == "online" and node_id in self.failover.state(network_id).lost:
+                done = await self.failover.node_back(network_id, node_id)
+                log.warning("network %s: node %s is back: %s", network_id, node_id, done)
+        except Exception:
+            log.exception("network %s: failover after %s -> %s failed", network_id, old, new)
+
+    def _peer_lost(self, network_id: str, node_id: str, why: str) -> None:
+        """A link to a node dropped: the admin's monitor probes it now (here, or over the
+        admin's control channel)."""
+        monitor = self.health.get(network_id)
+        if monitor is not None:
+            monitor.suspect_now(node_id, why)
+            return
+        task = asyncio.create_task(report_suspect(self.data_dir, network_id, node_id, why))
+        self._suspect_reports.add(task)
+        task.add_done_callback(self._suspect_reports.discard)
+
+    async def _update_gateway(self, config: NetworkConfig) -> None:
         gateway = self.gateways.get(config.network_id)
         if gateway is None:
             tokenizer = self.data_dir / "models" / config.model_id / "tokenizer_config.json"
@@ -283,15 +362,23 @@ class NodeService:
                 return
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
             network_id = config.network_id
-            self.gateways[network_id] = Gateway(
-                self.data_dir,
-                config,
-                credentials,
-                lambda: self.servers.get(network_id),
-                on_broken=lambda error: self._in_background(
-                    self.chain_broken(network_id, str(error))
-                ),
+            if self._session_store is None:
+                self._session_store = SessionStore.open(self.data_dir)
+            gateway = self.gateways[network_id] = await asyncio.to_thread(  # loads the tokenizer
+                functools.partial(
+                    Gateway,
+                    self.data_dir,
+                    config,
+                    credentials,
+                    lambda: self.servers.get(network_id),
+                    on_broken=lambda error: self._in_background(
+                        self.chain_broken(network_id, str(error))
+                    ),
+                    session_store=self._session_store,
+                    idle_timeout_s=self.session_idle_s,
+                )
             )
+            gateway.start()
         elif gateway.config.version != config.version:
             gateway.switch(config)
 
@@ -309,11 +396,22 @@ class NodeService:
             network_id,
             control_address=self._control_address(),
             admin_address=admin_address,
+            alert=self.config_alert(network_id),
         )
         if changed:
             log.info("network %s: pulled config v%d from the admin", network_id, config.version)
             await self.reload()
         return config
+
+    def config_alert(self, network_id: str):
+        """Where a config conflict is reported: the node's event log (and its webhook)."""
+
+        def alert(message: str) -> None:
+            self.events.log_system_events(
+                "config_conflict", level="warning", network_id=network_id, message=message
+            )
+
+        return alert
 
     def _control_address(self) -> str | None:
         return f"{self.host}:{self.control.port}" if self.control else None
@@ -466,6 +564,7 @@ class NodeService:
                 "kv_budget_bytes": (
                     server.engine.kv.num_pages * server.engine.kv.bytes_per_page if server else 0
                 ),
+                "last_admin_beat": self.admin_beats.get(config.network_id),
             }
         return {
             "node_id": self.identity.node_id,
@@ -475,9 +574,25 @@ class NodeService:
             "api": self.api_url,
             "pid": os.getpid(),
             "rss_bytes": _rss(),
-            "resources": collect_resources(self.data_dir).model_dump(),
+            # the CPU load since the last reading: sampling would sleep on the event loop
+            "resources": collect_resources(self.data_dir, cpu_sample_s=0).model_dump(),
             "caps": self.caps().model_dump(),
             "networks": networks,
+        }
+
+    def heartbeat(self, network_id: str) -> dict:
+        """This node's answer to its admin's heartbeat: load, memory, and its span's figures."""
+        from tiktrue.node.resources import heartbeat_stats
+        from tiktrue.protocol.network_config import config_path, read_config
+
+        server = self.servers.get(network_id)
+        path = config_path(self.data_dir, network_id)
+        return {
+            **heartbeat_stats(self.data_dir),
+            "version": read_config(path).version if path.is_file() else None,
+            "serving": server is not None,
+            "waiting": self.waiting.get(network_id),
+            **(server.health_stats() if server is not None else {}),
         }
 
     def _write_run_file(self) -> None:
@@ -497,8 +612,6 @@ class NodeService:
 
 
 def _rss() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 

@@ -26,13 +26,25 @@ def local_api_url(data_dir: Path) -> str | None:
     return None
 
 
-def stream_chat(api_url: str, messages: list[dict], model: str | None, **settings) -> Iterator[str]:
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def stream_chat(
+    api_url: str, messages: list[dict], model: str | None, api_key: str | None = None, **settings
+) -> Iterator[str]:
     """Yield the text deltas of one streamed chat completion."""
     body = {"messages": messages, "stream": True, **settings}
     if model:
         body["model"] = model
     try:
-        with httpx.stream("POST", f"{api_url}/chat/completions", json=body, timeout=300) as reply:
+        with httpx.stream(
+            "POST",
+            f"{api_url}/chat/completions",
+            json=body,
+            headers=_headers(api_key),
+            timeout=300,
+        ) as reply:
             if reply.status_code != 200:
                 reply.read()
                 raise ChatError(f"the gateway answered {reply.status_code}: {reply.text}")
@@ -49,9 +61,18 @@ def stream_chat(api_url: str, messages: list[dict], model: str | None, **setting
         raise ChatError(f"cannot reach the gateway at {api_url}: {exc}") from exc
 
 
-def run_chat(api_url: str, model: str | None = None, system: str | None = None, **settings) -> None:
+def run_chat(
+    api_url: str,
+    model: str | None = None,
+    system: str | None = None,
+    api_key: str | None = None,
+    **settings,
+) -> None:
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    models = httpx.get(f"{api_url}/models", timeout=10).json()["data"]
+    listed = httpx.get(f"{api_url}/models", headers=_headers(api_key), timeout=10)
+    if listed.status_code != 200:
+        raise ChatError(f"the gateway answered {listed.status_code}: {listed.text}")
+    models = listed.json()["data"]
     names = ", ".join(m["id"] for m in models)
     print(f"TikTrue chat with {model or names} via {api_url}  ({HELP})")
     while True:
@@ -77,7 +98,7 @@ def run_chat(api_url: str, model: str | None = None, system: str | None = None, 
         sys.stdout.write("model> ")
         answer = []
         try:
-            for delta in stream_chat(api_url, messages, model, **settings):
+            for delta in stream_chat(api_url, messages, model, api_key, **settings):
                 answer.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()

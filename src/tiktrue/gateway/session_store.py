@@ -1,0 +1,235 @@
+"""The gateway's conversations and session histories, kept in the node's SQLite file so that a
+restart of the gateway's node loses nothing: the next turn finds the history here and the
+chain rebuilds its caches by replaying it.
+
+Two tables, per network and session id:
+
+- ``sessions``: what the chain's caches hold (``tokens``), the tokens sampled last and not yet
+  fed (``unfed``), the chat messages, the owner (accounts come later), times, ``closed`` (the
+  conversation ended: a later turn with that id starts afresh) and ``live`` (the nodes may
+  hold its KV: freed at start-up after a restart, and when the session idles out);
+- ``saved_sessions``: the gateway's half of ``session_save`` (the nodes keep their KV files),
+  read back by ``session_restore``, also after ``session_close``.
+
+Every call is one short transaction; callers on the event loop use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tiktrue.database import Database
+
+COMPONENT = "sessions"
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE sessions ("
+        " network_id TEXT NOT NULL,"
+        " session_id TEXT NOT NULL,"
+        " owner TEXT,"
+        " tokens TEXT NOT NULL,"
+        " unfed TEXT NOT NULL,"
+        " messages TEXT NOT NULL,"
+        " created_at REAL NOT NULL,"
+        " updated_at REAL NOT NULL,"
+        " closed INTEGER NOT NULL DEFAULT 0,"
+        " live INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (network_id, session_id))",
+        "CREATE INDEX sessions_live ON sessions (network_id, live)",
+        "CREATE TABLE saved_sessions ("
+        " network_id TEXT NOT NULL,"
+        " session_id TEXT NOT NULL,"
+        " tokens TEXT NOT NULL,"
+        " unfed TEXT NOT NULL,"
+        " messages TEXT NOT NULL,"
+        " saved_at REAL NOT NULL,"
+        " PRIMARY KEY (network_id, session_id))",
+    ],
+]
+
+
+@dataclass
+class StoredSession:
+    network_id: str
+    session_id: str
+    tokens: list[int] = field(default_factory=list)
+    unfed: list[int] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    owner: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    closed: bool = False
+    live: bool = False
+
+
+@dataclass
+class SavedSession:
+    """The gateway's part of a ``session_save``: the history the saved KV files hold."""
+
+    tokens: list[int]
+    unfed: list[int]
+    messages: list[dict]
+    saved_at: float
+
+
+class SessionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate(COMPONENT, MIGRATIONS)
+
+    @classmethod
+    def open(cls, data_dir: Path) -> SessionStore:
+        """The store in ``<data>/tiktrue.db`` (a connection of its own)."""
+        return cls(Database.open(data_dir))
+
+    def get(self, network_id: str, session_id: str) -> StoredSession | None:
+        rows = self.db.query(
+            "SELECT * FROM sessions WHERE network_id = ? AND session_id = ?",
+            (network_id, session_id),
+        )
+        return _session(rows[0]) if rows else None
+
+    def put(
+        self,
+        network_id: str,
+        session_id: str,
+        tokens: list[int],
+        unfed: list[int],
+        messages: list[dict],
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """The session after an answer: open, and held by the chain's nodes. A session that
+        was closed starts a new conversation (new creation time)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO sessions (network_id, session_id, owner, tokens, unfed, messages,"
+                " created_at, updated_at, closed, live) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1)"
+                " ON CONFLICT (network_id, session_id) DO UPDATE SET"
+                " owner = COALESCE(excluded.owner, sessions.owner),"
+                " tokens = excluded.tokens, unfed = excluded.unfed,"
+                " messages = excluded.messages,"
+                " created_at = CASE WHEN sessions.closed THEN excluded.created_at"
+                " ELSE sessions.created_at END,"
+                " updated_at = excluded.updated_at, closed = 0, live = 1",
+                (
+                    network_id,
+                    session_id,
+                    owner,
+                    json.dumps(tokens),
+                    json.dumps(unfed),
+                    json.dumps(messages),
+                    now,
+                    now,
+                ),
+            )
+
+    def set_live(self, network_id: str, session_ids: Iterable[str], live: bool) -> None:
+        """Whether the nodes may hold these sessions. One that the nodes no longer hold and
+        that never completed a turn (an answer without a session, a first turn that failed)
+        holds nothing worth keeping: it is forgotten."""
+        ids = [(network_id, sid) for sid in session_ids]
+        if not ids:
+            return
+        with self.db.transaction() as conn:
+            conn.executemany(
+                f"UPDATE sessions SET live = {int(live)} WHERE network_id = ? AND session_id = ?",
+                ids,
+            )
+            if not live:
+                conn.executemany(
+                    "DELETE FROM sessions WHERE network_id = ? AND session_id = ?"
+                    " AND tokens = '[]' AND unfed = '[]' AND messages = '[]'",
+                    ids,
+                )
+
+    def live_sessions(self, network_id: str) -> list[str]:
+        """Sessions the nodes may still hold (from before a restart of this gateway)."""
+        rows = self.db.query(
+            "SELECT session_id FROM sessions WHERE network_id = ? AND live = 1", (network_id,)
+        )
+        return [row["session_id"] for row in rows]
+
+    def close(self, network_id: str, session_id: str) -> None:
+        """The conversation ended: its history stays (closed), the nodes hold nothing."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE sessions SET closed = 1, live = 0, updated_at = ?"
+                " WHERE network_id = ? AND session_id = ?",
+                (time.time(), network_id, session_id),
+            )
+
+    def delete(self, network_id: str, session_id: str) -> None:
+        with self.db.transaction() as conn:
+            key = (network_id, session_id)
+            conn.execute("DELETE FROM sessions WHERE network_id = ? AND session_id = ?", key)
+            conn.execute("DELETE FROM saved_sessions WHERE network_id = ? AND session_id = ?", key)
+
+    def list(self, network_id: str, *, closed: bool = False) -> list[StoredSession]:
+        """The network's conversations, most recently used first (closed ones when asked)."""
+        rows = self.db.query(
+            "SELECT * FROM sessions WHERE network_id = ? AND (closed = 0 OR ?)"
+            " ORDER BY updated_at DESC",
+            (network_id, int(closed)),
+        )
+        return [_session(row) for row in rows]
+
+    # --- session_save / session_restore ------------------------------------------------------
+
+    def save(
+        self,
+        network_id: str,
+        session_id: str,
+        tokens: list[int],
+        unfed: list[int],
+        messages: list[dict],
+    ) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO saved_sessions"
+                " (network_id, session_id, tokens, unfed, messages, saved_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    network_id,
+                    session_id,
+                    json.dumps(tokens),
+                    json.dumps(unfed),
+                    json.dumps(messages),
+                    time.time(),
+                ),
+            )
+
+    def saved(self, network_id: str, session_id: str) -> SavedSession | None:
+        rows = self.db.query(
+            "SELECT * FROM saved_sessions WHERE network_id = ? AND session_id = ?",
+            (network_id, session_id),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return SavedSession(
+            tokens=json.loads(row["tokens"]),
+            unfed=json.loads(row["unfed"]),
+            messages=json.loads(row["messages"]),
+            saved_at=row["saved_at"],
+        )
+
+
+def _session(row) -> StoredSession:
+    return StoredSession(
+        network_id=row["network_id"],
+        session_id=row["session_id"],
+        tokens=json.loads(row["tokens"]),
+        unfed=json.loads(row["unfed"]),
+        messages=json.loads(row["messages"]),
+        owner=row["owner"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        closed=bool(row["closed"]),
+        live=bool(row["live"]),
+    )

@@ -1,0 +1,1 @@
+"""What happened on this node: the structured event log (and its webhook)."""

@@ -1,0 +1,111 @@
+"""The gateway's session store on its own: what a restart finds, closed and live flags,
+saved sessions, several networks and threads."""
+
+from __future__ import annotations
+
+import threading
+
+from tiktrue.database import Database
+from tiktrue.gateway.session_store import SessionStore
+
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_a_session_comes_back_as_it_was_put(tmp_path):
+    store = SessionStore.open(tmp_path)
+    store.put("net", "s1", [1, 2, 3], [4], CHAT)
+    store.db.close()
+    again = SessionStore.open(tmp_path).get("net", "s1")  # a new process would see this
+    assert (again.tokens, again.unfed, again.messages) == ([1, 2, 3], [4], CHAT)
+    assert again.live and not again.closed and again.owner is None
+    assert again.created_at <= again.updated_at
+    assert SessionStore.open(tmp_path).get("net", "nope") is None
+    assert SessionStore.open(tmp_path).get("othernet", "s1") is None  # per network
+
+
+def test_a_later_turn_updates_the_session_and_keeps_its_creation(tmp_path):
+    store = SessionStore.open(tmp_path)
+    store.put("net", "s1", [1], [], [], owner="ann")
+    first = store.get("net", "s1")
+    store.put("net", "s1", [1, 2, 3], [9], CHAT)
+    later = store.get("net", "s1")
+    assert later.tokens == [1, 2, 3] and later.unfed == [9] and later.messages == CHAT
+    assert later.created_at == first.created_at and later.updated_at >= first.updated_at
+    assert later.owner == "ann"  # a turn without an owner does not clear it
+
+
+def test_closing_keeps_the_history_and_a_new_turn_starts_a_new_conversation(tmp_path):
+    store = SessionStore.open(tmp_path)
+    store.put("net", "s1", [1, 2], [], CHAT)
+    created = store.get("net", "s1").created_at
+    store.close("net", "s1")
+    closed = store.get("net", "s1")
+    assert closed.closed and not closed.live and closed.tokens == [1, 2]
+    assert [s.session_id for s in store.list("net")] == []
+    assert [s.session_id for s in store.list("net", closed=True)] == ["s1"]
+    store.put("net", "s1", [7], [], [])
+    reopened = store.get("net", "s1")
+    assert not reopened.closed and reopened.live and reopened.created_at >= created
+
+
+def test_live_sessions_are_those_the_nodes_may_hold(tmp_path):
+    store = SessionStore.open(tmp_path)
+    for sid in ("a", "b", "c"):
+        store.put("net", sid, [1], [], [])
+    store.put("other", "d", [1], [], [])
+    store.set_live("net", ["b"], False)
+    store.close("net", "c")
+    assert sorted(store.live_sessions("net")) == ["a"]
+    store.set_live("net", [], False)  # nothing to do
+    assert store.live_sessions("other") == ["d"]
+
+
+def test_a_saved_session_outlives_closing_and_a_later_turn(tmp_path):
+    store = SessionStore.open(tmp_path)
+    store.put("net", "s1", [1, 2], [3], CHAT)
+    store.save("net", "s1", [1, 2], [3], CHAT)
+    store.put("net", "s1", [1, 2, 3, 4], [], [*CHAT, {"role": "user", "content": "more"}])
+    store.close("net", "s1")
+    saved = store.saved("net", "s1")
+    assert (saved.tokens, saved.unfed, saved.messages) == ([1, 2], [3], CHAT)
+    assert store.saved("net", "never") is None
+    store.delete("net", "s1")
+    assert store.get("net", "s1") is None and store.saved("net", "s1") is None
+
+
+def test_list_is_most_recent_first(tmp_path):
+    store = SessionStore.open(tmp_path)
+    for sid in ("old", "mid", "new"):
+        store.put("net", sid, [1], [], [])
+    store.put("net", "old", [1, 2], [], [])  # used again: now the most recent
+    assert [s.session_id for s in store.list("net")] == ["old", "new", "mid"]
+
+
+def test_stores_share_one_file_and_threads_share_one_store(tmp_path):
+    db = Database.open(tmp_path)
+    store = SessionStore(db)
+    db.migrate("accounts", [["CREATE TABLE accounts (name TEXT PRIMARY KEY)"]])
+    assert SessionStore(db).get("net", "x") is None  # migrating again is harmless
+
+    def writer(n: int) -> None:
+        for i in range(25):
+            store.put("net", f"t{n}-{i}", list(range(i)), [], [])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(store.list("net")) == 100
+    assert store.get("net", "t3-24").tokens == list(range(24))
+    assert db.version("sessions") == 1 and db.version("accounts") == 1
+
+
+def test_a_session_that_never_completed_a_turn_is_forgotten_once_freed(tmp_path):
+    store = SessionStore.open(tmp_path)
+    store.put("net", "empty", [], [], [])  # opened on the nodes, no answer yet
+    store.put("net", "full", [1], [], [])
+    assert sorted(store.live_sessions("net")) == ["empty", "full"]
+    store.set_live("net", ["empty", "full"], False)
+    assert store.get("net", "empty") is None
+    assert store.get("net", "full").tokens == [1]
