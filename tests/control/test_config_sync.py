@@ -178,8 +178,28 @@ def running(net):
     net.nodes.start()
     for home in net.homes:
         (home / LOSE_REPLIES).unlink(missing_ok=True)
-    _wait_converged(net)
+    _settled(net)
     return net
+
+
+def _settled(net: Net) -> dict:
+    """Until the admin's failover is done with every node it took a span from (the health
+    monitor saw a stopped node dead; it re-plans when the node is back), then converged."""
+
+    def done() -> bool:
+        taken = set()
+        since = net.nodes.started_at[net.admin]  # a restarted admin forgets its failovers
+        for event in recent_events(events_path(net.admin), 1000, NET):
+            if event["time"] < since:
+                continue
+            if event["event"] in ("failover", "network_degraded"):
+                taken.add(event["node_id"])
+            elif event["event"] == "network_restored":
+                taken.discard(event["node_id"])
+        return not taken
+
+    wait_until(done, "the admin's failover to settle")
+    return _wait_converged(net)
 
 
 def _wait_converged(net: Net, *, serving: set[str] | None = None) -> dict:
@@ -232,12 +252,12 @@ def test_a_node_away_during_a_push_pulls_on_return_on_a_new_port(running):
 
     net.nodes.start(net.pc3)  # --control-port 0: a new port, that the admin must learn
     port = int(control_address(net.pc3).rsplit(":", 1)[1])
-    status = _wait_converged(net)
+    status = _settled(net)
     assert net.config().node(away).control_port == port  # re-announced on its new port
     states = {n["node_id"]: n["state"] for n in status["nodes"]}
     assert states[away] in ("serving", "idle"), status  # idle: the failover moved its span
-    held = net.config(net.pc3)
-    assert held.name == new.name and held.version == net.config().version
+    # the same config as the admin's: the push it missed, or one the failover made since
+    assert config_digest(net.config(net.pc3)) == config_digest(net.config())
 
 
 def test_a_node_back_after_a_new_plan_drops_its_stale_span_then_serves_again(running, tiny_llama):
@@ -343,7 +363,7 @@ def test_a_node_back_while_the_admin_was_away_finds_it_on_its_new_port(running):
     net.nodes.stop(net.admin)
     net.nodes.start(net.pc3)  # the admin is away: its pull fails, it keeps trying
     net.nodes.start(net.admin)
-    status = _wait_converged(net)
+    status = _settled(net)
     admin, pc3 = net.config(), net.config(net.pc3)
     assert admin.node(net.ids[0]).control_address == control_address(net.admin)
     assert admin.node(net.ids[2]).control_address == control_address(net.pc3)

@@ -48,6 +48,7 @@ class NodeProcesses:
         self.homes = [Path(h) for h in homes]
         self.env = env or {}
         self.clusters: dict[Path, LocalCluster] = {}
+        self.started_at: dict[Path, float] = {}  # wall time of each node's last start
 
     def start(self, home: Path | None = None) -> NodeProcesses:
         for h in [Path(home)] if home is not None else self.homes:
@@ -57,6 +58,7 @@ class NodeProcesses:
                 )
                 with environment(**self.env):
                     self.clusters[h] = cluster.start()
+                self.started_at[h] = time.time()
         return self
 
     def stop(self, home: Path | None = None) -> None:
