@@ -16,6 +16,7 @@ import pytest
 import websockets
 
 from tests.helpers.cluster import ask, request, token_ids
+from tests.helpers.network import control_address, import_model_from_store
 from tests.integration.test_chain import reference_tokens
 from tiktrue.control.distributor import push_blocks
 from tiktrue.control.network_admin import (
@@ -49,10 +50,6 @@ def cli(home, *args, check=True, timeout=120):
     return done
 
 
-def control_address(home) -> str:
-    return json.loads((home / "run" / "node.json").read_text())["control"]
-
-
 @pytest.fixture(scope="module")
 def journey(tiny_llama, tmp_path_factory):
     base = tmp_path_factory.mktemp("journey")
@@ -66,14 +63,6 @@ def journey(tiny_llama, tmp_path_factory):
         yield cluster, homes
     finally:
         cluster.stop()
-
-
-def import_model_from_store(store_root, models_dir):
-    """The admin PC holds the whole model (as `tiktrue models import` leaves it)."""
-    import shutil
-
-    models_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(store_root, models_dir / store_root.name)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tiktrue.control.config_sync import SyncReport, broadcast_config_updates
 from tiktrue.control.distributor import PushProgress, push_blocks
 from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_with_backups
 from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
-from tiktrue.protocol.network_config import NetworkConfig, config_path, read_config, write_config
+from tiktrue.protocol.network_config import NetworkConfig, config_path, read_config
 from tiktrue.security.auth_manager import IdentityError
 from tiktrue.security.node_tls import NetworkCredentials
 
@@ -259,17 +260,19 @@ def _role(node, plan: Plan) -> str:
 
 
 async def push_config(
-    data_dir: Path, config: NetworkConfig, credentials, *, skip: set[str] = frozenset()
-) -> None:
-    """Every node gets the config (acknowledged); this node's own copy is written last."""
-    me = credentials.identity.node_id
-    for node in config.nodes:
-        if node.node_id == me or node.control_address is None or node.node_id in skip:
-            continue
-        async with ControlLink.to(node, credentials) as link:
-            await link.call("config_push", config=config.model_dump())
-    write_config(data_dir, config)
+    data_dir: Path,
+    config: NetworkConfig,
+    credentials,
+    *,
+    skip: set[str] = frozenset(),
+    **options,
+) -> SyncReport:
+    """Switch every node to ``config`` (two-phase, acknowledged, retried: see ``config_sync``;
+    the nodes in ``skip`` are lost: not asked now, they pull the config when they return),
+    then this node's own service."""
+    report = await broadcast_config_updates(data_dir, config, credentials, skip=skip, **options)
     await poke_local_service(data_dir)
+    return report
 
 
 async def poke_local_service(data_dir: Path) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import websockets
 from cryptography import x509
 from pydantic import ValidationError
 
+from tiktrue.control import config_sync
 from tiktrue.control import network_manager as nm
 from tiktrue.control.distributor import chunk_aad
 from tiktrue.model.errors import StoreError
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from tiktrue.service.service_runner import NodeService
 
 log = logging.getLogger("tiktrue.control")
+_TEST_HOOKS = os.environ.get("TIKTRUE_TEST_HOOKS") == "1"
+LOSE_REPLIES = "test_lose_replies.json"  # {op: how many replies to lose}, with the hooks on
 
 
 class Refused(Exception):
@@ -68,6 +72,7 @@ class ControlServer:
         self.context = control_server_context(self.data_dir)
         self._server = None
         self.port: int | None = None
+        self.staged: dict[str, NetworkConfig] = {}  # network -> config prepared, not committed
 
     async def start(self, host: str, port: int) -> None:
         self._server = await websockets.serve(
@@ -95,6 +100,9 @@ class ControlServer:
         try:
             async for raw in ws:
                 reply = await self._answer(raw, peer, local)
+                if _TEST_HOOKS and self._lose_reply(raw):
+                    await ws.close()  # test hook: the work is done, its acknowledgement lost
+                    return
                 await ws.send(json.dumps(reply))
         except websockets.ConnectionClosed:
             pass
@@ -177,17 +185,6 @@ class ControlServer:
         if state == "approved":
             await self._joined(request.network_id)
         return {"state": state, "grant": grant.model_dump() if grant else None}
-
-    async def op_config_push(self, header, payload, peer, local) -> dict:
-        config = NetworkConfig.model_validate(header["config"])
-        self._require_admin(peer, config.network_id)
-        path = config_path(self.data_dir, config.network_id)
-        current = read_config(path) if path.exists() else None
-        if current is not None and current.version > config.version:
-            raise Refused("stale_config", f"this node has version {current.version} already")
-        write_config(self.data_dir, config)
-        await self.service.reload()
-        return {"version": config.version}
 
     async def op_manifest_push(self, header, payload, peer, local) -> dict:
         self._require_admin(peer, header["network_id"])
@@ -316,3 +313,68 @@ class ControlServer:
         if not path.is_file():
             raise Refused("no_manifest", f"this node has no manifest of {model_id}; push it first")
         return Manifest.model_validate_json(path.read_text("utf-8")), root
+
+    # --- config sync (two-phase switch, pull on return; see control.config_sync) -----------
+
+    async def op_config_prepare(self, header, payload, peer, local) -> dict:
+        config = NetworkConfig.model_validate(header["config"])
+        self._require_admin(peer, config.network_id)
+        node_id = self.service.identity.node_id
+        try:
+            fresh = await config_sync.check_prepare(
+                self.data_dir, node_id, config, alert=self.service.config_alert(config.network_id)
+            )
+        except config_sync.SyncRefused as exc:
+            raise Refused(exc.code, str(exc)) from exc
+        if fresh:
+            self.staged[config.network_id] = config
+        return {"version": config.version, "staged": fresh}
+
+    async def op_config_commit(self, header, payload, peer, local) -> dict:
+        network_id, version = header["network_id"], int(header["version"])
+        self._require_admin(peer, network_id)
+        staged = self.staged.get(network_id)
+        if staged is None or staged.version != version:
+            held = config_sync.held_config(self.data_dir, network_id)
+            if held is not None and held.version == version:
+                return {"version": version, "already": True}  # a retry: its ack was lost
+            raise Refused("not_prepared", f"config v{version} of {network_id} is not prepared")
+        write_config(self.data_dir, staged)
+        del self.staged[network_id]
+        await self.service.reload()
+        return {"version": version}
+
+    async def op_config_abort(self, header, payload, peer, local) -> dict:
+        network_id = header["network_id"]
+        self._require_admin(peer, network_id)
+        staged = self.staged.get(network_id)
+        if staged is not None and staged.version == int(header["version"]):
+            del self.staged[network_id]
+        return {}
+
+    async def op_config_pull(self, header, payload, peer, local) -> dict:
+        """A member (back after being away) asks the admin for the current config; it tells
+        where its control channel listens now, which the admin records as a new version."""
+        network_id = header["network_id"]
+        member = self._member(peer, network_id)
+        if not (self.data_dir / "networks" / network_id / "ca" / "ca_key.pem").is_file():
+            raise Refused("not_admin", f"this node is not the admin of network {network_id}")
+        config = await self.service.record_control_address(
+            network_id, member.node_id, header.get("control")
+        )
+        return {"config": config.model_dump(mode="json")}
+
+    def _lose_reply(self, raw) -> bool:
+        """Test hook (``TIKTRUE_TEST_HOOKS=1``): lose the next replies to an op, as a network
+        that drops an acknowledgement would."""
+        path = self.data_dir / LOSE_REPLIES
+        if isinstance(raw, bytes) or not path.is_file():
+            return False
+        op = json.loads(raw).get("op")
+        counts = json.loads(path.read_text("utf-8"))
+        if counts.get(op, 0) <= 0:
+            return False
+        counts[op] -= 1
+        path.write_text(json.dumps(counts), "utf-8")
+        log.warning("test hook: the reply to %s is lost", op)
+        return True

@@ -126,9 +126,11 @@ class LocalCluster:
         *,
         kv_budget_mb: int = 256,
         gateway: bool = True,
+        own_control_ports: bool = True,  # False: any free port, as `--control-port 0` gives
         gateway_args: list[str] | None = None,
     ):
         self.homes = [Path(h) for h in homes]
+        self.own_control_ports = own_control_ports
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
         self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
@@ -141,7 +143,8 @@ class LocalCluster:
         home.mkdir(parents=True, exist_ok=True)
         run_file(home).unlink(missing_ok=True)
         args = [sys.executable, "-m", "tiktrue", "node"]
-        args += ["--control-port", str(_own_control_port(home) or 0)]
+        port = _own_control_port(home) if self.own_control_ports else None
+        args += ["--control-port", str(port or 0)]
         args += ["--kv-budget-mb", str(self.kv_budget_mb)]
         if i == 0 and self.gateway:
             args += ["--api-port", str(self._api_port or 0), *self.gateway_args]

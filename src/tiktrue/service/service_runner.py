@@ -25,6 +25,7 @@ import psutil
 import uvicorn
 
 from tiktrue import __version__
+from tiktrue.control import config_sync
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
@@ -35,6 +36,7 @@ from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.monitoring.monitoring_system import EventLog
+from tiktrue.node.control_link import ControlError
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
@@ -42,6 +44,7 @@ from tiktrue.protocol.network_config import NetworkConfig, list_configs
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 log = logging.getLogger("tiktrue.node")
+PULL_TIMEOUT = 15.0  # at start: how long the admin may take before the node goes on without
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -90,6 +93,9 @@ class NodeService:
         self._lock = asyncio.Lock()
         self.started = False
         self.waiting: dict[str, str] = {}  # network -> why its block server is not running
+        self._pulls: dict[str, asyncio.Task] = {}  # network -> pulling until the admin answers
+        self._broadcasts: dict[str, asyncio.Task] = {}  # network -> admin's latest broadcast
+        self._config_lock = asyncio.Lock()  # admin: one read-modify-write of a config at once
         self._background: set[asyncio.Task] = set()
         self.events = EventLog(self.data_dir)
         self.failover = FailoverManager(self.data_dir, event=self.events.log_system_events)
@@ -134,6 +140,7 @@ class NodeService:
 
         self.control = ControlServer(self)
         await self.control.start(self.host, self.control_port)
+        await self._sync_on_start()
         await self.reload()
         if self.api_port is not None:
             await self._start_http()
@@ -208,6 +215,8 @@ class NodeService:
         log.info("OpenAI API on %s", self.api_url)
 
     async def stop(self) -> None:
+        for task in [*self._pulls.values(), *self._broadcasts.values()]:
+            task.cancel()
         if self.announcer is not None:
             try:
                 await asyncio.to_thread(self.announcer.stop)
@@ -372,6 +381,137 @@ class NodeService:
             gateway.start()
         elif gateway.config.version != config.version:
             gateway.switch(config)
+
+    # --- config sync: pull on return, re-announce (see control.config_sync) ---------------
+
+    async def pull_config(
+        self, network_id: str, *, admin_address: str | None = None
+    ) -> NetworkConfig:
+        """Ask the network's admin for the current config and run it if it wins over ours
+        (call it when the admin's heartbeat shows a newer version). The request carries this
+        node's control address, which the admin records. Raises ``PeerUnavailable`` (or
+        ``ControlError``) when the admin cannot be reached or refuses."""
+        config, changed = await config_sync.pull_config(
+            self.data_dir,
+            network_id,
+            control_address=self._control_address(),
+            admin_address=admin_address,
+            alert=self.config_alert(network_id),
+        )
+        if changed:
+            log.info("network %s: pulled config v%d from the admin", network_id, config.version)
+            await self.reload()
+        return config
+
+    def config_alert(self, network_id: str):
+        """Where a config conflict is reported: the node's event log (and its webhook)."""
+
+        def alert(message: str) -> None:
+            self.events.log_system_events(
+                "config_conflict", level="warning", network_id=network_id, message=message
+            )
+
+        return alert
+
+    def _control_address(self) -> str | None:
+        return f"{self.host}:{self.control.port}" if self.control else None
+
+    async def _sync_on_start(self) -> None:
+        """Before the block servers start: catch up with every network's admin (so a span
+        this node no longer has is never started), and as admin record where this node's
+        control channel listens now. An admin that cannot be reached is asked again in the
+        background until it answers."""
+        me = self.identity.node_id
+        for config in list_configs(self.data_dir):
+            entry = next((n for n in config.nodes if n.node_id == me), None)
+            if entry is None:
+                continue
+            if entry.role == "admin":
+                if entry.control_port is not None:  # a network reached over control ports
+                    address = self._control_address()
+                    await self.record_control_address(config.network_id, me, address)
+                continue
+            admin = next((n for n in config.nodes if n.role == "admin"), None)
+            if admin is None or admin.control_address is None:
+                continue  # a network made by hand (local_network): nobody to ask
+            try:
+                await asyncio.wait_for(
+                    config_sync.pull_config(
+                        self.data_dir, config.network_id, control_address=self._control_address()
+                    ),
+                    PULL_TIMEOUT,
+                )
+            except (*config_sync.UNREACHABLE, ControlError) as exc:
+                log.warning("network %s: admin not reached (%s); retrying", config.network_id, exc)
+                self._pulls[config.network_id] = asyncio.create_task(
+                    self._pull_until_reached(config.network_id)
+                )
+
+    async def _pull_until_reached(self, network_id: str, most: float = 15.0) -> None:
+        """Ask the admin again with backoff; after each miss, look for it on the LAN (it may
+        have come back on another control port)."""
+        delay, address = 1.0, None
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.pull_config(network_id, admin_address=address)
+                return
+            except (*config_sync.UNREACHABLE, ControlError) as exc:
+                log.info("network %s: admin still not reached: %s", network_id, exc)
+            except Exception:
+                log.exception("network %s: pulling the config failed", network_id)
+            address = await asyncio.to_thread(
+                config_sync.find_admin, self.data_dir, network_id, interfaces=[self.host]
+            )
+            delay = min(delay * 2, most)
+
+    async def record_control_address(
+        self, network_id: str, node_id: str, control: str | None
+    ) -> NetworkConfig:
+        """Admin: ``node_id``'s control channel listens at ``control`` now (it restarted on
+        another port). A change is a new config version, so the admin's view (``network
+        status``) and every node agree; the others get it by a broadcast in the background."""
+        from tiktrue.protocol.network_config import config_path, read_config, write_config
+
+        async with self._config_lock:
+            config = read_config(config_path(self.data_dir, network_id))
+            port = int(control.rsplit(":", 1)[1]) if control else None
+            new = config_sync.with_control_port(config, node_id, port) if port else None
+            if new is None:
+                return config
+            write_config(self.data_dir, new)
+            log.info("network %s: node %s's control port is %d now", network_id, node_id, port)
+        if self.started:
+            await self.reload()
+        self.schedule_broadcast(network_id)
+        return new
+
+    def schedule_broadcast(self, network_id: str) -> None:
+        """Admin: send the network's current config to every node, after any broadcast still
+        running (one at a time, each with the newest config)."""
+        before = self._broadcasts.get(network_id)
+        self._broadcasts[network_id] = asyncio.create_task(self._broadcast(network_id, before))
+
+    async def _broadcast(self, network_id: str, before: asyncio.Task | None) -> None:
+        from tiktrue.protocol.network_config import config_path, read_config
+
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
+        try:
+            config = read_config(config_path(self.data_dir, network_id))
+            credentials = NetworkCredentials.load(self.data_dir, network_id)
+            report = await config_sync.broadcast_config_updates(self.data_dir, config, credentials)
+            log.info(
+                "network %s: config v%d committed on %s, pending on %s",
+                network_id,
+                config.version,
+                report.committed,
+                list(report.pending),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("network %s: config broadcast failed", network_id)
 
     # --- faults ------------------------------------------------------------------------------
 
