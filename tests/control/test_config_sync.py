@@ -236,7 +236,7 @@ def test_a_lost_acknowledgement_is_retried(running):
         }
         assert net.config(home) == new
     status = net.status()
-    assert {n["version_held"] for n in status["nodes"]} == {new.version}
+    assert {n["version_held"] for n in status["nodes"]} == {new.version}, status
 
 
 def test_a_node_away_during_a_push_pulls_on_return_on_a_new_port(running):
