@@ -18,13 +18,20 @@ import time
 
 import httpx
 import pytest
+import torch
 import websockets
 
-from tests.helpers.cluster import request, token_ids
-from tests.integration.test_chain import client_ws_url, reference_tokens
+from tests.helpers.cluster import node_connection, request, token_ids
+from tests.integration.test_chain import (
+    client_ws_url,
+    hello,
+    member_credentials,
+    reference_tokens,
+)
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
 from tiktrue.model.engine import Span
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
+from tiktrue.protocol.frames import encode_tensor_frame
 from tiktrue.protocol.network_config import config_path, read_config, write_config
 from tiktrue.service.local_network import LocalCluster, prepare_local_network
 
@@ -43,9 +50,9 @@ def _spans(order):
     ]
 
 
-def _cluster(store, base, *, backup: bool, caps: int | None = None, backup_caps=None):
+def _cluster(store, base, *, backup: bool, caps: int | None = None, backup_caps=None, replica=None):
     order = store.manifest.model_chain_order
-    backups = [Span.of(order, "layer_2", "head")] if backup else []
+    backups = [Span.of(order, *(replica or ("layer_2", "head")))] if backup else []
     homes, config = prepare_local_network(
         base, store, spans=_spans(order), backups=backups, network_id=NET
     )
@@ -258,3 +265,41 @@ def test_a_node_outside_the_chain_restarting_disturbs_no_answer(with_backup, tin
     now = _config(homes[0])
     assert [n.node_id for n in now.chain()] == [n.node_id for n in config.chain()]
     assert now.version == config.version
+
+
+def test_a_step_sent_to_a_backup_gets_a_recoverable_error(tiny_llama, tmp_path):
+    """A node that holds no next node in its config (a backup of a middle span; or a node
+    between two configs) answers a forward step with ``peer_unavailable``, which the gateway
+    recovers from by replaying; it neither computes nor crashes, and the connection goes on."""
+    cluster, homes, config = _cluster(
+        tiny_llama, tmp_path / "c", backup=True, replica=("layer_2", "layer_3")
+    )
+    try:
+        _send_two_steps(homes, config.nodes[3])
+    finally:
+        cluster.stop()
+
+
+def _send_two_steps(homes, backup) -> None:
+    credentials = member_credentials(homes)
+
+    async def go():
+        ws = await node_connection(backup.address, credentials.client_context(), hello(credentials))
+        hidden = torch.zeros(1, 2, 64)
+        for message_id in ("a", "b"):
+            frame = encode_tensor_frame(
+                hidden,
+                kind="forward",
+                network_id=NET,
+                session_id="s",
+                message_id=message_id,
+                start=0,
+            )
+            await ws.send(frame)
+            reply = json.loads(await asyncio.wait_for(ws.recv(), CEILING))
+            assert reply["header"]["message_type"] == "error", reply
+            assert (reply["code"], reply["in_reply_to"]) == ("peer_unavailable", message_id)
+            assert "no next node" in reply["message"]
+        await ws.close()
+
+    asyncio.run(go())

@@ -395,6 +395,13 @@ class BlockServer:
         With ``answer_to`` the timings travel forward in the frame and the head's answer
         carries them all; a node then counts only its own time, not the nodes after it.
         """
+        if self._next is None and not self.span.has_head:
+            # a backup (or a node between two configs) has no next node: the sender's config
+            # is newer or older than ours; a recoverable error, the gateway replays the step
+            raise PeerUnavailable(
+                f"node {self.node_id} has no next node in config v{self.config.version} "
+                f"(role {self.entry.role}); the chain is switching configs"
+            )
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
         # All torch work runs on the engine thread: one OpenMP thread team per process
