@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import time
 import uuid
@@ -85,7 +86,8 @@ def config(home: Path):
 
 
 def wait_planned_back(home: Path, after_version: int) -> float:
-    """Seconds until the admin planned the returned node back in, with a backup again."""
+    """Seconds until the admin planned the returned node back in (a config after the
+    failover's), with a backup again."""
     began = time.monotonic()
     while True:
         now = config(home)
@@ -102,11 +104,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--home", type=Path, default=Path(".tiktrue/bench-chaos"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", default=None, help="the demo model's weights (default: the GGUF's int4/int8)"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    cluster = start_demo_network(home, nodes=4)
+    cluster = start_demo_network(home, nodes=4, dtype=args.dtype)
     homes = cluster.homes
     try:
         reference = {}
@@ -118,9 +123,11 @@ def main() -> None:
             reference[prompt] = tokens
             normal_gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
         completed = identical = late = 0
+        stopped: list[int] = []  # SIGINT: stop after the answer in hand, report what was done
+        signal.signal(signal.SIGINT, lambda *_: stopped.append(1))
         pauses, recoveries = [], []
         i = 0
-        while i < args.n:
+        while i < args.n and not stopped:
             prompt = PROMPTS[i % len(PROMPTS)]
             now = config(home)
             ids = [n.node_id for n in now.chain()[1:]]  # workers: the admin is not failed over
@@ -153,8 +160,9 @@ def main() -> None:
             gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
             pause = max(gaps[kill_at - 1 :], default=float("nan"))
             pauses.append(pause)
+            failed_over = config(home).version  # the failover's config, before the return
             cluster.restart(victim)
-            recoveries.append(wait_planned_back(home, now.version + 1))
+            recoveries.append(wait_planned_back(home, failed_over))
             print(
                 f"answer {i}/{args.n}: killed {victim_id} after {kill_at} tokens; "
                 f"{'completed' if ok else 'FAILED'}, {'identical' if same else 'DIFFERENT'}, "
@@ -167,11 +175,13 @@ def main() -> None:
         values = sorted(v for v in values if v == v)
         return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
+    done = len(pauses)
     lines = [
-        f"- answers: {args.n}, each with a random worker killed (SIGKILL) mid-answer; "
-        f"greedy, max {args.max_tokens} tokens; demo network (admin, 2 workers, 1 backup)",
-        f"- completed: {completed}/{args.n}; token-identical to the undisturbed answer: "
-        f"{identical}/{args.n}",
+        f"- answers: {done} (of {args.n} asked), each with a random worker killed (SIGKILL) "
+        f"mid-answer; greedy, max {args.max_tokens} tokens; demo network (admin, 2 workers, "
+        f"1 backup), weights {args.dtype or 'the GGUF int4/int8'}",
+        f"- completed: {completed}/{done}; token-identical to the undisturbed answer: "
+        f"{identical}/{done}",
         f"- pause (longest gap between two tokens after the kill): median "
         f"{statistics.median(pauses) * 1000:.0f} ms, p95 {ms(pauses, 0.95):.0f} ms, "
         f"max {max(pauses) * 1000:.0f} ms",

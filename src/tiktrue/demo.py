@@ -99,10 +99,12 @@ def _service(home: Path) -> dict:
     return json.loads(run_file(home).read_text("utf-8"))
 
 
-def start_demo_network(home: Path, *, nodes: int = 4, log=print) -> LocalCluster:
+def start_demo_network(
+    home: Path, *, nodes: int = 4, log=print, dtype: str | None = None
+) -> LocalCluster:
     """Everything up to a served network; returns the running cluster (stop it when done)."""
     repository = home / "repository"
-    store = ensure_demo_model(log, models_root=repository)
+    store = ensure_demo_model(log, models_root=repository, dtype=dtype)
     m = store.manifest
     log(
         f"model {m.model_id}: {store.weight_format} weights, {m.dtype} activations, "
