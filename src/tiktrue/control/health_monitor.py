@@ -279,6 +279,9 @@ class HealthMonitor:
                 rtt_ms, stats = await self._beat(entry, self.beat_timeout_s, False)
             except BeatFailed as exc:
                 self.record_miss(node_id, str(exc))
+            except Exception as exc:  # any other failure is a miss too: the loop must go on
+                log.warning("network %s: beat to %s failed: %r", self.network_id, node_id, exc)
+                self.record_miss(node_id, repr(exc))
             else:
                 self.record_beat(node_id, rtt_ms, stats)
             await asyncio.sleep(max(0.0, self.config.heartbeat_s - (self.clock() - began)))

@@ -85,11 +85,15 @@ class ControlLink:
         """Send one request (JSON, or a binary frame when ``payload`` is given); await its reply."""
         request_id = uuid.uuid4().hex
         if payload is None:
-            await self._ws.send(json.dumps({"op": op, "id": request_id, **fields}))
+            message = json.dumps({"op": op, "id": request_id, **fields})
         else:
             from tiktrue.protocol.frames import encode_bytes_frame
 
-            await self._ws.send(encode_bytes_frame(payload, op=op, id=request_id, **fields))
+            message = encode_bytes_frame(payload, op=op, id=request_id, **fields)
+        try:
+            await self._ws.send(message)
+        except websockets.ConnectionClosed as exc:
+            raise PeerUnavailable(f"{self.address} closed the connection before {op}") from exc
         try:
             reply = json.loads(await asyncio.wait_for(self._ws.recv(), TIMEOUT * 4))
         except (websockets.ConnectionClosed, asyncio.TimeoutError) as exc:

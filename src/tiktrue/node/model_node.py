@@ -395,7 +395,8 @@ class BlockServer:
         With ``answer_to`` the timings travel forward in the frame and the head's answer
         carries them all; a node then counts only its own time, not the nodes after it.
         """
-        if self._next is None and not self.span.has_head:
+        after = self._next  # a config switch may replace it meanwhile: this step keeps its own
+        if after is None and not self.span.has_head:
             # a backup (or a node between two configs) has no next node: the sender's config
             # is newer or older than ours; a recoverable error, the gateway replays the step
             raise PeerUnavailable(
@@ -413,9 +414,9 @@ class BlockServer:
             reply["timings"] = [*header.get("timings", []), mine] if direct else [mine]
             return reply
         if direct and not self.is_first:
-            await self._next.send(outcome, resend=False)  # the head answers the first node
+            await after.send(outcome, resend=False)  # the head answers the first node
             return None
-        reply = await self._next.request(outcome, message_id)
+        reply = await after.request(outcome, message_id)
         if not direct:  # relayed: this node's total includes the nodes after it
             computed = header.pop("computed_at")
             reply["timings"] = [
