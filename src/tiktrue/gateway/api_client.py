@@ -276,16 +276,14 @@ class ReplayingChain:
             return token
 
     async def _watched(self, step):
-        """Await ``step``; when it takes longer than ``stall_s``, report the chain once."""
-        task = asyncio.ensure_future(step)
+        """Await ``step``; when it takes longer than ``stall_s``, report the chain once. (A
+        timer, not a task per step: this runs for every token.)"""
+        error = TimeoutError(f"a step waited {self.stall_s:.0f} s for the chain")
+        timer = asyncio.get_running_loop().call_later(self.stall_s, self.on_broken, error)
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.stall_s)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not done:
-            self.on_broken(TimeoutError(f"a step waited {self.stall_s:.0f} s for the chain"))
-        return await task
+            return await step
+        finally:
+            timer.cancel()
 
     async def wait_for_heal(self, error: Exception) -> None:
         """The chain failed: report it, then wait for a new chain or the next retry."""
