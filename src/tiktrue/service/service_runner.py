@@ -42,6 +42,8 @@ from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, list_configs
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.ui.admin.api import install_admin_api
+from tiktrue.ui.admin.operations import AdminOperations
 
 log = logging.getLogger("tiktrue.node")
 PULL_TIMEOUT = 15.0  # at start: how long the admin may take before the node goes on without
@@ -105,6 +107,7 @@ class NodeService:
         psutil.cpu_percent(None)  # primes the counter: later reads never wait for a sample
         self.session_idle_s = session_idle_s
         self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
+        self.admin: AdminOperations | None = None  # the dashboard's operations, with the gateway
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -197,8 +200,14 @@ class NodeService:
             log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
     async def _start_http(self) -> None:
+        auth = GatewayAuth(self.data_dir)
+        app = create_app(self.gateways, self.protocol, auth)
+        self.admin = AdminOperations(
+            self.data_dir, health=self.health, gateways=self.gateways, users=auth.users
+        )
+        install_admin_api(app, self.admin)
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir)),
+            app,
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
@@ -225,6 +234,8 @@ class NodeService:
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.close()
         for monitor in self.health.values():
             await monitor.stop()
         for gateway in self.gateways.values():
