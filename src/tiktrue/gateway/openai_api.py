@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -82,14 +82,19 @@ def create_app(
     gateways: dict[str, Gateway],
     protocol: ClientProtocol | None = None,
     auth: GatewayAuth | None = None,
+    ui=None,
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """One ASGI app for every network this node is a gateway of (keyed by network id; the
     dict may change while the app runs: networks joined or left). ``auth``: the node's
-    accounts (None: no accounts, only this PC's callers without credentials get in)."""
+    accounts (None: no accounts, only this PC's callers without credentials get in).
+    ``ui``: the web UI (``tiktrue.ui.main_app.WebUi``), mounted at ``/`` after the API's
+    routes; its paths pass the API's auth (its pages ask for a login). ``routers``: more API
+    routes behind the same auth (the admin API), added before the UI takes ``/``."""
     app = FastAPI(title="TikTrue gateway", version=__version__, docs_url=None, redoc_url=None)
     protocol = protocol or ClientProtocol(gateways)
     auth = auth or GatewayAuth(None)
-    app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(AuthMiddleware, auth=auth, ui_paths=ui.serves if ui else None)
     app.include_router(auth.router())
 
     def pick(model: str | None) -> Gateway:
@@ -174,6 +179,10 @@ def create_app(
         except WebSocketDisconnect:
             pass
 
+    for router in routers:
+        app.include_router(router)
+    if ui is not None:
+        ui.mount(app)
     return app
 
 

@@ -42,7 +42,7 @@ from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, list_configs
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
-from tiktrue.ui.admin.api import install_admin_api
+from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
 
 log = logging.getLogger("tiktrue.node")
@@ -76,8 +76,13 @@ class NodeService:
         kv_budget_mb: int = 512,
         announce: bool = True,
         session_idle_s: float = IDLE_TIMEOUT_S,
+        web_ui: bool = False,
     ) -> None:
+        """``web_ui``: serve the web UI at ``/`` beside the API (with ``api_port``; NiceGUI
+        allows one UI per process)."""
         self.data_dir = Path(data_dir)
+        self.web_ui = web_ui
+        self.ui_url: str | None = None
         self.announce = announce
         self.announcer = None
         self._replans: dict[str, asyncio.Task] = {}
@@ -199,19 +204,40 @@ class NodeService:
         except Exception as exc:
             log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
+    def _web_ui(self):
+        """The web UI, with the parts of this node it shows (see ``tiktrue.ui.context``)."""
+        from tiktrue.ui.context import UiContext
+        from tiktrue.ui.main_app import WebUi
+
+        if self._session_store is None:
+            self._session_store = SessionStore.open(self.data_dir)
+        context = UiContext(
+            self.data_dir,
+            gateways=self.gateways,
+            health=self.health,
+            events=self.events,
+            node_info=self.node_info,
+            reload=self.reload,
+            sessions=self._session_store,
+            admin=self.admin,
+        )
+        return WebUi(context)
+
     async def _start_http(self) -> None:
         auth = GatewayAuth(self.data_dir)
-        app = create_app(self.gateways, self.protocol, auth)
         self.admin = AdminOperations(
             self.data_dir, health=self.health, gateways=self.gateways, users=auth.users
         )
-        install_admin_api(app, self.admin)
+        ui = self._web_ui() if self.web_ui else None
+        app = create_app(
+            self.gateways, self.protocol, auth, ui=ui, routers=[admin_router(self.admin)]
+        )
         config = uvicorn.Config(
             app,
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
-            lifespan="off",
+            lifespan="on" if ui else "off",  # the UI starts and stops with the server
         )
         self._http = _EmbeddedServer(config)
         self._http_task = asyncio.create_task(self._http.serve())
@@ -222,6 +248,9 @@ class NodeService:
         port = self._http.servers[0].sockets[0].getsockname()[1]
         self.api_url = f"http://{self.api_host}:{port}/v1"
         log.info("OpenAI API on %s", self.api_url)
+        if ui is not None:
+            self.ui_url = f"http://{self.api_host}:{port}/"
+            log.info("web UI on %s", self.ui_url)
 
     async def stop(self) -> None:
         for task in [*self._pulls.values(), *self._broadcasts.values()]:
@@ -618,6 +647,7 @@ class NodeService:
                 for s in self.servers.values()
             },
             "api": self.api_url,
+            "ui": self.ui_url,
         }
         write_text_atomic(path, json.dumps(info, indent=2))
 

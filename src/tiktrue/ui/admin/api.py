@@ -9,8 +9,9 @@ answer a job (``GET /api/admin/jobs/{id}`` shows its progress).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from tiktrue.gateway.auth import caller_of
@@ -74,18 +75,26 @@ class Anonymous(BaseModel):
     allowed: bool
 
 
-def install_admin_api(app: FastAPI, ops: AdminOperations) -> None:
-    """Add ``/api/admin`` to the gateway's app, with its error answers."""
+class AdminRoute(APIRoute):
+    """Routes that answer an ``AdminError`` (their own, or a dependency's) as JSON."""
 
-    async def refused(request, exc: AdminError):
-        return JSONResponse({"error": exc.as_dict()}, status_code=exc.status)
+    def get_route_handler(self):
+        handler = super().get_route_handler()
 
-    app.add_exception_handler(AdminError, refused)
-    app.include_router(admin_router(ops))
+        async def answer(request: Request):
+            try:
+                return await handler(request)
+            except AdminError as exc:
+                return JSONResponse({"error": exc.as_dict()}, status_code=exc.status)
+
+        return answer
 
 
 def admin_router(ops: AdminOperations) -> APIRouter:
-    r = APIRouter(prefix=PREFIX, dependencies=[Depends(require_admin_caller)])
+    """The routes, for the gateway's app (``create_app(routers=...)``)."""
+    r = APIRouter(
+        prefix=PREFIX, dependencies=[Depends(require_admin_caller)], route_class=AdminRoute
+    )
 
     # networks and nodes
     @r.get("/networks")
