@@ -184,8 +184,7 @@ def admin_router(ops: AdminOperations) -> APIRouter:
 
     @r.delete("/users/{name}")
     async def remove_user(name: str) -> dict:
-        await ops.remove_user(name)
-        return {"removed": name}
+        return await ops.remove_user(name)
 
     @r.put("/users/{name}/limits")
     async def limits(name: str, body: Limits) -> dict:
@@ -193,8 +192,7 @@ def admin_router(ops: AdminOperations) -> APIRouter:
 
     @r.put("/users/{name}/password")
     async def password(name: str, body: Password) -> dict:
-        await ops.set_password(name, body.password)
-        return {"name": name}
+        return await ops.set_password(name, body.password)
 
     @r.get("/keys")
     async def keys(user: str | None = None) -> list[dict]:

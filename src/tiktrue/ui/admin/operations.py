@@ -239,7 +239,7 @@ class AdminOperations:
     def current_map(self, network_id: str) -> dict:
         """Which node holds which blocks now (the network's config)."""
         config = read_config(config_path(self.data_dir, network_id))
-        names = {n.node_id: n.name or n.host for n in config.nodes}
+        names = {n.node_id: n.name or n.node_id for n in config.nodes}
         holds = {n.node_id: list(n.blocks) for n in config.nodes if n.role != "backup"}
         backups = {n.node_id: list(n.blocks) for n in config.nodes if n.role == "backup"}
         return block_map(config.model_chain_order, holds, backups, names)
@@ -262,7 +262,7 @@ class AdminOperations:
         status = await self.measure(network_id)
         tried = na.with_caps(status, _caps_dicts(request.caps))
         config = self._config(network_id)
-        names = {n.node_id: n.name or n.host for n in config.nodes}
+        names = {n.node_id: n.name or n.node_id for n in config.nodes}
         try:
             plan = await asyncio.to_thread(
                 na.plan_from_status,
@@ -459,15 +459,17 @@ class AdminOperations:
         user = await self._people(self.users.add_user, name, password, role, rpm=rpm, rpd=rpd)
         return dataclasses.asdict(user)
 
-    async def remove_user(self, name: str) -> None:
+    async def remove_user(self, name: str) -> dict:
         await self._people(self.users.remove_user, name)
+        return {"removed": name}
 
     async def set_user_limits(self, name: str, *, rpm: int | None, rpd: int | None) -> dict:
         user = await self._people(self.users.set_user_limits, name, rpm=rpm, rpd=rpd)
         return dataclasses.asdict(user)
 
-    async def set_password(self, name: str, password: str) -> None:
+    async def set_password(self, name: str, password: str) -> dict:
         await self._people(self.users.set_password, name, password)
+        return {"name": name}
 
     async def list_keys(self, user: str | None = None) -> list[dict]:
         now = time.time()

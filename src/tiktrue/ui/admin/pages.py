@@ -1,17 +1,12 @@
-"""The admin dashboard's pages under ``/admin``."""
+"""The admin dashboard's pages under ``/admin``, one module each; each acts through the
+node's one ``AdminOperations`` (``context.admin``)."""
 
 from __future__ import annotations
 
-from nicegui import ui
-
+from tiktrue.ui.admin import events_page, models_page, nodes_page, people_page, plan_page
 from tiktrue.ui.context import UiContext
-from tiktrue.ui.layout import page_frame, require_admin
 
 
 def register(context: UiContext) -> None:
-    @ui.page("/admin")
-    def admin_home() -> None:
-        if require_admin() is None:
-            return
-        with page_frame("Admin"):
-            ui.label("The dashboard of this node's networks.").classes("tt-muted")
+    for page in (nodes_page, plan_page, events_page, models_page, people_page):
+        page.register(context)
