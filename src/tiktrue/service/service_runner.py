@@ -226,7 +226,11 @@ class NodeService:
     async def _start_http(self) -> None:
         auth = GatewayAuth(self.data_dir)
         self.admin = AdminOperations(
-            self.data_dir, health=self.health, gateways=self.gateways, users=auth.users
+            self.data_dir,
+            health=self.health,
+            gateways=self.gateways,
+            users=auth.users,
+            discover_on=[self.host] if self.announce else None,
         )
         ui = self._web_ui() if self.web_ui else None
         app = create_app(

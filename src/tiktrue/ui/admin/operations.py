@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from tiktrue.control import network_admin as na
 from tiktrue.control import network_manager as nm
+from tiktrue.control.discovery import NetworkBrowser
 from tiktrue.control.distributor import PushProgress
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
 from tiktrue.control.planner import Plan, PlanError
@@ -46,6 +48,7 @@ from tiktrue.security.users import UserStore
 from tiktrue.ui.admin.errors import AdminError, as_admin_error
 from tiktrue.ui.admin.jobs import Job, JobBoard
 
+log = logging.getLogger("tiktrue.admin")
 MEASURE_TTL_S = 120.0  # a plan preview reuses one measurement of the nodes this long
 ALERT_LEVELS = ("warning", "error", "critical")
 
@@ -62,8 +65,9 @@ class PlanRequest(BaseModel):
 class AdminOperations:
     """The admin's operations on this node's data dir. ``health``: the node service's live
     health monitors (network id -> ``HealthMonitor``), ``gateways``: its gateways (for
-    whether a network is healthy), ``browser``: a running ``NetworkBrowser`` (LAN discovery);
-    each may be left out (then: over the control channel, unknown, nothing discovered)."""
+    whether a network is healthy), ``browser``: a running ``NetworkBrowser`` (LAN discovery),
+    or ``discover_on``: the interfaces to start one on when the dashboard first asks; each may
+    be left out (then: over the control channel, unknown, nothing discovered)."""
 
     def __init__(
         self,
@@ -72,6 +76,7 @@ class AdminOperations:
         health: Mapping[str, Any] | None = None,
         gateways: Mapping[str, Any] | None = None,
         browser: Any | None = None,
+        discover_on: list[str] | None = None,
         users: UserStore | None = None,
         jobs: JobBoard | None = None,
     ) -> None:
@@ -79,6 +84,8 @@ class AdminOperations:
         self.health = health if health is not None else {}
         self.gateways = gateways if gateways is not None else {}
         self.browser = browser
+        self._discover_on = discover_on  # interfaces to browse the LAN on, once asked
+        self._own_browser = False
         self._users = users
         self.jobs = jobs or JobBoard()
         self._measured: dict[str, tuple[float, dict]] = {}  # network -> (when, probe status)
@@ -96,6 +103,22 @@ class AdminOperations:
 
     async def close(self) -> None:
         await self.jobs.close()
+        if self._own_browser and self.browser is not None:
+            await asyncio.to_thread(self.browser.stop)
+            self.browser = None
+
+    async def _browse(self) -> None:
+        """Start watching the LAN (zeroconf) the first time the dashboard asks, when the
+        node service said where; a LAN without multicast leaves the list empty."""
+        if self.browser is not None or self._discover_on is None:
+            return
+        interfaces, self._discover_on = self._discover_on, None
+        try:
+            browser = NetworkBrowser(interfaces=interfaces)
+            self.browser = await asyncio.to_thread(browser.start)
+            self._own_browser = True
+        except Exception as exc:  # nothing discovered; invitations by token still work
+            log.warning("cannot watch the LAN for other PCs: %s", exc)
 
     # --- networks and nodes ------------------------------------------------------------------
 
@@ -131,6 +154,7 @@ class AdminOperations:
         """Every node with its resources, caps, span and health (``tiktrue network status``),
         the join requests waiting, and the PCs seen on the LAN that are not members."""
         self._config(network_id)
+        await self._browse()
         status = await self._call(na.network_status(self.data_dir, network_id))
         status["pending"] = self.pending(network_id)
         status["discovered"] = self.discovered(network_id)

@@ -1,0 +1,112 @@
+"""The admin dashboard in a real browser, on real node processes, as an admin goes through it:
+the nodes with their resources and health, a cap slider that changes the plan's verdict, a
+join request approved, an API key created (shown once) and revoked. Screenshots of each page
+at 1280x800 and at phone width go to docs/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from tests.helpers.browser import shoot
+from tests.helpers.network import control_address
+from tiktrue.security.node_tls import node_identity
+from tiktrue.security.users import UserStore
+from tiktrue.service.local_network import LocalCluster
+
+pytestmark = pytest.mark.integration
+NET = "testnet"
+PASSWORD = "the admin's password"
+
+
+def log_in(page, base: str) -> None:
+    page.goto(base + "/login?next=/admin")
+    page.get_by_label("Account name").fill("boss")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("button", name="Nodes")).to_be_visible()
+
+
+def test_an_admin_runs_the_network_from_the_dashboard(own_tiny_cluster, new_page, tmp_path):
+    cluster, homes, _ = own_tiny_cluster
+    UserStore(homes[0], rounds=4).add_user("boss", PASSWORD, "admin")
+    base = cluster.api_url.removesuffix("/v1")
+    page = new_page()
+    log_in(page, base)
+
+    # every PC of the network, with its resources and live health
+    cards = page.locator(".tt-card[data-node]")
+    expect(cards).to_have_count(3)
+    for card in cards.all():
+        expect(card.get_by_text(re.compile(r"GB free of .* GB")).first).to_be_visible()
+        expect(card.get_by_text("online", exact=True)).to_be_visible()
+    expect(page.get_by_text(re.compile(r"RTT \d+\.\d ms")).first).to_be_visible()
+    shoot(page, "admin-nodes")
+
+    # caps: every node down to the least RAM, and the verdict says what is missing
+    page.get_by_role("button", name="Plan").click()
+    verdict = page.get_by_test_id("verdict")
+    expect(verdict).to_contain_text("fits:")
+    shoot(page, "admin-plan")
+    for slider in page.get_by_role("slider", name=re.compile("^RAM for")).all():
+        height = slider.bounding_box()["height"]
+        slider.click(position={"x": 1, "y": height / 2})  # the left end: the least RAM
+    expect(verdict).to_contain_text("more RAM")
+    expect(page.get_by_role("button", name="Apply")).to_be_disabled()
+
+    # a PC asks to join and the admin approves it
+    late = tmp_path / "late"
+    with LocalCluster([late], kv_budget_mb=16, gateway=False, own_control_ports=False):
+        asking = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tiktrue", "network", "join", control_address(homes[0])),
+                *("--network", NET, "--admin-node", node_identity(homes[0]).node_id),
+                *("--wait", "170"),
+            ],
+            env={**os.environ, "TIKTRUE_HOME": str(late)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            page.get_by_role("button", name="Nodes").click()
+            expect(page.get_by_text("Asking to join")).to_be_visible()
+            shoot(page, "admin-join-request")
+            page.get_by_role("button", name=re.compile("^Approve")).click()
+            expect(cards).to_have_count(4)
+            out, err = asking.communicate(timeout=180)
+        finally:
+            asking.kill()
+        assert asking.returncode == 0, err
+        assert f"joined network {NET}" in out
+    expect(page.get_by_text("Asking to join")).to_be_hidden()
+
+    # an API key: shown once, works, revoked, refused
+    page.get_by_role("button", name="People").click()
+    page.get_by_label("Account", exact=True).click()
+    page.get_by_role("option", name="boss").click()
+    page.get_by_label("What it is for (optional)").fill("laptop")
+    page.get_by_role("button", name="Create key").click()
+    shown = page.get_by_label("New API key")
+    expect(shown).to_have_value(re.compile("^tt-"))
+    key = shown.input_value()
+    bearer = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{cluster.api_url}/models", headers=bearer, timeout=120).status_code == 200
+    row = page.get_by_role("row").filter(has_text="laptop")
+    expect(row).to_contain_text("active")
+    shoot(page, "admin-people")
+    row.get_by_role("button", name=re.compile("^Revoke")).click()
+    expect(row).to_contain_text("revoked")
+    assert httpx.get(f"{cluster.api_url}/models", headers=bearer, timeout=120).status_code == 401
+
+    for section in ("Events", "Models"):
+        page.get_by_role("button", name=section).click()
+        expect(page.get_by_role("button", name=section)).to_be_visible()
+        expect(page.get_by_role("table")).to_be_visible()
+        shoot(page, f"admin-{section.lower()}")
