@@ -76,9 +76,11 @@ def test_an_admin_runs_the_network_from_the_dashboard(own_tiny_cluster, new_page
         )
         try:
             page.get_by_role("button", name="Nodes").click()
-            expect(page.get_by_text("Asking to join")).to_be_visible()
+            approve = page.get_by_role("button", name=re.compile("^Approve"))
+            expect(approve).to_be_visible()
+            expect(cards).to_have_count(3)
             shoot(page, "admin-join-request")
-            page.get_by_role("button", name=re.compile("^Approve")).click()
+            approve.click()
             expect(cards).to_have_count(4)
             out, err = asking.communicate(timeout=180)
         finally:

@@ -8,7 +8,7 @@ from datetime import datetime
 from nicegui import ui
 
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import LEVEL_COLORS, admin_nav, attempt, section
+from tiktrue.ui.admin.widgets import LEVEL_COLORS, WIDE, admin_nav, attempt, section
 from tiktrue.ui.layout import page_frame, require_admin
 
 REFRESH_S = 5.0
@@ -17,7 +17,7 @@ COLUMNS = [
     {"name": "time", "label": "Time", "field": "time", "align": "left"},
     {"name": "level", "label": "Level", "field": "level", "align": "left"},
     {"name": "event", "label": "Event", "field": "event", "align": "left"},
-    {"name": "node", "label": "Node", "field": "node", "align": "left"},
+    {"name": "node", "label": "Node", "field": "node", "align": "left", **WIDE},
     {"name": "details", "label": "Details", "field": "details", "align": "left"},
 ]
 KNOWN = {"ts", "time", "event", "level", "network_id", "node_id", "message", "at"}

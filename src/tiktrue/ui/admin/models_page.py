@@ -8,16 +8,22 @@ from nicegui import ui
 
 from tiktrue.model.quant import WEIGHT_FORMATS
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import admin_nav, attempt, fmt_bytes, follow_job, section
+from tiktrue.ui.admin.widgets import WIDE, admin_nav, attempt, fmt_bytes, follow_job, section
 from tiktrue.ui.layout import page_frame, require_admin
 
 COLUMNS = [
     {"name": "model_id", "label": "Model", "field": "model_id", "align": "left"},
-    {"name": "architecture", "label": "Architecture", "field": "architecture", "align": "left"},
-    {"name": "layers", "label": "Layers", "field": "layers"},
+    {
+        "name": "architecture",
+        "label": "Architecture",
+        "field": "architecture",
+        "align": "left",
+        **WIDE,
+    },
+    {"name": "layers", "label": "Layers", "field": "layers", **WIDE},
     {"name": "format", "label": "Weights", "field": "format", "align": "left"},
     {"name": "size", "label": "Size", "field": "size"},
-    {"name": "networks", "label": "Used by", "field": "networks", "align": "left"},
+    {"name": "networks", "label": "Used by", "field": "networks", "align": "left", **WIDE},
     {"name": "actions", "label": "", "field": "model_id"},
 ]
 VERIFY_SLOT = r"""

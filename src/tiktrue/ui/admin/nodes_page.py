@@ -185,12 +185,16 @@ def register(context) -> None:
                 )
             section("Nodes")
             grid = ui.element("div").classes("tt-grid")
+            with grid:
+                ui.label("Asking every node how it is…").classes("tt-muted")
             with ui.column().classes("w-full gap-2") as requests_title:
                 section("Asking to join")
                 requests = ui.column().classes("w-full gap-2")
             with ui.column().classes("w-full gap-2") as seen_title:
                 section("Seen on the LAN")
                 seen = ui.column().classes("w-full gap-2")
+            requests_title.set_visibility(False)
+            seen_title.set_visibility(False)
             section("Block map")
             map_box = ui.column().classes("tt-card w-full p-4 gap-3")
             cards: dict[str, NodeCard] = {}

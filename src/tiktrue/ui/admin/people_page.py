@@ -8,23 +8,23 @@ from datetime import datetime
 from nicegui import ui
 
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import admin_nav, attempt, section
+from tiktrue.ui.admin.widgets import WIDE, admin_nav, attempt, section
 from tiktrue.ui.layout import page_frame, require_admin
 
 USER_COLUMNS = [
     {"name": "name", "label": "Account", "field": "name", "align": "left"},
     {"name": "role", "label": "Role", "field": "role", "align": "left"},
-    {"name": "rpm", "label": "Requests/min", "field": "rpm_text"},
-    {"name": "rpd", "label": "Requests/day", "field": "rpd_text"},
+    {"name": "rpm", "label": "Requests/min", "field": "rpm_text", **WIDE},
+    {"name": "rpd", "label": "Requests/day", "field": "rpd_text", **WIDE},
     {"name": "actions", "label": "", "field": "name"},
 ]
 KEY_COLUMNS = [
     {"name": "prefix", "label": "Key", "field": "prefix_text", "align": "left"},
     {"name": "user", "label": "Account", "field": "user_name", "align": "left"},
-    {"name": "name", "label": "For", "field": "name_text", "align": "left"},
+    {"name": "name", "label": "For", "field": "name_text", "align": "left", **WIDE},
     {"name": "state", "label": "State", "field": "state", "align": "left"},
-    {"name": "expires", "label": "Expires", "field": "expires_text", "align": "left"},
-    {"name": "limits", "label": "Limits", "field": "limits_text", "align": "left"},
+    {"name": "expires", "label": "Expires", "field": "expires_text", "align": "left", **WIDE},
+    {"name": "limits", "label": "Limits", "field": "limits_text", "align": "left", **WIDE},
     {"name": "actions", "label": "", "field": "id"},
 ]
 REMOVE_SLOT = r"""

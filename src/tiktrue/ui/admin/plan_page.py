@@ -37,7 +37,7 @@ class CapsCard:
         res = node.get("resources") or {}
         caps = node.get("caps") or {}
         self.node_id = node["node_id"]
-        self.name = node.get("name") or res.get("hostname") or self.node_id
+        self.name = node.get("name") or self.node_id
         self.touched: dict[str, float] = {}
         self.on_change = on_change
         ram_total = res.get("ram_total_bytes") or 0
@@ -47,6 +47,8 @@ class CapsCard:
             with ui.row().classes("w-full justify-between items-baseline gap-2 no-wrap"):
                 ui.label(self.name).classes("font-semibold truncate")
                 ui.label(node.get("role") or "").classes("tt-muted text-xs")
+            where = " · ".join(p for p in (res.get("hostname"), node.get("address")) if p)
+            ui.label(where).classes("tt-muted text-xs truncate")
             if not res:
                 ui.label(f"not measured: {node.get('state')}").classes("text-negative text-sm")
                 return
@@ -116,7 +118,7 @@ def register(context) -> None:
                 return
             network_id = chosen["network_id"]
             with ui.column().classes("tt-card w-full p-4 gap-2"):
-                with ui.row().classes("w-full items-center gap-2"):
+                with ui.row().classes("w-full items-center gap-2 no-wrap"):
                     verdict_icon = ui.icon("hourglass_empty").classes("text-2xl")
                     verdict = ui.label("Measuring the nodes…").classes("grow font-medium")
                     verdict.props('data-testid="verdict" aria-live="polite"')

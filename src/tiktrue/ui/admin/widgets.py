@@ -31,6 +31,7 @@ STATE_COLORS = {
     "dead": "negative",
     "offline": "negative",
 }
+WIDE = {"classes": "gt-xs", "headerClasses": "gt-xs"}  # a table column hidden at phone width
 LEVEL_COLORS = {"warning": "warning", "error": "negative", "critical": "negative"}
 
 STYLE = """
