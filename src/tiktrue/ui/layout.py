@@ -173,7 +173,8 @@ def _account_menu(user: Principal) -> None:
     with (
         ui.button().props(f'flat no-caps dense aria-label="Account {name}"').classes("text-grey-9")
     ):
-        ui.avatar(name[:1].upper(), color="primary", text_color="white", size="sm")
+        with ui.avatar(color="primary", text_color="white", size="sm"):
+            ui.label(name[:1].upper())
         ui.label(name).classes("gt-xs ml-2")
         with ui.menu().props("anchor='bottom right' self='top right'"):
             with ui.column().classes("px-4 py-2 gap-0"):
