@@ -65,6 +65,7 @@ MIGRATIONS: list[list[str]] = [
         " tokens INTEGER NOT NULL,"
         " tokens_per_s REAL,"
         " first_token_ms REAL,"
+        " finish_reason TEXT,"
         " rating INTEGER,"
         " created_at REAL NOT NULL,"
         " PRIMARY KEY (network_id, session_id, message_index))",
@@ -96,6 +97,7 @@ class Answer:
     tokens: int
     tokens_per_s: float | None
     first_token_ms: float | None
+    finish_reason: str | None = None  # stop, length, cancelled (the person stopped it)
     rating: int | None = None
 
 
@@ -238,8 +240,8 @@ class SessionStore:
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO answers (network_id, session_id, message_index,"
-                " model_id, tokens, tokens_per_s, first_token_ms, rating, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                " model_id, tokens, tokens_per_s, first_token_ms, finish_reason, rating,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                 (
                     network_id,
                     session_id,
@@ -248,6 +250,7 @@ class SessionStore:
                     answer.tokens,
                     answer.tokens_per_s,
                     answer.first_token_ms,
+                    answer.finish_reason,
                     time.time(),
                 ),
             )
@@ -275,6 +278,7 @@ class SessionStore:
                 row["tokens"],
                 row["tokens_per_s"],
                 row["first_token_ms"],
+                row["finish_reason"],
                 row["rating"],
             )
             for row in rows

@@ -215,6 +215,7 @@ class Chat:
             turn.tokens,
             turn.tokens_per_s,
             turn.first_token_ms,
+            turn.finish_reason,
         )
         await asyncio.to_thread(store.record_answer, gateway.network_id, session_id, answer)
         stored = await asyncio.to_thread(store.get, gateway.network_id, session_id)

@@ -440,7 +440,12 @@ class ChatView:
         state.streaming = False
         state.messages = full + [{"role": "assistant", "content": turn.text}]
         state.answers[turn.message_index] = Answer(
-            turn.message_index, turn.model_id, turn.tokens, turn.tokens_per_s, turn.first_token_ms
+            turn.message_index,
+            turn.model_id,
+            turn.tokens,
+            turn.tokens_per_s,
+            turn.first_token_ms,
+            turn.finish_reason,
         )
         self._streaming(False)
         self._draw_messages()
@@ -470,6 +475,10 @@ def _figures(network_id: str | None, answer: Answer) -> str:
     if answer.first_token_ms is not None:
         parts.append(f"first token {answer.first_token_ms / 1000:.2f} s")
     parts.append(f"{answer.tokens} tokens")
+    if answer.finish_reason == "cancelled":
+        parts.append("stopped")
+    elif answer.finish_reason == "length":
+        parts.append("cut at the token limit")
     return " · ".join(parts)
 
 
