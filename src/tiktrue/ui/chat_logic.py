@@ -66,8 +66,18 @@ class Turn:
     first_token_ms: float | None = None
     tokens_per_s: float | None = None
     finish_reason: str = ""
-    stopped: bool = False
     started: float = field(default_factory=time.perf_counter)
+
+    def answer(self) -> Answer:
+        """The answer as the store keeps it."""
+        return Answer(
+            self.message_index,
+            self.model_id,
+            self.tokens,
+            self.tokens_per_s,
+            self.first_token_ms,
+            self.finish_reason,
+        )
 
 
 def new_conversation_id() -> str:
@@ -209,14 +219,7 @@ class Chat:
 
     async def _record(self, gateway: Gateway, session_id: str, messages, turn: Turn) -> None:
         store = self.context.sessions
-        answer = Answer(
-            turn.message_index,
-            turn.model_id,
-            turn.tokens,
-            turn.tokens_per_s,
-            turn.first_token_ms,
-            turn.finish_reason,
-        )
+        answer = turn.answer()
         await asyncio.to_thread(store.record_answer, gateway.network_id, session_id, answer)
         stored = await asyncio.to_thread(store.get, gateway.network_id, session_id)
         if stored is not None and not stored.title:

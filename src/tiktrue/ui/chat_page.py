@@ -324,11 +324,11 @@ class ChatView:
             text = self.state.messages[index]["content"]
             ui.button(icon="content_copy", on_click=lambda: _copy(text)).props(
                 'flat round dense size=sm aria-label="Copy"'
-            ).tooltip("Copy")
+            ).classes("text-grey-7").tooltip("Copy")
             if last:
                 ui.button(icon="refresh", on_click=self.regenerate).props(
                     'flat round dense size=sm aria-label="Regenerate"'
-                ).tooltip("Regenerate")
+                ).classes("text-grey-7").tooltip("Regenerate")
 
     def _thumb(self, index: int, rating: int, answer: Answer | None) -> None:
         chosen = answer is not None and answer.rating == rating
@@ -346,7 +346,7 @@ class ChatView:
         button = ui.button(icon=icon, on_click=rate).props(
             f'flat round dense size=sm aria-label="{name}" aria-pressed="{str(chosen).lower()}"'
         )
-        button.classes("text-primary" if chosen else "")
+        button.classes("text-primary" if chosen else "text-grey-7")
         button.tooltip(name)
 
     def _edit(self, box: ui.column, index: int, text: str) -> None:
@@ -439,14 +439,7 @@ class ChatView:
         timer.cancel()
         state.streaming = False
         state.messages = full + [{"role": "assistant", "content": turn.text}]
-        state.answers[turn.message_index] = Answer(
-            turn.message_index,
-            turn.model_id,
-            turn.tokens,
-            turn.tokens_per_s,
-            turn.first_token_ms,
-            turn.finish_reason,
-        )
+        state.answers[turn.message_index] = turn.answer()
         self._streaming(False)
         self._draw_messages()
         ui.run_javascript("window.scrollTo(0, document.body.scrollHeight)")

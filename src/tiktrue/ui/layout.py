@@ -41,6 +41,7 @@ body { background: #f7f7f8; }
 .tt-answer pre, .tt-answer code { font-size: 0.85rem; }
 .tt-answer pre { overflow-x: auto; padding: 0.75rem; border-radius: 8px; background: #f3f4f6; }
 .tt-answer p { margin: 0.25rem 0; }
+.tt-answer { overflow-wrap: anywhere; }
 .tt-stream { white-space: pre-wrap; }
 """
 
