@@ -57,8 +57,11 @@ def office(ui_node, tiny_llama, tmp_path):
     return ui_node(homes[0], own_control_ports=True), homes[0]
 
 
-def log_in(page, base: str, name: str) -> None:
+def log_in(page, base: str, name: str, screenshot: str | None = None) -> None:
     page.goto(base + "/login")
+    if screenshot:
+        expect(page.get_by_role("button", name="Log in")).to_be_visible()
+        shoot(page, screenshot)
     page.get_by_label("Account name").fill(name)
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
@@ -108,7 +111,7 @@ def test_stop_restart_resume_and_roles(office, new_page):
 
     # a plain user: no Admin link, kept out of the admin pages and of others' conversations
     other = new_page()
-    log_in(other, base, "bob")
+    log_in(other, base, "bob", screenshot="login")
     expect(other.get_by_text("How can I help?")).to_be_visible()
     expect(other.get_by_role("button", name="Admin")).to_have_count(0)
     expect(other.get_by_text("No conversations yet.")).to_be_visible()
