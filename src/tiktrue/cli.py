@@ -953,8 +953,9 @@ def demo(
         typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
         api_key, password = demo_api_key(data_dir())
         typer.echo(f"API key: {api_key}", color=False)
-        if password:
-            err(f"admin account: {DEMO_ADMIN} / {password} (shown once; tiktrue users passwd)")
+        if cluster.ui_url:
+            typer.echo(f"Web UI: {cluster.ui_url}", color=False)
+        typer.echo(f"Admin login: {DEMO_ADMIN} / {password}", color=False)
         sys.stdout.flush()
         err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:

@@ -77,7 +77,8 @@ def ui_node(tiny_llama):
         models = home / "models"
         if not (models / tiny_llama.model_id).exists():
             import_model_from_store(tiny_llama.root, models)
-        cluster = LocalCluster([home], kv_budget_mb=16, own_control_ports=False, **options)
+        options = {"kv_budget_mb": 16, "own_control_ports": False, **options}
+        cluster = LocalCluster([home], **options)
         started.append(cluster.start())
         return cluster
 

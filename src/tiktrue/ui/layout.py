@@ -41,6 +41,7 @@ body { background: #f7f7f8; }
 .tt-answer pre, .tt-answer code { font-size: 0.85rem; }
 .tt-answer pre { overflow-x: auto; padding: 0.75rem; border-radius: 8px; background: #f3f4f6; }
 .tt-answer p { margin: 0.25rem 0; }
+.tt-answer { overflow-wrap: anywhere; }
 .tt-stream { white-space: pre-wrap; }
 """
 
@@ -173,7 +174,8 @@ def _account_menu(user: Principal) -> None:
     with (
         ui.button().props(f'flat no-caps dense aria-label="Account {name}"').classes("text-grey-9")
     ):
-        ui.avatar(name[:1].upper(), color="primary", text_color="white", size="sm")
+        with ui.avatar(color="primary", text_color="white", size="sm"):
+            ui.label(name[:1].upper())
         ui.label(name).classes("gt-xs ml-2")
         with ui.menu().props("anchor='bottom right' self='top right'"):
             with ui.column().classes("px-4 py-2 gap-0"):
