@@ -8,8 +8,7 @@ from datetime import datetime
 from nicegui import ui
 
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import LEVEL_COLORS, WIDE, admin_nav, attempt, section
-from tiktrue.ui.layout import page_frame, require_admin
+from tiktrue.ui.admin.widgets import LEVEL_COLORS, WIDE, admin_frame, attempt, data_table, section
 
 REFRESH_S = 5.0
 SHOWN = 200
@@ -42,10 +41,9 @@ def register(context) -> None:
 
     @ui.page("/admin/events")
     def events_page(network: str | None = None) -> None:
-        if require_admin() is None:
-            return
-        with page_frame("Admin"):
-            admin_nav("events", network)
+        with admin_frame("events", network) as allowed:
+            if not allowed:
+                return
             section("Alerts")
             alerts = ui.column().classes("w-full gap-2")
             with ui.row().classes("w-full items-center gap-2"):
@@ -53,8 +51,7 @@ def register(context) -> None:
                 only = ui.switch("Warnings and errors only").props(
                     'aria-label="Warnings and errors only"'
                 )
-            table = ui.table(columns=COLUMNS, rows=[], row_key="id", pagination=25)
-            table.props("flat bordered dense wrap-cells").classes("w-full")
+            table = data_table(COLUMNS, "id", "No events yet", pagination=25)
 
             async def refresh() -> None:
                 found = await attempt(ops.alerts(network))

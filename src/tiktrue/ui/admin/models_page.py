@@ -8,8 +8,16 @@ from nicegui import ui
 
 from tiktrue.model.quant import WEIGHT_FORMATS
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import WIDE, admin_nav, attempt, fmt_bytes, follow_job, section
-from tiktrue.ui.layout import page_frame, require_admin
+from tiktrue.ui.admin.widgets import (
+    WIDE,
+    admin_frame,
+    attempt,
+    data_table,
+    fmt_bytes,
+    follow_job,
+    row_button,
+    section,
+)
 
 COLUMNS = [
     {"name": "model_id", "label": "Model", "field": "model_id", "align": "left"},
@@ -26,13 +34,6 @@ COLUMNS = [
     {"name": "networks", "label": "Used by", "field": "networks", "align": "left", **WIDE},
     {"name": "actions", "label": "", "field": "model_id"},
 ]
-VERIFY_SLOT = r"""
-<q-td :props="props">
-  <q-btn flat dense no-caps icon="verified" label="Verify"
-         :aria-label="'Verify ' + props.row.model_id"
-         @click="() => $parent.$emit('verify', props.row.model_id)" />
-</q-td>
-"""
 
 
 def register(context) -> None:
@@ -40,14 +41,19 @@ def register(context) -> None:
 
     @ui.page("/admin/models")
     def models_page(network: str | None = None) -> None:
-        if require_admin() is None:
-            return
-        with page_frame("Admin"):
-            admin_nav("models", network)
+        with admin_frame("models", network) as allowed:
+            if not allowed:
+                return
             section("Models on this PC")
-            table = ui.table(columns=COLUMNS, rows=[], row_key="model_id")
-            table.props("flat bordered dense wrap-cells").classes("w-full")
-            table.add_slot("body-cell-actions", VERIFY_SLOT)
+            table = data_table(COLUMNS, "model_id", "No model on this PC yet")
+            row_button(
+                table,
+                "verify",
+                label="Verify",
+                icon="verified",
+                aria="'Verify ' + props.row.model_id",
+                arg="props.row.model_id",
+            )
             jobs = ui.column().classes("w-full gap-3")
 
             def refresh() -> None:
@@ -64,14 +70,16 @@ def register(context) -> None:
                     )
                 table.update_rows(rows)
 
-            def start(job) -> None:
+            async def launch(start_job) -> None:
+                """Start a job (a refusal is shown) and follow it under the forms."""
+                job = await attempt(start_job)
                 if job is not None:
                     with jobs:
                         holder = ui.column().classes("tt-card w-full p-3")
                     follow_job(job, holder, lambda _: refresh())
 
             async def verify(event) -> None:
-                start(await attempt(lambda: ops.verify_model(event.args)))
+                await launch(lambda: ops.verify_model(event.args))
 
             table.on("verify", verify)
 
@@ -90,12 +98,10 @@ def register(context) -> None:
                         value="",
                     ).props("outlined dense")
 
-                    async def do_import() -> None:
-                        start(
-                            await attempt(
-                                lambda: ops.import_model(
-                                    path.value.strip(), model_id.value.strip(), dtype.value or None
-                                )
+                    def do_import():
+                        return launch(
+                            lambda: ops.import_model(
+                                path.value.strip(), model_id.value.strip(), dtype.value or None
                             )
                         )
 
@@ -111,13 +117,9 @@ def register(context) -> None:
                     source = ui.input("Repository URL").props("outlined dense")
                     wanted = ui.input("Model id").props("outlined dense")
 
-                    async def do_download() -> None:
-                        start(
-                            await attempt(
-                                lambda: ops.download_model(
-                                    wanted.value.strip(), source.value.strip()
-                                )
-                            )
+                    def do_download():
+                        return launch(
+                            lambda: ops.download_model(wanted.value.strip(), source.value.strip())
                         )
 
                     ui.button("Download", icon="download", on_click=do_download).props(

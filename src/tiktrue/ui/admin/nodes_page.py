@@ -15,16 +15,14 @@ from nicegui import ui
 from tiktrue.ui.admin.operations import AdminOperations
 from tiktrue.ui.admin.widgets import (
     STATE_COLORS,
-    admin_nav,
     attempt,
     block_map,
     fmt_ago,
     fmt_bytes,
     fmt_ms,
-    pick_network,
+    network_frame,
     section,
 )
-from tiktrue.ui.layout import page_frame, require_admin
 
 LIVE_EVERY_S = 2.0
 FULL_EVERY_S = 15.0
@@ -166,11 +164,7 @@ def register(context) -> None:
 
     @ui.page("/admin")
     def nodes_page(network: str | None = None) -> None:
-        if require_admin() is None:
-            return
-        with page_frame("Admin"):
-            admin_nav("nodes", network)
-            chosen = pick_network(ops, network, "/admin")
+        with network_frame(ops, "nodes", network) as chosen:
             if chosen is None:
                 return
             network_id = chosen["network_id"]

@@ -471,16 +471,10 @@ class AdminOperations:
     async def list_users(self) -> list[dict]:
         return [dataclasses.asdict(u) for u in await self._people(self.users.list_users)]
 
-    async def add_user(
-        self,
-        name: str,
-        password: str,
-        role: str | None = None,
-        *,
-        rpm: int | None = None,
-        rpd: int | None = None,
-    ) -> dict:
-        user = await self._people(self.users.add_user, name, password, role, rpm=rpm, rpd=rpd)
+    async def add_user(self, name: str, password: str, role: str | None = None, **limits) -> dict:
+        """A new account (``UserStore.add_user``: the first one is the admin; ``rpm``,
+        ``rpd``)."""
+        user = await self._people(self.users.add_user, name, password, role, **limits)
         return dataclasses.asdict(user)
 
     async def remove_user(self, name: str) -> dict:

@@ -8,8 +8,7 @@ from datetime import datetime
 from nicegui import ui
 
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import WIDE, admin_nav, attempt, section
-from tiktrue.ui.layout import page_frame, require_admin
+from tiktrue.ui.admin.widgets import WIDE, admin_frame, attempt, data_table, row_button, section
 
 USER_COLUMNS = [
     {"name": "name", "label": "Account", "field": "name", "align": "left"},
@@ -27,20 +26,6 @@ KEY_COLUMNS = [
     {"name": "limits", "label": "Limits", "field": "limits_text", "align": "left", **WIDE},
     {"name": "actions", "label": "", "field": "id"},
 ]
-REMOVE_SLOT = r"""
-<q-td :props="props">
-  <q-btn v-if="props.row.role !== 'admin'" flat dense no-caps color="negative" icon="delete"
-         label="Remove" :aria-label="'Remove ' + props.row.name"
-         @click="() => $parent.$emit('remove', props.row.name)" />
-</q-td>
-"""
-REVOKE_SLOT = r"""
-<q-td :props="props">
-  <q-btn v-if="props.row.state === 'active'" flat dense no-caps color="negative" icon="block"
-         label="Revoke" :aria-label="'Revoke key ' + props.row.prefix"
-         @click="() => $parent.$emit('revoke', props.row.id)" />
-</q-td>
-"""
 
 
 def _limit(value: int | None) -> str:
@@ -56,19 +41,32 @@ def register(context) -> None:
 
     @ui.page("/admin/people")
     def people_page(network: str | None = None) -> None:
-        if require_admin() is None:
-            return
-        with page_frame("Admin"):
-            admin_nav("people", network)
+        with admin_frame("people", network) as allowed:
+            if not allowed:
+                return
             section("Accounts")
-            users = ui.table(columns=USER_COLUMNS, rows=[], row_key="name")
-            users.props("flat bordered dense wrap-cells").classes("w-full")
-            users.add_slot("body-cell-actions", REMOVE_SLOT)
+            users = data_table(USER_COLUMNS, "name", "No account yet")
+            row_button(
+                users,
+                "remove",
+                label="Remove",
+                icon="delete",
+                aria="'Remove ' + props.row.name",
+                arg="props.row.name",
+                show="props.row.role !== 'admin'",
+                negative=True,
+            )
             section("API keys")
-            keys = ui.table(columns=KEY_COLUMNS, rows=[], row_key="id")
-            keys.props('flat bordered dense wrap-cells no-data-label="No API keys yet"')
-            keys.classes("w-full")
-            keys.add_slot("body-cell-actions", REVOKE_SLOT)
+            keys = data_table(KEY_COLUMNS, "id", "No API keys yet")
+            row_button(
+                keys,
+                "revoke",
+                label="Revoke",
+                icon="block",
+                aria="'Revoke key ' + props.row.prefix",
+                show="props.row.state === 'active'",
+                negative=True,
+            )
             created = ui.column().classes("w-full")
             user_choice: dict[str, ui.select] = {}
 

@@ -15,15 +15,13 @@ from nicegui import ui
 from tiktrue.node.resources import DEFAULT_DISK_FRACTION, DEFAULT_RAM_FRACTION, NodeCaps
 from tiktrue.ui.admin.operations import AdminOperations, PlanRequest
 from tiktrue.ui.admin.widgets import (
-    admin_nav,
     attempt,
     block_map,
     fmt_bytes,
     follow_job,
-    pick_network,
+    network_frame,
     section,
 )
-from tiktrue.ui.layout import page_frame, require_admin
 
 GB = 1e9
 RAM_STEP_GB = 0.1
@@ -109,11 +107,7 @@ def register(context) -> None:
 
     @ui.page("/admin/plan")
     def plan_page(network: str | None = None) -> None:
-        if require_admin() is None:
-            return
-        with page_frame("Admin"):
-            admin_nav("plan", network)
-            chosen = pick_network(ops, network, "/admin/plan")
+        with network_frame(ops, "plan", network) as chosen:
             if chosen is None:
                 return
             network_id = chosen["network_id"]

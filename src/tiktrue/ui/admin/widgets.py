@@ -7,7 +7,8 @@ their elements and set only what changed: a timer never rebuilds a page.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from nicegui import ui
@@ -16,6 +17,7 @@ from tiktrue.control.planner import human_bytes
 from tiktrue.ui.admin.errors import AdminError, as_admin_error
 from tiktrue.ui.admin.jobs import Job
 from tiktrue.ui.admin.operations import AdminOperations
+from tiktrue.ui.layout import page_frame, require_admin
 
 SECTIONS = (
     ("Nodes", "lan", "/admin"),
@@ -65,6 +67,27 @@ def fmt_ago(seconds: float | None) -> str:
 
 def section(title: str) -> None:
     ui.label(title).classes("tt-section")
+
+
+@contextmanager
+def admin_frame(current: str, network_id: str | None = None) -> Iterator[bool]:
+    """An admin page: the login check, the frame and the section nav; yields whether to
+    build the page (False: the person was sent away)."""
+    if require_admin() is None:
+        yield False
+        return
+    with page_frame("Admin"):
+        admin_nav(current, network_id)
+        yield True
+
+
+@contextmanager
+def network_frame(ops: AdminOperations, current: str, wanted: str | None) -> Iterator[dict | None]:
+    """An admin page about one network: ``admin_frame`` and ``pick_network``; yields the
+    network (None: nothing to build)."""
+    with admin_frame(current, wanted) as allowed:
+        path = next(t for text, _, t in SECTIONS if text.lower() == current)
+        yield pick_network(ops, wanted, path) if allowed else None
 
 
 def admin_nav(current: str, network_id: str | None = None) -> None:
@@ -133,6 +156,36 @@ def block_map(view: dict, box: ui.element) -> None:
                 ui.label(chain[0])
                 ui.label(f"{len(chain)} blocks in chain order")
                 ui.label(chain[-1])
+
+
+def data_table(columns: list[dict], row_key: str, empty: str, **options) -> ui.table:
+    """A table of the dashboard (dense, wrapping cells, ``empty`` when it has no rows)."""
+    table = ui.table(columns=columns, rows=[], row_key=row_key, **options)
+    table.props(f'flat bordered dense wrap-cells no-data-label="{empty}"').classes("w-full")
+    return table
+
+
+def row_button(
+    table: ui.table,
+    event: str,
+    *,
+    label: str,
+    icon: str,
+    aria: str,
+    arg: str = "props.row.id",
+    show: str = "true",
+    negative: bool = False,
+) -> None:
+    """A button in the ``actions`` column of each row (shown where the JS condition ``show``
+    holds) that emits ``event`` with ``arg``; ``aria`` is a JS expression naming it."""
+    color = 'color="negative"' if negative else ""
+    table.add_slot(
+        "body-cell-actions",
+        f"""<q-td :props="props">
+  <q-btn v-if="{show}" flat dense no-caps {color} icon="{icon}" label="{label}"
+         :aria-label="{aria}" @click="() => $parent.$emit('{event}', {arg})" />
+</q-td>""",
+    )
 
 
 class JobView:
