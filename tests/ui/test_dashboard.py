@@ -60,6 +60,13 @@ def test_an_admin_runs_the_network_from_the_dashboard(own_tiny_cluster, new_page
     expect(verdict).to_contain_text("more RAM")
     expect(page.get_by_role("button", name="Apply")).to_be_disabled()
 
+    # the caps as they are: apply the plan, and follow its job to the end
+    page.reload()
+    expect(verdict).to_contain_text("fits:")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.get_by_text(re.compile(r"^done 100%$"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"the network runs config v\d+"))).to_be_visible()
+
     # a PC asks to join and the admin approves it
     late = tmp_path / "late"
     with LocalCluster([late], kv_budget_mb=16, gateway=False, own_control_ports=False):
