@@ -69,9 +69,11 @@ def register(context) -> None:
                             ui.icon("warning", color=color)
                             row = _row(0, alert)
                             text = row["details"] or row["event"]
+                            if alert["event"] != "alert":  # an event of the log
+                                text = f"{row['event']}: {text}"
                             where = f"{alert.get('network_id') or ''} {row['node']}".strip()
                             with ui.column().classes("gap-0 min-w-0"):
-                                ui.label(f"{row['event']}: {text}").classes("break-words")
+                                ui.label(text).classes("break-words")
                                 ui.label(f"{row['time']} · {where}").classes("tt-muted text-xs")
                 events = ops.events(network, SHOWN)
                 if only.value:

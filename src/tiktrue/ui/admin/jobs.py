@@ -84,8 +84,8 @@ class JobBoard:
         self._ids = itertools.count(1)
 
     def start(self, kind: str, title: str, work: Callable[[Job], Awaitable[Any]]) -> Job:
-        """Run ``work(job)`` as a task (on the running loop); its return value is the result,
-        a refusal becomes the job's error."""
+        """Run ``work(job)`` as a task (on the running loop); its return value is the result
+        (its ``summary``, if any, the last step shown), a refusal becomes the job's error."""
         job = Job(id=f"job-{next(self._ids)}", kind=kind, title=title)
         self._jobs[job.id] = job
         self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, work))
@@ -95,7 +95,8 @@ class JobBoard:
     async def _run(self, job: Job, work: Callable[[Job], Awaitable[Any]]) -> None:
         try:
             job.result = await work(job)
-            job.state, job.step = DONE, "done"
+            summary = job.result.get("summary") if isinstance(job.result, dict) else None
+            job.state, job.step = DONE, summary or "done"
         except asyncio.CancelledError:
             job.state, job.error = FAILED, {"code": "cancelled", "message": "stopped"}
             raise

@@ -35,7 +35,7 @@ from tiktrue.control import network_manager as nm
 from tiktrue.control.discovery import NetworkBrowser
 from tiktrue.control.distributor import PushProgress
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
-from tiktrue.control.planner import Plan, PlanError
+from tiktrue.control.planner import Plan, PlanError, human_bytes
 from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import import_model
@@ -341,7 +341,11 @@ class AdminOperations:
 
         config = await na.apply_plan(self.data_dir, network_id, plan, progress=progress)
         self._measured.pop(network_id, None)
-        return {"version": config.version, "verdict": _verdict(plan)}
+        return {
+            "version": config.version,
+            "verdict": _verdict(plan),
+            "summary": f"the network runs config v{config.version}",
+        }
 
     # --- events and alerts -------------------------------------------------------------------
 
@@ -363,7 +367,9 @@ class AdminOperations:
             live = await self.live(nid)
             for node_id, seen in live["nodes"].items():
                 if seen["state"] not in ("online", None):
-                    out.append(_alert("warning", nid, node_id, f"node is {seen['state']}"))
+                    out.append(
+                        _alert("warning", nid, node_id, f"node {node_id} is {seen['state']}")
+                    )
         recent = [e for e in self.events(network_id, 200) if e.get("level") in ALERT_LEVELS]
         return out + recent[:20]
 
@@ -462,7 +468,11 @@ class AdminOperations:
                     f"{len(bad)} corrupted block(s) in {model_id}: {', '.join(bad)}",
                     409,
                 )
-            return {"model_id": model_id, "verified": len(order)}
+            return {
+                "model_id": model_id,
+                "verified": len(order),
+                "summary": f"all {len(order)} blocks match the manifest",
+            }
 
         return self.jobs.start("verify", f"verify {model_id}", work)
 
@@ -632,7 +642,12 @@ def _alert(level: str, network_id: str, node_id: str | None, message: str) -> di
 
 def _model_done(store: BlockStore) -> dict:
     m = store.manifest
-    return {"model_id": m.model_id, "bytes": m.total_bytes, "blocks": len(m.blocks)}
+    return {
+        "model_id": m.model_id,
+        "bytes": m.total_bytes,
+        "blocks": len(m.blocks),
+        "summary": f"{m.model_id}: {len(m.blocks)} blocks, {human_bytes(m.total_bytes)}, verified",
+    }
 
 
 def _tree_bytes(path: Path) -> int:

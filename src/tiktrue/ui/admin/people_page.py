@@ -171,8 +171,9 @@ def register(context) -> None:
                                 ui.label("The new key, shown this once: copy it now.").classes(
                                     "font-semibold text-positive"
                                 )
-                                shown = ui.input("New API key", value=made["key"])
-                                shown.props("outlined readonly").classes("w-full font-mono")
+                                shown = ui.textarea("New API key", value=made["key"])
+                                shown.props("outlined readonly autogrow")
+                                shown.classes("w-full font-mono")
                                 ui.button(
                                     "Copy",
                                     icon="content_copy",

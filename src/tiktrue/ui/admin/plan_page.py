@@ -188,7 +188,7 @@ def register(context) -> None:
 
             def applied(job) -> None:
                 if job.state == "done":
-                    ui.notify(f"the network runs config v{job.result['version']}", type="positive")
+                    ui.notify(job.result["summary"], type="positive")
                 apply_button.enable()
                 ui.timer(0.1, measure, once=True)
 
