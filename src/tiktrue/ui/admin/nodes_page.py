@@ -71,6 +71,7 @@ class NodeCard:
         self.ram_bar.props('aria-label="RAM in use"')
         self.disk_bar.props('aria-label="Disk in use"')
         self.resources: dict = {}
+        self.seen: dict = {}
         self.update(node)
 
     def update(self, node: dict) -> None:
@@ -115,7 +116,9 @@ class NodeCard:
         )
 
     def live(self, seen: dict) -> None:
-        """From the admin's health monitor (``ops.live``): figures only."""
+        """From the admin's health monitor (``ops.live``): figures only; one it has not got
+        yet (a node not beaten yet) keeps the last known."""
+        self.seen = seen = {**self.seen, **{k: v for k, v in seen.items() if v is not None}}
         state = seen.get("state") or "unknown"
         if state == "online" and seen.get("serving") is False:
             state = "online, idle" if not seen.get("waiting") else "waiting"
@@ -170,7 +173,8 @@ def register(context) -> None:
             network_id = chosen["network_id"]
             with ui.row().classes("w-full items-center gap-2"):
                 ui.label(f"{chosen['name']}").classes("text-lg font-medium")
-                ui.label(f"{chosen['model_id']} · config v{chosen['version']}").classes("tt-muted")
+                version = ui.label(f"{chosen['model_id']} · config v{chosen['version']}")
+                version.classes("tt-muted")
                 health = ui.badge()
                 ui.space()
                 invite = invite_dialog(ops, network_id)
@@ -242,6 +246,7 @@ def register(context) -> None:
                 status = await attempt(ops.status(network_id))
                 if status is None:
                     return
+                version.set_text(f"{status['model_id']} · config v{status['version']}")
                 ids = [n["node_id"] for n in status["nodes"]]
                 if list(cards) != ids:
                     grid.clear()
