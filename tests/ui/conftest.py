@@ -1,6 +1,6 @@
 """Browser fixtures for the web UI's tests (shared by every page's tests).
 
-- ``browser``: one headless chromium for the session (skips, saying why, where there is none);
+- ``browser``: one headless chromium per test module (skips, saying why, where there is none);
 - ``new_page(viewport=...)``: a page in a fresh browser context (its own cookies: another
   person), whose every request is checked at the end to have stayed on 127.0.0.1;
 - ``ui_node(home)``: a real node process serving the UI (``tiktrue node --api-port 0``) with
@@ -23,8 +23,10 @@ from tests.helpers.network import import_model_from_store
 from tiktrue.service.local_network import LocalCluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Module-scoped: while Playwright's sync API runs, this thread counts as inside an event
+    loop, so a later module's ``asyncio.run`` would fail if the browser outlived its module."""
     problem = browser_problem()
     if problem:
         pytest.skip(f"browser tests need chromium: {problem}")
