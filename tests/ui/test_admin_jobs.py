@@ -8,7 +8,6 @@ import asyncio
 
 import pytest
 
-from tests.helpers.aio import run
 from tests.helpers.http_server import serve
 from tests.helpers.tiny_models import make_tiny_model
 from tiktrue.control.model_repository import repository_app
@@ -30,7 +29,7 @@ def run_job(ops: AdminOperations, start) -> dict:
         await ops.jobs.wait(job.id)
         return {**job.as_dict(), "seen": seen}
 
-    return run(go())
+    return asyncio.run(go())
 
 
 def test_import_verify_and_download_models_as_jobs(tmp_path):
@@ -100,6 +99,6 @@ def test_accounts_and_keys(tmp_path):
         await ops.remove_user("bob")
         assert [u["name"] for u in await ops.list_users()] == ["ada"]
 
-    run(go())
+    asyncio.run(go())
     assert ops.set_anonymous_access(True) and ops.anonymous_access()
     assert not ops.set_anonymous_access(False)

@@ -5,12 +5,12 @@ changes on the nodes), join requests refused, tokens, events; and the same throu
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
 import pytest
 
-from tests.helpers.aio import run
 from tests.helpers.network import control_address, wait_until
 from tiktrue.control.network_manager import make_join_request, parse_token
 from tiktrue.node.control_link import ControlLink
@@ -38,7 +38,7 @@ def test_status_shows_every_node_with_resources_span_and_live_health(admin):
     ids = [node_identity(h).node_id for h in homes]
     assert [n["network_id"] for n in ops.networks()] == [NET]
 
-    status = run(ops.status(NET))
+    status = asyncio.run(ops.status(NET))
     nodes = {n["node_id"]: n for n in status["nodes"]}
     assert set(nodes) == set(ids)
     for node in nodes.values():
@@ -50,7 +50,7 @@ def test_status_shows_every_node_with_resources_span_and_live_health(admin):
     assert spans == {ids[0]: "embed..layer_1", ids[1]: "layer_2..layer_3", ids[2]: "layer_4..head"}
 
     def all_online():
-        live = run(ops.live(NET))
+        live = asyncio.run(ops.live(NET))
         states = {i: n["state"] for i, n in live["nodes"].items()}
         return live if states == dict.fromkeys(ids, "online") else None
 
@@ -67,26 +67,26 @@ def test_the_preview_verdict_follows_the_caps_and_changes_nothing(admin):
     ids = [node_identity(h).node_id for h in homes]
     before = read_config(config_path(homes[0], NET))
 
-    fits = run(ops.preview(NET, PlanRequest()))
+    fits = asyncio.run(ops.preview(NET, PlanRequest()))
     assert fits["fits"] and fits["verdict"].startswith("fits:"), fits
     served = [r for r in fits["plan"]["nodes"] if r["kind"] == "serving"]
     assert sum(r["count"] for r in served) == len(before.model_chain_order)
 
     starved = PlanRequest(caps={i: NodeCaps(ram_bytes=RUNTIME + 1000) for i in ids})
-    refused = run(ops.preview(NET, starved))
+    refused = asyncio.run(ops.preview(NET, starved))
     assert not refused["fits"] and "more RAM" in refused["verdict"], refused
     assert refused["plan"] is None
     assert {n["caps"]["ram_bytes"] for n in refused["nodes"]} == {RUNTIME + 1000}
 
     # one node starved: the others carry the model, and the map shows it
-    one = run(ops.preview(NET, PlanRequest(caps={ids[2]: starved.caps[ids[2]]})))
+    one = asyncio.run(ops.preview(NET, PlanRequest(caps={ids[2]: starved.caps[ids[2]]})))
     assert one["fits"], one
     assert ids[2] not in {r["node_id"] for r in one["plan"]["nodes"] if r["kind"] == "serving"}
 
     after = read_config(config_path(homes[0], NET))
     assert after.version == before.version and after.nodes == before.nodes
     with pytest.raises(AdminError) as unknown:
-        run(ops.preview("no-such-net", PlanRequest()))
+        asyncio.run(ops.preview("no-such-net", PlanRequest()))
     assert unknown.value.code == "not_found"
 
 
@@ -106,25 +106,25 @@ def test_a_join_request_is_listed_and_refused(admin, tmp_path):
         async with ControlLink(control_address(homes[0]), expected_node_id=None) as link:
             return await link.call("join", request=request.model_dump())
 
-    reply = run(ask())
+    reply = asyncio.run(ask())
     assert reply["state"] == "pending"
     waiting = ops.pending(NET)
     assert [(w["request_id"], w["node_id"]) for w in waiting] == [
         (reply["request_id"], node_identity(joiner).node_id)
     ]
     before = read_config(config_path(homes[0], NET)).version
-    decided = run(ops.decide(NET, reply["request_id"], approve=False))
+    decided = asyncio.run(ops.decide(NET, reply["request_id"], approve=False))
     assert decided["state"] == "rejected" and ops.pending(NET) == []
     assert read_config(config_path(homes[0], NET)).version == before
     with pytest.raises(AdminError, match="already rejected"):
-        run(ops.decide(NET, reply["request_id"], approve=True))
+        asyncio.run(ops.decide(NET, reply["request_id"], approve=True))
     with pytest.raises(AdminError, match="no join request"):
-        run(ops.decide(NET, "nope", approve=True))
+        asyncio.run(ops.decide(NET, "nope", approve=True))
 
 
 def test_a_join_token_comes_with_the_command_for_the_other_pc(admin):
     ops, _, homes = admin
-    made = run(ops.create_token(NET, hours=1))
+    made = asyncio.run(ops.create_token(NET, hours=1))
     network_id, admin_id, _ = parse_token(made["token"])
     assert (network_id, admin_id) == (NET, node_identity(homes[0]).node_id)
     assert (
@@ -132,7 +132,7 @@ def test_a_join_token_comes_with_the_command_for_the_other_pc(admin):
         == f"tiktrue network join {control_address(homes[0])} --token " + (made["token"])
     )
     with pytest.raises(AdminError):
-        run(ops.create_token(NET, hours=0))
+        asyncio.run(ops.create_token(NET, hours=0))
 
 
 # --- the JSON API on the cluster's gateway ------------------------------------------------------
