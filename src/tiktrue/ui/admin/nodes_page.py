@@ -1,5 +1,6 @@
-"""``/admin``: the network's PCs — joined (resources, caps, span, health, live), asking to join
-(approve, refuse), seen on the LAN (invite with a token) — and the block map.
+"""``/admin``: the network's PCs — asking to join (approve, refuse; first, as they wait for
+the admin), joined (resources, caps, span, health, live), seen on the LAN (invite with a
+token) — and the block map.
 
 The full status (one control-channel call per node) is read when the page opens and every
 ``FULL_EVERY_S``; health, load, RAM and heartbeat RTT come from the admin's monitor every
@@ -181,13 +182,13 @@ def register(context) -> None:
                 ui.button("Invite a PC", icon="person_add", on_click=invite.open).props(
                     'outline no-caps aria-label="Invite a PC"'
                 )
+            with ui.column().classes("w-full gap-2") as requests_title:
+                section("Asking to join")
+                requests = ui.column().classes("w-full gap-2")
             section("Nodes")
             grid = ui.element("div").classes("tt-grid")
             with grid:
                 ui.label("Asking every node how it is…").classes("tt-muted")
-            with ui.column().classes("w-full gap-2") as requests_title:
-                section("Asking to join")
-                requests = ui.column().classes("w-full gap-2")
             with ui.column().classes("w-full gap-2") as seen_title:
                 section("Seen on the LAN")
                 seen = ui.column().classes("w-full gap-2")
