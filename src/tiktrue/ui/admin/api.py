@@ -111,7 +111,6 @@ def admin_router(ops: AdminOperations) -> APIRouter:
 
     @r.get("/networks/{network_id}/join-requests")
     async def pending(network_id: str) -> list[dict]:
-        ops._config(network_id)
         return ops.pending(network_id)
 
     @r.post("/networks/{network_id}/join-requests/{request_id}/approve")

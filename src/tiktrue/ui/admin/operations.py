@@ -198,6 +198,7 @@ class AdminOperations:
 
     def pending(self, network_id: str) -> list[dict]:
         """Join requests waiting for the admin (``tiktrue network pending``)."""
+        self._config(network_id)
         out = []
         for request_id, item in nm.list_join_requests(self.data_dir, network_id).items():
             if item["state"] != "pending":
