@@ -11,8 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tiktrue.control import network_manager as nm
-from tiktrue.control.distributor import chunk_aad
-from tiktrue.model.store import MANIFEST
+from tiktrue.model.store import MANIFEST, chunk_aad
 from tiktrue.protocol.frames import encode_bytes_frame
 from tiktrue.security.auth_manager import create_network_ca
 from tiktrue.security.crypto_layer import encrypt_block_transfer
