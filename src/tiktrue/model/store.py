@@ -35,7 +35,9 @@ seals it, ``chunk_size``), then each ``chunk_size`` piece of the block sealed al
 associated data ``chunk_aad(model_id, file, index)``, so pieces cannot be swapped, and the
 whole plaintext is checked against the manifest's sha256, so none can be dropped. The key
 lives in ``<data>/networks/<network_id>/block_key`` (owner-only): sealing protects a copied
-models folder or disk image without that file, not a copied data directory.
+models folder or disk image without that file, not a copied data directory. How a node keeps a
+file is said by the file itself, not by the manifest's ``encryption`` field: the manifest
+describes the model's plaintext, identical on every node and in every network.
 """
 
 from __future__ import annotations
