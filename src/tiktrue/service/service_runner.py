@@ -322,6 +322,8 @@ class NodeService:
             return
         server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
         self.servers[config.network_id] = server
+        if server.engine is None and not server.block_faults:  # mended while it started
+            self._in_background(self._restart_span(config.network_id, server))
 
     def _blocks_changed(self, network_id: str, faults: dict[str, str]) -> None:
         """A block server's guard: its block files fail verification (the event tells the
