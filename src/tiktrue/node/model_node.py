@@ -309,10 +309,17 @@ class BlockServer:
                 )
             self._check_network(header.get("network_id"), message_id, session_id)
             answer_to = self._answer_to(header, message_id, session_id)
-            if header.get("kind") != "forward" or not isinstance(header.get("start"), int):
+            start = header.get("start")
+            if (
+                header.get("kind") != "forward"
+                or not isinstance(start, int)
+                or isinstance(start, bool)
+                or message_id is None
+            ):
                 raise ps.ProtocolError(
                     ps.INVALID_MESSAGE,
-                    "a tensor frame must be a forward step with an integer 'start'",
+                    "a tensor frame must be a forward step with an integer 'start' and a "
+                    "'message_id'",
                     message_id,
                     session_id,
                 )

@@ -26,6 +26,7 @@ from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
+from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.protocol.network_config import (
     NetworkConfig,
     config_path,
@@ -114,6 +115,8 @@ class ControlServer:
                 header, payload = decode_bytes_frame(raw)
             else:
                 header, payload = json.loads(raw), None
+            if not isinstance(header, dict):
+                raise Refused("bad_request", "a control request is a JSON object with an 'op'")
             request_id = header.get("id")
             op = header.get("op")
             handler = getattr(self, f"op_{op}", None)
@@ -123,9 +126,9 @@ class ControlServer:
             return {"in_reply_to": request_id, "ok": True, **(result or {})}
         except Refused as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (nm.JoinError, block_receiver.ReceiveError, StoreError) as exc:
+        except (nm.JoinError, block_receiver.ReceiveError, StoreError, ProtocolError) as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (ValueError, ValidationError, KeyError, TypeError) as exc:
+        except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
             return {
                 "in_reply_to": request_id,
                 "ok": False,
