@@ -13,6 +13,7 @@ no example database) and bounded (a fixed number of examples per port).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import struct
 import threading
@@ -236,26 +237,43 @@ def check_protocol_reply(reply: dict, sent) -> None:
         assert isinstance(reply["message"], str) and reply["message"], reply
 
 
+ALONGSIDE_PROMPT, ALONGSIDE_TOKENS = [11, 22, 33, 44], 12
+
+
+@functools.cache
+def alongside_reference(store) -> list[int]:
+    """The greedy tokens of the one-process engine (it goes on past the end of turn)."""
+    return reference_tokens(store, ALONGSIDE_PROMPT, ALONGSIDE_TOKENS)
+
+
 def alongside(loop: Loop, cluster, store):
-    """A greedy answer on its own connection while the fuzzing goes on; returns a check."""
-    prompt = [11, 22, 33, 44]
+    """Greedy answers, one after the other on their own connection, for as long as the
+    fuzzing goes on; returns the check that each came out right."""
+    stop = threading.Event()
 
-    async def answer() -> list[int]:
+    async def answers() -> list[tuple[list[int], str]]:
+        done = []
         async with websockets.connect(client_ws_url(cluster)) as ws:
-            body = request(NET, input_ids=prompt, temperature=0, max_tokens=200)
-            await ws.send(json.dumps(body))
-            tokens = []
-            while True:
-                reply = await recv(ws)
-                if reply.get("status") != "processing":
-                    assert reply.get("status") == "success", reply
-                    return tokens
-                tokens.append(reply["token_id"])
+            body = request(NET, input_ids=ALONGSIDE_PROMPT, temperature=0, max_tokens=12)
+            while not stop.is_set() or not done:
+                await ws.send(json.dumps(body))
+                tokens = []
+                while (reply := await recv(ws)).get("status") == "processing":
+                    if "token_id" in reply:  # else text held back for a stop string
+                        tokens.append(reply["token_id"])
+                assert reply.get("status") == "success", reply
+                done.append((tokens, reply["finish_reason"]))
+        return done
 
-    future = loop.start(answer())
+    future = loop.start(answers())
 
     def check() -> None:
-        assert future.result(CEILING_S * 2) == reference_tokens(store, prompt, 200)
+        stop.set()
+        done = future.result(CEILING_S * 2)
+        expected = alongside_reference(store)  # an answer stops at the end of turn
+        for tokens, finish in done:
+            assert tokens and tokens == expected[: len(tokens)], (tokens, expected)
+            assert len(tokens) == ALONGSIDE_TOKENS if finish == "length" else finish == "stop"
 
     return check
 

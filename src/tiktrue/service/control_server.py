@@ -26,13 +26,13 @@ from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
-from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.protocol.network_config import (
     NetworkConfig,
     config_path,
     read_config,
     write_config,
 )
+from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.node_tls import control_server_context
