@@ -835,6 +835,9 @@ def node(
         None, "--api-port", help="Also serve the gateway (OpenAI API, /ws) on this port (0: any)."
     ),
     api_host: str = typer.Option("127.0.0.1", "--api-host"),
+    web_ui: bool = typer.Option(
+        True, "--ui/--no-ui", help="With --api-port: serve the web UI at / on the same port."
+    ),
     kv_budget_mb: int = typer.Option(512, "--kv-budget-mb", help="KV cache budget per network."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -869,8 +872,38 @@ def node(
             api_port=api_port,
             kv_budget_mb=kv_budget_mb,
             session_idle_s=session_idle_minutes * 60.0,
+            web_ui=web_ui,
         )
     )
+
+
+@app.command("app")
+def app_window(
+    port: int = typer.Option(8000, "--port", help="The UI's (and the gateway's) port."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address the UI listens on (this PC's LAN IP: the LAN too)."
+    ),
+    control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
+    browser: bool = typer.Option(
+        False, "--browser", help="Open the default browser even where a native window works."
+    ),
+) -> None:
+    """This PC's TikTrue: the web UI in a window (first run: create or join a network)."""
+    from tiktrue.paths import data_dir
+    from tiktrue.service.app_runner import run_app
+
+    try:
+        run_app(
+            data_dir(),
+            native=False if browser else None,
+            log=err,
+            host=host,
+            control_port=control_port,
+            api_host=host,
+            api_port=port,
+        )
+    except (OSError, TimeoutError) as exc:
+        fail(f"cannot start this PC's node service: {exc}")
 
 
 @app.command()
@@ -936,8 +969,9 @@ def demo(
         typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
         api_key, password = demo_api_key(data_dir())
         typer.echo(f"API key: {api_key}", color=False)
-        if password:
-            err(f"admin account: {DEMO_ADMIN} / {password} (shown once; tiktrue users passwd)")
+        if cluster.ui_url:
+            typer.echo(f"Web UI: {cluster.ui_url}", color=False)
+        typer.echo(f"Admin login: {DEMO_ADMIN} / {password}", color=False)
         sys.stdout.flush()
         err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:

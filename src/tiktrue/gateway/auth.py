@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -223,14 +224,20 @@ def require_network(caller: Principal, network_id: str) -> None:
 
 
 class AuthMiddleware:
-    """ASGI middleware: identify every caller (but on ``OPEN_PATHS``), refuse or count it."""
+    """ASGI middleware: identify every caller (but on ``OPEN_PATHS``, and the web UI's paths,
+    ``ui_paths``: its pages ask for a login themselves), refuse or count it."""
 
-    def __init__(self, app, auth: GatewayAuth) -> None:
+    def __init__(self, app, auth: GatewayAuth, ui_paths: Callable[[str], bool] | None = None):
         self.app = app
         self.auth = auth
+        self.ui_paths = ui_paths or (lambda path: False)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if (
+            scope["type"] not in ("http", "websocket")
+            or scope["path"] in OPEN_PATHS
+            or self.ui_paths(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         try:

@@ -98,14 +98,17 @@ def create_app(
     gateways: dict[str, Gateway],
     protocol: ClientProtocol | None = None,
     auth: GatewayAuth | None = None,
+    ui=None,
 ) -> FastAPI:
     """One ASGI app for every network this node is a gateway of (keyed by network id; the
     dict may change while the app runs: networks joined or left). ``auth``: the node's
-    accounts (None: no accounts, only this PC's callers without credentials get in)."""
+    accounts (None: no accounts, only this PC's callers without credentials get in).
+    ``ui``: the web UI (``tiktrue.ui.main_app.WebUi``), mounted at ``/`` after the API's
+    routes; its paths pass the API's auth (its pages ask for a login)."""
     app = FastAPI(title="TikTrue gateway", version=__version__, docs_url=None, redoc_url=None)
     protocol = protocol or ClientProtocol(gateways)
     auth = auth or GatewayAuth(None)
-    app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(AuthMiddleware, auth=auth, ui_paths=ui.serves if ui else None)
     app.include_router(auth.router())
 
     def pick(model: str | None) -> Gateway:
@@ -188,6 +191,8 @@ def create_app(
         await ws.accept()
         await serve_client(ws, protocol, auth.connection(ws))
 
+    if ui is not None:
+        ui.mount(app)
     return app
 
 

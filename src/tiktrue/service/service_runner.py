@@ -76,8 +76,13 @@ class NodeService:
         kv_budget_mb: int = 512,
         announce: bool = True,
         session_idle_s: float = IDLE_TIMEOUT_S,
+        web_ui: bool = False,
     ) -> None:
+        """``web_ui``: serve the web UI at ``/`` beside the API (with ``api_port``; NiceGUI
+        allows one UI per process)."""
         self.data_dir = Path(data_dir)
+        self.web_ui = web_ui
+        self.ui_url: str | None = None
         self.announce = announce
         self.announcer = None
         self._replans: dict[str, asyncio.Task] = {}
@@ -205,13 +210,32 @@ class NodeService:
         except Exception as exc:
             log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
+    def _web_ui(self):
+        """The web UI, with the parts of this node it shows (see ``tiktrue.ui.context``)."""
+        from tiktrue.ui.context import UiContext
+        from tiktrue.ui.main_app import WebUi
+
+        if self._session_store is None:
+            self._session_store = SessionStore.open(self.data_dir)
+        context = UiContext(
+            self.data_dir,
+            gateways=self.gateways,
+            health=self.health,
+            events=self.events,
+            node_info=self.node_info,
+            reload=self.reload,
+            sessions=self._session_store,
+        )
+        return WebUi(context)
+
     async def _start_http(self) -> None:
+        ui = self._web_ui() if self.web_ui else None
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir)),
+            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir), ui=ui),
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
-            lifespan="off",
+            lifespan="on" if ui else "off",  # the UI starts and stops with the server
         )
         self._http = _EmbeddedServer(config)
         self._http_task = asyncio.create_task(self._http.serve())
@@ -222,6 +246,9 @@ class NodeService:
         port = self._http.servers[0].sockets[0].getsockname()[1]
         self.api_url = f"http://{self.api_host}:{port}/v1"
         log.info("OpenAI API on %s", self.api_url)
+        if ui is not None:
+            self.ui_url = f"http://{self.api_host}:{port}/"
+            log.info("web UI on %s", self.ui_url)
 
     async def stop(self) -> None:
         for task in [*self._pulls.values(), *self._broadcasts.values()]:
@@ -616,6 +643,7 @@ class NodeService:
                 for s in self.servers.values()
             },
             "api": self.api_url,
+            "ui": self.ui_url,
         }
         write_text_atomic(path, json.dumps(info, indent=2))
 
