@@ -608,7 +608,14 @@ def _overrides(items: list[str]) -> dict[str, int] | None:
 def network_plan(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context", help="Tokens of KV cache to reserve."),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="Tokens of KV cache every node reserves: the network's context length "
+        f"(default: the network's, {limits.DEFAULT_CONTEXT_TOKENS} when new).",
+    ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""
     from tiktrue.control.network_admin import make_plan
@@ -629,7 +636,13 @@ def network_plan(
 def network_apply(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context"),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="As for plan; applying records it in the network's config.",
+    ),
 ) -> None:
     """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
     from tiktrue.control.network_admin import apply_plan, make_plan
