@@ -144,16 +144,8 @@ class ClientProtocol:
     ) -> None:
         gateway = self._gateway(request.network_id, parsed)
         owner = await _admitted(connection, gateway, request.message_id, request.session_id)
-        # the same bounds as the request's (tiktrue.limits): nothing to clamp or refuse here
-        params = SamplingParams(
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            repetition_penalty=request.repetition_penalty,
-            seed=request.seed,
-            stop=request.stop,
-            max_tokens=request.max_tokens,
-        )
+        # the same fields and bounds as the request's (tiktrue.limits): nothing to clamp
+        params = SamplingParams(**request.model_dump(include=set(SamplingParams.model_fields)))
         inputs = (
             {"input_ids": request.input_ids}
             if request.input_ids is not None
