@@ -38,6 +38,9 @@ def test_sampling_fields_have_one_definition(name):
 def test_defaults_and_the_wire_accept_the_same_numbers():
     assert SamplingParams().temperature == limits.DEFAULT_TEMPERATURE
     assert GenerationFields().sampling() == SamplingParams()
+    assert GenerationFields(stop="x" * 100).sampling().stop == ["x" * 100]  # one string
+    with pytest.raises(ValueError):
+        GenerationFields(stop=["x"] * (limits.MAX_STOP_STRINGS + 1))
     request = InferenceRequest(prompt="x")
     assert request.max_tokens == SamplingParams().max_tokens == limits.DEFAULT_MAX_TOKENS
     for bad in ({"temperature": limits.MAX_TEMPERATURE + 0.1}, {"input_ids": [2**31]}):

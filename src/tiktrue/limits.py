@@ -19,6 +19,7 @@ MAX_REPETITION_PENALTY = 10.0
 DEFAULT_MAX_TOKENS = 512  # new tokens when a request names none (then bounded by the context)
 MAX_NEW_TOKENS = 1 << 17
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1  # torch's generator takes any 64-bit seed; JSON clients keep 63 bits
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -57,8 +58,7 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
-StopStrings = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=MAX_STOP_STRINGS)
-]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
 ContextTokens = Annotated[int, Field(ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)]

@@ -36,7 +36,16 @@ from tiktrue.gateway.auth import (
 )
 from tiktrue.gateway.http_errors import APIError, error_body, from_network
 from tiktrue.gateway.ws_api import ClientProtocol
-from tiktrue.limits import MaxTokens, RepetitionPenalty, Seed, StopStrings, Temperature, TopK, TopP
+from tiktrue.limits import (
+    MaxTokens,
+    RepetitionPenalty,
+    Seed,
+    StopString,
+    StopStrings,
+    Temperature,
+    TopK,
+    TopP,
+)
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams
@@ -70,7 +79,7 @@ class GenerationFields(BaseModel):
     top_k: TopK = 0  # not in OpenAI's API; accepted as llama.cpp and vLLM do
     repetition_penalty: RepetitionPenalty = 1.0
     seed: Seed | None = None
-    stop: str | StopStrings | None = Field(None, max_length=limits.MAX_STOP_STRINGS)
+    stop: StopString | StopStrings | None = None
     user: str | None = None
 
     def sampling(self) -> SamplingParams:
