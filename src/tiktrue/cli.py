@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from tiktrue import __version__
+from tiktrue import __version__, limits
 
 app = typer.Typer(
     help="TikTrue: one language model across the PCs of your LAN.", no_args_is_help=True
@@ -222,8 +222,10 @@ def generate(
     raw: bool = typer.Option(
         False, "--raw", help="Continue the text as is, without chat template."
     ),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
+    max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
+    temperature: float = typer.Option(
+        limits.DEFAULT_TEMPERATURE, "--temperature", help="0 = greedy."
+    ),
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
@@ -619,7 +621,14 @@ def _overrides(items: list[str]) -> dict[str, int] | None:
 def network_plan(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context", help="Tokens of KV cache to reserve."),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="Tokens of KV cache every node reserves: the network's context length "
+        f"(default: the network's, {limits.DEFAULT_CONTEXT_TOKENS} when new).",
+    ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""
     from tiktrue.control.network_admin import make_plan
@@ -640,7 +649,13 @@ def network_plan(
 def network_apply(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context"),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="As for plan; applying records it in the network's config.",
+    ),
 ) -> None:
     """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
     from tiktrue.control.network_admin import apply_plan, make_plan
@@ -923,8 +938,8 @@ def chat(
     model: str = typer.Option(None, "--model", "-m", help="Which model answers."),
     network: str = typer.Option(None, "--network", "-n", help="Which network answers."),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
+    temperature: float = typer.Option(limits.DEFAULT_TEMPERATURE, "--temperature"),
+    max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
     ),

@@ -31,6 +31,7 @@ from tiktrue.protocol.network_config import (
     read_config,
     write_config,
 )
+from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.node_tls import block_keyring, control_server_context
@@ -113,6 +114,8 @@ class ControlServer:
                 header, payload = decode_bytes_frame(raw)
             else:
                 header, payload = json.loads(raw), None
+            if not isinstance(header, dict):
+                raise Refused("bad_request", "a control request is a JSON object with an 'op'")
             request_id = header.get("id")
             op = header.get("op")
             handler = getattr(self, f"op_{op}", None)
@@ -122,9 +125,9 @@ class ControlServer:
             return {"in_reply_to": request_id, "ok": True, **(result or {})}
         except Refused as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (nm.JoinError, block_receiver.ReceiveError, StoreError) as exc:
+        except (nm.JoinError, block_receiver.ReceiveError, StoreError, ProtocolError) as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (ValueError, ValidationError, KeyError, TypeError) as exc:
+        except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
             return {
                 "in_reply_to": request_id,
                 "ok": False,

@@ -30,11 +30,13 @@ from tiktrue.control.block_repair import BlockRepairs, corrupt_event, repaired_e
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
+from tiktrue.control.planner import ModelProfile
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
+from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.monitoring.monitoring_system import EventLog
 from tiktrue.node.control_link import ControlError
@@ -60,7 +62,7 @@ def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
     """What a block server's weights and socket depend on: its span and its address. (Its
     neighbours and role can change in place: ``BlockServer.update_config``.)"""
     entry = config.node(node_id)
-    return (config.model_id, tuple(entry.blocks), entry.host, entry.port)
+    return (config.model_id, tuple(entry.blocks), entry.host, entry.port, config.context_tokens)
 
 
 class NodeService:
@@ -134,13 +136,20 @@ class NodeService:
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
-    def _kv_budget(self, store: BlockStore, blocks: list[str]) -> int:
-        budget = self.kv_budget_mb << 20
-        ram = self.caps().ram_bytes
-        if ram is not None:
-            weights = sum(store.manifest.blocks[b].bytes for b in blocks)
-            budget = min(budget, max(16 << 20, ram - weights - RUNTIME_BYTES))
-        return budget
+    def _kv_budget(self, store: BlockStore, config: NetworkConfig, blocks: list[str]) -> int:
+        """The KV page pool of a span: always room for one conversation of the network's
+        whole context (what the plan reserved, computed as the planner does); more, up to
+        ``--kv-budget-mb``, where the node's RAM (the same cap the planner used) leaves room,
+        so that more conversations stay in RAM before the least recent spill to disk."""
+        from tiktrue.node.resources import ram_cap
+
+        model_config = store.config()
+        context = config.context_length(model_config)
+        context = -(-context // KV_PAGE_TOKENS) * KV_PAGE_TOKENS  # whole pages
+        need = ModelProfile.from_manifest(store.manifest, model_config).kv_bytes(blocks, context)
+        weights = sum(store.manifest.blocks[b].bytes for b in blocks)
+        ram = ram_cap(self.caps().ram_bytes, psutil.virtual_memory().total)
+        return max(need, min(self.kv_budget_mb << 20, ram - weights - RUNTIME_BYTES))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -336,7 +345,7 @@ class NodeService:
                 self.data_dir,
                 config,
                 credentials,
-                kv_budget_bytes=self._kv_budget(store, blocks),
+                kv_budget_bytes=self._kv_budget(store, config, blocks),
             )
             server.on_blocks_changed = self._blocks_changed
             await server.start()
