@@ -23,6 +23,7 @@ from tiktrue.model.errors import ModelError
 from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
+from tiktrue.node.resources import ram_cap
 from tiktrue.protocol.network_config import ConfigError, NetworkConfig, config_path, read_config
 from tiktrue.security.auth_manager import IdentityError, SecurityError
 from tiktrue.security.node_tls import NetworkCredentials
@@ -192,7 +193,7 @@ def capacities(status: dict) -> list[NodeCapacity]:
         down = node["state"] in ("offline", "suspect", "dead")
         if down or not resources or not node.get("bytes_per_ms"):
             continue
-        ram = caps.get("ram_bytes") or int(resources["ram_free_bytes"] * 0.8)
+        ram = ram_cap(caps.get("ram_bytes"), resources["ram_total_bytes"])
         disk = caps.get("disk_bytes") or int(resources["disk_free_bytes"] * 0.9)
         out.append(
             NodeCapacity(
@@ -226,11 +227,14 @@ def plan_from_status(
     status: dict,
     *,
     overrides: dict[str, int] | None = None,
-    context_tokens: int = 2048,
+    context_tokens: int | None = None,
 ) -> Plan:
     """Plan the spans on the nodes as ``network_status(probe=True)`` measured them, holding
-    back the network's backup nodes where it can. No I/O but the local store's manifest."""
+    back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
+    on every node (default: what the network's config says; applying the plan records it).
+    No I/O but the local store's manifest."""
     config, credentials = load(data_dir, network_id)
+    context_tokens = context_tokens or config.context_tokens
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     model = ModelProfile.from_manifest(store.manifest, store.config())
     return plan_with_backups(
@@ -248,10 +252,11 @@ async def make_plan(
     network_id: str,
     *,
     overrides: dict[str, int] | None = None,
-    context_tokens: int = 2048,
+    context_tokens: int | None = None,
     without: set[str] = frozenset(),
 ) -> tuple[Plan, dict]:
-    """Measure every node (``without`` those leaving or lost) and plan the spans."""
+    """Measure every node (``without`` those leaving or lost) and plan the spans
+    (``plan_from_status``)."""
     status = await network_status(data_dir, network_id, probe=True, without=without)
     plan = plan_from_status(
         data_dir, network_id, status, overrides=overrides, context_tokens=context_tokens
@@ -291,6 +296,7 @@ async def apply_plan(
             **config.model_dump(),
             "nodes": [n.model_dump() for n in nodes],
             "version": config.version + 1,
+            "context_tokens": plan.context_tokens,
         }
     )
     await push_config(data_dir, new, credentials, skip=lost)

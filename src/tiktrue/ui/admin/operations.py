@@ -37,6 +37,7 @@ from tiktrue.control.distributor import PushProgress
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
 from tiktrue.control.planner import Plan, PlanError, human_bytes
 from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
+from tiktrue.limits import ContextTokens
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import import_model
 from tiktrue.model.store import BlockStore, list_stores
@@ -55,11 +56,11 @@ ALERT_LEVELS = ("warning", "error", "critical")
 
 class PlanRequest(BaseModel):
     """Caps to try (node id -> RAM, threads, disk; unset: the node's own), manual block counts
-    per node, and the KV context to reserve."""
+    per node, and the KV context every node reserves (the network's context length)."""
 
     caps: dict[str, NodeCaps] = Field(default_factory=dict)
     overrides: dict[str, int] | None = None
-    context_tokens: int = Field(2048, ge=1, le=1 << 20)
+    context_tokens: ContextTokens | None = None  # None: the network's own
 
 
 class AdminOperations:

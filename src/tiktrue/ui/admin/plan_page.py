@@ -12,7 +12,7 @@ import asyncio
 
 from nicegui import ui
 
-from tiktrue.node.resources import DEFAULT_DISK_FRACTION, DEFAULT_RAM_FRACTION, NodeCaps
+from tiktrue.node.resources import DEFAULT_DISK_FRACTION, NodeCaps, ram_cap
 from tiktrue.ui.admin.operations import AdminOperations, PlanRequest
 from tiktrue.ui.admin.widgets import (
     attempt,
@@ -55,7 +55,7 @@ class CapsCard:
                 "ram",
                 RAM_STEP_GB,
                 max(RAM_STEP_GB, round(ram_total / GB, 1)),
-                (caps.get("ram_bytes") or res["ram_free_bytes"] * DEFAULT_RAM_FRACTION) / GB,
+                ram_cap(caps.get("ram_bytes"), ram_total) / GB,  # what the planner assumes
                 lambda v: f"{v:.1f} GB of {fmt_bytes(ram_total)}",
             )
             self.threads = self._slider(
