@@ -866,7 +866,7 @@ def node(
     import torch
 
     from tiktrue.paths import data_dir
-    from tiktrue.service.service_runner import run_node
+    from tiktrue.service.service_runner import serve_node
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -875,17 +875,15 @@ def node(
     logging.getLogger("tiktrue").setLevel(logging.INFO)
     if threads:
         torch.set_num_threads(threads)
-    asyncio.run(
-        run_node(
-            data_dir(),
-            host=host,
-            control_port=control_port,
-            api_host=api_host,
-            api_port=api_port,
-            kv_budget_mb=kv_budget_mb,
-            session_idle_s=session_idle_minutes * 60.0,
-            web_ui=web_ui,
-        )
+    serve_node(
+        data_dir(),
+        host=host,
+        control_port=control_port,
+        api_host=api_host,
+        api_port=api_port,
+        kv_budget_mb=kv_budget_mb,
+        session_idle_s=session_idle_minutes * 60.0,
+        web_ui=web_ui,
     )
 
 

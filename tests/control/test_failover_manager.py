@@ -1,12 +1,19 @@
-"""The failover decisions without processes: which backup takes over which spans, and where
-the planner holds backups back."""
+"""The failover decisions without processes: which backup takes over which spans, where the
+planner holds backups back, and how failovers meet the health monitor's verdicts."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
+from tests.control.test_health_monitor import monitored
 from tests.control.test_planner import MB, make_model, node
-from tiktrue.control.failover_manager import activate_backup_worker
+from tiktrue.control import failover_manager
+from tiktrue.control.config_sync import SyncError
+from tiktrue.control.failover_manager import FailoverManager, activate_backup_worker
+from tiktrue.control.health_monitor import DEAD, ONLINE
 from tiktrue.control.planner import plan_with_backups
 from tiktrue.protocol.network_config import NetworkConfig, NodeEntry
 
@@ -84,3 +91,160 @@ def test_no_room_for_a_backup_is_said_and_the_chain_is_planned_anyway():
     assert plan.backups == {} and len(plan.assignments) == 3
     assert plan.notes == ["the chain needs every other node"]
     assert "no backup" in plan.describe()
+
+
+# --- the health monitor's verdicts against a failover in progress (fake clock, fake plans) --
+#
+# The monitor (fake clock, no I/O) drives a FailoverManager wired as the node service wires it
+# (``watch``); planning and pushing are replaced by fakes that wait on a gate, so a failover
+# can be held "in progress" while beats come in: the interleavings a busy PC produces.
+
+
+class FakePlans:
+    """Stands in for ``make_plan``/``apply_plan``: each apply waits for ``gate``, may fail, and
+    makes the next config version."""
+
+    def __init__(self, config: NetworkConfig) -> None:
+        self.config = config
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.applied: list[set[str]] = []  # the nodes left out of each applied plan
+        self.failures: list[Exception] = []  # raised by the next applies, in order
+
+    def load(self, data_dir, network_id):
+        return self.config, None
+
+    async def make_plan(self, data_dir, network_id, *, without=frozenset(), **_):
+        return SimpleNamespace(describe=lambda: "fake plan", without=set(without)), {}
+
+    async def apply_plan(self, data_dir, network_id, plan, *, lost=frozenset(), **_):
+        await self.gate.wait()
+        if self.failures:
+            raise self.failures.pop(0)
+        self.applied.append(set(plan.without))
+        self.config = self.config.model_copy(update={"version": self.config.version + 1})
+        return self.config
+
+
+@pytest.fixture
+def failover(monkeypatch, tmp_path):
+    """(monitor, clock, manager, plans, events) for nodes admin, w1, w2 (no backup)."""
+    monitor, clock, _ = monitored("admin", "w1", "w2")
+    config = monitor.config.model_copy(
+        update={
+            "model_chain_order": ORDER,
+            "nodes": [
+                n.model_copy(update={"blocks": blocks})
+                for n, blocks in zip(
+                    monitor.config.nodes, (ORDER[:2], ORDER[2:4], ORDER[4:]), strict=True
+                )
+            ],
+        }
+    )
+    monitor.update_config(config)
+    plans = FakePlans(config)
+    for name in ("load", "make_plan", "apply_plan"):
+        monkeypatch.setattr(failover_manager, name, getattr(plans, name))
+    events = []
+    manager = FailoverManager(
+        tmp_path, event=lambda name, **fields: events.append((name, fields["node_id"])), clock=clock
+    )
+    manager.watch(monitor)
+    for node_id in ("admin", "w1", "w2"):
+        monitor.record_beat(node_id, 1.0, {})
+    return monitor, clock, manager, plans, events
+
+
+async def until(condition, what: str) -> None:
+    """Let the manager's tasks run until ``condition()`` (a ceiling for a busy machine)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def dies(monitor, clock, node_id: str) -> None:
+    """``node_id`` misses beats for ``dead_after_s`` while the others answer: dead."""
+    clock.now += monitor.config.dead_after_s
+    for other in monitor.nodes:
+        if other != node_id and monitor.state(other) != DEAD:
+            monitor.record_beat(other, 1.0, {})
+    monitor.check()
+    assert monitor.state(node_id) == DEAD
+
+
+def test_a_node_back_before_its_failover_began_is_not_taken_over(failover):
+    """The run that hung the config-sync tests: w1 is declared dead while the failover of w2
+    holds the network, and answers again before its own failover begins. It must not be
+    failed over (and then never planned back in, since its 'online' had passed)."""
+    monitor, clock, manager, plans, events = failover
+
+    async def run():
+        plans.gate.clear()  # w2's failover is in progress...
+        dies(monitor, clock, "w2")
+        await until(lambda: "w2" in manager.state("net").lost, "w2's failover to begin")
+        dies(monitor, clock, "w1")  # ...when w1 misses its verdict by a fraction of a second
+        clock.now += 0.15
+        monitor.record_beat("w1", 1.0, {})
+        plans.gate.set()
+        await until(lambda: not manager._tasks, "the failovers to end")
+
+    asyncio.run(run())
+    assert events == [("failover", "w2")]
+    assert manager.state("net").lost == {"w2"} and plans.applied == [{"w2"}]
+
+
+def test_a_node_back_while_its_failover_runs_is_planned_back_in(failover):
+    monitor, clock, manager, plans, events = failover
+
+    async def run():
+        plans.gate.clear()
+        dies(monitor, clock, "w1")
+        await until(lambda: "w1" in manager.state("net").lost, "w1's failover to begin")
+        monitor.record_beat("w1", 1.0, {})  # back while the failover pushes
+        plans.gate.set()
+        await until(lambda: ("network_restored", "w1") in events, "w1 planned back in")
+        await until(lambda: not manager._tasks, "the manager to be idle")
+
+    asyncio.run(run())
+    assert events == [("failover", "w1"), ("network_restored", "w1")]
+    assert plans.applied == [{"w1"}, set()] and not manager.state("net").lost
+
+
+def test_a_failed_return_is_tried_again_at_a_later_beat(failover):
+    """The re-plan with a returning node can fail (a concurrent config change made the push
+    stale, a node away): the node stays lost, and a later beat plans it back in."""
+    monitor, clock, manager, plans, events = failover
+
+    async def run():
+        dies(monitor, clock, "w1")
+        await until(lambda: ("failover", "w1") in events, "w1's failover")
+        plans.failures.append(SyncError("prepare_refused", "w2: stale_config"))
+        monitor.record_beat("w1", 1.0, {})
+        await until(lambda: not manager._tasks, "the first return to fail")
+        assert "w1" in manager.state("net").lost
+        monitor.record_beat("w1", 1.0, {})  # too soon: no new attempt
+        assert not manager._tasks
+        clock.now += failover_manager.RETRY_BACK_S
+        monitor.record_beat("w1", 1.0, {})
+        await until(lambda: ("network_restored", "w1") in events, "w1 planned back in")
+
+    asyncio.run(run())
+    assert not manager.state("net").lost and plans.applied == [{"w1"}, set()]
+
+
+def test_a_node_lost_by_a_broken_chain_while_its_beats_go_on_is_planned_back_in(failover):
+    """A gateway's broken chain makes the admin ping its nodes; one too slow to answer is lost
+    though the monitor, beating it, never saw it go: its next beat plans it back in."""
+    monitor, clock, manager, plans, events = failover
+
+    async def run():
+        await manager.node_lost("net", "w1", "a step to w1 failed")
+        assert monitor.state("w1") == ONLINE
+        clock.now += monitor.config.heartbeat_s
+        monitor.record_beat("w1", 1.0, {})
+        await until(lambda: ("network_restored", "w1") in events, "w1 planned back in")
+
+    asyncio.run(run())
+    assert events == [("failover", "w1"), ("network_restored", "w1")]

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiktrue.control.health_monitor import DEAD, ONLINE, HealthMonitor
 from tiktrue.control.network_admin import apply_plan, load, make_plan, push_config
 from tiktrue.control.planner import PlanError
 from tiktrue.node.control_link import ControlLink
@@ -78,6 +81,9 @@ async def redistribute_blocks(data_dir: Path, network_id: str, lost: set[str]) -
     return await apply_plan(data_dir, network_id, plan, lost=lost)
 
 
+RETRY_BACK_S = 5.0  # a node whose re-plan failed is tried again at a beat after this long
+
+
 @dataclass
 class FailoverState:
     """What the failover manager knows of one network."""
@@ -88,23 +94,125 @@ class FailoverState:
 
 
 class FailoverManager:
-    """Runs on the admin node. ``node_lost`` and ``node_back`` come from the health monitor
-    (dead / online again), and ``node_lost`` also from a gateway whose chain failed. A new
-    config is pushed to the nodes still alive, then written here (the local service reloads);
-    ``event`` records what happened."""
+    """Runs on the admin node. ``node_lost`` comes from the health monitor (a node dead) and
+    from a gateway whose chain failed; ``answered`` from every good beat of a node (``watch``
+    wires both to a monitor). A new config is pushed to the nodes still alive, then written
+    here (the local service reloads); ``event`` records what happened.
 
-    def __init__(self, data_dir: Path, *, event: Callable[..., None] | None = None) -> None:
+    Each network's config changes one at a time: ``locks`` (shared with the node service's own
+    config writes: a re-announced control port, a broadcast, a re-plan after a join) keeps two
+    of them from making the same version with different content.
+
+    Returning is level-triggered: a lost node that answers a beat is planned back in, whenever
+    it answers, not only on the beat that turned it online. A node may answer again while its
+    own failover still waits or runs (a busy PC that missed its verdict by a fraction of a
+    second); the edge has passed by the time the failover marks it lost, and it must not stay
+    out of the chain for that.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        event: Callable[..., None] | None = None,
+        locks: dict[str, asyncio.Lock] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.event = event or (lambda *a, **k: None)
         self.networks: dict[str, FailoverState] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.locks = locks if locks is not None else defaultdict(asyncio.Lock)
+        self.clock = clock
+        self._returns: dict[tuple[str, str], asyncio.Task] = {}  # planning a node back in
+        self._retry_at: dict[tuple[str, str], float] = {}  # after a failed re-plan
+        self._tasks: set[asyncio.Task] = set()
 
     def state(self, network_id: str) -> FailoverState:
         return self.networks.setdefault(network_id, FailoverState())
 
-    async def node_lost(self, network_id: str, node_id: str, why: str = "") -> str:
-        """A node is lost: take its span over. Returns what was done (for the event log)."""
-        async with self._locks.setdefault(network_id, asyncio.Lock()):
+    def watch(self, monitor: HealthMonitor) -> None:
+        """Act on ``monitor``'s verdicts: a dead node is taken over (unless it answered again
+        before its failover began), a lost node that answers is planned back in."""
+
+        def on_change(network_id: str, node_id: str, old: str, new: str, info: dict) -> None:
+            if new != DEAD:
+                return
+
+            def still_dead() -> bool:
+                node = monitor.nodes.get(node_id)
+                return node is None or node.state != ONLINE
+
+            self._in_background(self._lose(network_id, node_id, info.get("why", ""), still_dead))
+
+        def on_beat(network_id: str, node_id: str, stats: dict) -> None:
+            self.answered(network_id, node_id)
+
+        monitor.add_listener(on_change)
+        monitor.add_beat_listener(on_beat)
+
+    async def _lose(self, network_id: str, node_id: str, why: str, still_lost) -> None:
+        try:
+            done = await self.node_lost(network_id, node_id, why, still_lost=still_lost)
+            log.warning("network %s: node %s is dead: %s", network_id, node_id, done)
+        except Exception:
+            log.exception("network %s: failover for %s failed", network_id, node_id)
+
+    def answered(self, network_id: str, node_id: str) -> None:
+        """``node_id`` answered a beat: when it is lost, plan it back in (one attempt at a time;
+        after a failed one, again at a beat ``RETRY_BACK_S`` later). Needs a running loop."""
+        key = (network_id, node_id)
+        if node_id not in self.state(network_id).lost:
+            return
+        running = self._returns.get(key)
+        if running is not None and not running.done():
+            return
+        if self.clock() < self._retry_at.get(key, float("-inf")):
+            return
+        self._returns[key] = self._in_background(self._return(network_id, node_id))
+
+    async def _return(self, network_id: str, node_id: str) -> None:
+        key = (network_id, node_id)
+        try:
+            done = await self.node_back(network_id, node_id)
+        except Exception as exc:  # a push refused, a node away: the node stays lost, retried
+            self._retry_at[key] = self.clock() + RETRY_BACK_S
+            log.warning(
+                "network %s: planning node %s back in failed (tried again in %.0f s): %r",
+                network_id,
+                node_id,
+                RETRY_BACK_S,
+                exc,
+            )
+            return
+        self._retry_at.pop(key, None)
+        log.warning("network %s: node %s is back: %s", network_id, node_id, done)
+
+    def _in_background(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def node_lost(
+        self,
+        network_id: str,
+        node_id: str,
+        why: str = "",
+        *,
+        still_lost: Callable[[], bool] | None = None,
+    ) -> str:
+        """A node is lost: take its span over. Returns what was done (for the event log).
+        ``still_lost`` is asked once the network's lock is held: a node that answered again
+        meanwhile (it was only slow) is not taken over."""
+        async with self.locks[network_id]:
+            if still_lost is not None and not still_lost():
+                return "it answered again before its failover began: nothing to take over"
             state = self.state(network_id)
             state.lost.add(node_id)
             config, credentials = load(self.data_dir, network_id)
@@ -137,19 +245,25 @@ class FailoverManager:
 
     async def node_back(self, network_id: str, node_id: str) -> str:
         """A lost node answers again: plan the network with it (its blocks are mostly there), so
-        the backups are back in place (also with a manual plan: the failover changed it)."""
-        async with self._locks.setdefault(network_id, asyncio.Lock()):
+        the backups are back in place (also with a manual plan: the failover changed it). It
+        stays lost until the new config is in place: raises what stopped that (a push refused,
+        a node away), and ``answered`` tries again."""
+        async with self.locks[network_id]:
             state = self.state(network_id)
-            was_lost = node_id in state.lost
-            state.lost.discard(node_id)
-            if not was_lost or not (state.failed_over or state.degraded):
+            if node_id not in state.lost:
+                return "nothing to do"
+            others = state.lost - {node_id}
+            if not (state.failed_over or state.degraded):
+                state.lost.discard(node_id)
                 return "nothing to do"
             try:
-                plan, _ = await make_plan(self.data_dir, network_id, without=state.lost)
-                new = await apply_plan(self.data_dir, network_id, plan, lost=state.lost)
-            except PlanError as exc:
+                plan, _ = await make_plan(self.data_dir, network_id, without=others)
+                new = await apply_plan(self.data_dir, network_id, plan, lost=others)
+            except PlanError as exc:  # back, but the network still cannot hold the model
+                state.lost.discard(node_id)
                 state.degraded = str(exc)
                 return f"still degraded: {exc}"
+            state.lost.discard(node_id)
             state.degraded = None
             state.failed_over = bool(state.lost)
             self.event(

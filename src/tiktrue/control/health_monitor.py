@@ -8,8 +8,10 @@ a hung process (SIGSTOP) counts as a missed beat just like a dead one. Per node:
     any state --good beat--> online
 
 ``suspect_now`` is for a gateway or peer whose link to a node just dropped: the node turns
-suspect and is probed at once (a refused connection: dead at once; no answer within the probe's
-timeout: dead). Listeners (``add_listener``) hear every change; the node service writes them to
+suspect and is probed at once. A refused connection (nothing listens: the process is gone)
+makes it dead at once; a probe with no answer within its timeout is a missed beat like any
+other, and the clock decides (``dead_after_s``): a PC that is only busy (loading a span,
+swapping, its cores shared) must not be declared dead, and failed over, for one slow answer. Listeners (``add_listener``) hear every change; the node service writes them to
 the event log, failover acts on them. Beat listeners (``add_beat_listener``) read every answer
 (block repair acts on the damaged blocks a node reports). The state machine takes its clock
 from the caller, so it is tested without sleeping.
@@ -171,7 +173,7 @@ class HealthMonitor:
 
     def suspect_now(self, node_id: str, why: str) -> None:
         """A link to the node dropped: suspect it and probe it at once (needs a running loop).
-        A refused connection makes it dead at once, no answer within the probe's timeout too."""
+        A refused connection makes it dead at once; no answer in time is a missed beat."""
         node = self.nodes.get(node_id)
         if node is None:
             return
@@ -306,9 +308,12 @@ class HealthMonitor:
             rtt_ms, stats = await self._beat(entry, self.beat_timeout_s, True)
         except BeatFailed as exc:
             node = self.nodes.get(node_id)
-            if node is not None and node.state != DEAD:
-                what = "refused the connection" if exc.refused else "did not answer a probe"
-                self._change(node, DEAD, f"{what}: {exc}")
+            if node is None or node.state == DEAD:
+                return
+            if exc.refused:
+                self._change(node, DEAD, f"refused the connection: {exc}")
+            else:
+                self.record_miss(node_id, f"did not answer a probe: {exc}")
         else:
             self.record_beat(node_id, rtt_ms, stats)
 

@@ -432,10 +432,14 @@ class Gateway:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def aclose(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
+        """Stop: the sweep and the frees still running end now (a node that hangs must not
+        hold this up; the nodes drop what they held when their links close), then the chain's
+        links close. Nothing writes to the session store after this returns."""
+        tasks = [t for t in (self._sweeper, *self._closing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sweeper = None
         await self.chain.aclose()
 
     # --- answering -------------------------------------------------------------------------

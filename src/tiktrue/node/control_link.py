@@ -13,7 +13,7 @@ from typing import Any
 
 import websockets
 
-from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerUnavailable
+from tiktrue.node.peer_link import CLOSE_TIMEOUT, HARD_FRAME_LIMIT, PeerUnavailable
 from tiktrue.security.auth_manager import IdentityError
 from tiktrue.security.node_tls import NetworkCredentials, control_client_context, peer_node_id
 
@@ -58,6 +58,7 @@ class ControlLink:
                     ssl=control_client_context(self.credentials),
                     max_size=HARD_FRAME_LIMIT,
                     compression=None,
+                    close_timeout=CLOSE_TIMEOUT,
                 ),
                 TIMEOUT,
             )

@@ -42,7 +42,13 @@ from tiktrue.model.errors import CorruptBlock, ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.store import BlockStore
 from tiktrue.node.block_guard import BlockGuard
-from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable, new_message_id
+from tiktrue.node.peer_link import (
+    CLOSE_TIMEOUT,
+    HARD_FRAME_LIMIT,
+    PeerLink,
+    PeerUnavailable,
+    new_message_id,
+)
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
@@ -202,6 +208,7 @@ class BlockServer:
             compression=None,
             ping_interval=20,
             ping_timeout=20,
+            close_timeout=CLOSE_TIMEOUT,
         )
         log.info("network %s: serving %s on %s", self.network_id, self.span, self.entry.address)
         self._in_background(self._warm_links())

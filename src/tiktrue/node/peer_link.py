@@ -28,6 +28,10 @@ from tiktrue.protocol.protocol_spec import (
 
 HARD_FRAME_LIMIT = 256 << 20  # websockets' own limit; ours is lower and answered politely
 CONNECT_TIMEOUT = 10.0
+# A closing handshake waits this long for the peer's close frame (websockets' default: 10 s).
+# Every node-to-node WebSocket uses it: a hung peer (frozen, asleep, its network gone) must not
+# hold up a node that stops, nor a link that is replaced, for more than this.
+CLOSE_TIMEOUT = 1.0
 
 
 class PeerUnavailable(ConnectionError):
@@ -84,6 +88,7 @@ class PeerLink:
                         compression=None,
                         ping_interval=20,
                         ping_timeout=20,
+                        close_timeout=CLOSE_TIMEOUT,
                     ),
                     CONNECT_TIMEOUT,
                 )

@@ -23,7 +23,7 @@ from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
 from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
-from tiktrue.node.peer_link import HARD_FRAME_LIMIT
+from tiktrue.node.peer_link import CLOSE_TIMEOUT, HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
 from tiktrue.protocol.network_config import (
     NetworkConfig,
@@ -76,7 +76,13 @@ class ControlServer:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await websockets.serve(
-            self._handle, host, port, ssl=self.context, max_size=HARD_FRAME_LIMIT, compression=None
+            self._handle,
+            host,
+            port,
+            ssl=self.context,
+            max_size=HARD_FRAME_LIMIT,
+            compression=None,
+            close_timeout=CLOSE_TIMEOUT,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -251,16 +257,17 @@ class ControlServer:
         network_id = header["network_id"]
         peer = self._member(peer, network_id)
         nm.admin_ca(self.data_dir, network_id)  # only the admin handles leaves
-        config = read_config(config_path(self.data_dir, network_id))
-        leaving = config.node(peer.node_id)
-        if leaving.blocks:
-            plan, _ = await make_plan(self.data_dir, network_id, without={peer.node_id})
-            new = await apply_plan(self.data_dir, network_id, plan, remove={peer.node_id})
-        else:
-            nodes = [n for n in config.nodes if n.node_id != peer.node_id]
-            new = config.model_copy(update={"nodes": nodes, "version": config.version + 1})
-            write_config(self.data_dir, NetworkConfig.model_validate(new.model_dump()))
-            await self.service.reload()
+        async with self.service.config_locks[network_id]:
+            config = read_config(config_path(self.data_dir, network_id))
+            leaving = config.node(peer.node_id)
+            if leaving.blocks:
+                plan, _ = await make_plan(self.data_dir, network_id, without={peer.node_id})
+                new = await apply_plan(self.data_dir, network_id, plan, remove={peer.node_id})
+            else:
+                nodes = [n for n in config.nodes if n.node_id != peer.node_id]
+                new = config.model_copy(update={"nodes": nodes, "version": config.version + 1})
+                write_config(self.data_dir, NetworkConfig.model_validate(new.model_dump()))
+        await self.service.reload()
         return {"version": new.version}
 
     async def op_chain_broken(self, header, payload, peer, local) -> dict:
