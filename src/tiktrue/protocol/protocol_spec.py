@@ -45,6 +45,7 @@ SESSION_NOT_FOUND = "session_not_found"  # raised by callers: no such session on
 INTERNAL_ERROR = "internal_error"  # raised by callers: a bug on the answering side
 FORBIDDEN = "forbidden"  # raised by callers: valid credentials that do not reach this
 RATE_LIMITED = "rate_limited"  # raised by callers: over a request limit; retry later
+AUTH_FAILED = "auth_failed"  # a node's challenge answer did not verify (or never came)
 
 ERROR_CODES = frozenset(
     {
@@ -61,6 +62,7 @@ ERROR_CODES = frozenset(
         INTERNAL_ERROR,
         FORBIDDEN,
         RATE_LIMITED,
+        AUTH_FAILED,
     }
 )
 
@@ -73,6 +75,7 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]
+HexBytes = Annotated[str, Field(pattern=r"^[0-9a-f]{2,256}$")]  # nonces, signatures
 
 
 class ProtocolError(Exception):
@@ -112,6 +115,7 @@ class MessageType(str, Enum):
     hello_reply = "hello_reply"  # the answer to hello when the versions agree
     ack = "ack"  # generic success answer to a control message
     link_lost = "link_lost"  # to a chain's first node: a link further down the chain dropped
+    node_auth = "node_auth"  # after hello: the connecting node's answer to the challenge
 
 
 class Header(BaseModel):
@@ -267,6 +271,7 @@ class Hello(Message):
     software_version: str = SOFTWARE_VERSION
     protocol_version: str = PROTOCOL_VERSION
     role: str | None = None
+    auth_nonce: HexBytes | None = None  # the challenge for the server (security.link_auth)
 
 
 class HelloReply(Message):
@@ -277,6 +282,17 @@ class HelloReply(Message):
     software_version: str = SOFTWARE_VERSION
     protocol_version: str = PROTOCOL_VERSION
     in_reply_to: MessageId
+    auth_nonce: HexBytes | None = None  # the challenge for the client
+    auth_proof: HexBytes | None = None  # the server's answer to the client's challenge
+
+
+class NodeAuth(Message):
+    """The connecting node's answer to the server's challenge (after hello_reply); the server
+    answers ``ack``, or ``error`` auth_failed and closes the connection."""
+
+    message_type: ClassVar[MessageType] = MessageType.node_auth
+
+    proof: HexBytes
 
 
 class _SessionControl(Message):
@@ -345,6 +361,7 @@ MESSAGE_MODELS: dict[MessageType, type[Message]] = {
         Cancel,
         Ack,
         LinkLost,
+        NodeAuth,
     )
 }
 
