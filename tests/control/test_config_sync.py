@@ -31,6 +31,7 @@ from tiktrue.control.network_manager import create_join_token, create_network
 from tiktrue.model.store import BlockStore
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.node.control_link import ControlError, ControlLink
+from tiktrue.node.resources import free_ports
 from tiktrue.paths import run_file
 from tiktrue.protocol.network_config import (
     NetworkConfig,
@@ -158,7 +159,14 @@ def net(tiny_llama, tmp_path_factory):
         host, port = control_address(admin).rsplit(":", 1)
         store = BlockStore(admin / "models" / tiny_llama.model_id)
         create_network(
-            admin, "Sync", store, host=host, control_port=int(port), network_id=NET, auto_plan=False
+            admin,
+            "Sync",
+            store,
+            host=host,
+            port=free_ports(1, host)[0],  # not the default 7480: other test runs share the PC
+            control_port=int(port),
+            network_id=NET,
+            auto_plan=False,
         )
         for home in homes[1:]:
             service = json.loads(run_file(home).read_text())
@@ -234,7 +242,7 @@ def test_a_lost_acknowledgement_is_retried(running):
             "config_prepare": 0,
             "config_commit": 0,
         }
-        assert net.config(home) == new
+        assert config_digest(net.config(home)) == config_digest(new)  # signed on the way
     status = net.status()
     assert {n["version_held"] for n in status["nodes"]} == {new.version}, status
 
