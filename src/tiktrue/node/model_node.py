@@ -90,6 +90,7 @@ class BlockServer:
         self.credentials = credentials
         self.node_id = credentials.identity.node_id
         self.entry = config.node(self.node_id)
+        self.active = serves_forward_steps(self.entry.role)  # a backup stands by
         store = BlockStore(self.data_dir / "models" / config.model_id)
         spill_dir = self.data_dir / "cache" / "kv" / self.network_id
         for stale in spill_dir.glob("*.npz"):  # KV spilled by a run that did not end cleanly
@@ -187,6 +188,7 @@ class BlockServer:
         flight on a link to a replaced neighbour fail; the gateway replays them."""
         self.config = config
         self.entry = config.node(self.node_id)
+        self.active = serves_forward_steps(self.entry.role)
         self.drop_revoked()
         old, after = self._next, config.next_node(self.node_id)
         if (after and after.address) != (old and old.address):
@@ -226,6 +228,7 @@ class BlockServer:
             return
         hello, peer = accepted
         denied = block_messages_denied(peer.role)  # per connection, not per message
+        on_frame = self._refuse_frame if "forward" in denied else self._on_frame
         self._peers[ws] = peer
         # On the chain's first node, a connection from a later node of the chain brings
         # answers (and errors) of steps in flight; the head's tells that it can answer here.
@@ -238,8 +241,10 @@ class BlockServer:
             async for raw in ws:
                 if brings_answers and isinstance(raw, str) and self._take_answer(raw):
                     continue
-                handler = self._on_frame if isinstance(raw, bytes) else self._on_text
-                task = asyncio.create_task(handler(ws, raw, denied))
+                if isinstance(raw, bytes):
+                    task = asyncio.create_task(on_frame(ws, raw))
+                else:
+                    task = asyncio.create_task(self._on_text(ws, raw, denied))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except websockets.ConnectionClosed:
@@ -307,13 +312,14 @@ class BlockServer:
 
     # --- the hot path: forward steps -------------------------------------------------------
 
-    async def _on_frame(self, ws, raw: bytes, denied: frozenset[str]) -> None:
-        if "forward" in denied:
-            reply = error_dict(ps.FORBIDDEN, "this certificate may not send steps", None)
-        else:
-            reply = await self.answer_frame(raw)
+    async def _on_frame(self, ws, raw: bytes) -> None:
+        reply = await self.answer_frame(raw)
         if reply is not None:
             await _send(ws, reply)
+
+    async def _refuse_frame(self, ws, raw: bytes) -> None:
+        """A peer whose role may not send steps (see ``security.access_control``)."""
+        await _send(ws, error_dict(ps.FORBIDDEN, "this certificate may not send steps"))
 
     async def answer_frame(self, raw: bytes) -> dict | None:
         """The answer to one forward step (a token, or a structured error); None when it goes
@@ -422,7 +428,7 @@ class BlockServer:
         carries them all; a node then counts only its own time, not the nodes after it.
         """
         after = self._next  # a config switch may replace it meanwhile: this step keeps its own
-        if not serves_forward_steps(self.entry.role):
+        if not self.active:
             raise PeerUnavailable(
                 f"node {self.node_id} is a backup in config v{self.config.version}: it has no "
                 "next node and computes no steps until a config makes it active"

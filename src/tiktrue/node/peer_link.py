@@ -3,11 +3,10 @@
 Used by a node to reach the next node of its chain, and by the gateway to reach the first.
 The link says hello (node id, network, versions), and both ends answer each other's challenge
 bound to this TLS session (``node.handshake``, once per connection); then it multiplexes
-requests: each request
-carries a message_id, the reader task hands each reply to the request that waits for it, so
-many sessions share one connection. A reply may also come back by another way (the chain's
-head answers its first node directly): ``resolve`` hands it to the waiting request. ``send``
-is for one-way messages that expect no reply on this link.
+requests: each request carries a message_id, the reader task hands each reply to the request
+that waits for it, so many sessions share one connection. A reply may also come back by
+another way (the chain's head answers its first node directly): ``resolve`` hands it to the
+waiting request. ``send`` is for one-way messages that expect no reply on this link.
 """
 
 from __future__ import annotations
