@@ -18,6 +18,7 @@ from tests.helpers.network import (
     wait_until,
 )
 from tests.integration.test_chain import reference_tokens
+from tiktrue.control.config_signing import sign_config
 from tiktrue.control.config_sync import (
     SyncError,
     config_digest,
@@ -27,7 +28,7 @@ from tiktrue.control.config_sync import (
 )
 from tiktrue.control.join import join_network
 from tiktrue.control.network_admin import apply_plan, make_plan, network_status, push_config
-from tiktrue.control.network_manager import create_join_token, create_network
+from tiktrue.control.network_manager import admin_ca, create_join_token, create_network
 from tiktrue.model.store import BlockStore
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.node.control_link import ControlError, ControlLink
@@ -331,14 +332,17 @@ def test_a_prepare_without_the_blocks_is_refused_and_nothing_is_committed(runnin
 def test_equal_versions_with_different_content_resolve_the_same_on_every_node(running):
     net = running
     config = net.config()
-    one, two = net.renamed("one", config), net.renamed("two", config)
+    ca = admin_ca(net.admin, NET)  # signed as the admin signs what it sends
+    one, two = (sign_config(net.renamed(name, config), ca) for name in ("one", "two"))
     winner = one if config_digest(one) < config_digest(two) else two
     workers = [config.node(n) for n in net.ids[1:]]
 
     async def offer(node, config):  # as the admin would, without the broadcast's abort
         async with ControlLink.to(node, net.credentials()) as link:
             try:
-                await link.call("config_prepare", config=config.model_dump(mode="json"))
+                await link.call(
+                    "config_prepare", network_id=NET, config=config.model_dump(mode="json")
+                )
             except ControlError as exc:
                 assert exc.code == "stale_config"
                 return
