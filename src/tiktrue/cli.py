@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from tiktrue import __version__
+from tiktrue import __version__, limits
 
 app = typer.Typer(
     help="TikTrue: one language model across the PCs of your LAN.", no_args_is_help=True
@@ -215,8 +215,10 @@ def generate(
     raw: bool = typer.Option(
         False, "--raw", help="Continue the text as is, without chat template."
     ),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
+    max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
+    temperature: float = typer.Option(
+        limits.DEFAULT_TEMPERATURE, "--temperature", help="0 = greedy."
+    ),
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
@@ -606,7 +608,14 @@ def _overrides(items: list[str]) -> dict[str, int] | None:
 def network_plan(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context", help="Tokens of KV cache to reserve."),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="Tokens of KV cache every node reserves: the network's context length "
+        f"(default: the network's, {limits.DEFAULT_CONTEXT_TOKENS} when new).",
+    ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""
     from tiktrue.control.network_admin import make_plan
@@ -627,7 +636,13 @@ def network_plan(
 def network_apply(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context"),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="As for plan; applying records it in the network's config.",
+    ),
 ) -> None:
     """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
     from tiktrue.control.network_admin import apply_plan, make_plan
@@ -851,6 +866,9 @@ def node(
         None, "--api-port", help="Also serve the gateway (OpenAI API, /ws) on this port (0: any)."
     ),
     api_host: str = typer.Option("127.0.0.1", "--api-host"),
+    web_ui: bool = typer.Option(
+        True, "--ui/--no-ui", help="With --api-port: serve the web UI at / on the same port."
+    ),
     kv_budget_mb: int = typer.Option(512, "--kv-budget-mb", help="KV cache budget per network."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for compute."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -885,8 +903,38 @@ def node(
             api_port=api_port,
             kv_budget_mb=kv_budget_mb,
             session_idle_s=session_idle_minutes * 60.0,
+            web_ui=web_ui,
         )
     )
+
+
+@app.command("app")
+def app_window(
+    port: int = typer.Option(8000, "--port", help="The UI's (and the gateway's) port."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address the UI listens on (this PC's LAN IP: the LAN too)."
+    ),
+    control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
+    browser: bool = typer.Option(
+        False, "--browser", help="Open the default browser even where a native window works."
+    ),
+) -> None:
+    """This PC's TikTrue: the web UI in a window (first run: create or join a network)."""
+    from tiktrue.paths import data_dir
+    from tiktrue.service.app_runner import run_app
+
+    try:
+        run_app(
+            data_dir(),
+            native=False if browser else None,
+            log=err,
+            host=host,
+            control_port=control_port,
+            api_host=host,
+            api_port=port,
+        )
+    except (OSError, TimeoutError) as exc:
+        fail(f"cannot start this PC's node service: {exc}")
 
 
 @app.command()
@@ -895,8 +943,8 @@ def chat(
     model: str = typer.Option(None, "--model", "-m", help="Which model answers."),
     network: str = typer.Option(None, "--network", "-n", help="Which network answers."),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
+    temperature: float = typer.Option(limits.DEFAULT_TEMPERATURE, "--temperature"),
+    max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
     ),
@@ -952,8 +1000,9 @@ def demo(
         typer.echo(f"OpenAI API: {cluster.api_url}", color=False)
         api_key, password = demo_api_key(data_dir())
         typer.echo(f"API key: {api_key}", color=False)
-        if password:
-            err(f"admin account: {DEMO_ADMIN} / {password} (shown once; tiktrue users passwd)")
+        if cluster.ui_url:
+            typer.echo(f"Web UI: {cluster.ui_url}", color=False)
+        typer.echo(f"Admin login: {DEMO_ADMIN} / {password}", color=False)
         sys.stdout.flush()
         err(f"status: TIKTRUE_HOME={data_dir()} tiktrue network status")
         if headless:

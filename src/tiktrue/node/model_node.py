@@ -40,6 +40,7 @@ import psutil
 import websockets
 from pydantic import ValidationError
 
+from tiktrue import limits
 from tiktrue.model.engine import BlockEngine, Span
 from tiktrue.model.errors import ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
@@ -82,7 +83,6 @@ class BlockServer:
         credentials: NetworkCredentials,
         *,
         kv_budget_bytes: int = 512 << 20,
-        max_request_tokens: int = 8192,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.config = config
@@ -102,8 +102,11 @@ class BlockServer:
             spill_dir=spill_dir,
         )
         itemsize = 4
-        # the largest legitimate frame: a full request's hidden states, plus headers
-        self.max_frame_bytes = max_request_tokens * self.engine.hidden_size * itemsize + (1 << 16)
+        # the largest legitimate frame: the hidden states of the largest step, plus its header
+        self.max_frame_bytes = (
+            limits.MAX_STEP_TOKENS * self.engine.hidden_size * itemsize
+            + limits.MAX_FRAME_HEADER_BYTES
+        )
         self.samplers: dict[str, SessionSampler] = {}
         self.stats = ps.ProtocolStats()
         self.client_handler: ClientHandler | None = None
@@ -329,12 +332,26 @@ class BlockServer:
             header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
             message_id = _opt_str(header.get("message_id"))
             session_id = _opt_str(header.get("session_id"))
+            count = tensor.shape[-2] if tensor.dim() == 3 else tensor.numel()
+            if count > limits.MAX_STEP_TOKENS:
+                raise ps.ProtocolError(
+                    ps.FRAME_TOO_LARGE,
+                    f"a step carries at most {limits.MAX_STEP_TOKENS} tokens, not {count}: "
+                    "prefill a longer prompt in several steps",
+                )
             self._check_network(header.get("network_id"), message_id, session_id)
             answer_to = self._answer_to(header, message_id, session_id)
-            if header.get("kind") != "forward" or not isinstance(header.get("start"), int):
+            start = header.get("start")
+            if (
+                header.get("kind") != "forward"
+                or not isinstance(start, int)
+                or isinstance(start, bool)
+                or message_id is None
+            ):
                 raise ps.ProtocolError(
                     ps.INVALID_MESSAGE,
-                    "a tensor frame must be a forward step with an integer 'start'",
+                    "a tensor frame must be a forward step with an integer 'start' and a "
+                    "'message_id'",
                     message_id,
                     session_id,
                 )
@@ -498,26 +515,50 @@ class BlockServer:
         """Engine thread: the span's forward, then the sampled token (head) or the next frame
         (which carries this node's timing forward when the head answers directly)."""
         session_id = header.get("session_id")
+        if self.span.has_head:  # checked before the step changes the session's cache
+            fed = self._fed(header, tensor)
+            sampling = header.get("sampling")
+            params = SamplingParams.model_validate(sampling) if sampling is not None else None
         if header.get("open") is True:  # the step opens its session (one round trip less)
             self._open_session(session_id)
         out = self.engine.forward(session_id, tensor, header["start"])
         if not self.span.has_head:
             meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
+            if self.span.has_embed:  # the ids, for the head's repetition penalty: listed once
+                meta["tokens"] = tensor.reshape(-1).tolist()
             header["computed_at"] = time.perf_counter()
             if "answer_to" in meta:
                 timing = self._timing(began, header["computed_at"], None)
                 meta["timings"] = [*(meta.get("timings") or []), timing]
             return encode_tensor_frame(out, **meta)
         sampler = self.samplers.setdefault(session_id, SessionSampler())
-        if isinstance(header.get("sampling"), dict):
-            sampler.set_params(SamplingParams.model_validate(header["sampling"]))
-        return sampler.next_token(out[0], [int(t) for t in header.get("tokens") or []])
+        if params is not None:
+            sampler.set_params(params)
+        return sampler.next_token(out[0], fed)
+
+    def _fed(self, header: dict, tensor) -> list[int]:
+        """The token ids this step ran: its tensor where the span embeds them, else as the
+        chain's first node listed them in the header."""
+        if self.span.has_embed:
+            return tensor.reshape(-1).tolist()
+        tokens = header.get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE,
+                "a step reaching the head must list its token ids ('tokens')",
+                _opt_str(header.get("message_id")),
+                _opt_str(header.get("session_id")),
+            )
+        return tokens
 
     def _check_network(self, network_id, message_id, session_id) -> None:
         if network_id != self.network_id:
+            named = "a message without network_id" if network_id is None else network_id
             raise ps.ProtocolError(
                 ps.WRONG_NETWORK,
-                f"this server belongs to network {self.network_id}, not {network_id}",
+                f"this server belongs to network {self.network_id}, not {named!s:.80}",
                 message_id,
                 session_id,
             )

@@ -39,6 +39,7 @@ from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
 from tiktrue.protocol.network_config import ConfigError, NetworkConfig, list_configs, write_config
+from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.security.access_control import (
     ANONYMOUS,
     ANYONE,
@@ -186,7 +187,7 @@ class ControlServer:
             else:
                 header, payload = json.loads(raw), None
             if not isinstance(header, dict):
-                raise Refused("bad_request", "a control request is a JSON object")
+                raise Refused("bad_request", "a control request is a JSON object with an 'op'")
             request_id = header.get("id")
             op = header.get("op")
             self._still_valid(conn.caller)
@@ -196,13 +197,18 @@ class ControlServer:
         except Refused as exc:
             reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
             return reply, exc.close
-        except (AccessDenied, nm.JoinError, block_receiver.ReceiveError, StoreError) as exc:
+        except (
+            AccessDenied,
+            nm.JoinError,
+            block_receiver.ReceiveError,
+            StoreError,
+            ProtocolError,
+            ConfigSignatureError,
+            config_sync.SyncRefused,
+        ) as exc:
             reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
             return reply, False
-        except (ConfigSignatureError, config_sync.SyncRefused) as exc:
-            reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-            return reply, False
-        except (ValueError, ValidationError, KeyError, TypeError) as exc:
+        except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
             reply = {
                 "in_reply_to": request_id,
                 "ok": False,
@@ -254,11 +260,11 @@ class ControlServer:
 
     async def op_auth(self, header, payload, conn: Connection) -> dict:
         """The caller's answer: by the key of the certificate it showed in TLS (a member of a
-        network this node is in), or by this node's own key (``as: owner``). A wrong answer
-        ends the connection."""
+        network this node is in), or by this node's own key (``as: owner``). One try per
+        connection: after a wrong answer it stays a connection without a certificate."""
         challenge = conn.challenge
         if challenge is None or conn.caller is not ANONYMOUS:
-            raise Refused("auth_failed", "say hello first, and prove once", close=True)
+            raise Refused("auth_failed", "say hello first, and answer the challenge once")
         try:
             proof = parse_proof(header.get("proof"))
             if header.get("as") == OWNER:
@@ -268,7 +274,7 @@ class ControlServer:
                 conn.caller = Caller.member(self._check_member(conn, challenge, proof))
                 conn.ws.protocol.max_message_size = HARD_FRAME_LIMIT  # block pushes
         except IdentityError as exc:
-            raise Refused("auth_failed", str(exc), close=True) from exc
+            raise Refused("auth_failed", str(exc)) from exc
         return {"caller": conn.caller.kind, "node_id": conn.caller.node_id}
 
     def _check_member(self, conn: Connection, challenge: LinkChallenge, proof: bytes):

@@ -29,11 +29,13 @@ from tiktrue.control import config_sync
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
+from tiktrue.control.planner import ModelProfile
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
+from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.monitoring.monitoring_system import EventLog
 from tiktrue.node.control_link import ControlError
@@ -59,7 +61,7 @@ def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
     """What a block server's weights and socket depend on: its span and its address. (Its
     neighbours and role can change in place: ``BlockServer.update_config``.)"""
     entry = config.node(node_id)
-    return (config.model_id, tuple(entry.blocks), entry.host, entry.port)
+    return (config.model_id, tuple(entry.blocks), entry.host, entry.port, config.context_tokens)
 
 
 class NodeService:
@@ -74,8 +76,13 @@ class NodeService:
         kv_budget_mb: int = 512,
         announce: bool = True,
         session_idle_s: float = IDLE_TIMEOUT_S,
+        web_ui: bool = False,
     ) -> None:
+        """``web_ui``: serve the web UI at ``/`` beside the API (with ``api_port``; NiceGUI
+        allows one UI per process)."""
         self.data_dir = Path(data_dir)
+        self.web_ui = web_ui
+        self.ui_url: str | None = None
         self.announce = announce
         self.announcer = None
         self._replans: dict[str, asyncio.Task] = {}
@@ -125,13 +132,20 @@ class NodeService:
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
-    def _kv_budget(self, store: BlockStore, blocks: list[str]) -> int:
-        budget = self.kv_budget_mb << 20
-        ram = self.caps().ram_bytes
-        if ram is not None:
-            weights = sum(store.manifest.blocks[b].bytes for b in blocks)
-            budget = min(budget, max(16 << 20, ram - weights - RUNTIME_BYTES))
-        return budget
+    def _kv_budget(self, store: BlockStore, config: NetworkConfig, blocks: list[str]) -> int:
+        """The KV page pool of a span: always room for one conversation of the network's
+        whole context (what the plan reserved, computed as the planner does); more, up to
+        ``--kv-budget-mb``, where the node's RAM (the same cap the planner used) leaves room,
+        so that more conversations stay in RAM before the least recent spill to disk."""
+        from tiktrue.node.resources import ram_cap
+
+        model_config = store.config()
+        context = config.context_length(model_config)
+        context = -(-context // KV_PAGE_TOKENS) * KV_PAGE_TOKENS  # whole pages
+        need = ModelProfile.from_manifest(store.manifest, model_config).kv_bytes(blocks, context)
+        weights = sum(store.manifest.blocks[b].bytes for b in blocks)
+        ram = ram_cap(self.caps().ram_bytes, psutil.virtual_memory().total)
+        return max(need, min(self.kv_budget_mb << 20, ram - weights - RUNTIME_BYTES))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -196,13 +210,32 @@ class NodeService:
         except Exception as exc:
             log.exception("network %s: re-plan after a join failed: %s", network_id, exc)
 
+    def _web_ui(self):
+        """The web UI, with the parts of this node it shows (see ``tiktrue.ui.context``)."""
+        from tiktrue.ui.context import UiContext
+        from tiktrue.ui.main_app import WebUi
+
+        if self._session_store is None:
+            self._session_store = SessionStore.open(self.data_dir)
+        context = UiContext(
+            self.data_dir,
+            gateways=self.gateways,
+            health=self.health,
+            events=self.events,
+            node_info=self.node_info,
+            reload=self.reload,
+            sessions=self._session_store,
+        )
+        return WebUi(context)
+
     async def _start_http(self) -> None:
+        ui = self._web_ui() if self.web_ui else None
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir)),
+            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir), ui=ui),
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
-            lifespan="off",
+            lifespan="on" if ui else "off",  # the UI starts and stops with the server
         )
         self._http = _EmbeddedServer(config)
         self._http_task = asyncio.create_task(self._http.serve())
@@ -213,6 +246,9 @@ class NodeService:
         port = self._http.servers[0].sockets[0].getsockname()[1]
         self.api_url = f"http://{self.api_host}:{port}/v1"
         log.info("OpenAI API on %s", self.api_url)
+        if ui is not None:
+            self.ui_url = f"http://{self.api_host}:{port}/"
+            log.info("web UI on %s", self.ui_url)
 
     async def stop(self) -> None:
         for task in [*self._pulls.values(), *self._broadcasts.values()]:
@@ -302,7 +338,7 @@ class NodeService:
             self.data_dir,
             config,
             credentials,
-            kv_budget_bytes=self._kv_budget(store, blocks),
+            kv_budget_bytes=self._kv_budget(store, config, blocks),
         )
         await server.start()
         server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
@@ -607,6 +643,7 @@ class NodeService:
                 for s in self.servers.values()
             },
             "api": self.api_url,
+            "ui": self.ui_url,
         }
         write_text_atomic(path, json.dumps(info, indent=2))
 
