@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from tiktrue import limits
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import ConfigSignatureError, sign_config, verify_config
 from tiktrue.control.config_sync import SyncRefused, check_prepare
@@ -60,12 +61,12 @@ def _request(home, network_id: str, secret=None, **fields):
 def test_join_requests_are_bounded_per_source_and_in_all(tiny_llama, tmp_path, monkeypatch):
     admin = tmp_path / "admin"
     nm.create_network(admin, "A", tiny_llama, network_id="net-a")
-    monkeypatch.setattr(nm, "MAX_PENDING", 6)
+    monkeypatch.setattr(limits, "MAX_PENDING_JOINS", 6)
     ids = [
         nm.accept_join(admin, _request(tmp_path / f"pc{i}", "net-a"), source="10.0.0.9")
-        for i in range(nm.MAX_PENDING_PER_SOURCE)
+        for i in range(limits.MAX_PENDING_JOINS_PER_SOURCE)
     ]
-    assert len(set(ids)) == nm.MAX_PENDING_PER_SOURCE
+    assert len(set(ids)) == limits.MAX_PENDING_JOINS_PER_SOURCE
     again = nm.accept_join(admin, _request(tmp_path / "pc0", "net-a"), source="10.0.0.9")
     assert again == ids[0]  # the same PC asking again: the same request
     with pytest.raises(nm.TooManyJoinRequests, match="from 10.0.0.9"):

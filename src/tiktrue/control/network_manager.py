@@ -7,7 +7,7 @@ join tokens (only their hashes) and join requests waiting for approval.
 
 A join request comes from a PC that holds no certificate yet, so anyone on the LAN can send
 one: its fields are size-limited, and pending requests are capped per source address and in
-total (``MAX_PENDING_PER_SOURCE``, ``MAX_PENDING``), and forgotten after ``TOKEN_TTL``. The
+total (``tiktrue.limits``), and forgotten after ``TOKEN_TTL``. The
 grant carries the config signed by the network's CA, which the joiner checks.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from tiktrue import limits
 from tiktrue.control.config_signing import sign_config, verify_config
 from tiktrue.model.store import BlockStore
 from tiktrue.paths import write_text_atomic
@@ -49,8 +50,6 @@ from tiktrue.security.node_tls import install_certificate, node_identity
 
 TOKEN_TTL = 24 * 3600
 BLOCK_KEY = "block_key"
-MAX_PENDING_PER_SOURCE = 4  # join requests waiting for approval from one address
-MAX_PENDING = 64  # ... and from everyone
 
 
 class JoinError(Exception):
@@ -178,8 +177,8 @@ class JoinRequest(BaseModel):
     network_id: str = Field(pattern=ID_PATTERN)
     public_key_pem: str = Field(max_length=400)  # a P-256 public key in PEM is ~180 chars
     proof: str = Field(max_length=160)  # hex signature over the join challenge: holds the key
-    name: str = Field("", max_length=64)
-    host: str = Field("127.0.0.1", min_length=1, max_length=253)
+    name: str = Field("", max_length=limits.MAX_NODE_NAME_CHARS)
+    host: str = Field("127.0.0.1", min_length=1, max_length=limits.MAX_HOST_CHARS)
     block_port: int = Field(ge=1, le=65535)
     control_port: int | None = Field(None, ge=1, le=65535)
     token_secret: str | None = Field(None, max_length=128)  # None: wait for the admin's approval
@@ -213,14 +212,15 @@ def accept_join(data_dir: Path, request: JoinRequest, *, source: str = "") -> Jo
             if item["node_id"] == node_id and item["state"] == "pending":
                 return request_id
         pending = [item for item in requests.values() if item["state"] == "pending"]
-        if sum(item.get("source") == source for item in pending) >= MAX_PENDING_PER_SOURCE:
+        per_source = limits.MAX_PENDING_JOINS_PER_SOURCE
+        if sum(item.get("source") == source for item in pending) >= per_source:
             raise TooManyJoinRequests(
-                f"{MAX_PENDING_PER_SOURCE} join requests from {source or 'this address'} wait "
-                "for approval already; ask the admin to approve or reject them"
+                f"{per_source} join requests from {source or 'this address'} wait for "
+                "approval already; ask the admin to approve or reject them"
             )
-        if len(pending) >= MAX_PENDING:
+        if len(pending) >= limits.MAX_PENDING_JOINS:
             raise TooManyJoinRequests(
-                f"{MAX_PENDING} join requests wait for approval already; ask the admin"
+                f"{limits.MAX_PENDING_JOINS} join requests wait for approval already; ask the admin"
             )
         request_id = uuid.uuid4().hex[:12]
         requests[request_id] = {

@@ -6,8 +6,8 @@ Every connection starts as ``anyone``; the challenge (``hello``, ``auth``; see
 own key (``owner``: the CLI of this PC; trust never comes from an address). Before every
 operation ``security.access_control.check_control`` says whether the caller may do it: a
 caller without a certificate reaches only who this node is and the join handshake, in
-messages of at most ``PUBLIC_FRAME_LIMIT`` bytes. A certificate revoked by a network's signed
-config (or expired) stops working at once, on connections already open too."""
+messages of at most ``limits.MAX_UNPROVED_MESSAGE_BYTES``. A certificate revoked by a
+network's signed config (or expired) stops working at once, on open connections too."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import websockets
 from cryptography import x509
 from pydantic import ValidationError
 
+from tiktrue import limits
 from tiktrue.control import config_sync
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import ConfigSignatureError, sign_config
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiktrue.control")
 _TEST_HOOKS = os.environ.get("TIKTRUE_TEST_HOOKS") == "1"
 LOSE_REPLIES = "test_lose_replies.json"  # {op: how many replies to lose}, with the hooks on
-PUBLIC_FRAME_LIMIT = 64 << 10  # before a connection proves a certificate (a join is ~1 KB)
 CONTROL_PURPOSE = "control"  # as the client binds it (node.control_link)
 
 
@@ -117,7 +117,7 @@ class ControlServer:
             host,
             port,
             ssl=self.context,
-            max_size=PUBLIC_FRAME_LIMIT,
+            max_size=limits.MAX_UNPROVED_MESSAGE_BYTES,  # raised once a member proves
             compression=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
