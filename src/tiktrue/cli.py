@@ -113,10 +113,11 @@ def models_list() -> None:
 def _open_store(model_id: str):
     from tiktrue.model.errors import StoreError
     from tiktrue.model.store import BlockStore
-    from tiktrue.paths import models_dir
+    from tiktrue.paths import data_dir, models_dir
+    from tiktrue.security.node_tls import block_keyring
 
-    try:
-        return BlockStore(models_dir() / model_id)
+    try:  # with this node's block keys: a worker's blocks may be sealed at rest
+        return BlockStore(models_dir() / model_id, keyring=block_keyring(data_dir()))
     except StoreError as exc:
         fail(str(exc))
 
@@ -172,12 +173,18 @@ def models_show(
 
 @models_app.command("verify")
 def models_verify(model_id: str) -> None:
-    """Re-hash every block; name each one that does not match the manifest."""
+    """Re-hash every block this PC holds (sealed ones opened with the network's key); name
+    each one that does not match the manifest, and why."""
     store = _open_store(model_id)
-    bad = store.verify()
-    if bad:
-        fail(f"{len(bad)} corrupted block(s) in {model_id}: {', '.join(bad)}")
-    typer.echo(f"{model_id}: all {len(store.manifest.blocks)} blocks verified")
+    order = store.manifest.model_chain_order
+    held = [name for name in order if store.has_block(name)]
+    problems = {name: problem for name in held if (problem := store.check_block(name))}
+    for name, problem in problems.items():
+        err(f"{name}: {problem}")
+    if problems:
+        fail(f"{len(problems)} corrupted block(s) in {model_id}: {', '.join(problems)}")
+    absent = f" ({len(order) - len(held)} more not on this PC)" if len(held) < len(order) else ""
+    typer.echo(f"{model_id}: all {len(held)} blocks verified{absent}")
 
 
 @models_app.command("serve")
@@ -344,6 +351,11 @@ def network_create(
         help="PCs the planner holds back as backups, each with a replica of spans it can "
         "take over at once when a PC is lost (when the others can hold the model).",
     ),
+    encrypt_at_rest: bool = typer.Option(
+        False,
+        "--encrypt-at-rest",
+        help="Workers keep their blocks encrypted on disk (AES-256-GCM, the network's key).",
+    ),
 ) -> None:
     """Create a network administered by this node (it holds the model and serves all of it)."""
     from tiktrue.control.network_admin import poke_local_service
@@ -364,6 +376,7 @@ def network_create(
         network_id=network_id,
         auto_plan=not manual_plan,
         backup_nodes=backups,
+        encrypt_at_rest=encrypt_at_rest,
     )
     _run(poke_local_service(data_dir()))
     typer.echo(f"created network {config.network_id} ({name}) serving {config.model_id}")

@@ -42,17 +42,18 @@ from pydantic import ValidationError
 
 from tiktrue import limits
 from tiktrue.model.engine import BlockEngine, Span
-from tiktrue.model.errors import ModelError
+from tiktrue.model.errors import CorruptBlock, ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.store import BlockStore
 from tiktrue.node import handshake
+from tiktrue.node.block_guard import BlockGuard
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.security.access_control import block_messages_denied, serves_forward_steps
 from tiktrue.security.auth_manager import CertInfo
-from tiktrue.security.node_tls import NetworkCredentials
+from tiktrue.security.node_tls import NetworkCredentials, block_keyring
 
 log = logging.getLogger("tiktrue.node")
 
@@ -91,21 +92,31 @@ class BlockServer:
         self.node_id = credentials.identity.node_id
         self.entry = config.node(self.node_id)
         self.active = serves_forward_steps(self.entry.role)  # a backup stands by
-        store = BlockStore(self.data_dir / "models" / config.model_id)
+        store = BlockStore(
+            self.data_dir / "models" / config.model_id, keyring=block_keyring(self.data_dir)
+        )
         spill_dir = self.data_dir / "cache" / "kv" / self.network_id
         for stale in spill_dir.glob("*.npz"):  # KV spilled by a run that did not end cleanly
             stale.unlink(missing_ok=True)
-        self.engine = BlockEngine(
-            store,
-            Span(tuple(self.entry.blocks)),
-            kv_budget_bytes=kv_budget_bytes,
-            spill_dir=spill_dir,
-        )
+        self._span = Span(tuple(self.entry.blocks))
+        # the guard notes the files before they are read: a change during the load is seen
+        self.guard = BlockGuard(store, self._span.blocks, self._guard_report)
+        self._load_faults: dict[str, str] = {}
+        self.engine: BlockEngine | None = None  # None: a block failed verification, see fault
+        try:
+            self.engine = BlockEngine(
+                store, self._span, kv_budget_bytes=kv_budget_bytes, spill_dir=spill_dir
+            )
+        except CorruptBlock as exc:  # the server still runs: it answers every step with it
+            self._load_faults = {name: exc.detail for name in exc.blocks}
+            log.error("network %s: span %s cannot load: %s", self.network_id, self._span, exc)
+        # (network_id, {block: what is wrong}): the node service tells the admin
+        self.on_blocks_changed: Callable[[str, dict[str, str]], None] | None = None
         itemsize = 4
+        hidden_size = self.engine.hidden_size if self.engine else store.config().hidden_size
         # the largest legitimate frame: the hidden states of the largest step, plus its header
         self.max_frame_bytes = (
-            limits.MAX_STEP_TOKENS * self.engine.hidden_size * itemsize
-            + limits.MAX_FRAME_HEADER_BYTES
+            limits.MAX_STEP_TOKENS * hidden_size * itemsize + limits.MAX_FRAME_HEADER_BYTES
         )
         self.samplers: dict[str, SessionSampler] = {}
         self.stats = ps.ProtocolStats()
@@ -155,9 +166,43 @@ class BlockServer:
 
     @property
     def span(self) -> Span:
-        return self.engine.span
+        return self._span
+
+    # --- the span's block files (see node.block_guard) ---------------------------------------
+
+    @property
+    def block_faults(self) -> dict[str, str]:
+        """The span's blocks whose files fail verification now, and why."""
+        return dict(self.guard.faults)
+
+    def fault(self) -> CorruptBlock:
+        """What every request gets while the span could not load (``engine`` is None)."""
+        names = sorted(self.guard.faults or self._load_faults)
+        return CorruptBlock(
+            names,
+            f"node {self.node_id} cannot serve {self.span} of network {self.network_id}: "
+            "its block files failed verification; it serves again once they are repaired",
+        )
+
+    def _guard_report(self, faults: dict[str, str]) -> None:
+        """The guard's thread: the set of damaged blocks changed."""
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody to tell
+            self._loop.call_soon_threadsafe(self._blocks_changed, faults)
+
+    def _blocks_changed(self, faults: dict[str, str]) -> None:
+        if faults:
+            how = "still serving its verified copy" if self.engine else "not serving"
+            log.error("network %s: damaged block files (%s): %s", self.network_id, how, faults)
+        else:
+            log.warning("network %s: the files of %s verify again", self.network_id, self.span)
+        if self.on_blocks_changed is not None:
+            self.on_blocks_changed(self.network_id, faults)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.guard.start(self._load_faults)
+        if self._load_faults:
+            self._blocks_changed(self._load_faults)
         self._server = await websockets.serve(
             self._handle,
             self.entry.host,
@@ -210,6 +255,7 @@ class BlockServer:
                 self._in_background(ws.close(1008, "certificate revoked"))
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.guard.stop)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -219,8 +265,9 @@ class BlockServer:
             if link is not None:
                 await link.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.engine.kv.clear()
-        self.engine = None  # release the span's weights now (memory-mapped block files)
+        if self.engine is not None:
+            self.engine.kv.clear()
+        self.engine = None  # release the span's weights now
         self.samplers.clear()
 
     # --- connections ---------------------------------------------------------------------
@@ -444,6 +491,8 @@ class BlockServer:
         With ``answer_to`` the timings travel forward in the frame and the head's answer
         carries them all; a node then counts only its own time, not the nodes after it.
         """
+        if self.engine is None:
+            raise self.fault()
         after = self._next  # a config switch may replace it meanwhile: this step keeps its own
         if not self.active:
             raise PeerUnavailable(
@@ -639,8 +688,13 @@ class BlockServer:
 
     async def _session_control(self, message) -> dict:
         """Apply locally, then pass along the chain; ack once every later node has."""
-        loop = asyncio.get_running_loop()
-        info = await loop.run_in_executor(self._executor, self._apply_session, message)
+        if self.engine is not None:
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(self._executor, self._apply_session, message)
+        elif isinstance(message, ps.SessionClose):
+            info = {}  # nothing held here: pass it on
+        else:
+            raise self.fault()
         if self._next is not None:
             reply = await self._next.request(message, message.message_id)
             if reply.get("header", {}).get("message_type") == "error":
@@ -702,22 +756,27 @@ class BlockServer:
             network_id=self.network_id,
             cpu_percent=psutil.cpu_percent(None),
             ram_percent=psutil.virtual_memory().percent,
-            active_sessions=len(self.engine.kv.sessions()),
+            active_sessions=len(self.engine.kv.sessions()) if self.engine else 0,
         ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
 
     def health_stats(self) -> dict:
-        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips."""
-        kv = self.engine.kv.stats()
+        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips,
+        and the blocks whose files fail verification (the admin pushes them again)."""
         links = {"next": self._next} if self._next is not None else {}
         links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
-        return {
-            "sessions": len(self.engine.kv.sessions()),
-            "kv_pages_used": kv.pages_total - kv.pages_free,
-            "kv_pages_total": kv.pages_total,
+        stats = {
             "link_rtt_ms": {
                 name: link.latency_ms for name, link in links.items() if link.connected
             },
+            "block_faults": self.block_faults,
+            "loaded": self.engine is not None,  # False: the span could not load its blocks
         }
+        if self.engine is not None:
+            kv = self.engine.kv.stats()
+            stats["sessions"] = len(self.engine.kv.sessions())
+            stats["kv_pages_used"] = kv.pages_total - kv.pages_free
+            stats["kv_pages_total"] = kv.pages_total
+        return stats
 
 
 async def _try_connect(link: PeerLink) -> None:

@@ -72,6 +72,8 @@ class NetworkConfig(BaseModel):
     heartbeat_s: float = Field(1.0, gt=0, le=60)  # the admin beats every node this often
     dead_after_s: float = Field(4.0, gt=0, le=600)  # no good beat this long: the node is dead
     webhook_url: str | None = Field(None, description="health alerts are POSTed here as JSON")
+    # workers keep the blocks pushed to them sealed with the network's AES-256-GCM key
+    encrypt_at_rest: bool = False
     updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     revoked: list[Revoked] = Field(default_factory=list)
     signature: str | None = Field(None, description="the network CA's, hex; see canonical_bytes")

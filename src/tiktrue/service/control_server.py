@@ -31,15 +31,21 @@ from tiktrue.control import config_sync
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import ConfigSignatureError, sign_config
 from tiktrue.control.discovery import announcement_for
-from tiktrue.control.distributor import chunk_aad
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
-from tiktrue.model.store import MANIFEST, Manifest
+from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
 from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
-from tiktrue.protocol.network_config import ConfigError, NetworkConfig, list_configs, write_config
+from tiktrue.protocol.network_config import (
+    ConfigError,
+    NetworkConfig,
+    config_path,
+    list_configs,
+    read_config,
+    write_config,
+)
 from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.security.access_control import (
     ANONYMOUS,
@@ -52,7 +58,12 @@ from tiktrue.security.access_control import (
 from tiktrue.security.auth_manager import IdentityError, certificate_info
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.link_auth import LinkChallenge, parse_nonce, parse_proof, session_binding
-from tiktrue.security.node_tls import control_certificate, control_server_context, pem_to_der
+from tiktrue.security.node_tls import (
+    block_keyring,
+    control_certificate,
+    control_server_context,
+    pem_to_der,
+)
 
 if TYPE_CHECKING:
     from tiktrue.service.service_runner import NodeService
@@ -328,8 +339,17 @@ class ControlServer:
         return {}
 
     async def op_blocks_held(self, header, payload, conn: Connection) -> dict:
+        network_id = header["network_id"]
         manifest, root = self._manifest(header["model_id"])
-        return await asyncio.to_thread(block_receiver.held, root, manifest)
+        return await asyncio.to_thread(
+            block_receiver.held, root, manifest, **self._at_rest(network_id)
+        )
+
+    def _at_rest(self, network_id: str) -> dict:
+        """How this node keeps the network's blocks: sealed with its key, or in the clear."""
+        path = config_path(self.data_dir, network_id)
+        sealed = path.is_file() and read_config(path).encrypt_at_rest
+        return {"keyring": block_keyring(self.data_dir), "seal_for": network_id if sealed else None}
 
     async def op_chunk(self, header, payload, conn: Connection) -> dict:
         network_id, model_id = header["network_id"], header["model_id"]
@@ -349,6 +369,7 @@ class ControlServer:
             data,
             bool(header.get("last")),
             disk_cap=self.service.caps().disk_bytes,
+            **self._at_rest(network_id),
         )
         if complete:
             release_free_memory()
