@@ -200,3 +200,42 @@ def test_a_network_that_encrypts_at_rest_gets_its_blocks_sealed(tiny_llama, tmp_
     assert held["blocks"] == ["layer_0"]
     store = BlockStore(root, keyring=block_keyring(home))
     assert store.read_block("layer_0") == plain
+
+
+def test_a_node_in_no_network_of_the_caller_says_so(tiny_llama, tmp_path):
+    """A node that has joined nothing asks for no client certificate: a member's link says
+    why it cannot act there (instead of a challenge that fails to verify); the node's owner
+    and a caller without a certificate still get their answers."""
+    from tiktrue.node.control_link import ControlLink
+    from tiktrue.security.auth_manager import IdentityError as Refusal
+    from tiktrue.security.node_tls import NetworkCredentials
+
+    admin = tmp_path / "admin"
+    nm.create_network(admin, "A", tiny_llama, network_id="net-a")
+    fresh = tmp_path / "fresh"
+    identity = node_identity(fresh)
+
+    async def go() -> tuple[str, dict, dict]:
+        service = SimpleNamespace(data_dir=fresh, identity=identity, host="127.0.0.1")
+        server = ControlServer(service)
+        await server.start("127.0.0.1", 0)
+        address = f"127.0.0.1:{server.port}"
+        try:
+            credentials = NetworkCredentials.load(admin, "net-a")
+            with pytest.raises(Refusal) as refused:
+                async with ControlLink(address, expected_node_id=None, credentials=credentials):
+                    pass
+            async with ControlLink(address, expected_node_id=identity.node_id) as link:
+                public = await link.call("node_info")
+            async with ControlLink(
+                address, expected_node_id=identity.node_id, owner=identity
+            ) as link:
+                pong = await link.call("ping")
+        finally:
+            await server.stop()
+        return str(refused.value), public, pong
+
+    refused, public, pong = asyncio.run(go())
+    assert "does not take certificates of network net-a" in refused
+    assert public["public"] is True and public["node_id"] == identity.node_id
+    assert pong["ok"] is True

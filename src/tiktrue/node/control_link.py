@@ -19,7 +19,7 @@ import websockets
 from cryptography import x509
 
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerUnavailable
-from tiktrue.security.auth_manager import IdentityError, NodeIdentity
+from tiktrue.security.auth_manager import IdentityError, NodeIdentity, new_challenge
 from tiktrue.security.link_auth import LinkChallenge, parse_nonce, parse_proof, session_binding
 from tiktrue.security.node_tls import NetworkCredentials, control_client_context, peer_node_id
 
@@ -93,12 +93,21 @@ class ControlLink:
         """The challenge both ways (once per connection): the server answers ours with its
         identity key; we answer its own with the key we act with, if any."""
         ssl_object = self._ws.transport.get_extra_info("ssl_object")
-        own_cert = self.credentials.cert_der if self.credentials is not None else None
+        nonce = new_challenge()
+        reply = await self.call("hello", nonce=nonce.hex())
+        # A node that is in no network of ours asks for no certificate, and binds none
+        shown = self.credentials is not None and reply.get("client_cert") is True
+        if self.credentials is not None and not shown:
+            raise IdentityError(
+                f"the node at {self.address} does not take certificates of network "
+                f"{self.credentials.info.network_id} (yet): it has not joined it, or not "
+                "reloaded since"
+            )
+        own_cert = self.credentials.cert_der if shown else None
         binding = session_binding(
             ssl_object, purpose=CONTROL_PURPOSE, own_cert=own_cert, server=False
         )
-        challenge = LinkChallenge(binding, "client")
-        reply = await self.call("hello", nonce=challenge.nonce.hex())
+        challenge = LinkChallenge(binding, "client", nonce=nonce)
         challenge.peer_nonce = parse_nonce(reply.get("nonce"))
         server = x509.load_der_x509_certificate(ssl_object.getpeercert(binary_form=True))
         challenge.check_key(server.public_key(), parse_proof(reply.get("proof")))

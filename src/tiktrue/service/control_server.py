@@ -265,6 +265,7 @@ class ControlServer:
         conn.challenge = challenge
         return {
             "node_id": self.identity.node_id,
+            "client_cert": conn.peer_cert is not None,  # bound: the caller binds it alike
             "nonce": challenge.nonce.hex(),
             "proof": challenge.answer(self.identity).hex(),
         }
