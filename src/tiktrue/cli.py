@@ -302,25 +302,11 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
 
 def _run(coro):
     """Run a control-plane coroutine; its refusals become clear one-line errors."""
-    from tiktrue.control.network_manager import JoinError
-    from tiktrue.control.planner import PlanError
-    from tiktrue.model.errors import ModelError
-    from tiktrue.node.control_link import ControlError
-    from tiktrue.node.peer_link import PeerUnavailable
-    from tiktrue.protocol.network_config import ConfigError
-    from tiktrue.security.auth_manager import SecurityError
+    from tiktrue.control.network_admin import REFUSALS
 
     try:
         return asyncio.run(coro)
-    except (
-        ConfigError,
-        JoinError,
-        PlanError,
-        ModelError,
-        ControlError,
-        PeerUnavailable,
-        SecurityError,
-    ) as exc:
+    except REFUSALS as exc:
         fail(str(exc))
 
 

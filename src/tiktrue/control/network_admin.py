@@ -11,7 +11,15 @@ from pathlib import Path
 
 from tiktrue.control.config_sync import SyncReport, broadcast_config_updates
 from tiktrue.control.distributor import PushProgress, push_blocks
-from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_with_backups
+from tiktrue.control.network_manager import JoinError
+from tiktrue.control.planner import (
+    ModelProfile,
+    NodeCapacity,
+    Plan,
+    PlanError,
+    plan_with_backups,
+)
+from tiktrue.model.errors import ModelError
 from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
@@ -23,10 +31,21 @@ from tiktrue.protocol.network_config import (
     config_path,
     read_config,
 )
-from tiktrue.security.auth_manager import IdentityError
+from tiktrue.security.auth_manager import IdentityError, SecurityError
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 REPORT_TIMEOUT_S = 10.0  # a hung node must not hang ``network status``
+# The refusals of the admin's operations, each with a message meant for people: the CLI
+# prints it, the web dashboard shows it.
+REFUSALS = (
+    ConfigError,
+    JoinError,
+    PlanError,
+    ModelError,
+    ControlError,
+    PeerUnavailable,
+    SecurityError,
+)
 
 
 def load(data_dir: Path, network_id: str) -> tuple[NetworkConfig, NetworkCredentials]:
@@ -194,6 +213,46 @@ def capacities(status: dict) -> list[NodeCapacity]:
     return out
 
 
+def with_caps(status: dict, caps: dict[str, dict]) -> dict:
+    """``status`` as if the nodes in ``caps`` (node id -> ``NodeCaps`` fields) had those caps:
+    a plan preview tries caps on one measurement before they are set on the nodes."""
+    return {
+        **status,
+        "nodes": [
+            {**node, "caps": {**(node.get("caps") or {}), **caps[node["node_id"]]}}
+            if node["node_id"] in caps
+            else node
+            for node in status["nodes"]
+        ],
+    }
+
+
+def plan_from_status(
+    data_dir: Path,
+    network_id: str,
+    status: dict,
+    *,
+    overrides: dict[str, int] | None = None,
+    context_tokens: int | None = None,
+) -> Plan:
+    """Plan the spans on the nodes as ``network_status(probe=True)`` measured them, holding
+    back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
+    on every node (default: what the network's config says; applying the plan records it).
+    No I/O but the local store's manifest."""
+    config, credentials = load(data_dir, network_id)
+    context_tokens = context_tokens or config.context_tokens
+    store = BlockStore(Path(data_dir) / "models" / config.model_id)
+    model = ModelProfile.from_manifest(store.manifest, store.config())
+    return plan_with_backups(
+        model,
+        capacities(status),
+        config.backup_nodes,
+        keep_first=credentials.identity.node_id,
+        context_tokens=context_tokens,
+        overrides=overrides,
+    )
+
+
 async def make_plan(
     data_dir: Path,
     network_id: str,
@@ -202,21 +261,11 @@ async def make_plan(
     context_tokens: int | None = None,
     without: set[str] = frozenset(),
 ) -> tuple[Plan, dict]:
-    """Measure every node (``without`` those leaving or lost) and plan the spans, holding
-    back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
-    on every node (default: what the network's config says; applying the plan records it)."""
-    config, credentials = load(data_dir, network_id)
-    context_tokens = context_tokens or config.context_tokens
-    store = BlockStore(Path(data_dir) / "models" / config.model_id)
-    model = ModelProfile.from_manifest(store.manifest, store.config())
+    """Measure every node (``without`` those leaving or lost) and plan the spans
+    (``plan_from_status``)."""
     status = await network_status(data_dir, network_id, probe=True, without=without)
-    plan = plan_with_backups(
-        model,
-        capacities(status),
-        config.backup_nodes,
-        keep_first=credentials.identity.node_id,
-        context_tokens=context_tokens,
-        overrides=overrides,
+    plan = plan_from_status(
+        data_dir, network_id, status, overrides=overrides, context_tokens=context_tokens
     )
     return plan, status
 

@@ -19,9 +19,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -108,12 +108,14 @@ def create_app(
     protocol: ClientProtocol | None = None,
     auth: GatewayAuth | None = None,
     ui=None,
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """One ASGI app for every network this node is a gateway of (keyed by network id; the
     dict may change while the app runs: networks joined or left). ``auth``: the node's
     accounts (None: no accounts, only this PC's callers without credentials get in).
     ``ui``: the web UI (``tiktrue.ui.main_app.WebUi``), mounted at ``/`` after the API's
-    routes; its paths pass the API's auth (its pages ask for a login)."""
+    routes; its paths pass the API's auth (its pages ask for a login). ``routers``: more API
+    routes behind the same auth (the admin API), added before the UI takes ``/``."""
     app = FastAPI(title="TikTrue gateway", version=__version__, docs_url=None, redoc_url=None)
     protocol = protocol or ClientProtocol(gateways)
     auth = auth or GatewayAuth(None)
@@ -200,6 +202,8 @@ def create_app(
         await ws.accept()
         await serve_client(ws, protocol, auth.connection(ws))
 
+    for router in routers:
+        app.include_router(router)
     if ui is not None:
         ui.mount(app)
     return app

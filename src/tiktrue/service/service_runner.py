@@ -45,6 +45,8 @@ from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, list_configs
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.ui.admin.api import admin_router
+from tiktrue.ui.admin.operations import AdminOperations
 
 log = logging.getLogger("tiktrue.node")
 PULL_TIMEOUT = 15.0  # at start: how long the admin may take before the node goes on without
@@ -116,6 +118,7 @@ class NodeService:
         psutil.cpu_percent(None)  # primes the counter: later reads never wait for a sample
         self.session_idle_s = session_idle_s
         self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
+        self.admin: AdminOperations | None = None  # the dashboard's operations, with the gateway
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -229,13 +232,25 @@ class NodeService:
             node_info=self.node_info,
             reload=self.reload,
             sessions=self._session_store,
+            admin=self.admin,
         )
         return WebUi(context)
 
     async def _start_http(self) -> None:
+        auth = GatewayAuth(self.data_dir)
+        self.admin = AdminOperations(
+            self.data_dir,
+            health=self.health,
+            gateways=self.gateways,
+            users=auth.users,
+            discover_on=[self.host] if self.announce else None,
+        )
         ui = self._web_ui() if self.web_ui else None
+        app = create_app(
+            self.gateways, self.protocol, auth, ui=ui, routers=[admin_router(self.admin)]
+        )
         config = uvicorn.Config(
-            create_app(self.gateways, self.protocol, GatewayAuth(self.data_dir), ui=ui),
+            app,
             host=self.api_host,
             port=self.api_port,
             log_level="warning",
@@ -265,6 +280,8 @@ class NodeService:
         if getattr(self, "_http", None) is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.close()
         for monitor in self.health.values():
             await monitor.stop()
         await self.repairs.stop()

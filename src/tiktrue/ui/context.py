@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.security.users import UserStore
+from tiktrue.ui.admin.operations import AdminOperations
 
 if TYPE_CHECKING:
     from tiktrue.control.health_monitor import HealthMonitor
@@ -38,7 +39,9 @@ class UiContext:
     - ``node_info``: the node's own report (id, addresses, resources, networks), as its
       control channel gives it;
     - ``reload``: bring the node's servers in line with the configs on disk (after a network
-      was created or joined from the UI).
+      was created or joined from the UI);
+    - ``admin``: the admin dashboard's operations, the same object ``/api/admin`` uses (one
+      board of running jobs); made from the parts above when not given.
     """
 
     data_dir: Path
@@ -49,6 +52,7 @@ class UiContext:
     reload: Callable[[], Awaitable[None]] = _nothing
     users: UserStore | None = None
     sessions: SessionStore | None = None
+    admin: AdminOperations | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -56,6 +60,10 @@ class UiContext:
             self.users = UserStore(self.data_dir)
         if self.sessions is None:
             self.sessions = SessionStore.open(self.data_dir)
+        if self.admin is None:
+            self.admin = AdminOperations(
+                self.data_dir, health=self.health, gateways=self.gateways, users=self.users
+            )
 
 
 _current: UiContext | None = None

@@ -1,0 +1,204 @@
+"""``/admin/plan``: what each PC gives (caps: RAM, CPU threads, disk as sliders), the plan the
+planner makes with them (block map, estimated time per token) and its verdict ("fits" or what
+is missing), before anything changes; then "Apply" with the progress of the distribution.
+
+The nodes are measured once when the page opens ("Measure again" repeats it); each slider move
+re-plans on that measurement, a fraction of a second after the slider stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nicegui import ui
+
+from tiktrue.node.resources import DEFAULT_DISK_FRACTION, NodeCaps, ram_cap
+from tiktrue.ui.admin.operations import AdminOperations, PlanRequest
+from tiktrue.ui.admin.widgets import (
+    attempt,
+    block_map,
+    fmt_bytes,
+    follow_job,
+    network_frame,
+    section,
+)
+
+GB = 1e9
+RAM_STEP_GB = 0.1
+DEBOUNCE_S = 0.25
+
+
+class CapsCard:
+    """The three caps of one node as sliders, with what the node has."""
+
+    def __init__(self, node: dict, on_change) -> None:
+        res = node.get("resources") or {}
+        caps = node.get("caps") or {}
+        self.node_id = node["node_id"]
+        self.name = node.get("name") or self.node_id
+        self.touched: dict[str, float] = {}
+        self.on_change = on_change
+        ram_total = res.get("ram_total_bytes") or 0
+        disk_free = res.get("disk_free_bytes") or 0
+        cores = res.get("cpu_cores_logical") or 1
+        with ui.column().classes("tt-card p-4 gap-1 w-full").props(f'data-node="{self.node_id}"'):
+            with ui.row().classes("w-full justify-between items-baseline gap-2 no-wrap"):
+                ui.label(self.name).classes("font-semibold truncate")
+                ui.label(node.get("role") or "").classes("tt-muted text-xs")
+            where = " · ".join(p for p in (res.get("hostname"), node.get("address")) if p)
+            ui.label(where).classes("tt-muted text-xs truncate")
+            if not res:
+                ui.label(f"not measured: {node.get('state')}").classes("text-negative text-sm")
+                return
+            self.ram = self._slider(
+                "RAM",
+                "ram",
+                RAM_STEP_GB,
+                max(RAM_STEP_GB, round(ram_total / GB, 1)),
+                ram_cap(caps.get("ram_bytes"), ram_total) / GB,  # what the planner assumes
+                lambda v: f"{v:.1f} GB of {fmt_bytes(ram_total)}",
+            )
+            self.threads = self._slider(
+                "CPU threads",
+                "threads",
+                1,
+                cores,
+                caps.get("threads") or cores,
+                lambda v: f"{v:.0f} of {cores}",
+            )
+            self.disk = self._slider(
+                "Disk",
+                "disk",
+                RAM_STEP_GB,
+                max(RAM_STEP_GB, round(disk_free / GB, 1)),
+                (caps.get("disk_bytes") or disk_free * DEFAULT_DISK_FRACTION) / GB,
+                lambda v: f"{v:.1f} GB of {fmt_bytes(disk_free)} free",
+            )
+
+    def _slider(self, title, key, low, high, value, text):
+        with ui.row().classes("w-full justify-between gap-2 text-sm no-wrap"):
+            ui.label(title)
+            shown = ui.label(text(value)).classes("tt-muted text-right")
+        step = 1 if key == "threads" else RAM_STEP_GB
+        value = min(high, max(low, round(value / step) * step))
+
+        def changed(event) -> None:
+            shown.set_text(text(event.value))
+            self.touched[key] = event.value
+            self.on_change()
+
+        slider = ui.slider(min=low, max=high, step=step, value=value, on_change=changed)
+        slider.props(f'aria-label="{title} for {self.name}"')
+        return slider
+
+    def caps(self) -> NodeCaps | None:
+        """The caps the person moved (None: leave this node as it is)."""
+        if not self.touched:
+            return None
+        return NodeCaps(
+            ram_bytes=int(self.ram.value * GB),
+            threads=int(self.threads.value),
+            disk_bytes=int(self.disk.value * GB),
+        )
+
+
+def register(context) -> None:
+    ops: AdminOperations = context.admin
+
+    @ui.page("/admin/plan")
+    def plan_page(network: str | None = None) -> None:
+        with network_frame(ops, "plan", network) as chosen:
+            if chosen is None:
+                return
+            network_id = chosen["network_id"]
+            with ui.column().classes("tt-card w-full p-4 gap-2"):
+                with ui.row().classes("w-full items-center gap-2 no-wrap"):
+                    verdict_icon = ui.icon("hourglass_empty").classes("text-2xl")
+                    verdict = ui.label("Measuring the nodes…").classes("grow font-medium")
+                    verdict.props('data-testid="verdict" aria-live="polite"')
+                detail = ui.label().classes("tt-muted text-sm")
+                with ui.row().classes("w-full gap-2 justify-end"):
+                    measure_button = ui.button("Measure again", icon="speed").props(
+                        'flat no-caps aria-label="Measure again"'
+                    )
+                    apply_button = ui.button("Apply", icon="play_arrow").props(
+                        'unelevated no-caps aria-label="Apply"'
+                    )
+                jobs = ui.column().classes("w-full gap-2")
+            section("Block map of this plan")
+            map_box = ui.column().classes("tt-card w-full p-4 gap-3")
+            section("What each PC gives")
+            grid = ui.element("div").classes("tt-grid")
+            cards: dict[str, CapsCard] = {}
+            pending: dict[str, asyncio.Task] = {}
+
+            def request() -> PlanRequest:
+                caps = {i: c.caps() for i, c in cards.items()}
+                return PlanRequest(caps={i: c for i, c in caps.items() if c is not None})
+
+            async def preview() -> None:
+                shown = await attempt(ops.preview(network_id, request()))
+                if shown is None:
+                    return
+                fits = shown["fits"]
+                verdict.set_text(shown["verdict"])
+                verdict.classes(replace="grow font-medium " + ("" if fits else "text-negative"))
+                verdict_icon.props(f"name={'check_circle' if fits else 'error'}")
+                verdict_icon.props(f"color={'positive' if fits else 'negative'}")
+                apply_button.set_enabled(fits)
+                if fits:
+                    plan = shown["plan"]
+                    notes = "; ".join(plan["notes"])
+                    detail.set_text(
+                        f"KV cache for {plan['context_tokens']} tokens reserved on each node"
+                        + (f". No backup: {notes}" if notes else "")
+                    )
+                    block_map(plan, map_box)
+                else:
+                    detail.set_text("Give the nodes more, or add a PC, then look again.")
+                    map_box.clear()
+                    with map_box:
+                        ui.label("No plan fits these caps.").classes("text-negative")
+
+            def later() -> None:
+                task = pending.get("preview")
+                if task is not None and not task.done():
+                    task.cancel()
+
+                async def after_pause() -> None:
+                    await asyncio.sleep(DEBOUNCE_S)
+                    await preview()
+
+                pending["preview"] = asyncio.create_task(after_pause())
+
+            async def measure(fresh: bool = False) -> None:
+                verdict.set_text("Measuring the nodes…")
+                measure_button.disable()
+                status = await attempt(ops.measure(network_id, fresh=fresh))
+                measure_button.enable()
+                if status is None:
+                    verdict.set_text("The nodes could not be measured.")
+                    return
+                grid.clear()
+                cards.clear()
+                with grid:
+                    for node in status["nodes"]:
+                        cards[node["node_id"]] = CapsCard(node, later)
+                await preview()
+
+            def applied(job) -> None:
+                if job.state == "done":
+                    ui.notify(job.result["summary"], type="positive")
+                apply_button.enable()
+                ui.timer(0.1, measure, once=True)
+
+            async def apply() -> None:
+                job = await attempt(lambda: ops.apply(network_id, request()))
+                if job is not None:
+                    apply_button.disable()
+                    jobs.clear()
+                    follow_job(job, jobs, applied)
+
+            measure_button.on_click(lambda: measure(True))
+            apply_button.on_click(apply)
+            ui.timer(0.05, measure, once=True)
