@@ -678,6 +678,24 @@ def network_leave(network_id: str) -> None:
     typer.echo(f"left network {network_id}")
 
 
+@network_app.command("remove")
+def network_remove(
+    network_id: str,
+    node_id: str,
+    reason: str = typer.Option("", "--reason", help="Noted in the revocation list."),
+) -> None:
+    """Remove a PC from the network and revoke its certificate (admin): its blocks move to
+    the others first; every node then refuses it at once, on open connections too."""
+    from tiktrue.control.network_admin import remove_node
+    from tiktrue.paths import data_dir
+
+    config = _run(remove_node(data_dir(), network_id, node_id, revoke=True, reason=reason))
+    typer.echo(
+        f"removed node {node_id} from {network_id} and revoked its certificate "
+        f"(config v{config.version})"
+    )
+
+
 # --- people ---------------------------------------------------------------------------------
 
 

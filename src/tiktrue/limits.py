@@ -40,6 +40,13 @@ MAX_CONTEXT_TOKENS = 1 << 20
 MAX_STEP_TOKENS = 4096
 MAX_FRAME_HEADER_BYTES = 64 << 10
 
+# --- a caller that proved no certificate (a PC that has not joined; DESIGN.md §6) ------------
+MAX_UNPROVED_MESSAGE_BYTES = 64 << 10  # one control-port message (a join request is ~1 KB)
+MAX_PENDING_JOINS_PER_SOURCE = 4  # join requests waiting for approval from one address
+MAX_PENDING_JOINS = 64  # ... and from every address together
+MAX_NODE_NAME_CHARS = 64  # a PC's name in a join request
+MAX_HOST_CHARS = 253  # an address or DNS name in a join request
+
 # --- one client connection ------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 4 << 20  # a client's JSON message (a long prompt fits many times)
 MAX_IN_FLIGHT_PER_CONNECTION = 32  # requests one /ws connection may have running at once

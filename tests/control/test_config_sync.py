@@ -18,6 +18,7 @@ from tests.helpers.network import (
     wait_until,
 )
 from tests.integration.test_chain import reference_tokens
+from tiktrue.control.config_signing import sign_config
 from tiktrue.control.config_sync import (
     SyncError,
     config_digest,
@@ -27,10 +28,11 @@ from tiktrue.control.config_sync import (
 )
 from tiktrue.control.join import join_network
 from tiktrue.control.network_admin import apply_plan, make_plan, network_status, push_config
-from tiktrue.control.network_manager import create_join_token, create_network
+from tiktrue.control.network_manager import admin_ca, create_join_token, create_network
 from tiktrue.model.store import BlockStore
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.node.control_link import ControlError, ControlLink
+from tiktrue.node.resources import free_ports
 from tiktrue.paths import run_file
 from tiktrue.protocol.network_config import (
     NetworkConfig,
@@ -158,7 +160,14 @@ def net(tiny_llama, tmp_path_factory):
         host, port = control_address(admin).rsplit(":", 1)
         store = BlockStore(admin / "models" / tiny_llama.model_id)
         create_network(
-            admin, "Sync", store, host=host, control_port=int(port), network_id=NET, auto_plan=False
+            admin,
+            "Sync",
+            store,
+            host=host,
+            port=free_ports(1, host)[0],  # not the default 7480: other test runs share the PC
+            control_port=int(port),
+            network_id=NET,
+            auto_plan=False,
         )
         for home in homes[1:]:
             service = json.loads(run_file(home).read_text())
@@ -234,7 +243,7 @@ def test_a_lost_acknowledgement_is_retried(running):
             "config_prepare": 0,
             "config_commit": 0,
         }
-        assert net.config(home) == new
+        assert config_digest(net.config(home)) == config_digest(new)  # signed on the way
     status = net.status()
     assert {n["version_held"] for n in status["nodes"]} == {new.version}, status
 
@@ -323,14 +332,17 @@ def test_a_prepare_without_the_blocks_is_refused_and_nothing_is_committed(runnin
 def test_equal_versions_with_different_content_resolve_the_same_on_every_node(running):
     net = running
     config = net.config()
-    one, two = net.renamed("one", config), net.renamed("two", config)
+    ca = admin_ca(net.admin, NET)  # signed as the admin signs what it sends
+    one, two = (sign_config(net.renamed(name, config), ca) for name in ("one", "two"))
     winner = one if config_digest(one) < config_digest(two) else two
     workers = [config.node(n) for n in net.ids[1:]]
 
     async def offer(node, config):  # as the admin would, without the broadcast's abort
         async with ControlLink.to(node, net.credentials()) as link:
             try:
-                await link.call("config_prepare", config=config.model_dump(mode="json"))
+                await link.call(
+                    "config_prepare", network_id=NET, config=config.model_dump(mode="json")
+                )
             except ControlError as exc:
                 assert exc.code == "stale_config"
                 return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 
 import websockets
@@ -12,11 +11,15 @@ import websockets
 from tiktrue.protocol import protocol_spec as ps
 
 
-async def node_connection(address: str, ssl_context: ssl.SSLContext, hello: ps.Hello):
-    """A raw mutual-TLS connection to a block server, after a successful hello."""
-    ws = await websockets.connect(f"wss://{address}", ssl=ssl_context, max_size=64 << 20)
-    await ws.send(ps.make_message(hello))
-    reply = json.loads(await ws.recv())
+async def node_connection(address: str, credentials, hello: ps.Hello):
+    """A raw mutual-TLS connection to a block server, after a successful hello and challenge
+    (``credentials``: a ``NetworkCredentials``)."""
+    from tiktrue.node import handshake
+
+    ws = await websockets.connect(
+        f"wss://{address}", ssl=credentials.client_context(), max_size=64 << 20
+    )
+    reply = await handshake.offer(ws, hello, credentials)
     assert reply["header"]["message_type"] == "hello_reply", reply
     return ws
 

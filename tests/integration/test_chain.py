@@ -168,7 +168,7 @@ def test_bad_frames_get_structured_errors_while_other_sessions_go_on(tiny_cluste
     middle = config.chain()[1].address
 
     async def go():
-        ws = await node_connection(middle, credentials.client_context(), hello(credentials))
+        ws = await node_connection(middle, credentials, hello(credentials))
         replies = {}
 
         # oversized: larger than the largest legitimate request of this model
@@ -232,7 +232,7 @@ def test_a_client_without_a_network_certificate_cannot_connect(tiny_cluster, tmp
 
     async def member():  # the node is there and takes members
         credentials = member_credentials(homes)
-        ws = await node_connection(address, credentials.client_context(), hello(credentials))
+        ws = await node_connection(address, credentials, hello(credentials))
         await ws.close()
 
     run(member())
@@ -334,7 +334,7 @@ def test_a_first_step_opens_its_session_on_every_node(tiny_cluster, tiny_llama):
 
     async def go():
         first = config.chain()[0].address
-        ws = await node_connection(first, credentials.client_context(), hello(credentials))
+        ws = await node_connection(first, credentials, hello(credentials))
         replies = []
         for message_id, frame in (
             ("a", step("a", prompt, 0, open=True)),  # never opened before

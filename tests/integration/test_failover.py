@@ -284,7 +284,7 @@ def _send_two_steps(homes, backup) -> None:
     credentials = member_credentials(homes)
 
     async def go():
-        ws = await node_connection(backup.address, credentials.client_context(), hello(credentials))
+        ws = await node_connection(backup.address, credentials, hello(credentials))
         hidden = torch.zeros(1, 2, 64)
         for message_id in ("a", "b"):
             frame = encode_tensor_frame(

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from tests.helpers.cluster import client_ws_url, node_connection, request
 from tests.integration.test_chain import hello, reference_tokens
+from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.security.node_tls import NetworkCredentials, control_client_context
 
@@ -371,7 +372,7 @@ def block_server_ws(loop, tiny_cluster, tiny_llama):
     check = alongside(loop, cluster, tiny_llama)
     credentials = NetworkCredentials.load(homes[0], NET)
     middle = config.chain()[1].address
-    ws = loop.run(node_connection(middle, credentials.client_context(), hello(credentials)))
+    ws = loop.run(node_connection(middle, credentials, hello(credentials)))
     yield ws
     loop.run(ws.send(json.dumps(NODE_TEMPLATES[0])))
     assert loop.run(recv(ws))["header"]["message_type"] == "heartbeat"
@@ -418,10 +419,13 @@ def _control(loop, tiny_cluster, tiny_llama, member: bool):
     cluster, homes, config = tiny_cluster
     check = alongside(loop, cluster, tiny_llama)
     node = config.chain()[1]
-    credentials = NetworkCredentials.load(homes[1], NET) if member else None
-    context = control_client_context(credentials)
-    ws = loop.run(connect(f"wss://{node.control_address}", ssl=context))
-    return ws, check
+    if not member:
+        ws = loop.run(connect(f"wss://{node.control_address}", ssl=control_client_context()))
+        return ws, check
+    credentials = NetworkCredentials.load(homes[1], NET)  # a member answers the challenge
+    link = ControlLink(node.control_address, expected_node_id=node.node_id, credentials=credentials)
+    loop.run(link.__aenter__())
+    return link._ws, check
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import websockets
 
 from tiktrue.control import network_manager as nm
+from tiktrue.node import handshake
 from tiktrue.node.peer_link import PeerLink, PeerUnavailable
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.security.node_tls import NetworkCredentials
@@ -25,7 +26,8 @@ def credentials(tiny_llama, tmp_path_factory) -> NetworkCredentials:
 
 
 class Peer:
-    """A block-server stand-in: answers hello, then does what the test tells it."""
+    """A block-server stand-in: answers hello and the challenge, then does what the test
+    tells it."""
 
     def __init__(self, credentials: NetworkCredentials) -> None:
         self.credentials = credentials
@@ -41,8 +43,7 @@ class Peer:
 
     async def _handle(self, ws) -> None:
         hello = ps.parse_message(await ws.recv()).message
-        reply = ps.HelloReply(node_id="peer", network_id=NET, in_reply_to=hello.message_id)
-        await ws.send(ps.make_message(reply))
+        await handshake.accept(ws, hello, self.credentials)
         self.connections.append(ws)
         async for raw in ws:
             self.received.append(raw)
@@ -72,8 +73,7 @@ def test_replies_find_their_request_however_they_come(credentials):
             "127.0.0.1",
             port,
             network_id=NET,
-            node_id=credentials.identity.node_id,
-            ssl_context=credentials.client_context(),
+            credentials=credentials,
             on_lost=lost.append,
         )
         first = asyncio.create_task(link.request(b"step-a", "a"))

@@ -1,4 +1,5 @@
-"""Who may do what on a node's control channel."""
+"""Who may do what on a node's control channel (in this process; the whole table over real
+TLS is walked in tests/integration/test_node_security.py)."""
 
 from __future__ import annotations
 
@@ -14,33 +15,54 @@ from cryptography.hazmat.primitives import serialization
 from tiktrue.control import network_manager as nm
 from tiktrue.model.store import MANIFEST, BlockStore, chunk_aad
 from tiktrue.protocol.frames import encode_bytes_frame
-from tiktrue.security.auth_manager import create_network_ca
+from tiktrue.security.access_control import AccessDenied, Caller, check_control
+from tiktrue.security.auth_manager import IdentityError, certificate_info, create_network_ca
 from tiktrue.security.crypto_layer import encrypt_block_transfer
+from tiktrue.security.link_auth import LinkChallenge
 from tiktrue.security.node_tls import block_keyring, node_identity
-from tiktrue.service.control_server import ControlServer, Refused
+from tiktrue.service.control_server import Connection, ControlServer
 
 
 def der(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
 
 
+def server_for(home) -> ControlServer:
+    return ControlServer(SimpleNamespace(data_dir=home, identity=node_identity(home)))
+
+
+def member(pem: bytes) -> Connection:
+    """A connection that proved ``pem`` (the in-process tests skip the TLS challenge)."""
+    return Connection(None, "127.0.0.1", der(pem), Caller.member(certificate_info(pem)))
+
+
+def proved(server, cert_pem: bytes, signer) -> object:
+    """``server``'s check of a challenge that ``signer`` answered for ``cert_pem``."""
+    theirs, ours = LinkChallenge(b"binding", "client"), LinkChallenge(b"binding", "server")
+    theirs.peer_nonce, ours.peer_nonce = ours.nonce, theirs.nonce
+    conn = Connection(None, "127.0.0.1", der(cert_pem))
+    return server._check_member(conn, ours, theirs.answer(signer))
+
+
 def test_only_this_networks_ca_can_speak_for_it(tiny_llama, tmp_path):
     home = tmp_path / "node"
     nm.create_network(home, "A", tiny_llama, network_id="net-a")
-    server = ControlServer(SimpleNamespace(data_dir=home))
+    server = server_for(home)
     admin = (home / "networks" / "net-a" / "node_cert.pem").read_bytes()
-    assert server._require_admin(der(admin), "net-a").role == "admin"
+    assert proved(server, admin, node_identity(home)).role == "admin"
 
-    # another network's admin forges a certificate that names net-a
+    # another network's admin forges a certificate that names net-a, and answers with its key
     evil_ca = create_network_ca("net-a", tmp_path / "evil-ca")
     intruder = node_identity(tmp_path / "intruder")
     forged = evil_ca.generate_node_certificate(intruder.node_id, intruder.public_key, "admin")
-    with pytest.raises(Refused, match="not a certificate of network net-a"):
-        server._require_admin(der(forged), "net-a")
-    with pytest.raises(Refused, match="only members"):
-        server._require_admin(None, "net-a")
-    with pytest.raises(Refused, match="only members"):
-        server._require_admin(der(admin), "net-unknown")
+    with pytest.raises(IdentityError, match="not by this network's CA|does not verify"):
+        proved(server, forged, intruder)
+    with pytest.raises(IdentityError, match="does not verify"):  # the right cert, another key
+        proved(server, admin, intruder)
+    other = tmp_path / "other"
+    nm.create_network(other, "B", tiny_llama, network_id="net-b")  # a network it is not in
+    with pytest.raises(IdentityError, match="not in network net-b"):
+        proved(server, (other / "networks/net-b/node_cert.pem").read_bytes(), node_identity(other))
 
 
 def test_a_worker_certificate_is_not_an_admin(tiny_llama, tmp_path):
@@ -52,16 +74,16 @@ def test_a_worker_certificate_is_not_an_admin(tiny_llama, tmp_path):
         worker, "net-a", host="127.0.0.1", block_port=7001, control_port=7002, token_secret=secret
     )
     grant = nm.accept_join(home, request)
-    server = ControlServer(SimpleNamespace(data_dir=home))
-    assert server._member(der(grant.node_cert.encode()), "net-a").role == "worker"
-    with pytest.raises(Refused, match="only the admin"):
-        server._require_admin(der(grant.node_cert.encode()), "net-a")
+    caller = proved(server_for(home), grant.node_cert.encode(), node_identity(worker))
+    assert caller.role == "worker"
+    check_control("health", Caller.member(caller), "net-a")
+    with pytest.raises(AccessDenied, match="caps_set is for admin"):
+        check_control("caps_set", Caller.member(caller), "net-a")
 
 
 def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
-    """Beats are for members (only the admin's is noted); the health view is the admin's, for
-    members; a member's lost-link report makes the admin probe the node at once."""
-    import asyncio
+    """Beats are the admin's; the health view is the admin's, for members; a member's
+    lost-link report makes the admin probe the node at once."""
 
     from tiktrue.control.health_monitor import BeatFailed, HealthMonitor
     from tiktrue.protocol.network_config import config_path, read_config
@@ -78,8 +100,8 @@ def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
         token_secret=secret,
     )
     grant = nm.accept_join(home, request)
-    worker_cert = der(grant.node_cert.encode())
-    admin_cert = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    worker_cert = member(grant.node_cert.encode())
+    admin_cert = member((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
     worker_id = node_identity(tmp_path / "worker").node_id
 
     async def refused(node, timeout, fresh):
@@ -88,25 +110,32 @@ def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
     async def run():
         monitor = HealthMonitor(read_config(config_path(home, "net-a")), beat=refused)
         service = SimpleNamespace(
-            data_dir=home, health={}, admin_beats={}, heartbeat=lambda nid: {"rss_bytes": 1}
+            data_dir=home,
+            identity=node_identity(home),
+            health={},
+            admin_beats={},
+            heartbeat=lambda nid: {"rss_bytes": 1},
         )
         server = ControlServer(service)
         header = {"network_id": "net-a"}
-        assert await server.op_heartbeat(header, None, worker_cert, False) == {"rss_bytes": 1}
-        assert service.admin_beats == {}  # a worker's beat is not the admin's
-        await server.op_heartbeat(header, None, admin_cert, False)
+
+        async def call(op: str, conn, **fields) -> dict:
+            reply, _ = await server._answer(json.dumps({"op": op, **header, **fields}), conn)
+            return reply
+
+        worker_beat = await call("heartbeat", worker_cert)
+        assert worker_beat["code"] == "forbidden", worker_beat  # only the admin beats
+        assert service.admin_beats == {}
+        assert (await call("heartbeat", admin_cert))["rss_bytes"] == 1
         assert set(service.admin_beats) == {"net-a"}
-        with pytest.raises(Refused, match="only members"):
-            await server.op_heartbeat(header, None, None, False)
-        with pytest.raises(Refused, match="does not monitor"):
-            await server.op_health(header, None, worker_cert, False)
+        anonymous = Connection(None, "127.0.0.1", None)
+        assert (await call("heartbeat", anonymous))["code"] == "forbidden"
+        assert (await call("health", worker_cert))["code"] == "not_monitoring"
         service.health["net-a"] = monitor
-        view = await server.op_health(header, None, worker_cert, False)
+        view = await call("health", worker_cert)
         assert view["nodes"][worker_id]["state"] == "unknown"
-        told = {"node_id": worker_id, "why": "link dropped", **header}
-        assert (await server.op_health_suspect(told, None, admin_cert, False)) == {
-            "state": "suspect"
-        }
+        told = await call("health_suspect", admin_cert, node_id=worker_id, why="link dropped")
+        assert told["state"] == "suspect"
         await asyncio.gather(*monitor._probes.values())
         return monitor
 
@@ -122,8 +151,8 @@ def test_only_a_chunk_that_does_not_decrypt_is_called_so(tiny_llama, tmp_path):
     root = home / "models" / tiny_llama.model_id
     root.mkdir(parents=True)
     shutil.copy(tiny_llama.root / MANIFEST, root / MANIFEST)
-    server = ControlServer(SimpleNamespace(data_dir=home))
-    admin = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    server = server_for(home)
+    admin = member((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
     path = tiny_llama.manifest.blocks["embed"].file
     chunk = (tiny_llama.root / path).read_bytes()[:1024]
     key = nm.block_key(home, "net-a")
@@ -132,7 +161,7 @@ def test_only_a_chunk_that_does_not_decrypt_is_called_so(tiny_llama, tmp_path):
 
     def push(payload: bytes) -> dict:
         frame = encode_bytes_frame(payload, **meta, path=path, index=0)
-        return asyncio.run(server._answer(frame, admin, True))
+        return asyncio.run(server._answer(frame, admin))[0]
 
     tampered = push(sealed[:-1] + bytes([sealed[-1] ^ 1]))
     assert (tampered["code"], tampered["in_reply_to"]) == ("bad_chunk", "c-0"), tampered
@@ -152,8 +181,9 @@ def test_a_network_that_encrypts_at_rest_gets_its_blocks_sealed(tiny_llama, tmp_
     root.mkdir(parents=True)
     shutil.copy(tiny_llama.root / MANIFEST, root / MANIFEST)
     caps = SimpleNamespace(disk_bytes=None)
-    server = ControlServer(SimpleNamespace(data_dir=home, caps=lambda: caps))
-    admin = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    service = SimpleNamespace(data_dir=home, identity=node_identity(home), caps=lambda: caps)
+    server = ControlServer(service)
+    admin = member((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
     entry = tiny_llama.manifest.blocks["layer_0"]
     plain = (tiny_llama.root / entry.file).read_bytes()
     key = nm.block_key(home, "net-a")
@@ -162,11 +192,50 @@ def test_a_network_that_encrypts_at_rest_gets_its_blocks_sealed(tiny_llama, tmp_
     frame = encode_bytes_frame(
         payload, op="chunk", id="c", path=entry.file, index=0, last=True, **meta
     )
-    assert asyncio.run(server._answer(frame, admin, True))["complete"] is True
+    assert asyncio.run(server._answer(frame, admin))[0]["complete"] is True
     sealed = root / (entry.file + ".sealed")
     assert sealed.is_file() and not (root / entry.file).exists()
     assert plain[:256] not in sealed.read_bytes()
-    held = asyncio.run(server._answer(json.dumps({"op": "blocks_held", **meta}), admin, True))
+    held, _ = asyncio.run(server._answer(json.dumps({"op": "blocks_held", **meta}), admin))
     assert held["blocks"] == ["layer_0"]
     store = BlockStore(root, keyring=block_keyring(home))
     assert store.read_block("layer_0") == plain
+
+
+def test_a_node_in_no_network_of_the_caller_says_so(tiny_llama, tmp_path):
+    """A node that has joined nothing asks for no client certificate: a member's link says
+    why it cannot act there (instead of a challenge that fails to verify); the node's owner
+    and a caller without a certificate still get their answers."""
+    from tiktrue.node.control_link import ControlLink
+    from tiktrue.security.auth_manager import IdentityError as Refusal
+    from tiktrue.security.node_tls import NetworkCredentials
+
+    admin = tmp_path / "admin"
+    nm.create_network(admin, "A", tiny_llama, network_id="net-a")
+    fresh = tmp_path / "fresh"
+    identity = node_identity(fresh)
+
+    async def go() -> tuple[str, dict, dict]:
+        service = SimpleNamespace(data_dir=fresh, identity=identity, host="127.0.0.1")
+        server = ControlServer(service)
+        await server.start("127.0.0.1", 0)
+        address = f"127.0.0.1:{server.port}"
+        try:
+            credentials = NetworkCredentials.load(admin, "net-a")
+            with pytest.raises(Refusal) as refused:
+                async with ControlLink(address, expected_node_id=None, credentials=credentials):
+                    pass
+            async with ControlLink(address, expected_node_id=identity.node_id) as link:
+                public = await link.call("node_info")
+            async with ControlLink(
+                address, expected_node_id=identity.node_id, owner=identity
+            ) as link:
+                pong = await link.call("ping")
+        finally:
+            await server.stop()
+        return str(refused.value), public, pong
+
+    refused, public, pong = asyncio.run(go())
+    assert "does not take certificates of network net-a" in refused
+    assert public["public"] is True and public["node_id"] == identity.node_id
+    assert pong["ok"] is True

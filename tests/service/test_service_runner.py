@@ -75,7 +75,9 @@ class Hold:
 async def ping(service: NodeService, hold: Hold, reload: asyncio.Task) -> None:
     """While ``hold`` holds the reload: a ping round trip on the control channel."""
     async with ControlLink(
-        f"127.0.0.1:{service.control.port}", expected_node_id=service.identity.node_id
+        f"127.0.0.1:{service.control.port}",
+        expected_node_id=service.identity.node_id,
+        owner=service.identity,  # a ping is for members and the node's owner
     ) as link:
         await hold.wait_started()
         await link.call("ping")

@@ -1,24 +1,27 @@
 """Config sync (DESIGN.md §7): a new config reaches every node in two phases; nodes that were
 away catch up by pulling it from the admin when they return.
 
-Phase 1, ``config_prepare``: each node checks the config (newer than what it holds, sent by
-the network's admin) and that it holds, verified, the blocks of its new span, then stages it.
-Phase 2, ``config_commit``: each node activates the staged version. A refusal in phase 1 aborts
-the switch everywhere, so no node runs a config whose chain lacks blocks. Every call is
-acknowledged and retried with backoff; both phases are idempotent, so a retry whose first reply
-was lost does no harm. A node that cannot be reached is left ``pending``: it pulls on return.
+Every config the admin sends is signed by the network's CA (``config_signing``); a node takes
+none that does not verify. Phase 1, ``config_prepare``: each node checks the config (signed,
+newer than what it holds, sent by the network's admin) and that it holds, verified, the
+blocks of its new span, then stages it. Phase 2, ``config_commit``: each node activates the
+staged version. A refusal in phase 1 aborts the switch everywhere, so no node runs a config
+whose chain lacks blocks. Every call is acknowledged and retried with backoff; both phases are
+idempotent, so a retry whose first reply was lost does no harm. A node that cannot be reached
+is left ``pending``: it pulls on return.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiktrue.control.config_signing import ConfigSignatureError, sign_config, verify_held_ca
+from tiktrue.control.network_manager import admin_ca
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
@@ -75,9 +78,9 @@ class SyncReport:
 
 
 def config_digest(config: NetworkConfig) -> str:
-    """sha256 of the canonical JSON: the same on every node for the same content."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """sha256 of the canonical JSON: the same on every node for the same content (the
+    signature aside: ECDSA signatures of the same content differ)."""
+    return hashlib.sha256(config.canonical_bytes()).hexdigest()
 
 
 def handle_config_conflicts(
@@ -166,8 +169,13 @@ def _holds(store: BlockStore, name: str) -> bool:
 async def check_prepare(
     data_dir: Path, node_id: str, offered: NetworkConfig, *, alert=None
 ) -> bool:
-    """Phase 1 on a node: raises ``SyncRefused`` for a config it must not take; returns False
-    when it holds that very config already (nothing to stage), True when it may stage it."""
+    """Phase 1 on a node: raises ``SyncRefused`` for a config it must not take (not signed by
+    the network's CA, or older); returns False when it holds that very config already
+    (nothing to stage), True when it may stage it."""
+    try:
+        verify_held_ca(data_dir, offered)
+    except ConfigSignatureError as exc:
+        raise SyncRefused(exc.code, str(exc)) from exc
     current = held_config(data_dir, offered.network_id)
     if current is not None and config_digest(current) == config_digest(offered):
         return False
@@ -241,6 +249,7 @@ async def pull_config(
     offered = NetworkConfig.model_validate(reply["config"])
     if offered.network_id != network_id:
         raise ConfigError(f"the admin answered with network {offered.network_id}")
+    verify_held_ca(data_dir, offered)  # pinned to the admin's id, and signed by the CA
     if not is_newer(current, offered, alert=alert):
         return current, False
     write_config(data_dir, offered)
@@ -296,6 +305,7 @@ async def broadcast_config_updates(
     ``progress(node_id, op, outcome)`` is told each node's outcome per phase."""
     data_dir = Path(data_dir)
     me = credentials.identity.node_id
+    config = sign_config(config, admin_ca(data_dir, config.network_id))
     previous = previous if previous is not None else held_config(data_dir, config.network_id)
     report = SyncReport(config.version)
     missing = await asyncio.to_thread(missing_blocks, data_dir, config, me)
@@ -305,7 +315,7 @@ async def broadcast_config_updates(
     for node_id in sorted(skip & {n.node_id for n in config.nodes}):
         report.pending[node_id] = "lost: not asked"
     others = [n for n in config.nodes if n.node_id != me and n.node_id not in skip]
-    body = {"config": config.model_dump(mode="json")}
+    body = {"network_id": config.network_id, "config": config.model_dump(mode="json")}
     outcomes = await _on_all(others, credentials, "config_prepare", body, report, retries, backoff)
     prepared = []
     for node, outcome in zip(others, outcomes, strict=True):

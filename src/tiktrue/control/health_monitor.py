@@ -11,8 +11,9 @@ a hung process (SIGSTOP) counts as a missed beat just like a dead one. Per node:
 suspect and is probed at once. A refused connection (nothing listens: the process is gone)
 makes it dead at once; a probe with no answer within its timeout is a missed beat like any
 other, and the clock decides (``dead_after_s``): a PC that is only busy (loading a span,
-swapping, its cores shared) must not be declared dead, and failed over, for one slow answer. Listeners (``add_listener``) hear every change; the node service writes them to
-the event log, failover acts on them. Beat listeners (``add_beat_listener``) read every answer
+swapping, its cores shared) must not be declared dead, and failed over, for one slow answer.
+Listeners (``add_listener``) hear every change; the node service writes them to the event log,
+failover acts on them. Beat listeners (``add_beat_listener``) read every answer
 (block repair acts on the damaged blocks a node reports). The state machine takes its clock
 from the caller, so it is tested without sleeping.
 """

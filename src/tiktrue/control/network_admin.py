@@ -24,9 +24,15 @@ from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.node.resources import ram_cap
-from tiktrue.protocol.network_config import ConfigError, NetworkConfig, config_path, read_config
+from tiktrue.protocol.network_config import (
+    ConfigError,
+    NetworkConfig,
+    Revoked,
+    config_path,
+    read_config,
+)
 from tiktrue.security.auth_manager import IdentityError, SecurityError
-from tiktrue.security.node_tls import NetworkCredentials
+from tiktrue.security.node_tls import NetworkCredentials, node_identity
 
 REPORT_TIMEOUT_S = 10.0  # a hung node must not hang ``network status``
 # The refusals of the admin's operations, each with a message meant for people: the CLI
@@ -272,10 +278,12 @@ async def apply_plan(
     progress: Callable[[PushProgress], None] | None = None,
     remove: set[str] = frozenset(),
     lost: set[str] = frozenset(),
+    revoke: list[Revoked] = (),
 ) -> NetworkConfig:
     """Push every node the blocks of its new span (and each backup its replica), then the new
-    config to every node: without the nodes in ``remove``, which are leaving; the ``lost``
-    ones stay members (they pull the config when they return) but are not asked now."""
+    config to every node: without the nodes in ``remove``, which are leaving (and on the
+    revocation list, the ``revoke`` ones); the ``lost`` ones stay members (they pull the
+    config when they return) but are not asked now."""
     config, credentials = load(data_dir, network_id)
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     by_id = {n.node_id: n for n in config.nodes}
@@ -297,9 +305,39 @@ async def apply_plan(
             "nodes": [n.model_dump() for n in nodes],
             "version": config.version + 1,
             "context_tokens": plan.context_tokens,
+            "revoked": [*config.revoked, *revoke],
         }
     )
     await push_config(data_dir, new, credentials, skip=lost)
+    return new
+
+
+async def remove_node(
+    data_dir: Path, network_id: str, node_id: str, *, revoke: bool, reason: str = ""
+) -> NetworkConfig:
+    """The admin drops ``node_id`` from the network: when it holds blocks the network is
+    planned again without it first (its span moves to the others), else a config without it
+    is pushed. With ``revoke`` (``tiktrue network remove``) its certificates go on the
+    revocation list of that signed config: every node refuses them as soon as it commits the
+    config, on open connections too. Without it (a node leaving by itself) it may join
+    again."""
+    config, credentials = load(data_dir, network_id)
+    leaving = config.node(node_id)
+    if leaving.role == "admin":
+        raise ConfigError(f"node {node_id} is the admin of {network_id}; it cannot be removed")
+    revoked = [Revoked(node_id=node_id, reason=reason[:200])] if revoke else []
+    if leaving.blocks:
+        plan, _ = await make_plan(data_dir, network_id, without={node_id})
+        return await apply_plan(data_dir, network_id, plan, remove={node_id}, revoke=revoked)
+    new = NetworkConfig.model_validate(
+        {
+            **config.model_dump(),
+            "nodes": [n.model_dump() for n in config.nodes if n.node_id != node_id],
+            "version": config.version + 1,
+            "revoked": [*config.revoked, *revoked],
+        }
+    )
+    await push_config(data_dir, new, credentials)
     return new
 
 
@@ -329,14 +367,16 @@ async def push_config(
 
 
 async def poke_local_service(data_dir: Path) -> bool:
-    """Ask the node service running from this data dir to re-read its configs."""
+    """Ask the node service running from this data dir to re-read its configs (as its owner:
+    this process can read the node's key)."""
     control = local_control_address(data_dir)
     if not control:
         return False
+    identity = node_identity(data_dir)
     try:
-        async with ControlLink(control, expected_node_id=None) as link:
+        async with ControlLink(control, expected_node_id=identity.node_id, owner=identity) as link:
             await link.call("reload")
-    except (PeerUnavailable, ControlError, OSError):
+    except (PeerUnavailable, ControlError, IdentityError, OSError):
         return False
     return True
 

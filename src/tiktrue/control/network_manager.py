@@ -4,6 +4,11 @@ State lives in files, so the CLI and the node service share it without talking t
 ``<data>/network_config_<id>.json`` and ``<data>/networks/<id>/`` holding the CA certificate,
 this node's certificate, the network's block key, and on the admin the CA key (``ca/``),
 join tokens (only their hashes) and join requests waiting for approval.
+
+A join request comes from a PC that holds no certificate yet, so anyone on the LAN can send
+one: its fields are size-limited, and pending requests are capped per source address and in
+total (``tiktrue.limits``), and forgotten after ``TOKEN_TTL``. The
+grant carries the config signed by the network's CA, which the joiner checks.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from tiktrue import limits
+from tiktrue.control.config_signing import sign_config, verify_config
 from tiktrue.model.store import BlockStore
 from tiktrue.paths import write_text_atomic
 from tiktrue.protocol.network_config import (
@@ -53,6 +60,12 @@ class JoinError(Exception):
     """A join that cannot go ahead (bad token, unknown request, not the admin, ...)."""
 
     code = "join_refused"
+
+
+class TooManyJoinRequests(JoinError):
+    """Too many join requests wait for approval (from this address, or in all)."""
+
+    code = "too_many_requests"
 
 
 # --- the admin's side ---------------------------------------------------------------------
@@ -106,6 +119,7 @@ def create_network(
             )
         ],
     )
+    config = sign_config(config, ca)
     write_config(data_dir, config)
     return config
 
@@ -165,14 +179,16 @@ def parse_token(token: str) -> tuple[str, str, str]:
 
 
 class JoinRequest(BaseModel):
+    """What a joining PC sends (before it holds any certificate: every field is bounded)."""
+
     network_id: str = Field(pattern=ID_PATTERN)
-    public_key_pem: str
-    proof: str  # hex signature over the join challenge: the joiner holds the key
-    name: str = ""
-    host: str = "127.0.0.1"
+    public_key_pem: str = Field(max_length=400)  # a P-256 public key in PEM is ~180 chars
+    proof: str = Field(max_length=160)  # hex signature over the join challenge: holds the key
+    name: str = Field("", max_length=limits.MAX_NODE_NAME_CHARS)
+    host: str = Field("127.0.0.1", min_length=1, max_length=limits.MAX_HOST_CHARS)
     block_port: int = Field(ge=1, le=65535)
     control_port: int | None = Field(None, ge=1, le=65535)
-    token_secret: str | None = None  # None: wait for the admin's approval
+    token_secret: str | None = Field(None, max_length=128)  # None: wait for the admin's approval
 
 
 class JoinGrant(BaseModel):
@@ -189,27 +205,61 @@ def join_challenge(public_key_pem: str, network_id: str) -> tuple[bytes, bytes]:
     return nonce, f"tiktrue-join:{network_id}".encode()
 
 
-def accept_join(data_dir: Path, request: JoinRequest) -> JoinGrant | str:
+def accept_join(data_dir: Path, request: JoinRequest, *, source: str = "") -> JoinGrant | str:
     """Admin: a token join gives a grant at once; without a token the request waits for
-    approval and its id is returned."""
+    approval and its id is returned. ``source``: the address it came from, for the caps on
+    pending requests (raises ``TooManyJoinRequests`` over them)."""
     ca = admin_ca(data_dir, request.network_id)
     node_id = _check_proof(request)
+    _refuse_revoked(data_dir, request.network_id, node_id)
     if request.token_secret is None:
-        requests = _load(_requests_path(data_dir, request.network_id), {})
+        path = _requests_path(data_dir, request.network_id)
+        requests = _forget_stale(_load(path, {}))
         for request_id, item in requests.items():
             if item["node_id"] == node_id and item["state"] == "pending":
                 return request_id
+        pending = [item for item in requests.values() if item["state"] == "pending"]
+        per_source = limits.MAX_PENDING_JOINS_PER_SOURCE
+        if sum(item.get("source") == source for item in pending) >= per_source:
+            raise TooManyJoinRequests(
+                f"{per_source} join requests from {source or 'this address'} wait for "
+                "approval already; ask the admin to approve or reject them"
+            )
+        if len(pending) >= limits.MAX_PENDING_JOINS:
+            raise TooManyJoinRequests(
+                f"{limits.MAX_PENDING_JOINS} join requests wait for approval already; ask the admin"
+            )
         request_id = uuid.uuid4().hex[:12]
         requests[request_id] = {
             "node_id": node_id,
             "state": "pending",
             "request": request.model_dump(),
             "asked_at": time.time(),
+            "source": source,
         }
-        _save(_requests_path(data_dir, request.network_id), requests)
+        _save(path, requests)
         return request_id
     _spend_token(data_dir, request.network_id, request.token_secret, node_id)
     return _grant(data_dir, ca, request, node_id)
+
+
+def _forget_stale(requests: dict[str, dict]) -> dict[str, dict]:
+    """Pending requests older than a token's lifetime are dropped (their PC gave up)."""
+    oldest = time.time() - TOKEN_TTL
+    return {
+        request_id: item
+        for request_id, item in requests.items()
+        if item["state"] != "pending" or item.get("asked_at", 0) >= oldest
+    }
+
+
+def _refuse_revoked(data_dir: Path, network_id: str, node_id: str) -> None:
+    config = read_config(config_path(data_dir, network_id))
+    if node_id in config.revoked_ids:
+        raise JoinError(
+            f"node {node_id} was removed from network {network_id}; a PC that should come "
+            "back needs a new identity (delete its <data>/identity folder)"
+        )
 
 
 def list_join_requests(data_dir: Path, network_id: str) -> dict[str, dict]:
@@ -272,6 +322,7 @@ def _spend_token(data_dir: Path, network_id: str, secret: str, node_id: str) -> 
 
 
 def _grant(data_dir: Path, ca: NetworkCA, request: JoinRequest, node_id: str) -> JoinGrant:
+    _refuse_revoked(data_dir, request.network_id, node_id)
     cert = ca.generate_node_certificate(
         node_id, request.public_key_pem.encode(), "worker", hosts=_hosts(request.host)
     )
@@ -288,7 +339,7 @@ def _grant(data_dir: Path, ca: NetworkCA, request: JoinRequest, node_id: str) ->
         )
     )
     config = config.model_copy(update={"nodes": nodes, "version": config.version + 1})
-    config = NetworkConfig.model_validate(config.model_dump())
+    config = sign_config(NetworkConfig.model_validate(config.model_dump()), ca)
     write_config(data_dir, config)
     return JoinGrant(
         network_id=request.network_id,
@@ -327,12 +378,13 @@ def make_join_request(
 
 
 def install_grant(data_dir: Path, grant: JoinGrant) -> NetworkConfig:
-    """The joiner keeps its certificate, the CA, the block key and the config."""
+    """The joiner keeps its certificate, the CA, the block key and the config (which the
+    network's CA must have signed)."""
+    config = verify_config(NetworkConfig.model_validate(grant.config), grant.ca_cert.encode())
     install_certificate(
         data_dir, grant.network_id, grant.ca_cert.encode(), grant.node_cert.encode()
     )
     install_block_key(data_dir, grant.network_id, bytes.fromhex(grant.block_key))
-    config = NetworkConfig.model_validate(grant.config)
     write_config(data_dir, config)
     return config
 

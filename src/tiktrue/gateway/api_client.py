@@ -131,9 +131,10 @@ class RemoteChain:
             entry.host,
             entry.port,
             network_id=config.network_id,
-            node_id=credentials.identity.node_id,
-            ssl_context=credentials.client_context(),
+            credentials=credentials,
             role=credentials.info.role,
+            expected_node_id=entry.node_id,
+            revoked=config.revoked_ids,
         )
         self.last_step: StepTiming | None = None
         self._opening: set[str] = set()  # opened here, to be opened on the nodes by a step

@@ -2,7 +2,11 @@
 
 It accepts mutual-TLS WebSocket connections from the network's own nodes only (the TLS context
 trusts the network CA alone). The first message must be ``hello``; versions are checked and a
-mismatch is refused with a message naming both. Then:
+mismatch is refused with a message naming both; then both ends answer each other's challenge
+(``node.handshake``) and a node the network removed (the signed config's revocation list) is
+refused, also on connections already open when the config that removes it arrives. What a
+peer may send follows its certificate's role (``security.access_control``, checked once per
+connection). Then:
 
 - binary frames are forward steps: run the span and pass the hidden states to the next node
   over a persistent link; the node holding ``head`` samples the token. The chain's first node
@@ -41,6 +45,7 @@ from tiktrue.model.engine import BlockEngine, Span
 from tiktrue.model.errors import CorruptBlock, ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.store import BlockStore
+from tiktrue.node import handshake
 from tiktrue.node.block_guard import BlockGuard
 from tiktrue.node.peer_link import (
     CLOSE_TIMEOUT,
@@ -52,6 +57,8 @@ from tiktrue.node.peer_link import (
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
+from tiktrue.security.access_control import block_messages_denied, serves_forward_steps
+from tiktrue.security.auth_manager import CertInfo
 from tiktrue.security.node_tls import NetworkCredentials, block_keyring
 
 log = logging.getLogger("tiktrue.node")
@@ -90,6 +97,7 @@ class BlockServer:
         self.credentials = credentials
         self.node_id = credentials.identity.node_id
         self.entry = config.node(self.node_id)
+        self.active = serves_forward_steps(self.entry.role)  # a backup stands by
         store = BlockStore(
             self.data_dir / "models" / config.model_id, keyring=block_keyring(self.data_dir)
         )
@@ -129,6 +137,7 @@ class BlockServer:
         self._chain_ids_cached: list[str] = []
         self._head_connections = 0  # open connections from the chain's head (first node only)
         self._background: set[asyncio.Task] = set()
+        self._peers: dict[Any, CertInfo] = {}  # open connection -> its proved certificate
         self._server = None
         # (node_id, why): the node service tells the admin's health monitor
         self.on_peer_lost: Callable[[str, str], None] | None = None
@@ -138,10 +147,11 @@ class BlockServer:
             entry.host,
             entry.port,
             network_id=self.network_id,
-            node_id=self.node_id,
-            ssl_context=self.credentials.client_context(),
+            credentials=self.credentials,
             role=self.entry.role,
             on_lost=on_lost,
+            expected_node_id=entry.node_id,
+            revoked=self.config.revoked_ids,
         )
 
     def _in_background(self, coro) -> None:
@@ -233,12 +243,23 @@ class BlockServer:
         flight on a link to a replaced neighbour fail; the gateway replays them."""
         self.config = config
         self.entry = config.node(self.node_id)
+        self.active = serves_forward_steps(self.entry.role)
+        self.drop_revoked()
         old, after = self._next, config.next_node(self.node_id)
         if (after and after.address) != (old and old.address):
             self._next = self._link(after, on_lost=self._next_lost) if after else None
             if old is not None:
                 await old.close()
             self._in_background(self._warm_links())
+
+    def drop_revoked(self) -> None:
+        """Close the open connections of nodes the current config revokes (at once: a
+        removed node's steps stop here, not at its next reconnect)."""
+        revoked = self.config.revoked_ids
+        for ws, peer in list(self._peers.items()):
+            if peer.node_id in revoked:
+                log.warning("network %s: closing revoked node %s", self.network_id, peer.node_id)
+                self._in_background(ws.close(1008, "certificate revoked"))
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.guard.stop)
@@ -259,9 +280,13 @@ class BlockServer:
     # --- connections ---------------------------------------------------------------------
 
     async def _handle(self, ws) -> None:
-        hello = await self._hello(ws)
-        if hello is None:
+        accepted = await self._hello(ws)
+        if accepted is None:
             return
+        hello, peer = accepted
+        denied = block_messages_denied(peer.role)  # per connection, not per message
+        on_frame = self._refuse_frame if "forward" in denied else self._on_frame
+        self._peers[ws] = peer
         # On the chain's first node, a connection from a later node of the chain brings
         # answers (and errors) of steps in flight; the head's tells that it can answer here.
         ids = self._chain_ids()
@@ -273,13 +298,16 @@ class BlockServer:
             async for raw in ws:
                 if brings_answers and isinstance(raw, str) and self._take_answer(raw):
                     continue
-                handler = self._on_frame if isinstance(raw, bytes) else self._on_text
-                task = asyncio.create_task(handler(ws, raw))
+                if isinstance(raw, bytes):
+                    task = asyncio.create_task(on_frame(ws, raw))
+                else:
+                    task = asyncio.create_task(self._on_text(ws, raw, denied))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except websockets.ConnectionClosed:
             pass
         finally:
+            self._peers.pop(ws, None)
             self._head_connections -= from_head
             if brings_answers and self._next is not None:  # answers in flight on it are lost
                 self._next.fail_pending(
@@ -298,8 +326,9 @@ class BlockServer:
             return False
         return kind in ("inference_response", "error") and self._next.resolve(reply)
 
-    async def _hello(self, ws) -> ps.Hello | None:
-        """The peer's hello, answered; None (connection closed) when it is refused."""
+    async def _hello(self, ws) -> tuple[ps.Hello, CertInfo] | None:
+        """The peer's hello, answered, and its challenge checked: the hello and the peer's
+        certificate; None (connection closed) when it is refused."""
         try:
             raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
             parsed = ps.parse_message(raw, max_bytes=1 << 16)
@@ -326,6 +355,9 @@ class BlockServer:
             except ps.ProtocolError as exc:
                 exc.message_id = hello.message_id
                 raise
+            peer = await handshake.accept(
+                ws, hello, self.credentials, revoked=self.config.revoked_ids
+            )
         except ps.ProtocolError as exc:
             await ws.send(json.dumps(ps.error_reply(exc, network_id=self.network_id)))
             await ws.close(1008, exc.code)
@@ -333,11 +365,7 @@ class BlockServer:
         except (asyncio.TimeoutError, websockets.ConnectionClosed):
             await ws.close(1008, "no hello")
             return None
-        reply = ps.HelloReply(
-            node_id=self.node_id, network_id=self.network_id, in_reply_to=hello.message_id
-        )
-        await ws.send(ps.make_message(reply))
-        return hello
+        return hello, peer
 
     # --- the hot path: forward steps -------------------------------------------------------
 
@@ -345,6 +373,10 @@ class BlockServer:
         reply = await self.answer_frame(raw)
         if reply is not None:
             await _send(ws, reply)
+
+    async def _refuse_frame(self, ws, raw: bytes) -> None:
+        """A peer whose role may not send steps (see ``security.access_control``)."""
+        await _send(ws, error_dict(ps.FORBIDDEN, "this certificate may not send steps"))
 
     async def answer_frame(self, raw: bytes) -> dict | None:
         """The answer to one forward step (a token, or a structured error); None when it goes
@@ -469,6 +501,11 @@ class BlockServer:
         if self.engine is None:
             raise self.fault()
         after = self._next  # a config switch may replace it meanwhile: this step keeps its own
+        if not self.active:
+            raise PeerUnavailable(
+                f"node {self.node_id} is a backup in config v{self.config.version}: it has no "
+                "next node and computes no steps until a config makes it active"
+            )
         if after is None and not self.span.has_head:
             # a backup (or a node between two configs) has no next node: the sender's config
             # is newer or older than ours; a recoverable error, the gateway replays the step
@@ -584,18 +621,26 @@ class BlockServer:
 
     # --- text messages ---------------------------------------------------------------------
 
-    async def _on_text(self, ws, raw: str) -> None:
-        reply = await self.answer_text(raw, lambda message: _send(ws, message))
+    async def _on_text(self, ws, raw: str, denied: frozenset[str]) -> None:
+        reply = await self.answer_text(raw, lambda message: _send(ws, message), denied)
         if reply is not None:
             await _send(ws, reply)
 
-    async def answer_text(self, raw: str, send=None) -> dict | None:
-        """The answer to one text message; client requests stream through ``send`` instead."""
+    async def answer_text(self, raw: str, send=None, denied=frozenset()) -> dict | None:
+        """The answer to one text message; client requests stream through ``send`` instead.
+        ``denied``: the message types the connection's peer may not send."""
         parsed = None
         try:
             parsed = ps.parse_message(raw, max_bytes=self.max_frame_bytes)
             self.stats.record(parsed)
             kind = parsed.message_type
+            if kind.value in denied:
+                raise ps.ProtocolError(
+                    ps.FORBIDDEN,
+                    f"this certificate's role may not send {kind.value}",
+                    parsed.message_id,
+                    parsed.session_id,
+                )
             if parsed.network_id is not None or kind in SESSION_CONTROL:
                 self._check_network(parsed.network_id, parsed.message_id, parsed.session_id)
             if kind in SESSION_CONTROL:

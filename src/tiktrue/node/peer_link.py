@@ -1,30 +1,27 @@
 """``PeerLink``: one persistent mutual-TLS WebSocket to a block server of a network.
 
 Used by a node to reach the next node of its chain, and by the gateway to reach the first.
-The link says hello (node id, network, versions) and then multiplexes requests: each request
-carries a message_id, the reader task hands each reply to the request that waits for it, so
-many sessions share one connection. A reply may also come back by another way (the chain's
-head answers its first node directly): ``resolve`` hands it to the waiting request. ``send``
-is for one-way messages that expect no reply on this link.
+The link says hello (node id, network, versions), and both ends answer each other's challenge
+bound to this TLS session (``node.handshake``, once per connection); then it multiplexes
+requests: each request carries a message_id, the reader task hands each reply to the request
+that waits for it, so many sessions share one connection. A reply may also come back by
+another way (the chain's head answers its first node directly): ``resolve`` hands it to the
+waiting request. ``send`` is for one-way messages that expect no reply on this link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import websockets
 
-from tiktrue.protocol.protocol_spec import (
-    Hello,
-    Message,
-    ProtocolError,
-    make_message,
-)
+from tiktrue.node import handshake
+from tiktrue.protocol.protocol_spec import Hello, Message, make_message
+from tiktrue.security.node_tls import NetworkCredentials
 
 HARD_FRAME_LIMIT = 256 << 20  # websockets' own limit; ours is lower and answered politely
 CONNECT_TIMEOUT = 10.0
@@ -47,17 +44,21 @@ class PeerLink:
         port: int,
         *,
         network_id: str,
-        node_id: str,
-        ssl_context: ssl.SSLContext,
+        credentials: NetworkCredentials,
         role: str | None = None,
         hello: Hello | None = None,
         on_lost: Callable[[PeerLink], None] | None = None,
+        expected_node_id: str | None = None,
+        revoked: Collection[str] = (),
     ) -> None:
         self.host, self.port = host, port
         self.network_id = network_id
-        self.node_id = node_id
-        self.ssl_context = ssl_context
-        self.hello = hello or Hello(node_id=node_id, network_id=network_id, role=role)
+        self.credentials = credentials
+        self.node_id = credentials.identity.node_id
+        self.ssl_context = credentials.client_context()
+        self.expected_node_id = expected_node_id  # the server must be this node
+        self.revoked = revoked  # node ids removed from the network: never trusted
+        self.hello = hello or Hello(node_id=self.node_id, network_id=network_id, role=role)
         self.peer: dict[str, Any] = {}
         self._ws = None
         self._reader: asyncio.Task | None = None
@@ -94,14 +95,19 @@ class PeerLink:
                 )
             except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
                 raise PeerUnavailable(f"cannot reach {self.address}: {exc}") from exc
-            await ws.send(make_message(self.hello))
             try:
-                reply = json.loads(await asyncio.wait_for(ws.recv(), CONNECT_TIMEOUT))
+                reply = await handshake.offer(
+                    ws,
+                    self.hello,
+                    self.credentials,
+                    expected_node_id=self.expected_node_id,
+                    revoked=self.revoked,
+                )
             except (websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
                 raise PeerUnavailable(f"{self.address} closed the connection at hello") from exc
-            if reply.get("header", {}).get("message_type") == "error":
+            except BaseException:
                 await ws.close()
-                raise ProtocolError(reply.get("code", "error"), reply.get("message", ""))
+                raise
             self.peer = reply
             self._ws = ws
             self._reader = asyncio.create_task(self._read(ws))

@@ -3,6 +3,11 @@
 Every node of a network keeps the same config in its data dir; the node service starts one
 block server per config in which it appears. The network's CA certificate and this node's
 certificate for the network live beside it in ``<data>/networks/<network_id>/``.
+
+The admin signs each config it hands out with the network's CA key (``signature``, over
+``canonical_bytes``: everything but the signature), and a node takes a config from elsewhere
+only when that signature verifies (``control.config_signing``). ``revoked`` lists the nodes
+the admin removed: every node refuses their certificates at once.
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ class NodeEntry(BaseModel):
         return f"{self.host}:{self.control_port}" if self.control_port else None
 
 
+class Revoked(BaseModel):
+    """A node the admin removed: its certificates are refused on every node of the network."""
+
+    node_id: str = Field(pattern=ID_PATTERN)
+    at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(), max_length=64)
+    reason: str = Field("", max_length=200)
+
+
 class NetworkConfig(BaseModel):
     network_id: str = Field(pattern=ID_PATTERN)
     name: str = ""
@@ -62,6 +75,8 @@ class NetworkConfig(BaseModel):
     # workers keep the blocks pushed to them sealed with the network's AES-256-GCM key
     encrypt_at_rest: bool = False
     updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    revoked: list[Revoked] = Field(default_factory=list)
+    signature: str | None = Field(None, description="the network CA's, hex; see canonical_bytes")
 
     @model_validator(mode="after")
     def _beats_fit(self) -> NetworkConfig:
@@ -72,6 +87,13 @@ class NetworkConfig(BaseModel):
             )
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
             raise ValueError(f"webhook_url must be an http(s) URL, not {self.webhook_url!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_revoked_member(self) -> NetworkConfig:
+        back = self.revoked_ids & {n.node_id for n in self.nodes}
+        if back:
+            raise ValueError(f"revoked nodes cannot be members: {', '.join(sorted(back))}")
         return self
 
     @model_validator(mode="after")
@@ -89,6 +111,16 @@ class NetworkConfig(BaseModel):
         if serving and at != len(self.model_chain_order):
             raise ValueError(f"no node serves {self.model_chain_order[at]}..")
         return self
+
+    def canonical_bytes(self) -> bytes:
+        """What the signature covers: the canonical JSON of everything but the signature,
+        the same on every node for the same content (also the basis of conflict digests)."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def revoked_ids(self) -> frozenset[str]:
+        return frozenset(r.node_id for r in self.revoked)
 
     def _index(self, block: str) -> int:
         try:

@@ -57,6 +57,7 @@ INTERNAL_ERROR = "internal_error"  # raised by callers: a bug on the answering s
 FORBIDDEN = "forbidden"  # raised by callers: valid credentials that do not reach this
 RATE_LIMITED = "rate_limited"  # raised by callers: over a request limit; retry later
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # the prompt does not fit the network
+AUTH_FAILED = "auth_failed"  # a node's challenge answer did not verify (or never came)
 
 ERROR_CODES = frozenset(
     {
@@ -74,6 +75,7 @@ ERROR_CODES = frozenset(
         FORBIDDEN,
         RATE_LIMITED,
         CONTEXT_LENGTH_EXCEEDED,
+        AUTH_FAILED,
     }
 )
 
@@ -82,6 +84,7 @@ ERROR_CODES = frozenset(
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
+HexBytes = Annotated[str, Field(pattern=r"^[0-9a-f]{2,256}$")]  # nonces, signatures
 
 
 class ProtocolError(Exception):
@@ -123,6 +126,7 @@ class MessageType(str, Enum):
     hello_reply = "hello_reply"  # the answer to hello when the versions agree
     ack = "ack"  # generic success answer to a control message
     link_lost = "link_lost"  # to a chain's first node: a link further down the chain dropped
+    node_auth = "node_auth"  # after hello: the connecting node's answer to the challenge
 
 
 class Header(BaseModel):
@@ -283,6 +287,7 @@ class Hello(Message):
     software_version: str = SOFTWARE_VERSION
     protocol_version: str = PROTOCOL_VERSION
     role: str | None = None
+    auth_nonce: HexBytes | None = None  # the challenge for the server (security.link_auth)
 
 
 class HelloReply(Message):
@@ -293,6 +298,17 @@ class HelloReply(Message):
     software_version: str = SOFTWARE_VERSION
     protocol_version: str = PROTOCOL_VERSION
     in_reply_to: MessageId
+    auth_nonce: HexBytes | None = None  # the challenge for the client
+    auth_proof: HexBytes | None = None  # the server's answer to the client's challenge
+
+
+class NodeAuth(Message):
+    """The connecting node's answer to the server's challenge (after hello_reply); the server
+    answers ``ack``, or ``error`` auth_failed and closes the connection."""
+
+    message_type: ClassVar[MessageType] = MessageType.node_auth
+
+    proof: HexBytes
 
 
 class _SessionControl(Message):
@@ -361,6 +377,7 @@ MESSAGE_MODELS: dict[MessageType, type[Message]] = {
         Cancel,
         Ack,
         LinkLost,
+        NodeAuth,
     )
 }
 

@@ -4,7 +4,10 @@ Every node owns one ECDSA P-256 key (``node_key.pem``) from its first start; its
 derived from the public key, so a certificate can only name the node that holds the key. Each
 network has its own CA that signs node certificates carrying the node's role (subject
 ``CN=node_id, OU=role, O=network_id``). On top of mutual TLS, ``verify_node_identity`` checks that
-the peer signs a fresh nonce with the key of a certificate issued by this network's CA.
+the peer signs a fresh nonce with the key of a certificate issued by this network's CA and not
+revoked (``security.link_auth`` binds that nonce to the TLS session of each connection). The CA
+key also signs documents the whole network must trust, the network configs
+(``sign_document``), so a node can tell the admin's config from a forged one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ CA_CERT_FILE = "ca_cert.pem"
 CA_KEY_FILE = "ca_key.pem"
 CA_UNIT = "tiktrue-network-ca"
 CHALLENGE_DOMAIN = b"tiktrue-challenge-v1"
+DOCUMENT_DOMAIN = b"tiktrue-document-v1"
 NONCE_BYTES = 32
 MIN_NONCE_BYTES = 16
 CA_VALID_DAYS = 3650
@@ -500,13 +504,18 @@ def verify_node_identity(
     signature: bytes,
     context: bytes,
     expected_role: str | Collection[str] | None = None,
+    revoked: Collection[str] = (),
 ) -> CertInfo:
     """Verify the peer's certificate against the network CA and its signature over ``nonce``.
 
-    Use a nonce this side generated (see ``ChallengeTracker``); raises ``IdentityError`` on any
-    failure and returns the peer's ``CertInfo`` on success.
+    Use a nonce this side generated (see ``ChallengeTracker``, or ``link_auth`` for one per
+    connection); ``revoked`` holds the node ids the network has removed (the signed config's
+    revocation list). Raises ``IdentityError`` on any failure and returns the peer's
+    ``CertInfo`` on success.
     """
     info = verify_certificate(cert_pem, ca_cert_pem)
+    if info.node_id in revoked:
+        raise IdentityError(f"node {info.node_id} was removed from network {info.network_id}")
     if expected_role is not None:
         allowed = {expected_role} if isinstance(expected_role, str) else set(expected_role)
         if info.role not in allowed:
@@ -525,6 +534,31 @@ def verify_node_identity(
             "(wrong key, nonce or context)"
         ) from exc
     return info
+
+
+def _document_message(kind: str, data: bytes) -> bytes:
+    label = kind.encode()
+    return DOCUMENT_DOMAIN + struct.pack(">I", len(label)) + label + data
+
+
+def sign_document(ca: NetworkCA, kind: str, data: bytes) -> bytes:
+    """The network CA's ECDSA-SHA256 signature (DER) over ``data``, labelled ``kind`` (e.g.
+    ``"network-config"``) so a signature made for one kind of document never passes for
+    another, nor for a challenge answer."""
+    return ca.private_key.sign(_document_message(kind, data), ec.ECDSA(hashes.SHA256()))
+
+
+def verify_document(
+    ca_cert_pem: bytes | str | x509.Certificate, kind: str, data: bytes, signature: bytes
+) -> None:
+    """Raises ``IdentityError`` unless ``signature`` is the network CA's over ``data``."""
+    public_key = _load_cert(ca_cert_pem, "network CA certificate").public_key()
+    _require_p256(public_key, "network CA key")
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    try:
+        public_key.verify(signature, _document_message(kind, data), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError) as exc:
+        raise IdentityError(f"the {kind} is not signed by this network's CA") from exc
 
 
 class ChallengeTracker:

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -61,6 +62,15 @@ class NetworkCredentials:
                 f"{node_cert} was issued to node {info.node_id}, this node is {identity.node_id}"
             )
         return cls(identity, ca_cert, node_cert, info)
+
+    @cached_property
+    def cert_der(self) -> bytes:
+        """This node's certificate (DER), as its TLS peers see it."""
+        return pem_to_der(self.node_cert.read_bytes())
+
+    @cached_property
+    def ca_pem(self) -> bytes:
+        return self.ca_cert.read_bytes()
 
     def server_context(self) -> ssl.SSLContext:
         return server_ssl_context(self.node_cert, self.identity.key_path, self.ca_cert)
@@ -123,11 +133,22 @@ def _self_signed(identity: NodeIdentity) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def control_server_context(data_dir: Path) -> ssl.SSLContext:
+def control_certificate(data_dir: Path) -> Path:
+    """This node's self-signed control-channel certificate (made on first use)."""
     identity = node_identity(data_dir)
     cert_path = identity.directory / CONTROL_CERT
     if not cert_path.is_file():
         cert_path.write_bytes(_self_signed(identity))
+    return cert_path
+
+
+def pem_to_der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def control_server_context(data_dir: Path) -> ssl.SSLContext:
+    identity = node_identity(data_dir)
+    cert_path = control_certificate(data_dir)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert_path, identity.key_path)

@@ -1,23 +1,36 @@
 """A node's control channel (one per node, every network): node info, join, config and block
-pushes, caps, speed probe. See ``control_link`` for the client side and the trust model."""
+pushes, caps, speed probe. See ``control_link`` for the client side.
+
+Every connection starts as ``anyone``; the challenge (``hello``, ``auth``; see
+``security.link_auth``) proves a network certificate (a member with its role) or this node's
+own key (``owner``: the CLI of this PC; trust never comes from an address). Before every
+operation ``security.access_control.check_control`` says whether the caller may do it: a
+caller without a certificate reaches only who this node is and the join handshake, in
+messages of at most ``limits.MAX_UNPROVED_MESSAGE_BYTES``. A certificate revoked by a
+network's signed config (or expired) stops working at once, on open connections too."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
 import ssl
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import websockets
 from cryptography import x509
 from pydantic import ValidationError
 
+from tiktrue import limits
 from tiktrue.control import config_sync
 from tiktrue.control import network_manager as nm
+from tiktrue.control.config_signing import ConfigSignatureError, sign_config
+from tiktrue.control.discovery import announcement_for
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
@@ -26,15 +39,31 @@ from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import CLOSE_TIMEOUT, HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
 from tiktrue.protocol.network_config import (
+    ConfigError,
     NetworkConfig,
     config_path,
+    list_configs,
     read_config,
     write_config,
 )
 from tiktrue.protocol.protocol_spec import ProtocolError
-from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
+from tiktrue.security.access_control import (
+    ANONYMOUS,
+    ANYONE,
+    OWNER,
+    AccessDenied,
+    Caller,
+    check_control,
+)
+from tiktrue.security.auth_manager import IdentityError, certificate_info
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
-from tiktrue.security.node_tls import block_keyring, control_server_context
+from tiktrue.security.link_auth import LinkChallenge, parse_nonce, parse_proof, session_binding
+from tiktrue.security.node_tls import (
+    block_keyring,
+    control_certificate,
+    control_server_context,
+    pem_to_der,
+)
 
 if TYPE_CHECKING:
     from tiktrue.service.service_runner import NodeService
@@ -42,12 +71,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiktrue.control")
 _TEST_HOOKS = os.environ.get("TIKTRUE_TEST_HOOKS") == "1"
 LOSE_REPLIES = "test_lose_replies.json"  # {op: how many replies to lose}, with the hooks on
+CONTROL_PURPOSE = "control"  # as the client binds it (node.control_link)
 
 
 class Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, close: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.close = close  # the connection ends after this answer
+
+
+@dataclass
+class Connection:
+    """One client of the control channel: who it proved to be, and its challenge."""
+
+    ws: Any
+    source: str  # the client's address (join requests are capped per source)
+    peer_cert: bytes | None  # DER of the certificate it showed in TLS, if any
+    caller: Caller = ANONYMOUS
+    challenge: LinkChallenge | None = None
 
 
 def probe_speed(seconds: float = 0.3) -> float:
@@ -69,10 +111,16 @@ class ControlServer:
     def __init__(self, service: NodeService) -> None:
         self.service = service
         self.data_dir = service.data_dir
+        self.identity = service.identity
         self.context = control_server_context(self.data_dir)
+        self.cert_der = pem_to_der(control_certificate(self.data_dir).read_bytes())
         self._server = None
         self.port: int | None = None
         self.staged: dict[str, NetworkConfig] = {}  # network -> config prepared, not committed
+        self.connections: dict[Any, Connection] = {}
+        self.revoked: dict[str, frozenset[str]] = {}  # network -> node ids it removed
+        self._closing: set[asyncio.Task] = set()
+        self._read_revoked()
 
     async def start(self, host: str, port: int) -> None:
         self._server = await websockets.serve(
@@ -80,7 +128,7 @@ class ControlServer:
             host,
             port,
             ssl=self.context,
-            max_size=HARD_FRAME_LIMIT,
+            max_size=limits.MAX_UNPROVED_MESSAGE_BYTES,  # raised once a member proves
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
         )
@@ -92,28 +140,58 @@ class ControlServer:
             await self._server.wait_closed()
 
     def refresh_trust(self) -> None:
-        """A network was joined: accept its certificates on new connections from now on."""
+        """The configs changed: accept the certificates of networks joined since (on new
+        connections), and drop at once the connections of nodes a network revoked."""
         cas = sorted((self.data_dir / "networks").glob("*/ca_cert.pem"))
         for ca in cas:
             self.context.load_verify_locations(ca)
         if cas:
             self.context.verify_mode = ssl.CERT_OPTIONAL
+        self._read_revoked()
+        for conn in list(self.connections.values()):
+            if self._revoked(conn.caller):
+                log.warning("closing the control connection of revoked %s", conn.caller.describe())
+                self._close(conn.ws, "certificate revoked")
+
+    def _read_revoked(self) -> None:
+        try:
+            configs = list_configs(self.data_dir)
+        except ConfigError as exc:  # keep the lists we had; the reload reports the config
+            log.warning("cannot read the revocation lists: %s", exc)
+            return
+        self.revoked = {c.network_id: c.revoked_ids for c in configs}
+
+    def _revoked(self, caller: Caller) -> bool:
+        return caller.is_member and caller.node_id in self.revoked.get(caller.network_id, ())
+
+    def _close(self, ws, why: str) -> None:
+        task = asyncio.get_running_loop().create_task(ws.close(1008, why))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _handle(self, ws) -> None:
         ssl_object = ws.transport.get_extra_info("ssl_object")
-        peer = ssl_object.getpeercert(binary_form=True)  # checked per network, per request
-        local = ws.remote_address[0] in ("127.0.0.1", "::1")
+        conn = Connection(
+            ws, str(ws.remote_address[0]), ssl_object.getpeercert(binary_form=True) or None
+        )
+        self.connections[ws] = conn
         try:
             async for raw in ws:
-                reply = await self._answer(raw, peer, local)
+                reply, close = await self._answer(raw, conn)
                 if _TEST_HOOKS and self._lose_reply(raw):
                     await ws.close()  # test hook: the work is done, its acknowledgement lost
                     return
                 await ws.send(json.dumps(reply))
+                if close:
+                    await ws.close(1008, reply.get("code", "refused"))
+                    return
         except websockets.ConnectionClosed:
             pass
+        finally:
+            self.connections.pop(ws, None)
 
-    async def _answer(self, raw, peer, local: bool) -> dict:
+    async def _answer(self, raw, conn: Connection) -> tuple[dict, bool]:
+        """The reply to one request, and whether the connection ends after it."""
         request_id = None
         try:
             if isinstance(raw, bytes):
@@ -124,60 +202,121 @@ class ControlServer:
                 raise Refused("bad_request", "a control request is a JSON object with an 'op'")
             request_id = header.get("id")
             op = header.get("op")
-            handler = getattr(self, f"op_{op}", None)
-            if handler is None:
-                raise Refused("unknown_op", f"unknown control operation {op!r}")
-            result = await handler(header, payload, peer, local)
-            return {"in_reply_to": request_id, "ok": True, **(result or {})}
+            self._still_valid(conn.caller)
+            check_control(str(op), conn.caller, header.get("network_id"))
+            result = await getattr(self, f"op_{op}")(header, payload, conn)
+            return {"in_reply_to": request_id, "ok": True, **(result or {})}, False
         except Refused as exc:
-            return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (nm.JoinError, block_receiver.ReceiveError, StoreError, ProtocolError) as exc:
-            return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
+            reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
+            return reply, exc.close
+        except (
+            AccessDenied,
+            nm.JoinError,
+            block_receiver.ReceiveError,
+            StoreError,
+            ProtocolError,
+            ConfigSignatureError,
+            config_sync.SyncRefused,
+        ) as exc:
+            reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
+            return reply, False
         except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
-            return {
+            reply = {
                 "in_reply_to": request_id,
                 "ok": False,
                 "code": "bad_request",
                 "message": str(exc),
             }
+            return reply, False
         except Exception as exc:  # a bug: answer it and keep serving
             log.exception("control request failed")
-            return {
+            reply = {
                 "in_reply_to": request_id,
                 "ok": False,
                 "code": "internal_error",
                 "message": repr(exc),
             }
+            return reply, False
 
-    # --- who may do what -------------------------------------------------------------------
+    # --- who is calling ----------------------------------------------------------------------
 
-    def _member(self, peer: bytes | None, network_id: str) -> CertInfo:
-        """The peer's certificate, verified against *this* network's CA: a node in several
-        networks must not let one network's CA speak for another."""
-        ca = self.data_dir / "networks" / str(network_id) / "ca_cert.pem"
-        if not peer or not ca.is_file():
-            raise Refused("forbidden", f"only members of network {network_id} may do this")
+    def _still_valid(self, caller: Caller) -> None:
+        """A member's certificate, checked again at each request: revoked or expired since
+        the connection proved it, the connection ends."""
+        if not caller.is_member:
+            return
+        if self._revoked(caller):
+            raise Refused("revoked", f"{caller.describe()} was removed from it", close=True)
+        if caller.not_after is not None and dt.datetime.now(dt.timezone.utc) > caller.not_after:
+            raise Refused("expired", f"the certificate of {caller.describe()} expired", close=True)
+
+    async def op_hello(self, header, payload, conn: Connection) -> dict:
+        """The caller's challenge, answered with this node's identity key; ours for it."""
+        if conn.challenge is not None:
+            raise Refused("bad_request", "hello was said already on this connection")
+        ssl_object = conn.ws.transport.get_extra_info("ssl_object")
+        binding = session_binding(
+            ssl_object, purpose=CONTROL_PURPOSE, own_cert=self.cert_der, server=True
+        )
+        challenge = LinkChallenge(binding, "server")
         try:
-            return verify_certificate(x509.load_der_x509_certificate(peer), ca.read_bytes())
+            challenge.peer_nonce = parse_nonce(header.get("nonce"))
         except IdentityError as exc:
-            raise Refused("forbidden", f"not a certificate of network {network_id}: {exc}") from exc
+            raise Refused("bad_request", str(exc)) from exc
+        conn.challenge = challenge
+        return {
+            "node_id": self.identity.node_id,
+            "client_cert": conn.peer_cert is not None,  # bound: the caller binds it alike
+            "nonce": challenge.nonce.hex(),
+            "proof": challenge.answer(self.identity).hex(),
+        }
 
-    def _require_admin(self, peer: bytes | None, network_id: str) -> CertInfo:
-        info = self._member(peer, network_id)
-        if info.role != "admin":
-            raise Refused(
-                "forbidden", f"only the admin of network {network_id} may do this (mutual TLS)"
-            )
-        return info
+    async def op_auth(self, header, payload, conn: Connection) -> dict:
+        """The caller's answer: by the key of the certificate it showed in TLS (a member of a
+        network this node is in), or by this node's own key (``as: owner``). One try per
+        connection: after a wrong answer it stays a connection without a certificate."""
+        challenge = conn.challenge
+        if challenge is None or conn.caller is not ANONYMOUS:
+            raise Refused("auth_failed", "say hello first, and answer the challenge once")
+        try:
+            proof = parse_proof(header.get("proof"))
+            if header.get("as") == OWNER:
+                challenge.check_key(self.identity.public_key, proof)
+                conn.caller = Caller(OWNER, node_id=self.identity.node_id)
+            else:
+                conn.caller = Caller.member(self._check_member(conn, challenge, proof))
+                conn.ws.protocol.max_message_size = HARD_FRAME_LIMIT  # block pushes
+        except IdentityError as exc:
+            raise Refused("auth_failed", str(exc)) from exc
+        return {"caller": conn.caller.kind, "node_id": conn.caller.node_id}
+
+    def _check_member(self, conn: Connection, challenge: LinkChallenge, proof: bytes):
+        """The certificate shown in TLS, verified against the CA of the network it names
+        (never another network's: a node in several networks keeps them apart), not revoked,
+        and the challenge answered with its key."""
+        if conn.peer_cert is None:
+            raise IdentityError("no certificate was shown in TLS: nothing to prove")
+        cert = x509.load_der_x509_certificate(conn.peer_cert)
+        network_id = certificate_info(cert).network_id
+        ca = self.data_dir / "networks" / network_id / "ca_cert.pem"
+        if not ca.is_file():
+            raise IdentityError(f"this node is not in network {network_id}")
+        revoked = self.revoked.get(network_id, ())
+        return challenge.check_member(cert, ca.read_bytes(), proof, revoked=revoked)
 
     # --- operations --------------------------------------------------------------------------
 
-    async def op_node_info(self, header, payload, peer, local) -> dict:
+    async def op_node_info(self, header, payload, conn: Connection) -> dict:
+        """Who this node is: to anyone, what discovery shows anyway (id, name, networks and
+        roles); to members and the owner, everything (pid, resources, API URL, ...)."""
+        if conn.caller.kind == ANYONE:
+            announced = announcement_for(self.data_dir, self.port or 1, host=self.service.host)
+            return {"public": True, **announced.model_dump(mode="json")}
         return self.service.node_info()
 
-    async def op_join(self, header, payload, peer, local) -> dict:
+    async def op_join(self, header, payload, conn: Connection) -> dict:
         request = nm.JoinRequest.model_validate(header["request"])
-        outcome = nm.accept_join(self.data_dir, request)
+        outcome = nm.accept_join(self.data_dir, request, source=conn.source)
         if isinstance(outcome, str):
             return {"state": "pending", "request_id": outcome}
         await self._joined(request.network_id)
@@ -187,24 +326,22 @@ class ControlServer:
         await self.service.reload()
         self.service.schedule_replan(network_id)
 
-    async def op_join_status(self, header, payload, peer, local) -> dict:
+    async def op_join_status(self, header, payload, conn: Connection) -> dict:
         request = nm.JoinRequest.model_validate(header["request"])
         state, grant = nm.join_status(self.data_dir, request, header["request_id"])
         if state == "approved":
             await self._joined(request.network_id)
         return {"state": state, "grant": grant.model_dump() if grant else None}
 
-    async def op_manifest_push(self, header, payload, peer, local) -> dict:
-        self._require_admin(peer, header["network_id"])
+    async def op_manifest_push(self, header, payload, conn: Connection) -> dict:
         manifest = Manifest.model_validate(header["manifest"])
         root = self._model_root(header["model_id"], manifest)
         root.mkdir(parents=True, exist_ok=True)
         (root / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2), "utf-8")
         return {}
 
-    async def op_blocks_held(self, header, payload, peer, local) -> dict:
+    async def op_blocks_held(self, header, payload, conn: Connection) -> dict:
         network_id = header["network_id"]
-        self._member(peer, network_id)
         manifest, root = self._manifest(header["model_id"])
         return await asyncio.to_thread(
             block_receiver.held, root, manifest, **self._at_rest(network_id)
@@ -216,9 +353,8 @@ class ControlServer:
         sealed = path.is_file() and read_config(path).encrypt_at_rest
         return {"keyring": block_keyring(self.data_dir), "seal_for": network_id if sealed else None}
 
-    async def op_chunk(self, header, payload, peer, local) -> dict:
+    async def op_chunk(self, header, payload, conn: Connection) -> dict:
         network_id, model_id = header["network_id"], header["model_id"]
-        self._require_admin(peer, network_id)
         manifest, root = self._manifest(model_id)
         path, index = header["path"], int(header["index"])
         key = nm.block_key(self.data_dir, network_id)  # its own error when there is none
@@ -241,72 +377,58 @@ class ControlServer:
             release_free_memory()
         return {"complete": complete}
 
-    async def op_caps_set(self, header, payload, peer, local) -> dict:
-        self._require_admin(peer, header["network_id"])
+    async def op_caps_set(self, header, payload, conn: Connection) -> dict:
         caps = self.service.set_caps(header["caps"])
         await self.service.reload(force=True)
         return {"caps": caps}
 
-    async def op_ping(self, header, payload, peer, local) -> dict:
+    async def op_ping(self, header, payload, conn: Connection) -> dict:
         return {}
 
-    async def op_leave(self, header, payload, peer, local) -> dict:
+    async def op_leave(self, header, payload, conn: Connection) -> dict:
         """A member leaves (it asks with its own certificate): admin re-plans without it."""
-        from tiktrue.control.network_admin import apply_plan, make_plan
+        from tiktrue.control.network_admin import remove_node
 
         network_id = header["network_id"]
-        peer = self._member(peer, network_id)
         nm.admin_ca(self.data_dir, network_id)  # only the admin handles leaves
         async with self.service.config_locks[network_id]:
-            config = read_config(config_path(self.data_dir, network_id))
-            leaving = config.node(peer.node_id)
-            if leaving.blocks:
-                plan, _ = await make_plan(self.data_dir, network_id, without={peer.node_id})
-                new = await apply_plan(self.data_dir, network_id, plan, remove={peer.node_id})
-            else:
-                nodes = [n for n in config.nodes if n.node_id != peer.node_id]
-                new = config.model_copy(update={"nodes": nodes, "version": config.version + 1})
-                write_config(self.data_dir, NetworkConfig.model_validate(new.model_dump()))
+            new = await remove_node(self.data_dir, network_id, conn.caller.node_id, revoke=False)
         await self.service.reload()
         return {"version": new.version}
 
-    async def op_chain_broken(self, header, payload, peer, local) -> dict:
+    async def op_chain_broken(self, header, payload, conn: Connection) -> dict:
         """A member's chain failed: the admin looks for lost nodes (in the background)."""
         network_id = header["network_id"]
-        self._member(peer, network_id)
         nm.admin_ca(self.data_dir, network_id)  # only the admin takes spans over
         self.service._in_background(
             self.service.chain_broken(network_id, str(header.get("why", ""))[:500])
         )
         return {}
 
-    async def op_probe(self, header, payload, peer, local) -> dict:
+    async def op_probe(self, header, payload, conn: Connection) -> dict:
         return {"bytes_per_ms": await asyncio.to_thread(probe_speed)}
 
-    async def op_reload(self, header, payload, peer, local) -> dict:
-        if not local:
-            raise Refused("forbidden", "reload is only accepted from this PC")
+    async def op_reload(self, header, payload, conn: Connection) -> dict:
+        """The owner's CLI changed a config on disk (``network create``, ``join``, ...)."""
         await self.service.reload()
         return {}
 
-    async def op_heartbeat(self, header, payload, peer, local) -> dict:
-        """The admin's beat (members may beat too; only the admin's is recorded): this node's
-        figures back, and the time noted, so a node can tell when its admin was away."""
+    async def op_heartbeat(self, header, payload, conn: Connection) -> dict:
+        """The admin's beat: this node's figures back, and the time noted, so a node can tell
+        when its admin was away."""
         network_id = header["network_id"]
-        if self._member(peer, network_id).role == "admin":
-            self.service.admin_beats[network_id] = time.time()
+        self.service.admin_beats[network_id] = time.time()
         return self.service.heartbeat(network_id)
 
-    async def op_health(self, header, payload, peer, local) -> dict:
+    async def op_health(self, header, payload, conn: Connection) -> dict:
         """The admin's view of the network's health (``tiktrue network status``)."""
         network_id = header["network_id"]
-        self._member(peer, network_id)
         return self._monitor(network_id).snapshot(int(header.get("history", 20)))
 
-    async def op_health_suspect(self, header, payload, peer, local) -> dict:
+    async def op_health_suspect(self, header, payload, conn: Connection) -> dict:
         """A member lost its link to a node: the admin suspects it and probes it now."""
         network_id = header["network_id"]
-        reporter = self._member(peer, network_id)
+        reporter = conn.caller
         monitor = self._monitor(network_id)
         node_id = header["node_id"]
         monitor.suspect_now(node_id, f"{reporter.node_id} lost its link: {header.get('why', '')}")
@@ -335,9 +457,10 @@ class ControlServer:
 
     # --- config sync (two-phase switch, pull on return; see control.config_sync) -----------
 
-    async def op_config_prepare(self, header, payload, peer, local) -> dict:
+    async def op_config_prepare(self, header, payload, conn: Connection) -> dict:
         config = NetworkConfig.model_validate(header["config"])
-        self._require_admin(peer, config.network_id)
+        if config.network_id != conn.caller.network_id:
+            raise Refused("forbidden", f"a config of {config.network_id} from another network")
         node_id = self.service.identity.node_id
         try:
             fresh = await config_sync.check_prepare(
@@ -349,9 +472,8 @@ class ControlServer:
             self.staged[config.network_id] = config
         return {"version": config.version, "staged": fresh}
 
-    async def op_config_commit(self, header, payload, peer, local) -> dict:
+    async def op_config_commit(self, header, payload, conn: Connection) -> dict:
         network_id, version = header["network_id"], int(header["version"])
-        self._require_admin(peer, network_id)
         staged = self.staged.get(network_id)
         if staged is None or staged.version != version:
             held = config_sync.held_config(self.data_dir, network_id)
@@ -363,25 +485,24 @@ class ControlServer:
         await self.service.reload()
         return {"version": version}
 
-    async def op_config_abort(self, header, payload, peer, local) -> dict:
+    async def op_config_abort(self, header, payload, conn: Connection) -> dict:
         network_id = header["network_id"]
-        self._require_admin(peer, network_id)
         staged = self.staged.get(network_id)
         if staged is not None and staged.version == int(header["version"]):
             del self.staged[network_id]
         return {}
 
-    async def op_config_pull(self, header, payload, peer, local) -> dict:
+    async def op_config_pull(self, header, payload, conn: Connection) -> dict:
         """A member (back after being away) asks the admin for the current config; it tells
         where its control channel listens now, which the admin records as a new version."""
         network_id = header["network_id"]
-        member = self._member(peer, network_id)
         if not (self.data_dir / "networks" / network_id / "ca" / "ca_key.pem").is_file():
             raise Refused("not_admin", f"this node is not the admin of network {network_id}")
         config = await self.service.record_control_address(
-            network_id, member.node_id, header.get("control")
+            network_id, conn.caller.node_id, header.get("control")
         )
-        return {"config": config.model_dump(mode="json")}
+        signed = sign_config(config, nm.admin_ca(self.data_dir, network_id))
+        return {"config": signed.model_dump(mode="json")}
 
     def _lose_reply(self, raw) -> bool:
         """Test hook (``TIKTRUE_TEST_HOOKS=1``): lose the next replies to an op, as a network

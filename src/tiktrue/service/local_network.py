@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from tiktrue.control.config_signing import sign_config
 from tiktrue.control.network_manager import install_block_key
 from tiktrue.model.engine import Span, split_evenly
 from tiktrue.model.store import BlockStore
@@ -95,6 +96,7 @@ def prepare_local_network(
         model_chain_order=store.manifest.model_chain_order,
         nodes=entries,
     )
+    config = sign_config(config, ca)
     key = new_block_key()
     for home, identity, entry in zip(homes, identities, entries, strict=True):
         install_block_key(home, network_id, key)
