@@ -13,6 +13,7 @@ import websockets
 from tests.helpers.cluster import (
     ask,
     direct_answer_usage,
+    network_infos,
     node_connection,
     request,
     token_ids,
@@ -82,18 +83,28 @@ def test_three_nodes_match_the_one_process_engine(tiny_cluster, tiny_llama):
     assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[0], 16)
 
 
-def test_four_concurrent_sessions_are_each_correct(tiny_cluster, tiny_llama):
-    cluster, _, _ = tiny_cluster
+def test_four_concurrent_sessions_are_each_correct_and_batched(tiny_cluster, tiny_llama):
+    """Four answers at once: each equals the same answer alone, and every node ran their
+    decode steps in batches (one forward for several sessions)."""
+    cluster, homes, _ = tiny_cluster
 
     async def one(i: int):
         async with websockets.connect(client_ws_url(cluster)) as ws:
-            return await ask(ws, greedy(PROMPTS[i], 12, message_id=f"c{i}"))
+            return await ask(ws, greedy(PROMPTS[i], 24, message_id=f"c{i}"))
 
     async def go():
-        return await asyncio.gather(*(one(i) for i in range(4)))
+        before = await network_infos(homes, NET)
+        answers = await asyncio.gather(*(one(i) for i in range(4)))
+        after = await network_infos(homes, NET)
+        return answers, [
+            a["steps"]["batched_steps"] - b["steps"]["batched_steps"]
+            for a, b in zip(after, before, strict=True)
+        ]
 
-    for i, replies in enumerate(run(go())):
-        assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[i], 12), i
+    answers, batched = run(go())
+    for i, replies in enumerate(answers):
+        assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[i], 24), i
+    assert all(n > 0 for n in batched), batched
 
 
 def test_legacy_and_protocol_messages_are_each_answered(tiny_cluster, tiny_llama):

@@ -41,6 +41,7 @@ from tiktrue.model.errors import ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.store import BlockStore
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable, new_message_id
+from tiktrue.node.step_scheduler import StepScheduler
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
@@ -99,7 +100,9 @@ class BlockServer:
         self.samplers: dict[str, SessionSampler] = {}
         self.stats = ps.ProtocolStats()
         self.client_handler: ClientHandler | None = None
+        # All torch work runs on this one thread: one OpenMP thread team per process
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.network_id}")
+        self.steps = StepScheduler(self._executor, self._compute_steps)
         self._next: PeerLink | None = None
         next_entry = config.next_node(self.node_id)
         if next_entry is not None:
@@ -194,6 +197,7 @@ class BlockServer:
         for link in [self._next, *self._answer_links.values()]:
             if link is not None:
                 await link.close()
+        self.steps.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.engine.kv.clear()
         self.engine = None  # release the span's weights now (memory-mapped block files)
@@ -403,10 +407,11 @@ class BlockServer:
                 f"node {self.node_id} has no next node in config v{self.config.version} "
                 f"(role {self.entry.role}); the chain is switching configs"
             )
-        loop = asyncio.get_running_loop()
         began = time.perf_counter()
-        # All torch work runs on the engine thread: one OpenMP thread team per process
-        outcome = await loop.run_in_executor(self._executor, self._compute, header, tensor, began)
+        # the decode steps of all sessions ready now run as one batch (see step_scheduler)
+        outcome = await self.steps.run(
+            session_id, (header, tensor, began), batchable=_positions(tensor) == 1
+        )
         direct = "answer_to" in header
         if self.span.has_head:
             reply = self._token_reply(message_id, session_id, outcome)
@@ -457,13 +462,36 @@ class BlockServer:
             "token_id": token,
         }
 
-    def _compute(self, header: dict, tensor, began: float) -> int | bytes:
-        """Engine thread: the span's forward, then the sampled token (head) or the next frame
-        (which carries this node's timing forward when the head answers directly)."""
+    def _compute_steps(self, jobs: list[tuple[dict, Any, float]]) -> list:
+        """Engine thread: the span's forward of each step (several sessions' decode steps as
+        one batch), then each one's sampled token (head) or next frame (which carries this
+        node's timing forward when the head answers directly). One result or error per step."""
+        results: list = [None] * len(jobs)
+        for i, (header, _, _) in enumerate(jobs):
+            if header.get("open") is True:  # the step opens its session (one round trip less)
+                try:
+                    self._open_session(header.get("session_id"))
+                except ModelError as exc:
+                    results[i] = exc
+        runs = [i for i in range(len(jobs)) if results[i] is None]
+        steps = [(jobs[i][0].get("session_id"), jobs[i][1], jobs[i][0]["start"]) for i in runs]
+        if len(steps) == 1:
+            try:
+                outputs: list = [self.engine.forward(*steps[0])]
+            except ModelError as exc:
+                outputs = [exc]
+        else:
+            outputs = self.engine.forward_batch(steps)
+        for i, out in zip(runs, outputs, strict=True):
+            try:
+                results[i] = out if isinstance(out, Exception) else self._finish(jobs[i], out)
+            except Exception as exc:  # e.g. bad sampling settings: this step's error only
+                results[i] = exc
+        return results
+
+    def _finish(self, job: tuple[dict, Any, float], out) -> int | bytes:
+        header, _, began = job
         session_id = header.get("session_id")
-        if header.get("open") is True:  # the step opens its session (one round trip less)
-            self._open_session(session_id)
-        out = self.engine.forward(session_id, tensor, header["start"])
         if not self.span.has_head:
             meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
             header["computed_at"] = time.perf_counter()
@@ -626,6 +654,7 @@ class BlockServer:
         links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
         return {
             "sessions": len(self.engine.kv.sessions()),
+            "steps": self.steps.stats.as_dict(),
             "kv_pages_used": kv.pages_total - kv.pages_free,
             "kv_pages_total": kv.pages_total,
             "link_rtt_ms": {
@@ -642,6 +671,12 @@ async def _try_connect(link: PeerLink) -> None:
 async def _send(ws, message: dict) -> None:
     with contextlib.suppress(websockets.ConnectionClosed):
         await ws.send(json.dumps(message))
+
+
+def _positions(tensor) -> int:
+    """How many positions a step's input holds: token ids ``[n]`` / ``[1, n]``, or hidden
+    states ``[1, n, hidden]`` (the engine refuses other shapes)."""
+    return int(tensor.shape[-2] if tensor.dim() == 3 else tensor.shape[-1] if tensor.dim() else 0)
 
 
 def _opt_str(value) -> str | None:

@@ -560,6 +560,7 @@ class NodeService:
                 "serving": server is not None,
                 "waiting": self.waiting.get(config.network_id),
                 "sessions": len(server.engine.kv.sessions()) if server else 0,
+                "steps": server.steps.stats.as_dict() if server else None,
                 "weights_bytes": server.engine.weight_bytes if server else 0,
                 "kv_budget_bytes": (
                     server.engine.kv.num_pages * server.engine.kv.bytes_per_page if server else 0
