@@ -365,3 +365,37 @@ def test_a_first_step_opens_its_session_on_every_node(tiny_cluster, tiny_llama):
     expected = reference_tokens(tiny_llama, prompt, 1)[0]
     assert a["token_id"] == b["token_id"] == expected
     assert c["header"]["message_type"] == "error" and c["code"] == "bad_positions", c
+
+
+def test_a_prompt_in_chunks_equals_the_prompt_at_once(tiny_cluster, tiny_llama):
+    """The gateway's chain client sends a long prompt in chunks (here of 7 tokens); the
+    answer equals the one-process engine's, the nodes ran one prompt step per chunk, and the
+    head's sampling history (repetition penalty) holds every chunk's tokens."""
+    from tiktrue.gateway.api_client import RemoteChain
+
+    _, homes, config = tiny_cluster
+    prompt = [(i * 37) % 300 + 3 for i in range(60)]
+
+    async def go():
+        chain = RemoteChain(config, member_credentials(homes), prefill_chunk=7)
+        try:
+            before = await network_infos(homes, NET)
+            await chain.open("chunked")
+            tokens = [await chain.step("chunked", prompt, 0, SamplingParams(temperature=0))]
+            for i in range(5):
+                tokens.append(await chain.step("chunked", tokens[-1:], len(prompt) + i))
+            after = await network_infos(homes, NET)
+            await chain.control(ps.SessionSave, "chunked")
+            await chain.close("chunked")
+        finally:
+            await chain.aclose()
+        rounds = [
+            a["steps"]["rounds"] - b["steps"]["rounds"] for a, b in zip(after, before, strict=True)
+        ]
+        return tokens, rounds
+
+    tokens, rounds = run(go())
+    assert tokens == reference_tokens(tiny_llama, prompt, 6)
+    assert all(n >= 60 // 7 + 1 for n in rounds), rounds  # 9 chunks, then 5 decode steps
+    history = homes[-1] / "sessions" / NET / "chunked" / "history.json"
+    assert json.loads(history.read_text()) == prompt + tokens[:5]

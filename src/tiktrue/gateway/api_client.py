@@ -97,6 +97,11 @@ class LocalEntry:
         return None
 
 
+# A prompt goes through the chain in chunks of this many tokens: small enough that a chunk
+# delays other sessions' tokens little on each worker, large enough to keep prefill efficient
+PREFILL_CHUNK_TOKENS = 256
+
+
 class RemoteChain:
     """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``).
 
@@ -105,9 +110,15 @@ class RemoteChain:
     """
 
     def __init__(
-        self, config: NetworkConfig, credentials: NetworkCredentials, local_server=None
+        self,
+        config: NetworkConfig,
+        credentials: NetworkCredentials,
+        local_server=None,
+        *,
+        prefill_chunk: int = PREFILL_CHUNK_TOKENS,
     ) -> None:
         entry = config.chain()[0]
+        self.prefill_chunk = prefill_chunk
         self.entry_node_id = entry.node_id
         self.local_server = local_server or (lambda: None)
         self.network_id = config.network_id
@@ -129,6 +140,21 @@ class RemoteChain:
         start: int,
         sampling: SamplingParams | None = None,
     ) -> int:
+        """Run ``token_ids`` through the chain; the token the head samples after them.
+
+        A long prompt goes in chunks of ``prefill_chunk`` tokens, one after the other: each
+        chunk's hidden states fit a frame, and each worker runs other sessions' decode steps
+        between two chunks. Only the last chunk samples a token."""
+        last = (len(token_ids) - 1) // self.prefill_chunk * self.prefill_chunk
+        for at in range(0, last, self.prefill_chunk):
+            chunk = token_ids[at : at + self.prefill_chunk]
+            await self._step(session_id, chunk, start + at, sampling if at == 0 else None, False)
+        reply = await self._step(
+            session_id, token_ids[last:], start + last, sampling if last == 0 else None, True
+        )
+        return int(reply["token_id"])
+
+    async def _step(self, session_id, token_ids, start, sampling, sample: bool) -> dict:
         message_id = new_message_id()
         meta = {
             "kind": "forward",
@@ -140,6 +166,8 @@ class RemoteChain:
         }
         if sampling is not None:
             meta["sampling"] = sampling.model_dump()
+        if not sample:
+            meta["sample"] = False
         opening = session_id in self._opening
         if opening:
             meta["open"] = True
@@ -154,7 +182,7 @@ class RemoteChain:
         )
         if opening:
             self._opening.discard(session_id)
-        return int(reply["token_id"])
+        return reply
 
     async def control(self, kind: type[ps.Message], session_id: str) -> dict:
         if session_id in self._opening and kind is not ps.SessionOpen:

@@ -445,7 +445,7 @@ class BlockServer:
             "link_rtt_ms": link.latency_ms if link is not None else None,
         }
 
-    def _token_reply(self, message_id: str, session_id: str, token: int) -> dict:
+    def _token_reply(self, message_id: str, session_id: str, token: int | None) -> dict:
         """The head's answer to a step: an inference_response, built without validation
         because every field comes from this node (the hot path)."""
         return {
@@ -489,7 +489,7 @@ class BlockServer:
                 results[i] = exc
         return results
 
-    def _finish(self, job: tuple[dict, Any, float], out) -> int | bytes:
+    def _finish(self, job: tuple[dict, Any, float], out) -> int | bytes | None:
         header, _, began = job
         session_id = header.get("session_id")
         if not self.span.has_head:
@@ -502,7 +502,11 @@ class BlockServer:
         sampler = self.samplers.setdefault(session_id, SessionSampler())
         if isinstance(header.get("sampling"), dict):
             sampler.set_params(SamplingParams.model_validate(header["sampling"]))
-        return sampler.next_token(out[0], [int(t) for t in header.get("tokens") or []])
+        fed = [int(t) for t in header.get("tokens") or []]
+        if header.get("sample") is False:  # a prompt chunk before the last: no token yet
+            sampler.history.extend(fed)
+            return None
+        return sampler.next_token(out[0], fed)
 
     def _check_network(self, network_id, message_id, session_id) -> None:
         if network_id != self.network_id:
