@@ -88,8 +88,8 @@ class LocalEntry:
     def __init__(self, server) -> None:
         self.server = server
 
-    async def request(self, payload: bytes | ps.Message, message_id: str) -> dict:
-        if isinstance(payload, bytes):
+    async def request(self, payload: bytes | tuple | ps.Message, message_id: str) -> dict:
+        if isinstance(payload, bytes | tuple):
             return await self.server.answer_frame(payload)
         return await self.server.answer_text(ps.make_message(payload))
 
@@ -171,10 +171,12 @@ class RemoteChain:
         opening = session_id in self._opening
         if opening:
             meta["open"] = True
-        frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
+        ids = torch.tensor(token_ids, dtype=torch.long)
         began = time.perf_counter()
         entry = self._entry()
-        reply = _raise_if_error(await entry.request(frame, message_id))
+        # in this process the first node takes the step as it is: no frame to encode and read
+        step = (meta, ids) if isinstance(entry, LocalEntry) else encode_tensor_frame(ids, **meta)
+        reply = _raise_if_error(await entry.request(step, message_id))
         self.last_step = StepTiming(
             (time.perf_counter() - began) * 1000,
             reply.get("timings", []),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -102,7 +103,9 @@ class BlockServer:
         self.client_handler: ClientHandler | None = None
         # All torch work runs on this one thread: one OpenMP thread team per process
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.network_id}")
-        self.steps = StepScheduler(self._executor, self._compute_steps)
+        # decode rounds run on the event loop itself (a step then wakes no other thread);
+        # prompt chunks and session control run on the engine thread (they may take long)
+        self.steps = StepScheduler(self._executor, self._compute_steps, inline_batches=True)
         self._next: PeerLink | None = None
         next_entry = config.next_node(self.node_id)
         if next_entry is not None:
@@ -293,12 +296,16 @@ class BlockServer:
         if reply is not None:
             await _send(ws, reply)
 
-    async def answer_frame(self, raw: bytes) -> dict | None:
+    async def answer_frame(self, raw: bytes | tuple[dict, Any]) -> dict | None:
         """The answer to one forward step (a token, or a structured error); None when it goes
-        to the node the frame names in ``answer_to`` instead of back on this connection."""
+        to the node the frame names in ``answer_to`` instead of back on this connection.
+        ``raw``: a tensor frame, or its header and tensor (the gateway in this process)."""
         message_id = session_id = answer_to = None
         try:
-            header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
+            if isinstance(raw, tuple):
+                header, tensor = raw
+            else:
+                header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
             message_id = _opt_str(header.get("message_id"))
             session_id = _opt_str(header.get("session_id"))
             self._check_network(header.get("network_id"), message_id, session_id)
@@ -585,8 +592,7 @@ class BlockServer:
 
     async def _session_control(self, message) -> dict:
         """Apply locally, then pass along the chain; ack once every later node has."""
-        loop = asyncio.get_running_loop()
-        info = await loop.run_in_executor(self._executor, self._apply_session, message)
+        info = await self.steps.call(functools.partial(self._apply_session, message))
         if self._next is not None:
             reply = await self._next.request(message, message.message_id)
             if reply.get("header", {}).get("message_type") == "error":

@@ -2,14 +2,16 @@
 
 Continuous batching: the decode steps (one new position each) of every session ready at the
 same moment run as one batched forward on the engine thread; steps that arrive meanwhile wait
-for the next round. A prompt's chunk (several positions) runs alone, one chunk per round after
-the round's decode batch, so a long prompt delays the other sessions' tokens by one chunk at a
-time, never by the whole prompt.
+for the next round. Other work (a prompt's chunk, session control) runs alone, one job after
+each batch, so a long prompt delays the other sessions' tokens by one chunk at a time, never
+by the whole prompt.
 
-A lone session is not slowed: a round starts as soon as the engine is free. Only when sessions
-of the last round are missing (their next step is still on its way through the gateway) does a
-round wait for them, at most ``gather_s``, so they stay in one batch instead of splitting into
-a batch and a straggler.
+The per-token path: a step's arrival starts a round on the next turn of the event loop (so
+the steps that arrived in the same turn join it), the engine thread computes, and one
+thread-safe callback hands every result back; no task per round. A lone session is not
+slowed: a round starts as soon as the engine is free. Only when sessions of the last round
+are missing (their next step is still on its way) does a round wait for them, at most
+``gather_s``, so they stay in one batch instead of splitting into a batch and a straggler.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-Job = TypeVar("Job")
 GATHER_S = 0.002
 
 
 @dataclass
-class _Waiting(Generic[Job]):
-    key: str  # the session
-    job: Job
+class _Waiting:
+    key: str  # the session, for a step; None for other work
+    job: Any  # a step (for run_batch), or a callable
     future: asyncio.Future
 
 
@@ -43,94 +44,134 @@ class SchedulerStats:
         return asdict(self)
 
 
-class StepScheduler(Generic[Job]):
-    """Runs jobs with ``run_batch(jobs) -> results`` (one result or exception per job) on
-    ``executor``: every batchable job queued at the start of a round together, then one
-    job that is not."""
+class StepScheduler:
+    """Runs steps with ``run_batch(steps) -> results`` (one result or exception per step)
+    on ``executor``: every batchable step queued when a round starts together, alternating
+    with one job that is not."""
 
     def __init__(
         self,
         executor: Executor,
-        run_batch: Callable[[list[Job]], list[Any]],
+        run_batch: Callable[[list[Any]], list[Any]],
         *,
         gather_s: float = GATHER_S,
+        inline_batches: bool = False,
     ) -> None:
         self._executor = executor
+        self.inline_batches = inline_batches
         self._run_batch = run_batch
         self.gather_s = gather_s
-        self._batchable: list[_Waiting[Job]] = []
-        self._alone: list[_Waiting[Job]] = []
-        self._pump: asyncio.Task | None = None
-        self._arrived: asyncio.Event | None = None
+        self._batchable: list[_Waiting] = []
+        self._alone: list[_Waiting] = []
+        self._busy = False  # a round is scheduled, waiting for stragglers, or running
+        self._alone_turn = False  # the last round was a batch: a job that is not goes next
         self._last_round: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None  # waiting for the last round's sessions
+        self._deadline: float | None = None
+        self._closed = False
         self.stats = SchedulerStats()
 
-    async def run(self, key: str, job: Job, *, batchable: bool) -> Any:
-        """The result of ``job`` (a step of session ``key``), or its exception raised."""
+    async def run(self, key: str, step: Any, *, batchable: bool) -> Any:
+        """The result of ``step`` (of session ``key``), or its exception raised."""
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(key, job, loop.create_future())
-        (self._batchable if batchable else self._alone).append(waiting)
-        if self._arrived is not None:
-            self._arrived.set()
-        if self._pump is None:  # starts on the next turn of the loop: steps of this turn join
-            self._pump = loop.create_task(self._rounds())
+        if batchable:
+            waiting = _Waiting(key, step, loop.create_future())
+            self._batchable.append(waiting)
+        else:
+            waiting = _Waiting(key, lambda: self._run_batch([step])[0], loop.create_future())
+            self._alone.append(waiting)
+        self._wake(loop)
+        return await waiting.future
+
+    async def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the engine thread between two rounds (never during one)."""
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(None, function, loop.create_future())
+        self._alone.append(waiting)
+        self._wake(loop)
         return await waiting.future
 
     def close(self) -> None:
-        """Stop: every step still queued or running fails (cancelled)."""
-        if self._pump is not None:
-            self._pump.cancel()
+        """Stop: every job still queued fails (cancelled); a round running ends unanswered."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         for waiting in [*self._batchable, *self._alone]:
             waiting.future.cancel()
         self._batchable, self._alone = [], []
 
-    async def _rounds(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._batchable or self._alone:
-                await self._gather()
-                batch, self._batchable = self._batchable, []
-                if batch:
-                    await self._round(loop, batch)
-                    self._last_round = {w.key for w in batch}
-                if self._alone:
-                    await self._round(loop, [self._alone.pop(0)])
-        finally:
-            self._pump = None
+    # --- rounds ----------------------------------------------------------------------------
 
-    async def _gather(self) -> None:
-        """Wait (at most ``gather_s``) for the sessions of the last round that are missing."""
-        if not self._batchable or not self._last_round:
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._next_round, loop)  # the next turn: this turn's steps join
+        elif self._timer is not None and not self._missing():
+            self._timer.cancel()
+            self._timer = None
+            loop.call_soon(self._next_round, loop)
+
+    def _missing(self) -> set[str]:
+        return self._last_round - {w.key for w in self._batchable}
+
+    def _next_round(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._closed or not (self._batchable or self._alone):
+            self._busy = False
             return
-        deadline = asyncio.get_running_loop().time() + self.gather_s
-        while True:
-            missing = self._last_round - {w.key for w in self._batchable}
-            left = deadline - asyncio.get_running_loop().time()
-            if not missing or left <= 0 or self._alone:
+        if self._alone and (self._alone_turn or not self._batchable):
+            self._alone_turn = False
+            self._submit(loop, [self._alone.pop(0)], batch=False)
+            return
+        if self._missing() and not self._alone:
+            now = loop.time()
+            if self._deadline is None:
+                self._deadline = now + self.gather_s
+            if now < self._deadline:  # wait for the stragglers (an arrival ends it early)
+                self._timer = loop.call_at(self._deadline, self._next_round, loop)
                 return
-            self._arrived = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), left)
-            self._arrived = None
+        self._deadline = None
+        batch, self._batchable = self._batchable, []
+        self._alone_turn = True
+        self._last_round = {w.key for w in batch}
+        self._submit(loop, batch, batch=True)
 
-    async def _round(self, loop, batch: list[_Waiting[Job]]) -> None:
-        jobs = [w.job for w in batch]
+    def _submit(self, loop, round_: list[_Waiting], *, batch: bool) -> None:
+        if batch and self.inline_batches:
+            try:
+                results = self._run_batch([w.job for w in round_])
+            except Exception as exc:
+                results = [exc] * len(round_)
+            self._finish(loop, round_, results, batch)
+            return
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, jobs)
-        except asyncio.CancelledError:
-            for waiting in batch:
-                waiting.future.cancel()
-            raise
-        except Exception as exc:  # the executor is shut down, or run_batch itself failed
-            results = [exc] * len(batch)
-        self._count(len(batch))
-        for waiting, result in zip(batch, results, strict=True):
+            self._executor.submit(self._compute, loop, round_, batch)
+        except RuntimeError as exc:  # the executor is shut down
+            self._finish(loop, round_, [exc] * len(round_), batch)
+
+    def _compute(self, loop, round_: list[_Waiting], batch: bool) -> None:
+        """Engine thread: run the round, hand every result back in one callback."""
+        try:
+            results = self._run_batch([w.job for w in round_]) if batch else [round_[0].job()]
+        except Exception as exc:  # run_batch itself failed: every step of the round fails
+            results = [exc] * len(round_)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._finish, loop, round_, results, batch)
+
+    def _finish(self, loop, round_: list[_Waiting], results: list, batch: bool) -> None:
+        if round_[0].key is not None:  # steps, not other work
+            self._count(len(round_))
+        for waiting, result in zip(round_, results, strict=True):
             if waiting.future.done():
                 continue
             if isinstance(result, BaseException):
                 waiting.future.set_exception(result)
             else:
                 waiting.future.set_result(result)
+        if self.inline_batches:  # the steps just answered send on before the next round
+            loop.call_soon(self._next_round, loop)
+        else:
+            self._next_round(loop)
 
     def _count(self, size: int) -> None:
         stats = self.stats
