@@ -41,7 +41,11 @@ CEILING = 600.0  # seconds for one round: a bound, not a measure
 async def answer(ws_url: str, prompt: list[int], max_tokens: int, n: int):
     """(token ids, seconds from the round's start to each token) of one greedy answer."""
     body = {
-        "header": {"message_id": f"c{n}", "message_type": "inference_request"},
+        "header": {
+            "message_id": f"c{n}",
+            "message_type": "inference_request",
+            "protocol_version": "2.0",
+        },
         "network_id": NETWORK_ID,
         "input_ids": prompt,
         "temperature": 0,
