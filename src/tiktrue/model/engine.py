@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from tiktrue.model.catalog import EMBED, HEAD, template_for
 from tiktrue.model.errors import CacheBudgetExceeded, ModelError, ShapeError, StoreError
 from tiktrue.model.kv_cache import BatchStep, SessionPagedKVCache, SessionStep
+from tiktrue.model.lean_layers import lean_runner
 from tiktrue.model.quant import dequantize_state, install_quantized
 from tiktrue.model.store import BlockStore
 
@@ -128,6 +129,7 @@ class BlockEngine:
             inspect.signature(type(self.layers[0]).forward).parameters if self.layers else {}
         )
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._lean = lean_runner(self.layers, config._attn_implementation)
 
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -269,6 +271,9 @@ class BlockEngine:
         for layer, window in zip(self.layers, self._windows, strict=True):
             if window not in masks:
                 masks[window] = mask_for(window)
+            if self._lean is not None:
+                hidden = self._lean(layer, hidden, rope, masks[window], cache)
+                continue
             hidden = layer(
                 hidden,
                 attention_mask=masks[window],
