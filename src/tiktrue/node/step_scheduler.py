@@ -7,11 +7,16 @@ each batch, so a long prompt delays the other sessions' tokens by one chunk at a
 by the whole prompt.
 
 The per-token path: a step's arrival starts a round on the next turn of the event loop (so
-the steps that arrived in the same turn join it), the engine thread computes, and one
-thread-safe callback hands every result back; no task per round. A lone session is not
-slowed: a round starts as soon as the engine is free. Only when sessions of the last round
-are missing (their next step is still on its way) does a round wait for them, at most
-``gather_s``, so they stay in one batch instead of splitting into a batch and a straggler.
+the steps that arrived in the same turn join it) and the round runs; no task per round. A
+lone session is not slowed: a round starts as soon as the engine is free.
+
+Sessions drift apart (their prompts end at different times), and a node then sees them in
+groups, one round each, every group paying the whole cost of reading the weights. So when
+sessions of the last two rounds are missing, a round waits for them: at least ``gather_s``,
+at most one period of a session (the time between two of its steps here, the chain's round
+trip), bounded by ``GATHER_CAP_S``. The groups then merge into one batch for good, for the
+price of one wait; an arrival of the last one missing ends the wait at once. A session whose
+answer has ended costs its neighbours one such wait.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-GATHER_S = 0.002
+GATHER_S = 0.002  # the least a round waits for missing sessions of the last rounds
+GATHER_CAP_S = 0.5  # the most
 
 
 @dataclass
@@ -65,7 +71,9 @@ class StepScheduler:
         self._alone: list[_Waiting] = []
         self._busy = False  # a round is scheduled, waiting for stragglers, or running
         self._alone_turn = False  # the last round was a batch: a job that is not goes next
-        self._last_round: set[str] = set()
+        self._recent: list[set[str]] = []  # sessions of the last two batch rounds
+        self._seen: dict[str, float] = {}  # when each session of the recent rounds last came
+        self._period = 0.0  # time between two steps of a session (moving average)
         self._timer: asyncio.TimerHandle | None = None  # waiting for the last round's sessions
         self._deadline: float | None = None
         self._closed = False
@@ -77,6 +85,10 @@ class StepScheduler:
         if batchable:
             waiting = _Waiting(key, step, loop.create_future())
             self._batchable.append(waiting)
+            now, last = loop.time(), self._seen.get(key)
+            if last is not None:
+                self._period += 0.25 * (now - last - self._period)
+            self._seen[key] = now
         else:
             waiting = _Waiting(key, lambda: self._run_batch([step])[0], loop.create_future())
             self._alone.append(waiting)
@@ -112,7 +124,8 @@ class StepScheduler:
             loop.call_soon(self._next_round, loop)
 
     def _missing(self) -> set[str]:
-        return self._last_round - {w.key for w in self._batchable}
+        expected = set().union(*self._recent)
+        return expected - {w.key for w in self._batchable}
 
     def _next_round(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
@@ -126,14 +139,16 @@ class StepScheduler:
         if self._missing() and not self._alone:
             now = loop.time()
             if self._deadline is None:
-                self._deadline = now + self.gather_s
+                self._deadline = now + min(max(self._period, self.gather_s), GATHER_CAP_S)
             if now < self._deadline:  # wait for the stragglers (an arrival ends it early)
                 self._timer = loop.call_at(self._deadline, self._next_round, loop)
                 return
         self._deadline = None
         batch, self._batchable = self._batchable, []
         self._alone_turn = True
-        self._last_round = {w.key for w in batch}
+        self._recent = [*self._recent[-1:], {w.key for w in batch}]
+        recent = set().union(*self._recent)
+        self._seen = {k: t for k, t in self._seen.items() if k in recent}
         self._submit(loop, batch, batch=True)
 
     def _submit(self, loop, round_: list[_Waiting], *, batch: bool) -> None:
