@@ -11,7 +11,8 @@
    node its blocks (encrypted, verified) and switches the chain to the new config. Killing
    either worker is survived: the backup takes over and answers in flight go on.
 5. An admin account (made on the first run) gets a fresh API key, printed beside the API's
-   address (the demo's earlier keys are revoked).
+   address (the demo's earlier keys are revoked), and its password for the web UI, kept in
+   ``<home>/demo/admin_password`` so every run prints the same one.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ from tiktrue.control.model_repository import repository_app
 from tiktrue.control.network_admin import apply_plan, make_plan, poke_local_service, set_caps
 from tiktrue.control.network_manager import create_join_token, create_network, leave_network
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
+from tiktrue.limits import DEFAULT_CONTEXT_TOKENS
 from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.resources import free_ports
 from tiktrue.paths import run_file
 from tiktrue.protocol.network_config import config_path
-from tiktrue.security.users import NotFound, UserStore
+from tiktrue.security.auth_manager import _write_private_file
+from tiktrue.security.users import InvalidCredentials, NotFound, UserStore
 from tiktrue.service.local_network import LocalCluster
 from tiktrue.ui.progress import progress_printer
 
 NETWORK_ID = "demo"
 DEMO_ADMIN = "admin"
 DEMO_KEY_NAME = "demo"
+DEMO_PASSWORD_FILE = "admin_password"
 BACKUP_INDEX = 3  # the fourth node: it gets more RAM, and the planner holds it back as backup
 
 
@@ -50,7 +54,7 @@ def ram_caps(store) -> tuple[int, int]:
     """RAM caps (bytes) for the demo's PCs, from the model's size: with ``small`` the model
     and its KV budget fit only on three PCs; ``large`` holds a replica of two of the spans."""
     profile = ModelProfile.from_manifest(store.manifest, store.config())
-    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, 2048)
+    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, DEFAULT_CONTEXT_TOKENS)
     return DEFAULT_RUNTIME_BYTES + int(need * 0.42), DEFAULT_RUNTIME_BYTES + int(need * 0.9)
 
 
@@ -77,22 +81,38 @@ class _Repository:
         self.thread.join(5)
 
 
-def demo_api_key(home: Path) -> tuple[str, str | None]:
-    """A new API key of the demo's admin account, and the account's password when this call
-    made the account (else None: it is not stored anywhere to show again)."""
+def demo_api_key(home: Path) -> tuple[str, str]:
+    """A new API key of the demo's admin account, and the account's password (the one kept
+    in ``<home>/demo/admin_password``; a new one when that file is missing or no longer the
+    account's)."""
     users = UserStore(home)
-    password = None
+    path = Path(home) / "demo" / DEMO_PASSWORD_FILE
+    password = path.read_text("utf-8").strip() if path.is_file() else None
     try:
         users.user(DEMO_ADMIN)
+        if password is None:
+            raise InvalidCredentials("no demo password kept")
+        users.check_password(DEMO_ADMIN, password)
     except NotFound:
         password = secrets.token_urlsafe(12)
         users.add_user(DEMO_ADMIN, password, "admin")
+        _keep_password(path, password)
+    except InvalidCredentials:
+        password = secrets.token_urlsafe(12)
+        users.set_password(DEMO_ADMIN, password)
+        _keep_password(path, password)
     for old in users.list_keys(DEMO_ADMIN):
         if old.name == DEMO_KEY_NAME and old.revoked_at is None:
             users.revoke_key(old.id)
     _, key = users.create_key(DEMO_ADMIN, name=DEMO_KEY_NAME)
     users.close()
     return key, password
+
+
+def _keep_password(path: Path, password: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    _write_private_file(path, password.encode("utf-8"))
 
 
 def _service(home: Path) -> dict:

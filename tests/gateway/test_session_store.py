@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from tiktrue.database import Database
-from tiktrue.gateway.session_store import SessionStore
+from tiktrue.gateway.session_store import MIGRATIONS, SessionStore
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -98,7 +98,7 @@ def test_stores_share_one_file_and_threads_share_one_store(tmp_path):
         thread.join()
     assert len(store.list("net")) == 100
     assert store.get("net", "t3-24").tokens == list(range(24))
-    assert db.version("sessions") == 1 and db.version("accounts") == 1
+    assert db.version("sessions") == len(MIGRATIONS) and db.version("accounts") == 1
 
 
 def test_a_session_that_never_completed_a_turn_is_forgotten_once_freed(tmp_path):
@@ -109,3 +109,53 @@ def test_a_session_that_never_completed_a_turn_is_forgotten_once_freed(tmp_path)
     store.set_live("net", ["empty", "full"], False)
     assert store.get("net", "empty") is None
     assert store.get("net", "full").tokens == [1]
+
+
+def test_an_accounts_conversations_titles_answers_and_ratings(tmp_path):
+    """The app's conversation list: one owner's open conversations over every network,
+    searchable; each answer's model, speed and rating; deleting forgets them all."""
+    from tiktrue.gateway.session_store import Answer
+
+    store = SessionStore.open(tmp_path)
+    store.put("net", "a", [1], [], [{"role": "user", "content": "About tulips"}], owner="u:1")
+    store.put("net2", "b", [1], [], [{"role": "user", "content": "Rust lifetimes"}], owner="u:1")
+    store.put("net", "c", [1], [], CHAT, owner="u:2")
+    store.set_title("net", "a", "Flowers")
+    assert [s.session_id for s in store.owned("u:1")] == ["b", "a"]  # newest first
+    assert [s.session_id for s in store.owned("u:1", search="flow")] == ["a"]  # by title
+    assert [s.session_id for s in store.owned("u:1", search="LIFETIMES")] == ["b"]  # by text
+    assert store.owned("u:1", search="nothing like it") == []
+    assert store.get("net", "a").title == "Flowers"
+    store.close("net", "a")
+    assert [s.session_id for s in store.owned("u:1")] == ["b"]  # closed ones are not listed
+
+    store.record_answer("net2", "b", Answer(1, "tiny", 12, 30.5, 210.0, "stop"))
+    store.rate("net2", "b", 1, -1)
+    [answer] = store.answers("net2", "b").values()
+    assert (answer.model_id, answer.tokens, answer.rating, answer.finish_reason) == (
+        "tiny",
+        12,
+        -1,
+        "stop",
+    )
+    store.record_answer("net2", "b", Answer(1, "tiny", 7, None, None, "cancelled"))
+    assert store.answers("net2", "b")[1].rating is None  # a new answer, not yet rated
+    store.delete("net2", "b")
+    assert store.answers("net2", "b") == {}
+
+
+def test_an_older_store_gains_titles_and_answers(tmp_path):
+    """A tiktrue.db made before titles and answers existed is migrated, its rows kept."""
+    from tiktrue.gateway.session_store import COMPONENT
+
+    db = Database.open(tmp_path)
+    db.migrate(COMPONENT, MIGRATIONS[:1])
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO sessions (network_id, session_id, owner, tokens, unfed, messages,"
+            " created_at, updated_at) VALUES ('net', 'old', 'u:1', '[]', '[]', '[]', 1, 1)"
+        )
+    store = SessionStore(db)
+    assert db.version(COMPONENT) == len(MIGRATIONS)
+    [old] = store.owned("u:1")
+    assert old.session_id == "old" and old.title is None

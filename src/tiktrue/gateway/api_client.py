@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tiktrue import limits
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
@@ -37,12 +38,28 @@ log = logging.getLogger("tiktrue.gateway")
 
 
 class ChainError(Exception):
-    """A node of the chain answered with an error."""
+    """A node of the chain answered with an error (or the gateway refused the request)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, info: dict | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.info = info
+
+
+class ContextLengthExceeded(ChainError):
+    """The conversation does not fit the network's context: refused before any step."""
+
+    def __init__(self, context_length: int, prompt_tokens: int) -> None:
+        super().__init__(
+            ps.CONTEXT_LENGTH_EXCEEDED,
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"messages resulted in {prompt_tokens} tokens, which leaves no room for an answer. "
+            "Please reduce the length of the messages.",
+            {"context_length": context_length, "prompt_tokens": prompt_tokens},
+        )
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
 
 
 def _raise_if_error(reply: dict) -> dict:
@@ -97,11 +114,6 @@ class LocalEntry:
         return None
 
 
-# A prompt goes through the chain in chunks of this many tokens: small enough that a chunk
-# delays other sessions' tokens little on each worker, large enough to keep prefill efficient
-PREFILL_CHUNK_TOKENS = 256
-
-
 class RemoteChain:
     """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``).
 
@@ -115,7 +127,7 @@ class RemoteChain:
         credentials: NetworkCredentials,
         local_server=None,
         *,
-        prefill_chunk: int = PREFILL_CHUNK_TOKENS,
+        prefill_chunk: int = limits.PREFILL_CHUNK_TOKENS,
     ) -> None:
         entry = config.chain()[0]
         self.prefill_chunk = prefill_chunk
@@ -156,13 +168,12 @@ class RemoteChain:
 
     async def _step(self, session_id, token_ids, start, sampling, sample: bool) -> dict:
         message_id = new_message_id()
-        meta = {
+        meta = {  # the ids travel in the tensor only: the first node lists them for the head
             "kind": "forward",
             "network_id": self.network_id,
             "session_id": session_id,
             "message_id": message_id,
             "start": start,
-            "tokens": token_ids,
         }
         if sampling is not None:
             meta["sampling"] = sampling.model_dump()
@@ -411,7 +422,7 @@ class Gateway:
         store = BlockStore(self.data_dir / "models" / config.model_id)
         self.tokenizer = load_tokenizer(store)
         self.stop_ids = stop_token_ids(store, self.tokenizer)
-        self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
+        self.model_config = store.config()
         self.credentials = credentials
         self.local_server = local_server
         self.chain = ReplayingChain(
@@ -429,6 +440,11 @@ class Gateway:
     def healthy(self) -> bool:
         """False while the chain is broken (a node lost, the network healing or degraded)."""
         return self.chain.healthy
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens a conversation may hold here, answer included (the network's)."""
+        return self.config.context_length(self.model_config)
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""
@@ -485,15 +501,16 @@ class Gateway:
         try:
             state.cancelled = False
             wanted = self._conversation_ids(state, messages, text, input_ids, keep)
+            room = self.context_length - len(wanted)  # refused before anything is sent
+            if room < 1:
+                raise ContextLengthExceeded(self.context_length, len(wanted))
+            if params.max_tokens > room:  # the answer stops at the context ("length")
+                params = params.model_copy(update={"max_tokens": room})
             if wanted[: len(state.tokens)] != state.tokens:
                 await self._reset(session_id, state)  # the conversation was edited
             new = wanted[len(state.tokens) :]
             if not new:
                 raise ChainError(ps.INVALID_MESSAGE, "nothing new to answer")
-            if len(wanted) + params.max_tokens > self.max_context:
-                params = params.model_copy(
-                    update={"max_tokens": max(1, self.max_context - len(wanted))}
-                )
             stream = stream_tokens(
                 self.chain,
                 new,
@@ -621,6 +638,14 @@ class Gateway:
         if text is not None:
             return prompt_ids(self.tokenizer, text, raw=True)
         if input_ids is not None:
+            vocab = self.model_config.vocab_size
+            wrong = next((i for i in input_ids if not 0 <= i < vocab), None)
+            if wrong is not None:
+                raise ChainError(
+                    ps.INVALID_MESSAGE,
+                    f"token id {wrong} is not in the vocabulary of {self.model_id} "
+                    f"(0..{vocab - 1})",
+                )
             return state.tokens + state.unfed + list(input_ids)
         raise ChainError(ps.INVALID_MESSAGE, "a request needs messages, text or input_ids")
 

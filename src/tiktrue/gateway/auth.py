@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -31,6 +32,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
+from tiktrue.gateway.http_errors import error_body
 from tiktrue.paths import write_text_atomic
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.security.users import (
@@ -222,14 +224,20 @@ def require_network(caller: Principal, network_id: str) -> None:
 
 
 class AuthMiddleware:
-    """ASGI middleware: identify every caller (but on ``OPEN_PATHS``), refuse or count it."""
+    """ASGI middleware: identify every caller (but on ``OPEN_PATHS``, and the web UI's paths,
+    ``ui_paths``: its pages ask for a login themselves), refuse or count it."""
 
-    def __init__(self, app, auth: GatewayAuth) -> None:
+    def __init__(self, app, auth: GatewayAuth, ui_paths: Callable[[str], bool] | None = None):
         self.app = app
         self.auth = auth
+        self.ui_paths = ui_paths or (lambda path: False)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if (
+            scope["type"] not in ("http", "websocket")
+            or scope["path"] in OPEN_PATHS
+            or self.ui_paths(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         try:
@@ -244,7 +252,7 @@ class AuthMiddleware:
 
     async def _refuse(self, exc: UserError, scope, receive, send) -> None:
         error = http_error(exc)
-        body = {"error": {"message": exc.message, "type": exc.code, "code": exc.status}}
+        body = error_body(exc.message, exc.status, exc.code)
         response = JSONResponse(body, status_code=exc.status, headers=error.headers)
         if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
             await response(scope, receive, send)

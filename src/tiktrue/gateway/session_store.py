@@ -9,7 +9,12 @@ Two tables, per network and session id:
   conversation ended: a later turn with that id starts afresh) and ``live`` (the nodes may
   hold its KV: freed at start-up after a restart, and when the session idles out);
 - ``saved_sessions``: the gateway's half of ``session_save`` (the nodes keep their KV files),
-  read back by ``session_restore``, also after ``session_close``.
+  read back by ``session_restore``, also after ``session_close``;
+- ``answers``: per assistant message of a conversation (its index in ``messages``), which
+  model answered, how fast (tokens/s, time to first token) and the person's rating (thumbs
+  up 1, down -1). A conversation's ``title`` is what the app's conversation list shows.
+
+The app's conversations and the API's sessions are the same rows: one store.
 
 Every call is one short transaction; callers on the event loop use ``asyncio.to_thread``.
 """
@@ -49,6 +54,22 @@ MIGRATIONS: list[list[str]] = [
         " saved_at REAL NOT NULL,"
         " PRIMARY KEY (network_id, session_id))",
     ],
+    [
+        "ALTER TABLE sessions ADD COLUMN title TEXT",
+        "CREATE INDEX sessions_owner ON sessions (owner, updated_at)",
+        "CREATE TABLE answers ("
+        " network_id TEXT NOT NULL,"
+        " session_id TEXT NOT NULL,"
+        " message_index INTEGER NOT NULL,"
+        " model_id TEXT NOT NULL,"
+        " tokens INTEGER NOT NULL,"
+        " tokens_per_s REAL,"
+        " first_token_ms REAL,"
+        " finish_reason TEXT,"
+        " rating INTEGER,"
+        " created_at REAL NOT NULL,"
+        " PRIMARY KEY (network_id, session_id, message_index))",
+    ],
 ]
 
 
@@ -64,6 +85,20 @@ class StoredSession:
     updated_at: float = 0.0
     closed: bool = False
     live: bool = False
+    title: str | None = None
+
+
+@dataclass
+class Answer:
+    """Who answered one assistant message, how fast, and how the person rated it."""
+
+    message_index: int
+    model_id: str
+    tokens: int
+    tokens_per_s: float | None
+    first_token_ms: float | None
+    finish_reason: str | None = None  # stop, length, cancelled (the person stopped it)
+    rating: int | None = None
 
 
 @dataclass
@@ -169,6 +204,7 @@ class SessionStore:
             key = (network_id, session_id)
             conn.execute("DELETE FROM sessions WHERE network_id = ? AND session_id = ?", key)
             conn.execute("DELETE FROM saved_sessions WHERE network_id = ? AND session_id = ?", key)
+            conn.execute("DELETE FROM answers WHERE network_id = ? AND session_id = ?", key)
 
     def list(self, network_id: str, *, closed: bool = False) -> list[StoredSession]:
         """The network's conversations, most recently used first (closed ones when asked)."""
@@ -178,6 +214,75 @@ class SessionStore:
             (network_id, int(closed)),
         )
         return [_session(row) for row in rows]
+
+    def owned(self, owner: str, *, search: str = "", limit: int = 200) -> list[StoredSession]:
+        """An account's open conversations over every network, most recent first; ``search``
+        keeps those whose title or messages contain it (case-insensitive)."""
+        pattern = f"%{search.strip().lower()}%"
+        rows = self.db.query(
+            "SELECT * FROM sessions WHERE owner = ? AND closed = 0"
+            " AND (? = '%%' OR lower(COALESCE(title, '')) LIKE ? OR lower(messages) LIKE ?)"
+            " ORDER BY updated_at DESC LIMIT ?",
+            (owner, pattern, pattern, pattern, limit),
+        )
+        return [_session(row) for row in rows]
+
+    def set_title(self, network_id: str, session_id: str, title: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE sessions SET title = ? WHERE network_id = ? AND session_id = ?",
+                (title, network_id, session_id),
+            )
+
+    def record_answer(self, network_id: str, session_id: str, answer: Answer) -> None:
+        """Who answered message ``answer.message_index`` and how fast (a regenerated answer
+        replaces the one it replaces, rating cleared)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO answers (network_id, session_id, message_index,"
+                " model_id, tokens, tokens_per_s, first_token_ms, finish_reason, rating,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    network_id,
+                    session_id,
+                    answer.message_index,
+                    answer.model_id,
+                    answer.tokens,
+                    answer.tokens_per_s,
+                    answer.first_token_ms,
+                    answer.finish_reason,
+                    time.time(),
+                ),
+            )
+
+    def rate(self, network_id: str, session_id: str, message_index: int, rating: int | None):
+        """Thumbs up (1), down (-1) or neither (None) for one answer."""
+        if rating not in (1, -1, None):
+            raise ValueError("a rating is 1 (thumbs up), -1 (thumbs down) or None")
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE answers SET rating = ?"
+                " WHERE network_id = ? AND session_id = ? AND message_index = ?",
+                (rating, network_id, session_id, message_index),
+            )
+
+    def answers(self, network_id: str, session_id: str) -> dict[int, Answer]:
+        rows = self.db.query(
+            "SELECT * FROM answers WHERE network_id = ? AND session_id = ?",
+            (network_id, session_id),
+        )
+        return {
+            row["message_index"]: Answer(
+                row["message_index"],
+                row["model_id"],
+                row["tokens"],
+                row["tokens_per_s"],
+                row["first_token_ms"],
+                row["finish_reason"],
+                row["rating"],
+            )
+            for row in rows
+        }
 
     # --- session_save / session_restore ------------------------------------------------------
 
@@ -232,4 +337,5 @@ def _session(row) -> StoredSession:
         updated_at=row["updated_at"],
         closed=bool(row["closed"]),
         live=bool(row["live"]),
+        title=row["title"],
     )

@@ -34,7 +34,8 @@ from tiktrue.security.node_tls import install_certificate, node_identity
 
 
 def place_blocks(store: BlockStore, target: Path, blocks: list[str]) -> None:
-    """A node's copy of a model: manifest, config, tokenizer and only ``blocks``' files."""
+    """A node's copy of a model: manifest, config, tokenizer and only ``blocks``' files
+    (hard-linked where it can: a test that damages a file must give its home copies first)."""
     (target / "blocks").mkdir(parents=True, exist_ok=True)
     for item in store.root.iterdir():
         if item.is_file():
@@ -136,6 +137,7 @@ class LocalCluster:
         self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
+        self.ui_url: str | None = None  # the gateway's web UI (None: served without one)
         self._api_port: int | None = None
 
     def _spawn(self, i: int) -> subprocess.Popen:
@@ -168,7 +170,8 @@ class LocalCluster:
                     raise TimeoutError(f"node in {home} did not start in {timeout} s")
                 time.sleep(0.1)
             if i == 0 and self.gateway:
-                self.api_url = json.loads(run_file(home).read_text())["api"]
+                info = json.loads(run_file(home).read_text())
+                self.api_url, self.ui_url = info["api"], info.get("ui")
                 self._api_port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
 
     def start(self, timeout: float = 120.0) -> LocalCluster:

@@ -1,0 +1,83 @@
+"""Driving the web UI in a real browser: Playwright's driver with Debian's chromium.
+
+Playwright's own browser download cannot work on an offline machine, so the tests launch the
+system's ``/usr/bin/chromium`` (the Makefile's test set-up installs it where it can). Every
+context records the URLs its pages request: the UI must never reach beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+CHROMIUM = Path(os.environ.get("TIKTRUE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+WAIT_MS = 150_000  # a ceiling for a busy 2-core machine, never a pace
+
+
+def browser_problem() -> str | None:
+    """Why the browser tests cannot run here (None: they can)."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+        found = shutil.which("chromium")
+        if found is None:
+            return (
+                f"no chromium at {CHROMIUM} (Debian: apt-get install chromium; "
+                "`make test` installs it when run as root or with sudo)"
+            )
+    return None
+
+
+def chromium_path() -> str:
+    return str(CHROMIUM) if CHROMIUM.is_file() else shutil.which("chromium")
+
+
+class RequestLog:
+    """Every URL a browser context asked for; ``outside()``: those not on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def record(self, request) -> None:
+        self.urls.append(request.url)
+
+    def outside(self) -> list[str]:
+        local = {"127.0.0.1"}
+        return [
+            u
+            for u in self.urls
+            if urlsplit(u).scheme in ("http", "https", "ws", "wss")
+            and urlsplit(u).hostname not in local
+        ]
+
+
+def shoot(page, name: str, *, phone: bool = True) -> None:
+    """Screenshots of the page as it is: ``<name>.png`` at 1280x800 and, with ``phone``,
+    ``<name>-phone.png`` at 390x844 (the viewport is put back afterwards)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size
+    page.set_viewport_size(DESKTOP)
+    page.wait_for_timeout(300)  # a layout pass after the resize (a screenshot, no assertion)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    if phone:
+        page.set_viewport_size(PHONE)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-phone.png"))
+    page.set_viewport_size(size or DESKTOP)
