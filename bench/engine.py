@@ -1,14 +1,15 @@
 """Decode and prompt speed of the 3-span block engine on SmolLM2, per weight format, against
-our own fp32 path and ``transformers`` in the same run.
+our own fp32 path, ``transformers`` and llama.cpp in the same run.
 
     python bench/engine.py [--threads 2] [--decode 64] [--prompt 64] [--repeats 3]
-                           [--formats default,int8,bf16]
+                           [--formats default,int8,int4,bf16]
 
 The GGUF is imported once per format: ``fp32`` (the reference path), ``default`` (the GGUF's own
 weights: Q4_1 layers as int4, the Q8_0 embedding and head as int8), and each of ``--formats``.
-Same threads, greedy; the runs of all formats are interleaved, so a busy machine slows them
-alike. Decode tok/s excludes the prompt; prompt tok/s is a 64-token prompt's forward pass.
-Results go to docs/benchmarks.md.
+llama.cpp (``llama-cpp-python``, the optional ``bench`` extra) runs the same GGUF file with the
+same threads; its row says why when it cannot run. Greedy; the runs of all paths are
+interleaved, so a busy machine slows them alike. Decode tok/s excludes the prompt; prompt tok/s
+is a 64-token prompt's forward pass. Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from report import append
-from tiktrue.model.demo_model import ensure_demo_model
+from tiktrue.model.demo_model import ensure_demo_model, fetch_demo_gguf
 from tiktrue.model.engine import BlockEngine, split_evenly
 from tiktrue.model.generation import LocalChain
 from tiktrue.model.tokenizer import load_tokenizer
@@ -60,6 +61,37 @@ def perplexity(chain: LocalChain, ids: list[int], window: int = 512) -> float:
     return math.exp(total / count)
 
 
+def llama_cpp(gguf: Path, threads: int, context: int):
+    """A llama.cpp model of ``gguf`` on ``threads`` threads, or the reason it cannot run."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        return None, f"llama-cpp-python is not installed (pip install -e '.[bench]'): {exc}"
+    model = Llama(
+        model_path=str(gguf),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=context,
+        n_batch=context,
+        verbose=False,
+    )
+    return model, ""
+
+
+def llama_cpp_run(model, prompt: list[int], steps: int):
+    """Prefill seconds, decode seconds and greedy tokens (argmax of llama.cpp's logits)."""
+    model.reset()
+    began = time.perf_counter()
+    model.eval(prompt)
+    prefill = time.perf_counter() - began
+    tokens = [int(model.scores[model.n_tokens - 1].argmax())]
+    began = time.perf_counter()
+    for _ in range(steps):
+        model.eval(tokens[-1:])
+        tokens.append(int(model.scores[model.n_tokens - 1].argmax()))
+    return prefill, time.perf_counter() - began, tokens
+
+
 def transformers_run(model, prompt: list[int], steps: int):
     ids = torch.tensor([prompt])
     with torch.inference_mode():
@@ -84,7 +116,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--formats", default="default,int8", help="besides fp32")
+    parser.add_argument("--formats", default="default,int8,int4,bf16", help="besides fp32")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="of README.md")
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
@@ -112,18 +144,25 @@ def main() -> None:
         100, config.vocab_size - 100, (args.prompt,), generator=generator
     ).tolist()
 
+    llama, why_not = llama_cpp(fetch_demo_gguf(), args.threads, args.prompt + args.decode + 8)
+
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
     text_ids = load_tokenizer(reference)(text)["input_ids"][: args.ppl_tokens]
     ppl = {fmt: perplexity(chain, text_ids) for fmt, chain in chains.items()}
 
-    runs: dict[str, list] = {f: [] for f in [*formats, "transformers"]}
+    others = ["transformers", *(["llama.cpp"] if llama is not None else [])]
+    runs: dict[str, list] = {f: [] for f in [*formats, *others]}
     for fmt, chain in chains.items():
         engine_run(chain, prompt, 4, f"warmup-{fmt}")
     transformers_run(model, prompt, 4)
+    if llama is not None:
+        llama_cpp_run(llama, prompt, 4)
     for r in range(args.repeats):  # interleaved
         for fmt, chain in chains.items():
             runs[fmt].append(engine_run(chain, prompt, args.decode, f"run{r}-{fmt}"))
         runs["transformers"].append(transformers_run(model, prompt, args.decode))
+        if llama is not None:
+            runs["llama.cpp"].append(llama_cpp_run(llama, prompt, args.decode))
 
     def rates(results):  # the best run: on a shared machine other processes only add time
         prefill = max(args.prompt / r[0] for r in results)
@@ -145,6 +184,9 @@ def main() -> None:
         prefill, decode = rates(runs[name])
         if name == "transformers":
             label, weights, size, load, quality = "transformers generate", "fp32", "", "", ""
+        elif name == "llama.cpp":
+            label, weights, load, quality = "llama.cpp, the same GGUF", "Q4_1+Q8_0", "", ""
+            size = f"{fetch_demo_gguf().stat().st_size / 1e6:.0f}"
         else:
             store = stores[name]
             label, weights = f"TikTrue engine ({name})", store.weight_format
@@ -155,6 +197,11 @@ def main() -> None:
             f"| {label} | {weights} | {size} | {load} | {decode:.1f} | {decode / base_decode:.2f} "
             f"| {prefill:.0f} | {prefill / base_prefill:.2f} | {same} | {quality} |"
         )
+    if llama is None:
+        lines += ["", f"llama.cpp: not run ({why_not})."]
+    elif "default" in runs:
+        same = runs["llama.cpp"][0][2] == runs["default"][0][2]
+        lines += ["", f"Greedy tokens of llama.cpp = TikTrue engine (default): {same}."]
     print("\n".join(lines))
     if not args.no_record:
         append("Block engine per weight format vs fp32 and transformers (bench/engine.py)", lines)

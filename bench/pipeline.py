@@ -1,16 +1,18 @@
 """Decode speed and time to first token through 3 node processes vs the one-process engine.
 
-    python bench/pipeline.py [--decode 64] [--prompt 64] [--repeats 3] [--threads 2]
+    python bench/pipeline.py [--decode 64] [--prompt 64] [--repeats 3] [--threads 2] [--dtype D]
 
-SmolLM2-135M-Instruct fp32, greedy, the same 3 spans. The network side is what a user runs:
+SmolLM2-135M-Instruct (the GGUF's own int4/int8 weights, or ``--dtype``), greedy, the same
+3 spans. The network side is what a user runs:
 three ``tiktrue node`` processes on 127.0.0.1 with mutual TLS, the first one also the gateway;
 this process is a client of the gateway's WebSocket ``/ws`` and times the streamed tokens as
 they arrive. The one-process engine runs the same spans and token loop in this process.
 
 Per decode step the gateway reports each node's compute and the time in transit: the round
 trip less every node's own time, i.e. all hops of the step together (network, TLS, framing,
-queues, thread hand-offs); per hop is that divided by the hops. Each link's ping round trip
-is shown beside it. A control run times the one-process spans when each waits, before it
+queues, thread hand-offs); per hop is that divided by the hops, set against the median ping
+round trip of the same links (a raw TLS WebSocket ping-pong between the same processes, in
+the same run). A control run times the one-process spans when each waits, before it
 computes, as long as the other spans took: what being an idle pipeline stage costs on this
 machine with no network at all. Results go to docs/benchmarks.md.
 """
@@ -126,12 +128,13 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every process")
+    parser.add_argument("--dtype", default=None, help="convert the GGUF (default: keep it)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the node processes inherit it
 
-    store = ensure_demo_model()
+    store = ensure_demo_model(dtype=args.dtype)
     tokenizer = load_tokenizer(store)
     generator = torch.Generator().manual_seed(0)
     vocab = store.manifest.vocab_size
@@ -173,9 +176,13 @@ def main() -> None:
     links = ["gateway -> node1 (in-process)", "node1 -> node2", "node2 -> node3"]
     links += ["node3 -> node1 (the answer)"]
     rtts = ["-" if v is None else f"{v:.2f}" for v in usage["link_rtt_ms"][1:]]
+    pings = [v for r in remote_runs for v in r.usage["link_rtt_ms"][1:] if v]
+    per_hop = [r.usage["transit_ms"] / max(r.usage["hops"], 1) for r in remote_runs]
+    hop, ping = med(per_hop), med(pings)
     plain, waiting = local.median_ms(), idle.median_ms()
     lines = [
-        f"SmolLM2-135M-Instruct fp32, {args.threads} torch threads per process, "
+        f"SmolLM2-135M-Instruct ({store.weight_format} weights), {args.threads} torch threads "
+        "per process, "
         f"{args.prompt}-token prompt, {args.decode} greedy decode steps, median of "
         f"{args.repeats}; spans {', '.join(usage['nodes'])}; gateway in node1's process, "
         f"timed by a /ws client; tokens identical to the one-process engine: {same}",
@@ -204,6 +211,10 @@ def main() -> None:
         "",
         f"In transit per step: {transit:.2f} ms over {hops} hops ({', '.join(links[1:])}), "
         f"{transit / max(hops, 1):.2f} ms per hop; the gateway hands steps to node1 in-process.",
+        "",
+        f"Per hop, median of every run: {hop:.2f} ms in transit against a ping round trip of "
+        f"{ping:.2f} ms on the same links: {hop / ping:.2f}x the raw ping (runs: "
+        f"{', '.join(f'{x:.2f}' for x in per_hop)} ms).",
         "",
         "'One process, idle first': each span sleeps, before it computes, as long as the other "
         "two took (as a pipeline stage waits); no network, no node service.",

@@ -34,10 +34,15 @@ DEFAULT_CONTEXT_TOKENS = 2048
 KV_PAGE_TOKENS = 16  # the KV cache allocates a session's room in pages of this many tokens
 MIN_CONTEXT_TOKENS = KV_PAGE_TOKENS
 MAX_CONTEXT_TOKENS = 1 << 20
-# The most tokens one forward step carries (a prompt longer than this is prefilled in
-# several steps). A tensor frame's JSON header lists a step's token ids once (the head
-# needs them for the repetition penalty): the header's limit holds the most a step carries.
+# The most tokens one forward step carries. A tensor frame's JSON header lists a step's token
+# ids once (the head needs them for the repetition penalty): the header's limit holds the most
+# a step carries.
 MAX_STEP_TOKENS = 4096
+# The gateway sends a prompt through the chain in steps of this many tokens (at most
+# MAX_STEP_TOKENS): each worker runs the other sessions' decode steps between two of them, so
+# a long prompt delays their tokens by one chunk at a time; large enough for an efficient
+# prefill.
+PREFILL_CHUNK_TOKENS = 256
 MAX_FRAME_HEADER_BYTES = 64 << 10
 
 # --- a caller that proved no certificate (a PC that has not joined; DESIGN.md §6) ------------

@@ -67,20 +67,25 @@ async def direct_answer_usage(ws_url: str, network_id: str, prompt: list[int]) -
             await asyncio.sleep(0.2)
 
 
-async def session_counts(homes, network_id: str) -> list[int]:
-    """How many sessions each node's KV cache holds (``node_info`` over the control port)."""
+async def network_infos(homes, network_id: str) -> list[dict]:
+    """Each node's ``node_info`` entry of ``network_id`` (over the control port)."""
     from tiktrue.node.control_link import ControlLink
     from tiktrue.paths import run_file
     from tiktrue.security.node_tls import NetworkCredentials
 
-    counts = []
+    infos = []
     for home in homes:
         control = json.loads(run_file(home).read_text())["control"]
         credentials = NetworkCredentials.load(home, network_id)
         async with ControlLink(control, expected_node_id=None, credentials=credentials) as link:
             info = await link.call("node_info")
-        counts.append(info["networks"][network_id]["sessions"])
-    return counts
+        infos.append(info["networks"][network_id])
+    return infos
+
+
+async def session_counts(homes, network_id: str) -> list[int]:
+    """How many sessions each node's KV cache holds."""
+    return [info["sessions"] for info in await network_infos(homes, network_id)]
 
 
 async def wait_for_session_counts(homes, network_id: str, expected, timeout: float = 120.0):

@@ -69,8 +69,10 @@ def make_tiny_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: str | None = None,
+    **overrides,
 ) -> Path:
-    """Write a random tiny ``architecture`` model with a tokenizer into ``directory``."""
+    """Write a random tiny ``architecture`` model with a tokenizer into ``directory``
+    (``overrides``: config fields, e.g. ``sliding_window``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
@@ -89,7 +91,7 @@ def make_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **ARCH_DEFAULTS[architecture],
+        **{**ARCH_DEFAULTS[architecture], **overrides},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()

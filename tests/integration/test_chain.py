@@ -14,6 +14,7 @@ from tests.helpers.cluster import (
     ask,
     client_ws_url,
     direct_answer_usage,
+    network_infos,
     node_connection,
     request,
     token_ids,
@@ -79,18 +80,28 @@ def test_three_nodes_match_the_one_process_engine(tiny_cluster, tiny_llama):
     assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[0], 16)
 
 
-def test_four_concurrent_sessions_are_each_correct(tiny_cluster, tiny_llama):
-    cluster, _, _ = tiny_cluster
+def test_four_concurrent_sessions_are_each_correct_and_batched(tiny_cluster, tiny_llama):
+    """Four answers at once: each equals the same answer alone, and every node ran their
+    decode steps in batches (one forward for several sessions)."""
+    cluster, homes, _ = tiny_cluster
 
     async def one(i: int):
         async with websockets.connect(client_ws_url(cluster)) as ws:
-            return await ask(ws, greedy(PROMPTS[i], 12, message_id=f"c{i}"))
+            return await ask(ws, greedy(PROMPTS[i], 24, message_id=f"c{i}"))
 
     async def go():
-        return await asyncio.gather(*(one(i) for i in range(4)))
+        before = await network_infos(homes, NET)
+        answers = await asyncio.gather(*(one(i) for i in range(4)))
+        after = await network_infos(homes, NET)
+        return answers, [
+            a["steps"]["batched_steps"] - b["steps"]["batched_steps"]
+            for a, b in zip(after, before, strict=True)
+        ]
 
-    for i, replies in enumerate(run(go())):
-        assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[i], 12), i
+    answers, batched = run(go())
+    for i, replies in enumerate(answers):
+        assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[i], 24), i
+    assert all(n > 0 for n in batched), batched
 
 
 def test_legacy_and_protocol_messages_are_each_answered(tiny_cluster, tiny_llama):
@@ -351,3 +362,37 @@ def test_a_first_step_opens_its_session_on_every_node(tiny_cluster, tiny_llama):
     expected = reference_tokens(tiny_llama, prompt, 1)[0]
     assert a["token_id"] == b["token_id"] == expected
     assert c["header"]["message_type"] == "error" and c["code"] == "bad_positions", c
+
+
+def test_a_prompt_in_chunks_equals_the_prompt_at_once(tiny_cluster, tiny_llama):
+    """The gateway's chain client sends a long prompt in chunks (here of 7 tokens); the
+    answer equals the one-process engine's, the nodes ran one prompt step per chunk, and the
+    head's sampling history (repetition penalty) holds every chunk's tokens."""
+    from tiktrue.gateway.api_client import RemoteChain
+
+    _, homes, config = tiny_cluster
+    prompt = [(i * 37) % 300 + 3 for i in range(60)]
+
+    async def go():
+        chain = RemoteChain(config, member_credentials(homes), prefill_chunk=7)
+        try:
+            before = await network_infos(homes, NET)
+            await chain.open("chunked")
+            tokens = [await chain.step("chunked", prompt, 0, SamplingParams(temperature=0))]
+            for i in range(5):
+                tokens.append(await chain.step("chunked", tokens[-1:], len(prompt) + i))
+            after = await network_infos(homes, NET)
+            await chain.control(ps.SessionSave, "chunked")
+            await chain.close("chunked")
+        finally:
+            await chain.aclose()
+        rounds = [
+            a["steps"]["rounds"] - b["steps"]["rounds"] for a, b in zip(after, before, strict=True)
+        ]
+        return tokens, rounds
+
+    tokens, rounds = run(go())
+    assert tokens == reference_tokens(tiny_llama, prompt, 6)
+    assert all(n >= 60 // 7 + 1 for n in rounds), rounds  # 9 chunks, then 5 decode steps
+    history = homes[-1] / "sessions" / NET / "chunked" / "history.json"
+    assert json.loads(history.read_text()) == prompt + tokens[:5]

@@ -22,7 +22,7 @@ from tiktrue.model import quant
 from tiktrue.model.engine import BlockEngine, Span, split_evenly
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import import_model
-from tiktrue.model.quant import QuantEmbedding, QuantLinear
+from tiktrue.model.quant import ProjectionSlice, QuantEmbedding, QuantLinear
 from tiktrue.model.store import BlockStore
 
 GGUF_FORMATS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
@@ -152,7 +152,24 @@ def test_hf_folder_quantized_at_import(trained, stores, fmt):
     assert isinstance(engine.embed, QuantEmbedding) and isinstance(engine.lm_head, QuantLinear)
     linears = [mod for layer in engine.layers for mod in layer.modules()]
     assert not any(isinstance(mod, torch.nn.Linear) for mod in linears)
-    assert sum(isinstance(mod, QuantLinear) for mod in linears) == 7 * m.num_layers
+    # q/k/v and gate/up each run as one kernel call: 4 kernels for the 7 projections
+    assert sum(isinstance(mod, QuantLinear) for mod in linears) == 4 * m.num_layers
+    assert sum(isinstance(mod, ProjectionSlice) for mod in linears) == 5 * m.num_layers
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fused_projections_equal_one_kernel_per_projection(stores, fmt, monkeypatch):
+    store = stores(fmt)
+    span = split_evenly(store.manifest.model_chain_order, 1)[0]
+    fused = BlockEngine(store, span)
+    monkeypatch.setattr(quant, "FUSED_GROUPS", ())
+    separate = BlockEngine(store, span)
+    for engine in (fused, separate):
+        engine.open_session("s")
+    ids = torch.tensor([5, 17, 42, 99, 7, 250, 31])
+    assert torch.equal(fused.forward("s", ids, 0), separate.forward("s", ids, 0))
+    one = torch.tensor([3])
+    assert torch.equal(fused.forward("s", one, 7), separate.forward("s", one, 7))
 
 
 def test_unknown_weight_format_is_refused(trained, tmp_path):

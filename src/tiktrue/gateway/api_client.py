@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tiktrue import limits
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
@@ -104,8 +105,8 @@ class LocalEntry:
     def __init__(self, server) -> None:
         self.server = server
 
-    async def request(self, payload: bytes | ps.Message, message_id: str) -> dict:
-        if isinstance(payload, bytes):
+    async def request(self, payload: bytes | tuple | ps.Message, message_id: str) -> dict:
+        if isinstance(payload, bytes | tuple):
             return await self.server.answer_frame(payload)
         return await self.server.answer_text(ps.make_message(payload))
 
@@ -121,9 +122,15 @@ class RemoteChain:
     """
 
     def __init__(
-        self, config: NetworkConfig, credentials: NetworkCredentials, local_server=None
+        self,
+        config: NetworkConfig,
+        credentials: NetworkCredentials,
+        local_server=None,
+        *,
+        prefill_chunk: int = limits.PREFILL_CHUNK_TOKENS,
     ) -> None:
         entry = config.chain()[0]
+        self.prefill_chunk = prefill_chunk
         self.entry_node_id = entry.node_id
         self.local_server = local_server or (lambda: None)
         self.network_id = config.network_id
@@ -146,6 +153,21 @@ class RemoteChain:
         start: int,
         sampling: SamplingParams | None = None,
     ) -> int:
+        """Run ``token_ids`` through the chain; the token the head samples after them.
+
+        A long prompt goes in chunks of ``prefill_chunk`` tokens, one after the other: each
+        chunk's hidden states fit a frame, and each worker runs other sessions' decode steps
+        between two chunks. Only the last chunk samples a token."""
+        last = (len(token_ids) - 1) // self.prefill_chunk * self.prefill_chunk
+        for at in range(0, last, self.prefill_chunk):
+            chunk = token_ids[at : at + self.prefill_chunk]
+            await self._step(session_id, chunk, start + at, sampling if at == 0 else None, False)
+        reply = await self._step(
+            session_id, token_ids[last:], start + last, sampling if last == 0 else None, True
+        )
+        return int(reply["token_id"])
+
+    async def _step(self, session_id, token_ids, start, sampling, sample: bool) -> dict:
         message_id = new_message_id()
         meta = {  # the ids travel in the tensor only: the first node lists them for the head
             "kind": "forward",
@@ -156,13 +178,17 @@ class RemoteChain:
         }
         if sampling is not None:
             meta["sampling"] = sampling.model_dump()
+        if not sample:
+            meta["sample"] = False
         opening = session_id in self._opening
         if opening:
             meta["open"] = True
-        frame = encode_tensor_frame(torch.tensor(token_ids, dtype=torch.long), **meta)
+        ids = torch.tensor(token_ids, dtype=torch.long)
         began = time.perf_counter()
         entry = self._entry()
-        reply = _raise_if_error(await entry.request(frame, message_id))
+        # in this process the first node takes the step as it is: no frame to encode and read
+        step = (meta, ids) if isinstance(entry, LocalEntry) else encode_tensor_frame(ids, **meta)
+        reply = _raise_if_error(await entry.request(step, message_id))
         self.last_step = StepTiming(
             (time.perf_counter() - began) * 1000,
             reply.get("timings", []),
@@ -170,7 +196,7 @@ class RemoteChain:
         )
         if opening:
             self._opening.discard(session_id)
-        return int(reply["token_id"])
+        return reply
 
     async def control(self, kind: type[ps.Message], session_id: str) -> dict:
         if session_id in self._opening and kind is not ps.SessionOpen:

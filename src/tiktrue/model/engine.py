@@ -10,6 +10,7 @@ span starts with ``embed``; hidden states go in otherwise. Logits come out when 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from transformers import AutoModelForCausalLM
 
 from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.catalog import EMBED, HEAD, template_for
-from tiktrue.model.errors import ShapeError, StoreError
-from tiktrue.model.kv_cache import SessionPagedKVCache
+from tiktrue.model.errors import CacheBudgetExceeded, ModelError, ShapeError, StoreError
+from tiktrue.model.kv_cache import BatchStep, SessionPagedKVCache, SessionStep
+from tiktrue.model.lean_layers import lean_runner
 from tiktrue.model.quant import dequantize_state, install_quantized
 from tiktrue.model.store import BlockStore
 
@@ -123,6 +125,12 @@ class BlockEngine:
         self.rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
         del skeleton
         self._windows = [getattr(layer.self_attn, "sliding_window", None) for layer in self.layers]
+        # transformers 5.x renamed the layers' ``past_key_values`` argument to ``cache``
+        forward_args = (
+            inspect.signature(type(self.layers[0]).forward).parameters if self.layers else {}
+        )
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._lean = lean_runner(self.layers, config._attn_implementation)
 
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -191,26 +199,93 @@ class BlockEngine:
         hidden = self._check_inputs(inputs)
         count = hidden.shape[1]
         step = self.kv.begin(session_id, start, count)
-        if self.layers:
-            positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
-            rope = self.rotary(hidden, positions)
-            masks: dict[int | None, torch.Tensor | None] = {}
-            for layer, window in zip(self.layers, self._windows, strict=True):
-                if window not in masks:
-                    masks[window] = _attention_mask(start, count, window, self.device)
-                hidden = layer(
-                    hidden,
-                    attention_mask=masks[window],
-                    position_embeddings=rope,
-                    position_ids=positions,
-                    past_key_values=step,
-                )
+        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
+        hidden = self._layers(
+            hidden, step, positions, lambda w: _attention_mask(start, count, w, self.device)
+        )
         self.kv.commit(step)
         if self.lm_head is None:
             return hidden
-        hidden = self.norm(hidden if all_logits else hidden[:, -1:])
-        logits = self.lm_head(hidden).float()  # sampling wants fp32 whatever the weights are
+        logits = self._logits(hidden if all_logits else hidden[:, -1:])
         return logits if all_logits else logits[:, -1]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, steps: list[tuple[str, torch.Tensor, int]]
+    ) -> list[torch.Tensor | ModelError]:
+        """One decode step of several sessions as one forward (continuous batching).
+
+        ``steps``: ``(session_id, inputs, start)`` with one new position each, inputs as for
+        ``forward``. Returns per step what ``forward`` would (hidden states ``[1, 1, hidden]``
+        or logits ``[1, vocab]``), equal within the dtype's rounding, or the ``ModelError``
+        that step met; the other steps run regardless.
+        """
+        results: list[torch.Tensor | ModelError | None] = [None] * len(steps)
+        batch: list[tuple[int, SessionStep, torch.Tensor]] = []
+        alone: list[int] = []  # run after the batch, one by one
+        members: set[str] = set()
+        for i, (session_id, inputs, start) in enumerate(steps):
+            if session_id in members:  # a second step of one session waits for the first
+                alone.append(i)
+                continue
+            try:
+                hidden = self._check_inputs(inputs)
+                if hidden.shape[1] != 1:
+                    raise ShapeError("a batched step runs one new position per session")
+                step = self.kv.begin(session_id, start, 1, pinned=frozenset(members))
+            except CacheBudgetExceeded as exc:
+                if members:  # maybe only while the batch holds its pages: try it alone after
+                    alone.append(i)
+                else:
+                    results[i] = exc
+                continue
+            except ModelError as exc:
+                results[i] = exc
+                continue
+            members.add(session_id)
+            batch.append((i, step, hidden))
+        if len(batch) == 1:
+            alone.insert(0, batch.pop()[0])
+        if batch:
+            cache = BatchStep(self.kv, [step for _, step, _ in batch])
+            hidden = self._layers(
+                torch.cat([h for _, _, h in batch]), cache, cache.starts[:, None], cache.mask
+            )
+            cache.commit()
+            if self.lm_head is not None:
+                hidden = self._logits(hidden)[:, 0]
+            for row, (i, _, _) in enumerate(batch):
+                results[i] = hidden[row : row + 1]
+        for i in alone:
+            try:
+                results[i] = self.forward(*steps[i])
+            except ModelError as exc:
+                results[i] = exc
+        return results
+
+    def _layers(self, hidden: torch.Tensor, cache, positions: torch.Tensor, mask_for):
+        """The span's decoder layers; ``mask_for(window)`` is the attention mask (or None)."""
+        if not self.layers:
+            return hidden
+        rope = self.rotary(hidden, positions)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for layer, window in zip(self.layers, self._windows, strict=True):
+            if window not in masks:
+                masks[window] = mask_for(window)
+            if self._lean is not None:
+                hidden = self._lean(layer, hidden, rope, masks[window], cache)
+                continue
+            hidden = layer(
+                hidden,
+                attention_mask=masks[window],
+                position_embeddings=rope,
+                position_ids=positions,
+                **{self._cache_arg: cache},
+            )
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()  # sampling wants fp32 whatever the weights
 
     def _check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:

@@ -150,9 +150,14 @@ class SessionPagedKVCache:
 
     # --- the forward pass ----------------------------------------------------------------
 
-    def begin(self, session_id: str, start: int, count: int) -> SessionStep:
-        """Reserve room for ``count`` new positions at ``start``; the layers then call update."""
-        session = self._resident_session(session_id)
+    def begin(
+        self, session_id: str, start: int, count: int, *, pinned: frozenset[str] = frozenset()
+    ) -> SessionStep:
+        """Reserve room for ``count`` new positions at ``start``; the layers then call update.
+
+        Sessions in ``pinned`` (the others of a batch being prepared) are never spilled to
+        make room."""
+        session = self._resident_session(session_id, pinned)
         if start != session.length:
             raise PositionError(
                 f"session {session_id!r} holds positions 0..{session.length - 1}; "
@@ -160,7 +165,7 @@ class SessionPagedKVCache:
             )
         if count < 1:
             raise ShapeError("a step needs at least one position")
-        self._reserve(session_id, session, start + count)
+        self._reserve(session_id, session, start + count, pinned)
         return SessionStep(self, session, start, count)
 
     def keys_values(self, session_id: str, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +176,9 @@ class SessionPagedKVCache:
     def commit(self, step: SessionStep) -> None:
         step.session.length = step.start + step.count
 
-    def _reserve(self, session_id: str, session: _Session, length: int) -> None:
+    def _reserve(
+        self, session_id: str, session: _Session, length: int, pinned: frozenset[str]
+    ) -> None:
         needed = -(-length // self.page_size) - len(session.pages)
         if needed <= 0 or not self.layer_ids:
             return
@@ -182,7 +189,19 @@ class SessionPagedKVCache:
                 f"{self.num_pages} pages"
             )
         while len(self._free) < needed:
-            victim = next(s for s in self._resident if s != session_id and self._resident[s].pages)
+            victim = next(
+                (
+                    s
+                    for s in self._resident
+                    if s != session_id and s not in pinned and self._resident[s].pages
+                ),
+                None,
+            )
+            if victim is None:  # only sessions of the same batch hold pages
+                raise CacheBudgetExceeded(
+                    f"session {session_id!r} needs {needed} more pages while the other "
+                    f"sessions of its batch hold the rest"
+                )
             self._spill(victim)
         session.pages.extend(self._free.pop() for _ in range(needed))
         session.page_index = None
@@ -218,9 +237,9 @@ class SessionPagedKVCache:
 
     # --- spill, save and load ------------------------------------------------------------
 
-    def _resident_session(self, session_id: str) -> _Session:
+    def _resident_session(self, session_id: str, pinned: frozenset[str] = frozenset()) -> _Session:
         if session_id in self._spilled:
-            self._reload(session_id)
+            self._reload(session_id, pinned)
         session = self._session(session_id)
         self._resident.move_to_end(session_id)
         return session
@@ -238,10 +257,10 @@ class SessionPagedKVCache:
         self.close(session_id)
         self._spilled[session_id] = (path, length)
 
-    def _reload(self, session_id: str) -> None:
+    def _reload(self, session_id: str, pinned: frozenset[str]) -> None:
         path, _ = self._spilled.pop(session_id)
         try:
-            self.load_from_disk(session_id, path)
+            self.load_from_disk(session_id, path, pinned=pinned)
         except Exception:
             self._spilled[session_id] = (path, _)
             raise
@@ -269,8 +288,11 @@ class SessionPagedKVCache:
             (np.savez_compressed if compress else np.savez)(handle, **arrays)
         return path
 
-    def load_from_disk(self, session_id: str, path: Path) -> None:
-        """Open ``session_id`` with the keys and values saved at ``path``."""
+    def load_from_disk(
+        self, session_id: str, path: Path, *, pinned: frozenset[str] = frozenset()
+    ) -> None:
+        """Open ``session_id`` with the keys and values saved at ``path`` (spilling any
+        resident session but those ``pinned`` to make room)."""
         if self.has(session_id):
             raise SessionExists(f"session {session_id!r} is already open")
         try:
@@ -301,7 +323,7 @@ class SessionPagedKVCache:
             del self._resident[session_id]
             raise ShapeError(f"{path} holds keys of shape {tuple(keys.shape)}, expected {expected}")
         try:
-            step = self.begin(session_id, 0, length)
+            step = self.begin(session_id, 0, length, pinned=pinned)
         except Exception:
             self.close(session_id)
             raise
@@ -338,6 +360,68 @@ class SessionStep:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
+
+
+class BatchStep:
+    """One decode step of several sessions at once (one new position each), as the
+    ``transformers`` attention layers see the cache: row ``b`` of the batch is ``steps[b]``.
+
+    ``update`` writes each row's key and value into its session's page and returns every
+    session's keys and values padded to the longest, ``[batch, heads, longest, head_dim]``;
+    ``mask`` (``[batch, 1, 1, longest]``, True = attend) hides each row's padding.
+    """
+
+    def __init__(self, cache: SessionPagedKVCache, steps: list[SessionStep]) -> None:
+        if any(step.count != 1 for step in steps):
+            raise ShapeError("a batched step runs one new position per session")
+        self.cache = cache
+        self.steps = steps
+        size = cache.page_size
+        starts = [step.start for step in steps]
+        pages_needed = [start // size + 1 for start in starts]
+        widest = max(pages_needed)
+        device = cache.pool.device
+        self.write_pages = torch.tensor(
+            [step.session.pages[start // size] for step, start in zip(steps, starts, strict=True)],
+            dtype=torch.long,
+            device=device,
+        )
+        self.write_slots = torch.tensor([start % size for start in starts], device=device)
+        rows = []
+        for step, n in zip(steps, pages_needed, strict=True):
+            pages = step.session.pages[:n]
+            rows.append(pages + [pages[0]] * (widest - n))  # padding: any page, masked
+        self.read_pages = torch.tensor(rows, dtype=torch.long, device=device).reshape(-1)
+        self.padded = widest * size
+        self.longest = max(starts) + 1
+        self.starts = torch.tensor(starts, device=device)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Which keys each row attends to: its own positions (within ``window``)."""
+        keys = torch.arange(self.longest, device=self.starts.device)[None, :]
+        allowed = keys <= self.starts[:, None]
+        if window is not None:
+            allowed &= keys > self.starts[:, None] - window
+        return allowed.view(len(self.steps), 1, 1, self.longest)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        cache = self.cache
+        local = cache._local[layer_idx]
+        batch, heads, dim = len(self.steps), cache.num_kv_heads, cache.head_dim
+        out = []
+        for part, states in ((0, key_states), (1, value_states)):
+            pool = cache.pool[local, part]  # [heads, pages, page_size, head_dim]
+            pool[:, self.write_pages, self.write_slots] = states[:, :, 0].transpose(0, 1)
+            gathered = pool.index_select(1, self.read_pages).view(heads, batch, self.padded, dim)
+            out.append(gathered.transpose(0, 1)[:, :, : self.longest])
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.longest - 1
+
+    def commit(self) -> None:
+        for step in self.steps:
+            self.cache.commit(step)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -254,19 +254,107 @@ class QuantEmbedding(nn.Module):
         return rows.to(self.dtype).reshape(*ids.shape, -1)
 
 
+# Linear layers that read the same input: with quantized weights each is one kernel call of
+# mostly fixed cost at decode, so each group runs as one call over its stacked weights
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedProjection(nn.Module):
+    """One ``QuantLinear`` whose output several ``ProjectionSlice`` modules share: the first
+    slice called with an input computes it, the others of the same input take their columns."""
+
+    def __init__(self, linear: QuantLinear, users: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.users = users
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._left = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input or self._left == 0:
+            self._input, self._output, self._left = x, self.linear(x), self.users
+        output = self._output
+        self._left -= 1
+        if self._left == 0:  # every user has its columns: hold no tensor until the next input
+            self._input = self._output = None
+        return output
+
+
+class ProjectionSlice(nn.Module):
+    """Stands where a fused ``nn.Linear`` stood: its columns of the shared output."""
+
+    def __init__(self, shared: SharedProjection, start: int, stop: int) -> None:
+        super().__init__()
+        self.shared = shared
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x)[..., self.start : self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}..{self.stop} of {self.shared.linear.extra_repr()}"
+
+
+def _stack_parts(fmt: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The store tensors of several weights of one format as one weight (outputs stacked)."""
+    main, side = _SUFFIXES[fmt]
+    side_dim = 0 if fmt == INT8 else 1  # int4 scale_zero is [groups, out, 2]
+    return {
+        main: torch.cat([p[main] for p in parts]),
+        side: torch.cat([p[side] for p in parts], dim=side_dim),
+    }
+
+
+def _fusable(names: list[str], quantized: dict) -> bool:
+    """Whether the linears ``names`` hold weights of one format, one input width
+    (and, for int4, one group size), so their stacked weights are one valid weight."""
+    found = [quantized.get(name) for name in names]
+    if any(f is None for f in found) or len({fmt for fmt, _ in found}) != 1:
+        return False
+    fmt = found[0][0]
+    main, side = _SUFFIXES[fmt]
+    widths = {parts[main].shape[1] for _, parts in found}
+    groups = {parts[side].shape[0] for _, parts in found} if fmt == INT4 else {0}
+    return len(widths) == 1 and len(groups) == 1
+
+
 def install_quantized(
     module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Replace each ``nn.Linear`` / ``nn.Embedding`` of ``module`` whose weight ``state`` holds
-    quantized with its quantized module; return the module and the rest of ``state`` (floats)."""
+    quantized with its quantized module; return the module and the rest of ``state`` (floats).
+
+    The linears of a ``FUSED_GROUPS`` group (same parent, same format) become one kernel call:
+    a ``SharedProjection`` with a ``ProjectionSlice`` in place of each."""
     rest = dict(state)
+    quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # owner -> (format, parts)
     for key in list(state):
         quant = quantized_format(key)
         if quant is None:
             continue
         name, fmt = quant
         owner = name.removesuffix("weight").rstrip(".")
-        parts = {s: rest.pop(name + s) for s in _SUFFIXES[fmt]}
+        quantized[owner] = (fmt, {s: rest.pop(name + s) for s in _SUFFIXES[fmt]})
+    for group in FUSED_GROUPS:
+        parents = {o.rpartition(".")[0] for o in quantized if o.rpartition(".")[2] == group[0]}
+        for parent in parents:
+            owners = [f"{parent}.{child}" if parent else child for child in group]
+            if not _fusable(owners, quantized):
+                continue
+            fmt = quantized[owners[0]][0]
+            parts = [quantized.pop(o)[1] for o in owners]
+            biases = [rest.pop(f"{o}.bias", None) for o in owners]
+            if any(b is None for b in biases) and any(b is not None for b in biases):
+                raise StoreError(f"{parent}: {', '.join(group)} have biases on some only")
+            bias = None if biases[0] is None else torch.cat(biases).to(dtype)
+            shared = SharedProjection(QuantLinear(fmt, _stack_parts(fmt, parts), bias), len(group))
+            at = 0
+            for owner, part in zip(owners, parts, strict=True):
+                width = part[_SUFFIXES[fmt][0]].shape[0]
+                _replace(module, owner, ProjectionSlice(shared, at, at + width))
+                at += width
+    for owner, (fmt, parts) in quantized.items():
         original = module.get_submodule(owner)
         if isinstance(original, nn.Embedding):
             multiplier = getattr(original, "scalar_embed_scale", None)
@@ -275,10 +363,13 @@ def install_quantized(
             bias = rest.pop(f"{owner}.bias" if owner else "bias", None)
             replacement = QuantLinear(fmt, parts, None if bias is None else bias.to(dtype))
         else:
-            raise StoreError(f"{key}: a quantized weight on a {type(original).__name__}")
-        if owner:
-            parent, _, child = owner.rpartition(".")
-            setattr(module.get_submodule(parent), child, replacement)
-        else:
-            module = replacement
+            raise StoreError(f"{owner}: a quantized weight on a {type(original).__name__}")
+        if not owner:
+            return replacement, rest
+        _replace(module, owner, replacement)
     return module, rest
+
+
+def _replace(module: nn.Module, owner: str, replacement: nn.Module) -> None:
+    parent, _, child = owner.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, child, replacement)

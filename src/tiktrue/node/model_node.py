@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -54,6 +55,7 @@ from tiktrue.node.peer_link import (
     PeerUnavailable,
     new_message_id,
 )
+from tiktrue.node.step_scheduler import StepScheduler
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
@@ -127,7 +129,11 @@ class BlockServer:
         self.samplers: dict[str, SessionSampler] = {}
         self.stats = ps.ProtocolStats()
         self.client_handler: ClientHandler | None = None
+        # All torch work runs on this one thread: one OpenMP thread team per process
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.network_id}")
+        # decode rounds run on the event loop itself (a step then wakes no other thread);
+        # prompt chunks and session control run on the engine thread (they may take long)
+        self.steps = StepScheduler(self._executor, self._compute_steps, inline_batches=True)
         self._next: PeerLink | None = None
         next_entry = config.next_node(self.node_id)
         if next_entry is not None:
@@ -271,6 +277,7 @@ class BlockServer:
         for link in [self._next, *self._answer_links.values()]:
             if link is not None:
                 await link.close()
+        self.steps.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self.engine is not None:
             self.engine.kv.clear()
@@ -378,12 +385,16 @@ class BlockServer:
         """A peer whose role may not send steps (see ``security.access_control``)."""
         await _send(ws, error_dict(ps.FORBIDDEN, "this certificate may not send steps"))
 
-    async def answer_frame(self, raw: bytes) -> dict | None:
+    async def answer_frame(self, raw: bytes | tuple[dict, Any]) -> dict | None:
         """The answer to one forward step (a token, or a structured error); None when it goes
-        to the node the frame names in ``answer_to`` instead of back on this connection."""
+        to the node the frame names in ``answer_to`` instead of back on this connection.
+        ``raw``: a tensor frame, or its header and tensor (the gateway in this process)."""
         message_id = session_id = answer_to = None
         try:
-            header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
+            if isinstance(raw, tuple):
+                header, tensor = raw
+            else:
+                header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
             message_id = _opt_str(header.get("message_id"))
             session_id = _opt_str(header.get("session_id"))
             count = tensor.shape[-2] if tensor.dim() == 3 else tensor.numel()
@@ -513,10 +524,11 @@ class BlockServer:
                 f"node {self.node_id} has no next node in config v{self.config.version} "
                 f"(role {self.entry.role}); the chain is switching configs"
             )
-        loop = asyncio.get_running_loop()
         began = time.perf_counter()
-        # All torch work runs on the engine thread: one OpenMP thread team per process
-        outcome = await loop.run_in_executor(self._executor, self._compute, header, tensor, began)
+        # the decode steps of all sessions ready now run as one batch (see step_scheduler)
+        outcome = await self.steps.run(
+            session_id, (header, tensor, began), batchable=_positions(tensor) == 1
+        )
         direct = "answer_to" in header
         if self.span.has_head:
             reply = self._token_reply(message_id, session_id, outcome)
@@ -550,7 +562,7 @@ class BlockServer:
             "link_rtt_ms": link.latency_ms if link is not None else None,
         }
 
-    def _token_reply(self, message_id: str, session_id: str, token: int) -> dict:
+    def _token_reply(self, message_id: str, session_id: str, token: int | None) -> dict:
         """The head's answer to a step: an inference_response, built without validation
         because every field comes from this node (the hot path)."""
         return {
@@ -567,17 +579,49 @@ class BlockServer:
             "token_id": token,
         }
 
-    def _compute(self, header: dict, tensor, began: float) -> int | bytes:
-        """Engine thread: the span's forward, then the sampled token (head) or the next frame
-        (which carries this node's timing forward when the head answers directly)."""
+    def _compute_steps(self, jobs: list[tuple[dict, Any, float]]) -> list:
+        """Engine thread: the span's forward of each step (several sessions' decode steps as
+        one batch), then each one's sampled token (head) or next frame (which carries this
+        node's timing forward when the head answers directly). One result or error per step;
+        a step refused before its forward leaves its session's cache as it was."""
+        results: list = [None] * len(jobs)
+        checked: dict[int, tuple[list[int], SamplingParams | None]] = {}
+        for i, (header, tensor, _) in enumerate(jobs):
+            try:
+                if self.span.has_head:  # checked before the step changes the session's cache
+                    sampling = header.get("sampling")
+                    params = SamplingParams.model_validate(sampling) if sampling else None
+                    checked[i] = (self._fed(header, tensor), params)
+                if header.get("open") is True:  # the step opens its session (a round trip less)
+                    self._open_session(header.get("session_id"))
+            except Exception as exc:  # bad sampling settings or token ids: this step's only
+                results[i] = exc
+        runs = [i for i in range(len(jobs)) if results[i] is None]
+        steps = [(jobs[i][0].get("session_id"), jobs[i][1], jobs[i][0]["start"]) for i in runs]
+        if len(steps) == 1:
+            try:
+                outputs: list = [self.engine.forward(*steps[0])]
+            except ModelError as exc:
+                outputs = [exc]
+        else:
+            outputs = self.engine.forward_batch(steps)
+        for i, out in zip(runs, outputs, strict=True):
+            try:
+                done = (
+                    out
+                    if isinstance(out, Exception)
+                    else self._finish(jobs[i], out, checked.get(i))
+                )
+            except Exception as exc:  # a bug in this step's ending: its error only
+                done = exc
+            results[i] = done
+        return results
+
+    def _finish(self, job: tuple[dict, Any, float], out, checked) -> int | bytes | None:
+        """A step's output as its frame for the next node, or (head) its sampled token;
+        ``checked``: the head's (token ids fed, sampling settings), read before the forward."""
+        header, tensor, began = job
         session_id = header.get("session_id")
-        if self.span.has_head:  # checked before the step changes the session's cache
-            fed = self._fed(header, tensor)
-            sampling = header.get("sampling")
-            params = SamplingParams.model_validate(sampling) if sampling is not None else None
-        if header.get("open") is True:  # the step opens its session (one round trip less)
-            self._open_session(session_id)
-        out = self.engine.forward(session_id, tensor, header["start"])
         if not self.span.has_head:
             meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
             if self.span.has_embed:  # the ids, for the head's repetition penalty: listed once
@@ -588,8 +632,12 @@ class BlockServer:
                 meta["timings"] = [*(meta.get("timings") or []), timing]
             return encode_tensor_frame(out, **meta)
         sampler = self.samplers.setdefault(session_id, SessionSampler())
+        fed, params = checked
         if params is not None:
             sampler.set_params(params)
+        if header.get("sample") is False:  # a prompt chunk before the last: no token yet
+            sampler.history.extend(fed)
+            return None
         return sampler.next_token(out[0], fed)
 
     def _fed(self, header: dict, tensor) -> list[int]:
@@ -696,8 +744,7 @@ class BlockServer:
     async def _session_control(self, message) -> dict:
         """Apply locally, then pass along the chain; ack once every later node has."""
         if self.engine is not None:
-            loop = asyncio.get_running_loop()
-            info = await loop.run_in_executor(self._executor, self._apply_session, message)
+            info = await self.steps.call(functools.partial(self._apply_session, message))
         elif isinstance(message, ps.SessionClose):
             info = {}  # nothing held here: pass it on
         else:
@@ -772,6 +819,7 @@ class BlockServer:
         links = {"next": self._next} if self._next is not None else {}
         links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
         stats = {
+            "steps": self.steps.stats.as_dict(),
             "link_rtt_ms": {
                 name: link.latency_ms for name, link in links.items() if link.connected
             },
@@ -794,6 +842,12 @@ async def _try_connect(link: PeerLink) -> None:
 async def _send(ws, message: dict) -> None:
     with contextlib.suppress(websockets.ConnectionClosed):
         await ws.send(json.dumps(message))
+
+
+def _positions(tensor) -> int:
+    """How many positions a step's input holds: token ids ``[n]`` / ``[1, n]``, or hidden
+    states ``[1, n, hidden]`` (the engine refuses other shapes)."""
+    return int(tensor.shape[-2] if tensor.dim() == 3 else tensor.shape[-1] if tensor.dim() else 0)
 
 
 def _opt_str(value) -> str | None:

@@ -677,6 +677,7 @@ class NodeService:
                 "waiting": self._waiting(config.network_id),
                 "block_faults": server.block_faults if server else {},
                 "sessions": len(engine.kv.sessions()) if engine else 0,
+                "steps": server.steps.stats.as_dict() if server else None,
                 "weights_bytes": engine.weight_bytes if engine else 0,
                 "kv_budget_bytes": engine.kv.num_pages * engine.kv.bytes_per_page if engine else 0,
                 "last_admin_beat": self.admin_beats.get(config.network_id),
