@@ -159,3 +159,52 @@ def test_an_older_store_gains_titles_and_answers(tmp_path):
     assert db.version(COMPONENT) == len(MIGRATIONS)
     [old] = store.owned("u:1")
     assert old.session_id == "old" and old.title is None
+
+
+PERSIAN = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "پایتخت ایران کجاست؟"},
+    {"role": "assistant", "content": "تهران پایتخت ایران است."},
+]
+
+
+def test_search_finds_persian_words_and_only_the_conversations_words(tmp_path):
+    """Non-ASCII text is found (the JSON of the messages escapes it), case folds in every
+    script, and neither the JSON's keys nor the system prompt match every conversation."""
+    store = SessionStore.open(tmp_path)
+    store.put("net", "fa", [1], [], PERSIAN, owner="u:1")
+    store.put("net", "de", [1], [], [{"role": "user", "content": "Die STRASSE"}], owner="u:1")
+    store.set_title("net", "de", "Größe")
+
+    def found(text: str) -> list[str]:
+        return sorted(s.session_id for s in store.owned("u:1", search=text))
+
+    assert found("تهران") == ["fa"]  # in the answer
+    assert found("  ایران   کجاست ") == ["fa"]  # spaces as typed
+    assert found("straße") == ["de"] and found("GRÖSSE") == ["de"]  # Unicode case folding
+    assert found("content") == [] and found("assistant") == []  # JSON keys and roles
+    assert found("briefly") == []  # the system prompt
+    assert found("") == ["de", "fa"]
+    [row] = store.db.query("SELECT messages FROM sessions WHERE session_id = 'fa'")
+    assert "تهران" in row["messages"]  # stored as written, not as \\uXXXX escapes
+
+
+def test_conversations_stored_before_search_text_are_found(tmp_path):
+    """Migration 3 indexes the rows already there (their JSON escapes non-ASCII text)."""
+    import json
+
+    from tiktrue.gateway.session_store import COMPONENT
+
+    db = Database.open(tmp_path)
+    db.migrate(COMPONENT, MIGRATIONS[:2])
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO sessions (network_id, session_id, owner, tokens, unfed, messages,"
+            " created_at, updated_at, title) VALUES ('net', 'old', 'u:1', '[]', '[]', ?, 1, 1,"
+            " 'Geography')",
+            (json.dumps(PERSIAN),),
+        )
+    store = SessionStore(db)
+    assert [s.session_id for s in store.owned("u:1", search="تهران")] == ["old"]
+    assert [s.session_id for s in store.owned("u:1", search="geography")] == ["old"]
+    assert store.get("net", "old").messages == PERSIAN
