@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
+from tests.helpers.http_server import serve
 from tiktrue.control import model_downloader
 from tiktrue.control.model_downloader import DownloadError, DownloadProgress, download_model_blocks
 from tiktrue.control.model_repository import repository_app
@@ -108,28 +105,6 @@ class Recorder:
             await send(message)
 
         await self.app(scope, receive, recording_send)
-
-
-@contextmanager
-def serve(app):
-    """Run ``app`` with uvicorn in a thread on 127.0.0.1 (a free port); yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "repository did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
 from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
 from tiktrue.ui.context import ui_context
-from tiktrue.ui.layout import page_frame, require_user
+from tiktrue.ui.layout import copy_text, page_frame, require_user
 
 RENDER_S = 0.25  # while an answer streams, its markdown is redrawn at most this often
 CHAT_STYLE = """
@@ -315,14 +315,15 @@ class ChatView:
 
     def _answer_meta(self, body: ui.column, index: int, *, last: bool) -> None:
         answer = self.state.answers.get(index)
-        network = self.state.network_id
+        gateway = self.chat.context.gateways.get(self.state.network_id or "")
+        network = gateway.config.name if gateway is not None else self.state.network_id
         with body, ui.row().classes("items-center gap-1 tt-meta"):
             if answer is not None:
                 ui.label(_figures(network, answer)).classes("mr-2")
             self._thumb(index, 1, answer)
             self._thumb(index, -1, answer)
             text = self.state.messages[index]["content"]
-            ui.button(icon="content_copy", on_click=lambda: _copy(text)).props(
+            ui.button(icon="content_copy", on_click=lambda: copy_text(text)).props(
                 'flat round dense size=sm aria-label="Copy"'
             ).classes("text-grey-7").tooltip("Copy")
             if last:
@@ -461,8 +462,8 @@ def _slider(label: str, value: float, low: float, high: float, step: float) -> u
     return slider
 
 
-def _figures(network_id: str | None, answer: Answer) -> str:
-    parts = [f"{network_id} · {answer.model_id}"]
+def _figures(network: str | None, answer: Answer) -> str:
+    parts = [f"{network} · {answer.model_id}"]
     if answer.tokens_per_s:
         parts.append(f"{answer.tokens_per_s:.1f} tokens/s")
     if answer.first_token_ms is not None:
@@ -473,11 +474,6 @@ def _figures(network_id: str | None, answer: Answer) -> str:
     elif answer.finish_reason == "length":
         parts.append("cut at the token limit")
     return " · ".join(parts)
-
-
-def _copy(text: str) -> None:
-    ui.clipboard.write(text)
-    ui.notify("Copied", type="positive", timeout=1000)
 
 
 def _ago(when: float) -> str:

@@ -113,6 +113,12 @@ def log_out() -> None:
     ui.navigate.to("/login")
 
 
+def copy_text(text: str, what: str = "") -> None:
+    """Put ``text`` on the clipboard and say so."""
+    ui.clipboard.write(text)
+    ui.notify(f"{what} copied" if what else "Copied", type="positive", timeout=1500)
+
+
 def apply_theme() -> None:
     """Colours and styles of every TikTrue page (also those without the frame: login)."""
     ui.colors(primary=PRIMARY)
