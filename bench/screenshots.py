@@ -26,11 +26,13 @@ sys.path.insert(0, str(ROOT))  # the browser helpers of the tests
 from tests.helpers.browser import (  # noqa: E402
     CHROMIUM_ARGS,
     DESKTOP,
+    PHONE,
     WAIT_MS,
     RequestLog,
     browser_problem,
     chromium_path,
     shoot,
+    slide,
 )
 from tests.helpers.http_server import serve  # noqa: E402
 
@@ -44,7 +46,7 @@ PASSWORD = "correct horse battery"
 SYSTEM = "You are a helpful assistant. Answer briefly and clearly."
 QUESTIONS = [
     "What is the capital of France?",
-    "Write a Python function that returns the square of a number.",
+    "Write a Python function that reverses a string.",
 ]
 LONG = "Tell me a long story about a robot who learns to paint."
 
@@ -84,8 +86,37 @@ def walk(base: str, repository: str, model_id: str, out: Path) -> None:
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
 
-        def shot(name: str) -> None:
-            shoot(page, name, directory=out)
+        def shot(name: str, *, phone: bool = True) -> None:
+            shoot(page, name, directory=out, phone=phone)
+
+        def phone_page():
+            """A page of the same browser (the same login) at a phone's size: the chat's
+            pages are opened there afresh, as a phone would (a resized page keeps the
+            conversation list closed)."""
+            phone = context.new_page()
+            phone.set_viewport_size(PHONE)
+            phone.set_default_timeout(WAIT_MS)
+            phone.goto(page.url)
+            return phone
+
+        def shot_reopened(name: str) -> None:
+            """The chat at desktop size, and as a phone opens the same URL."""
+            page.evaluate("window.scrollTo(0, 0)")
+            shot(name, phone=False)
+            phone = phone_page()
+            expect(phone.locator(".tt-answer").last).not_to_be_empty()
+            phone.wait_for_timeout(500)  # the markdown's layout (a screenshot, no assertion)
+            phone.screenshot(path=str(out / f"{name}-phone.png"))
+            phone.close()
+
+        def settings(on, screenshot: str):
+            on.get_by_role("button", name="Settings").click()
+            on.get_by_label("System prompt").fill(SYSTEM)
+            slide(on, "Temperature", 0.0, "0")  # greedy: the same answers every run
+            slide(on, "Repetition penalty", 0.1, "1.1")  # a small model repeats itself less
+            on.wait_for_timeout(300)  # the dialog's layout (a screenshot, no assertion)
+            on.screenshot(path=str(out / screenshot))
+            on.get_by_role("button", name="Save").click()
 
         page.goto(base + "/")
         expect(page.get_by_text("Welcome to TikTrue")).to_be_visible()
@@ -110,20 +141,15 @@ def walk(base: str, repository: str, model_id: str, out: Path) -> None:
 
         page.get_by_role("button", name="Open the chat").click()
         expect(page.get_by_text("How can I help?")).to_be_visible()
-        page.get_by_role("button", name="Settings").click()
-        page.get_by_label("System prompt").fill(SYSTEM)
-        page.get_by_label("Temperature").focus()
-        page.keyboard.press("Home")  # greedy: the same answers every run
-        page.get_by_label("Repetition penalty").focus()
-        for _ in range(2):
-            page.keyboard.press("ArrowRight")  # 1.1: a small model repeats itself less
-        shot("chat-settings")
-        page.get_by_role("button", name="Save").click()
+        settings(page, "chat-settings.png")
+        phone = phone_page()
+        settings(phone, "chat-settings-phone.png")
+        phone.close()
         for i, question in enumerate(QUESTIONS, start=1):
             page.get_by_label("Message").fill(question)
             page.get_by_label("Message").press("Enter")
             expect(page.get_by_text("tokens/s")).to_have_count(i)
-        shot("chat")
+        shot_reopened("chat")
 
         page.get_by_role("button", name="New chat").click()
         expect(page.get_by_text("How can I help?")).to_be_visible()
@@ -136,10 +162,10 @@ def walk(base: str, repository: str, model_id: str, out: Path) -> None:
         )
         page.get_by_role("button", name="Stop", exact=True).click()
         expect(page.get_by_text("stopped")).to_be_visible()
-        shot("chat-stopped")
+        shot_reopened("chat-stopped")
 
         page.goto(base + "/setup/join")
-        expect(page.get_by_text("No network found")).to_be_visible()
+        expect(page.get_by_role("button", name="Search again")).to_be_enabled()  # searched
         shot("join")
 
         other = browser.new_context(viewport=DESKTOP)

@@ -84,3 +84,20 @@ def shoot(page, name: str, *, phone: bool = True, directory: Path = SCREENSHOTS)
         page.wait_for_timeout(300)
         page.screenshot(path=str(directory / f"{name}-phone.png"))
     page.set_viewport_size(size or DESKTOP)
+
+
+def slide(page, label: str, fraction: float, value: str) -> None:
+    """Set the slider ``label`` by clicking its track near ``fraction`` of its length until
+    its caption (``"<label>: <value>"``) says ``value`` (a click during a dialog's animation,
+    or a pixel off, sets another value; Quasar's sliders take no Home/End keys)."""
+    caption = page.get_by_text(f"{label}: {value}", exact=True)
+    for attempt in range(12):
+        box = page.get_by_label(label).bounding_box()
+        near = max(0.0, fraction + (attempt // 2) * 0.01 * (-1) ** attempt)
+        page.mouse.click(box["x"] + box["width"] * near, box["y"] + box["height"] / 2)
+        try:
+            caption.wait_for(timeout=2000)  # the caption comes back from the server
+            return
+        except Exception:  # Playwright's TimeoutError: click again
+            continue
+    raise AssertionError(f"could not set the {label} slider to {value}")

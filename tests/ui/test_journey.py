@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.helpers.browser import shoot
+from tests.helpers.browser import shoot, slide
 from tests.helpers.network import wait_until
 from tests.ui.conftest import ui_base
 from tiktrue.paths import HOME_ENV
@@ -207,6 +207,16 @@ def test_stop_restart_resume_and_roles(office, new_page):
     page = new_page()
     log_in(page, base, "admin")
     expect(page.get_by_text("How can I help?")).to_be_visible()
+
+    # the generation settings are the person's: a new chat starts with them (greedy here:
+    # the tiny model's greedy answer below is long, so Stop always comes before its end)
+    page.get_by_role("button", name="Settings").click()
+    slide(page, "Temperature", 0.0, "0")
+    page.get_by_role("button", name="Save").click()
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_role("button", name="Settings").click()
+    expect(page.get_by_text("Temperature: 0", exact=True)).to_be_visible()
+    page.get_by_role("button", name="Cancel").click()
 
     # stop halts a stream: the answer keeps what came, marked as stopped
     page.get_by_label("Message").fill("Tell me a long story")

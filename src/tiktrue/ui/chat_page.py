@@ -13,9 +13,9 @@ drawn again at most every ``RENDER_S`` while it streams, then once at the end.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from nicegui import background_tasks, ui
+from nicegui import app, background_tasks, ui
 
 from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
@@ -23,6 +23,7 @@ from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_convers
 from tiktrue.ui.context import ui_context
 from tiktrue.ui.layout import copy_text, page_frame, require_user
 
+SETTINGS_KEY = "tiktrue_chat_settings"
 RENDER_S = 0.25  # while an answer streams, its markdown is redrawn at most this often
 CHAT_STYLE = """
 .tt-chat { max-width: 52rem; margin: 0 auto; width: 100%; }
@@ -65,7 +66,7 @@ class ChatView:
     def __init__(self, chat: Chat, user: Principal) -> None:
         self.chat = chat
         self.user = user
-        self.state = ChatState()
+        self.state = ChatState(settings=_saved_settings())
 
     # --- building ---------------------------------------------------------------------------
 
@@ -258,6 +259,7 @@ class ChatView:
                 s.top_p = float(top_p.value)
                 s.repetition_penalty = float(penalty.value)
                 s.max_tokens = int(tokens.value or 512)
+                app.storage.user[SETTINGS_KEY] = asdict(s)  # kept for this person's next chats
                 dialog.close()
 
             with ui.row().classes("w-full justify-end"):
@@ -452,6 +454,16 @@ class ChatView:
     def _streaming(self, on: bool) -> None:
         self.send_button.set_visibility(not on)
         self.stop_button.set_visibility(on)
+
+
+def _saved_settings() -> Settings:
+    """The settings this person saved last (in this node's storage of their login)."""
+    saved = app.storage.user.get(SETTINGS_KEY) or {}
+    known = {f.name for f in fields(Settings)}
+    try:
+        return Settings(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, AttributeError):  # from an older version: start from the defaults
+        return Settings()
 
 
 def _slider(label: str, value: float, low: float, high: float, step: float) -> ui.slider:

@@ -249,7 +249,7 @@ def _scroll_to(element: ui.element) -> None:
 
 def _copyable(label: str, value: str, hint: str = "") -> None:
     """A read-only field with a copy button: what a person types on another PC."""
-    field = ui.input(label, value=value).props(f'outlined readonly hint="{hint}"')
+    field = ui.input(label, value=value).props(f'filled readonly hint="{hint}"')
     field.classes("w-full")
     with field.add_slot("append"):
         ui.button(icon="content_copy", on_click=lambda: copy_text(value, label)).props(
