@@ -13,7 +13,7 @@ from pathlib import Path
 import tiktrue
 
 LAYERS = [
-    {"paths", "database", "__init__"},  # the package's own base modules
+    {"paths", "database", "limits", "__init__"},  # the package's own base modules
     {"protocol", "security", "model", "monitoring"},
     {"node"},
     {"control", "gateway"},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from tiktrue import __version__
+from tiktrue import __version__, limits
 
 app = typer.Typer(
     help="TikTrue: one language model across the PCs of your LAN.", no_args_is_help=True
@@ -113,10 +113,11 @@ def models_list() -> None:
 def _open_store(model_id: str):
     from tiktrue.model.errors import StoreError
     from tiktrue.model.store import BlockStore
-    from tiktrue.paths import models_dir
+    from tiktrue.paths import data_dir, models_dir
+    from tiktrue.security.node_tls import block_keyring
 
-    try:
-        return BlockStore(models_dir() / model_id)
+    try:  # with this node's block keys: a worker's blocks may be sealed at rest
+        return BlockStore(models_dir() / model_id, keyring=block_keyring(data_dir()))
     except StoreError as exc:
         fail(str(exc))
 
@@ -172,12 +173,18 @@ def models_show(
 
 @models_app.command("verify")
 def models_verify(model_id: str) -> None:
-    """Re-hash every block; name each one that does not match the manifest."""
+    """Re-hash every block this PC holds (sealed ones opened with the network's key); name
+    each one that does not match the manifest, and why."""
     store = _open_store(model_id)
-    bad = store.verify()
-    if bad:
-        fail(f"{len(bad)} corrupted block(s) in {model_id}: {', '.join(bad)}")
-    typer.echo(f"{model_id}: all {len(store.manifest.blocks)} blocks verified")
+    order = store.manifest.model_chain_order
+    held = [name for name in order if store.has_block(name)]
+    problems = {name: problem for name in held if (problem := store.check_block(name))}
+    for name, problem in problems.items():
+        err(f"{name}: {problem}")
+    if problems:
+        fail(f"{len(problems)} corrupted block(s) in {model_id}: {', '.join(problems)}")
+    absent = f" ({len(order) - len(held)} more not on this PC)" if len(held) < len(order) else ""
+    typer.echo(f"{model_id}: all {len(held)} blocks verified{absent}")
 
 
 @models_app.command("serve")
@@ -215,8 +222,10 @@ def generate(
     raw: bool = typer.Option(
         False, "--raw", help="Continue the text as is, without chat template."
     ),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
+    max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
+    temperature: float = typer.Option(
+        limits.DEFAULT_TEMPERATURE, "--temperature", help="0 = greedy."
+    ),
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
@@ -342,6 +351,11 @@ def network_create(
         help="PCs the planner holds back as backups, each with a replica of spans it can "
         "take over at once when a PC is lost (when the others can hold the model).",
     ),
+    encrypt_at_rest: bool = typer.Option(
+        False,
+        "--encrypt-at-rest",
+        help="Workers keep their blocks encrypted on disk (AES-256-GCM, the network's key).",
+    ),
 ) -> None:
     """Create a network administered by this node (it holds the model and serves all of it)."""
     from tiktrue.control.network_admin import poke_local_service
@@ -362,6 +376,7 @@ def network_create(
         network_id=network_id,
         auto_plan=not manual_plan,
         backup_nodes=backups,
+        encrypt_at_rest=encrypt_at_rest,
     )
     _run(poke_local_service(data_dir()))
     typer.echo(f"created network {config.network_id} ({name}) serving {config.model_id}")
@@ -606,7 +621,14 @@ def _overrides(items: list[str]) -> dict[str, int] | None:
 def network_plan(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context", help="Tokens of KV cache to reserve."),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="Tokens of KV cache every node reserves: the network's context length "
+        f"(default: the network's, {limits.DEFAULT_CONTEXT_TOKENS} when new).",
+    ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""
     from tiktrue.control.network_admin import make_plan
@@ -627,7 +649,13 @@ def network_plan(
 def network_apply(
     network_id: str = typer.Argument(None),
     override: list[str] = typer.Option([], "--override", help="NODE=BLOCKS (repeatable)."),
-    context: int = typer.Option(2048, "--context"),
+    context: int = typer.Option(
+        None,
+        "--context",
+        min=limits.MIN_CONTEXT_TOKENS,
+        max=limits.MAX_CONTEXT_TOKENS,
+        help="As for plan; applying records it in the network's config.",
+    ),
 ) -> None:
     """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
     from tiktrue.control.network_admin import apply_plan, make_plan
@@ -910,8 +938,8 @@ def chat(
     model: str = typer.Option(None, "--model", "-m", help="Which model answers."),
     network: str = typer.Option(None, "--network", "-n", help="Which network answers."),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
+    temperature: float = typer.Option(limits.DEFAULT_TEMPERATURE, "--temperature"),
+    max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
     ),

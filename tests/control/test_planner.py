@@ -127,7 +127,7 @@ def test_refuses_with_the_missing_amount() -> None:
     model = make_model(kv=1000)
     nodes = [node("A", 500 * MB), node("B", 500 * MB)]
     with pytest.raises(PlanError) as info:
-        plan_spans(model, nodes)
+        plan_spans(model, nodes, context_tokens=4096)
     message = str(info.value)
     assert "needs 141 MB more RAM" in message
     assert "1.1 GB of weights and KV for 4096 tokens" in message
@@ -355,6 +355,6 @@ def test_a_large_instance_is_planned() -> None:
         node(f"n{i}", rng.randint(1, 4) * GB, speed=rng.uniform(1, 8) * MB, link=0.3)
         for i in range(20)
     ]
-    plan = plan_spans(model, nodes)
+    plan = plan_spans(model, nodes, context_tokens=4096)
     assert_valid(plan, model, nodes, 4096)
     assert len(plan.assignments) > 3  # about 12 GB of blocks over nodes of 1-4 GB

@@ -90,3 +90,25 @@ async def wait_for_session_counts(homes, network_id: str, expected, timeout: flo
         if counts == want or asyncio.get_running_loop().time() > deadline:
             return counts
         await asyncio.sleep(0.2)
+
+
+def api_key(home, name: str = "tests") -> str:
+    """A fresh API key of an account on the node at ``home`` (the account made once)."""
+    from tiktrue.security.users import UserStore
+
+    users = UserStore(home, rounds=4)
+    if not users.list_users():
+        users.add_user(name, "a long password")
+    return users.create_key(users.list_users()[0].name, name=name)[1]
+
+
+def openai_client(cluster, home):
+    """The official OpenAI client on a cluster's gateway, with a key of its node's account."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=cluster.api_url, api_key=api_key(home, "openai tests"), max_retries=0)
+
+
+def client_ws_url(cluster) -> str:
+    """The gateway's client WebSocket ``/ws`` of a running cluster."""
+    return cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"

@@ -12,6 +12,7 @@ import websockets
 
 from tests.helpers.cluster import (
     ask,
+    client_ws_url,
     direct_answer_usage,
     node_connection,
     request,
@@ -56,10 +57,6 @@ def reference_tokens(store, prompt: list[int], max_tokens: int) -> list[int]:
 
     asyncio.run(go())
     return result.token_ids
-
-
-def client_ws_url(cluster) -> str:
-    return cluster.api_url.replace("http://", "ws://").removesuffix("/v1") + "/ws"
 
 
 def run(coro):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tiktrue.security.users import UserStore
+from tests.helpers.cluster import openai_client
 
 pytestmark = pytest.mark.integration
 
@@ -17,11 +17,7 @@ pytestmark = pytest.mark.integration
 def client(tiny_cluster) -> OpenAI:
     """The official client with an API key made for an account on the gateway's node."""
     cluster, homes, _ = tiny_cluster
-    users = UserStore(homes[0], rounds=4)
-    if not users.list_users():
-        users.add_user("openai-tests", "a long password")
-    _, key = users.create_key(users.list_users()[0].name, name="openai tests")
-    return OpenAI(base_url=cluster.api_url, api_key=key, max_retries=0)
+    return openai_client(cluster, homes[0])
 
 
 def test_models_lists_the_network_model(client, tiny_llama):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.helpers.tiny_models import make_tiny_model
-from tiktrue.model.errors import StoreError, UnsupportedArchitecture
+from tiktrue.model.errors import CorruptBlock, StoreError, UnsupportedArchitecture
 from tiktrue.model.importer import import_model
 from tiktrue.model.store import BlockStore, hash_chunks, list_stores, sha256_file
 
@@ -112,3 +113,37 @@ def test_verify_names_every_bad_block_and_list_shows_broken_stores(tmp_path):
     assert [type(x) for x in found] == [StoreError, BlockStore]
     with pytest.raises(StoreError, match="no block store"):
         BlockStore(tmp_path)
+
+
+@pytest.fixture
+def store_copy(tiny_llama, tmp_path) -> BlockStore:
+    """A copy of the tiny store that a test may damage."""
+    return BlockStore(shutil.copytree(tiny_llama.root, tmp_path / "copy"))
+
+
+def test_a_loaded_block_is_a_private_copy_of_what_was_verified(store_copy):
+    """A write to the file after the load never reaches the tensors (no memory map)."""
+    loaded = store_copy.load_block("layer_1")
+    before = {name: tensor.clone() for name, tensor in loaded.items()}
+    path = store_copy.block_path("layer_1")
+    with path.open("r+b") as handle:  # in place: same inode, same size
+        handle.seek(path.stat().st_size - 4096)
+        handle.write(b"\x7f" * 4096)
+    assert all(torch.equal(loaded[name], before[name]) for name in before)
+    assert store_copy.check_block("layer_1") is not None
+
+
+def test_verification_says_what_is_wrong(store_copy):
+    path = store_copy.block_path("layer_0")
+    data = path.read_bytes()
+    assert store_copy.check_block("layer_0") is None
+    path.write_bytes(data[:-1])
+    with pytest.raises(CorruptBlock, match="layer_0") as caught:
+        store_copy.load_block("layer_0")
+    assert caught.value.reason == "wrong_size" and caught.value.code == "corrupt_block"
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert "does not match its sha256" in store_copy.check_block("layer_0")
+    path.unlink()
+    assert "missing" in store_copy.check_block("layer_0")
+    assert not store_copy.has_block("layer_0")
+    assert store_copy.verify() == ["layer_0"]

@@ -236,10 +236,10 @@ def test_unknown_message_type_carries_message_id() -> None:
 
 
 def test_missing_required_field_carries_message_id() -> None:
-    err = _error({"header": _header(), "session_id": "s1", "prompt": "hi"})
+    err = _error({"header": _header(), "session_id": "s1"})
     assert err.code == "invalid_message"
     assert err.message_id == "m-1"
-    assert "network_id" in err.message
+    assert "prompt or input_ids" in err.message
 
 
 @pytest.mark.parametrize(

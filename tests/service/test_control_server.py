@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -11,12 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tiktrue.control import network_manager as nm
-from tiktrue.control.distributor import chunk_aad
-from tiktrue.model.store import MANIFEST
+from tiktrue.model.store import MANIFEST, BlockStore, chunk_aad
 from tiktrue.protocol.frames import encode_bytes_frame
 from tiktrue.security.auth_manager import create_network_ca
 from tiktrue.security.crypto_layer import encrypt_block_transfer
-from tiktrue.security.node_tls import node_identity
+from tiktrue.security.node_tls import block_keyring, node_identity
 from tiktrue.service.control_server import ControlServer, Refused
 
 
@@ -142,3 +142,31 @@ def test_only_a_chunk_that_does_not_decrypt_is_called_so(tiny_llama, tmp_path):
     no_key = push(sealed)
     assert no_key["code"] == "join_refused", no_key
     assert no_key["message"] == "this node holds no block key for network net-a"
+
+
+def test_a_network_that_encrypts_at_rest_gets_its_blocks_sealed(tiny_llama, tmp_path):
+    """A push to a node of such a network lands sealed; held and loaded with the key."""
+    home = tmp_path / "node"
+    nm.create_network(home, "A", tiny_llama, network_id="net-a", encrypt_at_rest=True)
+    root = home / "models" / tiny_llama.model_id
+    root.mkdir(parents=True)
+    shutil.copy(tiny_llama.root / MANIFEST, root / MANIFEST)
+    caps = SimpleNamespace(disk_bytes=None)
+    server = ControlServer(SimpleNamespace(data_dir=home, caps=lambda: caps))
+    admin = der((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    entry = tiny_llama.manifest.blocks["layer_0"]
+    plain = (tiny_llama.root / entry.file).read_bytes()
+    key = nm.block_key(home, "net-a")
+    meta = {"network_id": "net-a", "model_id": tiny_llama.model_id}
+    payload = encrypt_block_transfer(plain, key, chunk_aad(tiny_llama.model_id, entry.file, 0))
+    frame = encode_bytes_frame(
+        payload, op="chunk", id="c", path=entry.file, index=0, last=True, **meta
+    )
+    assert asyncio.run(server._answer(frame, admin, True))["complete"] is True
+    sealed = root / (entry.file + ".sealed")
+    assert sealed.is_file() and not (root / entry.file).exists()
+    assert plain[:256] not in sealed.read_bytes()
+    held = asyncio.run(server._answer(json.dumps({"op": "blocks_held", **meta}), admin, True))
+    assert held["blocks"] == ["layer_0"]
+    store = BlockStore(root, keyring=block_keyring(home))
+    assert store.read_block("layer_0") == plain

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiktrue.model.store import MANIFEST, Manifest, sha256_file
+from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.protocol.network_config import (
@@ -31,7 +31,7 @@ from tiktrue.protocol.network_config import (
     write_config,
 )
 from tiktrue.security.auth_manager import IdentityError
-from tiktrue.security.node_tls import NetworkCredentials
+from tiktrue.security.node_tls import NetworkCredentials, block_keyring
 
 log = logging.getLogger("tiktrue.config_sync")
 
@@ -142,30 +142,25 @@ def missing_blocks(data_dir: Path, config: NetworkConfig, node_id: str) -> list[
         return []
     if not (root / MANIFEST).is_file():
         return list(entry.blocks)
-    manifest = Manifest.model_validate_json((root / MANIFEST).read_text("utf-8"))
-    return [
-        name
-        for name in entry.blocks
-        if name not in manifest.blocks or not _holds(root, manifest.blocks[name])
-    ]
+    store = BlockStore(root, keyring=block_keyring(data_dir))
+    known = store.manifest.blocks
+    return [name for name in entry.blocks if name not in known or not _holds(store, name)]
 
 
-_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: each file version hashed once
+_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime, sha256) -> verified: once per version
 
 
-def _holds(root: Path, block) -> bool:
-    """The block's file is there with its size and sha256. Hashed once per file version:
-    prepares come on the failover path, where every second counts."""
-    path = root / block.file
+def _holds(store: BlockStore, name: str) -> bool:
+    """The block's file verifies. Checked once per file version: prepares come on the
+    failover path, where every second counts."""
+    path = store.block_file(name)
     if not path.is_file():
         return False
     stat = path.stat()
-    if stat.st_size != block.bytes:
-        return False
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, store.manifest.blocks[name].sha256)
     if key not in _VERIFIED:
-        _VERIFIED[key] = sha256_file(path)
-    return _VERIFIED[key] == block.sha256
+        _VERIFIED[key] = store.check_block(name) is None
+    return _VERIFIED[key]
 
 
 async def check_prepare(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiktrue.control.network_manager import block_key
-from tiktrue.model.store import CHUNK_SIZE, BlockStore
+from tiktrue.model.store import CHUNK_SIZE, BlockStore, chunk_aad
 from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import NodeEntry
 from tiktrue.security.crypto_layer import encrypt_block_transfer
@@ -26,11 +26,6 @@ class PushProgress:
     sent_bytes: int  # of this push, all blocks
     total_bytes: int  # of this push
     skipped: bool = False
-
-
-def chunk_aad(model_id: str, path: str, index: int) -> bytes:
-    """Binds each encrypted chunk to its place, so chunks cannot be swapped or replayed."""
-    return f"{model_id}/{path}/{index}".encode()
 
 
 async def push_blocks(

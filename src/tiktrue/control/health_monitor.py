@@ -10,8 +10,9 @@ a hung process (SIGSTOP) counts as a missed beat just like a dead one. Per node:
 ``suspect_now`` is for a gateway or peer whose link to a node just dropped: the node turns
 suspect and is probed at once (a refused connection: dead at once; no answer within the probe's
 timeout: dead). Listeners (``add_listener``) hear every change; the node service writes them to
-the event log, failover acts on them. The state machine takes its clock from the caller, so it
-is tested without sleeping.
+the event log, failover acts on them. Beat listeners (``add_beat_listener``) read every answer
+(block repair acts on the damaged blocks a node reports). The state machine takes its clock
+from the caller, so it is tested without sleeping.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ HISTORY = 200  # state changes kept per node
 REPORT_TIMEOUT_S = 5.0  # a member telling the admin about a lost link
 # on_change(network_id, node_id, old, new, info); may return an awaitable (run as a task)
 Listener = Callable[[str, str, str, str, dict], Awaitable[None] | None]
+# on_beat(network_id, node_id, stats): every good beat, with what the node answered
+BeatListener = Callable[[str, str, dict], None]
 
 
 class BeatFailed(Exception):
@@ -85,6 +88,7 @@ class HealthMonitor:
         self._beat = beat or self._links.beat
         self.nodes: dict[str, NodeHealth] = {}
         self.listeners: list[Listener] = []
+        self.beat_listeners: list[BeatListener] = []
         self._tasks: dict[str, asyncio.Task] = {}
         self._probes: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
@@ -115,6 +119,9 @@ class HealthMonitor:
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
 
+    def add_beat_listener(self, listener: BeatListener) -> None:
+        self.beat_listeners.append(listener)
+
     # --- the state machine (no I/O, clock from the caller) ---------------------------------
 
     def record_beat(self, node_id: str, rtt_ms: float, stats: dict) -> None:
@@ -125,6 +132,11 @@ class HealthMonitor:
         node.rtt_ms, node.stats, node.missed = round(rtt_ms, 3), stats, 0
         if node.state != ONLINE:
             self._change(node, ONLINE, "heartbeat answered")
+        for listener in list(self.beat_listeners):
+            try:
+                listener(self.network_id, node_id, stats)
+            except Exception:
+                log.exception("a beat listener failed on %s", node_id)
 
     def record_miss(self, node_id: str, why: str) -> None:
         """A beat got no answer: suspect (dead comes with time, see ``check``)."""

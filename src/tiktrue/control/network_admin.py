@@ -15,6 +15,7 @@ from tiktrue.control.planner import ModelProfile, NodeCapacity, Plan, plan_with_
 from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
+from tiktrue.node.resources import ram_cap
 from tiktrue.protocol.network_config import NetworkConfig, config_path, read_config
 from tiktrue.security.auth_manager import IdentityError
 from tiktrue.security.node_tls import NetworkCredentials
@@ -173,7 +174,7 @@ def capacities(status: dict) -> list[NodeCapacity]:
         down = node["state"] in ("offline", "suspect", "dead")
         if down or not resources or not node.get("bytes_per_ms"):
             continue
-        ram = caps.get("ram_bytes") or int(resources["ram_free_bytes"] * 0.8)
+        ram = ram_cap(caps.get("ram_bytes"), resources["ram_total_bytes"])
         disk = caps.get("disk_bytes") or int(resources["disk_free_bytes"] * 0.9)
         out.append(
             NodeCapacity(
@@ -192,12 +193,14 @@ async def make_plan(
     network_id: str,
     *,
     overrides: dict[str, int] | None = None,
-    context_tokens: int = 2048,
+    context_tokens: int | None = None,
     without: set[str] = frozenset(),
 ) -> tuple[Plan, dict]:
     """Measure every node (``without`` those leaving or lost) and plan the spans, holding
-    back the network's backup nodes where it can."""
+    back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
+    on every node (default: what the network's config says; applying the plan records it)."""
     config, credentials = load(data_dir, network_id)
+    context_tokens = context_tokens or config.context_tokens
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     model = ModelProfile.from_manifest(store.manifest, store.config())
     status = await network_status(data_dir, network_id, probe=True, without=without)
@@ -244,6 +247,7 @@ async def apply_plan(
             **config.model_dump(),
             "nodes": [n.model_dump() for n in nodes],
             "version": config.version + 1,
+            "context_tokens": plan.context_tokens,
         }
     )
     await push_config(data_dir, new, credentials, skip=lost)

@@ -39,10 +39,14 @@ from tiktrue.security.auth_manager import (
     verify_key_possession,
 )
 from tiktrue.security.crypto_layer import new_block_key
-from tiktrue.security.node_tls import install_certificate, node_identity
+from tiktrue.security.node_tls import (
+    BLOCK_KEY,
+    install_certificate,
+    load_block_key,
+    node_identity,
+)
 
 TOKEN_TTL = 24 * 3600
-BLOCK_KEY = "block_key"
 
 
 class JoinError(Exception):
@@ -65,8 +69,10 @@ def create_network(
     network_id: str | None = None,
     auto_plan: bool = True,
     backup_nodes: int = 0,
+    encrypt_at_rest: bool = False,
 ) -> NetworkConfig:
-    """Make a network administered by this node; at first this node serves every block."""
+    """Make a network administered by this node; at first this node serves every block.
+    ``encrypt_at_rest``: workers keep the blocks pushed to them sealed with the network key."""
     data_dir = Path(data_dir)
     network_id = network_id or f"net-{uuid.uuid4().hex[:8]}"
     if config_path(data_dir, network_id).exists():
@@ -87,6 +93,7 @@ def create_network(
         port=port,
         auto_plan=auto_plan,
         backup_nodes=backup_nodes,
+        encrypt_at_rest=encrypt_at_rest,
         nodes=[
             NodeEntry(
                 node_id=identity.node_id,
@@ -125,10 +132,10 @@ def install_block_key(data_dir: Path, network_id: str, key: bytes) -> None:
 
 
 def block_key(data_dir: Path, network_id: str) -> bytes:
-    path = Path(data_dir) / "networks" / network_id / BLOCK_KEY
-    if not path.is_file():
+    key = load_block_key(data_dir, network_id)
+    if key is None:
         raise JoinError(f"this node holds no block key for network {network_id}")
-    return bytes.fromhex(path.read_text("utf-8").strip())
+    return key
 
 
 def admin_ca(data_dir: Path, network_id: str) -> NetworkCA:

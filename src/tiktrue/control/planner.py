@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tiktrue.limits import DEFAULT_CONTEXT_TOKENS, kv_bytes_per_token_per_layer
 from tiktrue.model.catalog import EMBED
 
-DEFAULT_CONTEXT_TOKENS = 4096
 # a serving node process without weights: Python, torch, servers, model code (bench/network.py)
 DEFAULT_RUNTIME_BYTES = 400_000_000
 DTYPE_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -100,7 +100,9 @@ class ModelProfile:
             model_id=manifest.model_id,
             chain_order=order,
             block_bytes={name: int(manifest.blocks[name].bytes) for name in order},
-            kv_bytes_per_token_per_layer=2 * int(kv_heads) * int(head_dim) * itemsize,
+            kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(
+                int(kv_heads), int(head_dim), itemsize
+            ),
         )
 
     @property

@@ -37,12 +37,28 @@ log = logging.getLogger("tiktrue.gateway")
 
 
 class ChainError(Exception):
-    """A node of the chain answered with an error."""
+    """A node of the chain answered with an error (or the gateway refused the request)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, info: dict | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.info = info
+
+
+class ContextLengthExceeded(ChainError):
+    """The conversation does not fit the network's context: refused before any step."""
+
+    def __init__(self, context_length: int, prompt_tokens: int) -> None:
+        super().__init__(
+            ps.CONTEXT_LENGTH_EXCEEDED,
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"messages resulted in {prompt_tokens} tokens, which leaves no room for an answer. "
+            "Please reduce the length of the messages.",
+            {"context_length": context_length, "prompt_tokens": prompt_tokens},
+        )
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
 
 
 def _raise_if_error(reply: dict) -> dict:
@@ -130,13 +146,12 @@ class RemoteChain:
         sampling: SamplingParams | None = None,
     ) -> int:
         message_id = new_message_id()
-        meta = {
+        meta = {  # the ids travel in the tensor only: the first node lists them for the head
             "kind": "forward",
             "network_id": self.network_id,
             "session_id": session_id,
             "message_id": message_id,
             "start": start,
-            "tokens": token_ids,
         }
         if sampling is not None:
             meta["sampling"] = sampling.model_dump()
@@ -397,7 +412,7 @@ class Gateway:
         store = BlockStore(self.data_dir / "models" / config.model_id)
         self.tokenizer = load_tokenizer(store)
         self.stop_ids = stop_token_ids(store, self.tokenizer)
-        self.max_context = int(getattr(store.config(), "max_position_embeddings", 2048))
+        self.model_config = store.config()
         self.credentials = credentials
         self.local_server = local_server
         self.chain = ReplayingChain(
@@ -415,6 +430,11 @@ class Gateway:
     def healthy(self) -> bool:
         """False while the chain is broken (a node lost, the network healing or degraded)."""
         return self.chain.healthy
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens a conversation may hold here, answer included (the network's)."""
+        return self.config.context_length(self.model_config)
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""
@@ -473,16 +493,17 @@ class Gateway:
             wanted = self._conversation_ids(state, messages, text, input_ids, keep)
             if not wanted:
                 raise ChainError(ps.INVALID_MESSAGE, "nothing to answer: the input is empty")
+            room = self.context_length - len(wanted)  # refused before anything is sent
+            if room < 1:
+                raise ContextLengthExceeded(self.context_length, len(wanted))
+            if params.max_tokens > room:  # the answer stops at the context ("length")
+                params = params.model_copy(update={"max_tokens": room})
             if input_ids is None and _rewinds(state.tokens, wanted):
                 stepped = True  # from here on the nodes may hold less than ``before``
                 await self._rewind(session_id, state, wanted)
             new = wanted[len(state.tokens) :]
             if not new:
                 raise ChainError(ps.INVALID_MESSAGE, "nothing new to answer")
-            if len(wanted) + params.max_tokens > self.max_context:
-                params = params.model_copy(
-                    update={"max_tokens": max(1, self.max_context - len(wanted))}
-                )
             stream = stream_tokens(
                 self.chain,
                 new,
@@ -610,6 +631,14 @@ class Gateway:
         if text is not None:
             return prompt_ids(self.tokenizer, text, raw=True)
         if input_ids is not None:
+            vocab = self.model_config.vocab_size
+            wrong = next((i for i in input_ids if not 0 <= i < vocab), None)
+            if wrong is not None:
+                raise ChainError(
+                    ps.INVALID_MESSAGE,
+                    f"token id {wrong} is not in the vocabulary of {self.model_id} "
+                    f"(0..{vocab - 1})",
+                )
             return state.tokens + state.unfed + list(input_ids)
         raise ChainError(ps.INVALID_MESSAGE, "a request needs messages, text or input_ids")
 

@@ -32,6 +32,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
+from tiktrue.gateway.http_errors import error_body
 from tiktrue.paths import write_text_atomic
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.security.users import (
@@ -251,7 +252,7 @@ class AuthMiddleware:
 
     async def _refuse(self, exc: UserError, scope, receive, send) -> None:
         error = http_error(exc)
-        body = {"error": {"message": exc.message, "type": exc.code, "code": exc.status}}
+        body = error_body(exc.message, exc.status, exc.code)
         response = JSONResponse(body, status_code=exc.status, headers=error.headers)
         if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
             await response(scope, receive, send)

@@ -5,21 +5,28 @@ Server-Sent Events when ``stream`` is true, ending in ``data: [DONE]``. ``model`
 network whose model answers (a node may serve several networks). Who may call is decided in
 ``tiktrue.gateway.auth`` (API keys, JWTs, this PC's own callers); ``/docs`` is off (its pages
 load from a CDN, which an offline LAN cannot reach).
+
+A request is refused with a proper status before a stream starts (a prompt longer than the
+network's context is a ``400 context_length_exceeded``): the first token is awaited before
+the response begins. An error after that ends the stream with an ``error`` event and
+``data: [DONE]``; a stream is never cut short without saying why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
-from tiktrue import __version__
+from tiktrue import __version__, limits
 from tiktrue.gateway.api_client import ChainError, Gateway
 from tiktrue.gateway.auth import (
     AuthMiddleware,
@@ -27,11 +34,26 @@ from tiktrue.gateway.auth import (
     caller_of,
     require_network,
 )
+from tiktrue.gateway.http_errors import APIError, error_body, from_network
 from tiktrue.gateway.ws_api import ClientProtocol
+from tiktrue.limits import (
+    MaxTokens,
+    RepetitionPenalty,
+    Seed,
+    StopString,
+    StopStrings,
+    Temperature,
+    TopK,
+    TopP,
+)
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
+from tiktrue.protocol import protocol_spec as ps
+
+log = logging.getLogger("tiktrue.gateway")
+NETWORK_ERRORS = (ChainError, ModelError, PeerUnavailable)
 
 
 class ChatMessage(BaseModel):
@@ -45,16 +67,19 @@ class ChatMessage(BaseModel):
 
 
 class GenerationFields(BaseModel):
+    """The sampling fields, with the bounds and defaults of ``tiktrue.limits`` (the same as
+    ``/ws`` and the sampler: what one accepts, the others do)."""
+
     model: str | None = None
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # not in OpenAI's API; accepted as llama.cpp and vLLM do
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature = limits.DEFAULT_TEMPERATURE
+    top_p: TopP = 1.0
+    top_k: TopK = 0  # not in OpenAI's API; accepted as llama.cpp and vLLM do
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
+    stop: StopString | StopStrings | None = None
     user: str | None = None
 
     def sampling(self) -> SamplingParams:
@@ -66,7 +91,7 @@ class GenerationFields(BaseModel):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stop,
-            max_tokens=self.max_completion_tokens or self.max_tokens or 512,
+            max_tokens=self.max_completion_tokens or self.max_tokens or limits.DEFAULT_MAX_TOKENS,
         )
 
 
@@ -104,21 +129,29 @@ def create_app(
         if len(gateways) == 1 and model in (None, ""):
             return next(iter(gateways.values()))
         known = ", ".join(sorted(by_model)) or "none yet"
-        raise HTTPException(404, detail=f"model {model!r} is not served here (models: {known})")
+        raise APIError(
+            404,
+            f"model {model!r:.80} is not served here (models: {known})",
+            "model_not_found",
+            param="model",
+        )
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return exc.response()
 
     @app.exception_handler(HTTPException)
     async def openai_error(request, exc: HTTPException):
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = {"error": {"message": exc.detail, "type": kind, "code": exc.status_code}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def openai_validation_error(request, exc: RequestValidationError):
+        errors = exc.errors()
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:5]
         )
-        body = {"error": {"message": problems, "type": "invalid_request_error", "code": 400}}
-        return JSONResponse(body, status_code=400)
+        first = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
+        return APIError(400, problems, "invalid_value", param=first or None).response()
 
     @app.get("/health")
     async def health() -> dict:
@@ -165,49 +198,86 @@ def create_app(
     @app.websocket("/ws")
     async def client_socket(ws: WebSocket) -> None:
         await ws.accept()
-        connection = auth.connection(ws)
-
-        async def send(message: dict) -> None:
-            await ws.send_text(json.dumps(message))
-
-        try:
-            while True:
-                raw = await ws.receive_text()
-                await protocol.handle_text(raw, send, connection)
-        except WebSocketDisconnect:
-            pass
+        await serve_client(ws, protocol, auth.connection(ws))
 
     if ui is not None:
         ui.mount(app)
     return app
 
 
+async def serve_client(ws: WebSocket, protocol: ClientProtocol, connection) -> None:
+    """One ``/ws`` connection: every message, text or binary (JSON in UTF-8, as seed 003's
+    handler reads them), is handled in a task of its own, so a ``cancel`` is read while an
+    answer streams; replies never interleave within a message. A client gone cancels its
+    answers in flight."""
+    lock = asyncio.Lock()
+    running: set[asyncio.Task] = set()
+
+    async def send(message: dict) -> None:
+        async with lock:
+            await ws.send_text(json.dumps(message))
+
+    async def handle(raw) -> None:
+        try:
+            await protocol.handle_text(raw, send, connection)
+        except Exception as exc:  # only sending fails here: the client left meanwhile
+            log.debug("a /ws reply was not delivered: %r", exc)
+
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw = message.get("bytes") or b""
+            if len(running) >= limits.MAX_IN_FLIGHT_PER_CONNECTION:
+                busy = ps.ProtocolError(
+                    ps.RATE_LIMITED,
+                    f"{len(running)} requests of this connection are still running; wait for "
+                    "an answer (or open another connection)",
+                )
+                await send(ps.error_reply(busy))
+                continue
+            task = asyncio.create_task(handle(raw))
+            running.add(task)
+            task.add_done_callback(running.discard)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for task in running:
+            task.cancel()
+
+
 RETRY_AFTER_S = 5  # what a client is told to wait while the network heals
 
 
 async def _respond(gateway: Gateway, request: GenerationFields, kind: str, **inputs):
-    try:
-        params = request.sampling()
-    except ValidationError as exc:
-        raise HTTPException(400, detail=str(exc)) from None
+    params = request.sampling()  # the same bounds as the request's: nothing to refuse here
     if not gateway.healthy and not await gateway.chain.probe():
-        raise HTTPException(
+        raise APIError(
             503,
-            detail="a node of the network was lost and the network is healing; retry shortly",
+            "a node of the network was lost and the network is healing; retry shortly",
+            "network_healing",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     completion_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     result = GenerationResult()
+    param = "messages" if kind == "chat" else "prompt"
     events = gateway.answer(params, result=result, **inputs)
+    try:  # the first token (or the refusal) before any byte of the response
+        first = await anext(events, None)
+    except NETWORK_ERRORS as exc:
+        raise from_network(exc, param=param) from None
     if request.stream:
-        chunks = _sse(events, result, kind, completion_id, created, gateway.model_id)
+        chunks = _sse(first, events, result, kind, completion_id, created, gateway.model_id)
         return StreamingResponse(chunks, media_type="text/event-stream")
     try:
         async for _ in events:
             pass
-    except (ChainError, ModelError, PeerUnavailable) as exc:
-        raise HTTPException(503, detail=f"the network could not answer: {exc}") from exc
+    except NETWORK_ERRORS as exc:
+        raise from_network(exc, param=param) from None
     if kind == "chat":
         choice = {
             "index": 0,
@@ -239,7 +309,10 @@ def _usage(result: GenerationResult) -> dict:
     }
 
 
-async def _sse(events, result, kind, completion_id, created, model) -> AsyncIterator[str]:
+async def _sse(first, events, result, kind, completion_id, created, model) -> AsyncIterator[str]:
+    """The stream of an answer whose ``first`` event is known; it always ends in
+    ``data: [DONE]``, after an ``error`` event when the answer failed on the way."""
+
     def chunk(delta: str | None, finish: str | None = None, first: bool = False) -> str:
         if kind == "chat":
             body = {"role": "assistant", "content": ""} if first else {}
@@ -256,16 +329,21 @@ async def _sse(events, result, kind, completion_id, created, model) -> AsyncIter
             data["usage"] = _usage(result)
         return f"data: {json.dumps(data)}\n\n"
 
-    if kind == "chat":
-        yield chunk(None, first=True)
     try:
+        if kind == "chat":
+            yield chunk(None, first=True)
+        if first is not None and first.text:
+            yield chunk(first.text)
         async for event in events:
             if event.text:
                 yield chunk(event.text)
         yield chunk(None, _finish(result))
-    except (ChainError, ModelError, PeerUnavailable) as exc:
-        error = {
-            "error": {"message": f"the network could not answer: {exc}", "type": "server_error"}
-        }
-        yield f"data: {json.dumps(error)}\n\n"
+    except NETWORK_ERRORS as exc:
+        yield f"data: {json.dumps(from_network(exc).body())}\n\n"
+    except Exception as exc:  # a bug: still end the stream with what happened
+        log.exception("stream %s failed", completion_id)
+        body = error_body(f"internal error: {exc!r}", 500, ps.INTERNAL_ERROR)
+        yield f"data: {json.dumps(body)}\n\n"
+    finally:
+        await events.aclose()  # the session's turn ends here, also when the client left
     yield "data: [DONE]\n\n"

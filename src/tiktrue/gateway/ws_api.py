@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Awaitable, Callable
 
-from pydantic import ValidationError
-
+from tiktrue import limits
 from tiktrue.gateway.api_client import ChainError, Gateway, new_session_id
 from tiktrue.gateway.auth import Connection
 from tiktrue.model.errors import ModelError
@@ -35,14 +35,23 @@ class ClientProtocol:
         self.stats = ps.ProtocolStats()
 
     def _gateway(self, network_id: str | None, parsed: ps.ParsedMessage) -> Gateway:
-        if network_id is None and len(self.gateways) == 1:  # legacy clients name no network
-            return next(iter(self.gateways.values()))
+        """The network a message names; without ``network_id`` (legacy clients, seed 003's
+        ``model_id`` + ``prompt``), the one whose model ``model_id`` names, else the only one
+        this gateway serves."""
+        if network_id is None:
+            model_id = getattr(parsed.message, "model_id", None)
+            by_model = [g for g in self.gateways.values() if g.model_id == model_id]
+            if len(by_model) == 1:
+                return by_model[0]
+            if len(self.gateways) == 1:
+                return next(iter(self.gateways.values()))
         gateway = self.gateways.get(network_id or "")
         if gateway is None:
             known = ", ".join(sorted(self.gateways)) or "none"
+            wanted = network_id or "a network without naming it (send network_id)"
             raise ps.ProtocolError(
                 ps.WRONG_NETWORK,
-                f"this gateway serves network(s) {known}, not {network_id}",
+                f"this gateway serves network(s) {known}, not {wanted}",
                 parsed.message_id,
                 parsed.session_id,
             )
@@ -54,7 +63,7 @@ class ClientProtocol:
         """One text message from a client connection (parse errors answered too).
         ``connection``: the caller of a ``/ws`` connection (None: a network's own node)."""
         try:
-            parsed = ps.parse_message(raw, max_bytes=4 << 20)
+            parsed = ps.parse_message(raw, max_bytes=limits.MAX_MESSAGE_BYTES)
         except ps.ProtocolError as exc:
             self.stats.record_error()
             await send(ps.error_reply(exc))
@@ -102,8 +111,7 @@ class ClientProtocol:
                 )
         except ChainError as exc:  # e.g. another's session (cancel)
             self.stats.record_error()
-            error = ps.ProtocolError(exc.code, exc.message, parsed.message_id, parsed.session_id)
-            await send(ps.error_reply(error))
+            await send(ps.error_reply(refusal(exc, parsed.message_id, parsed.session_id)))
         except ps.ProtocolError as exc:
             self.stats.record_error()
             await send(ps.error_reply(exc))
@@ -122,8 +130,7 @@ class ClientProtocol:
                 await gateway.close_session(message.session_id, owner)
                 detail = "closed"
         except (ChainError, ModelError, PeerUnavailable) as exc:
-            code = getattr(exc, "code", ps.INTERNAL_ERROR)
-            raise ps.ProtocolError(code, str(exc), message.message_id, message.session_id) from None
+            raise refusal(exc, message.message_id, message.session_id) from None
         ack = ps.Ack(
             in_reply_to=message.message_id,
             network_id=gateway.network_id,
@@ -137,20 +144,8 @@ class ClientProtocol:
     ) -> None:
         gateway = self._gateway(request.network_id, parsed)
         owner = await _admitted(connection, gateway, request.message_id, request.session_id)
-        try:
-            params = SamplingParams(
-                temperature=min(request.temperature, 5.0),
-                top_k=request.top_k,
-                top_p=request.top_p,
-                repetition_penalty=min(request.repetition_penalty, 10.0),
-                seed=request.seed,
-                stop=request.stop,
-                max_tokens=request.max_tokens,
-            )
-        except ValidationError as exc:
-            raise ps.ProtocolError(
-                ps.INVALID_MESSAGE, str(exc), request.message_id, request.session_id
-            ) from None
+        # the same fields and bounds as the request's (tiktrue.limits): nothing to clamp
+        params = SamplingParams(**request.model_dump(include=set(SamplingParams.model_fields)))
         inputs = (
             {"input_ids": request.input_ids}
             if request.input_ids is not None
@@ -197,14 +192,14 @@ class ClientProtocol:
         if not gateway.healthy:
             why = "a node of the network was lost; this request waits until the network heals"
             await send(response(status="queued", text=why))
+        began = time.perf_counter()
         try:
             async for event in gateway.answer(
                 params, session_id=session_id, keep=keep, result=result, owner=owner, **inputs
             ):
                 await send(response(status="processing", token_id=event.token_id, text=event.text))
         except (ChainError, ModelError, PeerUnavailable) as exc:
-            code = getattr(exc, "code", ps.INTERNAL_ERROR)
-            await send(ps.error_reply(ps.ProtocolError(code, str(exc), message_id, session_id)))
+            await send(ps.error_reply(refusal(exc, message_id, session_id)))
             return
         except Exception as exc:  # a bug: answer it, log it, keep the connection
             log.exception("answer %s failed", message_id)
@@ -218,11 +213,33 @@ class ClientProtocol:
             "tokens_per_second": round(result.decode_tokens_per_second, 2),
             **_chain_timing(result.step_timings),
         }
+        # seed 000's answer: the tokens, the time, who answered
+        payload = {
+            "output_tokens": result.token_ids,
+            "processing_time": round(time.perf_counter() - began, 3),
+            "worker_id": gateway.credentials.identity.node_id,
+        }
         await send(
             response(
-                status="success", text=result.text, finish_reason=result.finish_reason, usage=usage
+                status="success",
+                text=result.text,
+                finish_reason=result.finish_reason,
+                usage=usage,
+                payload=payload,
             )
         )
+
+
+def refusal(exc: Exception, message_id: str | None, session_id: str | None) -> ps.ProtocolError:
+    """The protocol error answering a gateway, model or chain error: its code, its message
+    and its numbers (``info``, e.g. a context length)."""
+    return ps.ProtocolError(
+        getattr(exc, "code", ps.INTERNAL_ERROR),
+        getattr(exc, "message", None) or str(exc),
+        message_id,
+        session_id,
+        getattr(exc, "info", None),
+    )
 
 
 def _owner(connection: Connection | None, gateway: Gateway, message) -> str | None:

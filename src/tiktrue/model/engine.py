@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.catalog import EMBED, HEAD, template_for
 from tiktrue.model.errors import ShapeError, StoreError
 from tiktrue.model.kv_cache import SessionPagedKVCache
@@ -78,7 +79,7 @@ class BlockEngine:
         span: Span,
         *,
         kv_budget_bytes: int = 256 << 20,
-        kv_page_size: int = 16,
+        kv_page_size: int = KV_PAGE_TOKENS,
         spill_dir: Path | None = None,
         device: str | torch.device = "cpu",
         verify: bool = True,

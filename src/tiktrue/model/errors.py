@@ -20,12 +20,17 @@ class StoreError(ModelError):
 
 
 class CorruptBlock(StoreError):
-    """A block file's bytes do not match the sha256 in the manifest."""
+    """A block file is missing, unreadable, or its bytes do not match the manifest's sha256.
+
+    ``reason``: missing, unreadable, unsealable (a sealed chunk does not open), wrong_size,
+    sha256_mismatch, unparsable; ``detail`` says it for people."""
 
     code = "corrupt_block"
 
-    def __init__(self, blocks: list[str], detail: str = "") -> None:
+    def __init__(self, blocks: list[str], detail: str = "", *, reason: str = "corrupt") -> None:
         self.blocks = blocks
+        self.detail = detail or reason
+        self.reason = reason
         names = ", ".join(blocks)
         super().__init__(f"corrupted block(s): {names}" + (f" ({detail})" if detail else ""))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tiktrue.limits import KV_PAGE_TOKENS, kv_bytes_per_token_per_layer
 from tiktrue.model.errors import (
     CacheBudgetExceeded,
     PositionError,
@@ -62,7 +63,7 @@ class SessionPagedKVCache:
         *,
         dtype: torch.dtype = torch.float32,
         budget_bytes: int = 256 << 20,
-        page_size: int = 16,
+        page_size: int = KV_PAGE_TOKENS,
         spill_dir: Path | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -73,9 +74,8 @@ class SessionPagedKVCache:
         self.dtype = dtype
         self.page_size = page_size
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_page = (
-            len(self.layer_ids) * 2 * num_kv_heads * page_size * head_dim * itemsize
-        )
+        per_token = kv_bytes_per_token_per_layer(num_kv_heads, head_dim, itemsize)
+        self.bytes_per_page = len(self.layer_ids) * page_size * per_token
         self.num_pages = budget_bytes // self.bytes_per_page if self.bytes_per_page else 0
         if self.layer_ids and self.num_pages < 1:
             raise CacheBudgetExceeded(

@@ -5,17 +5,21 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, Field
 
+from tiktrue import limits
+from tiktrue.limits import MaxTokens, RepetitionPenalty, Seed, StopStrings, Temperature, TopK, TopP
+
 
 class SamplingParams(BaseModel):
-    """Generation settings. ``temperature == 0`` means greedy."""
+    """Generation settings (bounds and defaults: ``tiktrue.limits``). ``temperature == 0``
+    means greedy."""
 
-    temperature: float = Field(0.7, ge=0.0, le=5.0)
-    top_k: int = Field(0, ge=0, description="0 keeps every token")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    max_tokens: int = Field(256, ge=1, le=1 << 17)
+    temperature: Temperature = limits.DEFAULT_TEMPERATURE
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
+    stop: StopStrings = Field(default_factory=list)
+    max_tokens: MaxTokens = limits.DEFAULT_MAX_TOKENS
 
     @property
     def greedy(self) -> bool:

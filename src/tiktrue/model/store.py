@@ -7,20 +7,52 @@ Layout of ``<data>/models/<model_id>/``::
                        sha256, parameters, format), optional encryption header
     config.json        the transformers config
     tokenizer files    tokenizer.json, tokenizer_config.json (with the chat template), ...
-    blocks/<name>.safetensors
+    blocks/<name>.safetensors          a block as imported or received in the clear, or
+    blocks/<name>.safetensors.sealed   the same bytes sealed at rest (AES-256-GCM, see below)
+
+**One verification.** ``check_file`` is the only code that says whether a block file holds
+its block: it streams the file's plaintext (opening sealed chunks on the way), and compares
+size and sha256 with the manifest. ``BlockStore.verify`` (``tiktrue models verify``), the
+loader, the receiver of pushed blocks, the config sync and the node's block guard all call it.
+
+**Private copies, not memory maps.** ``load_block`` reads a block's bytes once into this
+process's own memory, hashes exactly those bytes and builds the tensors from them, so what
+was verified is what runs: a later write to the file (a bit flipped on disk, an editor, a
+half-finished copy) never reaches a served weight, and a truncated file cannot fault the
+process (a memory-mapped one raises SIGBUS when its pages vanish). The trade-off, measured
+by ``bench/span_memory.py``: layer weights are resident either way once a step has run, but
+an embedding matrix is now resident whole rather than only the rows of tokens seen, clean
+file pages can no longer be dropped by the OS under memory pressure, and two spans of one
+model in one process do not share pages. Memory-mapping again (issue 11) would need another
+guarantee that a file never changes under a running span, e.g. a private read-only copy of
+each block file that only this process can write, re-hashed by the guard; sealed blocks
+must be decrypted into memory anyway.
+
+**Sealed at rest.** A network may ask its workers to keep blocks encrypted (``Cipher``: the
+network's AES-256-GCM key, ``security.crypto_layer.BlockCipher``). A sealed file is
+``SEAL_MAGIC``, a 4-byte little-endian header length, a JSON header (``network_id`` whose key
+seals it, ``chunk_size``), then each ``chunk_size`` piece of the block sealed alone with the
+associated data ``chunk_aad(model_id, file, index)``, so pieces cannot be swapped, and the
+whole plaintext is checked against the manifest's sha256, so none can be dropped. The key
+lives in ``<data>/networks/<network_id>/block_key`` (owner-only): sealing protects a copied
+models folder or disk image without that file, not a copied data directory. How a node keeps a
+file is said by the file itself, not by the manifest's ``encryption`` field: the manifest
+describes the model's plaintext, identical on every node and in every network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from transformers import AutoConfig, PretrainedConfig
 
 from tiktrue.model.errors import CorruptBlock, StoreError
@@ -30,6 +62,10 @@ MANIFEST = "manifest.json"
 STORE_FORMAT = "tiktrue-block-store/1"
 HASH_CHUNK = 4 << 20
 CHUNK_SIZE = 4 << 20  # transfers (download, distribution) verify and resume per chunk
+SEALED_SUFFIX = ".sealed"
+SEAL_MAGIC = b"TTSEAL1\n"
+SEAL_OVERHEAD = 12 + 16  # AES-GCM nonce and tag, per sealed chunk
+MAX_SEAL_HEADER = 1 << 12
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -116,11 +152,144 @@ def hash_chunks(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str
     return whole.hexdigest(), pieces or [hashlib.sha256(b"").hexdigest()]
 
 
-class BlockStore:
-    """A verified view of one model's block store on disk."""
+# --- sealed blocks ----------------------------------------------------------------------------
 
-    def __init__(self, root: Path) -> None:
+
+class Cipher(Protocol):
+    """AES-256-GCM with one network's block key (``security.crypto_layer.BlockCipher``)."""
+
+    def seal(self, data: bytes, associated_data: bytes) -> bytes: ...
+
+    def open(self, blob: bytes, associated_data: bytes) -> bytes:
+        """The plaintext; raises ``ValueError`` when the blob does not authenticate."""
+        ...
+
+
+Keyring = Callable[[str], "Cipher | None"]  # network id -> its cipher (None: no key here)
+
+
+def chunk_aad(model_id: str, path: str, index: int) -> bytes:
+    """Binds each encrypted chunk to its place (in transfer and at rest), so chunks cannot be
+    swapped or replayed."""
+    return f"{model_id}/{path}/{index}".encode()
+
+
+def sealed_path(path: Path) -> Path:
+    return path.with_name(path.name + SEALED_SUFFIX)
+
+
+def seal_header(network_id: str, chunk_size: int) -> bytes:
+    header = json.dumps({"network_id": network_id, "chunk_size": chunk_size}).encode()
+    return SEAL_MAGIC + struct.pack("<I", len(header)) + header
+
+
+def sealed_chunk_offset(header: bytes, index: int, chunk_size: int) -> int:
+    """Where sealed chunk ``index`` starts (every chunk but the last is ``chunk_size``)."""
+    return len(header) + index * (chunk_size + SEAL_OVERHEAD)
+
+
+def _read_seal_header(handle: BinaryIO) -> tuple[str, int]:
+    head = handle.read(len(SEAL_MAGIC) + 4)
+    if len(head) < len(SEAL_MAGIC) + 4 or not head.startswith(SEAL_MAGIC):
+        raise ValueError("not a sealed block (bad magic)")
+    (length,) = struct.unpack("<I", head[len(SEAL_MAGIC) :])
+    if length > MAX_SEAL_HEADER:
+        raise ValueError(f"sealed header of {length} bytes")
+    header = json.loads(handle.read(length))
+    network_id, chunk_size = header["network_id"], header["chunk_size"]
+    if not isinstance(network_id, str) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError("sealed header names no network or chunk size")
+    return network_id, chunk_size
+
+
+def iter_plain_chunks(
+    path: Path, model_id: str, entry: BlockEntry, keyring: Keyring | None, *, whole: bool = False
+) -> Iterator[bytes]:
+    """The plaintext of a block file, chunk by chunk; ``whole``: a plain file in one piece.
+    A sealed file is told by its first bytes (a safetensors file starts with its header's
+    length, never with ``SEAL_MAGIC``), so ``.partial`` files read the same way. Raises
+    ``ValueError`` (damage, a chunk that does not authenticate, no key) or ``OSError``."""
+    with path.open("rb") as handle:
+        sealed = handle.read(len(SEAL_MAGIC)) == SEAL_MAGIC
+        handle.seek(0)
+        if not sealed:
+            size = -1 if whole else entry.chunk_size
+            while chunk := handle.read(size):
+                yield chunk
+            return
+        network_id, chunk_size = _read_seal_header(handle)
+        cipher = keyring(network_id) if keyring is not None else None
+        if cipher is None:
+            raise ValueError(f"sealed with the key of network {network_id}, which this node lacks")
+        index = 0
+        while blob := handle.read(chunk_size + SEAL_OVERHEAD):
+            yield cipher.open(blob, chunk_aad(model_id, entry.file, index))
+            index += 1
+
+
+def check_file(
+    path: Path,
+    manifest: Manifest,
+    name: str,
+    keyring: Keyring | None = None,
+    *,
+    pace: Callable[[int], None] | None = None,
+) -> str | None:
+    """Whether ``path`` holds block ``name`` of ``manifest``: None, or what is wrong with it.
+    The one verification of a block (see the module's docstring). ``pace(n)`` is called after
+    each piece of ``n`` bytes (a background check sleeps there to bound its CPU and disk use)."""
+    try:
+        block_plaintext(path, manifest, name, keyring, keep=False, pace=pace)
+    except CorruptBlock as exc:
+        return exc.detail
+    return None
+
+
+def block_plaintext(
+    path: Path,
+    manifest: Manifest,
+    name: str,
+    keyring: Keyring | None,
+    *,
+    keep: bool = True,
+    compare: bool = True,
+    pace: Callable[[int], None] | None = None,
+) -> bytes:
+    """The plaintext of block ``name`` read from ``path`` (``keep``; else b""), once its size
+    and sha256 match the manifest (``compare``). Raises ``CorruptBlock`` with a ``reason``:
+    missing, unreadable, unsealable, wrong_size, sha256_mismatch."""
+    entry = manifest.blocks[name]
+    if not path.is_file():
+        raise CorruptBlock([name], f"{path} is missing", reason="missing")
+    digest, size, parts = hashlib.sha256(), 0, []
+    try:
+        for chunk in iter_plain_chunks(path, manifest.model_id, entry, keyring, whole=keep):
+            if compare:
+                digest.update(chunk)
+            size += len(chunk)
+            if keep:
+                parts.append(chunk)
+            if pace is not None:
+                pace(len(chunk))
+    except OSError as exc:
+        raise CorruptBlock([name], f"{path} cannot be read: {exc}", reason="unreadable") from exc
+    except (ValueError, KeyError, TypeError) as exc:  # damaged header, chunk that won't open
+        raise CorruptBlock([name], f"{path}: {exc}", reason="unsealable") from exc
+    if compare and size != entry.bytes:
+        raise CorruptBlock(
+            [name], f"{path} holds {size} bytes, not {entry.bytes}", reason="wrong_size"
+        )
+    if compare and digest.hexdigest() != entry.sha256:
+        raise CorruptBlock([name], f"{path} does not match its sha256", reason="sha256_mismatch")
+    return b"".join(parts)  # one part (a plain file): that very object, no copy
+
+
+class BlockStore:
+    """A verified view of one model's block store on disk. ``keyring`` opens sealed blocks."""
+
+    def __init__(self, root: Path, *, keyring: Keyring | None = None) -> None:
         self.root = Path(root)
+        self.keyring = keyring
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
             raise StoreError(f"no block store at {self.root} (missing {MANIFEST})")
@@ -143,8 +312,19 @@ class BlockStore:
         return AutoConfig.from_pretrained(self.root)
 
     def block_path(self, name: str) -> Path:
+        """Where the block's file lives in the clear (it may be sealed instead: block_file)."""
         entry = self._entry(name)
         return self.root / entry.file
+
+    def block_file(self, name: str) -> Path:
+        """The block's file as it is held: sealed if there is a sealed one, else plain."""
+        plain = self.block_path(name)
+        sealed = sealed_path(plain)
+        return sealed if sealed.is_file() else plain
+
+    def has_block(self, name: str) -> bool:
+        """A file for the block is there (whether it verifies is ``check_block``'s word)."""
+        return self.block_file(name).is_file()
 
     def _entry(self, name: str) -> BlockEntry:
         try:
@@ -152,28 +332,32 @@ class BlockStore:
         except KeyError:
             raise StoreError(f"model {self.model_id!r} has no block {name!r}") from None
 
-    def block_is_valid(self, name: str) -> bool:
-        entry = self._entry(name)
-        path = self.root / entry.file
-        return (
-            path.is_file()
-            and path.stat().st_size == entry.bytes
-            and sha256_file(path) == entry.sha256
-        )
+    def check_block(self, name: str, *, pace: Callable[[int], None] | None = None) -> str | None:
+        """None when the block's file matches the manifest, else what is wrong with it."""
+        self._entry(name)
+        return check_file(self.block_file(name), self.manifest, name, self.keyring, pace=pace)
 
     def verify(self, names: Iterable[str] | None = None) -> list[str]:
         """Re-hash the named blocks (all by default); return the names of the bad ones."""
         names = list(self.manifest.model_chain_order if names is None else names)
-        return [name for name in names if not self.block_is_valid(name)]
+        return [name for name in names if self.check_block(name) is not None]
+
+    def read_block(self, name: str, *, verify: bool = True) -> bytes:
+        """The block file's plaintext in this process's memory, checked against the manifest
+        (``CorruptBlock`` names the block and says why)."""
+        self._entry(name)
+        return block_plaintext(
+            self.block_file(name), self.manifest, name, self.keyring, compare=verify
+        )
 
     def load_block(self, name: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The tensors of one block, refusing a file whose hash does not match the manifest."""
-        if verify and not self.block_is_valid(name):
-            raise CorruptBlock([name], f"{self.block_path(name)} does not match its sha256")
+        """The tensors of one block, built from a private, verified copy of its bytes (never
+        a memory map of the file: see the module's docstring)."""
+        data = self.read_block(name, verify=verify)
         try:
-            return load_file(self.block_path(name))
+            return load_safetensors(data)
         except Exception as exc:  # safetensors raises several types for damaged files
-            raise CorruptBlock([name], str(exc)) from exc
+            raise CorruptBlock([name], str(exc), reason="unparsable") from exc
 
     def load_full_state_dict(self, *, verify: bool = True) -> dict[str, torch.Tensor]:
         """Every weight of the model, quantized ones dequantized to fp32: the reference

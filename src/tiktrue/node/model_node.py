@@ -36,15 +36,17 @@ import psutil
 import websockets
 from pydantic import ValidationError
 
+from tiktrue import limits
 from tiktrue.model.engine import BlockEngine, Span
-from tiktrue.model.errors import ModelError
+from tiktrue.model.errors import CorruptBlock, ModelError
 from tiktrue.model.sampling import SamplingParams, SessionSampler
 from tiktrue.model.store import BlockStore
+from tiktrue.node.block_guard import BlockGuard
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT, PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
-from tiktrue.security.node_tls import NetworkCredentials
+from tiktrue.security.node_tls import NetworkCredentials, block_keyring
 
 log = logging.getLogger("tiktrue.node")
 
@@ -76,7 +78,6 @@ class BlockServer:
         credentials: NetworkCredentials,
         *,
         kv_budget_bytes: int = 512 << 20,
-        max_request_tokens: int = 8192,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.config = config
@@ -84,19 +85,32 @@ class BlockServer:
         self.credentials = credentials
         self.node_id = credentials.identity.node_id
         self.entry = config.node(self.node_id)
-        store = BlockStore(self.data_dir / "models" / config.model_id)
+        store = BlockStore(
+            self.data_dir / "models" / config.model_id, keyring=block_keyring(self.data_dir)
+        )
         spill_dir = self.data_dir / "cache" / "kv" / self.network_id
         for stale in spill_dir.glob("*.npz"):  # KV spilled by a run that did not end cleanly
             stale.unlink(missing_ok=True)
-        self.engine = BlockEngine(
-            store,
-            Span(tuple(self.entry.blocks)),
-            kv_budget_bytes=kv_budget_bytes,
-            spill_dir=spill_dir,
-        )
+        self._span = Span(tuple(self.entry.blocks))
+        # the guard notes the files before they are read: a change during the load is seen
+        self.guard = BlockGuard(store, self._span.blocks, self._guard_report)
+        self._load_faults: dict[str, str] = {}
+        self.engine: BlockEngine | None = None  # None: a block failed verification, see fault
+        try:
+            self.engine = BlockEngine(
+                store, self._span, kv_budget_bytes=kv_budget_bytes, spill_dir=spill_dir
+            )
+        except CorruptBlock as exc:  # the server still runs: it answers every step with it
+            self._load_faults = {name: exc.detail for name in exc.blocks}
+            log.error("network %s: span %s cannot load: %s", self.network_id, self._span, exc)
+        # (network_id, {block: what is wrong}): the node service tells the admin
+        self.on_blocks_changed: Callable[[str, dict[str, str]], None] | None = None
         itemsize = 4
-        # the largest legitimate frame: a full request's hidden states, plus headers
-        self.max_frame_bytes = max_request_tokens * self.engine.hidden_size * itemsize + (1 << 16)
+        hidden_size = self.engine.hidden_size if self.engine else store.config().hidden_size
+        # the largest legitimate frame: the hidden states of the largest step, plus its header
+        self.max_frame_bytes = (
+            limits.MAX_STEP_TOKENS * hidden_size * itemsize + limits.MAX_FRAME_HEADER_BYTES
+        )
         self.samplers: dict[str, SessionSampler] = {}
         self.stats = ps.ProtocolStats()
         self.client_handler: ClientHandler | None = None
@@ -143,9 +157,43 @@ class BlockServer:
 
     @property
     def span(self) -> Span:
-        return self.engine.span
+        return self._span
+
+    # --- the span's block files (see node.block_guard) ---------------------------------------
+
+    @property
+    def block_faults(self) -> dict[str, str]:
+        """The span's blocks whose files fail verification now, and why."""
+        return dict(self.guard.faults)
+
+    def fault(self) -> CorruptBlock:
+        """What every request gets while the span could not load (``engine`` is None)."""
+        names = sorted(self.guard.faults or self._load_faults)
+        return CorruptBlock(
+            names,
+            f"node {self.node_id} cannot serve {self.span} of network {self.network_id}: "
+            "its block files failed verification; it serves again once they are repaired",
+        )
+
+    def _guard_report(self, faults: dict[str, str]) -> None:
+        """The guard's thread: the set of damaged blocks changed."""
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody to tell
+            self._loop.call_soon_threadsafe(self._blocks_changed, faults)
+
+    def _blocks_changed(self, faults: dict[str, str]) -> None:
+        if faults:
+            how = "still serving its verified copy" if self.engine else "not serving"
+            log.error("network %s: damaged block files (%s): %s", self.network_id, how, faults)
+        else:
+            log.warning("network %s: the files of %s verify again", self.network_id, self.span)
+        if self.on_blocks_changed is not None:
+            self.on_blocks_changed(self.network_id, faults)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.guard.start(self._load_faults)
+        if self._load_faults:
+            self._blocks_changed(self._load_faults)
         self._server = await websockets.serve(
             self._handle,
             self.entry.host,
@@ -187,6 +235,7 @@ class BlockServer:
             self._in_background(self._warm_links())
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.guard.stop)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -196,8 +245,9 @@ class BlockServer:
             if link is not None:
                 await link.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.engine.kv.clear()
-        self.engine = None  # release the span's weights now (memory-mapped block files)
+        if self.engine is not None:
+            self.engine.kv.clear()
+        self.engine = None  # release the span's weights now
         self.samplers.clear()
 
     # --- connections ---------------------------------------------------------------------
@@ -298,12 +348,26 @@ class BlockServer:
             header, tensor = decode_tensor_frame(raw, max_bytes=self.max_frame_bytes)
             message_id = _opt_str(header.get("message_id"))
             session_id = _opt_str(header.get("session_id"))
+            count = tensor.shape[-2] if tensor.dim() == 3 else tensor.numel()
+            if count > limits.MAX_STEP_TOKENS:
+                raise ps.ProtocolError(
+                    ps.FRAME_TOO_LARGE,
+                    f"a step carries at most {limits.MAX_STEP_TOKENS} tokens, not {count}: "
+                    "prefill a longer prompt in several steps",
+                )
             self._check_network(header.get("network_id"), message_id, session_id)
             answer_to = self._answer_to(header, message_id, session_id)
-            if header.get("kind") != "forward" or not isinstance(header.get("start"), int):
+            start = header.get("start")
+            if (
+                header.get("kind") != "forward"
+                or not isinstance(start, int)
+                or isinstance(start, bool)
+                or message_id is None
+            ):
                 raise ps.ProtocolError(
                     ps.INVALID_MESSAGE,
-                    "a tensor frame must be a forward step with an integer 'start'",
+                    "a tensor frame must be a forward step with an integer 'start' and a "
+                    "'message_id'",
                     message_id,
                     session_id,
                 )
@@ -396,6 +460,8 @@ class BlockServer:
         With ``answer_to`` the timings travel forward in the frame and the head's answer
         carries them all; a node then counts only its own time, not the nodes after it.
         """
+        if self.engine is None:
+            raise self.fault()
         after = self._next  # a config switch may replace it meanwhile: this step keeps its own
         if after is None and not self.span.has_head:
             # a backup (or a node between two configs) has no next node: the sender's config
@@ -462,26 +528,50 @@ class BlockServer:
         """Engine thread: the span's forward, then the sampled token (head) or the next frame
         (which carries this node's timing forward when the head answers directly)."""
         session_id = header.get("session_id")
+        if self.span.has_head:  # checked before the step changes the session's cache
+            fed = self._fed(header, tensor)
+            sampling = header.get("sampling")
+            params = SamplingParams.model_validate(sampling) if sampling is not None else None
         if header.get("open") is True:  # the step opens its session (one round trip less)
             self._open_session(session_id)
         out = self.engine.forward(session_id, tensor, header["start"])
         if not self.span.has_head:
             meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
+            if self.span.has_embed:  # the ids, for the head's repetition penalty: listed once
+                meta["tokens"] = tensor.reshape(-1).tolist()
             header["computed_at"] = time.perf_counter()
             if "answer_to" in meta:
                 timing = self._timing(began, header["computed_at"], None)
                 meta["timings"] = [*(meta.get("timings") or []), timing]
             return encode_tensor_frame(out, **meta)
         sampler = self.samplers.setdefault(session_id, SessionSampler())
-        if isinstance(header.get("sampling"), dict):
-            sampler.set_params(SamplingParams.model_validate(header["sampling"]))
-        return sampler.next_token(out[0], [int(t) for t in header.get("tokens") or []])
+        if params is not None:
+            sampler.set_params(params)
+        return sampler.next_token(out[0], fed)
+
+    def _fed(self, header: dict, tensor) -> list[int]:
+        """The token ids this step ran: its tensor where the span embeds them, else as the
+        chain's first node listed them in the header."""
+        if self.span.has_embed:
+            return tensor.reshape(-1).tolist()
+        tokens = header.get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE,
+                "a step reaching the head must list its token ids ('tokens')",
+                _opt_str(header.get("message_id")),
+                _opt_str(header.get("session_id")),
+            )
+        return tokens
 
     def _check_network(self, network_id, message_id, session_id) -> None:
         if network_id != self.network_id:
+            named = "a message without network_id" if network_id is None else network_id
             raise ps.ProtocolError(
                 ps.WRONG_NETWORK,
-                f"this server belongs to network {self.network_id}, not {network_id}",
+                f"this server belongs to network {self.network_id}, not {named!s:.80}",
                 message_id,
                 session_id,
             )
@@ -554,8 +644,13 @@ class BlockServer:
 
     async def _session_control(self, message) -> dict:
         """Apply locally, then pass along the chain; ack once every later node has."""
-        loop = asyncio.get_running_loop()
-        info = await loop.run_in_executor(self._executor, self._apply_session, message)
+        if self.engine is not None:
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(self._executor, self._apply_session, message)
+        elif isinstance(message, ps.SessionClose):
+            info = {}  # nothing held here: pass it on
+        else:
+            raise self.fault()
         if self._next is not None:
             reply = await self._next.request(message, message.message_id)
             if reply.get("header", {}).get("message_type") == "error":
@@ -622,22 +717,27 @@ class BlockServer:
             network_id=self.network_id,
             cpu_percent=psutil.cpu_percent(None),
             ram_percent=psutil.virtual_memory().percent,
-            active_sessions=len(self.engine.kv.sessions()),
+            active_sessions=len(self.engine.kv.sessions()) if self.engine else 0,
         ).model_dump(mode="json", exclude_none=True) | {"in_reply_to": message.message_id}
 
     def health_stats(self) -> dict:
-        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips."""
-        kv = self.engine.kv.stats()
+        """What the admin's heartbeat asks of this span: sessions, KV pages, link round trips,
+        and the blocks whose files fail verification (the admin pushes them again)."""
         links = {"next": self._next} if self._next is not None else {}
         links |= {f"answer:{address}": link for address, link in self._answer_links.items()}
-        return {
-            "sessions": len(self.engine.kv.sessions()),
-            "kv_pages_used": kv.pages_total - kv.pages_free,
-            "kv_pages_total": kv.pages_total,
+        stats = {
             "link_rtt_ms": {
                 name: link.latency_ms for name, link in links.items() if link.connected
             },
+            "block_faults": self.block_faults,
+            "loaded": self.engine is not None,  # False: the span could not load its blocks
         }
+        if self.engine is not None:
+            kv = self.engine.kv.stats()
+            stats["sessions"] = len(self.engine.kv.sessions())
+            stats["kv_pages_used"] = kv.pages_total - kv.pages_free
+            stats["kv_pages_total"] = kv.pages_total
+        return stats
 
 
 async def _try_connect(link: PeerLink) -> None:

@@ -102,12 +102,17 @@ class NodeCaps(BaseModel):
         if problems:
             raise ValueError(f"caps for {resources.hostname} do not fit: " + "; ".join(problems))
         return NodeCaps(
-            ram_bytes=self.ram_bytes
-            or max(1, int(resources.ram_total_bytes * DEFAULT_RAM_FRACTION)),
+            ram_bytes=ram_cap(self.ram_bytes, resources.ram_total_bytes),
             threads=self.threads or resources.cpu_cores_logical,
             disk_bytes=self.disk_bytes
             or max(1, used_disk_bytes + int(resources.disk_free_bytes * DEFAULT_DISK_FRACTION)),
         )
+
+
+def ram_cap(cap_bytes: int | None, ram_total_bytes: int) -> int:
+    """The RAM TikTrue may use on a node: the admin's cap, else ``DEFAULT_RAM_FRACTION`` of
+    the node's total RAM. The planner and the node itself both size a span by this."""
+    return cap_bytes or max(1, int(ram_total_bytes * DEFAULT_RAM_FRACTION))
 
 
 def format_bytes(count: int) -> str:

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from tiktrue.limits import MAX_FRAME_HEADER_BYTES as MAX_HEADER_BYTES
 from tiktrue.protocol.protocol_spec import BAD_TENSOR, FRAME_TOO_LARGE, ProtocolError
 
 _PREFIX = struct.Struct(">I")
 _ALIGN = 8
-MAX_HEADER_BYTES = 64 * 1024
 MAX_DIMS = 8
 MAX_DIM_SIZE = 1 << 31
 
@@ -64,7 +64,9 @@ def _pack(header: dict[str, Any], payload) -> bytes:
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     text += b" " * (-(_PREFIX.size + len(text)) % _ALIGN)
     if len(text) > MAX_HEADER_BYTES:
-        raise ValueError(f"frame header of {len(text)} bytes exceeds {MAX_HEADER_BYTES}")
+        raise ProtocolError(
+            FRAME_TOO_LARGE, f"frame header of {len(text)} bytes exceeds {MAX_HEADER_BYTES}"
+        )
     return b"".join((_PREFIX.pack(len(text)), text, payload))
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from tiktrue.limits import DEFAULT_CONTEXT_TOKENS, ContextTokens
 from tiktrue.paths import write_text_atomic
 from tiktrue.protocol.protocol_spec import ID_PATTERN
 
@@ -52,9 +53,14 @@ class NetworkConfig(BaseModel):
     version: int = Field(1, ge=1)
     auto_plan: bool = True  # re-plan and re-distribute when a node joins or leaves
     backup_nodes: int = Field(0, ge=0, le=16)  # backups the planner holds back, if it can
+    # the KV cache the plan reserved on every node for one conversation: the network's context
+    # length, when the model's own is not shorter (``network plan --context``)
+    context_tokens: ContextTokens = DEFAULT_CONTEXT_TOKENS
     heartbeat_s: float = Field(1.0, gt=0, le=60)  # the admin beats every node this often
     dead_after_s: float = Field(4.0, gt=0, le=600)  # no good beat this long: the node is dead
     webhook_url: str | None = Field(None, description="health alerts are POSTed here as JSON")
+    # workers keep the blocks pushed to them sealed with the network's AES-256-GCM key
+    encrypt_at_rest: bool = False
     updated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @model_validator(mode="after")
@@ -89,6 +95,13 @@ class NetworkConfig(BaseModel):
             return self.model_chain_order.index(block)
         except ValueError:
             raise ValueError(f"block {block!r} is not in model_chain_order") from None
+
+    def context_length(self, model_config: Any) -> int:
+        """The network's context length in tokens: the KV cache its plan reserved on every
+        node, or the model's own context (``max_position_embeddings`` of its config) when that
+        is shorter. The gateway refuses a prompt that does not fit; each node reserves it."""
+        model = getattr(model_config, "max_position_embeddings", None)
+        return min(self.context_tokens, model) if isinstance(model, int) else self.context_tokens
 
     def node(self, node_id: str) -> NodeEntry:
         for entry in self.nodes:

@@ -28,6 +28,17 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tiktrue import __version__ as SOFTWARE_VERSION
+from tiktrue import limits
+from tiktrue.limits import (
+    MaxTokens,
+    RepetitionPenalty,
+    Seed,
+    StopStrings,
+    Temperature,
+    TokenId,
+    TopK,
+    TopP,
+)
 
 PROTOCOL_VERSION = "2.0"
 
@@ -45,6 +56,7 @@ SESSION_NOT_FOUND = "session_not_found"  # raised by callers: no such session on
 INTERNAL_ERROR = "internal_error"  # raised by callers: a bug on the answering side
 FORBIDDEN = "forbidden"  # raised by callers: valid credentials that do not reach this
 RATE_LIMITED = "rate_limited"  # raised by callers: over a request limit; retry later
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # the prompt does not fit the network
 
 ERROR_CODES = frozenset(
     {
@@ -61,18 +73,15 @@ ERROR_CODES = frozenset(
         INTERNAL_ERROR,
         FORBIDDEN,
         RATE_LIMITED,
+        CONTEXT_LENGTH_EXCEEDED,
     }
 )
-
-MAX_INPUT_TOKENS = 1 << 20
-MAX_NEW_TOKENS = 1 << 17
 
 # IDs end up in file names (KV cache spill, saved sessions): letters, digits, _ . - only,
 # starting with a letter or digit, so "..", "/" and ":" can never reach a path.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
-TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
 class ProtocolError(Exception):
@@ -84,12 +93,14 @@ class ProtocolError(Exception):
         message: str,
         message_id: str | None = None,
         session_id: str | None = None,
+        info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(code, message, message_id, session_id)
         self.code = code
         self.message = message
         self.message_id = message_id
         self.session_id = session_id
+        self.info = info  # the numbers behind the refusal (e.g. context length, prompt tokens)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -166,19 +177,21 @@ class InferenceRequest(Message):
 
     message_type: ClassVar[MessageType] = MessageType.inference_request
 
-    network_id: Identifier
+    # None: the gateway's network when it serves one, else the one ``model_id`` names
+    network_id: Identifier | None = None
     session_id: Identifier | None = None  # None: a one-off answer in a fresh session
     model_id: str | None = Field(None, max_length=200)
     prompt: str | None = None
-    input_ids: list[TokenId] | None = Field(None, max_length=MAX_INPUT_TOKENS)
-    attention_mask: list[Literal[0, 1]] | None = Field(None, max_length=MAX_INPUT_TOKENS)
-    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)  # 0 = greedy
-    top_k: int = Field(0, ge=0)  # 0 = off
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    input_ids: list[TokenId] | None = Field(None, max_length=limits.MAX_INPUT_TOKENS)
+    attention_mask: list[Literal[0, 1]] | None = Field(None, max_length=limits.MAX_INPUT_TOKENS)
+    # sampling: the bounds and defaults of ``tiktrue.limits``, as in the OpenAI API
+    max_tokens: MaxTokens = limits.DEFAULT_MAX_TOKENS
+    temperature: Temperature = limits.DEFAULT_TEMPERATURE  # 0 = greedy
+    top_k: TopK = 0  # 0 = off
+    top_p: TopP = 1.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
+    stop: StopStrings = Field(default_factory=list)
     stream: bool = True
 
     @model_validator(mode="after")
@@ -206,6 +219,8 @@ class InferenceResponse(Message):
     text: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     usage: dict[str, Any] | None = None
+    # the final answer in seed 000's words: output_tokens, processing_time (s), worker_id
+    payload: dict[str, Any] | None = None
 
 
 class Heartbeat(Message):
@@ -256,6 +271,7 @@ class ErrorMessage(Message):
     in_reply_to: MessageId | None = None  # the offending message's message_id, when readable
     session_id: str | None = None
     network_id: str | None = None
+    info: dict[str, Any] | None = None  # the numbers behind it, e.g. context_length
 
 
 class Hello(Message):
@@ -281,7 +297,7 @@ class HelloReply(Message):
 
 
 class _SessionControl(Message):
-    network_id: Identifier
+    network_id: Identifier | None = None  # a gateway's client may leave it out; nodes may not
     session_id: Identifier
 
 
@@ -307,7 +323,7 @@ class SessionTruncate(_SessionControl):
     head's token history): an edited or regenerated turn recomputes only what changed."""
 
     message_type: ClassVar[MessageType] = MessageType.session_truncate
-    length: int = Field(ge=0, le=MAX_INPUT_TOKENS + MAX_NEW_TOKENS)
+    length: int = Field(ge=0, le=limits.MAX_CONTEXT_TOKENS)
 
 
 class Cancel(_SessionControl):
@@ -466,7 +482,8 @@ def _parse_protocol(data: dict[str, Any], session_id: str | None) -> ParsedMessa
     if protocol_major(version) != protocol_major(PROTOCOL_VERSION):
         raise ProtocolError(
             UNSUPPORTED_PROTOCOL_VERSION,
-            f"protocol version {version!r} is not supported; this node speaks {PROTOCOL_VERSION}",
+            f"protocol version {version!r:.40} is not supported; this node speaks "
+            f"{PROTOCOL_VERSION}",
             message_id,
             session_id,
         )
@@ -475,7 +492,7 @@ def _parse_protocol(data: dict[str, Any], session_id: str | None) -> ParsedMessa
         message_type = MessageType(type_name)
     except ValueError:
         raise ProtocolError(
-            UNKNOWN_MESSAGE_TYPE, f"unknown message_type {type_name!r}", message_id, session_id
+            UNKNOWN_MESSAGE_TYPE, f"unknown message_type {type_name!r:.80}", message_id, session_id
         ) from None
     model = MESSAGE_MODELS[message_type]
     return ParsedMessage("protocol", _validate(model, data, message_id, session_id))
@@ -487,7 +504,7 @@ def _parse_seed000(data: dict[str, Any], session_id: str | None) -> ParsedMessag
     if type_name != MessageType.inference_request.value:
         raise ProtocolError(
             UNKNOWN_MESSAGE_TYPE,
-            f"message_type {type_name!r} is not accepted in the seed-000 shape "
+            f"message_type {type_name!r:.80} is not accepted in the seed-000 shape "
             "(only inference_request); send a protocol 2.0 message with a header",
             message_id,
             session_id,
@@ -529,10 +546,13 @@ def parse_message(
     if "input_tensors" in data or ("session_id" in data and "step" in data):
         message_id = _optional_str(data.get("message_id"))
         return ParsedMessage("legacy", _validate(LegacyRequest, data, message_id, session_id))
-    if "message_type" in data and data["message_type"] not in {t.value for t in MessageType}:
+    type_name = data.get("message_type")
+    known = isinstance(type_name, str) and type_name in MessageType.__members__
+    if "message_type" in data and not known:
+        # a name we do not know, or no name at all ({"message_type": {}}): never a crash
         raise ProtocolError(
             UNKNOWN_MESSAGE_TYPE,
-            f"unknown message_type {data['message_type']!r}",
+            f"unknown message_type {type_name!r:.80}",
             _optional_str(data.get("message_id")),
             session_id,
         )
@@ -561,6 +581,7 @@ def error_reply(
         in_reply_to=err.message_id,
         session_id=err.session_id,
         network_id=network_id,
+        info=err.info,
     )
     return message.model_dump(mode="json", exclude_none=True)
 

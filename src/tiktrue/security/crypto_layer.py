@@ -3,7 +3,7 @@
 Every node-to-node link (WebSocket and HTTPS) uses these contexts: TLS 1.3 only (ECDHE key
 exchange, so forward secrecy), both sides present a certificate, and the only trusted root is the
 network's CA — never the system store. Model blocks travel (and may rest) encrypted with
-``encrypt_block_transfer``.
+``encrypt_block_transfer``; ``BlockCipher`` holds one network's block key for both.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 
 
-class BlockDecryptionError(SecurityError):
-    """An encrypted block was tampered with, or the key or associated data is wrong."""
+class BlockDecryptionError(SecurityError, ValueError):
+    """An encrypted block was tampered with, or the key or associated data is wrong (a
+    ``ValueError`` too: what ``model.store.Cipher.open`` raises)."""
 
 
 # --- TLS -------------------------------------------------------------------------------------
@@ -159,3 +160,18 @@ def decrypt_block_transfer(blob: bytes, key: bytes, associated_data: bytes = b""
             "encrypted block failed authentication: tampered data, wrong key "
             "or wrong associated data"
         ) from exc
+
+
+class BlockCipher:
+    """One network's AES-256-GCM block key: seals and opens chunks of blocks, in transfer
+    and at rest (the ``Cipher`` that ``model.store`` expects)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aesgcm = _aesgcm(key)  # refuses a key of the wrong size now, not at first use
+        self._key = key
+
+    def seal(self, data: bytes, associated_data: bytes) -> bytes:
+        return encrypt_block_transfer(data, self._key, associated_data)
+
+    def open(self, blob: bytes, associated_data: bytes) -> bytes:
+        return decrypt_block_transfer(blob, self._key, associated_data)

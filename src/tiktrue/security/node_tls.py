@@ -1,12 +1,14 @@
-"""A node's TLS material for one network: the network CA, this node's certificate and key.
+"""A node's secrets for one network: the network CA, this node's certificate and key, and
+the network's block key.
 
 Files: ``<data>/identity/node_key.pem`` (one key per node, all networks) and
-``<data>/networks/<network_id>/{ca_cert.pem, node_cert.pem}``.
+``<data>/networks/<network_id>/{ca_cert.pem, node_cert.pem, block_key}``.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,10 +25,11 @@ from tiktrue.security.auth_manager import (
     node_id_for_public_key,
     verify_certificate,
 )
-from tiktrue.security.crypto_layer import client_ssl_context, server_ssl_context
+from tiktrue.security.crypto_layer import BlockCipher, client_ssl_context, server_ssl_context
 
 CA_CERT = "ca_cert.pem"
 NODE_CERT = "node_cert.pem"
+BLOCK_KEY = "block_key"  # hex, owner-only; handed over with the node's certificate
 
 
 def node_identity(data_dir: Path) -> NodeIdentity:
@@ -64,6 +67,24 @@ class NetworkCredentials:
 
     def client_context(self) -> ssl.SSLContext:
         return client_ssl_context(self.node_cert, self.identity.key_path, self.ca_cert)
+
+
+def load_block_key(data_dir: Path, network_id: str) -> bytes | None:
+    """The network's AES-256-GCM block key, or None when this node holds none."""
+    path = Path(data_dir) / "networks" / network_id / BLOCK_KEY
+    if not path.is_file():
+        return None
+    return bytes.fromhex(path.read_text("utf-8").strip())
+
+
+def block_keyring(data_dir: Path) -> Callable[[str], BlockCipher | None]:
+    """Network id -> the cipher of its block key (None: no key here), for sealed blocks."""
+
+    def cipher(network_id: str) -> BlockCipher | None:
+        key = load_block_key(data_dir, network_id)
+        return BlockCipher(key) if key is not None else None
+
+    return cipher
 
 
 def install_certificate(data_dir: Path, network_id: str, ca_cert_pem: bytes, node_cert_pem: bytes):

@@ -18,10 +18,9 @@ from pydantic import ValidationError
 
 from tiktrue.control import config_sync
 from tiktrue.control import network_manager as nm
-from tiktrue.control.distributor import chunk_aad
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
-from tiktrue.model.store import MANIFEST, Manifest
+from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
 from tiktrue.node import block_receiver
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import HARD_FRAME_LIMIT
@@ -32,9 +31,10 @@ from tiktrue.protocol.network_config import (
     read_config,
     write_config,
 )
+from tiktrue.protocol.protocol_spec import ProtocolError
 from tiktrue.security.auth_manager import CertInfo, IdentityError, verify_certificate
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
-from tiktrue.security.node_tls import control_server_context
+from tiktrue.security.node_tls import block_keyring, control_server_context
 
 if TYPE_CHECKING:
     from tiktrue.service.service_runner import NodeService
@@ -114,6 +114,8 @@ class ControlServer:
                 header, payload = decode_bytes_frame(raw)
             else:
                 header, payload = json.loads(raw), None
+            if not isinstance(header, dict):
+                raise Refused("bad_request", "a control request is a JSON object with an 'op'")
             request_id = header.get("id")
             op = header.get("op")
             handler = getattr(self, f"op_{op}", None)
@@ -123,9 +125,9 @@ class ControlServer:
             return {"in_reply_to": request_id, "ok": True, **(result or {})}
         except Refused as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (nm.JoinError, block_receiver.ReceiveError, StoreError) as exc:
+        except (nm.JoinError, block_receiver.ReceiveError, StoreError, ProtocolError) as exc:
             return {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-        except (ValueError, ValidationError, KeyError, TypeError) as exc:
+        except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
             return {
                 "in_reply_to": request_id,
                 "ok": False,
@@ -195,9 +197,18 @@ class ControlServer:
         return {}
 
     async def op_blocks_held(self, header, payload, peer, local) -> dict:
-        self._member(peer, header["network_id"])
+        network_id = header["network_id"]
+        self._member(peer, network_id)
         manifest, root = self._manifest(header["model_id"])
-        return await asyncio.to_thread(block_receiver.held, root, manifest)
+        return await asyncio.to_thread(
+            block_receiver.held, root, manifest, **self._at_rest(network_id)
+        )
+
+    def _at_rest(self, network_id: str) -> dict:
+        """How this node keeps the network's blocks: sealed with its key, or in the clear."""
+        path = config_path(self.data_dir, network_id)
+        sealed = path.is_file() and read_config(path).encrypt_at_rest
+        return {"keyring": block_keyring(self.data_dir), "seal_for": network_id if sealed else None}
 
     async def op_chunk(self, header, payload, peer, local) -> dict:
         network_id, model_id = header["network_id"], header["model_id"]
@@ -218,6 +229,7 @@ class ControlServer:
             data,
             bool(header.get("last")),
             disk_cap=self.service.caps().disk_bytes,
+            **self._at_rest(network_id),
         )
         if complete:
             release_free_memory()

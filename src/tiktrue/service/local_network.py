@@ -34,7 +34,8 @@ from tiktrue.security.node_tls import install_certificate, node_identity
 
 
 def place_blocks(store: BlockStore, target: Path, blocks: list[str]) -> None:
-    """A node's copy of a model: manifest, config, tokenizer and only ``blocks``' files."""
+    """A node's copy of a model: manifest, config, tokenizer and only ``blocks``' files
+    (hard-linked where it can: a test that damages a file must give its home copies first)."""
     (target / "blocks").mkdir(parents=True, exist_ok=True)
     for item in store.root.iterdir():
         if item.is_file():

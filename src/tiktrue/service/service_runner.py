@@ -26,14 +26,17 @@ import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control import config_sync
+from tiktrue.control.block_repair import BlockRepairs, corrupt_event, repaired_event
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
+from tiktrue.control.planner import ModelProfile
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
+from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.monitoring.monitoring_system import EventLog
 from tiktrue.node.control_link import ControlError
@@ -59,7 +62,7 @@ def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
     """What a block server's weights and socket depend on: its span and its address. (Its
     neighbours and role can change in place: ``BlockServer.update_config``.)"""
     entry = config.node(node_id)
-    return (config.model_id, tuple(entry.blocks), entry.host, entry.port)
+    return (config.model_id, tuple(entry.blocks), entry.host, entry.port, config.context_tokens)
 
 
 class NodeService:
@@ -104,6 +107,9 @@ class NodeService:
         self._background: set[asyncio.Task] = set()
         self.events = EventLog(self.data_dir)
         self.failover = FailoverManager(self.data_dir, event=self.events.log_system_events)
+        self.repairs = BlockRepairs(
+            self.data_dir, self.identity.node_id, self.events.log_system_events
+        )
         self.health: dict[str, HealthMonitor] = {}  # networks this node administers
         self.admin_beats: dict[str, float] = {}  # network -> wall time of the admin's last beat
         self._suspect_reports: set[asyncio.Task] = set()
@@ -130,13 +136,20 @@ class NodeService:
         (self.data_dir / "caps.json").write_text(checked.model_dump_json(), "utf-8")
         return checked.model_dump()
 
-    def _kv_budget(self, store: BlockStore, blocks: list[str]) -> int:
-        budget = self.kv_budget_mb << 20
-        ram = self.caps().ram_bytes
-        if ram is not None:
-            weights = sum(store.manifest.blocks[b].bytes for b in blocks)
-            budget = min(budget, max(16 << 20, ram - weights - RUNTIME_BYTES))
-        return budget
+    def _kv_budget(self, store: BlockStore, config: NetworkConfig, blocks: list[str]) -> int:
+        """The KV page pool of a span: always room for one conversation of the network's
+        whole context (what the plan reserved, computed as the planner does); more, up to
+        ``--kv-budget-mb``, where the node's RAM (the same cap the planner used) leaves room,
+        so that more conversations stay in RAM before the least recent spill to disk."""
+        from tiktrue.node.resources import ram_cap
+
+        model_config = store.config()
+        context = config.context_length(model_config)
+        context = -(-context // KV_PAGE_TOKENS) * KV_PAGE_TOKENS  # whole pages
+        need = ModelProfile.from_manifest(store.manifest, model_config).kv_bytes(blocks, context)
+        weights = sum(store.manifest.blocks[b].bytes for b in blocks)
+        ram = ram_cap(self.caps().ram_bytes, psutil.virtual_memory().total)
+        return max(need, min(self.kv_budget_mb << 20, ram - weights - RUNTIME_BYTES))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -254,6 +267,7 @@ class NodeService:
             await asyncio.gather(self._http_task, return_exceptions=True)
         for monitor in self.health.values():
             await monitor.stop()
+        await self.repairs.stop()
         for gateway in self.gateways.values():
             await gateway.aclose()
         if self._session_store is not None:
@@ -316,24 +330,67 @@ class NodeService:
         if not (root / MANIFEST).is_file():
             self.waiting[config.network_id] = f"no copy of {config.model_id} yet"
             return
-        store = BlockStore(root)
-        missing = [b for b in blocks if not store.block_path(b).is_file()]
-        if missing:
-            self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
+        try:
+            store = BlockStore(root)
+            missing = [b for b in blocks if not store.has_block(b)]
+            if missing:
+                self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
+                return
+            credentials = NetworkCredentials.load(self.data_dir, config.network_id)
+            # loading and hashing the span takes seconds: off the loop, so the control channel,
+            # the gateway and other networks go on meanwhile (reload's lock still serializes).
+            # A block that fails verification does not stop it: see BlockServer.fault
+            server = await asyncio.to_thread(
+                BlockServer,
+                self.data_dir,
+                config,
+                credentials,
+                kv_budget_bytes=self._kv_budget(store, config, blocks),
+            )
+            server.on_blocks_changed = self._blocks_changed
+            await server.start()
+        except Exception as exc:  # this network waits; the node and its other networks go on
+            log.exception("network %s: the block server cannot start", config.network_id)
+            self.waiting[config.network_id] = f"cannot serve: {exc}"
+            self.events.log_system_events(
+                "span_failed", level="error", network_id=config.network_id, message=str(exc)
+            )
             return
-        credentials = NetworkCredentials.load(self.data_dir, config.network_id)
-        # loading and hashing the span takes seconds: off the loop, so the control channel,
-        # the gateway and other networks go on meanwhile (reload's lock still serializes)
-        server = await asyncio.to_thread(
-            BlockServer,
-            self.data_dir,
-            config,
-            credentials,
-            kv_budget_bytes=self._kv_budget(store, blocks),
-        )
-        await server.start()
         server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
         self.servers[config.network_id] = server
+        if server.engine is None and not server.block_faults:  # mended while it started
+            self._in_background(self._restart_span(config.network_id, server))
+
+    def _blocks_changed(self, network_id: str, faults: dict[str, str]) -> None:
+        """A block server's guard: its block files fail verification (the event tells the
+        node's log and webhook; the admin reads them in the heartbeat and pushes them again),
+        or they verify again: a span that could not load starts now."""
+        server = self.servers.get(network_id)
+        loaded = server is not None and server.engine is not None
+        name, fields = (
+            corrupt_event(network_id, self.identity.node_id, faults, loaded)
+            if faults
+            else repaired_event(network_id, self.identity.node_id)
+        )
+        self.events.log_system_events(name, **fields)
+        if not faults and server is not None and not loaded:
+            self._in_background(self._restart_span(network_id, server))
+
+    async def _restart_span(self, network_id: str, server: BlockServer) -> None:
+        """Its blocks were repaired: the server that could not load them starts afresh."""
+        async with self._lock:
+            if self.servers.get(network_id) is not server:
+                return  # a reload replaced it meanwhile
+            await server.stop()
+            del self.servers[network_id]
+        await self.reload()
+
+    def _waiting(self, network_id: str) -> str | None:
+        """Why this node does not serve its span of the network, if it does not."""
+        server = self.servers.get(network_id)
+        if server is not None and server.engine is None:
+            return f"block files damaged, being repaired: {', '.join(sorted(server.block_faults))}"
+        return self.waiting.get(network_id)
 
     async def _sync_health(self, configs: dict[str, NetworkConfig]) -> None:
         """The admin monitors each network it administers; its changes go to the event log."""
@@ -354,6 +411,7 @@ class NodeService:
             )
             monitor.add_listener(event_logger(self.events))
             monitor.add_listener(self._health_changed)
+            monitor.add_beat_listener(self.repairs.on_beat)
             self.health[network_id] = monitor
             monitor.start()
 
@@ -578,19 +636,19 @@ class NodeService:
                 continue
             entry = config.node(self.identity.node_id)
             server = self.servers.get(config.network_id)
+            engine = server.engine if server is not None else None
             networks[config.network_id] = {
                 "name": config.name,
                 "model_id": config.model_id,
                 "role": entry.role,
                 "version": config.version,
                 "blocks": entry.blocks,
-                "serving": server is not None,
-                "waiting": self.waiting.get(config.network_id),
-                "sessions": len(server.engine.kv.sessions()) if server else 0,
-                "weights_bytes": server.engine.weight_bytes if server else 0,
-                "kv_budget_bytes": (
-                    server.engine.kv.num_pages * server.engine.kv.bytes_per_page if server else 0
-                ),
+                "serving": engine is not None,
+                "waiting": self._waiting(config.network_id),
+                "block_faults": server.block_faults if server else {},
+                "sessions": len(engine.kv.sessions()) if engine else 0,
+                "weights_bytes": engine.weight_bytes if engine else 0,
+                "kv_budget_bytes": engine.kv.num_pages * engine.kv.bytes_per_page if engine else 0,
                 "last_admin_beat": self.admin_beats.get(config.network_id),
             }
         return {
@@ -617,8 +675,8 @@ class NodeService:
         return {
             **heartbeat_stats(self.data_dir),
             "version": read_config(path).version if path.is_file() else None,
-            "serving": server is not None,
-            "waiting": self.waiting.get(network_id),
+            "serving": server is not None and server.engine is not None,
+            "waiting": self._waiting(network_id),
             **(server.health_stats() if server is not None else {}),
         }
 

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from tiktrue import limits
 from tiktrue.gateway.api_client import ChainError, Gateway
 from tiktrue.gateway.session_store import Answer, StoredSession
 from tiktrue.model.errors import ModelError
@@ -40,9 +41,9 @@ class Settings:
     """The person's generation settings for the next turns."""
 
     system_prompt: str = ""
-    temperature: float = 0.7
+    temperature: float = limits.DEFAULT_TEMPERATURE
     top_p: float = 0.95
-    max_tokens: int = 512
+    max_tokens: int = limits.DEFAULT_MAX_TOKENS
     repetition_penalty: float = 1.0
 
     def sampling(self) -> SamplingParams:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from nicegui import app, background_tasks, ui
 
+from tiktrue import limits
 from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
 from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
@@ -247,7 +248,7 @@ class ChatView:
             ui.label("Settings").classes("text-lg font-medium")
             system = ui.textarea("System prompt", value=s.system_prompt).props("outlined")
             system.classes("w-full")
-            temperature = _slider("Temperature", s.temperature, 0.0, 2.0, 0.05)
+            temperature = _slider("Temperature", s.temperature, 0.0, limits.MAX_TEMPERATURE, 0.05)
             top_p = _slider("Top p", s.top_p, 0.05, 1.0, 0.05)
             penalty = _slider("Repetition penalty", s.repetition_penalty, 1.0, 2.0, 0.05)
             tokens = ui.number("Max tokens per answer", value=s.max_tokens, min=1, max=8192)
@@ -258,7 +259,7 @@ class ChatView:
                 s.temperature = float(temperature.value)
                 s.top_p = float(top_p.value)
                 s.repetition_penalty = float(penalty.value)
-                s.max_tokens = int(tokens.value or 512)
+                s.max_tokens = int(tokens.value or limits.DEFAULT_MAX_TOKENS)
                 app.storage.user[SETTINGS_KEY] = asdict(s)  # kept for this person's next chats
                 dialog.close()
 

@@ -1,0 +1,64 @@
+"""Every limit of TikTrue, defined once: sampling settings, token ids, context and steps.
+
+The OpenAI API, the wire protocol (``/ws`` and the block servers), the sampler, the planner
+and the node all take their bounds and defaults from here, so a request that one front end
+accepts is never refused or silently changed by another. A base module: the protocol, the
+model and the gateway all import it, and it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+# --- sampling (the OpenAI API's ranges, which clients already know) -------------------------
+MAX_TEMPERATURE = 2.0
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; 0 means greedy
+MAX_REPETITION_PENALTY = 10.0
+DEFAULT_MAX_TOKENS = 512  # new tokens when a request names none (then bounded by the context)
+MAX_NEW_TOKENS = 1 << 17
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1  # torch's generator takes any 64-bit seed; JSON clients keep 63 bits
+
+# --- tokens ---------------------------------------------------------------------------------
+MAX_TOKEN_ID = 2**31 - 1  # any vocabulary fits; a larger number is no token of any model
+MAX_INPUT_TOKENS = 1 << 20  # ids in one request (the network's context refuses far fewer)
+
+# --- context and steps ----------------------------------------------------------------------
+# The KV cache a plan reserves on every node for one conversation, unless the admin chooses
+# otherwise (``network plan --context``): a network's context length is the smaller of this
+# and the model's own (``max_position_embeddings``).
+DEFAULT_CONTEXT_TOKENS = 2048
+KV_PAGE_TOKENS = 16  # the KV cache allocates a session's room in pages of this many tokens
+MIN_CONTEXT_TOKENS = KV_PAGE_TOKENS
+MAX_CONTEXT_TOKENS = 1 << 20
+# The most tokens one forward step carries (a prompt longer than this is prefilled in
+# several steps). A tensor frame's JSON header lists a step's token ids once (the head
+# needs them for the repetition penalty): the header's limit holds the most a step carries.
+MAX_STEP_TOKENS = 4096
+MAX_FRAME_HEADER_BYTES = 64 << 10
+
+# --- one client connection ------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 4 << 20  # a client's JSON message (a long prompt fits many times)
+MAX_IN_FLIGHT_PER_CONNECTION = 32  # requests one /ws connection may have running at once
+
+
+def kv_bytes_per_token_per_layer(num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Keys and values of one token in one layer: what the planner reserves and the KV page
+    pool allocates."""
+    return 2 * num_kv_heads * head_dim * itemsize
+
+
+# Pydantic field types, shared by the OpenAI API, the wire protocol and the sampler.
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, description="0 keeps every token")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
+ContextTokens = Annotated[int, Field(ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)]
