@@ -8,7 +8,7 @@ PY := $(VENV)/Scripts/python.exe
 endif
 STAMP := $(VENV)/.tiktrue-installed
 
-.PHONY: demo test lint format bench clean browser
+.PHONY: demo test lint format bench clean browser screenshots
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ browser:
 	$$SUDO apt-get update -qq >/dev/null && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
 	echo "could not install chromium: the browser tests will skip"
+
+# The README's screenshots, with the demo's real model answering (downloads it once, 93 MB).
+screenshots: $(STAMP) browser
+	$(PY) bench/screenshots.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "tiktrue.db"
+Statement = str | Callable[[sqlite3.Connection], None]  # one part of a migration step
 
 
 class DatabaseError(Exception):
@@ -75,9 +76,10 @@ class Database:
         rows = self.query("SELECT version FROM schema_version WHERE component = ?", (component,))
         return rows[0]["version"] if rows else 0
 
-    def migrate(self, component: str, steps: Sequence[Sequence[str]]) -> int:
-        """Apply ``steps[version:]`` (each a list of SQL statements) in one transaction;
-        returns the component's version. A database from a newer version is refused."""
+    def migrate(self, component: str, steps: Sequence[Sequence[Statement]]) -> int:
+        """Apply ``steps[version:]`` (each a list of SQL statements, or of functions given the
+        connection, for what SQL alone cannot compute) in one transaction; returns the
+        component's version. A database from a newer version is refused."""
         with self.transaction() as conn:
             row = conn.execute(
                 "SELECT version FROM schema_version WHERE component = ?", (component,)
@@ -90,7 +92,10 @@ class Database:
                 )
             for step in steps[current:]:
                 for statement in step:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_version (component, version) VALUES (?, ?)"
                 " ON CONFLICT(component) DO UPDATE SET version = excluded.version",

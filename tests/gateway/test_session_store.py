@@ -144,18 +144,68 @@ def test_an_accounts_conversations_titles_answers_and_ratings(tmp_path):
     assert store.answers("net2", "b") == {}
 
 
+def older_store(tmp_path, steps: int, messages: str = "[]", title: str | None = None):
+    """A tiktrue.db made by a TikTrue that knew ``steps`` migrations, holding one
+    conversation ('net', 'old') of account u:1; returns its database."""
+    from tiktrue.gateway.session_store import COMPONENT
+
+    db = Database.open(tmp_path)
+    db.migrate(COMPONENT, MIGRATIONS[:steps])
+    titled = ", title" if title is not None else ""
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO sessions (network_id, session_id, owner, tokens, unfed, messages,"
+            f" created_at, updated_at{titled}) VALUES ('net', 'old', 'u:1', '[]', '[]', ?, 1,"
+            f" 1{', ?' if title is not None else ''})",
+            (messages, title) if title is not None else (messages,),
+        )
+    return db
+
+
 def test_an_older_store_gains_titles_and_answers(tmp_path):
     """A tiktrue.db made before titles and answers existed is migrated, its rows kept."""
     from tiktrue.gateway.session_store import COMPONENT
 
-    db = Database.open(tmp_path)
-    db.migrate(COMPONENT, MIGRATIONS[:1])
-    with db.transaction() as conn:
-        conn.execute(
-            "INSERT INTO sessions (network_id, session_id, owner, tokens, unfed, messages,"
-            " created_at, updated_at) VALUES ('net', 'old', 'u:1', '[]', '[]', '[]', 1, 1)"
-        )
+    db = older_store(tmp_path, 1)
     store = SessionStore(db)
     assert db.version(COMPONENT) == len(MIGRATIONS)
     [old] = store.owned("u:1")
     assert old.session_id == "old" and old.title is None
+
+
+PERSIAN = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "پایتخت ایران کجاست؟"},
+    {"role": "assistant", "content": "تهران پایتخت ایران است."},
+]
+
+
+def test_search_finds_persian_words_and_only_the_conversations_words(tmp_path):
+    """Non-ASCII text is found (the JSON of the messages escapes it), case folds in every
+    script, and neither the JSON's keys nor the system prompt match every conversation."""
+    store = SessionStore.open(tmp_path)
+    store.put("net", "fa", [1], [], PERSIAN, owner="u:1")
+    store.put("net", "de", [1], [], [{"role": "user", "content": "Die STRASSE"}], owner="u:1")
+    store.set_title("net", "de", "Größe")
+
+    def found(text: str) -> list[str]:
+        return sorted(s.session_id for s in store.owned("u:1", search=text))
+
+    assert found("تهران") == ["fa"]  # in the answer
+    assert found("  ایران   کجاست ") == ["fa"]  # spaces as typed
+    assert found("straße") == ["de"] and found("GRÖSSE") == ["de"]  # Unicode case folding
+    assert found("content") == [] and found("assistant") == []  # JSON keys and roles
+    assert found("briefly") == []  # the system prompt
+    assert found("") == ["de", "fa"]
+    [row] = store.db.query("SELECT messages FROM sessions WHERE session_id = 'fa'")
+    assert "تهران" in row["messages"]  # stored as written, not as \\uXXXX escapes
+
+
+def test_conversations_stored_before_search_text_are_found(tmp_path):
+    """Migration 3 indexes the rows already there (their JSON escapes non-ASCII text)."""
+    import json
+
+    store = SessionStore(older_store(tmp_path, 2, json.dumps(PERSIAN), title="Geography"))
+    assert [s.session_id for s in store.owned("u:1", search="تهران")] == ["old"]
+    assert [s.session_id for s in store.owned("u:1", search="geography")] == ["old"]
+    assert store.get("net", "old").messages == PERSIAN

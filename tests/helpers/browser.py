@@ -23,7 +23,10 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-dev-shm-usage",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+ROOT = Path(__file__).resolve().parents[2]
+# The tests' screenshots (to look at what a test's browser saw); the README's come from a run
+# with a real model: bench/screenshots.py (`make screenshots`) writes docs/screenshots/.
+SCREENSHOTS = ROOT / "build" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 WAIT_MS = 150_000  # a ceiling for a busy 2-core machine, never a pace
@@ -68,16 +71,33 @@ class RequestLog:
         ]
 
 
-def shoot(page, name: str, *, phone: bool = True) -> None:
+def shoot(page, name: str, *, phone: bool = True, directory: Path = SCREENSHOTS) -> None:
     """Screenshots of the page as it is: ``<name>.png`` at 1280x800 and, with ``phone``,
     ``<name>-phone.png`` at 390x844 (the viewport is put back afterwards)."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     size = page.viewport_size
     page.set_viewport_size(DESKTOP)
     page.wait_for_timeout(300)  # a layout pass after the resize (a screenshot, no assertion)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    page.screenshot(path=str(directory / f"{name}.png"))
     if phone:
         page.set_viewport_size(PHONE)
         page.wait_for_timeout(300)
-        page.screenshot(path=str(SCREENSHOTS / f"{name}-phone.png"))
+        page.screenshot(path=str(directory / f"{name}-phone.png"))
     page.set_viewport_size(size or DESKTOP)
+
+
+def slide(page, label: str, fraction: float, value: str) -> None:
+    """Set the slider ``label`` by clicking its track near ``fraction`` of its length until
+    its caption (``"<label>: <value>"``) says ``value`` (a click during a dialog's animation,
+    or a pixel off, sets another value; Quasar's sliders take no Home/End keys)."""
+    caption = page.get_by_text(f"{label}: {value}", exact=True)
+    for attempt in range(12):
+        box = page.get_by_label(label).bounding_box()
+        near = max(0.0, fraction + (attempt // 2) * 0.01 * (-1) ** attempt)
+        page.mouse.click(box["x"] + box["width"] * near, box["y"] + box["height"] / 2)
+        try:
+            caption.wait_for(timeout=2000)  # the caption comes back from the server
+            return
+        except Exception:  # Playwright's TimeoutError: click again
+            continue
+    raise AssertionError(f"could not set the {label} slider to {value}")

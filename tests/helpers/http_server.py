@@ -22,7 +22,7 @@ def serve(app):
     thread.start()
     deadline = time.monotonic() + 120
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "repository did not start"
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -262,3 +262,55 @@ def test_a_closed_session_can_be_restored_from_its_save(tiny_cluster, tiny_llama
     assert restored["detail"] == "restored", restored
     assert more and second == reference_tokens(tiny_llama, PROMPT + first + FOLLOW, 6)
     assert replayed == 0  # from the saved KV, not by replay
+
+
+def test_an_edited_or_regenerated_turn_recomputes_only_what_changed(tiny_cluster, tmp_path):
+    """Regenerate and edit-and-resend rewind the conversation on every node to the part that
+    did not change (``session_truncate``: KV caches and the head's token history), so only
+    the rest runs again; the answer is the one a fresh conversation gets, also with a
+    repetition penalty (which reads the head's history)."""
+    from tiktrue.database import Database
+    from tiktrue.gateway.api_client import Gateway
+    from tiktrue.gateway.session_store import SessionStore
+    from tiktrue.model.generation import GenerationResult
+    from tiktrue.model.sampling import SamplingParams
+    from tiktrue.security.node_tls import NetworkCredentials
+
+    _, homes, config = tiny_cluster
+    params = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.3)
+    hello = {"role": "user", "content": "Hello there"}
+    question = {"role": "user", "content": "What is the capital of France?"}
+    edited = {"role": "user", "content": "What is the capital of Spain?"}
+
+    async def go():
+        gateway = Gateway(
+            homes[0],
+            config,
+            NetworkCredentials.load(homes[0], NET),
+            session_store=SessionStore(Database(tmp_path / "sessions.db")),
+        )
+
+        async def say(sid: str, messages: list[dict]) -> GenerationResult:
+            result = GenerationResult()
+            async for _ in gateway.answer(params, messages=messages, session_id=sid, result=result):
+                pass
+            return result
+
+        try:
+            first = await say("talk", [hello])
+            asked = [hello, {"role": "assistant", "content": first.text}, question]
+            second = await say("talk", asked)
+            regenerated = await say("talk", asked)
+            after_edit = await say("talk", [*asked[:2], edited])
+            fresh = await say("fresh", [*asked[:2], edited])
+            return second, regenerated, after_edit, fresh
+        finally:
+            for sid in ("talk", "fresh"):
+                await gateway.close_session(sid)
+            await gateway.aclose()
+
+    second, regenerated, after_edit, fresh = asyncio.run(go())
+    assert regenerated.token_ids == second.token_ids
+    assert regenerated.prompt_tokens == 1  # only the question's last token ran again
+    assert after_edit.token_ids == fresh.token_ids
+    assert 1 < after_edit.prompt_tokens < fresh.prompt_tokens - 5, (after_edit, fresh)

@@ -188,3 +188,18 @@ def test_a_cancel_or_a_closed_stream_leaves_the_caches_as_counted(chain_and_toke
     assert closed.decode_steps == 2
     assert _cache_lengths(chain, "d") == {len(prompt) + closed.decode_steps}
     chain.close("d")
+
+
+def test_streamed_text_never_splits_a_multi_byte_character(tiny_llama):
+    """Byte-level tokens cut Persian letters and emoji into pieces; the stream holds a piece
+    back until its character is whole, so no delta shows a replacement character."""
+    from tiktrue.model.tokenizer import IncrementalDecoder
+
+    tokenizer = load_tokenizer(tiny_llama)
+    for text in ["سلام! پایتخت ایران تهران است.", "Emoji 😀🎉 and naïve café, 日本語"]:
+        ids = tokenizer.encode(text)
+        decoder = IncrementalDecoder(tokenizer)
+        deltas = [decoder.push(token) for token in ids] + [decoder.flush()]
+        assert "".join(deltas) == text
+        assert not [d for d in deltas if "\ufffd" in d]
+        assert "" in deltas[:-1]  # some tokens ended inside a character (held back)

@@ -4,7 +4,8 @@
 - ``new_page(viewport=...)``: a page in a fresh browser context (its own cookies: another
   person), whose every request is checked at the end to have stayed on 127.0.0.1;
 - ``ui_node(home)``: a real node process serving the UI (``tiktrue node --api-port 0``) with
-  the tiny model in its store; returns the cluster (``.api_url``; the UI is at its root).
+  the tiny model in its store; returns the cluster (``.api_url``; the UI is at its root);
+- ``repository``: the tiny model in a model repository served over HTTP (its URL).
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ def ui_base(cluster: LocalCluster) -> str:
 
 @pytest.fixture
 def ui_node(tiny_llama):
-    """``ui_node(home) -> LocalCluster``: a node serving the UI, the tiny model imported."""
+    """``ui_node(home, model=True) -> LocalCluster``: a node serving the UI, the tiny model
+    imported (a PC without a model: ``model=False``)."""
     started = []
 
-    def start(home, **options) -> LocalCluster:
+    def start(home, *, model: bool = True, **options) -> LocalCluster:
         models = home / "models"
-        if not (models / tiny_llama.model_id).exists():
+        if model and not (models / tiny_llama.model_id).exists():
             import_model_from_store(tiny_llama.root, models)
         options = {"kv_budget_mb": 16, "own_control_ports": False, **options}
         cluster = LocalCluster([home], **options)
@@ -87,3 +89,15 @@ def ui_node(tiny_llama):
     yield start
     for cluster in started:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_llama, tmp_path_factory) -> str:
+    """A model repository (``tiktrue models serve``) holding the tiny model: its URL."""
+    from tests.helpers.http_server import serve
+    from tiktrue.control.model_repository import repository_app
+
+    root = tmp_path_factory.mktemp("repository")
+    import_model_from_store(tiny_llama.root, root)
+    with serve(repository_app(root)) as url:
+        yield url

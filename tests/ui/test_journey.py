@@ -1,38 +1,131 @@
 """The web UI in a real browser, the way a person goes through it: the first run (welcome,
-admin account, a new network), the chat streaming an answer from the tiny model, a plain
-user kept out of the admin pages, stop, and a conversation that survives a restart."""
+admin account, a new network from a model repository), the chat streaming an answer from the
+tiny model, other PCs joining by token and by approval, `tiktrue app`, a plain user kept out
+of the admin pages, stop, and a conversation that survives a restart."""
 
 from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.helpers.browser import shoot
+from tests.helpers.browser import shoot, slide
+from tests.helpers.network import wait_until
 from tests.ui.conftest import ui_base
+from tiktrue.paths import HOME_ENV
 
 pytestmark = pytest.mark.integration
 PASSWORD = "correct horse"
 
 
-def test_first_run_to_a_streamed_answer(ui_node, new_page, tmp_path):
-    cluster = ui_node(tmp_path / "pc")
-    page = new_page()
-    page.goto(ui_base(cluster) + "/")
+def first_account(page, base: str, screenshot: str | None = None) -> None:
+    """The welcome page of a PC with no account yet: its admin account; ends on the set-up."""
+    page.goto(base + "/")
     expect(page.get_by_text("Welcome to TikTrue")).to_be_visible()
-    shoot(page, "welcome")
-    page.get_by_label("Password (8 characters or more)").fill(PASSWORD)
+    if screenshot:
+        shoot(page, screenshot)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_label("Repeat the password").fill(PASSWORD)
     page.get_by_role("button", name="Create admin account").click()
     expect(page.get_by_text("Set up this PC")).to_be_visible()
-    shoot(page, "setup")
 
+
+def create_network(page, name: str, repository: str | None = None, model_id: str = "") -> None:
+    """From the set-up page: a new network, its model from this PC or from ``repository``."""
     page.get_by_role("button", name="Create new network").click()
     expect(page.get_by_label("Network name")).to_be_visible()
-    page.get_by_label("Network name").fill("Office")
-    shoot(page, "create-network")
+    page.get_by_label("Network name").fill(name)
+    if repository:
+        page.get_by_role("button", name="A model repository").click()
+        page.get_by_label("Repository address").fill(repository)
+        page.get_by_label("Model id in the repository").fill(model_id)
     page.get_by_role("button", name="Create network").click()
-    expect(page.get_by_text("Network “Office” is ready")).to_be_visible()
+    expect(page.get_by_text(f"Network “{name}” is ready")).to_be_visible()
+
+
+def join(page, base: str, admin: str, *, token: str = "", network_id: str = "") -> None:
+    """The Join page of this PC: ask the admin at ``admin`` (host:port)."""
+    page.goto(base + "/setup/join")
+    page.get_by_label("Admin address").fill(admin)
+    if token:
+        page.get_by_label("Join token").fill(token)
+    else:
+        page.get_by_label("Network id").fill(network_id)
+    page.get_by_role("button", name="Join network").click()
+
+
+@contextmanager
+def app_process(home: Path, tmp: Path, *args: str):
+    """``tiktrue app --browser`` for the data dir ``home``, the browser it opens being a
+    recorder of the URLs it is given; yields (process, the URLs opened so far)."""
+    opened = tmp / f"opened-{home.name}.txt"
+    recorder = tmp / "browser.py"
+    recorder.write_text("import sys\nopen(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\n")
+    browser = " ".join(shlex.quote(str(p)) for p in (sys.executable, recorder, opened))
+    env = {**os.environ, HOME_ENV: str(home), "BROWSER": f"{browser} %s"}
+    log = (tmp / f"app-{home.name}.log").open("ab")
+    command = [sys.executable, "-m", "tiktrue", "app", "--browser", *args]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def urls() -> list[str]:
+        if process.poll() not in (None, 0):
+            raise AssertionError(f"tiktrue app exited with {process.returncode} (see {log.name})")
+        return opened.read_text().split() if opened.is_file() else []
+
+    try:
+        yield process, urls
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(60)
+        log.close()
+
+
+def test_first_run_from_a_repository_then_pcs_join_by_token_and_by_approval(
+    ui_node, repository, tiny_llama, new_page, tmp_path
+):
+    """PC 1's first run: its admin account, a network whose model comes from a model
+    repository (with the download's progress), a streamed answer. PC 2 is opened with
+    `tiktrue app` (no node runs there: it starts one) and joins that network with a join
+    token made in PC 1's UI, then asks to join a second network of PC 1 and waits on screen
+    until PC 1's admin approves. `tiktrue app` on PC 1, whose node runs, opens that node."""
+    from tiktrue.control.network_manager import (
+        approve_join_request,
+        list_join_requests,
+        list_joined_networks,
+    )
+
+    home1 = tmp_path / "pc1"
+    cluster = ui_node(home1, model=False)
+    base1 = ui_base(cluster)
+    page = new_page()
+    first_account(page, base1, screenshot="welcome")
+    shoot(page, "setup")
+    # the logins live on the server, owner-only like every secret of the node
+    storage = home1 / "ui"
+    wait_until(lambda: list(storage.glob("storage-user-*.json")), "the login's storage file")
+    if os.name != "nt":
+        assert stat.S_IMODE(storage.stat().st_mode) == 0o700
+
+    create_network(page, "Office", repository, tiny_llama.model_id)
+    expect(page.get_by_label("Model download")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"\d+\.\d / \d+\.\d MB"))).to_be_visible()
+    expect(page.get_by_text("8 of 8 blocks on this PC")).to_be_visible()
+    expect(page.get_by_label("Network name")).to_be_hidden()  # the form gave way
+    page.get_by_role("button", name="Make a join token").click()
     shoot(page, "network-ready")
+    admin = page.get_by_label("Admin address", exact=True).input_value()
+    token = page.get_by_label("One-time join token", exact=True).input_value()
+    assert admin.startswith("127.0.0.1:") and token
 
     page.get_by_role("button", name="Open the chat").click()
     expect(page.get_by_text("How can I help?")).to_be_visible()
@@ -40,6 +133,43 @@ def test_first_run_to_a_streamed_answer(ui_node, new_page, tmp_path):
     page.get_by_label("Message").press("Enter")
     expect(page.get_by_text("tokens/s")).to_be_visible()
     shoot(page, "chat")
+
+    home2 = tmp_path / "pc2"
+    with app_process(home2, tmp_path, "--port", "0", "--control-port", "0") as (pc2, opened):
+        [base2] = wait_until(opened, "tiktrue app to open its UI", timeout=180)
+        base2 = base2.rstrip("/")
+        other = new_page()
+        first_account(other, base2)
+        join(other, base2, admin, token=token)
+        expect(other.get_by_text("This PC is in the network")).to_be_visible()
+        shoot(other, "joined")
+
+        # a second network on PC 1; PC 2 asks to join it and waits for the admin
+        page.goto(base1 + "/setup")
+        create_network(page, "Lab")
+        [lab] = [c.network_id for c in list_joined_networks(home1) if c.name == "Lab"]
+        join(other, base2, admin, network_id=lab)
+        expect(other.get_by_text("Waiting for the admin to approve this PC")).to_be_visible()
+        shoot(other, "join-waiting")
+        [request_id] = wait_until(
+            lambda: [
+                r
+                for r, item in list_join_requests(home1, lab).items()
+                if item["state"] == "pending"
+            ],
+            "PC 2's join request",
+        )
+        approve_join_request(home1, lab, request_id)
+        expect(other.get_by_text("This PC is in the network")).to_be_visible()
+        assert {c.name for c in list_joined_networks(home2)} == {"Office", "Lab"}
+
+        # tiktrue app where the node runs already: it opens that node's UI, and is done
+        with app_process(home1, tmp_path) as (again, opened_again):
+            assert again.wait(180) == 0
+            assert opened_again() == [base1 + "/"]
+
+        pc2.send_signal(signal.SIGINT)  # Ctrl-C: the app stops the node service it started
+        assert pc2.wait(180) == 0
 
 
 @pytest.fixture
@@ -63,14 +193,13 @@ def log_in(page, base: str, name: str, screenshot: str | None = None) -> None:
         expect(page.get_by_role("button", name="Log in")).to_be_visible()
         shoot(page, screenshot)
     page.get_by_label("Account name").fill(name)
-    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
 
 
 def test_stop_restart_resume_and_roles(office, new_page):
     import httpx
 
-    from tests.helpers.network import wait_until
     from tiktrue.gateway.session_store import SessionStore
 
     cluster, home = office
@@ -78,6 +207,16 @@ def test_stop_restart_resume_and_roles(office, new_page):
     page = new_page()
     log_in(page, base, "admin")
     expect(page.get_by_text("How can I help?")).to_be_visible()
+
+    # the generation settings are the person's: a new chat starts with them (greedy here:
+    # the tiny model's greedy answer below is long, so Stop always comes before its end)
+    page.get_by_role("button", name="Settings").click()
+    slide(page, "Temperature", 0.0, "0")
+    page.get_by_role("button", name="Save").click()
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_role("button", name="Settings").click()
+    expect(page.get_by_text("Temperature: 0", exact=True)).to_be_visible()
+    page.get_by_role("button", name="Cancel").click()
 
     # stop halts a stream: the answer keeps what came, marked as stopped
     page.get_by_label("Message").fill("Tell me a long story")
@@ -87,7 +226,7 @@ def test_stop_restart_resume_and_roles(office, new_page):
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text("stopped")).to_be_visible()
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
-    shoot(page, "chat-stopped", phone=False)
+    shoot(page, "chat-stopped")
     conversation = page.url.split("?", 1)[1]
 
     # the nodes saved the conversation's KV after the answer: after a restart it continues

@@ -198,12 +198,12 @@ class RemoteChain:
             self._opening.discard(session_id)
         return reply
 
-    async def control(self, kind: type[ps.Message], session_id: str) -> dict:
+    async def control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
         if session_id in self._opening and kind is not ps.SessionOpen:
             self._opening.discard(session_id)
             if kind is not ps.SessionClose:  # e.g. saved before any step: open it for real
                 await self.control(ps.SessionOpen, session_id)
-        message = kind(network_id=self.network_id, session_id=session_id)
+        message = kind(network_id=self.network_id, session_id=session_id, **fields)
         return _raise_if_error(await self._entry().request(message, message.message_id))
 
     def _entry(self):
@@ -292,8 +292,24 @@ class ReplayingChain:
         with contextlib.suppress(ChainError, PeerUnavailable, asyncio.TimeoutError):
             await asyncio.wait_for(self.inner.close(session_id), CLOSE_TIMEOUT_S)
 
-    async def control(self, kind, session_id: str) -> dict:
-        return await self.inner.control(kind, session_id)
+    async def control(self, kind, session_id: str, **fields) -> dict:
+        return await self.inner.control(kind, session_id, **fields)
+
+    async def truncate(self, session_id: str, length: int) -> None:
+        """Rewind a session to its first ``length`` tokens on every node (KV caches and the
+        head's history). A session the nodes do not hold now (stale) is only cut here: its
+        replay rebuilds the shorter history. A rewind that fails on the way makes the session
+        stale, so it is rebuilt by replay, never continued from a half-rewound chain."""
+        del self.fed.setdefault(session_id, [])[length:]
+        if session_id in self.stale:
+            return
+        try:
+            await self.inner.control(ps.SessionTruncate, session_id, length=length)
+        except (ChainError, PeerUnavailable) as exc:
+            log.info(
+                "session %s: rewind to %d failed (%s); it will be replayed", session_id, length, exc
+            )
+            self.stale.add(session_id)
 
     async def step(self, session_id, token_ids, start, sampling=None) -> int:
         if sampling is not None:
@@ -506,13 +522,16 @@ class Gateway:
         try:
             state.cancelled = False
             wanted = self._conversation_ids(state, messages, text, input_ids, keep)
+            if not wanted:
+                raise ChainError(ps.INVALID_MESSAGE, "nothing to answer: the input is empty")
             room = self.context_length - len(wanted)  # refused before anything is sent
             if room < 1:
                 raise ContextLengthExceeded(self.context_length, len(wanted))
             if params.max_tokens > room:  # the answer stops at the context ("length")
                 params = params.model_copy(update={"max_tokens": room})
-            if wanted[: len(state.tokens)] != state.tokens:
-                await self._reset(session_id, state)  # the conversation was edited
+            if input_ids is None and _rewinds(state.tokens, wanted):
+                stepped = True  # from here on the nodes may hold less than ``before``
+                await self._rewind(session_id, state, wanted)
             new = wanted[len(state.tokens) :]
             if not new:
                 raise ChainError(ps.INVALID_MESSAGE, "nothing new to answer")
@@ -654,10 +673,14 @@ class Gateway:
             return state.tokens + state.unfed + list(input_ids)
         raise ChainError(ps.INVALID_MESSAGE, "a request needs messages, text or input_ids")
 
-    async def _reset(self, session_id: str, state: SessionState) -> None:
-        await self.chain.close(session_id)
-        await self.chain.open(session_id)
-        state.tokens, state.unfed = [], []
+    async def _rewind(self, session_id: str, state: SessionState, wanted: list[int]) -> None:
+        """An edited question or a regenerated answer: keep what the caches hold of
+        ``wanted`` (the common prefix) and forget the rest, so only the part that changed is
+        computed again; at least ``wanted``'s last token is run again (its logits give the
+        answer's first token)."""
+        keep = min(_common_prefix(state.tokens, wanted), len(wanted) - 1)
+        await self.chain.truncate(session_id, keep)
+        state.tokens, state.unfed = state.tokens[:keep], []
 
     def session_stats(self) -> dict:
         """In memory now; loaded from the store since start; rebuilt on the nodes by replay."""
@@ -813,6 +836,18 @@ class Gateway:
                     await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
                     return
         await asyncio.to_thread(self.session_store.close, self.network_id, session_id)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _rewinds(held: list[int], wanted: list[int]) -> bool:
+    """Whether a turn asking for ``wanted`` must first rewind a session holding ``held``:
+    the conversation changed before its end (edited), or nothing is left to run (the answer
+    is regenerated from exactly what the caches hold)."""
+    return wanted[: len(held)] != held or len(wanted) <= len(held)
 
 
 def _check_owner(session_owner: str | None, caller: str | None, session_id: str) -> None:

@@ -14,6 +14,11 @@ Two tables, per network and session id:
   model answered, how fast (tokens/s, time to first token) and the person's rating (thumbs
   up 1, down -1). A conversation's ``title`` is what the app's conversation list shows.
 
+Searching conversations reads ``search_text``: the title and the words of the person's and
+the model's messages, case-folded in Python (SQLite's ``lower`` and ``LIKE`` fold ASCII only,
+and the JSON of ``messages`` escapes every non-ASCII character: Persian text would never be
+found there, and every conversation would match "content").
+
 The app's conversations and the API's sessions are the same rows: one store.
 
 Every call is one short transaction; callers on the event loop use ``asyncio.to_thread``.
@@ -69,6 +74,10 @@ MIGRATIONS: list[list[str]] = [
         " rating INTEGER,"
         " created_at REAL NOT NULL,"
         " PRIMARY KEY (network_id, session_id, message_index))",
+    ],
+    [
+        "ALTER TABLE sessions ADD COLUMN search_text TEXT NOT NULL DEFAULT ''",
+        lambda conn: _index_all(conn),
     ],
 ]
 
@@ -158,11 +167,12 @@ class SessionStore:
                     owner,
                     json.dumps(tokens),
                     json.dumps(unfed),
-                    json.dumps(messages),
+                    _json(messages),
                     now,
                     now,
                 ),
             )
+            _index(conn, network_id, session_id)
 
     def set_live(self, network_id: str, session_ids: Iterable[str], live: bool) -> None:
         """Whether the nodes may hold these sessions. One that the nodes no longer hold and
@@ -217,13 +227,11 @@ class SessionStore:
 
     def owned(self, owner: str, *, search: str = "", limit: int = 200) -> list[StoredSession]:
         """An account's open conversations over every network, most recent first; ``search``
-        keeps those whose title or messages contain it (case-insensitive)."""
-        pattern = f"%{search.strip().lower()}%"
+        keeps those whose title or messages contain it (case-insensitive, any script)."""
         rows = self.db.query(
             "SELECT * FROM sessions WHERE owner = ? AND closed = 0"
-            " AND (? = '%%' OR lower(COALESCE(title, '')) LIKE ? OR lower(messages) LIKE ?)"
-            " ORDER BY updated_at DESC LIMIT ?",
-            (owner, pattern, pattern, pattern, limit),
+            " AND instr(search_text, ?) > 0 ORDER BY updated_at DESC LIMIT ?",
+            (owner, _fold(search.strip()), limit),
         )
         return [_session(row) for row in rows]
 
@@ -233,6 +241,7 @@ class SessionStore:
                 "UPDATE sessions SET title = ? WHERE network_id = ? AND session_id = ?",
                 (title, network_id, session_id),
             )
+            _index(conn, network_id, session_id)
 
     def record_answer(self, network_id: str, session_id: str, answer: Answer) -> None:
         """Who answered message ``answer.message_index`` and how fast (a regenerated answer
@@ -304,7 +313,7 @@ class SessionStore:
                     session_id,
                     json.dumps(tokens),
                     json.dumps(unfed),
-                    json.dumps(messages),
+                    _json(messages),
                     time.time(),
                 ),
             )
@@ -323,6 +332,50 @@ class SessionStore:
             messages=json.loads(row["messages"]),
             saved_at=row["saved_at"],
         )
+
+
+def _json(messages: list[dict]) -> str:
+    return json.dumps(messages, ensure_ascii=False)  # Persian stays readable (and 3x smaller)
+
+
+def _fold(text: str) -> str:
+    """Text as search compares it: Unicode case folding (``"Straße"`` finds ``"STRASSE"``)."""
+    return " ".join(text.casefold().split())
+
+
+def _search_text(title: str | None, messages_json: str) -> str:
+    """What a search looks in: the title and the person's and the model's words (not the
+    system prompt, which would make every conversation match it, nor the JSON's keys)."""
+    try:
+        messages = json.loads(messages_json)
+    except ValueError:
+        messages = []
+    words = [
+        m.get("content") or ""
+        for m in messages
+        if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+    ]
+    return _fold("\n".join([title or "", *(w for w in words if isinstance(w, str))]))
+
+
+def _index(conn, network_id: str, session_id: str) -> None:
+    """Bring one conversation's ``search_text`` up to date (inside the caller's transaction)."""
+    row = conn.execute(
+        "SELECT title, messages FROM sessions WHERE network_id = ? AND session_id = ?",
+        (network_id, session_id),
+    ).fetchone()
+    if row is not None:
+        conn.execute(
+            "UPDATE sessions SET search_text = ? WHERE network_id = ? AND session_id = ?",
+            (_search_text(row["title"], row["messages"]), network_id, session_id),
+        )
+
+
+def _index_all(conn) -> None:
+    """Migration 3: the ``search_text`` of the conversations stored before it existed."""
+    rows = conn.execute("SELECT network_id, session_id FROM sessions").fetchall()
+    for row in rows:
+        _index(conn, row["network_id"], row["session_id"])
 
 
 def _session(row) -> StoredSession:

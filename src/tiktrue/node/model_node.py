@@ -72,6 +72,7 @@ SESSION_CONTROL = {
     ps.MessageType.session_close,
     ps.MessageType.session_save,
     ps.MessageType.session_restore,
+    ps.MessageType.session_truncate,
 }
 # Client requests (inference) are answered by the gateway living in the same node process.
 ClientHandler = Callable[[ps.ParsedMessage, Callable[[dict], Awaitable[None]]], Awaitable[None]]
@@ -784,6 +785,11 @@ class BlockServer:
             if self.span.has_head:
                 history = self.samplers.get(sid, SessionSampler()).history
                 (folder / "history.json").write_text(json.dumps(history), "utf-8")
+        elif isinstance(message, ps.SessionTruncate):
+            self.engine.truncate_session(sid, message.length)  # PositionError past its end
+            sampler = self.samplers.get(sid)
+            if sampler is not None:  # the head's history is what the caches hold
+                del sampler.history[message.length :]
         elif isinstance(message, ps.SessionRestore):
             if not span_file.is_file():
                 raise ps.ProtocolError(

@@ -121,6 +121,7 @@ class MessageType(str, Enum):
     session_close = "session_close"  # free a session's KV cache
     session_save = "session_save"  # write a session's KV cache to disk
     session_restore = "session_restore"  # load a saved session's KV cache from disk
+    session_truncate = "session_truncate"  # forget a session's positions from ``length`` on
     cancel = "cancel"  # stop a session's running generation
     hello = "hello"  # first message on a connection: who I am, my versions
     hello_reply = "hello_reply"  # the answer to hello when the versions agree
@@ -333,6 +334,14 @@ class SessionRestore(_SessionControl):
     message_type: ClassVar[MessageType] = MessageType.session_restore
 
 
+class SessionTruncate(_SessionControl):
+    """Rewind a session to its first ``length`` positions on every node (KV cache and the
+    head's token history): an edited or regenerated turn recomputes only what changed."""
+
+    message_type: ClassVar[MessageType] = MessageType.session_truncate
+    length: int = Field(ge=0, le=limits.MAX_CONTEXT_TOKENS)
+
+
 class Cancel(_SessionControl):
     message_type: ClassVar[MessageType] = MessageType.cancel
 
@@ -374,6 +383,7 @@ MESSAGE_MODELS: dict[MessageType, type[Message]] = {
         SessionClose,
         SessionSave,
         SessionRestore,
+        SessionTruncate,
         Cancel,
         Ack,
         LinkLost,

@@ -122,6 +122,17 @@ def _write_private_file(path: Path, data: bytes) -> None:
             os.chmod(path, 0o600)
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner may enter (POSIX 0o700, also when it existed
+    with wider permissions); whatever is written inside is then the owner's alone, whoever
+    writes it. On Windows the user's profile is private already."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name != "nt":
+        os.chmod(path, 0o700)
+    return path
+
+
 def _check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not value or len(value) > _MAX_NAME:
         raise ValueError(f"{kind} must be a non-empty string of at most {_MAX_NAME} characters")

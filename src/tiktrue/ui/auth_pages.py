@@ -74,8 +74,8 @@ def register() -> None:
                 ).classes("text-negative")
                 return
             name = ui.input("Account name", value="admin").props("outlined autofocus")
-            password = ui.input("Password (8 characters or more)", password=True)
-            password.props("outlined")
+            password = ui.input("Password", password=True)
+            password.props('outlined hint="8 characters or more"')
             again = ui.input("Repeat the password", password=True).props("outlined")
             error = ui.label().classes("text-negative")
 
@@ -107,7 +107,7 @@ def register() -> None:
         if current_user() is not None:
             ui.navigate.to(_safe(next) or home_target())
             return
-        body = _card("Log in", "Use the account the administrator of this PC gave you.")
+        body = _card("Log in", "Use the account your TikTrue administrator gave you.")
         with body:
             name = ui.input("Account name").props("outlined autofocus")
             password = ui.input("Password", password=True).props("outlined")

@@ -13,17 +13,18 @@ drawn again at most every ``RENDER_S`` while it streams, then once at the end.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from nicegui import background_tasks, ui
+from nicegui import app, background_tasks, ui
 
 from tiktrue import limits
 from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
 from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
 from tiktrue.ui.context import ui_context
-from tiktrue.ui.layout import page_frame, require_user
+from tiktrue.ui.layout import copy_text, page_frame, require_user
 
+SETTINGS_KEY = "tiktrue_chat_settings"
 RENDER_S = 0.25  # while an answer streams, its markdown is redrawn at most this often
 CHAT_STYLE = """
 .tt-chat { max-width: 52rem; margin: 0 auto; width: 100%; }
@@ -66,7 +67,7 @@ class ChatView:
     def __init__(self, chat: Chat, user: Principal) -> None:
         self.chat = chat
         self.user = user
-        self.state = ChatState()
+        self.state = ChatState(settings=_saved_settings())
 
     # --- building ---------------------------------------------------------------------------
 
@@ -259,6 +260,7 @@ class ChatView:
                 s.top_p = float(top_p.value)
                 s.repetition_penalty = float(penalty.value)
                 s.max_tokens = int(tokens.value or limits.DEFAULT_MAX_TOKENS)
+                app.storage.user[SETTINGS_KEY] = asdict(s)  # kept for this person's next chats
                 dialog.close()
 
             with ui.row().classes("w-full justify-end"):
@@ -316,14 +318,15 @@ class ChatView:
 
     def _answer_meta(self, body: ui.column, index: int, *, last: bool) -> None:
         answer = self.state.answers.get(index)
-        network = self.state.network_id
+        gateway = self.chat.context.gateways.get(self.state.network_id or "")
+        network = gateway.config.name if gateway is not None else self.state.network_id
         with body, ui.row().classes("items-center gap-1 tt-meta"):
             if answer is not None:
                 ui.label(_figures(network, answer)).classes("mr-2")
             self._thumb(index, 1, answer)
             self._thumb(index, -1, answer)
             text = self.state.messages[index]["content"]
-            ui.button(icon="content_copy", on_click=lambda: _copy(text)).props(
+            ui.button(icon="content_copy", on_click=lambda: copy_text(text)).props(
                 'flat round dense size=sm aria-label="Copy"'
             ).classes("text-grey-7").tooltip("Copy")
             if last:
@@ -454,6 +457,16 @@ class ChatView:
         self.stop_button.set_visibility(on)
 
 
+def _saved_settings() -> Settings:
+    """The settings this person saved last (in this node's storage of their login)."""
+    saved = app.storage.user.get(SETTINGS_KEY) or {}
+    known = {f.name for f in fields(Settings)}
+    try:
+        return Settings(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, AttributeError):  # from an older version: start from the defaults
+        return Settings()
+
+
 def _slider(label: str, value: float, low: float, high: float, step: float) -> ui.slider:
     with ui.column().classes("w-full gap-0"):
         caption = ui.label(f"{label}: {value:g}").classes("text-sm")
@@ -462,8 +475,8 @@ def _slider(label: str, value: float, low: float, high: float, step: float) -> u
     return slider
 
 
-def _figures(network_id: str | None, answer: Answer) -> str:
-    parts = [f"{network_id} · {answer.model_id}"]
+def _figures(network: str | None, answer: Answer) -> str:
+    parts = [f"{network} · {answer.model_id}"]
     if answer.tokens_per_s:
         parts.append(f"{answer.tokens_per_s:.1f} tokens/s")
     if answer.first_token_ms is not None:
@@ -474,11 +487,6 @@ def _figures(network_id: str | None, answer: Answer) -> str:
     elif answer.finish_reason == "length":
         parts.append("cut at the token limit")
     return " · ".join(parts)
-
-
-def _copy(text: str) -> None:
-    ui.clipboard.write(text)
-    ui.notify("Copied", type="positive", timeout=1000)
 
 
 def _ago(when: float) -> str:

@@ -113,6 +113,12 @@ def log_out() -> None:
     ui.navigate.to("/login")
 
 
+def copy_text(text: str, what: str = "") -> None:
+    """Put ``text`` on the clipboard and say so."""
+    ui.clipboard.write(text)
+    ui.notify(f"{what} copied" if what else "Copied", type="positive", timeout=1500)
+
+
 def apply_theme() -> None:
     """Colours and styles of every TikTrue page (also those without the frame: login)."""
     ui.colors(primary=PRIMARY)
@@ -152,7 +158,8 @@ def page_frame(title: str, *, drawer: bool = False) -> Iterator[Frame]:
         if user is not None:
             _account_menu(user)
     if drawer:
-        side = ui.left_drawer(value=True, bordered=True).props("width=290 breakpoint=760")
+        # open beside the page on a wide screen, closed (a tap on the menu away) on a phone
+        side = ui.left_drawer(value=None, bordered=True).props("width=290 breakpoint=760")
         side.classes("bg-white p-0")
     with ui.column().classes("w-full max-w-5xl mx-auto p-4 gap-4") as main:
         if title:

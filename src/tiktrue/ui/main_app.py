@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from tiktrue.security.auth_manager import _write_private_file
+from tiktrue.security.auth_manager import _write_private_file, private_dir
 from tiktrue.ui.context import UiContext, set_ui_context
 
 SECRET_FILE = "ui_secret"  # signs the browser's session cookie (which names its server storage)
@@ -81,7 +81,8 @@ class WebUi:
         from tiktrue.ui.layout import BRAND
 
         set_ui_context(self.context)
-        Storage.path = self.context.data_dir / STORAGE_DIR
+        # the logins' JWTs live there: owner-only, like every secret of the node
+        Storage.path = private_dir(self.context.data_dir / STORAGE_DIR)
         auth_pages.register()
         setup_pages.register()
         chat_page.register()

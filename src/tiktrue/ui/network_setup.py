@@ -118,28 +118,29 @@ async def create_new_network(
     progress.say("Loading the model's blocks on this PC ...")
     await context.reload()
     await wait_serving(context, config.network_id, progress)
-    progress.say(f"Network {config.name} is ready.")
+    progress.say("Done: the model is loaded and the network answers.")
     progress.done = True
     return config
 
 
 async def wait_serving(
     context: UiContext, network_id: str, progress: Progress, *, gateway: bool = True
-) -> None:
+) -> int:
     """Wait until this PC serves its part of ``network_id`` (its blocks received and loaded)
     and, with ``gateway``, the network's gateway runs here; ``progress.blocks`` follows the
-    blocks."""
+    blocks. Returns how many blocks the plan gives this PC."""
     deadline = time.monotonic() + SERVE_TIMEOUT_S
     while True:
         info = context.node_info()["networks"].get(network_id)
         if info is not None:
             wanted, present = _blocks_present(context.data_dir, network_id)
-            progress.blocks = present / wanted if wanted else 1.0
+            progress.blocks = present / wanted if wanted else None
             progress.blocks_text = f"{present} of {wanted} blocks on this PC"
             ready = info["serving"] or not info["blocks"]
             if ready and (network_id in context.gateways or not gateway):
-                progress.blocks = 1.0
-                return
+                if wanted:
+                    progress.blocks = 1.0
+                return wanted
             if info.get("waiting"):
                 progress.step = f"Waiting: {info['waiting']}"
         if time.monotonic() > deadline:
@@ -233,7 +234,12 @@ async def join_existing_network(
         raise SetupError(f"could not join: {exc}") from exc
     progress.say(f"Joined {config.name}; receiving this PC's blocks from the admin ...")
     await context.reload()
-    await wait_serving(context, config.network_id, progress, gateway=False)
-    progress.say(f"This PC serves its part of {config.name}.")
+    if await wait_serving(context, config.network_id, progress, gateway=False):
+        progress.say(f"Done: this PC serves its part of {config.name}.")
+    else:
+        progress.say(
+            f"Done: this PC is in {config.name}. The plan keeps the model on the other PCs for "
+            "now; this PC gets its part when the network is planned again."
+        )
     progress.done = True
     return config

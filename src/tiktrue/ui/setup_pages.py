@@ -12,7 +12,7 @@ from nicegui import background_tasks, ui
 
 from tiktrue.control.network_manager import create_join_token, list_joined_networks
 from tiktrue.ui.context import ui_context
-from tiktrue.ui.layout import page_frame, require_admin
+from tiktrue.ui.layout import copy_text, page_frame, require_admin
 from tiktrue.ui.network_setup import (
     Progress,
     SetupError,
@@ -126,7 +126,7 @@ def _progress_panel(progress: Progress, on_done) -> ui.timer:
 def _create_form() -> None:
     context = ui_context()
     models = local_models(context.data_dir)
-    with ui.column().classes("tt-card w-full max-w-2xl p-6 gap-4"):
+    with ui.column().classes("tt-card w-full max-w-2xl p-6 gap-4") as form:
         name = ui.input("Network name", value="Office").props("outlined").classes("w-full")
         source = ui.toggle(
             {"local": "A model on this PC", "repository": "A model repository"},
@@ -148,9 +148,9 @@ def _create_form() -> None:
             url.props("outlined").classes("w-full")
             repo_model = ui.input("Model id in the repository", placeholder="smollm2-135m")
             repo_model.props("outlined").classes("w-full")
-        with ui.row().classes("w-full gap-4"):
-            port = ui.number("Block server port (empty: any free)", min=1, max=65535, format="%d")
-            port.props("outlined").classes("flex-1")
+        with ui.row().classes("w-full gap-4"):  # side by side; stacked on a phone
+            port = ui.number("Block server port", min=1, max=65535, format="%d")
+            port.props('outlined hint="Empty: any free port"').classes("flex-1 min-w-[14rem]")
             backups = (
                 ui.select(
                     {0: "No backup PC", 1: "1 backup PC", 2: "2 backup PCs"},
@@ -158,7 +158,7 @@ def _create_form() -> None:
                     value=0,
                 )
                 .props("outlined")
-                .classes("flex-1")
+                .classes("flex-1 min-w-[14rem]")
             )
         ui.label(
             "A backup PC holds a copy of other PCs' blocks and takes over at once when one of "
@@ -192,11 +192,14 @@ def _create_form() -> None:
         button.disable()
 
         def done() -> None:
+            form.set_visibility(False)  # what was asked is done: the result takes its place
             with result:
                 _created(progress.config)
 
+        result.clear()  # a failed try's panel
         with result:
             _progress_panel(progress, done)
+        _scroll_to(result)
 
         async def job() -> None:
             try:
@@ -221,17 +224,14 @@ def _created(config) -> None:
             "TikTrue and choose Join network (this network shows up there), or give it a "
             "one-time join token."
         ).classes("tt-muted")
-        token_box = ui.column().classes("w-full gap-1")
+        token_box = ui.column().classes("w-full gap-3")
 
         def make_token() -> None:
             token = create_join_token(context.data_dir, config.network_id)
             token_box.clear()
             with token_box:
-                ui.label("One-time join token (valid 24 hours):").classes("text-sm tt-muted")
-                ui.code(token, language="text").classes("w-full")
-                ui.label(f"Admin address: {info['host']}:{info['control_port']}").classes(
-                    "text-sm tt-muted"
-                )
+                _copyable("Admin address", f"{info['host']}:{info['control_port']}")
+                _copyable("One-time join token", token, "Valid 24 hours, for one PC")
 
         with ui.row().classes("gap-2"):
             ui.button("Open the chat", on_click=lambda: ui.navigate.to("/chat")).props(
@@ -240,6 +240,21 @@ def _created(config) -> None:
             ui.button("Make a join token", on_click=make_token).props(
                 'outline no-caps aria-label="Make a join token"'
             )
+
+
+def _scroll_to(element: ui.element) -> None:
+    """Bring ``element`` into view (a panel that appears below the fold of a phone)."""
+    ui.run_javascript(f"getHtmlElement({element.id}).scrollIntoView({{behavior: 'smooth'}})")
+
+
+def _copyable(label: str, value: str, hint: str = "") -> None:
+    """A read-only field with a copy button: what a person types on another PC."""
+    field = ui.input(label, value=value).props(f'filled readonly hint="{hint}"')
+    field.classes("w-full")
+    with field.add_slot("append"):
+        ui.button(icon="content_copy", on_click=lambda: copy_text(value, label)).props(
+            f'flat round dense aria-label="Copy {label.lower()}"'
+        ).tooltip("Copy")
 
 
 async def _join_form() -> None:
@@ -257,14 +272,15 @@ async def _join_form() -> None:
                 'flat no-caps aria-label="Search again"'
             )
         found = ui.column().classes("w-full gap-2")
-    with ui.column().classes("tt-card w-full p-5 gap-3"):
+    with ui.column().classes("tt-card w-full p-5 gap-3") as form:
         ui.label("Join").classes("text-lg font-medium")
-        address = ui.input("Admin address (host:port)", placeholder="192.168.1.10:7470")
-        address.props("outlined").classes("w-full")
-        network = ui.input("Network id (to ask for approval)", placeholder="net-1a2b3c4d")
-        network.props("outlined").classes("w-full")
-        token = ui.input("Join token (optional: without one, the admin approves this PC)")
-        token.props("outlined").classes("w-full")
+        address = ui.input("Admin address", placeholder="192.168.1.10:7470")
+        address.props('outlined hint="host:port, as the admin PC shows it"').classes("w-full")
+        network = ui.input("Network id", placeholder="net-1a2b3c4d")
+        network.props('outlined hint="To ask the admin for approval"').classes("w-full")
+        token = ui.input("Join token")
+        token.props('outlined hint="Optional; without one, the admin approves"')
+        token.classes("w-full")
         ui.label(
             f"This PC: {info['host']} (control port {info['control_port']}), node {info['node_id']}"
         ).classes("tt-muted text-sm")
@@ -274,13 +290,14 @@ async def _join_form() -> None:
     chosen: dict = {}
 
     async def look() -> None:
-        search.props("loading")
+        search.disable()
         found.clear()
-        with found:
+        with found, ui.row().classes("items-center gap-2"):
+            ui.spinner(size="sm")
             ui.label("Searching ...").classes("tt-muted")
         networks = await find_networks(context)
         found.clear()
-        search.props(remove="loading")
+        search.enable()
         with found:
             if not networks:
                 ui.label(
@@ -314,14 +331,17 @@ async def _join_form() -> None:
         button.disable()
 
         def done() -> None:
+            form.set_visibility(False)
             with result, ui.column().classes("tt-card w-full p-5 gap-3"):
                 ui.label("This PC is in the network").classes("text-lg font-semibold")
                 ui.button("Open the chat", on_click=lambda: ui.navigate.to("/chat")).props(
                     'unelevated no-caps aria-label="Open the chat"'
                 )
 
+        result.clear()  # a failed try's panel
         with result:
             _progress_panel(progress, done)
+        _scroll_to(result)
 
         async def job() -> None:
             try:
