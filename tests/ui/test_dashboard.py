@@ -1,7 +1,7 @@
 """The admin dashboard in a real browser, on real node processes, as an admin goes through it:
 the nodes with their resources and health, a cap slider that changes the plan's verdict, a
 join request approved, an API key created (shown once) and revoked. Screenshots of each page
-at 1280x800 and at phone width go to docs/screenshots/."""
+at 1280x800 and at phone width go to build/screenshots/ (the README's: ``make screenshots``)."""
 
 from __future__ import annotations
 

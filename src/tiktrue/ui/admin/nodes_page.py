@@ -105,7 +105,8 @@ class NodeCard:
             {
                 "state": node.get("health") or state,
                 "serving": state == "serving",
-                "waiting": None if state in ("serving", "idle") else state,
+                # "" (not None): a node that stopped waiting must clear what live() keeps
+                "waiting": "" if state in ("serving", "idle") else state,
                 "cpu_percent": res.get("cpu_load_percent"),
                 "ram_free_bytes": res.get("ram_free_bytes"),
                 "ram_total_bytes": res.get("ram_total_bytes"),
