@@ -74,7 +74,8 @@ def test_approval_flow_and_only_the_author_may_read_the_grant(admin, tmp_path):
         nm.join_status(home, request_from(tmp_path / "snoop"), request_id)
     nm.approve_join_request(home, "office", request_id)
     state, grant = nm.join_status(home, asking, request_id)
-    assert state == "approved" and grant.block_key
+    assert state == "approved" and grant.node_cert
+    assert "block_key" not in grant.model_dump()  # that comes over mutual TLS, after
     with pytest.raises(nm.JoinError, match="already approved"):
         nm.approve_join_request(home, "office", request_id)
 

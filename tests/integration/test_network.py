@@ -29,7 +29,7 @@ from tiktrue.control.planner import ModelProfile, NodeCapacity
 from tiktrue.model.store import BlockStore
 from tiktrue.node.resources import NodeCaps
 from tiktrue.protocol.network_config import config_path, read_config
-from tiktrue.security.node_tls import node_identity
+from tiktrue.security.node_tls import load_block_key, node_identity
 from tiktrue.service.local_network import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -125,6 +125,8 @@ def office(journey, tiny_llama):
 
     config = read_config(config_path(admin, NET))
     assert len(config.nodes) == 3
+    # the block key came after the join, over mutual TLS with each one's new certificate
+    assert load_block_key(pc2, NET) == load_block_key(pc3, NET) == load_block_key(admin, NET)
 
     # plan with a manual split, push blocks, switch
     ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]

@@ -10,13 +10,17 @@ from tiktrue.control.network_admin import poke_local_service
 from tiktrue.control.network_manager import (
     JoinError,
     JoinGrant,
+    install_block_key,
     install_grant,
     make_join_request,
     parse_token,
 )
-from tiktrue.node.control_link import ControlLink
+from tiktrue.node.control_link import ControlError, ControlLink
+from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.node.resources import free_ports
 from tiktrue.protocol.network_config import NetworkConfig
+from tiktrue.security.auth_manager import IdentityError
+from tiktrue.security.node_tls import NetworkCredentials
 
 
 async def join_network(
@@ -70,5 +74,25 @@ async def join_network(
         if reply["state"] != "approved":
             raise JoinError(f"the admin {reply['state']} the join request")
     config = install_grant(data_dir, JoinGrant.model_validate(reply["grant"]))
+    await fetch_block_key(data_dir, network_id, admin_address, admin_node_id)
     await poke_local_service(data_dir)
     return config
+
+
+async def fetch_block_key(
+    data_dir: Path, network_id: str, admin_address: str, admin_node_id: str | None
+) -> None:
+    """The network's block key, asked of the admin with this node's new certificate (mutual
+    TLS and the challenge), kept owner-only beside the certificate."""
+    credentials = NetworkCredentials.load(data_dir, network_id)
+    try:
+        async with ControlLink(
+            admin_address, expected_node_id=admin_node_id, credentials=credentials
+        ) as link:
+            reply = await link.call("block_key", network_id=network_id)
+    except (PeerUnavailable, ControlError, IdentityError, OSError) as exc:
+        raise JoinError(
+            f"joined {network_id}, but its block key could not be fetched from the admin at "
+            f"{admin_address}: {exc}; run the join again"
+        ) from exc
+    install_block_key(data_dir, network_id, bytes.fromhex(reply["block_key"]))

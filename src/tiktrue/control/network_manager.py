@@ -192,10 +192,13 @@ class JoinRequest(BaseModel):
 
 
 class JoinGrant(BaseModel):
+    """What the admin hands a joiner over the join handshake (TLS that authenticates only the
+    admin). The network's block key is not in it: the joiner fetches it with its new
+    certificate, over mutual TLS (``fetch_block_key``)."""
+
     network_id: str
     ca_cert: str
     node_cert: str
-    block_key: str
     config: dict
 
 
@@ -345,7 +348,6 @@ def _grant(data_dir: Path, ca: NetworkCA, request: JoinRequest, node_id: str) ->
         network_id=request.network_id,
         ca_cert=ca.cert_pem.decode(),
         node_cert=cert.decode(),
-        block_key=block_key(data_dir, request.network_id).hex(),
         config=config.model_dump(),
     )
 
@@ -378,13 +380,12 @@ def make_join_request(
 
 
 def install_grant(data_dir: Path, grant: JoinGrant) -> NetworkConfig:
-    """The joiner keeps its certificate, the CA, the block key and the config (which the
-    network's CA must have signed)."""
+    """The joiner keeps its certificate, the CA and the config (which the network's CA must
+    have signed)."""
     config = verify_config(NetworkConfig.model_validate(grant.config), grant.ca_cert.encode())
     install_certificate(
         data_dir, grant.network_id, grant.ca_cert.encode(), grant.node_cert.encode()
     )
-    install_block_key(data_dir, grant.network_id, bytes.fromhex(grant.block_key))
     write_config(data_dir, config)
     return config
 

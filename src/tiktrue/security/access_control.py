@@ -48,6 +48,7 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "health_suspect": _MEMBERS,  # a member lost its link to a node
     "chain_broken": _MEMBERS,  # a member's chain failed
     "config_pull": _MEMBERS,  # a member back after being away asks for the config
+    "block_key": _MEMBERS,  # the network's block key: only over mutual TLS, to a member
     "leave": _MEMBERS,  # a member leaves (asks with its own certificate)
     # the network's admin only
     "heartbeat": _ADMIN,

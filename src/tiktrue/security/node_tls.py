@@ -30,7 +30,7 @@ from tiktrue.security.crypto_layer import BlockCipher, client_ssl_context, serve
 
 CA_CERT = "ca_cert.pem"
 NODE_CERT = "node_cert.pem"
-BLOCK_KEY = "block_key"  # hex, owner-only; handed over with the node's certificate
+BLOCK_KEY = "block_key"  # hex, owner-only; fetched over mutual TLS once the node joined
 
 
 def node_identity(data_dir: Path) -> NodeIdentity:

@@ -377,6 +377,13 @@ class ControlServer:
             release_free_memory()
         return {"complete": complete}
 
+    async def op_block_key(self, header, payload, conn: Connection) -> dict:
+        """The network's block key, for a member that just joined (the join handshake does
+        not carry it: that TLS connection proves only this node)."""
+        network_id = header["network_id"]
+        nm.admin_ca(self.data_dir, network_id)  # only the admin hands it out
+        return {"block_key": nm.block_key(self.data_dir, network_id).hex()}
+
     async def op_caps_set(self, header, payload, conn: Connection) -> dict:
         caps = self.service.set_caps(header["caps"])
         await self.service.reload(force=True)
