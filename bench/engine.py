@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,6 +69,20 @@ def llama_cpp(gguf: Path, threads: int, context: int):
         from llama_cpp import Llama
     except ImportError as exc:
         return None, f"llama-cpp-python is not installed (pip install -e '.[bench]'): {exc}"
+    # a build for another CPU (or with AMX the OS does not grant) dies of SIGILL at its first
+    # step: try one in a child process first, so this bench reports it instead of dying
+    probe = (
+        "import sys; from llama_cpp import Llama; "
+        "m = Llama(model_path=sys.argv[1], n_threads=1, n_ctx=32, verbose=False); m.eval([1, 2])"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(gguf)], capture_output=True)
+    if done.returncode != 0:
+        why = f"signal {-done.returncode}" if done.returncode < 0 else done.stderr.decode()[-300:]
+        return None, (
+            f"llama-cpp-python fails on this CPU ({why}); rebuild it for this CPU, e.g. "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF '
+            '-DGGML_AMX_INT8=OFF" pip install --force-reinstall --no-deps llama-cpp-python'
+        )
     model = Llama(
         model_path=str(gguf),
         n_threads=threads,
