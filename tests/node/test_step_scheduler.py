@@ -44,9 +44,9 @@ def test_steps_ready_together_run_as_one_batch_and_chunks_alone():
     assert (stats.steps, stats.batched_steps, stats.rounds, stats.largest_batch) == (5, 3, 3, 3)
 
 
-def test_a_round_waits_briefly_for_the_sessions_of_the_last_round():
-    """Session b's next step comes a few turns of the loop after a's: the round waits for it
-    instead of running a alone and b straight after."""
+def test_a_round_never_waits_for_sessions_of_earlier_rounds():
+    """a and b ran together; then only a's next step comes (b's answer ended, or b is at
+    another node of the chain): it runs at once, alone, and b's later step runs after it."""
     calls: list[list] = []
 
     def run_batch(values):
@@ -54,20 +54,23 @@ def test_a_round_waits_briefly_for_the_sessions_of_the_last_round():
         return values
 
     async def go():
-        scheduler = StepScheduler(ThreadPoolExecutor(1), run_batch, gather_s=60.0)
+        scheduler = StepScheduler(ThreadPoolExecutor(1), run_batch)
         await asyncio.gather(
             scheduler.run("a", 1, batchable=True), scheduler.run("b", 1, batchable=True)
         )
+        b_came = asyncio.Event()
 
         async def late_b():
-            for _ in range(5):
-                await asyncio.sleep(0)
+            await b_came.wait()
             return await scheduler.run("b", 2, batchable=True)
 
-        await asyncio.gather(scheduler.run("a", 2, batchable=True), late_b())
+        later = asyncio.create_task(late_b())
+        assert await scheduler.run("a", 2, batchable=True) == 2  # b never came: no wait
+        b_came.set()
+        assert await later == 2
 
     asyncio.run(go())
-    assert calls == [[1, 1], [2, 2]]
+    assert calls == [[1, 1], [2], [2]]
 
 
 def test_an_engine_failure_fails_every_step_of_its_round():

@@ -10,13 +10,13 @@ The per-token path: a step's arrival starts a round on the next turn of the even
 the steps that arrived in the same turn join it) and the round runs; no task per round. A
 lone session is not slowed: a round starts as soon as the engine is free.
 
-Sessions drift apart (their prompts end at different times), and a node then sees them in
-groups, one round each, every group paying the whole cost of reading the weights. So when
-sessions of the last two rounds are missing, a round waits for them: at least ``gather_s``,
-at most one period of a session (the time between two of its steps here, the chain's round
-trip), bounded by ``GATHER_CAP_S``. The groups then merge into one batch for good, for the
-price of one wait; an arrival of the last one missing ends the wait at once. A session whose
-answer has ended costs its neighbours one such wait.
+A round never waits for sessions that are not here yet. Sessions drift apart (their prompts
+end at different times) and a node then sees them in groups, one round each; along a chain
+those groups are the pipeline's stages at work, each node busy with a different group. A
+round that waited for the sessions of earlier rounds was tried: on a chain every node then
+waited for sessions held up by the others' waits, up to its cap per node per token (1.5 s per
+token on a 3-node chain, measured by ``bench/concurrency.py``), and a lone session paid for
+sessions that had ended.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any
-
-GATHER_S = 0.002  # the least a round waits for missing sessions of the last rounds
-GATHER_CAP_S = 0.5  # the most
 
 
 @dataclass
@@ -60,22 +57,15 @@ class StepScheduler:
         executor: Executor,
         run_batch: Callable[[list[Any]], list[Any]],
         *,
-        gather_s: float = GATHER_S,
         inline_batches: bool = False,
     ) -> None:
         self._executor = executor
         self.inline_batches = inline_batches
         self._run_batch = run_batch
-        self.gather_s = gather_s
         self._batchable: list[_Waiting] = []
         self._alone: list[_Waiting] = []
         self._busy = False  # a round is scheduled, waiting for stragglers, or running
         self._alone_turn = False  # the last round was a batch: a job that is not goes next
-        self._recent: list[set[str]] = []  # sessions of the last two batch rounds
-        self._seen: dict[str, float] = {}  # when each session of the recent rounds last came
-        self._period = 0.0  # time between two steps of a session (moving average)
-        self._timer: asyncio.TimerHandle | None = None  # waiting for the last round's sessions
-        self._deadline: float | None = None
         self._closed = False
         self.stats = SchedulerStats()
 
@@ -85,10 +75,6 @@ class StepScheduler:
         if batchable:
             waiting = _Waiting(key, step, loop.create_future())
             self._batchable.append(waiting)
-            now, last = loop.time(), self._seen.get(key)
-            if last is not None:
-                self._period += 0.25 * (now - last - self._period)
-            self._seen[key] = now
         else:
             waiting = _Waiting(key, lambda: self._run_batch([step])[0], loop.create_future())
             self._alone.append(waiting)
@@ -106,8 +92,6 @@ class StepScheduler:
     def close(self) -> None:
         """Stop: every job still queued fails (cancelled); a round running ends unanswered."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
         for waiting in [*self._batchable, *self._alone]:
             waiting.future.cancel()
         self._batchable, self._alone = [], []
@@ -118,17 +102,8 @@ class StepScheduler:
         if not self._busy:
             self._busy = True
             loop.call_soon(self._next_round, loop)  # the next turn: this turn's steps join
-        elif self._timer is not None and not self._missing():
-            self._timer.cancel()
-            self._timer = None
-            loop.call_soon(self._next_round, loop)
-
-    def _missing(self) -> set[str]:
-        expected = set().union(*self._recent)
-        return expected - {w.key for w in self._batchable}
 
     def _next_round(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
         if self._closed or not (self._batchable or self._alone):
             self._busy = False
             return
@@ -136,19 +111,8 @@ class StepScheduler:
             self._alone_turn = False
             self._submit(loop, [self._alone.pop(0)], batch=False)
             return
-        if self._missing() and not self._alone:
-            now = loop.time()
-            if self._deadline is None:
-                self._deadline = now + min(max(self._period, self.gather_s), GATHER_CAP_S)
-            if now < self._deadline:  # wait for the stragglers (an arrival ends it early)
-                self._timer = loop.call_at(self._deadline, self._next_round, loop)
-                return
-        self._deadline = None
         batch, self._batchable = self._batchable, []
         self._alone_turn = True
-        self._recent = [*self._recent[-1:], {w.key for w in batch}]
-        recent = set().union(*self._recent)
-        self._seen = {k: t for k, t in self._seen.items() if k in recent}
         self._submit(loop, batch, batch=True)
 
     def _submit(self, loop, round_: list[_Waiting], *, batch: bool) -> None:
