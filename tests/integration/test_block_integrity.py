@@ -9,6 +9,9 @@ One cluster (three nodes; the admin runs the gateway and holds the whole model),
 2. a bit flips in a block file of that worker while a conversation runs: the next step is
    served from the verified copy in memory (the same tokens as an undisturbed conversation),
    the admin is told, the file is repaired, and the same prompt gives the same tokens.
+
+And on a cluster of its own: a worker starts with a block file missing altogether; it waits
+naming the block, the admin pushes it, the span starts and answers as the reference does.
 """
 
 from __future__ import annotations
@@ -80,8 +83,7 @@ async def node_info(home) -> dict:
         return await link.call("node_info")
 
 
-@pytest.fixture
-def damaged_cluster(tiny_llama, tmp_path):
+def three_spans(tiny_llama, tmp_path):
     order = tiny_llama.manifest.model_chain_order
     spans = [
         Span.of(order, "embed", "layer_1"),
@@ -89,6 +91,12 @@ def damaged_cluster(tiny_llama, tmp_path):
         Span.of(order, "layer_4", "head"),
     ]
     homes, _ = prepare_local_network(tmp_path / "cluster", tiny_llama, spans=spans, network_id=NET)
+    return homes
+
+
+@pytest.fixture
+def damaged_cluster(tiny_llama, tmp_path):
+    homes = three_spans(tiny_llama, tmp_path)
     for home in homes[:2]:
         own_copies(home)
     layer_2 = "model.layers.2.mlp.down_proj.weight"
@@ -163,3 +171,28 @@ def test_a_damaged_block_is_never_used_and_is_repaired(damaged_cluster, tiny_lla
     wait_for(lambda: events(admin, "block_repaired", worker_id, mark), "repaired", timeout=180)
     assert BlockStore(worker_store).check_block("layer_3") is None
     assert token_ids(asyncio.run(answer(ws_url, PROMPT))) == expected
+
+
+def test_a_block_file_missing_at_start_is_pushed_again(tiny_llama, tmp_path):
+    homes = three_spans(tiny_llama, tmp_path)
+    admin, worker = homes[0], homes[1]
+    own_copies(worker)
+    (worker / "models" / tiny_llama.model_id / "blocks/layer_3.safetensors").unlink()
+    cluster = LocalCluster(homes, kv_budget_mb=16)
+    cluster.start()
+    try:
+        worker_id = node_identity(worker).node_id
+        told = wait_for(lambda: events(admin, "block_corrupt", worker_id, 0), "told")
+        assert told[0]["blocks"] == {"layer_3": "missing"}
+        wait_for(
+            lambda: asyncio.run(node_info(worker))["networks"][NET]["serving"],
+            "the span serves once the admin pushed the block",
+            timeout=180,
+        )
+        store = BlockStore(worker / "models" / tiny_llama.model_id)
+        assert store.check_block("layer_3") is None
+        expected = reference_tokens(tiny_llama, PROMPT, 8)
+        assert token_ids(asyncio.run(answer(client_ws_url(cluster), PROMPT))) == expected
+        wait_for(lambda: events(admin, "block_repaired", worker_id, 0), "repaired")
+    finally:
+        cluster.stop()

@@ -375,6 +375,7 @@ class ControlServer:
         )
         if complete:
             release_free_memory()
+            self.service.blocks_arrived(network_id)
         return {"complete": complete}
 
     async def op_block_key(self, header, payload, conn: Connection) -> dict:

@@ -49,7 +49,7 @@ from tiktrue.node.control_link import ControlError
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
-from tiktrue.protocol.network_config import NetworkConfig, list_configs
+from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
@@ -112,6 +112,7 @@ class NodeService:
         self._lock = asyncio.Lock()
         self.started = False
         self.waiting: dict[str, str] = {}  # network -> why its block server is not running
+        self.missing_blocks: dict[str, list[str]] = {}  # network -> blocks of its span not here
         self._pulls: dict[str, asyncio.Task] = {}  # network -> pulling until the admin answers
         self._broadcasts: dict[str, asyncio.Task] = {}  # network -> admin's latest broadcast
         # admin: one change of a network's config at a time (read, plan, push, write), shared
@@ -207,7 +208,6 @@ class NodeService:
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
-        from tiktrue.protocol.network_config import config_path, read_config
 
         if not read_config(config_path(self.data_dir, network_id)).auto_plan:
             return
@@ -345,6 +345,7 @@ class NodeService:
                 elif config is not None:
                     await server.update_config(config)
             self.waiting.clear()
+            self.missing_blocks.clear()
             for network_id, config in configs.items():
                 entry = config.node(node_id)
                 if entry.blocks and network_id not in self.servers:
@@ -375,6 +376,7 @@ class NodeService:
             missing = [b for b in blocks if not store.has_block(b)]
             if missing:
                 self.waiting[config.network_id] = f"waiting for blocks {', '.join(missing)}"
+                self.missing_blocks[config.network_id] = missing  # the admin pushes them
                 return
             credentials = NetworkCredentials.load(self.data_dir, config.network_id)
             # loading and hashing the span takes seconds: off the loop, so the control channel,
@@ -583,7 +585,7 @@ class NodeService:
         """Admin: ``node_id``'s control channel listens at ``control`` now (it restarted on
         another port). A change is a new config version, so the admin's view (``network
         status``) and every node agree; the others get it by a broadcast in the background."""
-        from tiktrue.protocol.network_config import config_path, read_config, write_config
+        from tiktrue.protocol.network_config import write_config
 
         async with self.config_locks[network_id]:
             config = read_config(config_path(self.data_dir, network_id))
@@ -605,8 +607,6 @@ class NodeService:
         self._broadcasts[network_id] = asyncio.create_task(self._broadcast(network_id, before))
 
     async def _broadcast(self, network_id: str, before: asyncio.Task | None) -> None:
-        from tiktrue.protocol.network_config import config_path, read_config
-
         if before is not None:
             await asyncio.gather(before, return_exceptions=True)
         try:
@@ -699,17 +699,35 @@ class NodeService:
     def heartbeat(self, network_id: str) -> dict:
         """This node's answer to its admin's heartbeat: load, memory, and its span's figures."""
         from tiktrue.node.resources import heartbeat_stats
-        from tiktrue.protocol.network_config import config_path, read_config
 
         server = self.servers.get(network_id)
         path = config_path(self.data_dir, network_id)
+        missing = self.missing_blocks.get(network_id) if server is None else None
         return {
             **heartbeat_stats(self.data_dir),
             "version": read_config(path).version if path.is_file() else None,
             "serving": server is not None and server.engine is not None,
             "waiting": self._waiting(network_id),
+            # block files of its span that are not here at all: repaired like damaged ones
+            **(
+                {"block_faults": dict.fromkeys(missing, "missing"), "loaded": False}
+                if missing
+                else {}
+            ),
             **(server.health_stats() if server is not None else {}),
         }
+
+    def blocks_arrived(self, network_id: str) -> None:
+        """A block was received: a span that waited for missing blocks starts once they are
+        all here (a repair push; a normal plan switch starts it with its config)."""
+        missing = self.missing_blocks.get(network_id)
+        if not missing:
+            return
+        path = config_path(self.data_dir, network_id)
+        store = BlockStore(self.data_dir / "models" / read_config(path).model_id)
+        if all(store.has_block(b) for b in missing):
+            self.missing_blocks.pop(network_id, None)
+            self._in_background(self.reload())
 
     def _write_run_file(self) -> None:
         path = run_file(self.data_dir)
