@@ -172,6 +172,9 @@ def test_every_block_message_type_checks_the_table(secured):
     credentials = _credentials(homes)
     roles = {role: credentials[role] for role in (ADMIN, WORKER, BACKUP)}
     assert all(set(BLOCK_MESSAGES[kind]) == set(roles) for kind in BLOCK_MESSAGES)
+    replies = {"ack", "error", "hello_reply", "inference_response"}
+    requests = {m.value for m in ps.MessageType} - replies
+    assert requests == set(BLOCK_MESSAGES) - {"forward"}, "every request type is in the table"
 
     def message(kind: str, message_id: str) -> str | bytes:
         if kind == "forward":

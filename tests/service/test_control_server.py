@@ -181,7 +181,13 @@ def test_a_network_that_encrypts_at_rest_gets_its_blocks_sealed(tiny_llama, tmp_
     root.mkdir(parents=True)
     shutil.copy(tiny_llama.root / MANIFEST, root / MANIFEST)
     caps = SimpleNamespace(disk_bytes=None)
-    service = SimpleNamespace(data_dir=home, identity=node_identity(home), caps=lambda: caps)
+    arrived = []
+    service = SimpleNamespace(
+        data_dir=home,
+        identity=node_identity(home),
+        caps=lambda: caps,
+        blocks_arrived=arrived.append,
+    )
     server = ControlServer(service)
     admin = member((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
     entry = tiny_llama.manifest.blocks["layer_0"]
@@ -193,6 +199,7 @@ def test_a_network_that_encrypts_at_rest_gets_its_blocks_sealed(tiny_llama, tmp_
         payload, op="chunk", id="c", path=entry.file, index=0, last=True, **meta
     )
     assert asyncio.run(server._answer(frame, admin))[0]["complete"] is True
+    assert arrived == ["net-a"]  # the service hears of it (a span waiting for it starts)
     sealed = root / (entry.file + ".sealed")
     assert sealed.is_file() and not (root / entry.file).exists()
     assert plain[:256] not in sealed.read_bytes()

@@ -288,7 +288,8 @@ def join_status(
     data_dir: Path, request: JoinRequest, request_id: str
 ) -> tuple[str, JoinGrant | None]:
     """The state of a join request; only its author (who proves the same key) may ask, since
-    an approved grant carries the network's block key."""
+    an approved grant carries the node's certificate (the block key comes after, over mutual
+    TLS)."""
     network_id = request.network_id
     item = _load(_requests_path(data_dir, network_id), {}).get(request_id)
     if item is None:

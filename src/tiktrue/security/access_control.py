@@ -68,6 +68,8 @@ UNSCOPED_OPS = frozenset({"hello", "auth", "node_info", "join", "join_status", "
 
 # block-server message type (``forward`` is a binary tensor frame) -> the roles that may send
 # it. A block server takes only certificates of its own network (TLS), so no ``anyone``.
+# Every request type of the protocol is here (a test holds it to ``MessageType``); replies
+# (ack, error, hello_reply, inference_response) are not requests.
 BLOCK_MESSAGES: dict[str, frozenset[str]] = {
     "hello": _MEMBERS,
     "node_auth": _MEMBERS,
@@ -77,6 +79,7 @@ BLOCK_MESSAGES: dict[str, frozenset[str]] = {
     "session_close": _MEMBERS,
     "session_save": _MEMBERS,
     "session_restore": _MEMBERS,
+    "session_truncate": _MEMBERS,  # rewind (regenerate, edit and resend)
     "link_lost": _MEMBERS,
     "heartbeat": _MEMBERS,
     "inference_request": _MEMBERS,  # to a node that runs a gateway

@@ -31,10 +31,12 @@ from tiktrue.control import config_sync
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import ConfigSignatureError, sign_config
 from tiktrue.control.discovery import announcement_for
+from tiktrue.control.planner import PlanError
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
 from tiktrue.node import block_receiver
+from tiktrue.node.control_link import CONTROL_PURPOSE
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.peer_link import CLOSE_TIMEOUT, HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
@@ -71,7 +73,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiktrue.control")
 _TEST_HOOKS = os.environ.get("TIKTRUE_TEST_HOOKS") == "1"
 LOSE_REPLIES = "test_lose_replies.json"  # {op: how many replies to lose}, with the hooks on
-CONTROL_PURPOSE = "control"  # as the client binds it (node.control_link)
 
 
 class Refused(Exception):
@@ -217,8 +218,17 @@ class ControlServer:
             ProtocolError,
             ConfigSignatureError,
             config_sync.SyncRefused,
+            config_sync.SyncError,
         ) as exc:
             reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
+            return reply, False
+        except (ConfigError, PlanError) as exc:  # a config or plan that cannot be made
+            reply = {
+                "in_reply_to": request_id,
+                "ok": False,
+                "code": "refused",
+                "message": str(exc),
+            }
             return reply, False
         except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
             reply = {
@@ -400,9 +410,11 @@ class ControlServer:
         network_id = header["network_id"]
         nm.admin_ca(self.data_dir, network_id)  # only the admin handles leaves
         async with self.service.config_locks[network_id]:
+            config = read_config(config_path(self.data_dir, network_id))
+            if conn.caller.node_id not in {n.node_id for n in config.nodes}:
+                return {"version": config.version}  # asked again (its first answer was lost)
             new = await remove_node(self.data_dir, network_id, conn.caller.node_id, revoke=False)
-        await self.service.reload()
-        return {"version": new.version}
+        return {"version": new.version}  # remove_node's push reloaded this node's service
 
     async def op_chain_broken(self, header, payload, conn: Connection) -> dict:
         """A member's chain failed: the admin looks for lost nodes (in the background)."""
