@@ -22,7 +22,7 @@ from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerLink, PeerUnavailable
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.frames import encode_tensor_frame
-from tiktrue.protocol.network_config import config_path, read_config, write_config
+from tiktrue.protocol.network_config import NetworkConfig, config_path, read_config, write_config
 from tiktrue.security import auth_manager
 from tiktrue.security.access_control import (
     ADMIN,
@@ -464,3 +464,41 @@ def test_a_removed_node_is_refused_at_once_on_every_node(tiny_llama, tmp_path):
         assert removed.node_id not in {n.node_id for n in held.nodes}
     finally:
         cluster.stop()
+
+
+def test_a_node_that_left_is_refused_although_its_certificate_is_valid(secured):
+    """A node that left (not revoked: it may join again) is no longer in the network's config
+    on the node it calls: every request is refused, and the connection ends."""
+    homes, config = secured
+    target, leaver = homes[1], config.nodes[3]  # the backup leaves
+    path = config_path(target, NET)
+    before = path.read_bytes()
+    left = NetworkConfig.model_validate(
+        {
+            **config.model_dump(),
+            "nodes": [n.model_dump() for n in config.nodes if n.node_id != leaver.node_id],
+            "version": config.version + 1,
+        }
+    )
+    write_config(target, left)
+    try:
+        reply = asyncio.run(
+            _ask(
+                control_address(target),
+                node_identity(target).node_id,
+                "health_suspect",
+                credentials=_credentials(homes)[BACKUP],
+            )
+        )
+    finally:
+        path.write_bytes(before)
+    assert reply["ok"] is False and reply["code"] == "not_a_member", reply
+    still = asyncio.run(
+        _ask(
+            control_address(target),
+            node_identity(target).node_id,
+            "health_suspect",
+            credentials=_credentials(homes)[BACKUP],
+        )
+    )
+    assert still.get("code") != "not_a_member", still  # back in the config: answered again

@@ -122,6 +122,10 @@ class NetworkConfig(BaseModel):
     def revoked_ids(self) -> frozenset[str]:
         return frozenset(r.node_id for r in self.revoked)
 
+    @property
+    def node_ids(self) -> frozenset[str]:
+        return frozenset(n.node_id for n in self.nodes)
+
     def _index(self, block: str) -> int:
         try:
             return self.model_chain_order.index(block)

@@ -252,13 +252,17 @@ class ControlServer:
 
     def _still_valid(self, caller: Caller) -> None:
         """A member's certificate, checked again at each request: revoked or expired since
-        the connection proved it, the connection ends."""
+        the connection proved it, or its node no longer in the network (it left: its
+        certificate is not revoked, so it may join again), the connection ends."""
         if not caller.is_member:
             return
         if self._revoked(caller):
             raise Refused("revoked", f"{caller.describe()} was removed from it", close=True)
         if caller.not_after is not None and dt.datetime.now(dt.timezone.utc) > caller.not_after:
             raise Refused("expired", f"the certificate of {caller.describe()} expired", close=True)
+        path = config_path(self.data_dir, caller.network_id)
+        if path.is_file() and caller.node_id not in read_config(path).node_ids:
+            raise Refused("not_a_member", f"{caller.describe()} left it", close=True)
 
     async def op_hello(self, header, payload, conn: Connection) -> dict:
         """The caller's challenge, answered with this node's identity key; ours for it."""
