@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from tiktrue.control import network_manager as nm
 from tiktrue.model.store import MANIFEST, BlockStore, chunk_aad
 from tiktrue.protocol.frames import encode_bytes_frame
+from tiktrue.protocol.network_config import NetworkConfig, write_config
 from tiktrue.security.access_control import AccessDenied, Caller, check_control
 from tiktrue.security.auth_manager import IdentityError, certificate_info, create_network_ca
 from tiktrue.security.crypto_layer import encrypt_block_transfer
@@ -246,3 +247,29 @@ def test_a_node_in_no_network_of_the_caller_says_so(tiny_llama, tmp_path):
     assert "does not take certificates of network net-a" in refused
     assert public["public"] is True and public["node_id"] == identity.node_id
     assert pong["ok"] is True
+
+
+def test_the_admin_of_one_network_cannot_write_the_model_of_another(tiny_llama, tmp_path):
+    """A node in two networks: network B runs model-b; network A's admin certificate may not
+    push model-b's manifest or chunks (it may push its own model, and new ones)."""
+    home = tmp_path / "node"
+    config_a = nm.create_network(home, "A", tiny_llama, network_id="net-a")
+    write_config(
+        home,
+        NetworkConfig.model_validate(
+            {**config_a.model_dump(), "network_id": "net-b", "name": "B", "model_id": "model-b"}
+        ),
+    )
+    server = ControlServer(SimpleNamespace(data_dir=home, identity=node_identity(home)))
+    admin_a = member((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
+    meta = {"network_id": "net-a", "id": "m"}
+    manifest = {**tiny_llama.manifest.model_dump(), "model_id": "model-b"}
+    for fields in (
+        {"op": "manifest_push", "model_id": "model-b", "manifest": manifest},
+        {"op": "blocks_held", "model_id": "model-b"},
+    ):
+        reply = asyncio.run(server._answer(json.dumps({**meta, **fields}), admin_a))[0]
+        assert reply["code"] == "wrong_model" and "network net-b" in reply["message"], reply
+    new = {**tiny_llama.manifest.model_dump(), "model_id": "model-c"}
+    pushed = {**meta, "op": "manifest_push", "model_id": "model-c", "manifest": new}
+    assert asyncio.run(server._answer(json.dumps(pushed), admin_a))[0]["ok"] is True

@@ -348,6 +348,7 @@ class ControlServer:
         return {"state": state, "grant": grant.model_dump() if grant else None}
 
     async def op_manifest_push(self, header, payload, conn: Connection) -> dict:
+        self._network_model(header)
         manifest = Manifest.model_validate(header["manifest"])
         root = self._model_root(header["model_id"], manifest)
         root.mkdir(parents=True, exist_ok=True)
@@ -356,7 +357,7 @@ class ControlServer:
 
     async def op_blocks_held(self, header, payload, conn: Connection) -> dict:
         network_id = header["network_id"]
-        manifest, root = self._manifest(header["model_id"])
+        manifest, root = self._manifest(self._network_model(header))
         return await asyncio.to_thread(
             block_receiver.held, root, manifest, **self._at_rest(network_id)
         )
@@ -369,7 +370,7 @@ class ControlServer:
 
     async def op_chunk(self, header, payload, conn: Connection) -> dict:
         network_id, model_id = header["network_id"], header["model_id"]
-        manifest, root = self._manifest(model_id)
+        manifest, root = self._manifest(self._network_model(header))
         path, index = header["path"], int(header["index"])
         key = nm.block_key(self.data_dir, network_id)  # its own error when there is none
         try:
@@ -465,6 +466,21 @@ class ControlServer:
                 "not_monitoring", f"this node does not monitor network {network_id} (not its admin)"
             )
         return monitor
+
+    def _network_model(self, header: dict) -> str:
+        """The request's model: the admin of one network does not write the files of a model
+        that another network of this node runs (unless its own network runs it too)."""
+        network_id, model_id = header["network_id"], header["model_id"]
+        configs = {c.network_id: c for c in list_configs(self.data_dir)}
+        mine = configs.get(network_id)
+        others = {c.network_id for c in configs.values() if c.model_id == model_id}
+        if (mine is None or mine.model_id != model_id) and others - {network_id}:
+            raise Refused(
+                "wrong_model",
+                f"{model_id} is the model of network {', '.join(sorted(others))}, "
+                f"not of {network_id}: its admin writes its files",
+            )
+        return model_id
 
     def _model_root(self, model_id: str, manifest: Manifest | None = None) -> Path:
         if manifest is not None and manifest.model_id != model_id:
