@@ -330,7 +330,12 @@ class ControlServer:
 
     async def op_join(self, header, payload, conn: Connection) -> dict:
         request = nm.JoinRequest.model_validate(header["request"])
-        outcome = nm.accept_join(self.data_dir, request, source=conn.source)
+        if config_path(self.data_dir, request.network_id).is_file():
+            # a token's grant writes the next config: not beside a failover's or a leave's
+            async with self.service.config_locks[request.network_id]:
+                outcome = nm.accept_join(self.data_dir, request, source=conn.source)
+        else:  # no such network here: accept_join says so (no lock made for a made-up id)
+            outcome = nm.accept_join(self.data_dir, request, source=conn.source)
         if isinstance(outcome, str):
             return {"state": "pending", "request_id": outcome}
         await self._joined(request.network_id)
