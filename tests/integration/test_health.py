@@ -123,8 +123,8 @@ def test_stopped_and_killed_workers_are_found_and_logged(own_tiny_cluster):
     health_events = {"node_online", "node_suspect", "node_dead"}
     path = [e["event"] for e in log if e["node_id"] == stopped and e["event"] in health_events]
     assert path[:4] == ["node_online", "node_suspect", "node_dead", "node_online"], path
-    died = [e for e in log if e["node_id"] == killed]
-    assert died[-1]["event"] == "node_dead", died
+    died = [e for e in log if e["node_id"] == killed and e["event"] in health_events]
+    assert died[-1]["event"] == "node_dead", died  # (a failover of it may follow)
     # the node before it lost its link and told the admin, whose probe was refused; or, when
     # the failover after the stop had already planned it out of the chain, no beat came
     assert died[-1]["why"].startswith(("refused the connection", "no heartbeat")), died
