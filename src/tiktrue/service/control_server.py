@@ -208,8 +208,7 @@ class ControlServer:
             result = await getattr(self, f"op_{op}")(header, payload, conn)
             return {"in_reply_to": request_id, "ok": True, **(result or {})}, False
         except Refused as exc:
-            reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-            return reply, exc.close
+            return _error(request_id, exc.code, str(exc)), exc.close
         except (
             AccessDenied,
             nm.JoinError,
@@ -220,33 +219,14 @@ class ControlServer:
             config_sync.SyncRefused,
             config_sync.SyncError,
         ) as exc:
-            reply = {"in_reply_to": request_id, "ok": False, "code": exc.code, "message": str(exc)}
-            return reply, False
+            return _error(request_id, exc.code, str(exc)), False
         except (ConfigError, PlanError) as exc:  # a config or plan that cannot be made
-            reply = {
-                "in_reply_to": request_id,
-                "ok": False,
-                "code": "refused",
-                "message": str(exc),
-            }
-            return reply, False
+            return _error(request_id, "refused", str(exc)), False
         except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
-            reply = {
-                "in_reply_to": request_id,
-                "ok": False,
-                "code": "bad_request",
-                "message": str(exc),
-            }
-            return reply, False
+            return _error(request_id, "bad_request", str(exc)), False
         except Exception as exc:  # a bug: answer it and keep serving
             log.exception("control request failed")
-            reply = {
-                "in_reply_to": request_id,
-                "ok": False,
-                "code": "internal_error",
-                "message": repr(exc),
-            }
-            return reply, False
+            return _error(request_id, "internal_error", repr(exc)), False
 
     # --- who is calling ----------------------------------------------------------------------
 
@@ -563,3 +543,8 @@ class ControlServer:
         path.write_text(json.dumps(counts), "utf-8")
         log.warning("test hook: the reply to %s is lost", op)
         return True
+
+
+def _error(request_id, code: str, message: str) -> dict:
+    """A control request's error reply."""
+    return {"in_reply_to": request_id, "ok": False, "code": code, "message": message}
