@@ -368,7 +368,7 @@ def test_a_prompt_in_chunks_equals_the_prompt_at_once(tiny_cluster, tiny_llama):
     """The gateway's chain client sends a long prompt in chunks (here of 7 tokens); the
     answer equals the one-process engine's, the nodes ran one prompt step per chunk, and the
     head's sampling history (repetition penalty) holds every chunk's tokens."""
-    from tiktrue.gateway.api_client import RemoteChain
+    from tiktrue.gateway.chain_client import RemoteChain
 
     _, homes, config = tiny_cluster
     prompt = [(i * 37) % 300 + 3 for i in range(60)]

@@ -27,13 +27,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from tiktrue import __version__, limits
-from tiktrue.gateway.api_client import ChainError, Gateway
+from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.auth import (
     AuthMiddleware,
     GatewayAuth,
     caller_of,
     require_network,
 )
+from tiktrue.gateway.chain_client import ChainError
 from tiktrue.gateway.http_errors import APIError, error_body, from_network
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.limits import (

@@ -11,8 +11,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from tiktrue import limits
-from tiktrue.gateway.api_client import ChainError, Gateway, new_session_id
+from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.auth import Connection
+from tiktrue.gateway.chain_client import ChainError, new_session_id
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams

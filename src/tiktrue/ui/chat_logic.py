@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from tiktrue import limits
-from tiktrue.gateway.api_client import ChainError, Gateway
+from tiktrue.gateway.api_client import Gateway
+from tiktrue.gateway.chain_client import ChainError
 from tiktrue.gateway.session_store import Answer, StoredSession
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
