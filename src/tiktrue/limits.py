@@ -45,6 +45,18 @@ MAX_STEP_TOKENS = 4096
 PREFILL_CHUNK_TOKENS = 256
 MAX_FRAME_HEADER_BYTES = 64 << 10
 
+# --- the chain's links and deadlines ---------------------------------------------------------
+# Every round trip on the chain has a deadline: a hung node must not hold its caller for ever.
+# A step's is a ceiling, not an expectation (a prompt chunk of a big model on slow PCs takes
+# seconds per node): a node that stops answering is found by the admin's heartbeats and by the
+# links' own pings long before it.
+STEP_DEADLINE_S = 300.0
+CONTROL_DEADLINE_S = 60.0  # a session control message (open, close, save ...) on every node
+# Every link between nodes pings its peer this often and drops when a pong takes longer than
+# the timeout: a link whose cable was pulled (no TCP reset) is closed within their sum.
+LINK_PING_INTERVAL_S = 1.0
+LINK_PING_TIMEOUT_S = 3.0
+
 # --- a caller that proved no certificate (a PC that has not joined; DESIGN.md §6) ------------
 MAX_UNPROVED_MESSAGE_BYTES = 64 << 10  # one control-port message (a join request is ~1 KB)
 MAX_PENDING_JOINS_PER_SOURCE = 4  # join requests waiting for approval from one address

@@ -368,13 +368,13 @@ def test_a_prompt_in_chunks_equals_the_prompt_at_once(tiny_cluster, tiny_llama):
     """The gateway's chain client sends a long prompt in chunks (here of 7 tokens); the
     answer equals the one-process engine's, the nodes ran one prompt step per chunk, and the
     head's sampling history (repetition penalty) holds every chunk's tokens."""
-    from tiktrue.gateway.chain_client import RemoteChain
+    from tiktrue.gateway.chain_client import ChainClient
 
     _, homes, config = tiny_cluster
     prompt = [(i * 37) % 300 + 3 for i in range(60)]
 
     async def go():
-        chain = RemoteChain(config, member_credentials(homes), prefill_chunk=7)
+        chain = ChainClient(config, member_credentials(homes), prefill_chunk=7)
         try:
             before = await network_infos(homes, NET)
             await chain.open("chunked")

@@ -21,7 +21,12 @@ import pytest
 import torch
 import websockets
 
-from tests.helpers.cluster import node_connection, request, token_ids
+from tests.helpers.cluster import (
+    node_connection,
+    request,
+    token_ids,
+    wait_for_session_counts,
+)
 from tests.integration.test_chain import (
     client_ws_url,
     hello,
@@ -187,6 +192,29 @@ def test_a_hung_node_is_detected_and_replaced_like_a_dead_one(with_backup, tiny_
     replies = asyncio.run(_answer(cluster, lambda: frozen.send_signal(signal.SIGSTOP)))
     _assert_complete(replies, undisturbed)
     assert config.nodes[1].node_id not in {n.node_id for n in _config(homes[0]).chain()}
+
+
+def test_no_node_keeps_a_session_after_a_failover(with_backup, tiny_llama):
+    """Three answers at once (each in a session of its own) while a worker freezes and the
+    backup takes over; then the frozen PC comes back. Once the answers have ended, no node
+    holds a session: not the new chain's nodes, not the PC that froze through the change (a
+    chain that changes frees what its nodes held: every session is rebuilt by replay), not
+    the old chain's head."""
+    cluster, homes, config = with_backup
+    frozen = cluster.processes[1]
+
+    async def go():
+        hit = _answer(cluster, lambda: frozen.send_signal(signal.SIGSTOP))
+        return await asyncio.gather(hit, _answer(cluster, None), _answer(cluster, None))
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert all(replies[-1].get("status") == "success" for replies in answers), answers
+    assert config.nodes[1].node_id not in {n.node_id for n in _config(homes[0]).chain()}
+    counts = asyncio.run(wait_for_session_counts(homes, NET, 0, timeout=CEILING))
+    assert counts == [0, 0, 0, 0]
 
 
 def test_without_a_backup_the_blocks_are_redistributed(without_backup, tiny_llama):

@@ -153,9 +153,10 @@ def test_stopped_and_killed_workers_are_found_and_logged(own_tiny_cluster):
     assert "dead, beat" in line, status.stdout
 
 
-async def answer(cluster) -> list[dict]:
+async def answer(cluster, max_tokens: int = 3) -> list[dict]:
     async with websockets.connect(client_ws_url(cluster)) as ws:
-        return await ask(ws, request(NET, input_ids=[5, 17, 42], temperature=0, max_tokens=3))
+        body = request(NET, input_ids=[5, 17, 42], temperature=0, max_tokens=max_tokens)
+        return await ask(ws, body)
 
 
 def _drain(received) -> list[dict]:
@@ -163,3 +164,37 @@ def _drain(received) -> list[dict]:
     while not received.empty():
         got.append(received.get_nowait())
     return got
+
+
+def test_heartbeats_answer_while_a_long_step_computes(tiny_llama, tmp_path):
+    """A node whose span takes 8 s per step (a deliberately slow span: its worker thread stays
+    busy, holding the GIL as Python code does) answers every heartbeat meanwhile: torch runs
+    on the span worker's thread, never on the event loop that serves the heartbeats. The
+    admin never suspects it, nothing is failed over, and the answer is the one it should be.
+    (With decode rounds on the event loop, the beats waited for the step: suspect after one
+    beat timeout, dead after ``dead_after_s`` = 4 s, and a failover of a healthy node.)"""
+    from tests.integration.test_chain import reference_tokens
+    from tiktrue.model.engine import Span
+    from tiktrue.node.served_span import SLOW_STEP_ENV
+    from tiktrue.service.local_network import LocalCluster, prepare_local_network
+
+    order = tiny_llama.manifest.model_chain_order
+    spans = [Span.of(order, "embed", "layer_1"), Span.of(order, "layer_2", "head")]
+    homes, config = prepare_local_network(tmp_path / "c", tiny_llama, spans=spans, network_id=NET)
+    slow = config.nodes[1].node_id
+    cluster = LocalCluster(homes, kv_budget_mb=16, node_env={1: {SLOW_STEP_ENV: "8"}})
+    cluster.start()
+    try:
+        admin = homes[0]
+        wait_for(lambda: set(states(admin).values()) == {"online"}, "all nodes online")
+        began = time.time()
+        replies = asyncio.run(answer(cluster, max_tokens=1))
+        ended = time.time()
+        assert token_ids(replies) == reference_tokens(tiny_llama, [5, 17, 42], 1)
+        assert ended - began >= 8  # the slow step did run (a bound on the test, not a claim)
+        log = recent_events(events_path(admin), 1000, NET)
+        trouble = [e for e in log if e["event"] in ("node_suspect", "node_dead", "failover")]
+        assert not trouble, trouble
+        assert states(admin)[slow] == "online"
+    finally:
+        cluster.stop()

@@ -13,7 +13,7 @@ Three answers, tried in this order (seed 000, phase 8):
   answers in flight wait and new requests queue (the gateway says so) until a node returns.
 
 Either way the gateway replays each session's token history through the new chain, so an
-answer in flight pauses and goes on with no token lost or repeated (``ReplayingChain``).
+answer in flight pauses and goes on with no token lost or repeated (``ChainClient``).
 When a lost node returns, the network is planned again with it (backups included).
 """
 

@@ -16,12 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiktrue.gateway.chain_client import (
-    ChainError,
-    RemoteChain,
-    ReplayingChain,
-    new_session_id,
-)
+from tiktrue.gateway.chain_client import ChainClient, ChainError, new_session_id
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
 from tiktrue.model.sampling import SamplingParams
@@ -100,9 +95,7 @@ class Gateway:
         self.model_config = store.config()
         self.credentials = credentials
         self.local_server = local_server
-        self.chain = ReplayingChain(
-            RemoteChain(config, credentials, local_server), on_broken=on_broken
-        )
+        self.chain = ChainClient(config, credentials, local_server, on_broken=on_broken)
         self.sessions: dict[str, SessionState] = {}
         self.session_store = session_store or SessionStore.open(self.data_dir)
         self.idle_timeout_s = idle_timeout_s
@@ -124,7 +117,7 @@ class Gateway:
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""
         self.config = config
-        self.chain.switch(RemoteChain(config, self.credentials, self.local_server))
+        self.chain.switch(config)
 
     def start(self) -> None:
         """Background work (on the running loop): free on the nodes the sessions they may

@@ -1,8 +1,18 @@
-"""The gateway's client of a network's chain: runs every step on the network's nodes.
+"""``ChainClient``: the gateway's one client of a network's chain.
 
-``RemoteChain`` sends token ids to the node holding ``embed``; hidden states travel node to
-node; the node holding ``head`` samples and its token comes back. ``ReplayingChain`` remembers
-what each session fed, so a replacement worker can rebuild its cache by replay.
+A step goes to the chain's first node (in this process when that node is here, else over a
+mutual-TLS link), travels node to node, and the head's token comes back. The client knows of
+each session one thing: the tokens it has fed the chain (``history``) and whether the current
+chain's nodes hold them (``on_chain``). A session that is not on the chain — new, or the chain
+changed under it (a node lost, a new config), or a step failed on the way — is (re)opened on
+every node by its next step, which first replays its history: the answer pauses, and no token
+is lost or repeated. (Petals rebuilds a replaced server's cache the same way.)
+
+Every round trip has a deadline. A step that fails because a node is unreachable reports the
+broken chain (``on_broken``: the admin's failover takes it from there) and waits for a new
+chain (``switch``) or tries the same one again every ``retry_s`` (the node may come back), up to
+``heal_ceiling``. A step unanswered for ``stall_s`` is reported too and goes on waiting: a new
+chain fails it (the old links close) and it is replayed there.
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +36,12 @@ from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.security.node_tls import NetworkCredentials
 
 log = logging.getLogger("tiktrue.gateway")
+
+RECOVERABLE = {"peer_unavailable", "unknown_session"}
+RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
+STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain
+HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
+CLOSE_TIMEOUT_S = 10.0  # freeing a session on the nodes: a hung node must not hold the caller
 
 
 class ChainError(Exception):
@@ -73,53 +90,167 @@ class StepTiming:
         return [self.entry_rtt_ms, *(n.get("link_rtt_ms") for n in self.nodes)]
 
 
-class LocalEntry:
-    """The first node of the chain when it runs in the gateway's own process: requests go to
-    its block server directly, without a TLS hop to itself."""
+@dataclass
+class ChainSession:
+    """What the client knows of a session: the tokens it fed the chain, and whether the
+    current chain's nodes hold exactly those."""
 
-    def __init__(self, server) -> None:
-        self.server = server
-
-    async def request(self, payload: bytes | tuple | ps.Message, message_id: str) -> dict:
-        if isinstance(payload, bytes | tuple):
-            return await self.server.answer_frame(payload)
-        return await self.server.answer_text(ps.make_message(payload))
-
-    async def close(self) -> None:
-        return None
+    history: list[int] = field(default_factory=list)
+    on_chain: bool = False  # False: its next step opens it on every node and replays history
+    sampling: SamplingParams | None = None  # the settings its head's sampler was last given
 
 
-class RemoteChain:
-    """The network's chain as one object with ``step`` (see ``tiktrue.model.generation``).
+class ChainClient:
+    """The network's chain as the gateway uses it (see the module's docstring).
 
-    ``local_server``, when given, returns this process's block server of the network (or
-    None); when that server is the chain's first node, steps are handed to it in-process.
+    ``local_server()`` returns this process's block server of the network, or None: when it
+    is the chain's first node, steps are handed to it in-process, without a TLS hop to itself.
     """
 
     def __init__(
         self,
         config: NetworkConfig,
         credentials: NetworkCredentials,
-        local_server=None,
+        local_server: Callable[[], object] | None = None,
         *,
+        on_broken: Callable[[Exception], None] | None = None,
         prefill_chunk: int = limits.PREFILL_CHUNK_TOKENS,
+        retry_s: float = RETRY_S,
+        stall_s: float = STALL_S,
+        heal_ceiling: float = HEAL_CEILING_S,
     ) -> None:
-        entry = config.chain()[0]
-        self.prefill_chunk = prefill_chunk
-        self.entry_node_id = entry.node_id
+        self.credentials = credentials
         self.local_server = local_server or (lambda: None)
+        self.on_broken = on_broken or (lambda error: None)
+        self.prefill_chunk = prefill_chunk
+        self.retry_s, self.stall_s, self.heal_ceiling = retry_s, stall_s, heal_ceiling
+        self.sessions: dict[str, ChainSession] = {}
+        self.replays = 0
+        self.healthy = True  # False from a failed step until a step or a probe gets through
+        self.last_step: StepTiming | None = None
+        self._switched = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+        self._unclosed: set[str] = set()  # closes the chain missed: sent again when it heals
+        self._closing_missed: asyncio.Task | None = None
+        self._use(config)
+
+    def _use(self, config: NetworkConfig) -> None:
+        entry = config.chain()[0]
         self.network_id = config.network_id
+        self.entry_node_id = entry.node_id
         self.link = PeerLink(
             entry.host,
             entry.port,
             network_id=config.network_id,
-            credentials=credentials,
-            role=credentials.info.role,
+            credentials=self.credentials,
+            role=self.credentials.info.role,
             expected_node_id=entry.node_id,
             revoked=config.revoked_ids,
         )
-        self.last_step: StepTiming | None = None
-        self._opening: set[str] = set()  # opened here, to be opened on the nodes by a step
+
+    def switch(self, config: NetworkConfig) -> None:
+        """A new chain: later steps go there, every session is replayed there on its next
+        step; steps still waiting on the old chain fail (its link closes) and are replayed."""
+        old = self.link
+        self._use(config)
+        for session in self.sessions.values():
+            session.on_chain = False
+        self._in_background(old.close())
+        self._switched.set()
+        self._switched = asyncio.Event()
+        if self._unclosed:
+            self._retry_closes()
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        if self._closing_missed is not None:
+            self._background.add(self._closing_missed)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.link.close()
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    async def open(self, session_id: str) -> None:
+        """A new session: its first step opens it on every node (no round trip of its own)."""
+        self.sessions[session_id] = ChainSession()
+
+    def adopt(self, session_id: str, history: list[int], *, stale: bool) -> None:
+        """Take over a session whose history comes from elsewhere (the gateway's store after a
+        restart, a restored save); ``stale`` when the nodes do not hold it."""
+        self.sessions[session_id] = ChainSession(list(history), on_chain=not stale)
+
+    async def close(self, session_id: str) -> None:
+        """Free the session on every node (also when it is not on this chain: nodes of the
+        current chain that were in an old one may still hold it). A close the chain misses is
+        sent again once it heals, so no node keeps a session nobody will free."""
+        self.sessions.pop(session_id, None)
+        try:
+            await asyncio.wait_for(self._control(ps.SessionClose, session_id), CLOSE_TIMEOUT_S)
+        except (ChainError, PeerUnavailable, asyncio.TimeoutError) as exc:
+            log.info("session %s: close missed the chain (%s); sent again later", session_id, exc)
+            self._unclosed.add(session_id)
+        else:
+            self._unclosed.discard(session_id)
+
+    def _retry_closes(self) -> None:
+        if self._closing_missed is None or self._closing_missed.done():
+            self._closing_missed = asyncio.get_running_loop().create_task(self._close_missed())
+
+    async def _close_missed(self) -> None:
+        for session_id in list(self._unclosed):
+            if session_id in self.sessions:  # in use again: its next step reopens it
+                self._unclosed.discard(session_id)
+            else:
+                await self.close(session_id)
+
+    async def truncate(self, session_id: str, length: int) -> None:
+        """Rewind a session to its first ``length`` tokens on every node (KV caches and the
+        head's history). A session the nodes do not hold now is only cut here: its replay
+        rebuilds the shorter history. A rewind that fails on the way leaves the session off
+        the chain, so it is rebuilt by replay, never continued from a half-rewound chain."""
+        session = self.sessions.setdefault(session_id, ChainSession())
+        del session.history[length:]
+        if not session.on_chain:
+            return
+        try:
+            await self._control(ps.SessionTruncate, session_id, length=length)
+        except (ChainError, PeerUnavailable) as exc:
+            log.info("session %s: rewind to %d failed (%s); replayed next", session_id, length, exc)
+            session.on_chain = False
+
+    async def control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
+        """A session control message through the chain (save, restore, ...). A session the
+        nodes should hold but do not (the chain changed) is rebuilt there first."""
+        session = self.sessions.get(session_id)
+        if session is not None and not session.on_chain and kind is not ps.SessionRestore:
+            await self.rebuild(session_id, len(session.history))
+        return await self._control(kind, session_id, **fields)
+
+    async def rebuild(self, session_id: str, upto: int) -> None:
+        """Put a session on the current chain now (before a save), not at its next step."""
+        session = self.sessions.setdefault(session_id, ChainSession())
+        if not session.on_chain:
+            await self._replay(session_id, session, upto)
+
+    async def probe(self, timeout: float = 2.0) -> bool:
+        """Whether the whole chain answers now (a session close travels every node and
+        computes nothing); sets ``healthy``."""
+        try:
+            await asyncio.wait_for(
+                self._control(ps.SessionClose, f"probe-{uuid.uuid4().hex}"), timeout
+            )
+        except (PeerUnavailable, ChainError, asyncio.TimeoutError):
+            return False
+        self.healthy = True
+        return True
+
+    # --- steps ---------------------------------------------------------------------------------
 
     async def step(
         self,
@@ -128,21 +259,66 @@ class RemoteChain:
         start: int,
         sampling: SamplingParams | None = None,
     ) -> int:
-        """Run ``token_ids`` through the chain; the token the head samples after them.
+        """Run ``token_ids`` (positions ``start..``) through the chain; the token the head
+        samples after them. A session off the chain is replayed first; a chain that breaks
+        meanwhile is waited for (see the module's docstring)."""
+        session = self.sessions.setdefault(session_id, ChainSession())
+        if sampling is not None:
+            session.sampling = sampling
+        began = time.monotonic()
+        while True:
+            try:
+                opens = not session.on_chain
+                if opens and start > 0:
+                    await self._replay(session_id, session, start)
+                    opens = False
+                token = await self._watched(
+                    self._run(session_id, token_ids, start, sampling, opens=opens)
+                )
+            except (PeerUnavailable, ChainError) as exc:
+                code = getattr(exc, "code", "peer_unavailable")
+                if code not in RECOVERABLE or time.monotonic() - began > self.heal_ceiling:
+                    raise
+                session.on_chain = False
+                await self._wait_for_heal(exc)
+                continue
+            self.healthy = True
+            if self._unclosed:  # the chain answers again: free what it missed meanwhile
+                self._retry_closes()
+            del session.history[start:]  # a no-op unless the session was rewound
+            session.history.extend(token_ids)  # per token: O(1), not a copy of the history
+            session.on_chain = True
+            return token
 
-        A long prompt goes in chunks of ``prefill_chunk`` tokens, one after the other: each
-        chunk's hidden states fit a frame, and each worker runs other sessions' decode steps
-        between two chunks. Only the last chunk samples a token."""
+    async def _replay(self, session_id: str, session: ChainSession, upto: int) -> None:
+        """Open the session afresh on every node and run its history through the chain."""
+        history = session.history[:upto]
+        if history:
+            await self._run(session_id, history, 0, session.sampling, opens=True, sample=False)
+        else:
+            await self._control(ps.SessionOpen, session_id)
+        session.on_chain = True
+        self.replays += 1
+
+    async def _run(
+        self, session_id, token_ids, start, sampling, *, opens: bool, sample: bool = True
+    ) -> int | None:
+        """Tokens through the chain, a long prompt in chunks of ``prefill_chunk`` (each one's
+        hidden states fit a frame, and every node runs other sessions' decode steps between
+        two chunks). Only the last chunk samples (unless ``sample`` is False)."""
         last = (len(token_ids) - 1) // self.prefill_chunk * self.prefill_chunk
-        for at in range(0, last, self.prefill_chunk):
-            chunk = token_ids[at : at + self.prefill_chunk]
-            await self._step(session_id, chunk, start + at, sampling if at == 0 else None, False)
-        reply = await self._step(
-            session_id, token_ids[last:], start + last, sampling if last == 0 else None, True
-        )
-        return int(reply["token_id"])
+        for at in range(0, last + 1, self.prefill_chunk):
+            reply = await self._send_step(
+                session_id,
+                token_ids[at : at + self.prefill_chunk],
+                start + at,
+                sampling if at == 0 else None,
+                opens=opens and at == 0,
+                sample=sample and at == last,
+            )
+        return reply.get("token_id")
 
-    async def _step(self, session_id, token_ids, start, sampling, sample: bool) -> dict:
+    async def _send_step(self, session_id, token_ids, start, sampling, *, opens, sample) -> dict:
         message_id = new_message_id()
         meta = {  # the ids travel in the tensor only: the first node lists them for the head
             "kind": "forward",
@@ -155,158 +331,40 @@ class RemoteChain:
             meta["sampling"] = sampling.model_dump()
         if not sample:
             meta["sample"] = False
-        opening = session_id in self._opening
-        if opening:
+        if opens:
             meta["open"] = True
         ids = torch.tensor(token_ids, dtype=torch.long)
         began = time.perf_counter()
-        entry = self._entry()
-        # in this process the first node takes the step as it is: no frame to encode and read
-        step = (meta, ids) if isinstance(entry, LocalEntry) else encode_tensor_frame(ids, **meta)
-        reply = _raise_if_error(await entry.request(step, message_id))
+        server = self._local_entry()
+        if server is not None:  # in this process: the step as it is, no frame to encode
+            reply = await server.hop.step(meta, ids)
+            entry_rtt = 0.0
+        else:
+            frame = encode_tensor_frame(ids, **meta)
+            reply = await self.link.request(frame, message_id, timeout=limits.STEP_DEADLINE_S)
+            entry_rtt = self.link.latency_ms
+        _raise_if_error(reply)
         self.last_step = StepTiming(
-            (time.perf_counter() - began) * 1000,
-            reply.get("timings", []),
-            0.0 if isinstance(entry, LocalEntry) else entry.latency_ms,
+            (time.perf_counter() - began) * 1000, reply.get("timings", []), entry_rtt
         )
-        if opening:
-            self._opening.discard(session_id)
         return reply
 
-    async def control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
-        if session_id in self._opening and kind is not ps.SessionOpen:
-            self._opening.discard(session_id)
-            if kind is not ps.SessionClose:  # e.g. saved before any step: open it for real
-                await self.control(ps.SessionOpen, session_id)
+    async def _control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
         message = kind(network_id=self.network_id, session_id=session_id, **fields)
-        return _raise_if_error(await self._entry().request(message, message.message_id))
+        server = self._local_entry()
+        if server is not None:
+            reply = await server.answer_text(ps.make_message(message))
+        else:
+            reply = await self.link.request(
+                message, message.message_id, timeout=limits.CONTROL_DEADLINE_S
+            )
+        return _raise_if_error(reply)
 
-    def _entry(self):
+    def _local_entry(self):
         server = self.local_server()
         if server is not None and server.node_id == self.entry_node_id and server.engine:
-            return LocalEntry(server)
-        return self.link
-
-    async def open(self, session_id: str) -> None:
-        """Open a session: its first step opens it on every node (no round trip of its own)."""
-        self._opening.add(session_id)
-
-    async def close(self, session_id: str) -> None:
-        await self.control(ps.SessionClose, session_id)
-
-    async def aclose(self) -> None:
-        await self.link.close()
-
-
-RECOVERABLE = {"peer_unavailable", "unknown_session"}
-RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
-STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain
-HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
-CLOSE_TIMEOUT_S = 10.0  # freeing a session on the nodes: a hung node must not hold the caller
-
-
-class ReplayingChain:
-    """The chain as the gateway uses it: it remembers what each session fed, so when the chain
-    changes (a new config, a node replaced) a session is rebuilt on the new chain by replaying
-    its tokens; the answer pauses, and no token is lost or repeated.
-
-    A step that fails because a node is unreachable reports the broken chain (``on_broken``:
-    the admin's failover takes it from there), then waits for a new chain (``switch``) or
-    tries the same one again every ``RETRY_S`` (the node may return), up to ``heal_ceiling``.
-    A step unanswered for ``stall_s`` (a node hangs) is reported too, and goes on waiting:
-    a new chain fails it (the old links close) and it is replayed there.
-    ``healthy`` is False from such a failure until a step or a probe gets through again.
-    """
-
-    def __init__(
-        self,
-        chain: RemoteChain,
-        *,
-        on_broken=None,
-        retry_s: float = RETRY_S,
-        stall_s: float = STALL_S,
-        heal_ceiling: float = HEAL_CEILING_S,
-    ) -> None:
-        self.inner = chain
-        self.fed: dict[str, list[int]] = {}
-        self.sampling: dict[str, SamplingParams] = {}
-        self.stale: set[str] = set()
-        self.on_broken = on_broken or (lambda error: None)
-        self.retry_s, self.stall_s, self.heal_ceiling = retry_s, stall_s, heal_ceiling
-        self.replays = 0
-        self.healthy = True
-        self._switched = asyncio.Event()
-        self._closing: set[asyncio.Task] = set()
-
-    @property
-    def last_step(self) -> StepTiming | None:
-        return self.inner.last_step
-
-    def switch(self, chain: RemoteChain) -> None:
-        old, self.inner = self.inner, chain
-        self.stale |= set(self.fed)
-        self._in_background(old.aclose())  # steps still waiting on it fail and are replayed
-        self._switched.set()
-        self._switched = asyncio.Event()
-
-    def _in_background(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._closing.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._closing.discard)
-
-    async def open(self, session_id: str) -> None:
-        await self.inner.open(session_id)
-        self.fed[session_id] = []
-
-    async def close(self, session_id: str) -> None:
-        self.fed.pop(session_id, None)
-        self.sampling.pop(session_id, None)
-        self.stale.discard(session_id)
-        # also when stale: nodes of the current chain that were in the old one still hold it
-        # (bounded: a hung node must not hold the caller; the idle sweep frees it later)
-        with contextlib.suppress(ChainError, PeerUnavailable, asyncio.TimeoutError):
-            await asyncio.wait_for(self.inner.close(session_id), CLOSE_TIMEOUT_S)
-
-    async def control(self, kind, session_id: str, **fields) -> dict:
-        return await self.inner.control(kind, session_id, **fields)
-
-    async def truncate(self, session_id: str, length: int) -> None:
-        """Rewind a session to its first ``length`` tokens on every node (KV caches and the
-        head's history). A session the nodes do not hold now (stale) is only cut here: its
-        replay rebuilds the shorter history. A rewind that fails on the way makes the session
-        stale, so it is rebuilt by replay, never continued from a half-rewound chain."""
-        del self.fed.setdefault(session_id, [])[length:]
-        if session_id in self.stale:
-            return
-        try:
-            await self.inner.control(ps.SessionTruncate, session_id, length=length)
-        except (ChainError, PeerUnavailable) as exc:
-            log.info(
-                "session %s: rewind to %d failed (%s); it will be replayed", session_id, length, exc
-            )
-            self.stale.add(session_id)
-
-    async def step(self, session_id, token_ids, start, sampling=None) -> int:
-        if sampling is not None:
-            self.sampling[session_id] = sampling
-        began = time.monotonic()
-        while True:
-            try:
-                if session_id in self.stale:
-                    await self._replay(session_id, start)
-                token = await self._watched(self.inner.step(session_id, token_ids, start, sampling))
-            except (PeerUnavailable, ChainError) as exc:
-                code = getattr(exc, "code", "peer_unavailable")
-                if code not in RECOVERABLE or time.monotonic() - began > self.heal_ceiling:
-                    raise
-                self.stale.add(session_id)
-                await self.wait_for_heal(exc)
-                continue
-            self.healthy = True
-            fed = self.fed.setdefault(session_id, [])
-            del fed[start:]  # a no-op unless the session was rewound
-            fed.extend(token_ids)  # per token: O(1), not a copy of the history
-            return token
+            return server
+        return None
 
     async def _watched(self, step):
         """Await ``step``; when it takes longer than ``stall_s``, report the chain once. (A
@@ -318,7 +376,7 @@ class ReplayingChain:
         finally:
             timer.cancel()
 
-    async def wait_for_heal(self, error: Exception) -> None:
+    async def _wait_for_heal(self, error: Exception) -> None:
         """The chain failed: report it, then wait for a new chain or the next retry."""
         if self.healthy:
             self.healthy = False
@@ -326,42 +384,3 @@ class ReplayingChain:
         switched = self._switched
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(switched.wait(), self.retry_s)
-
-    async def probe(self, timeout: float = 2.0) -> bool:
-        """Whether the whole chain answers now (a session close travels every node and
-        computes nothing); sets ``healthy``."""
-        try:
-            await asyncio.wait_for(self.inner.close(f"probe-{uuid.uuid4().hex}"), timeout)
-        except (PeerUnavailable, ChainError, asyncio.TimeoutError):
-            return False
-        self.healthy = True
-        return True
-
-    async def _replay(self, session_id: str, upto: int) -> None:
-        """Open the session on the current chain and run its history through it."""
-        with contextlib.suppress(ChainError):
-            await self.inner.close(session_id)
-        await self.inner.open(session_id)
-        history = self.fed.get(session_id, [])[:upto]
-        if history:
-            await self.inner.step(session_id, history, 0, self.sampling.get(session_id))
-        self.stale.discard(session_id)
-        self.replays += 1
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def adopt(self, session_id: str, history: list[int], *, stale: bool) -> None:
-        """Take over a session whose history comes from elsewhere (the gateway's store after a
-        restart, a restored save): ``stale`` when the nodes do not hold it, so its next step
-        replays ``history`` first."""
-        self.fed[session_id] = list(history)
-        if stale:
-            self.stale.add(session_id)
-        else:
-            self.stale.discard(session_id)
-
-    async def rebuild(self, session_id: str, upto: int) -> None:
-        """Replay a stale session now (before a save), not at its next step."""
-        if session_id in self.stale:
-            await self._replay(session_id, upto)

@@ -3,7 +3,7 @@
 The loop needs a chain with ``async step(session_id, token_ids, start, sampling) -> token``:
 the chain runs the new tokens through every span and the head samples the next token (so in
 a network only a token id comes back, never logits). ``LocalChain`` runs the spans in this
-process; the gateway's ``RemoteChain`` runs them on the nodes of a network.
+process; the gateway's ``ChainClient`` runs them on the nodes of a network.
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ import asyncio
 import json
 from collections.abc import Collection
 
+import websockets
+
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.security.auth_manager import CertInfo, IdentityError
 from tiktrue.security.link_auth import LinkChallenge, parse_nonce, parse_proof, session_binding
 from tiktrue.security.node_tls import NetworkCredentials
 
+HELLO_TIMEOUT = 10.0  # a new connection says hello within this, or is closed
 HANDSHAKE_TIMEOUT = 10.0
 MAX_AUTH_BYTES = 4096
 
@@ -115,3 +118,46 @@ async def accept(
     ack = ps.Ack(in_reply_to=parsed.message_id, network_id=hello.network_id, detail=info.role)
     await ws.send(ps.make_message(ack))
     return info
+
+
+async def greet(
+    ws, network_id: str, credentials: NetworkCredentials, *, revoked: Collection[str] = ()
+) -> tuple[ps.Hello, CertInfo] | None:
+    """The serving side of a new connection: the peer's hello (its network and versions
+    checked), then the challenge both ways. The hello and the peer's certificate; None when
+    the peer is refused (it got an ``error`` naming why, and the connection is closed)."""
+    try:
+        raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+        parsed = ps.parse_message(raw, max_bytes=1 << 16)
+        hello = parsed.message
+        if not isinstance(hello, ps.Hello):
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE,
+                "the first message on a connection must be hello",
+                parsed.message_id,
+            )
+        if hello.network_id != network_id:
+            raise ps.ProtocolError(
+                ps.WRONG_NETWORK,
+                f"this server belongs to network {network_id}, not {hello.network_id}",
+                hello.message_id,
+            )
+        try:
+            ps.check_versions(
+                ps.SOFTWARE_VERSION,
+                ps.PROTOCOL_VERSION,
+                hello.software_version,
+                hello.protocol_version,
+            )
+        except ps.ProtocolError as exc:
+            exc.message_id = hello.message_id
+            raise
+        peer = await accept(ws, hello, credentials, revoked=revoked)
+    except ps.ProtocolError as exc:
+        await ws.send(json.dumps(ps.error_reply(exc, network_id=network_id)))
+        await ws.close(1008, exc.code)
+        return None
+    except (asyncio.TimeoutError, websockets.ConnectionClosed):
+        await ws.close(1008, "no hello")
+        return None
+    return hello, peer

@@ -19,6 +19,7 @@ from typing import Any
 
 import websockets
 
+from tiktrue import limits
 from tiktrue.node import handshake
 from tiktrue.protocol.protocol_spec import Hello, Message, make_message
 from tiktrue.security.node_tls import NetworkCredentials
@@ -87,8 +88,8 @@ class PeerLink:
                         ssl=self.ssl_context,
                         max_size=HARD_FRAME_LIMIT,
                         compression=None,
-                        ping_interval=20,
-                        ping_timeout=20,
+                        ping_interval=limits.LINK_PING_INTERVAL_S,
+                        ping_timeout=limits.LINK_PING_TIMEOUT_S,
                         close_timeout=CLOSE_TIMEOUT,
                     ),
                     CONNECT_TIMEOUT,
@@ -172,8 +173,12 @@ class PeerLink:
     def waiting(self) -> int:
         return len(self._pending)
 
-    async def request(self, payload: bytes | str | Message, message_id: str) -> dict:
-        """Send one frame or message and wait for the reply naming ``message_id``."""
+    async def request(
+        self, payload: bytes | str | Message, message_id: str, *, timeout: float
+    ) -> dict:
+        """Send one frame or message and wait for the reply naming ``message_id``; a peer
+        that gives none within ``timeout`` seconds is unavailable (every round trip has a
+        deadline: a hung node must not hold its caller for ever)."""
         if self._ws is None:
             await self.connect()
         if isinstance(payload, Message):
@@ -182,10 +187,13 @@ class PeerLink:
         self._pending[message_id] = future
         try:
             await self._ws.send(payload)
+            return await asyncio.wait_for(future, timeout)
         except (websockets.ConnectionClosed, AttributeError) as exc:
-            self._pending.pop(message_id, None)
             raise PeerUnavailable(f"connection to {self.address} was lost") from exc
-        return await future
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"{self.address} gave no answer in {timeout:.0f} s") from None
+        finally:
+            self._pending.pop(message_id, None)
 
     async def send(self, payload: bytes | str | Message, *, resend: bool = True) -> None:
         """Send one message that expects no reply on this link (connecting first if needed).

@@ -131,12 +131,14 @@ class LocalCluster:
         gateway: bool = True,
         own_control_ports: bool = True,  # False: any free port, as `--control-port 0` gives
         gateway_args: list[str] | None = None,
+        node_env: dict[int, dict[str, str]] | None = None,
     ):
         self.homes = [Path(h) for h in homes]
         self.own_control_ports = own_control_ports
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
         self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
+        self.node_env = node_env or {}  # more environment for node i
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
         self.ui_url: str | None = None  # the gateway's web UI (None: served without one)
@@ -155,7 +157,12 @@ class LocalCluster:
         log = (home / "node.log").open("ab")
         # Node processes on one PC share its cores: an idle node's OpenMP threads must not
         # spin long (GNU default 300k spins) while the next node of the chain computes.
-        env = {"GOMP_SPINCOUNT": "30000", **os.environ, HOME_ENV: str(home)}
+        env = {
+            "GOMP_SPINCOUNT": "30000",
+            **os.environ,
+            **self.node_env.get(i, {}),
+            HOME_ENV: str(home),
+        }
         return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def _wait_started(self, indices, timeout: float) -> None:

@@ -355,9 +355,7 @@ class NodeService:
             for network_id in set(self.gateways) - set(configs):
                 await self.gateways.pop(network_id).aclose()
             for network_id, server in self.servers.items():
-                server.client_handler = (
-                    self.protocol.handle if network_id in self.gateways else None
-                )
+                server.on_message = self.protocol.handle if network_id in self.gateways else None
             release_free_memory()
             if self.control is not None:
                 self.control.refresh_trust()
@@ -676,8 +674,8 @@ class NodeService:
                 "serving": engine is not None,
                 "waiting": self._waiting(config.network_id),
                 "block_faults": server.block_faults if server else {},
-                "sessions": len(engine.kv.sessions()) if engine else 0,
-                "steps": server.steps.stats.as_dict() if server else None,
+                "sessions": server.health_stats().get("sessions", 0) if server else 0,
+                "steps": server.worker.stats.as_dict() if server and server.worker else None,
                 "weights_bytes": engine.weight_bytes if engine else 0,
                 "kv_budget_bytes": engine.kv.num_pages * engine.kv.bytes_per_page if engine else 0,
                 "last_admin_beat": self.admin_beats.get(config.network_id),
