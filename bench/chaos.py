@@ -1,17 +1,19 @@
-"""Answers that survive a lost PC, measured on the demo network (SmolLM2, 4 node processes:
-admin, two workers, one backup of both workers).
+"""Answers that survive a lost PC, measured on the demo network (SmolLM2 with its default
+int4/int8 weights, 4 node processes: admin, two workers, one backup of both workers).
 
-    python bench/chaos.py [--n 100] [--max-tokens 48] [--home DIR]
+    python bench/chaos.py [--n 100] [--fault kill|freeze] [--max-tokens 48] [--home DIR]
 
-For each of ``n`` answers: a random worker of the chain is killed (SIGKILL) after a random
-number of streamed tokens (among the first ones); the answer must complete, token-identical
-to the same greedy answer undisturbed (measured before any kill). The pause is the longest
-gap between two tokens of the answer (the one the kill caused), set against the median gap.
-Then the killed node is started again and the bench waits until the admin has planned it
-back in (the backup in place again) before the next answer. A kill that lands after the chain
-has already computed the whole answer (the client reads behind the chain) takes nothing
-over; such a round is told apart (the config did not change), not counted, and run again.
-Results go to docs/benchmarks.md.
+For each of ``n`` answers a random worker of the chain is lost after a random number of
+streamed tokens (among the first ones): ``kill`` (SIGKILL: the PC switched off; its sockets
+are reset at once) or ``freeze`` (SIGSTOP: the PC hangs, or its cable is pulled: nothing is
+reset, it just stops answering). The answer must complete, token-identical to the same
+greedy answer undisturbed (measured before any fault). The pause is the longest gap between
+two tokens of the answer (the one the fault caused), set against the median gap. Then the
+lost node comes back (started again, or SIGCONT) and the bench waits until the admin has
+planned it back in (the backup in place again) before the next answer. A fault that lands
+after the chain has already computed the whole answer (the client reads behind the chain)
+takes nothing over; such a round is told apart (the config did not change), not counted, and
+run again. Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -100,7 +102,13 @@ def wait_planned_back(home: Path, after_version: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=100, help="answers, one node killed in each")
+    parser.add_argument("--n", type=int, default=100, help="answers, one node lost in each")
+    parser.add_argument(
+        "--fault",
+        choices=("kill", "freeze"),
+        default="kill",
+        help="how the node is lost: SIGKILL (sockets reset) or SIGSTOP (silent)",
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--home", type=Path, default=Path(".tiktrue/bench-chaos"))
     parser.add_argument("--seed", type=int, default=0)
@@ -137,7 +145,7 @@ def main() -> None:
 
             def hit(count, victim=victim, kill_at=kill_at):
                 if count == kill_at:
-                    cluster.kill(victim)
+                    lose(cluster, victim, args.fault)
 
             try:
                 tokens, times, final = asyncio.run(
@@ -148,8 +156,8 @@ def main() -> None:
                 tokens, times, final = [], [], {}
             if config(home).version == now.version and late < args.n:
                 late += 1  # the chain had finished this answer: nothing was taken over
-                print(f"answer {i + 1}: the kill came after the chain's last step; again")
-                cluster.restart(victim)
+                print(f"answer {i + 1}: the fault came after the chain's last step; again")
+                bring_back(cluster, victim, args.fault)
                 _wait_serving(cluster)
                 continue
             i += 1
@@ -161,10 +169,10 @@ def main() -> None:
             pause = max(gaps[kill_at - 1 :], default=float("nan"))
             pauses.append(pause)
             failed_over = config(home).version  # the failover's config, before the return
-            cluster.restart(victim)
+            bring_back(cluster, victim, args.fault)
             recoveries.append(wait_planned_back(home, failed_over))
             print(
-                f"answer {i}/{args.n}: killed {victim_id} after {kill_at} tokens; "
+                f"answer {i}/{args.n}: {args.fault} {victim_id} after {kill_at} tokens; "
                 f"{'completed' if ok else 'FAILED'}, {'identical' if same else 'DIFFERENT'}, "
                 f"pause {pause * 1000:.0f} ms; planned back in {recoveries[-1]:.1f} s"
             )
@@ -177,9 +185,9 @@ def main() -> None:
 
     done = len(pauses)
     lines = [
-        f"- answers: {done} (of {args.n} asked), each with a random worker killed (SIGKILL) "
-        f"mid-answer; greedy, max {args.max_tokens} tokens; demo network (admin, 2 workers, "
-        f"1 backup), weights {args.dtype or 'the GGUF int4/int8'}",
+        f"- answers: {done} (of {args.n} asked), each with a random worker lost mid-answer "
+        f"({FAULTS[args.fault]}); greedy, max {args.max_tokens} tokens; demo network (admin, 2 "
+        f"workers, 1 backup), weights {args.dtype or 'the GGUF int4/int8'}",
         f"- completed: {completed}/{done}; token-identical to the undisturbed answer: "
         f"{identical}/{done}",
         f"- pause (longest gap between two tokens after the kill): median "
@@ -187,12 +195,32 @@ def main() -> None:
         f"max {max(pauses) * 1000:.0f} ms",
         f"- a normal gap between two tokens: median {statistics.median(normal_gaps) * 1000:.0f}"
         f" ms, p95 {ms(normal_gaps, 0.95):.0f} ms",
-        f"- the killed node restarted and planned back in (backup in place again): median "
+        f"- the lost node back and planned back in (backup in place again): median "
         f"{statistics.median(recoveries):.1f} s",
-        f"- kills that came after the chain's last step (not counted, run again): {late}",
+        f"- faults that came after the chain's last step (not counted, run again): {late}",
     ]
     print("\n".join(lines))
-    append("Chaos: a worker killed in every answer (bench/chaos.py)", lines)
+    append(f"Chaos: a worker lost in every answer, --fault {args.fault} (bench/chaos.py)", lines)
+
+
+FAULTS = {
+    "kill": "SIGKILL: its sockets are reset at once",
+    "freeze": "SIGSTOP: silent, nothing reset, as a pulled cable",
+}
+
+
+def lose(cluster, victim: int, fault: str) -> None:
+    if fault == "kill":
+        cluster.kill(victim)
+    else:
+        cluster.processes[victim].send_signal(signal.SIGSTOP)
+
+
+def bring_back(cluster, victim: int, fault: str) -> None:
+    if fault == "kill":
+        cluster.restart(victim)
+    else:
+        cluster.processes[victim].send_signal(signal.SIGCONT)
 
 
 def _wait_serving(cluster) -> None:

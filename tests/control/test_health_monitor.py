@@ -287,3 +287,39 @@ def test_settings_have_defaults_and_are_checked():
         make_config("admin", heartbeat_s=2.0, dead_after_s=2.0)
     with pytest.raises(ValueError, match="http"):
         NetworkConfig.model_validate({**config.model_dump(), "webhook_url": "ftp://x"})
+
+
+def test_a_node_the_data_plane_reports_is_dead_after_three_silent_beats():
+    """A step through the chain stalls: every node of it is reported and probed. One that
+    stays silent for three beats is dead (a pulled cable is found in about a second); one
+    that answers its next beat (only busy: its loop never runs the model) stays online, and
+    its report is forgotten."""
+
+    async def go():
+        monitor, clock, changes = monitored("admin", "busy", "silent", heartbeat_s=0.25)
+        for node in ("busy", "silent"):
+            monitor.record_beat(node, 1.0, {})
+        monitor._probe = lambda node_id: asyncio.sleep(
+            0
+        )  # the probes' transport is not tested here
+        clock.now += 0.25
+        for node in ("busy", "silent"):
+            monitor.report(node, "a step waited 0.5 s for the chain")
+        assert monitor.state("busy") == monitor.state("silent") == ONLINE  # only probed
+        clock.now += 0.25
+        monitor.record_beat("busy", 1.0, {})  # it answers: report forgotten
+        clock.now += 0.30  # 0.80 s since the silent one's last beat: three beats of 0.25 s
+        monitor.check()
+        assert monitor.state("silent") == DEAD
+        assert monitor.state("busy") == ONLINE
+        clock.now += 1.5  # the busy one silent again, not reported: suspect, dead only at 4 s
+        monitor.check()
+        assert monitor.state("busy") == SUSPECT
+        return changes
+
+    changes = asyncio.run(go())
+    assert ("silent", ONLINE, DEAD) in changes
+    assert [c for c in changes if c[0] == "busy"] == [
+        ("busy", UNKNOWN, ONLINE),
+        ("busy", ONLINE, SUSPECT),
+    ]

@@ -7,11 +7,14 @@ a hung process (SIGSTOP) counts as a missed beat just like a dead one. Per node:
     unknown/online --missed beat--> suspect --no good beat for dead_after_s--> dead
     any state --good beat--> online
 
-``suspect_now`` is for a gateway or peer whose link to a node just dropped: the node turns
-suspect and is probed at once. A refused connection (nothing listens: the process is gone)
-makes it dead at once; a probe with no answer within its timeout is a missed beat like any
-other, and the clock decides (``dead_after_s``): a PC that is only busy (loading a span,
-swapping, its cores shared) must not be declared dead, and failed over, for one slow answer.
+``suspect_now`` is for a gateway or peer whose link to a node just dropped, or whose step
+stalls: the node turns suspect and is probed at once. A refused connection (nothing listens:
+the process is gone) makes it dead at once. A node so reported that then gives no good beat
+for ``quick_dead_s`` (three beats) is dead too: a PC whose cable was pulled, or that froze,
+is found in about a second, while answers wait for it. A node that is only busy (a long step,
+its cores shared) answers its beats (its event loop never runs the model) and is online again
+at the next beat. Without a report from the data plane, the clock alone decides
+(``dead_after_s``): an idle network fails nothing over for a slow beat or two.
 Listeners (``add_listener``) hear every change; the node service writes them to the event log,
 failover acts on them. Beat listeners (``add_beat_listener``) read every answer
 (block repair acts on the damaged blocks a node reports). The state machine takes its clock
@@ -68,6 +71,7 @@ class NodeHealth:
     rtt_ms: float | None = None
     stats: dict = field(default_factory=dict)
     missed: int = 0  # beats missed in a row
+    reported: str | None = None  # why the data plane suspects it (cleared by a good beat)
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
@@ -119,6 +123,12 @@ class HealthMonitor:
         (and turns suspect) before it is declared dead."""
         return self.config.dead_after_s / 3
 
+    @property
+    def quick_dead_s(self) -> float:
+        """How long a node the data plane reported may stay silent: three beats (a node that
+        only computes still answers beats), never more than ``dead_after_s``."""
+        return min(3 * self.config.heartbeat_s, self.config.dead_after_s)
+
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
 
@@ -133,6 +143,7 @@ class HealthMonitor:
             return
         node.last_beat, node.last_beat_at = self.clock(), self.wall()
         node.rtt_ms, node.stats, node.missed = round(rtt_ms, 3), stats, 0
+        node.reported = None
         if node.state != ONLINE:
             self._change(node, ONLINE, "heartbeat answered")
         for listener in list(self.beat_listeners):
@@ -158,12 +169,11 @@ class HealthMonitor:
         overdue = self.config.heartbeat_s + self.beat_timeout_s
         for node in list(self.nodes.values()):
             quiet = now - (node.last_beat if node.last_beat is not None else node.watched)
-            if (
-                node.state != DEAD
-                and quiet >= self.config.dead_after_s
-                and now >= self._verdicts_from
-            ):
+            verdicts = node.state != DEAD and now >= self._verdicts_from
+            if verdicts and quiet >= self.config.dead_after_s:
                 self._change(node, DEAD, f"no heartbeat for {quiet:.1f} s")
+            elif verdicts and node.reported is not None and quiet >= self.quick_dead_s:
+                self._change(node, DEAD, f"no heartbeat for {quiet:.1f} s ({node.reported})")
             elif node.state == ONLINE and quiet >= overdue:
                 self._change(node, SUSPECT, f"no heartbeat for {quiet:.1f} s")
 
@@ -173,13 +183,20 @@ class HealthMonitor:
         self._verdicts_from = max(self._verdicts_from, self.clock() + seconds)
 
     def suspect_now(self, node_id: str, why: str) -> None:
-        """A link to the node dropped: suspect it and probe it at once (needs a running loop).
-        A refused connection makes it dead at once; no answer in time is a missed beat."""
+        """A link to the node dropped: suspect it, and ``report`` it."""
         node = self.nodes.get(node_id)
-        if node is None:
-            return
-        if node.state in (UNKNOWN, ONLINE):
+        if node is not None and node.state in (UNKNOWN, ONLINE):
             self._change(node, SUSPECT, why)
+        self.report(node_id, why)
+
+    def report(self, node_id: str, why: str) -> None:
+        """The data plane may have lost the node (a step through its chain stalls): probe it
+        at once (needs a running loop). A refused connection makes it dead at once; silence
+        for ``quick_dead_s`` too; a good beat forgets the report (a busy node answers)."""
+        node = self.nodes.get(node_id)
+        if node is None or node.state == DEAD:
+            return
+        node.reported = node.reported or why
         running = self._probes.get(node_id)
         if running is None or running.done():
             self._probes[node_id] = asyncio.get_running_loop().create_task(self._probe(node_id))

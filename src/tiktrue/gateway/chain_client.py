@@ -11,8 +11,9 @@ is lost or repeated. (Petals rebuilds a replaced server's cache the same way.)
 Every round trip has a deadline. A step that fails because a node is unreachable reports the
 broken chain (``on_broken``: the admin's failover takes it from there) and waits for a new
 chain (``switch``) or tries the same one again every ``retry_s`` (the node may come back), up to
-``heal_ceiling``. A step unanswered for ``stall_s`` is reported too and goes on waiting: a new
-chain fails it (the old links close) and it is replayed there.
+``heal_ceiling``. A step unanswered for much longer than usual (``_stall_after``) is reported
+too, so the admin probes the chain's nodes at once, and goes on waiting: a new chain fails it
+(the old links close) and it is replayed there.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ log = logging.getLogger("tiktrue.gateway")
 
 RECOVERABLE = {"peer_unavailable", "unknown_session"}
 RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
-STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain
+STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain ...
+STALL_FLOOR_S = 0.5  # ... a decode step, after this long or STALL_FACTOR of its usual time
+STALL_FACTOR = 20
 HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
 CLOSE_TIMEOUT_S = 10.0  # freeing a session on the nodes: a hung node must not hold the caller
 
@@ -128,6 +131,7 @@ class ChainClient:
         self.replays = 0
         self.healthy = True  # False from a failed step until a step or a probe gets through
         self.last_step: StepTiming | None = None
+        self._decode_ms: float | None = None  # the usual decode round trip, for stalls
         self._switched = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._unclosed: set[str] = set()  # closes the chain missed: sent again when it heals
@@ -273,7 +277,8 @@ class ChainClient:
                     await self._replay(session_id, session, start)
                     opens = False
                 token = await self._watched(
-                    self._run(session_id, token_ids, start, sampling, opens=opens)
+                    self._run(session_id, token_ids, start, sampling, opens=opens),
+                    self._stall_after(len(token_ids)),
                 )
             except (PeerUnavailable, ChainError) as exc:
                 code = getattr(exc, "code", "peer_unavailable")
@@ -344,9 +349,11 @@ class ChainClient:
             reply = await self.link.request(frame, message_id, timeout=limits.STEP_DEADLINE_S)
             entry_rtt = self.link.latency_ms
         _raise_if_error(reply)
-        self.last_step = StepTiming(
-            (time.perf_counter() - began) * 1000, reply.get("timings", []), entry_rtt
-        )
+        round_trip_ms = (time.perf_counter() - began) * 1000
+        self.last_step = StepTiming(round_trip_ms, reply.get("timings", []), entry_rtt)
+        if len(token_ids) == 1:  # the usual decode round trip (a moving average)
+            last = self._decode_ms if self._decode_ms is not None else round_trip_ms
+            self._decode_ms = 0.9 * last + 0.1 * round_trip_ms
         return reply
 
     async def _control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
@@ -366,11 +373,20 @@ class ChainClient:
             return server
         return None
 
-    async def _watched(self, step):
+    def _stall_after(self, tokens: int) -> float:
+        """When a step counts as stalled: a decode step after ``STALL_FACTOR`` times the usual
+        decode round trip (at least ``STALL_FLOOR_S``), so a silent node is reported within a
+        fraction of a second while answers wait for it; a prompt's steps after ``stall_s``.
+        A false alarm costs a probe: a busy node answers its heartbeats."""
+        if tokens > 1 or self._decode_ms is None:
+            return self.stall_s
+        return min(self.stall_s, max(STALL_FLOOR_S, STALL_FACTOR * self._decode_ms / 1000))
+
+    async def _watched(self, step, stall_s: float):
         """Await ``step``; when it takes longer than ``stall_s``, report the chain once. (A
         timer, not a task per step: this runs for every token.)"""
-        error = TimeoutError(f"a step waited {self.stall_s:.0f} s for the chain")
-        timer = asyncio.get_running_loop().call_later(self.stall_s, self.on_broken, error)
+        error = TimeoutError(f"a step waited {stall_s:.1f} s for the chain")
+        timer = asyncio.get_running_loop().call_later(stall_s, self.on_broken, error)
         try:
             return await step
         finally:

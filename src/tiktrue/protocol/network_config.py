@@ -69,7 +69,7 @@ class NetworkConfig(BaseModel):
     # the KV cache the plan reserved on every node for one conversation: the network's context
     # length, when the model's own is not shorter (``network plan --context``)
     context_tokens: ContextTokens = DEFAULT_CONTEXT_TOKENS
-    heartbeat_s: float = Field(1.0, gt=0, le=60)  # the admin beats every node this often
+    heartbeat_s: float = Field(0.25, gt=0, le=60)  # the admin beats every node this often
     dead_after_s: float = Field(4.0, gt=0, le=600)  # no good beat this long: the node is dead
     webhook_url: str | None = Field(None, description="health alerts are POSTed here as JSON")
     # workers keep the blocks pushed to them sealed with the network's AES-256-GCM key

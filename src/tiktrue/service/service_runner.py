@@ -634,13 +634,20 @@ class NodeService:
         task.add_done_callback(self._background.discard)
 
     async def chain_broken(self, network_id: str, why: str) -> None:
-        """A chain of the network failed (a gateway's step, or a node that saw a link drop):
-        the admin finds the lost nodes and takes their spans over; other nodes tell it."""
+        """A chain of the network failed or stalls (a gateway's step, or a node that saw a
+        link drop): the admin's health monitor probes every node of the chain, and a silent
+        one is dead within a few beats (the failover manager takes its span over); other
+        nodes tell the admin."""
         from tiktrue.control.network_admin import load
         from tiktrue.node.control_link import ControlLink
 
         try:
             config, credentials = load(self.data_dir, network_id)
+            monitor = self.health.get(network_id)
+            if monitor is not None:  # the admin: its heartbeats find the silent node at once
+                for entry in config.chain():
+                    monitor.report(entry.node_id, why)
+                return
             if config.node(self.identity.node_id).role == "admin":
                 for node_id in sorted(await find_lost(config, credentials)):
                     log.warning("network %s: node %s is lost (%s)", network_id, node_id, why)
