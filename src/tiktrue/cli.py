@@ -51,13 +51,23 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-@app.callback()
-def main(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,  # before Click asks for the missing command
+        callback=_print_version,
+    ),
+) -> None:
+    """TikTrue: one language model across the PCs of your LAN."""
 
 
 # --- models ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ DESCRIPTION = "TikTrue node service: this PC's part of the LAN's language model.
 DEFAULT_API_PORT = 8000  # the gateway and web UI that `tiktrue app` opens (its --port default)
 RESTART_DELAY_S = 5  # after a crash, before the manager starts the node again
 STOP_TIMEOUT_S = 60  # the node saves what it keeps and closes its sockets in a few seconds
+SYSTEMCTL_TIMEOUT_S = STOP_TIMEOUT_S + 30  # `systemctl stop` waits for the node to stop
 # Windows' recovery actions: restart after 5 s, 10 s, then every 30 s; the count of failures
 # starts again after a day without one
 WINDOWS_RESTART_DELAYS_S = (5, 10, 30)
@@ -239,9 +240,11 @@ class SystemdManager(ServiceManager):
     def _systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         command = ["systemctl", *(["--user"] if self.user_scope else []), *args]
         try:
-            done = self._run(command, capture_output=True, text=True, timeout=120)
+            done = self._run(command, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S)
         except FileNotFoundError:
             raise ServiceError("systemctl is not on this PC: systemd is needed") from None
+        except subprocess.TimeoutExpired:
+            raise ServiceError(f"`{' '.join(command)}` did not answer in time") from None
         if check and done.returncode != 0:
             why = (done.stderr or done.stdout).strip().splitlines()
             raise ServiceError(
@@ -259,7 +262,9 @@ class SystemdManager(ServiceManager):
         self.unit_path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.unit_path, systemd_unit(spec, command, user_scope=self.user_scope))
         self._systemctl("daemon-reload")
-        self._systemctl("enable", "--now", UNIT_NAME)
+        # --no-block: the start waits for network-online.target, which may take long (a
+        # minute or two on a PC whose network comes up late); wait_until_serving watches it
+        self._systemctl("enable", "--now", "--no-block", UNIT_NAME)
 
     def uninstall(self) -> None:
         if not self.unit_path.is_file():
@@ -271,7 +276,7 @@ class SystemdManager(ServiceManager):
 
     def start(self) -> None:
         self._require_installed()
-        self._systemctl("start", UNIT_NAME)
+        self._systemctl("start", "--no-block", UNIT_NAME)
 
     def stop(self) -> None:
         self._require_installed()
@@ -300,6 +305,10 @@ class SystemdManager(ServiceManager):
         )
         props = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
         status.state = _systemd_state(props.get("ActiveState", ""), props.get("SubState", ""))
+        if status.state == "stopped":  # a start queued behind network-online.target
+            jobs = self._systemctl("list-jobs", "--no-legend", UNIT_NAME, check=False)
+            if jobs.stdout.strip():
+                status.state = "starting"
         pid = int(props.get("MainPID") or 0)
         status.pid = pid or None
         status.at_boot = props.get("UnitFileState") == "enabled"
