@@ -236,3 +236,29 @@ def test_bundle_executables_run_their_command(monkeypatch, capsys):
             bundle_main(command)
         assert done.value.code == 0
         assert expected in capsys.readouterr().out
+
+
+def test_installer_script_names_what_the_code_has():
+    """Inno Setup's compiler runs on Windows only: here, the script is held to the names and
+    numbers of the code it installs (executables of the spec, the service's commands, the
+    node's default ports, the data dir the service is given)."""
+    from tiktrue.cli import node as node_command
+
+    script = (ROOT / "deploy/windows/tiktrue.iss").read_text()
+    spec = (ROOT / "deploy/pyinstaller/tiktrue.spec").read_text()
+    for exe in ("tiktrue", "service_runner", "main_app"):
+        assert f'"{exe}": HERE / "entry_{exe}.py"' in spec
+        assert f"{{app}}\\{exe}.exe" in script
+    assert "RunTiktrue('service install --data-dir" in script
+    assert 'Parameters: "service uninstall"' in script
+    defaults = {p.default.param_decls[0]: p.default.default for p in _params(node_command)}
+    assert f'#define ControlPort "{defaults["--control-port"]}"' in script
+    assert f'#define GatewayPort "{os_service.DEFAULT_API_PORT}"' in script
+    # two rules: deleted before they are added (an upgrade) and at uninstall
+    assert script.count("advfirewall firewall delete rule") == 4
+
+
+def _params(function):
+    import inspect
+
+    return [p for p in inspect.signature(function).parameters.values() if p.default.param_decls]

@@ -33,7 +33,7 @@ class ServiceHost:
         manager's recovery actions then start it again)."""
         try:
             asyncio.run(self._serve())
-        except Exception:
+        except (Exception, SystemExit):  # uvicorn exits when it cannot bind its port
             log.exception("the node service stopped on an error")
             return 1
         return 0
