@@ -503,7 +503,7 @@ def installed_service() -> ServiceStatus | None:
     for user_scope in scopes:
         try:
             status = service_manager(user_scope=user_scope).status()
-        except (ServiceError, OSError):
+        except (ServiceError, OSError, ImportError):  # ImportError: Windows without pywin32
             return None
         if status.installed:
             return status
