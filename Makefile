@@ -8,7 +8,7 @@ PY := $(VENV)/Scripts/python.exe
 endif
 STAMP := $(VENV)/.tiktrue-installed
 
-.PHONY: demo test lint format bench clean browser screenshots
+.PHONY: demo test lint format bench clean browser screenshots bundle bundle-test
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,25 @@ bench: $(STAMP)
 	$(PY) bench/span_memory.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/network.py
+
+# The PyInstaller bundle, one folder: dist/tiktrue/ with `tiktrue`, `service_runner` (the node)
+# and `main_app` (the app), and the CPU build of torch (the spec refuses a CUDA one). Minutes.
+# OBFUSCATE=1: the tiktrue package obfuscated with PyArmor first (deploy/pyinstaller/obfuscate.sh).
+BUNDLE := dist/tiktrue
+bundle: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bundle]"
+	rm -rf build/obfuscated
+	@if [ "$(OBFUSCATE)" = 1 ]; then PY=$(PY) sh deploy/pyinstaller/obfuscate.sh build/obfuscated; fi
+	TIKTRUE_BUNDLE_SRC=$(if $(filter 1,$(OBFUSCATE)),build/obfuscated,src) $(PY) -m PyInstaller \
+		--noconfirm --log-level WARN --distpath dist --workpath build/pyinstaller \
+		deploy/pyinstaller/tiktrue.spec
+	@du -sh $(BUNDLE)
+	$(BUNDLE)/tiktrue --version
+
+# The bundle's own executables: import the demo model, run a node, answer a chat (not in
+# `make test`: the build takes minutes).
+bundle-test: bundle
+	TIKTRUE_BUNDLE=$(BUNDLE) $(PY) -m pytest -q -p no:cacheprovider tests/bundle
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -34,6 +34,12 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+service_app = typer.Typer(
+    help="This PC's node as an OS service: started at boot, restarted after a crash "
+    "(systemd on Linux, the Windows service TiktrueWorkerService).",
+    no_args_is_help=True,
+)
+app.add_typer(service_app, name="service")
 
 
 def err(message: str) -> None:
@@ -45,13 +51,23 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-@app.callback()
-def main(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,  # before Click asks for the missing command
+        callback=_print_version,
+    ),
+) -> None:
+    """TikTrue: one language model across the PCs of your LAN."""
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -916,9 +932,11 @@ def app_window(
         False, "--browser", help="Open the default browser even where a native window works."
     ),
 ) -> None:
-    """This PC's TikTrue: the web UI in a window (first run: create or join a network)."""
+    """This PC's TikTrue: the web UI in a window (first run: create or join a network). When
+    the node runs as a service, the app opens its UI; else it runs a node of its own."""
     from tiktrue.paths import data_dir
     from tiktrue.service.app_runner import run_app
+    from tiktrue.service.os_service import ServiceError
 
     try:
         run_app(
@@ -932,6 +950,8 @@ def app_window(
         )
     except (OSError, TimeoutError) as exc:
         fail(f"cannot start this PC's node service: {exc}")
+    except ServiceError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -965,6 +985,166 @@ def chat(
         )
     except ChatError as exc:
         fail(str(exc))
+
+
+# --- service --------------------------------------------------------------------------------
+
+USER_SCOPE_HELP = "Linux: systemd's per-user instance (no root; starts at login, or at boot "
+USER_SCOPE_HELP += "with `loginctl enable-linger`)."
+
+
+def _service_manager(user_scope: bool):
+    """The service manager asked for; without --user on Linux, the scope where the unit is."""
+    from tiktrue.service.os_service import ServiceError, SystemdManager, service_manager
+
+    try:
+        manager = service_manager(user_scope=user_scope)
+    except ServiceError as exc:
+        fail(str(exc))
+    if isinstance(manager, SystemdManager) and not user_scope:
+        mine = SystemdManager(user_scope=True)
+        if not manager.unit_path.is_file() and mine.unit_path.is_file():
+            return mine
+    return manager
+
+
+@contextlib.contextmanager
+def _service_errors():
+    from tiktrue.service.os_service import ServiceError
+
+    try:
+        yield
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+@service_app.command("install")
+def service_install(
+    user: bool = typer.Option(False, "--user", help=USER_SCOPE_HELP),
+    run_as: str = typer.Option(
+        None,
+        "--run-as",
+        help="Linux, system-wide: the account the node runs as "
+        "(default: the one who ran sudo, else this one).",
+    ),
+    data: Path = typer.Option(
+        None, "--data-dir", help="The node's data dir (default: that account's)."
+    ),
+    host: str = typer.Option(None, "--host", help="As `tiktrue node --host`."),
+    control_port: int = typer.Option(None, "--control-port", help="As `tiktrue node`."),
+    api_host: str = typer.Option(None, "--api-host", help="As `tiktrue node`."),
+    api_port: int = typer.Option(
+        8000, "--api-port", help="The gateway and web UI (what `tiktrue app` opens)."
+    ),
+) -> None:
+    """Install this PC's node as a service, start it now and at every boot."""
+    from tiktrue.service.os_service import NodeOptions, default_spec, wait_until_serving
+
+    manager = _service_manager(user)
+    options = NodeOptions(host, control_port, api_host, api_port)
+    with _service_errors():
+        spec = default_spec(options, data_dir=data, run_as=run_as, user_scope=user)
+        manager.install(spec)
+    who = f" as {spec.run_as}" if spec.run_as else ""
+    typer.echo(f"installed {manager.name}{who}: starts at boot, restarts after a crash")
+    err("waiting for the node to start ...")
+    with _service_errors():
+        wait_until_serving(manager, timeout=START_WAIT_S)
+    _print_status(manager.status())
+
+
+START_WAIT_S = 180.0  # a first start imports torch and may load blocks: a minute on a slow PC
+
+
+@service_app.command("uninstall")
+def service_uninstall(user: bool = typer.Option(False, "--user", help=USER_SCOPE_HELP)) -> None:
+    """Stop the node and remove the service (the data dir, with its networks, stays)."""
+    manager = _service_manager(user)
+    with _service_errors():
+        data = manager.status().data_dir
+        manager.uninstall()
+    typer.echo(f"removed {manager.name}" + (f"; the data stays in {data}" if data else ""))
+
+
+@service_app.command("start")
+def service_start(user: bool = typer.Option(False, "--user", help=USER_SCOPE_HELP)) -> None:
+    """Start the installed node service."""
+    from tiktrue.service.os_service import wait_until_serving
+
+    manager = _service_manager(user)
+    with _service_errors():
+        manager.start()
+        wait_until_serving(manager, timeout=START_WAIT_S)
+    _print_status(manager.status())
+
+
+@service_app.command("stop")
+def service_stop(user: bool = typer.Option(False, "--user", help=USER_SCOPE_HELP)) -> None:
+    """Stop the node service (it starts again at the next boot)."""
+    manager = _service_manager(user)
+    with _service_errors():
+        manager.stop()
+    typer.echo(f"stopped {manager.name}")
+
+
+@service_app.command("status")
+def service_status(
+    user: bool = typer.Option(False, "--user", help=USER_SCOPE_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What runs (the service, its state, its command), where it listens, where its log is."""
+    manager = _service_manager(user)
+    with _service_errors():
+        status = manager.status()
+    if as_json:
+        typer.echo(json.dumps(_status_dict(status), indent=2))
+        return
+    _print_status(status)
+    if not status.installed:
+        raise typer.Exit(3)  # as `systemctl status` says of a unit that is not there
+
+
+def _status_dict(status) -> dict:
+    from tiktrue.service.os_service import running_node
+
+    node = running_node(status.data_dir) if status.data_dir else None
+    return {
+        "service": status.name,
+        "manager": status.manager,
+        "installed": status.installed,
+        "state": status.state,
+        "pid": status.pid,
+        "starts_at_boot": status.at_boot,
+        "command": status.command,
+        "data_dir": str(status.data_dir) if status.data_dir else None,
+        "node": node,
+        "log": str(status.node_log()) if status.data_dir else None,
+        "manager_log": status.manager_log,
+    }
+
+
+def _print_status(status) -> None:
+    info = _status_dict(status)
+    if not status.installed:
+        typer.echo(f"{status.name} is not installed ({status.manager}): tiktrue service install")
+        return
+    boot = "starts at boot" if status.at_boot else "does not start at boot"
+    pid = f", pid {status.pid}" if status.pid else ""
+    typer.echo(f"service   {status.name} ({status.manager}): {status.state}{pid}, {boot}")
+    typer.echo(f"command   {' '.join(status.command)}")
+    typer.echo(f"data      {status.data_dir}")
+    node = info["node"]
+    if node:
+        typer.echo(f"node      {node.get('node_id')}, control channel {node.get('control')}")
+        if node.get("ui"):
+            typer.echo(f"web UI    {node['ui']}")
+        if node.get("api"):
+            typer.echo(f"API       {node['api']}")
+        for network, where in (node.get("networks") or {}).items():
+            typer.echo(f"network   {network}: blocks {where['span']} on port {where['port']}")
+    elif status.running:
+        typer.echo("node      starting (not listening yet)")
+    typer.echo(f"log       {info['log']}  (the service manager's: {status.manager_log})")
 
 
 # --- demo ------------------------------------------------------------------------------------
@@ -1024,3 +1204,26 @@ def demo(
 async def _as_coroutine(func, *args, **kwargs):
     """Run blocking setup code where ``_run`` expects a coroutine (for its error handling)."""
     return await asyncio.to_thread(func, *args, **kwargs)
+
+
+# --- the bundle's executables ------------------------------------------------------------------
+
+
+def bundle_main(command: str | None = None) -> None:
+    """An executable of the PyInstaller bundle (deploy/pyinstaller): ``tiktrue`` (the whole
+    command line) or one that runs one command: ``service_runner`` (``node``), ``main_app``
+    (``app``). Started by Windows' service manager, ``service_runner`` hosts the service."""
+    import os
+
+    from tiktrue.service.os_service import WINDOWS_SERVICE_ARG
+
+    for name in ("stdout", "stderr"):  # a windowed executable (main_app, the service) has none
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+    if command == "node" and sys.argv[1:2] == [WINDOWS_SERVICE_ARG]:
+        from tiktrue.service.windows_service import host_service
+
+        host_service()
+        return
+    args = sys.argv[1:] if command is None else [command, *sys.argv[1:]]
+    app(args, prog_name=Path(sys.argv[0]).stem)

@@ -42,3 +42,8 @@ def cache_dir() -> Path:
 def run_file(data_dir: Path) -> Path:
     """Where a running node service says where it listens (``<data>/run/node.json``)."""
     return Path(data_dir) / "run" / "node.json"
+
+
+def log_dir(data_dir: Path) -> Path:
+    """Where the node service writes its own rotated log, ``<data>/logs/node.log``."""
+    return Path(data_dir) / "logs"

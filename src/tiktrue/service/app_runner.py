@@ -1,7 +1,8 @@
 """``tiktrue app``: this PC's TikTrue in a window.
 
-When the node service already runs from this data dir with its web UI (installed as a
-service, or ``tiktrue node --api-port``), the app opens that UI. Otherwise the app runs the
+When the node service already runs from this data dir with its web UI (``tiktrue node
+--api-port``), or is installed as this PC's service (``tiktrue service install``), the app
+opens that UI. Otherwise the app runs the
 node service itself, in this process, with the gateway and the UI on ``api_port``, so a PC in
 no network yet (the first run) gets its welcome page; the node stops when the window closes
 (or on Ctrl-C when the UI opened in the browser).
@@ -10,15 +11,14 @@ no network yet (the first run) gets its welcome page; the node stops when the wi
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
-from tiktrue.paths import run_file
+from tiktrue.service.os_service import ServiceError, ServiceStatus, installed_service, running_node
 from tiktrue.service.service_runner import NodeService
 from tiktrue.ui.main_app import open_app
 
@@ -27,14 +27,42 @@ START_TIMEOUT_S = 120.0
 
 def running_ui(data_dir: Path) -> str | None:
     """The UI of the node service running from ``data_dir``, if one runs with a UI."""
-    path = run_file(data_dir)
-    try:
-        info = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
+    info = running_node(data_dir)
+    return info.get("ui") if info else None
+
+
+def service_ui(
+    find: Callable[[], ServiceStatus | None] = installed_service,
+    *,
+    timeout: float = START_TIMEOUT_S,
+    log=print,
+) -> str | None:
+    """The UI of the node installed as this PC's service (it may keep its data elsewhere: the
+    Windows service's is in ProgramData), waiting while it starts (after a boot); None when
+    no service is installed. An installed service that is stopped, or runs without a UI, is
+    an error: a node of the app's own would fight it for the ports."""
+    status = find()
+    if status is None or status.data_dir is None:
         return None
-    if not info.get("ui") or not psutil.pid_exists(int(info.get("pid", 0))):
-        return None
-    return info["ui"]
+    deadline = time.monotonic() + timeout
+    while status.running:
+        node = running_node(status.data_dir)
+        if node is not None:
+            if not node.get("ui"):
+                raise ServiceError(
+                    f"the node service {status.name} runs without the web UI: install it "
+                    "again with --api-port"
+                )
+            return node["ui"]
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the node service {status.name} did not start in {timeout:.0f} s")
+        log(f"waiting for the node service {status.name} to start ...")
+        time.sleep(1.0)
+        status = find() or status
+    raise ServiceError(
+        f"the node service {status.name} is {status.state}: start it with "
+        "`tiktrue service start` (as administrator or root)"
+    )
 
 
 class NodeThread(threading.Thread):
@@ -104,7 +132,7 @@ def _check_free(host: str, port: int | None) -> None:
 
 def run_app(data_dir: Path, *, native: bool | None = None, log=print, **node_options) -> None:
     """Open this PC's UI, running the node service here when none runs (see the module)."""
-    url = running_ui(data_dir)
+    url = running_ui(data_dir) or service_ui(log=log)
     if url is not None:
         log(f"TikTrue runs on this PC: {url}")
         open_app(url, native=native)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tiktrue.protocol.network_config import (
 from tiktrue.security.auth_manager import NetworkCA, create_network_ca
 from tiktrue.security.crypto_layer import new_block_key
 from tiktrue.security.node_tls import install_certificate, node_identity
+from tiktrue.service.os_service import node_command
 
 
 def place_blocks(store: BlockStore, target: Path, blocks: list[str]) -> None:
@@ -148,7 +148,7 @@ class LocalCluster:
         home = self.homes[i]
         home.mkdir(parents=True, exist_ok=True)
         run_file(home).unlink(missing_ok=True)
-        args = [sys.executable, "-m", "tiktrue", "node"]
+        args = node_command([])  # this Python, or the bundle's service_runner
         port = _own_control_port(home) if self.own_control_ports else None
         args += ["--control-port", str(port or 0)]
         args += ["--kv-budget-mb", str(self.kv_budget_mb)]

@@ -755,12 +755,14 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-async def run_node(data_dir: Path, **options) -> None:
+async def run_node(data_dir: Path, *, stop: asyncio.Event | None = None, **options) -> None:
+    """Serve until SIGINT/SIGTERM, or until ``stop`` is set (the Windows service's stop)."""
     service = NodeService(data_dir, **options)
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no such API
+        # Windows has no such API; nor has a thread other than the main one (a service's)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     await service.start()
     try:
