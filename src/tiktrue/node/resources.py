@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
@@ -290,14 +291,27 @@ def gpus() -> list[GpuInfo]:
     return found
 
 
+# Ports a node gives its networks lie below every OS's range of ephemeral ports (Linux
+# 32768-60999, Windows and macOS 49152-65535): the OS never hands one of these to an outgoing
+# connection, which could take a network's port between being chosen and being listened on
+# (seen when many nodes start at once) or before a restarted node listens on it again.
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """``count`` distinct ports in ``PORT_RANGE`` that nothing on ``host`` listens on now."""
+    chosen: list[int] = []
+    rng = random.SystemRandom()
+    for _ in range(count * 200):
+        port = rng.randrange(*PORT_RANGE)
+        if port in chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise OSError(f"no {count} free ports in {PORT_RANGE[0]}-{PORT_RANGE[1]} on {host}")
