@@ -855,16 +855,33 @@ def gateway_allow_anonymous(
 # --- node, chat --------------------------------------------------------------------------
 
 
+HOST_HELP = (
+    "Address this node listens on and announces (default: this PC's LAN address, the "
+    "interface of the default route)."
+)
+LOCAL_HELP = "Listen on 127.0.0.1 only: no other PC can reach this node."
+
+
+def _host(host: str | None, local: bool) -> str | None:
+    if host and local:
+        fail("say --host ADDRESS or --local, not both")
+    return "127.0.0.1" if local else host
+
+
 @app.command()
 def node(
-    host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address this node listens on and announces (its LAN IP)."
-    ),
+    host: str = typer.Option(None, "--host", help=HOST_HELP),
+    local: bool = typer.Option(False, "--local", help=LOCAL_HELP),
     control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
     api_port: int = typer.Option(
-        None, "--api-port", help="Also serve the gateway (OpenAI API, /ws) on this port (0: any)."
+        None,
+        "--api-port",
+        help="Also serve the gateway (web UI, OpenAI API, /ws) on this port (0: any): HTTPS "
+        "on a LAN address, plain HTTP on 127.0.0.1.",
     ),
-    api_host: str = typer.Option("127.0.0.1", "--api-host"),
+    api_host: str = typer.Option(
+        None, "--api-host", help="The gateway's address (default: --host)."
+    ),
     web_ui: bool = typer.Option(
         True, "--ui/--no-ui", help="With --api-port: serve the web UI at / on the same port."
     ),
@@ -895,7 +912,7 @@ def node(
         torch.set_num_threads(threads)
     serve_node(
         data_dir(),
-        host=host,
+        host=_host(host, local),
         control_port=control_port,
         api_host=api_host,
         api_port=api_port,
@@ -908,9 +925,8 @@ def node(
 @app.command("app")
 def app_window(
     port: int = typer.Option(8000, "--port", help="The UI's (and the gateway's) port."),
-    host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address the UI listens on (this PC's LAN IP: the LAN too)."
-    ),
+    host: str = typer.Option(None, "--host", help=HOST_HELP),
+    local: bool = typer.Option(False, "--local", help=LOCAL_HELP),
     control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
     browser: bool = typer.Option(
         False, "--browser", help="Open the default browser even where a native window works."
@@ -920,6 +936,7 @@ def app_window(
     from tiktrue.paths import data_dir
     from tiktrue.service.app_runner import run_app
 
+    host = _host(host, local)
     try:
         run_app(
             data_dir(),
@@ -945,14 +962,28 @@ def chat(
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
     ),
+    cacert: Path = typer.Option(
+        None,
+        "--cacert",
+        help="For an https:// gateway: the CA certificate to trust (its /trust page offers "
+        "it; default: the CAs of this PC's networks).",
+    ),
 ) -> None:
     """Chat in the terminal with streamed answers (the local node's gateway by default)."""
     from tiktrue.paths import data_dir
+    from tiktrue.security.auth_manager import IdentityError
+    from tiktrue.security.gateway_tls import client_context
     from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat
 
     url = url or local_api_url(data_dir())
     if not url:
         fail("no gateway running from this data dir; pass --url or start `tiktrue demo`")
+    verify = True
+    if url.startswith("https://"):
+        try:
+            verify = client_context(data_dir(), cacert)
+        except IdentityError as exc:
+            fail(str(exc))
     try:
         # the gateway takes a network id where OpenAI clients put the model
         run_chat(
@@ -962,6 +993,7 @@ def chat(
             api_key=api_key,
             temperature=temperature,
             max_tokens=max_tokens,
+            verify=verify,
         )
     except ChatError as exc:
         fail(str(exc))

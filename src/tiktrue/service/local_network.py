@@ -131,12 +131,16 @@ class LocalCluster:
         gateway: bool = True,
         own_control_ports: bool = True,  # False: any free port, as `--control-port 0` gives
         gateway_args: list[str] | None = None,
+        host: str | None = "127.0.0.1",
     ):
+        """``host``: where every node listens (loopback: these processes are one PC; None:
+        the PC's LAN address, as ``tiktrue node`` takes it by default)."""
         self.homes = [Path(h) for h in homes]
         self.own_control_ports = own_control_ports
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
         self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
+        self.host = host
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
         self.ui_url: str | None = None  # the gateway's web UI (None: served without one)
@@ -149,6 +153,7 @@ class LocalCluster:
         args = [sys.executable, "-m", "tiktrue", "node"]
         port = _own_control_port(home) if self.own_control_ports else None
         args += ["--control-port", str(port or 0)]
+        args += ["--host", self.host] if self.host else []
         args += ["--kv-budget-mb", str(self.kv_budget_mb)]
         if i == 0 and self.gateway:
             args += ["--api-port", str(self._api_port or 0), *self.gateway_args]
