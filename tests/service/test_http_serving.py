@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from tiktrue.control import network_manager as nm
+from tiktrue.control.cert_renewal import renew
 from tiktrue.security.gateway_tls import client_context, fingerprint
+from tiktrue.security.node_tls import pem_to_der
 from tiktrue.service.service_runner import NodeService
 
 
@@ -70,10 +72,29 @@ def test_https_before_and_after_the_node_joins_a_network(tiny_llama, tmp_path):
             assert health.json()["status"] == "ok"
             with pytest.raises(httpx.ConnectError):  # the self-signed one is served no more
                 await _get(f"{base}/health", own)
+
+            # its certificate renewed (the admin's own CA signs it): served from then on
+            before = await asyncio.to_thread(_served, int(port), ca)
+            await renew(home, "office")
+            service._certificate_renewed("office")
+            now = (home / "networks" / "office" / "node_cert.pem").read_bytes()
+            assert before != pem_to_der(now)
+            assert await asyncio.to_thread(_served, int(port), ca) == pem_to_der(now)
         finally:
             await service.stop()
 
     asyncio.run(go())
+
+
+def _served(port: int, ca: bytes) -> bytes:
+    """The certificate the gateway shows a new connection (DER)."""
+    import socket
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        _trusting(ca).wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return tls.getpeercert(binary_form=True)
 
 
 def _other_ca(tmp_path) -> bytes:

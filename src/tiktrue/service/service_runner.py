@@ -32,6 +32,7 @@ import psutil
 from tiktrue import __version__
 from tiktrue.control import config_sync
 from tiktrue.control.block_repair import BlockRepairs, corrupt_event, repaired_event
+from tiktrue.control.cert_renewal import keep_renewed
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
@@ -50,7 +51,7 @@ from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
-from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.security.node_tls import NetworkCredentials, node_identity, reload_certificate
 from tiktrue.service.http_serving import GatewayHttp, trust_router
 from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
@@ -100,6 +101,7 @@ class NodeService:
         self.api_host, self.api_port = api_host or self.host, api_port
         self.gateway_tls = gateway_tls
         self.http: GatewayHttp | None = None
+        self._certificates_changed = asyncio.Event()  # wakes the renewals (cert_renewal)
         self.lan_api_url: str | None = None  # what other PCs use (https), None on loopback
         self.kv_budget_mb = kv_budget_mb
         self.servers: dict[str, BlockServer] = {}
@@ -183,6 +185,9 @@ class NodeService:
             await self._start_http()
         self.started = True
         self._write_run_file()
+        self._in_background(
+            keep_renewed(self.data_dir, self._certificate_renewed, self._certificates_changed)
+        )
         if self.announce:
             asyncio.create_task(self._announce())
 
@@ -207,6 +212,13 @@ class NodeService:
                 await asyncio.to_thread(self.announcer.update, announcement)
             except Exception as exc:  # the LAN sees the old announcement; nothing else breaks
                 log.warning("cannot update the LAN announcement: %s", exc)
+
+    def _certificate_renewed(self, network_id: str) -> None:
+        """A new certificate of the network (block servers and links show it already): the
+        gateway serves it too when it is the one it serves."""
+        if self.http is not None:
+            self.http.refresh_tls()
+        self.events.log_system_events("certificate_renewed", network_id=network_id)
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
@@ -357,6 +369,9 @@ class NodeService:
             release_free_memory()
             if self.control is not None:
                 self.control.refresh_trust()
+            for network_id in configs:  # certificates replaced on disk: in every live context
+                reload_certificate(self.data_dir, network_id)
+            self._certificates_changed.set()
             if self.http is not None:
                 self.http.refresh_tls()  # a network created or joined: its CA's certificate
             if self.started:  # before that, start() writes it once everything listens
@@ -540,8 +555,7 @@ class NodeService:
                 continue
             if entry.role == "admin":
                 if entry.control_port is not None:  # a network reached over control ports
-                    address = self._control_address()
-                    await self.record_control_address(config.network_id, me, address)
+                    await self._take_own_address(config.network_id)
                 continue
             admin = next((n for n in config.nodes if n.role == "admin"), None)
             if admin is None or admin.control_address is None:
@@ -576,6 +590,24 @@ class NodeService:
                 config_sync.find_admin, self.data_dir, network_id, interfaces=[self.host]
             )
             delay = min(delay * 2, most)
+
+    async def _take_own_address(self, network_id: str) -> None:
+        """Admin, at start: where its control channel (and, after a restore on another PC,
+        its host) is now, as a new config version with a certificate for that address, sent to
+        every node (``control.admin_address``)."""
+        from tiktrue.control.admin_address import moved_config
+        from tiktrue.control.cert_renewal import renew, standing
+        from tiktrue.protocol.network_config import write_config
+
+        me = self.identity.node_id
+        async with self.config_locks[network_id]:
+            moved = await moved_config(self.data_dir, network_id, me, self.host, self.control.port)
+            if moved is None:
+                return
+            write_config(self.data_dir, moved)
+        if not standing(self.data_dir, network_id, me).covers_host:
+            await renew(self.data_dir, network_id)  # its CA is here: at once
+        self.schedule_broadcast(network_id)
 
     async def record_control_address(
         self, network_id: str, node_id: str, control: str | None
