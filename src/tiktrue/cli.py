@@ -34,6 +34,12 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+admin_app = typer.Typer(
+    help="Back up the admin PC's state (network CA, configs, accounts, conversations) and "
+    "restore it on another PC.",
+    no_args_is_help=True,
+)
+app.add_typer(admin_app, name="admin")
 
 
 def err(message: str) -> None:
@@ -850,6 +856,80 @@ def gateway_allow_anonymous(
         set_allow_anonymous(data_dir(), state == "on")
     shown = "on" if allow_anonymous(data_dir()) else "off"
     typer.echo(f"anonymous access from the LAN: {shown}")
+
+
+# --- admin backup ---------------------------------------------------------------------------
+
+
+def _passphrase(from_stdin: bool, *, confirm: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return typer.prompt("backup passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+@admin_app.command("backup")
+def admin_backup(
+    file: Path = typer.Argument(..., help="The backup file to write."),
+    passphrase_stdin: bool = typer.Option(
+        False, "--passphrase-stdin", help="Read the passphrase from stdin instead of asking."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace FILE if it exists."),
+) -> None:
+    """Write this node's networks (their CA), configs, identity, accounts, API keys and
+    conversations into FILE, encrypted with a passphrase (scrypt + AES-256-GCM). Models are
+    not in it. Works while the node runs."""
+    from tiktrue.paths import data_dir
+    from tiktrue.service.admin_backup import BackupError, write_backup
+
+    passphrase = _passphrase(passphrase_stdin, confirm=True)
+    try:
+        summary = write_backup(data_dir(), file, passphrase, force=force)
+    except BackupError as exc:
+        fail(str(exc))
+    typer.echo(f"backed up {summary.describe()} -> {file}")
+    err("keep the file and its passphrase apart: together they are this network's keys")
+
+
+@admin_app.command("restore")
+def admin_restore(
+    file: Path = typer.Argument(..., help="A file made by tiktrue admin backup."),
+    passphrase_stdin: bool = typer.Option(
+        False, "--passphrase-stdin", help="Read the passphrase from stdin instead of asking."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Restore into a data dir in use: its networks, accounts and identity are moved "
+        "to <data>/before-restore-<time>/ first.",
+    ),
+) -> None:
+    """Make this PC the node the backup was taken of (stop its node service first). When the
+    node starts here, it tells its networks its new address: the other PCs follow it without
+    joining again, and conversations continue."""
+    from tiktrue.paths import data_dir
+    from tiktrue.service.admin_backup import (
+        BackupError,
+        missing_models,
+        read_backup,
+        restore_backup,
+    )
+
+    passphrase = _passphrase(passphrase_stdin, confirm=False)
+    try:
+        backup = read_backup(file, passphrase)
+        aside = restore_backup(data_dir(), backup, force=force)
+    except BackupError as exc:
+        fail(str(exc))
+    typer.echo(f"restored {backup.summary.describe()} into {data_dir()}")
+    if aside is not None:
+        err(f"what was there before is in {aside}")
+    for model_id in missing_models(data_dir(), backup):
+        err(
+            f"this PC has no copy of model {model_id} yet: import it (tiktrue models import "
+            f"PATH --id {model_id}) or download it (tiktrue models download {model_id} --from "
+            "URL) before starting the node"
+        )
+    err("now start the node service here (tiktrue node, the service or the app)")
 
 
 # --- node, chat --------------------------------------------------------------------------
