@@ -7,15 +7,22 @@ and the chat goes on. Skipped, saying why, where namespaces cannot be made (not 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
+import warnings
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from tests.helpers.browser import CHROMIUM_ARGS, WAIT_MS, browser_problem, chromium_path
 from tests.helpers.cluster import api_key
 from tests.helpers.netns import VirtualLan, lan_problem
 from tests.helpers.network import import_model_from_store, wait_until
 from tiktrue.paths import run_file
+from tiktrue.security.gateway_tls import fingerprint
 from tiktrue.security.node_tls import node_identity
 
 pytestmark = pytest.mark.integration
@@ -81,6 +88,51 @@ class Hosts:
                 process.wait()
 
 
+def _browse(lan: VirtualLan, i: int, base: str, admin_home, tmp_path) -> None:
+    """Chromium on host ``i`` (its binary run through ``ip netns exec``), trusting the admin's
+    key the way a browser that imported the network's CA trusts its certificate (an SPKI pin:
+    no certificate store to edit here): ``/trust`` shows the CA's fingerprint and gives the CA;
+    the login page is served over HTTPS and a login works; the dashboard says where other PCs
+    reach the admin; ``http://`` on the same port gets no page."""
+    if browser_problem():
+        warnings.warn(f"browser part skipped: {browser_problem()}", stacklevel=1)
+        return
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    spki = node_identity(admin_home).public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    wrapper = tmp_path / "chromium-on-host"
+    wrapper.write_text(f'#!/bin/sh\nexec {" ".join(lan.command(i, chromium_path()))} "$@"\n')
+    wrapper.chmod(0o755)
+    ca = (admin_home / "networks" / NET / "ca_cert.pem").read_bytes()
+    with sync_playwright() as playwright:
+        args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={pin}"]
+        browser = playwright.chromium.launch(executable_path=str(wrapper), args=args)
+        try:
+            page = browser.new_context(accept_downloads=True).new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{base}/trust")
+            expect(page.locator('[data-reach="SHA-256 fingerprint"]')).to_have_text(fingerprint(ca))
+            with page.expect_download() as download:
+                page.get_by_label("Download the CA certificate").click()
+            assert Path(download.value.path()).read_bytes() == ca
+            page.goto(f"{base}/login")
+            page.get_by_label("Account name").fill("tests")
+            page.get_by_label("Password").fill("a long password")
+            page.get_by_label("Log in").click()
+            page.wait_for_url(f"{base}/chat")
+            page.goto(f"{base}/admin")
+            expect(page.locator('[data-reach="Web UI and API"]')).to_have_text(f"{base}/")
+            with pytest.raises(PlaywrightError, match="ERR_EMPTY_RESPONSE|ERR_CONNECTION"):
+                page.goto(base.replace("https://", "http://") + "/login")
+        finally:
+            browser.close()
+
+
 def test_three_hosts_discover_join_chat_over_https_and_survive_an_unplugged_one(
     lan, tiny_llama, tmp_path
 ):
@@ -129,6 +181,8 @@ def test_three_hosts_discover_join_chat_over_https_and_survive_an_unplugged_one(
         messages = [{"role": "user", "content": "Hello from the second PC"}]
         first = hosts.client(1, "chat", base, cafile, key, json.dumps(messages))
         assert first["text"], first
+        # a person on that PC, in a real browser: the trust page, a login, the dashboard
+        _browse(lan, 1, base, homes[0], tmp_path)
         # tiktrue chat from that PC: https, trusting its networks' CAs by default
         said = hosts.cli(1, "chat", "--url", f"{base}/v1", "--api-key", key, "--max-tokens",
                          "8", stdin="Hello again\n/exit\n")  # fmt: skip
