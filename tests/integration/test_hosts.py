@@ -148,7 +148,9 @@ def test_three_hosts_discover_join_chat_over_https_and_survive_an_unplugged_one(
             assert json.loads(run_file(home).read_text())["control"] == f"{address}:{CONTROL_PORT}"
         admin = lan.addresses[0]
         base = f"https://{admin}:{API_PORT}"
-        assert json.loads(run_file(homes[0]).read_text())["lan_api"] == f"{base}/v1"
+        where = json.loads(run_file(homes[0]).read_text())
+        # other PCs: https on the LAN address; this PC's own programs: http on its loopback
+        assert (where["lan_api"], where["api"]) == (f"{base}/v1", f"http://127.0.0.1:{API_PORT}/v1")
 
         hosts.cli(0, "network", "create", "Office", "--model", tiny_llama.model_id,
                   "--id", NET, "--manual-plan")  # fmt: skip

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +44,20 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` as uvicorn binds one (SO_REUSEADDR off Windows: a
+    port in TIME_WAIT is free); raises ``OSError`` naming the address."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{host}:{port} cannot be used ({exc.strerror})") from None
+    return sock
 
 
 def _url_host(host: str) -> str:
@@ -97,13 +113,16 @@ class GatewayHttp:
         for wanted in (port, 0):
             try:
                 return await self._serve(LOOPBACK, wanted, tls=False, lifespan=False)
-            except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind
+            except OSError as exc:
                 log.warning(
-                    "gateway: %s:%d is taken for this PC's own use (%s)", LOOPBACK, wanted, exc
+                    "gateway: %s:%d is taken for this PC's own use: %s", LOOPBACK, wanted, exc
                 )
         return None
 
     async def _serve(self, host: str, port: int, *, tls: bool, lifespan: bool) -> int:
+        """One uvicorn on a socket bound here (a bind error is an ``OSError`` saying where,
+        not uvicorn's exit, which would end the node's event loop)."""
+        sock = _bind(host, port)
         options = {}
         if tls:
             assert self.tls is not None
@@ -119,14 +138,14 @@ class GatewayHttp:
             **options,
         )
         server = _EmbeddedServer(config)
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():
-                task.result()  # raises the bind error (uvicorn: SystemExit)
+                task.result()
                 raise OSError(f"the gateway could not listen on {host}:{port}")
             await asyncio.sleep(0.05)
         self._servers.append((server, task))
-        return server.servers[0].sockets[0].getsockname()[1]
+        return sock.getsockname()[1]
 
     def refresh_tls(self) -> bool:
         """Serve the certificate of the current choice (a network created or joined, a

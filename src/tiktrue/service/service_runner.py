@@ -719,6 +719,7 @@ class NodeService:
             "control_port": self.control.port if self.control else None,
             "api": self.api_url,
             "reach": reach_note(self.host),
+            "loopback_only": self.address.loopback,
             "gateway": self.http.describe() if self.http is not None else None,
             "pid": os.getpid(),
             "rss_bytes": _rss(),

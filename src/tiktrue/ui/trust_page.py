@@ -60,7 +60,7 @@ def reach_card() -> None:
     info, gateway = _gateway()
     host = info.get("host") or "?"
     with ui.column().classes("tt-card w-full p-4 gap-2").props('data-panel="reach"'):
-        if info.get("reach", "").startswith(f"{host} is this PC's loopback"):
+        if info.get("loopback_only"):
             with ui.row().classes("items-center gap-2 no-wrap"):
                 ui.icon("warning", color="negative").classes("text-2xl")
                 ui.label("Other PCs cannot reach this PC").classes("font-semibold")
