@@ -37,7 +37,15 @@ def lan_problem() -> str:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    try:  # what a VirtualLan needs inside a namespace: exec, a veth pair, a bridge
+        inside = ["ip", "netns", "exec", probe, "ip", "link", "add"]
+        for what in (["v0", "type", "veth", "peer", "name", "v1"], ["b0", "type", "bridge"]):
+            done = subprocess.run([*inside, *what], capture_output=True, text=True)
+            if done.returncode != 0:
+                why = done.stderr.strip()
+                return f"`ip link add {' '.join(what)}` in a namespace failed: {why}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return ""
 
 
