@@ -10,8 +10,9 @@ key is scrypt(passphrase, salt) with n=2^17, r=8, p=1 (OWASP's minimum for scryp
 of memory per try; 1.7 s per try measured on this project's 2-core VM while loaded, load
 average 12): a stolen backup costs an attacker that much per guessed passphrase. ``sealed``
 is AES-256-GCM over the archive, with the magic and the header as associated data, so neither
-can be changed unseen; a wrong passphrase and a damaged file are the same failed tag. The passphrase is normalized (Unicode NFKC: the same Persian or
-English text typed on another keyboard gives the same key).
+can be changed unseen; a wrong passphrase and a damaged file are the same failed tag. The
+passphrase is normalized (Unicode NFKC: the same Persian or English text typed on another
+keyboard gives the same key).
 """
 
 from __future__ import annotations
