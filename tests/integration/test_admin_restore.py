@@ -1,5 +1,5 @@
 """The admin PC is lost and restored on another PC from its backup: real node processes on
-loopback addresses of their own (the new PC is 127.0.0.2). The other nodes follow the
+loopback addresses of their own (the new PC is 127.0.x.2). The other nodes follow the
 restored admin to its new address without joining again, a conversation of the lost PC's
 gateway continues token for token, and its accounts and keys work there."""
 
@@ -27,7 +27,9 @@ pytestmark = pytest.mark.integration
 NET = "office"
 PASSPHRASE = "a passphrase for the office's backup"
 PROMPT, FOLLOW = [5, 17, 42, 99], [9, 10, 11]
-NEW_PC = "127.0.0.2"  # another address of this machine: the new PC
+# another address of this machine: the new PC (not 127.0.0.2, which other tests bind as a
+# LAN caller's source address; one per run, so runs side by side never share its ports)
+NEW_PC = f"127.0.{100 + os.getpid() % 150}.2"
 
 
 def cli(home, *args, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
