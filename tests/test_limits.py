@@ -80,7 +80,7 @@ def test_a_node_reserves_kv_for_the_whole_context(tiny_llama, tmp_path, context)
     conversation of the network's whole context; one page more does not fit."""
     config, homes = _config(tiny_llama, tmp_path, context)
     blocks = config.chain()[1].blocks
-    service = NodeService(homes[1], kv_budget_mb=0, announce=False)
+    service = NodeService(homes[1], kv_budget_mb=0, host="127.0.0.1", announce=False)
     budget = service._kv_budget(tiny_llama, config, blocks)
     from tiktrue.model.engine import Span
 

@@ -40,6 +40,12 @@ service_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(service_app, name="service")
+admin_app = typer.Typer(
+    help="Back up the admin PC's state (network CA, configs, accounts, conversations) and "
+    "restore it on another PC.",
+    no_args_is_help=True,
+)
+app.add_typer(admin_app, name="admin")
 
 
 def err(message: str) -> None:
@@ -868,19 +874,110 @@ def gateway_allow_anonymous(
     typer.echo(f"anonymous access from the LAN: {shown}")
 
 
+# --- admin backup ---------------------------------------------------------------------------
+
+
+def _passphrase(from_stdin: bool, *, confirm: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return typer.prompt("backup passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+@admin_app.command("backup")
+def admin_backup(
+    file: Path = typer.Argument(..., help="The backup file to write."),
+    passphrase_stdin: bool = typer.Option(
+        False, "--passphrase-stdin", help="Read the passphrase from stdin instead of asking."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace FILE if it exists."),
+) -> None:
+    """Write this node's networks (their CA), configs, identity, accounts, API keys and
+    conversations into FILE, encrypted with a passphrase (scrypt + AES-256-GCM). Models are
+    not in it. Works while the node runs."""
+    from tiktrue.paths import data_dir
+    from tiktrue.service.admin_backup import BackupError, write_backup
+
+    passphrase = _passphrase(passphrase_stdin, confirm=True)
+    try:
+        summary = write_backup(data_dir(), file, passphrase, force=force)
+    except BackupError as exc:
+        fail(str(exc))
+    typer.echo(f"backed up {summary.describe()} -> {file}")
+    err("keep the file and its passphrase apart: together they are this network's keys")
+
+
+@admin_app.command("restore")
+def admin_restore(
+    file: Path = typer.Argument(..., help="A file made by tiktrue admin backup."),
+    passphrase_stdin: bool = typer.Option(
+        False, "--passphrase-stdin", help="Read the passphrase from stdin instead of asking."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Restore into a data dir in use: its networks, accounts and identity are moved "
+        "to <data>/before-restore-<time>/ first.",
+    ),
+) -> None:
+    """Make this PC the node the backup was taken of (stop its node service first). When the
+    node starts here, it tells its networks its new address: the other PCs follow it without
+    joining again, and conversations continue."""
+    from tiktrue.paths import data_dir
+    from tiktrue.service.admin_backup import (
+        BackupError,
+        missing_models,
+        read_backup,
+        restore_backup,
+    )
+
+    passphrase = _passphrase(passphrase_stdin, confirm=False)
+    try:
+        backup = read_backup(file, passphrase)
+        aside = restore_backup(data_dir(), backup, force=force)
+    except BackupError as exc:
+        fail(str(exc))
+    typer.echo(f"restored {backup.summary.describe()} into {data_dir()}")
+    if aside is not None:
+        err(f"what was there before is in {aside}")
+    for model_id in missing_models(data_dir(), backup):
+        err(
+            f"this PC has no copy of model {model_id} yet: import it (tiktrue models import "
+            f"PATH --id {model_id}) or download it (tiktrue models download {model_id} --from "
+            "URL) before starting the node"
+        )
+    err("now start the node service here (tiktrue node, the service or the app)")
+
+
 # --- node, chat --------------------------------------------------------------------------
+
+
+HOST_HELP = (
+    "Address this node listens on and announces (default: this PC's LAN address, the "
+    "interface of the default route)."
+)
+LOCAL_HELP = "Listen on 127.0.0.1 only: no other PC can reach this node."
+
+
+def _host(host: str | None, local: bool) -> str | None:
+    if host and local:
+        fail("say --host ADDRESS or --local, not both")
+    return "127.0.0.1" if local else host
 
 
 @app.command()
 def node(
-    host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address this node listens on and announces (its LAN IP)."
-    ),
+    host: str = typer.Option(None, "--host", help=HOST_HELP),
+    local: bool = typer.Option(False, "--local", help=LOCAL_HELP),
     control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
     api_port: int = typer.Option(
-        None, "--api-port", help="Also serve the gateway (OpenAI API, /ws) on this port (0: any)."
+        None,
+        "--api-port",
+        help="Also serve the gateway (web UI, OpenAI API, /ws) on this port (0: any): HTTPS "
+        "on a LAN address, plain HTTP on 127.0.0.1.",
     ),
-    api_host: str = typer.Option("127.0.0.1", "--api-host"),
+    api_host: str = typer.Option(
+        None, "--api-host", help="The gateway's address (default: --host)."
+    ),
     web_ui: bool = typer.Option(
         True, "--ui/--no-ui", help="With --api-port: serve the web UI at / on the same port."
     ),
@@ -911,7 +1008,7 @@ def node(
         torch.set_num_threads(threads)
     serve_node(
         data_dir(),
-        host=host,
+        host=_host(host, local),
         control_port=control_port,
         api_host=api_host,
         api_port=api_port,
@@ -924,9 +1021,8 @@ def node(
 @app.command("app")
 def app_window(
     port: int = typer.Option(8000, "--port", help="The UI's (and the gateway's) port."),
-    host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address the UI listens on (this PC's LAN IP: the LAN too)."
-    ),
+    host: str = typer.Option(None, "--host", help=HOST_HELP),
+    local: bool = typer.Option(False, "--local", help=LOCAL_HELP),
     control_port: int = typer.Option(7470, "--control-port", help="Control channel (0: any)."),
     browser: bool = typer.Option(
         False, "--browser", help="Open the default browser even where a native window works."
@@ -938,6 +1034,7 @@ def app_window(
     from tiktrue.service.app_runner import run_app
     from tiktrue.service.os_service import ServiceError
 
+    host = _host(host, local)
     try:
         run_app(
             data_dir(),
@@ -965,14 +1062,28 @@ def chat(
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
     ),
+    cacert: Path = typer.Option(
+        None,
+        "--cacert",
+        help="For an https:// gateway: the CA certificate to trust (its /trust page offers "
+        "it; default: the CAs of this PC's networks).",
+    ),
 ) -> None:
     """Chat in the terminal with streamed answers (the local node's gateway by default)."""
     from tiktrue.paths import data_dir
+    from tiktrue.security.auth_manager import IdentityError
+    from tiktrue.security.gateway_tls import client_context
     from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat
 
     url = url or local_api_url(data_dir())
     if not url:
         fail("no gateway running from this data dir; pass --url or start `tiktrue demo`")
+    verify = True
+    if url.startswith("https://"):
+        try:
+            verify = client_context(data_dir(), cacert)
+        except IdentityError as exc:
+            fail(str(exc))
     try:
         # the gateway takes a network id where OpenAI clients put the model
         run_chat(
@@ -982,6 +1093,7 @@ def chat(
             api_key=api_key,
             temperature=temperature,
             max_tokens=max_tokens,
+            verify=verify,
         )
     except ChatError as exc:
         fail(str(exc))

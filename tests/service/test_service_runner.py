@@ -23,7 +23,7 @@ from tiktrue.service.service_runner import NodeService
 
 def test_node_info_and_heartbeat_never_wait_for_a_cpu_sample(tmp_path, monkeypatch):
     """``cpu_percent(interval=0.1)`` blocked the control channel for 100 ms per call."""
-    service = NodeService(tmp_path / "home", announce=False)  # primes the counter
+    service = NodeService(tmp_path / "home", host="127.0.0.1", announce=False)  # primes the counter
     intervals = []
     real = psutil.cpu_percent
 
@@ -101,7 +101,7 @@ def test_the_control_channel_answers_while_a_reload_loads_a_span(tiny_llama, tmp
     home, chain = _one_node(tiny_llama, tmp_path)
 
     async def go() -> Hold:
-        service = NodeService(home, announce=False)
+        service = NodeService(home, host="127.0.0.1", announce=False)
         await service.start()
         hold = Hold(monkeypatch, BlockStore, "load_block")
         try:
@@ -126,7 +126,7 @@ def test_the_control_channel_answers_while_a_gateway_loads_its_tokenizer(
     path.rename(away)  # the node starts in no network
 
     async def go() -> Hold:
-        service = NodeService(home, announce=False, api_port=0)
+        service = NodeService(home, host="127.0.0.1", announce=False, api_port=0)
         await service.start()
         hold = Hold(monkeypatch, api_client, "load_tokenizer")
         try:
@@ -148,7 +148,7 @@ def test_a_failed_replan_is_logged_with_its_traceback(tiny_llama, tmp_path, capl
     (home / "models" / tiny_llama.model_id / MANIFEST).unlink()  # the admin lost its copy
 
     async def go() -> None:
-        service = NodeService(home, announce=False)
+        service = NodeService(home, host="127.0.0.1", announce=False)
         service.schedule_replan("solo", delay=0)
         await service._replans["solo"]
 
@@ -164,7 +164,7 @@ def test_a_failed_announcement_update_is_logged(tiny_llama, tmp_path, caplog):
     other = NodeAnnouncement(node_id="0123456789abcdef", control_port=7481)
 
     async def go() -> None:
-        service = NodeService(home, announce=False)
+        service = NodeService(home, host="127.0.0.1", announce=False)
         service.control = SimpleNamespace(port=7481)
         service.announcer = NodeAnnouncer(other)  # speaks for another node: update refuses
         await service._announce_update()
@@ -180,7 +180,7 @@ def test_node_info_does_not_sleep_to_sample_the_cpu(tiny_llama, tmp_path, monkey
     """node_info answers on the event loop: it reads the CPU load since the last reading
     instead of sampling it for a while (psutil sleeps for the interval it is given)."""
     home, _ = _one_node(tiny_llama, tmp_path)
-    service = NodeService(home, announce=False)
+    service = NodeService(home, host="127.0.0.1", announce=False)
     intervals = []
     real = psutil.cpu_percent
 

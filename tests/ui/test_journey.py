@@ -135,7 +135,10 @@ def test_first_run_from_a_repository_then_pcs_join_by_token_and_by_approval(
     shoot(page, "chat")
 
     home2 = tmp_path / "pc2"
-    with app_process(home2, tmp_path, "--port", "0", "--control-port", "0") as (pc2, opened):
+    with app_process(home2, tmp_path, "--local", "--port", "0", "--control-port", "0") as (
+        pc2,
+        opened,
+    ):
         [base2] = wait_until(opened, "tiktrue app to open its UI", timeout=180)
         base2 = base2.rstrip("/")
         other = new_page()

@@ -41,6 +41,7 @@ from zeroconf import (
 )
 
 from tiktrue import __version__
+from tiktrue.node.lan_address import LOOPBACK, lan_addresses
 from tiktrue.protocol.network_config import CONFIG_PREFIX, ConfigError, read_config
 from tiktrue.protocol.protocol_spec import ID_PATTERN
 
@@ -162,20 +163,6 @@ def make_zeroconf(interfaces: Interfaces = None) -> Zeroconf:
     return Zeroconf(interfaces=chosen, ip_version=IPVersion.All if v6 else IPVersion.V4Only)
 
 
-def local_addresses(include_loopback: bool = False) -> list[str]:
-    """This PC's IPv4 addresses (link-local left out)."""
-    found = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if not ip.is_IPv4:
-                continue
-            address = ipaddress.IPv4Address(ip.ip)
-            if address.is_link_local or (address.is_loopback and not include_loopback):
-                continue
-            found.append(str(address))
-    return sorted(set(found))
-
-
 class NodeAnnouncer:
     """Announces this node on the LAN until ``stop()``.
 
@@ -284,7 +271,7 @@ class NodeAnnouncer:
             given = [str(i) for i in self._interfaces if isinstance(i, str) and _is_ip(i)]
             if given:
                 return given
-        return local_addresses() or ["127.0.0.1"]
+        return lan_addresses() or [LOOPBACK]
 
     def __enter__(self) -> NodeAnnouncer:
         return self.start()

@@ -94,7 +94,7 @@ def create_network(
     folder = network_dir(data_dir, network_id)
     ca = create_network_ca(network_id, folder / "ca")
     cert = ca.generate_node_certificate(
-        identity.node_id, identity.public_key, "admin", hosts=_hosts(host)
+        identity.node_id, identity.public_key, "admin", hosts=node_cert_hosts(host)
     )
     install_certificate(data_dir, network_id, ca.cert_pem, cert)
     install_block_key(data_dir, network_id, new_block_key())
@@ -130,7 +130,9 @@ def name_of_this_pc() -> str:
     return platform.node() or "this PC"
 
 
-def _hosts(host: str) -> tuple[str, ...]:
+def node_cert_hosts(host: str) -> tuple[str, ...]:
+    """What a node certificate names: the node's address, and this PC's loopback names (its
+    own programs reach its gateway there)."""
     return tuple(dict.fromkeys([host, "127.0.0.1", "localhost"]))
 
 
@@ -328,7 +330,7 @@ def _spend_token(data_dir: Path, network_id: str, secret: str, node_id: str) -> 
 def _grant(data_dir: Path, ca: NetworkCA, request: JoinRequest, node_id: str) -> JoinGrant:
     _refuse_revoked(data_dir, request.network_id, node_id)
     cert = ca.generate_node_certificate(
-        node_id, request.public_key_pem.encode(), "worker", hosts=_hosts(request.host)
+        node_id, request.public_key_pem.encode(), "worker", hosts=node_cert_hosts(request.host)
     )
     config = read_config(config_path(data_dir, request.network_id))
     nodes = [n for n in config.nodes if n.node_id != node_id]

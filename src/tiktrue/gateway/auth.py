@@ -44,7 +44,8 @@ from tiktrue.security.users import (
 )
 
 SETTINGS_FILE = "gateway.json"
-OPEN_PATHS = frozenset({"/health", "/auth/login"})
+# /tls/*: the gateway's public certificate and fingerprints, needed before any login
+OPEN_PATHS = frozenset({"/health", "/auth/login", "/tls/ca.crt", "/tls/info"})
 SCOPE_KEY = "tiktrue.caller"  # where the middleware leaves the caller in the ASGI scope
 _ADDRESSES_TTL_S = 10.0
 

@@ -50,6 +50,7 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "config_pull": _MEMBERS,  # a member back after being away asks for the config
     "block_key": _MEMBERS,  # the network's block key: only over mutual TLS, to a member
     "leave": _MEMBERS,  # a member leaves (asks with its own certificate)
+    "renew_certificate": _MEMBERS,  # the next certificate for the key a member proved
     # the network's admin only
     "heartbeat": _ADMIN,
     "probe": _ADMIN,  # a 0.3 s compute benchmark: not for anyone to spam

@@ -41,6 +41,7 @@ DOCUMENT_DOMAIN = b"tiktrue-document-v1"
 NONCE_BYTES = 32
 MIN_NONCE_BYTES = 16
 CA_VALID_DAYS = 3650
+NODE_CERT_DAYS = 365  # a node renews its certificate before it ends (control.cert_renewal)
 # Certificates start a little in the past so that a peer whose clock lags still accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 _MAX_NAME = 64  # X.509 upper bound for CN / O / OU
@@ -270,12 +271,13 @@ class NetworkCA:
         public_key: ec.EllipticCurvePublicKey | bytes,
         role: str,
         hosts: Iterable[str] = ("127.0.0.1", "localhost"),
-        days: int = 365,
+        days: float = NODE_CERT_DAYS,
     ) -> bytes:
         """Sign a leaf certificate (PEM) for ``node_id`` with ``role``, valid for TLS both ways.
 
         ``hosts`` become the SubjectAlternativeName (IP addresses or DNS names) that TLS clients
-        check. The certificate never outlives the CA.
+        check. The certificate never outlives the CA. ``days`` may be a fraction (tests of
+        renewal use seconds).
         """
         _check_role(role)
         _check_name("node_id", node_id)
@@ -401,7 +403,7 @@ def generate_node_certificate(
     identity: NodeIdentity,
     role: str,
     hosts: Iterable[str] = ("127.0.0.1", "localhost"),
-    days: int = 365,
+    days: float = NODE_CERT_DAYS,
 ) -> bytes:
     """Sign ``identity``'s certificate for ``role`` in ``ca``'s network; returns PEM only."""
     return ca.generate_node_certificate(identity.node_id, identity.public_key, role, hosts, days)

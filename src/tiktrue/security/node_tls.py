@@ -8,6 +8,7 @@ Files: ``<data>/identity/node_key.pem`` (one key per node, all networks) and
 from __future__ import annotations
 
 import ssl
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -63,9 +64,10 @@ class NetworkCredentials:
             )
         return cls(identity, ca_cert, node_cert, info)
 
-    @cached_property
+    @property
     def cert_der(self) -> bytes:
-        """This node's certificate (DER), as its TLS peers see it."""
+        """This node's certificate (DER), as its TLS peers see it: read at each call (once
+        per connection), since a renewal replaces it in the contexts made before."""
         return pem_to_der(self.node_cert.read_bytes())
 
     @cached_property
@@ -73,10 +75,34 @@ class NetworkCredentials:
         return self.ca_cert.read_bytes()
 
     def server_context(self) -> ssl.SSLContext:
-        return server_ssl_context(self.node_cert, self.identity.key_path, self.ca_cert)
+        context = server_ssl_context(self.node_cert, self.identity.key_path, self.ca_cert)
+        return _keep_current(context, self.node_cert)
 
     def client_context(self) -> ssl.SSLContext:
-        return client_ssl_context(self.node_cert, self.identity.key_path, self.ca_cert)
+        context = client_ssl_context(self.node_cert, self.identity.key_path, self.ca_cert)
+        return _keep_current(context, self.node_cert)
+
+
+# Every TLS context made with a node certificate, by certificate file: a renewal loads the new
+# certificate into each of them (``reload_certificate``), so block servers, links and the
+# gateway present it on their next connections without restarting (open ones go on).
+_LIVE: dict[Path, weakref.WeakSet[ssl.SSLContext]] = {}
+
+
+def _keep_current(context: ssl.SSLContext, cert_path: Path) -> ssl.SSLContext:
+    _LIVE.setdefault(Path(cert_path).resolve(), weakref.WeakSet()).add(context)
+    return context
+
+
+def reload_certificate(data_dir: Path, network_id: str) -> int:
+    """After ``node_cert.pem`` of a network was replaced (a renewal): load it into every live
+    context made with it; returns how many."""
+    cert = Path(data_dir) / "networks" / network_id / NODE_CERT
+    key = node_identity(data_dir).key_path
+    contexts = list(_LIVE.get(cert.resolve(), ()))
+    for context in contexts:
+        context.load_cert_chain(cert, key)
+    return len(contexts)
 
 
 def load_block_key(data_dir: Path, network_id: str) -> bytes | None:
@@ -98,11 +124,14 @@ def block_keyring(data_dir: Path) -> Callable[[str], BlockCipher | None]:
 
 
 def install_certificate(data_dir: Path, network_id: str, ca_cert_pem: bytes, node_cert_pem: bytes):
-    """Store the network CA and this node's certificate (after the admin issued it)."""
+    """Store the network CA and this node's certificate (after the admin issued it; a
+    renewal replaces the certificate whole: a reader never sees half of one)."""
     directory = Path(data_dir) / "networks" / network_id
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CA_CERT).write_bytes(ca_cert_pem)
-    (directory / NODE_CERT).write_bytes(node_cert_pem)
+    for name, data in ((CA_CERT, ca_cert_pem), (NODE_CERT, node_cert_pem)):
+        partial = directory / f"{name}.partial"
+        partial.write_bytes(data)
+        partial.replace(directory / name)
 
 
 # --- the control channel: reachable before a node has joined any network ------------------

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tiktrue.node.lan_address import LOOPBACK, choose_host, is_loopback, reach_note
 from tiktrue.service.os_service import ServiceError, ServiceStatus, installed_service, running_node
 from tiktrue.service.service_runner import NodeService
 from tiktrue.ui.main_app import open_app
@@ -137,12 +138,18 @@ def run_app(data_dir: Path, *, native: bool | None = None, log=print, **node_opt
         log(f"TikTrue runs on this PC: {url}")
         open_app(url, native=native)
         return
-    _check_free(node_options.get("api_host", "127.0.0.1"), node_options.get("api_port"))
+    address = choose_host(node_options.get("host"))  # the node's, said before it starts
+    api_host = node_options.get("api_host") or address.host
+    node_options = {**node_options, "host": address.host, "api_host": api_host}
+    for host in dict.fromkeys([api_host, LOOPBACK]):  # on a LAN address: HTTPS + loopback HTTP
+        _check_free(host, node_options.get("api_port"))
     node = NodeThread(data_dir, **node_options)
     node.start()
     try:
         url = node.wait_started()
         log(f"TikTrue: {url} (this window's node service stops when it closes)")
+        lan = node.service.http.lan_base if node.service.http else None
+        log(f"other PCs: {lan}/" if lan and not is_loopback(api_host) else reach_note(api_host))
         if not open_app(url, native=native):
             log("opened in the browser; press Ctrl-C to stop this PC's node service")
             while node.is_alive():  # until Ctrl-C (a join with a timeout: Windows too)

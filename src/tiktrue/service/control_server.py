@@ -406,6 +406,18 @@ class ControlServer:
             new = await remove_node(self.data_dir, network_id, conn.caller.node_id, revoke=False)
         return {"version": new.version}  # remove_node's push reloaded this node's service
 
+    async def op_renew_certificate(self, header, payload, conn: Connection) -> dict:
+        """A member's certificate nears its end: the admin issues the next one."""
+        from tiktrue.control.cert_renewal import issue_for_member
+
+        try:
+            cert = issue_for_member(
+                self.data_dir, header["network_id"], conn.caller, conn.peer_cert
+            )
+        except IdentityError as exc:
+            raise Refused("forbidden", str(exc)) from exc
+        return {"certificate": cert.decode()}
+
     async def op_chain_broken(self, header, payload, conn: Connection) -> dict:
         """A member's chain failed: the admin looks for lost nodes (in the background)."""
         network_id = header["network_id"]

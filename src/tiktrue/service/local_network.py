@@ -132,13 +132,17 @@ class LocalCluster:
         own_control_ports: bool = True,  # False: any free port, as `--control-port 0` gives
         gateway_args: list[str] | None = None,
         node_env: dict[int, dict[str, str]] | None = None,
+        host: str | None = "127.0.0.1",
     ):
+        """``host``: where every node listens (loopback: these processes are one PC; None:
+        the PC's LAN address, as ``tiktrue node`` takes it by default)."""
         self.homes = [Path(h) for h in homes]
         self.own_control_ports = own_control_ports
         self.gateway = gateway
         self.kv_budget_mb = kv_budget_mb
         self.gateway_args = list(gateway_args or [])  # more `tiktrue node` options, gateway only
         self.node_env = node_env or {}  # more environment for node i
+        self.host = host
         self.processes: list[subprocess.Popen] = []
         self.api_url: str | None = None
         self.ui_url: str | None = None  # the gateway's web UI (None: served without one)
@@ -151,6 +155,7 @@ class LocalCluster:
         args = node_command([])  # this Python, or the bundle's service_runner
         port = _own_control_port(home) if self.own_control_ports else None
         args += ["--control-port", str(port or 0)]
+        args += ["--host", self.host] if self.host else []
         args += ["--kv-budget-mb", str(self.kv_budget_mb)]
         if i == 0 and self.gateway:
             args += ["--api-port", str(self._api_port or 0), *self.gateway_args]

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import NoReturn
 
 import psutil
-import uvicorn
 
 from tiktrue import __version__
 from tiktrue.control import config_sync
 from tiktrue.control.block_repair import BlockRepairs, corrupt_event, repaired_event
+from tiktrue.control.cert_renewal import keep_renewed
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
@@ -46,27 +46,18 @@ from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.store import MANIFEST, BlockStore
 from tiktrue.monitoring.monitoring_system import EventLog
 from tiktrue.node.control_link import ControlError
+from tiktrue.node.lan_address import choose_host, reach_note
 from tiktrue.node.memory import release_free_memory
 from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
-from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.security.node_tls import NetworkCredentials, node_identity, reload_certificate
+from tiktrue.service.http_serving import GatewayHttp, trust_router
 from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
 
 log = logging.getLogger("tiktrue.node")
 PULL_TIMEOUT = 15.0  # at start: how long the admin may take before the node goes on without
-# at stop: how long answers in flight (an SSE stream, a /ws answer waiting on a hung node, the
-# UI's socket) may take to end before uvicorn cancels them; without it, it waits for ever
-HTTP_STOP_S = 1.0
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside our loop: the node, not uvicorn, owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 def _span_signature(config: NetworkConfig, node_id: str) -> tuple:
@@ -81,17 +72,21 @@ class NodeService:
         self,
         data_dir: Path,
         *,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         control_port: int = 0,
-        api_host: str = "127.0.0.1",
+        api_host: str | None = None,
         api_port: int | None = None,
         kv_budget_mb: int = 512,
         announce: bool = True,
         session_idle_s: float = IDLE_TIMEOUT_S,
         web_ui: bool = False,
+        gateway_tls: bool | None = None,
     ) -> None:
-        """``web_ui``: serve the web UI at ``/`` beside the API (with ``api_port``; NiceGUI
-        allows one UI per process)."""
+        """``host``: where the node listens and announces (None: this PC's LAN address, see
+        ``node.lan_address``); ``api_host``: the gateway's (None: ``host``). ``web_ui``:
+        serve the web UI at ``/`` beside the API (with ``api_port``; NiceGUI allows one UI
+        per process). ``gateway_tls``: see ``http_serving.GatewayHttp`` (None: HTTPS unless
+        on loopback)."""
         self.data_dir = Path(data_dir)
         self.web_ui = web_ui
         self.ui_url: str | None = None
@@ -100,9 +95,14 @@ class NodeService:
         self._replans: dict[str, asyncio.Task] = {}
         self.identity = node_identity(self.data_dir)
         psutil.cpu_percent(None)  # node_info's first CPU reading covers the time since now
-        self.host = host
+        self.address = choose_host(host)
+        self.host = self.address.host
         self.control_port = control_port
-        self.api_host, self.api_port = api_host, api_port
+        self.api_host, self.api_port = api_host or self.host, api_port
+        self.gateway_tls = gateway_tls
+        self.http: GatewayHttp | None = None
+        self._certificates_changed = asyncio.Event()  # wakes the renewals (cert_renewal)
+        self.lan_api_url: str | None = None  # what other PCs use (https), None on loopback
         self.kv_budget_mb = kv_budget_mb
         self.servers: dict[str, BlockServer] = {}
         self.gateways: dict[str, Gateway] = {}
@@ -175,12 +175,19 @@ class NodeService:
 
         self.control = ControlServer(self)
         await self.control.start(self.host, self.control_port)
+        level = logging.WARNING if self.address.how == "no LAN address" else logging.INFO
+        log.log(
+            level, "listening on %s (%s): %s", self.host, self.address.how, reach_note(self.host)
+        )
         await self._sync_on_start()
         await self.reload()
         if self.api_port is not None:
             await self._start_http()
         self.started = True
         self._write_run_file()
+        self._in_background(
+            keep_renewed(self.data_dir, self._certificate_renewed, self._certificates_changed)
+        )
         if self.announce:
             asyncio.create_task(self._announce())
 
@@ -205,6 +212,13 @@ class NodeService:
                 await asyncio.to_thread(self.announcer.update, announcement)
             except Exception as exc:  # the LAN sees the old announcement; nothing else breaks
                 log.warning("cannot update the LAN announcement: %s", exc)
+
+    def _certificate_renewed(self, network_id: str) -> None:
+        """A new certificate of the network (block servers and links show it already): the
+        gateway serves it too when it is the one it serves."""
+        if self.http is not None:
+            self.http.refresh_tls()
+        self.events.log_system_events("certificate_renewed", network_id=network_id)
 
     def schedule_replan(self, network_id: str, delay: float = 1.0) -> None:
         """After a join (admin side): plan again and move blocks, if the network wants it."""
@@ -260,29 +274,24 @@ class NodeService:
             discover_on=[self.host] if self.announce else None,
         )
         ui = self._web_ui() if self.web_ui else None
-        app = create_app(
-            self.gateways, self.protocol, auth, ui=ui, routers=[admin_router(self.admin)]
-        )
-        config = uvicorn.Config(
+        routers = [admin_router(self.admin), trust_router(lambda: self.http)]
+        app = create_app(self.gateways, self.protocol, auth, ui=ui, routers=routers)
+        self.http = GatewayHttp(
             app,
-            host=self.api_host,
-            port=self.api_port,
-            log_level="warning",
+            self.data_dir,
+            self.api_host,
+            self.api_port,
             lifespan="on" if ui else "off",  # the UI starts and stops with the server
-            timeout_graceful_shutdown=HTTP_STOP_S,
+            tls=self.gateway_tls,
         )
-        self._http = _EmbeddedServer(config)
-        self._http_task = asyncio.create_task(self._http.serve())
-        while not self._http.started:
-            if self._http_task.done():
-                self._http_task.result()  # raises the bind error
-            await asyncio.sleep(0.05)
-        port = self._http.servers[0].sockets[0].getsockname()[1]
-        self.api_url = f"http://{self.api_host}:{port}/v1"
+        await self.http.start()
+        local, lan = self.http.local_base, self.http.lan_base
+        self.api_url = f"{local or lan}/v1"
+        self.lan_api_url = f"{lan}/v1" if lan else None
         log.info("OpenAI API on %s", self.api_url)
         if ui is not None:
-            self.ui_url = f"http://{self.api_host}:{port}/"
-            log.info("web UI on %s", self.ui_url)
+            self.ui_url = f"{local or lan}/"
+            log.info("web UI on %s (other PCs: %s)", self.ui_url, f"{lan}/" if lan else "none")
 
     async def stop(self) -> None:
         began = time.monotonic()
@@ -298,9 +307,8 @@ class NodeService:
                 await asyncio.to_thread(self.announcer.stop)
             except Exception as exc:  # others drop this node when its announcement expires
                 log.warning("cannot withdraw the LAN announcement: %s", exc)
-        if getattr(self, "_http", None) is not None:
-            self._http.should_exit = True
-            await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.http is not None:
+            await self.http.stop()
         if self.admin is not None:
             await self.admin.close()
         for monitor in self.health.values():
@@ -359,6 +367,11 @@ class NodeService:
             release_free_memory()
             if self.control is not None:
                 self.control.refresh_trust()
+            for network_id in configs:  # certificates replaced on disk: in every live context
+                reload_certificate(self.data_dir, network_id)
+            self._certificates_changed.set()
+            if self.http is not None:
+                self.http.refresh_tls()  # a network created or joined: its CA's certificate
             if self.started:  # before that, start() writes it once everything listens
                 self._write_run_file()
             await self._sync_health(configs)
@@ -540,8 +553,7 @@ class NodeService:
                 continue
             if entry.role == "admin":
                 if entry.control_port is not None:  # a network reached over control ports
-                    address = self._control_address()
-                    await self.record_control_address(config.network_id, me, address)
+                    await self._take_own_address(config.network_id)
                 continue
             admin = next((n for n in config.nodes if n.role == "admin"), None)
             if admin is None or admin.control_address is None:
@@ -576,6 +588,24 @@ class NodeService:
                 config_sync.find_admin, self.data_dir, network_id, interfaces=[self.host]
             )
             delay = min(delay * 2, most)
+
+    async def _take_own_address(self, network_id: str) -> None:
+        """Admin, at start: where its control channel (and, after a restore on another PC,
+        its host) is now, as a new config version with a certificate for that address, sent to
+        every node (``control.admin_address``)."""
+        from tiktrue.control.admin_address import moved_config
+        from tiktrue.control.cert_renewal import renew, standing
+        from tiktrue.protocol.network_config import write_config
+
+        me = self.identity.node_id
+        async with self.config_locks[network_id]:
+            moved = await moved_config(self.data_dir, network_id, me, self.host, self.control.port)
+            if moved is None:
+                return
+            write_config(self.data_dir, moved)
+        if not standing(self.data_dir, network_id, me).covers_host:
+            await renew(self.data_dir, network_id)  # its CA is here: at once
+        self.schedule_broadcast(network_id)
 
     async def record_control_address(
         self, network_id: str, node_id: str, control: str | None
@@ -693,6 +723,9 @@ class NodeService:
             "host": self.host,
             "control_port": self.control.port if self.control else None,
             "api": self.api_url,
+            "reach": reach_note(self.host),
+            "loopback_only": self.address.loopback,
+            "gateway": self.http.describe() if self.http is not None else None,
             "pid": os.getpid(),
             "rss_bytes": _rss(),
             # the CPU load since the last reading: sampling would sleep on the event loop
@@ -747,6 +780,7 @@ class NodeService:
             },
             "api": self.api_url,
             "ui": self.ui_url,
+            "lan_api": self.lan_api_url,
         }
         write_text_atomic(path, json.dumps(info, indent=2))
 

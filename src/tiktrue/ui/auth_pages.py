@@ -125,6 +125,7 @@ def register() -> None:
                 'unelevated no-caps aria-label="Log in"'
             ).classes("w-full")
             password.on("keydown.enter", submit)
+            ui.link("This PC's certificate (HTTPS)", "/trust").classes("text-sm tt-muted")
 
 
 def _safe(target: str) -> str:

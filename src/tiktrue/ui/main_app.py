@@ -77,7 +77,7 @@ class WebUi:
         from nicegui import ui
         from nicegui.storage import Storage
 
-        from tiktrue.ui import admin, auth_pages, chat_page, setup_pages
+        from tiktrue.ui import admin, auth_pages, chat_page, setup_pages, trust_page
         from tiktrue.ui.layout import BRAND
 
         set_ui_context(self.context)
@@ -85,6 +85,7 @@ class WebUi:
         Storage.path = private_dir(self.context.data_dir / STORAGE_DIR)
         auth_pages.register()
         setup_pages.register()
+        trust_page.register()
         chat_page.register()
         admin.register_admin_pages(self.context)
         ui.run_with(

@@ -22,6 +22,7 @@ from tiktrue.ui.network_setup import (
     join_existing_network,
     local_models,
 )
+from tiktrue.ui.trust_page import reach_card
 
 POLL_S = 0.3  # how often a progress panel reads its job's figures
 
@@ -37,6 +38,7 @@ def register() -> None:
                 "network on this PC (it becomes the network's admin), or join a network that "
                 "another PC administers."
             ).classes("tt-muted max-w-3xl")
+            reach_card()
             with ui.row().classes("w-full gap-4 items-stretch"):
                 _choice(
                     "Create new network",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +32,16 @@ def _headers(api_key: str | None) -> dict:
 
 
 def stream_chat(
-    api_url: str, messages: list[dict], model: str | None, api_key: str | None = None, **settings
+    api_url: str,
+    messages: list[dict],
+    model: str | None,
+    api_key: str | None = None,
+    *,
+    verify: ssl.SSLContext | bool = True,
+    **settings,
 ) -> Iterator[str]:
-    """Yield the text deltas of one streamed chat completion."""
+    """Yield the text deltas of one streamed chat completion (``verify``: what an
+    ``https://`` gateway's certificate must chain to, see ``gateway_tls.client_context``)."""
     body = {"messages": messages, "stream": True, **settings}
     if model:
         body["model"] = model
@@ -44,6 +52,7 @@ def stream_chat(
             json=body,
             headers=_headers(api_key),
             timeout=300,
+            verify=verify,
         ) as reply:
             if reply.status_code != 200:
                 reply.read()
@@ -66,10 +75,17 @@ def run_chat(
     model: str | None = None,
     system: str | None = None,
     api_key: str | None = None,
+    *,
+    verify: ssl.SSLContext | bool = True,
     **settings,
 ) -> None:
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    listed = httpx.get(f"{api_url}/models", headers=_headers(api_key), timeout=10)
+    try:
+        listed = httpx.get(
+            f"{api_url}/models", headers=_headers(api_key), timeout=10, verify=verify
+        )
+    except httpx.HTTPError as exc:
+        raise ChatError(f"cannot reach the gateway at {api_url}: {exc}") from exc
     if listed.status_code != 200:
         raise ChatError(f"the gateway answered {listed.status_code}: {listed.text}")
     models = listed.json()["data"]
@@ -98,7 +114,7 @@ def run_chat(
         sys.stdout.write("model> ")
         answer = []
         try:
-            for delta in stream_chat(api_url, messages, model, api_key, **settings):
+            for delta in stream_chat(api_url, messages, model, api_key, verify=verify, **settings):
                 answer.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()

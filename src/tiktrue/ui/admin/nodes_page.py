@@ -24,6 +24,7 @@ from tiktrue.ui.admin.widgets import (
     network_frame,
     section,
 )
+from tiktrue.ui.trust_page import reach_card
 
 LIVE_EVERY_S = 2.0
 FULL_EVERY_S = 15.0
@@ -183,6 +184,7 @@ def register(context) -> None:
                 ui.button("Invite a PC", icon="person_add", on_click=invite.open).props(
                     'outline no-caps aria-label="Invite a PC"'
                 )
+            reach_card()
             with ui.column().classes("w-full gap-2") as requests_title:
                 section("Asking to join")
                 requests = ui.column().classes("w-full gap-2")
