@@ -736,10 +736,13 @@ def users_add(
     ),
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute (default: no limit)."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day (default: no limit)."),
+    tpd: int = typer.Option(
+        None, "--tpd", help="Tokens per day, prompt and answer (default: no quota)."
+    ),
 ) -> None:
     """Add an account."""
     with _refusals():
-        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd)
+        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd, tpd=tpd)
     typer.echo(f"added {user.name} ({user.role})")
 
 
@@ -752,6 +755,7 @@ def users_list() -> None:
     for user in users:
         typer.echo(
             f"{user.name:<24} {user.role:<6} rpm {_limit(user.rpm):>6}  rpd {_limit(user.rpd):>8}"
+            f"  tokens/day {_limit(user.tpd):>9}"
         )
 
 
@@ -779,11 +783,17 @@ def users_limits(
     name: str,
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute (unset: no limit)."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day (unset: no limit)."),
+    tpd: int = typer.Option(
+        None, "--tpd", help="Tokens per day, prompt and answer (unset: no quota)."
+    ),
 ) -> None:
-    """Set an account's rate limits (all its keys together)."""
+    """Set an account's rate limits and token quota (all its keys together)."""
     with _refusals():
-        user = _users().set_user_limits(name, rpm=rpm, rpd=rpd)
-    typer.echo(f"{user.name}: rpm {_limit(user.rpm)}, rpd {_limit(user.rpd)}")
+        user = _users().set_user_limits(name, rpm=rpm, rpd=rpd, tpd=tpd)
+    typer.echo(
+        f"{user.name}: rpm {_limit(user.rpm)}, rpd {_limit(user.rpd)}, "
+        f"tokens/day {_limit(user.tpd)}"
+    )
 
 
 @keys_app.command("create")
@@ -796,6 +806,7 @@ def keys_create(
     days: float = typer.Option(None, "--days", help="Expires after this many days."),
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute for this key."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day for this key."),
+    tpd: int = typer.Option(None, "--tpd", help="Tokens per day for this key."),
 ) -> None:
     """Make an API key; it is printed this once (only its hash is kept)."""
     with _refusals():
@@ -806,6 +817,7 @@ def keys_create(
             expires_in_s=None if days is None else days * 86400,
             rpm=rpm,
             rpd=rpd,
+            tpd=tpd,
         )
     typer.echo(key)
     err(f"key {record.id} for {record.user_name}: keep it now, it is not shown again")
@@ -824,7 +836,8 @@ def keys_list(user: str = typer.Option(None, "--user", "-u")) -> None:
         networks = ",".join(key.networks) if key.networks else "all networks"
         typer.echo(
             f"{key.id:>4} {key.prefix}...  {key.user_name:<16} {key.state(time.time()):<8} "
-            f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)}  {key.name or ''}"
+            f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)} "
+            f"tokens/day {_limit(key.tpd)}  {key.name or ''}"
         )
 
 

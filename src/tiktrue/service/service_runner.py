@@ -39,6 +39,7 @@ from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.control.planner import ModelProfile
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.auth import GatewayAuth
+from tiktrue.gateway.metrics_route import metrics_router
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
@@ -51,6 +52,7 @@ from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.service.node_monitoring import NodeMonitoring
 from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
 
@@ -133,6 +135,8 @@ class NodeService:
         self.session_idle_s = session_idle_s
         self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
         self.admin: AdminOperations | None = None  # the dashboard's operations, with the gateway
+        # metrics, history, alerts, Prometheus targets (see service.node_monitoring)
+        self.monitoring = NodeMonitoring(self)
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -180,6 +184,7 @@ class NodeService:
         if self.api_port is not None:
             await self._start_http()
         self.started = True
+        await self.monitoring.start()
         self._write_run_file()
         if self.announce:
             asyncio.create_task(self._announce())
@@ -260,9 +265,8 @@ class NodeService:
             discover_on=[self.host] if self.announce else None,
         )
         ui = self._web_ui() if self.web_ui else None
-        app = create_app(
-            self.gateways, self.protocol, auth, ui=ui, routers=[admin_router(self.admin)]
-        )
+        routers = [admin_router(self.admin), metrics_router(self.monitoring.metrics)]
+        app = create_app(self.gateways, self.protocol, auth, ui=ui, routers=routers)
         config = uvicorn.Config(
             app,
             host=self.api_host,
@@ -315,6 +319,7 @@ class NodeService:
             await server.stop()
         if self.control is not None:
             await self.control.stop()
+        await self.monitoring.stop()
         run_file(self.data_dir).unlink(missing_ok=True)
         log.info("node stopped in %.2f s", time.monotonic() - began)
         self.events.close()
@@ -490,6 +495,7 @@ class NodeService:
                     ),
                     session_store=self._session_store,
                     idle_timeout_s=self.session_idle_s,
+                    on_answer=self.monitoring.answered,
                 )
             )
             gateway.start()
