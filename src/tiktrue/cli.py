@@ -34,6 +34,8 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+ops_app = typer.Typer(help="Operations: Prometheus set-up, alert thresholds.", no_args_is_help=True)
+app.add_typer(ops_app, name="ops")
 
 
 def err(message: str) -> None:
@@ -1037,3 +1039,29 @@ def demo(
 async def _as_coroutine(func, *args, **kwargs):
     """Run blocking setup code where ``_run`` expects a coroutine (for its error handling)."""
     return await asyncio.to_thread(func, *args, **kwargs)
+
+
+# --- operations: Prometheus, reports, tasks --------------------------------------------------
+
+
+@ops_app.command("prometheus")
+def ops_prometheus(
+    out: Path = typer.Option(..., "--out", help="Folder for prometheus.yml, targets and TLS."),
+    interval: float = typer.Option(15.0, "--interval", help="Scrape interval in seconds."),
+) -> None:
+    """Write a Prometheus config that scrapes every node of this admin's networks (a
+    read-only certificate per network; the running node keeps the targets current)."""
+    from tiktrue.control.prometheus_setup import setup_prometheus
+    from tiktrue.paths import data_dir
+
+    try:
+        done = setup_prometheus(data_dir(), out, interval)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {done.config} (networks: {', '.join(done.networks)})")
+    typer.echo(f"run: prometheus --config.file {done.config}")
+    err(
+        "the targets in "
+        f"{done.folder / 'targets'} follow the network while this PC's node service runs; "
+        "the key in tls/ is owner-only: Prometheus must run as this user (or chown it)"
+    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from tiktrue.security.auth_manager import ROLES, CertInfo, SecurityError
+from tiktrue.security.auth_manager import MONITOR, ROLES, CertInfo, SecurityError
 
 ANYONE = "anyone"
 OWNER = "owner"
@@ -86,6 +86,12 @@ BLOCK_MESSAGES: dict[str, frozenset[str]] = {
     "cancel": _MEMBERS,
     "authentication": _MEMBERS,
 }
+
+
+# who may read a node's /metrics on its metrics port: a certificate of the network (members,
+# or the read-only ``monitor`` certificate ``tiktrue ops prometheus`` makes for Prometheus);
+# callers without one only from this PC itself (see ``node.metrics_server``)
+METRICS_READERS: frozenset[str] = frozenset({*ROLES, MONITOR})
 
 
 class AccessDenied(SecurityError):

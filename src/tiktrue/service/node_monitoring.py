@@ -10,14 +10,19 @@ and every database write goes to one worker thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiktrue.gateway.auth import current_caller
 from tiktrue.monitoring.metrics import NodeMetrics
+from tiktrue.monitoring.prometheus_config import read_settings, target_groups, write_targets
+from tiktrue.node.metrics_server import MetricsServer
 from tiktrue.node.resources import heartbeat_stats
 from tiktrue.protocol.network_config import list_configs
+from tiktrue.security.node_tls import NetworkCredentials
 from tiktrue.security.users import Principal, UserStore
 
 if TYPE_CHECKING:
@@ -26,6 +31,8 @@ if TYPE_CHECKING:
     from tiktrue.service.service_runner import NodeService
 
 log = logging.getLogger("tiktrue.monitoring")
+TICK_S = 2.0  # metrics ports and Prometheus targets follow the configs this often
+UNSPECIFIED = ("0.0.0.0", "::", "")
 
 
 def principal_of(owner: str | None) -> Principal | None:
@@ -45,6 +52,8 @@ class NodeMonitoring:
         service.events.add_listener(self.metrics.on_event)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="monitoring")
         self._users: UserStore | None = None
+        self.metrics_servers: dict[str, MetricsServer] = {}  # network -> its metrics port
+        self._loop: asyncio.Task | None = None
 
     # --- figures read at scrape time ---------------------------------------------------------
 
@@ -125,12 +134,98 @@ class NodeMonitoring:
         """Wait for the writes handed to the worker so far (tests, stop)."""
         self._writer.submit(lambda: None).result()
 
+    # --- the metrics port (no gateway here) and Prometheus's targets (admin) ------------------
+
+    def metrics_address(self, network_id: str) -> dict | None:
+        """Where this node's metrics of ``network_id`` are read: the gateway's port when one
+        runs, else the network's metrics port (None: not yet)."""
+        service = self.service
+        if service.api_url is not None:
+            port = int(service.api_url.rsplit(":", 1)[1].split("/")[0])
+            host = service.api_host if service.api_host not in UNSPECIFIED else service.host
+            return {"scheme": "http", "host": host, "port": port}
+        server = self.metrics_servers.get(network_id)
+        if server is None or server.port is None:
+            return None
+        return {"scheme": "https", "host": service.host, "port": server.port}
+
+    async def _sync_metrics_servers(self) -> None:
+        """One metrics port per network this node is in, while no gateway runs here."""
+        wanted = set()
+        if self.service.api_port is None:
+            for config in list_configs(self.data_dir):
+                if self.node_id in config.node_ids:
+                    wanted.add(config.network_id)
+        for network_id in set(self.metrics_servers) - wanted:
+            await self.metrics_servers.pop(network_id).stop()
+        for network_id in wanted - set(self.metrics_servers):
+            try:
+                credentials = NetworkCredentials.load(self.data_dir, network_id)
+                server = MetricsServer(
+                    network_id,
+                    credentials,
+                    self.metrics.render,
+                    revoked=functools.partial(self._revoked, network_id),
+                )
+                await server.start(self.service.host)
+            except Exception:  # tried again on the next round
+                log.exception("network %s: cannot open the metrics port", network_id)
+                continue
+            self.metrics_servers[network_id] = server
+            log.info(
+                "network %s: metrics on https://%s:%d/metrics",
+                network_id,
+                self.service.host,
+                server.port,
+            )
+
+    def _revoked(self, network_id: str) -> frozenset[str]:
+        control = self.service.control
+        return control.revoked.get(network_id, frozenset()) if control is not None else frozenset()
+
+    def write_targets(self) -> None:
+        """Admin: Prometheus's targets of each network it administers, from the configs and
+        the metrics address each node's heartbeat tells (when ``ops prometheus`` set it up)."""
+        folder = read_settings(self.data_dir).get("prometheus_dir")
+        if not folder:
+            return
+        for network_id, monitor in list(self.service.health.items()):
+            nodes = []
+            for entry in monitor.config.nodes:
+                if entry.node_id == self.node_id:
+                    address = self.metrics_address(network_id)
+                else:
+                    health = monitor.nodes.get(entry.node_id)
+                    address = health.stats.get("metrics") if health is not None else None
+                nodes.append({"node_id": entry.node_id, "role": entry.role, "metrics": address})
+            if write_targets(Path(folder), network_id, target_groups(network_id, nodes)):
+                log.info("network %s: Prometheus targets written in %s", network_id, folder)
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        pass
+        await self._sync_metrics_servers()
+        self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            for step in (self._sync_metrics_servers, self._write_targets_in_thread):
+                try:
+                    await step()
+                except Exception:  # the next tick tries again
+                    log.exception("monitoring: %s failed", step.__name__)
+
+    async def _write_targets_in_thread(self) -> None:
+        await asyncio.to_thread(self.write_targets)
 
     async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        for server in self.metrics_servers.values():
+            await server.stop()
+        self.metrics_servers.clear()
         self._writer.shutdown(wait=True)
         if self._users is not None:
             self._users.close()

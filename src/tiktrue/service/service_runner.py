@@ -721,6 +721,7 @@ class NodeService:
                 else {}
             ),
             **(server.health_stats() if server is not None else {}),
+            "metrics": self.monitoring.metrics_address(network_id),  # where Prometheus reads
         }
 
     def blocks_arrived(self, network_id: str) -> None:
