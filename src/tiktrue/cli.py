@@ -1065,3 +1065,37 @@ def ops_prometheus(
         f"{done.folder / 'targets'} follow the network while this PC's node service runs; "
         "the key in tls/ is owner-only: Prometheus must run as this user (or chown it)"
     )
+
+
+@app.command()
+def report(
+    since: str = typer.Option("24h", "--since", help="How long ago (30m, 1h, 7d) or a date."),
+    until: str = typer.Option(None, "--until", help="The end (default: now), the same way."),
+    format: str = typer.Option("text", "--format", help="text, html (with charts) or csv."),
+    out: Path = typer.Option(None, "--out", help="Write to this file instead of stdout."),
+) -> None:
+    """This node's performance report: tokens and tokens/s per network and PC, time to first
+    token, failovers and their pauses, uptime, usage per account and key, thumbs, busy hours."""
+    import time
+
+    from tiktrue.gateway.reporting import node_report
+    from tiktrue.monitoring.reports import parse_since, render_csv, render_html, render_text
+    from tiktrue.paths import data_dir
+
+    renderers = {"text": render_text, "html": render_html, "csv": render_csv}
+    if format not in renderers:
+        fail(f"--format is text, html or csv, not {format!r}")
+    now = time.time()
+    try:
+        start = parse_since(since, now)
+        end = parse_since(until, now) if until else now
+    except ValueError as exc:
+        fail(str(exc))
+    if end <= start:
+        fail("--until must come after --since")
+    text = renderers[format](node_report(data_dir(), start, end))
+    if out is None:
+        typer.echo(text, nl=not text.endswith("\n"))
+    else:
+        out.write_text(text, "utf-8")
+        err(f"wrote {out}")

@@ -5,8 +5,12 @@ quota refuses the next request with 429 and ``Retry-After``."""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import shutil
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -126,3 +130,37 @@ def test_a_token_quota_refuses_the_next_request_with_429(tiny_cluster):
         timeout=120,
     )
     assert fine.status_code == 200, fine.text
+
+
+def run_cli(home, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "tiktrue", *args],
+        env={**os.environ, "TIKTRUE_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_the_report_shows_the_chats_tokens(tiny_cluster, tmp_path):
+    cluster, homes, config = tiny_cluster
+    openai_client(cluster, homes[0]).chat.completions.create(
+        model=config.model_id, messages=[{"role": "user", "content": "Tell me"}], max_tokens=9
+    )
+    counted = sample(scrape(cluster), "tiktrue_generation_tokens_total", network="testnet")
+    rows = list(
+        csv.reader(
+            io.StringIO(run_cli(homes[0], "report", "--since", "1h", "--format", "csv").stdout)
+        )
+    )
+    ours = [r for r in rows if r[:2] == ["Tokens per network", "testnet"]]
+    assert len(ours) == 1 and int(ours[0][5]) == counted > 0  # the history counted each answer
+    per_pc = [r for r in rows if r[:2] == ["Per PC", "testnet"]]
+    assert {r[2] for r in per_pc} == {n.node_id for n in config.nodes}  # each node's compute
+    text = run_cli(homes[0], "report", "--since", "1h").stdout
+    assert "Tokens per network" in text and f" {int(counted)} " in text
+    page = tmp_path / "report.html"
+    run_cli(homes[0], "report", "--since", "1h", "--format", "html", "--out", str(page))
+    assert page.read_text().count("<svg") >= 3

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiktrue.gateway.auth import current_caller
+from tiktrue.monitoring.history import AnswerFigures, HistoryStore
 from tiktrue.monitoring.metrics import NodeMetrics
 from tiktrue.monitoring.prometheus_config import read_settings, target_groups, write_targets
 from tiktrue.node.metrics_server import MetricsServer
@@ -32,7 +34,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiktrue.monitoring")
 TICK_S = 2.0  # metrics ports and Prometheus targets follow the configs this often
+SAMPLE_S = 60.0  # the admin's nodes' heartbeat figures into the history
+COMPACT_S = 3600.0
 UNSPECIFIED = ("0.0.0.0", "::", "")
+
+
+def answer_figures(
+    network_id: str, model_id: str, result: GenerationResult, caller: Principal | None
+) -> AnswerFigures:
+    """What the history keeps of an answer: its sums, and each node's compute per step."""
+    compute: dict[str, list] = {}
+    for timing in result.step_timings:
+        for node in timing.nodes:
+            if node.get("compute_ms") is not None:
+                held = compute.setdefault(str(node.get("node", "?")), [0, 0.0])
+                held[0] += 1
+                held[1] += node["compute_ms"]
+    return AnswerFigures(
+        network_id,
+        model_id,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=len(result.token_ids),
+        decode_steps=result.decode_steps,
+        decode_s=result.decode_seconds,
+        ttft_s=result.time_to_first_token,
+        user_id=caller.user_id if caller is not None else None,
+        key_id=caller.key_id if caller is not None else None,
+        node_compute_ms={k: (v[0], v[1]) for k, v in compute.items()},
+    )
 
 
 def principal_of(owner: str | None) -> Principal | None:
@@ -53,6 +82,8 @@ class NodeMonitoring:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="monitoring")
         self._users: UserStore | None = None
         self.metrics_servers: dict[str, MetricsServer] = {}  # network -> its metrics port
+        self.history = HistoryStore(self.data_dir)
+        self._sampled = self._compacted = 0.0  # monotonic time of the last sample, compaction
         self._loop: asyncio.Task | None = None
 
     # --- figures read at scrape time ---------------------------------------------------------
@@ -107,16 +138,22 @@ class NodeMonitoring:
         try:
             self.metrics.record_answer(gateway.network_id, gateway.model_id, result, not completed)
             caller = current_caller() or principal_of(owner)
-            write = self._writer.submit(self._record, gateway.network_id, result, caller)
+            write = self._writer.submit(
+                self._record, gateway.network_id, gateway.model_id, result, caller
+            )
         except Exception:  # the answer is given; its figures must not break it
             log.exception("network %s: cannot record an answer", gateway.network_id)
             return
         await asyncio.shield(asyncio.wrap_future(write))
 
-    def _record(self, network_id: str, result: GenerationResult, caller: Principal | None):
-        """On the worker thread: the answer's tokens against its caller's quotas."""
+    def _record(
+        self, network_id: str, model_id: str, result: GenerationResult, caller: Principal | None
+    ) -> None:
+        """On the worker thread: the answer into the history, and its tokens against its
+        caller's quotas."""
         try:
             tokens = result.prompt_tokens + len(result.token_ids)
+            self.history.record_answer(answer_figures(network_id, model_id, result, caller))
             if caller is not None and not caller.anonymous:
                 self._count_tokens(caller, tokens)
         except Exception:  # logged; the answer was given
@@ -210,11 +247,31 @@ class NodeMonitoring:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            for step in (self._sync_metrics_servers, self._write_targets_in_thread):
+            steps = (self._sync_metrics_servers, self._write_targets_in_thread, self._sample)
+            for step in steps:
                 try:
                     await step()
                 except Exception:  # the next tick tries again
                     log.exception("monitoring: %s failed", step.__name__)
+
+    async def _sample(self) -> None:
+        """Admin: each node's heartbeat figures into the history once a minute; the history
+        compacted once an hour."""
+        now = time.monotonic()
+        if now - self._sampled >= SAMPLE_S:
+            self._sampled = now
+            for network_id, monitor in list(self.service.health.items()):
+                nodes = {
+                    node.node_id: {"state": node.state, **node.stats}
+                    for node in list(monitor.nodes.values())
+                }
+                await self._in_writer(self.history.record_nodes, network_id, nodes)
+        if now - self._compacted >= COMPACT_S:
+            self._compacted = now
+            await self._in_writer(self.history.compact)
+
+    async def _in_writer(self, function, *args):
+        return await asyncio.wrap_future(self._writer.submit(function, *args))
 
     async def _write_targets_in_thread(self) -> None:
         await asyncio.to_thread(self.write_targets)
@@ -227,5 +284,6 @@ class NodeMonitoring:
             await server.stop()
         self.metrics_servers.clear()
         self._writer.shutdown(wait=True)
+        self.history.close()
         if self._users is not None:
             self._users.close()
