@@ -34,6 +34,11 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+tasks_app = typer.Typer(
+    help="Whitelisted tasks on the nodes of this admin's networks, and their log lines.",
+    no_args_is_help=True,
+)
+app.add_typer(tasks_app, name="tasks")
 ops_app = typer.Typer(help="Operations: Prometheus set-up, alert thresholds.", no_args_is_help=True)
 app.add_typer(ops_app, name="ops")
 
@@ -898,6 +903,7 @@ def node(
 
     import torch
 
+    from tiktrue.monitoring.node_logging import setup_node_logging
     from tiktrue.paths import data_dir
     from tiktrue.service.service_runner import serve_node
 
@@ -906,6 +912,7 @@ def node(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("tiktrue").setLevel(logging.INFO)
+    setup_node_logging(data_dir())  # <data>/logs/node.log, rotated: read by the admin too
     if threads:
         torch.set_num_threads(threads)
     serve_node(
@@ -1099,3 +1106,131 @@ def report(
     else:
         out.write_text(text, "utf-8")
         err(f"wrote {out}")
+
+
+def _admin_network(network: str | None) -> str:
+    """The network a command acts in: the one given, or the only one this node administers."""
+    from tiktrue.control.prometheus_setup import administered
+    from tiktrue.paths import data_dir
+
+    mine = administered(data_dir())
+    if network is not None:
+        if network not in mine:
+            fail(
+                f"this node is not the admin of network {network} (it administers: "
+                f"{', '.join(mine) or 'none'})"
+            )
+        return network
+    if len(mine) != 1:
+        fail(f"say which network (--network): this node administers {', '.join(mine) or 'none'}")
+    return mine[0]
+
+
+def _print_task(kept, output: bool = True) -> None:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(kept.started_at).strftime("%Y-%m-%d %H:%M:%S")
+    args = " ".join(f"{k}={v}" for k, v in kept.args.items() if v is not None)
+    typer.echo(
+        f"{kept.id:>5} {when} {kept.status:<8} {kept.task:<14} {kept.node_id} "
+        f"{kept.network_id} {args}".rstrip()
+    )
+    if kept.error:
+        typer.echo(f"      error: {kept.error}")
+    if output and kept.output:
+        typer.echo(kept.output)
+
+
+@tasks_app.command("run")
+def tasks_run(
+    node: str = typer.Argument(..., help="The node id (or its first characters)."),
+    task: str = typer.Argument(..., help="A task of the whitelist (tiktrue tasks list -a)."),
+    network: str = typer.Option(None, "--network", "-n", help="Default: the only one."),
+    arg: list[str] = typer.Option([], "--arg", help="An argument as NAME=VALUE (repeatable)."),
+) -> None:
+    """Run a whitelisted task on a node and print its output (kept: tiktrue tasks show ID)."""
+    from tiktrue.control.remote_tasks import TaskError, run_task
+    from tiktrue.paths import data_dir
+
+    args = {}
+    for item in arg:
+        name, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--arg {item!r}: write NAME=VALUE")
+        args[name] = int(value) if value.isdigit() else value
+    try:
+        kept = _run(
+            run_task(
+                data_dir(),
+                _admin_network(network),
+                node,
+                task,
+                args,
+                on_update=lambda k: err(f"task {k.id}: {k.status} ..."),
+            )
+        )
+    except TaskError as exc:
+        fail(f"{exc} ({exc.code})")
+    _print_task(kept)
+    if kept.status != "done":
+        raise typer.Exit(1)
+
+
+@tasks_app.command("list")
+def tasks_list(
+    available: bool = typer.Option(False, "--available", "-a", help="The whitelist instead."),
+    network: str = typer.Option(None, "--network", "-n"),
+    limit: int = typer.Option(30, "--limit"),
+) -> None:
+    """The tasks sent from here, newest first (or, with -a, the tasks a node runs)."""
+    from tiktrue.control.remote_tasks import TaskLog, available_tasks
+    from tiktrue.paths import data_dir
+
+    if available:
+        for name, what in available_tasks().items():
+            typer.echo(f"{name:<14} {what}")
+        return
+    log = TaskLog(data_dir())
+    try:
+        kept = log.recent(limit, network)
+    finally:
+        log.close()
+    if not kept:
+        typer.echo("no tasks sent yet (tiktrue tasks run NODE TASK)")
+    for item in kept:
+        _print_task(item, output=False)
+
+
+@tasks_app.command("show")
+def tasks_show(task_id: int) -> None:
+    """A task sent from here: its status and output."""
+    from tiktrue.control.remote_tasks import TaskLog
+    from tiktrue.paths import data_dir
+
+    log = TaskLog(data_dir())
+    try:
+        kept = log.get(task_id)
+    finally:
+        log.close()
+    if kept is None:
+        fail(f"no task {task_id} (tiktrue tasks list)")
+    _print_task(kept)
+
+
+@tasks_app.command("logs")
+def tasks_logs(
+    node: str = typer.Argument(..., help="The node id (or its first characters)."),
+    network: str = typer.Option(None, "--network", "-n"),
+    lines: int = typer.Option(100, "--lines"),
+    level: str = typer.Option(None, "--level", help="WARNING: warnings and worse only."),
+) -> None:
+    """A node's recent log lines (<data>/logs/node.log there), over the control channel."""
+    from tiktrue.control.remote_tasks import TaskError, node_log_lines
+    from tiktrue.paths import data_dir
+
+    try:
+        found = _run(node_log_lines(data_dir(), _admin_network(network), node, lines, level))
+    except TaskError as exc:
+        fail(f"{exc} ({exc.code})")
+    for line in found:
+        typer.echo(line)

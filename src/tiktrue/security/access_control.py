@@ -50,6 +50,7 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "config_pull": _MEMBERS,  # a member back after being away asks for the config
     "block_key": _MEMBERS,  # the network's block key: only over mutual TLS, to a member
     "leave": _MEMBERS,  # a member leaves (asks with its own certificate)
+    "logs": _MEMBERS | {OWNER},  # the node's recent log lines (node_logging)
     # the network's admin only
     "heartbeat": _ADMIN,
     "probe": _ADMIN,  # a 0.3 s compute benchmark: not for anyone to spam
@@ -60,6 +61,10 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "config_prepare": _ADMIN,
     "config_commit": _ADMIN,
     "config_abort": _ADMIN,
+    # whitelisted tasks (node.node_tasks): the network's admin, or this PC's own CLI; the
+    # node itself refuses any task not on its list
+    "task_start": _ADMIN | {OWNER},
+    "task_status": _ADMIN | {OWNER},
 }
 
 # operations about no network in particular; every other one names the network it acts in

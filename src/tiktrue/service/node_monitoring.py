@@ -22,10 +22,12 @@ from tiktrue.monitoring.history import AnswerFigures, HistoryStore
 from tiktrue.monitoring.metrics import NodeMetrics
 from tiktrue.monitoring.prometheus_config import read_settings, target_groups, write_targets
 from tiktrue.node.metrics_server import MetricsServer
+from tiktrue.node.node_tasks import TaskHooks, TaskRunner
 from tiktrue.node.resources import heartbeat_stats
 from tiktrue.protocol.network_config import list_configs
 from tiktrue.security.node_tls import NetworkCredentials
 from tiktrue.security.users import Principal, UserStore
+from tiktrue.service.control_server import probe_speed
 
 if TYPE_CHECKING:
     from tiktrue.gateway.api_client import Gateway
@@ -83,6 +85,14 @@ class NodeMonitoring:
         self._users: UserStore | None = None
         self.metrics_servers: dict[str, MetricsServer] = {}  # network -> its metrics port
         self.history = HistoryStore(self.data_dir)
+        self.tasks = TaskRunner(
+            self.data_dir,
+            TaskHooks(
+                probe=probe_speed,
+                restart=self._restart_soon,
+                on_event=self._task_event,
+            ),
+        )
         self._sampled = self._compacted = 0.0  # monotonic time of the last sample, compaction
         self._loop: asyncio.Task | None = None
 
@@ -238,9 +248,19 @@ class NodeMonitoring:
             if write_targets(Path(folder), network_id, target_groups(network_id, nodes)):
                 log.info("network %s: Prometheus targets written in %s", network_id, folder)
 
+    def _restart_soon(self) -> None:
+        """From the task's thread: the node stops (and starts again) on its own loop."""
+        self._event_loop.call_soon_threadsafe(self.service.request_restart)
+
+    def _task_event(self, event: str, **fields) -> None:
+        self.service.events.log_system_events(event, node_id=self.node_id, **fields)
+        if event == "task_finished":
+            self.metrics.tasks.labels(fields.get("task"), fields.get("status")).inc()
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
         await self._sync_metrics_servers()
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
@@ -277,6 +297,7 @@ class NodeMonitoring:
         await asyncio.to_thread(self.write_targets)
 
     async def stop(self) -> None:
+        await self.tasks.stop()
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)

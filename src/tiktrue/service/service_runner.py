@@ -53,6 +53,7 @@ from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
 from tiktrue.service.node_monitoring import NodeMonitoring
+from tiktrue.service.process_restart import restart_process
 from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
 
@@ -135,8 +136,10 @@ class NodeService:
         self.session_idle_s = session_idle_s
         self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
         self.admin: AdminOperations | None = None  # the dashboard's operations, with the gateway
-        # metrics, history, alerts, Prometheus targets (see service.node_monitoring)
+        # metrics, history, alerts, Prometheus targets, tasks (see service.node_monitoring)
         self.monitoring = NodeMonitoring(self)
+        self.stop_requested = asyncio.Event()  # a task asked the node to stop (and restart)
+        self.restart = False
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -661,6 +664,12 @@ class NodeService:
         except Exception:
             log.exception("network %s: handling a broken chain failed", network_id)
 
+    def request_restart(self) -> None:
+        """The ``restart_node`` task: stop cleanly once its reply is out, then start the
+        process again (``serve_node``)."""
+        self.restart = True
+        asyncio.get_running_loop().call_later(0.5, self.stop_requested.set)
+
     # --- what others ask -----------------------------------------------------------------
 
     def node_info(self) -> dict:
@@ -757,7 +766,8 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-async def run_node(data_dir: Path, **options) -> None:
+async def run_node(data_dir: Path, **options) -> bool:
+    """Serve until SIGINT/SIGTERM (or a task's restart); returns whether to start again."""
     service = NodeService(data_dir, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -765,10 +775,17 @@ async def run_node(data_dir: Path, **options) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no such API
             loop.add_signal_handler(sig, stop.set)
     await service.start()
+    waits = [
+        asyncio.ensure_future(stop.wait()),
+        asyncio.ensure_future(service.stop_requested.wait()),
+    ]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for wait in waits:
+            wait.cancel()
         await service.stop()
+    return service.restart and not stop.is_set()
 
 
 EXIT_JOIN_S = 2.0  # at exit: how long a thread still running may take to finish
@@ -785,7 +802,7 @@ def serve_node(data_dir: Path, **options) -> NoReturn:
     wait that long for nothing, then kill. So the exit handlers run (log files flushed,
     temporary files removed), threads still running get a moment to finish, and the process
     ends without the teardown, as NiceGUI's own ``stop_and_exit`` does."""
-    asyncio.run(run_node(data_dir, **options))
+    restart = asyncio.run(run_node(data_dir, **options))
     deadline = time.monotonic() + EXIT_JOIN_S
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
@@ -793,4 +810,6 @@ def serve_node(data_dir: Path, **options) -> NoReturn:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+    if restart:
+        restart_process()
     os._exit(0)
