@@ -10,10 +10,19 @@ from tiktrue.ui.admin import (
     people_page,
     plan_page,
     reports_page,
+    tasks_page,
 )
 from tiktrue.ui.context import UiContext
 
 
 def register(context: UiContext) -> None:
-    for page in (nodes_page, plan_page, events_page, models_page, people_page, reports_page):
+    for page in (
+        nodes_page,
+        plan_page,
+        events_page,
+        models_page,
+        people_page,
+        reports_page,
+        tasks_page,
+    ):
         page.register(context)
