@@ -1234,3 +1234,42 @@ def tasks_logs(
         fail(f"{exc} ({exc.code})")
     for line in found:
         typer.echo(line)
+
+
+@ops_app.command("alerts")
+def ops_alerts(
+    set_: list[str] = typer.Option(
+        [], "--set", help="NAME=VALUE (a share like 0.9 or 90%, a number, or off); repeatable."
+    ),
+) -> None:
+    """The alert thresholds (RAM, disk, KV use, queue length, TTFT p95) and the latest alerts;
+    with --set, change thresholds (the running node takes them within seconds)."""
+    from tiktrue.monitoring.alerts import KINDS, check_threshold, describe, thresholds_of
+    from tiktrue.monitoring.monitoring_system import events_path, recent_events
+    from tiktrue.monitoring.prometheus_config import read_settings, update_settings
+    from tiktrue.paths import data_dir
+
+    settings = read_settings(data_dir())
+    if set_:
+        chosen = dict(settings.get("thresholds") or {})
+        for item in set_:
+            name, sep, value = item.partition("=")
+            try:
+                if not sep:
+                    raise ValueError(f"--set {item!r}: write NAME=VALUE")
+                chosen[name] = check_threshold(name, value)
+            except ValueError as exc:
+                fail(str(exc))
+        settings = update_settings(data_dir(), thresholds=chosen)
+    for name, limit in thresholds_of(settings).items():
+        shown = "off" if limit is None else describe(name, limit)
+        typer.echo(f"{name:<14} {shown:>8}  {KINDS[name].what}")
+    alerts = [
+        e
+        for e in recent_events(events_path(data_dir()), 500)
+        if e.get("event") in ("alert_raised", "alert_cleared")
+    ][-10:]
+    if alerts:
+        typer.echo("\nlatest alerts:")
+    for event in alerts:
+        typer.echo(f"  {event['ts'][:19]} {event['event']:<14} {event.get('message', '')}")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -164,3 +166,31 @@ def test_the_report_shows_the_chats_tokens(tiny_cluster, tmp_path):
     page = tmp_path / "report.html"
     run_cli(homes[0], "report", "--since", "1h", "--format", "html", "--out", str(page))
     assert page.read_text().count("<svg") >= 3
+
+
+def test_a_threshold_the_admin_sets_raises_an_alert_event_then_clears_it(tiny_cluster):
+    cluster, homes, config = tiny_cluster
+    events = homes[0] / "logs" / "events.jsonl"
+
+    def alert_events(name: str) -> set[str]:
+        found = set()
+        for line in events.read_text().splitlines() if events.is_file() else []:
+            record = json.loads(line)
+            if record.get("event") == name and record.get("alert") == "ram_used":
+                found.add(record["node_id"])
+        return found
+
+    run_cli(homes[0], "ops", "alerts", "--set", "ram_used=1%")  # every PC is over 1%
+    nodes = {n.node_id for n in config.nodes}
+    deadline = time.monotonic() + 120  # a ceiling for a busy machine, never a pace
+    while alert_events("alert_raised") != nodes and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alert_events("alert_raised") == nodes
+    assert sample(scrape(cluster), "tiktrue_alerts_active", alert="ram_used") == 3
+    shown = run_cli(homes[0], "ops", "alerts").stdout
+    assert "ram_used" in shown and "1%" in shown and "alert_raised" in shown
+    run_cli(homes[0], "ops", "alerts", "--set", "ram_used=off")
+    while alert_events("alert_cleared") != nodes and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alert_events("alert_cleared") == nodes
+    assert sample(scrape(cluster), "tiktrue_alerts_active", alert="ram_used") == 0

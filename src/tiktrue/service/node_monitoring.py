@@ -10,14 +10,19 @@ and every database write goes to one worker thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
+import weakref
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiktrue.gateway.auth import current_caller
+from tiktrue.monitoring.alerts import AlertTracker, thresholds_of
+from tiktrue.monitoring.alerts import node_figures as alert_figures
 from tiktrue.monitoring.history import AnswerFigures, HistoryStore
 from tiktrue.monitoring.metrics import NodeMetrics
 from tiktrue.monitoring.prometheus_config import read_settings, target_groups, write_targets
@@ -38,6 +43,9 @@ log = logging.getLogger("tiktrue.monitoring")
 TICK_S = 2.0  # metrics ports and Prometheus targets follow the configs this often
 SAMPLE_S = 60.0  # the admin's nodes' heartbeat figures into the history
 COMPACT_S = 3600.0
+TTFT_WINDOW_S = 300.0  # the TTFT alert reads the answers of the last five minutes
+TTFT_MIN_ANSWERS = 5  # fewer than this: no p95 worth an alert
+TTFT_KEPT = 2000
 UNSPECIFIED = ("0.0.0.0", "::", "")
 
 
@@ -94,6 +102,10 @@ class NodeMonitoring:
             ),
         )
         self._sampled = self._compacted = 0.0  # monotonic time of the last sample, compaction
+        self._thresholds = thresholds_of(read_settings(self.data_dir))
+        self.alerts = AlertTracker(lambda: self._thresholds, self._alert_event)
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # health monitors heard
+        self._ttfts: dict[str, deque] = defaultdict(lambda: deque(maxlen=TTFT_KEPT))
         self._loop: asyncio.Task | None = None
 
     # --- figures read at scrape time ---------------------------------------------------------
@@ -147,6 +159,10 @@ class NodeMonitoring:
         (a cancelled caller does not cancel the write)."""
         try:
             self.metrics.record_answer(gateway.network_id, gateway.model_id, result, not completed)
+            if result.token_ids:
+                self._ttfts[gateway.network_id].append(
+                    (time.monotonic(), result.time_to_first_token)
+                )
             caller = current_caller() or principal_of(owner)
             write = self._writer.submit(
                 self._record, gateway.network_id, gateway.model_id, result, caller
@@ -248,6 +264,39 @@ class NodeMonitoring:
             if write_targets(Path(folder), network_id, target_groups(network_id, nodes)):
                 log.info("network %s: Prometheus targets written in %s", network_id, folder)
 
+    # --- threshold alerts --------------------------------------------------------------------
+
+    async def _check_alerts(self) -> None:
+        """Hear every admin's heartbeats (RAM, disk, KV of each node), and check this
+        gateway's queue and TTFT p95; thresholds re-read each round (``ops alerts``)."""
+        self._thresholds = thresholds_of(await asyncio.to_thread(read_settings, self.data_dir))
+        for network_id, monitor in list(self.service.health.items()):
+            if monitor not in self._watched:
+                self._watched.add(monitor)
+                monitor.add_beat_listener(self._on_beat)
+            self.alerts.forget(network_id, set(monitor.nodes))
+        now = time.monotonic()
+        for network_id, gateway in list(self.service.gateways.items()):
+            figures = {
+                "queue_length": sum(1 for s in list(gateway.sessions.values()) if s.lock.locked())
+            }
+            recent = sorted(t for at, t in self._ttfts[network_id] if now - at <= TTFT_WINDOW_S)
+            if len(recent) >= TTFT_MIN_ANSWERS:
+                figures["ttft_p95_s"] = recent[min(len(recent) - 1, int(0.95 * len(recent)))]
+            self.alerts.observe(network_id, self.node_id, figures)
+
+    def _on_beat(self, network_id: str, node_id: str, stats: dict) -> None:
+        self.alerts.observe(network_id, node_id, alert_figures(stats))
+
+    def _alert_event(self, event: str, **fields) -> None:
+        self.service.events.log_system_events(event, **fields)
+        labels = (fields["network_id"], fields["node_id"], fields["alert"])
+        if event == "alert_raised":
+            self.metrics.alerts.labels(*labels).set(1)
+        else:
+            with contextlib.suppress(KeyError):
+                self.metrics.alerts.remove(*labels)
+
     def _restart_soon(self) -> None:
         """From the task's thread: the node stops (and starts again) on its own loop."""
         self._event_loop.call_soon_threadsafe(self.service.request_restart)
@@ -267,7 +316,12 @@ class NodeMonitoring:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            steps = (self._sync_metrics_servers, self._write_targets_in_thread, self._sample)
+            steps = (
+                self._sync_metrics_servers,
+                self._write_targets_in_thread,
+                self._sample,
+                self._check_alerts,
+            )
             for step in steps:
                 try:
                     await step()
