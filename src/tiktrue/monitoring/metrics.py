@@ -154,14 +154,19 @@ class NodeMetrics:
         self.ttft.labels(*labels).observe(result.time_to_first_token)
         self.e2e.labels(*labels).observe(result.time_to_first_token + result.decode_seconds)
         itl, transit = self.itl.labels(*labels), self.transit.labels(network_id)
+        compute: dict[str, Any] = {}  # node -> its histogram (a label lookup costs)
         for timing in result.step_timings:
             itl.observe(timing.round_trip_ms / 1000)
             transit.observe(max(0.0, timing.transit_ms()) / 1000)
             for node in timing.nodes:
-                if node.get("compute_ms") is not None:
-                    self.node_compute.labels(network_id, str(node.get("node", "?"))).observe(
-                        node["compute_ms"] / 1000
-                    )
+                ms = node.get("compute_ms")
+                if ms is None:
+                    continue
+                name = str(node.get("node", "?"))
+                child = compute.get(name)
+                if child is None:
+                    child = compute[name] = self.node_compute.labels(network_id, name)
+                child.observe(ms / 1000)
 
     # --- events ------------------------------------------------------------------------------
 
