@@ -299,6 +299,8 @@ class NodeMonitoring:
 
     def _restart_soon(self) -> None:
         """From the task's thread: the node stops (and starts again) on its own loop."""
+        if not self.service.can_restart:
+            raise RuntimeError("this node runs inside `tiktrue app`: restart the app instead")
         self._event_loop.call_soon_threadsafe(self.service.request_restart)
 
     def _task_event(self, event: str, **fields) -> None:

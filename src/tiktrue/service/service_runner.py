@@ -140,6 +140,7 @@ class NodeService:
         self.monitoring = NodeMonitoring(self)
         self.stop_requested = asyncio.Event()  # a task asked the node to stop (and restart)
         self.restart = False
+        self.can_restart = False  # run_node starts the process again; `tiktrue app` does not
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -769,6 +770,7 @@ def _rss() -> int:
 async def run_node(data_dir: Path, **options) -> bool:
     """Serve until SIGINT/SIGTERM (or a task's restart); returns whether to start again."""
     service = NodeService(data_dir, **options)
+    service.can_restart = True
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
