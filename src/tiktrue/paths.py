@@ -45,5 +45,7 @@ def run_file(data_dir: Path) -> Path:
 
 
 def log_dir(data_dir: Path) -> Path:
-    """Where the node service writes its own rotated log, ``<data>/logs/node.log``."""
-    return Path(data_dir) / "logs"
+    """The node's logs: ``<data>/logs`` (``node.log`` rotated, ``events.jsonl``)."""
+    path = Path(data_dir) / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

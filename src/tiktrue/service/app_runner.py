@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tiktrue.monitoring.node_logging import setup_node_logging
 from tiktrue.node.lan_address import LOOPBACK, choose_host, is_loopback, reach_note
 from tiktrue.service.os_service import ServiceError, ServiceStatus, installed_service, running_node
 from tiktrue.service.service_runner import NodeService
@@ -72,6 +73,7 @@ class NodeThread(threading.Thread):
 
     def __init__(self, data_dir: Path, **options) -> None:
         super().__init__(name="tiktrue-node", daemon=True)
+        setup_node_logging(data_dir)  # <data>/logs/node.log, as `tiktrue node` does
         self.service = NodeService(data_dir, web_ui=True, **options)
         self.port_text = f"{options.get('api_host', '127.0.0.1')}:{options.get('api_port')}"
         self.started = threading.Event()
