@@ -229,6 +229,8 @@ class _Formatter(string.Formatter):
     def format_field(self, value: object, format_spec: str) -> str:
         if isinstance(value, Message):
             value = _render(self.lang, value.msgid, value.plural, value.n, value.params)
+        elif isinstance(value, Bytes):
+            return _fmt_bytes(value, self.lang)
         text = format(value, format_spec)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return localize_digits(text, self.lang)
@@ -272,14 +274,20 @@ _BYTE_UNITS = {
 }
 
 
+class Bytes(int):
+    """A size given to a text: written as :func:`fmt_bytes` writes it, in the language the
+    text is shown in (``N_("… {size}", size=Bytes(n))``)."""
+
+
 def fmt_bytes(count: float | None) -> str:
     """``1.2 GB`` in the current language (``۱٫۲ گیگابایت``); ``?`` when unknown."""
-    if count is None:
-        return "?"
+    return "?" if count is None else _fmt_bytes(count, current())
+
+
+def _fmt_bytes(count: float, lang: Language) -> str:
     from tiktrue.control.planner import human_bytes  # the one way sizes are written
 
     figure, unit = human_bytes(count).split(" ")
-    lang = current()
     return _render(lang, _BYTE_UNITS[unit].msgid, None, None, {"n": localize_digits(figure, lang)})
 
 

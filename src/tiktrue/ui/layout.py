@@ -37,7 +37,8 @@ PRIMARY = "#4f46e5"
 # static/fonts, OFL), Latin stays in NiceGUI's Roboto: the font covers only the Arabic
 # script's ranges. Each paragraph of an answer takes the direction of its own text
 # (``unicode-bidi: plaintext``: a Persian paragraph runs right-to-left in an English page, an
-# English one left-to-right in a Persian page); code stays left-to-right.
+# English one left-to-right in a Persian page); code stays left-to-right, and so do the
+# fields that hold addresses, ids, tokens and paths (``tt-ltr``).
 FONT_STYLE = f"""
 @font-face {{ font-family: "Vazirmatn"; font-weight: 100 900; font-display: swap;
   src: url("{STATIC_PATH}/fonts/Vazirmatn-Variable.woff2") format("woff2");
@@ -63,6 +64,8 @@ body { background: #f7f7f8; }
   unicode-bidi: plaintext; text-align: start; }
 .tt-answer pre, .tt-answer code { direction: ltr; unicode-bidi: isolate; text-align: left; }
 .tt-stream { white-space: pre-wrap; }
+.tt-ltr input, .tt-ltr textarea { direction: ltr; }
+[dir=rtl] .tt-ltr input, [dir=rtl] .tt-ltr textarea { text-align: right; }
 """
 
 
