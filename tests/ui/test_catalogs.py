@@ -4,6 +4,7 @@ Persian translation (not fuzzy, the same placeholders), and the shipped ``.mo`` 
 
 from __future__ import annotations
 
+import ast
 import gettext
 import io
 import re
@@ -101,3 +102,22 @@ def test_the_check_sees_an_untranslated_text(tmp_path, monkeypatch):
     monkeypatch.setattr(i18n, "LOCALES", tmp_path)
     with pytest.raises(AssertionError, match="not translated: 'Chat'"):
         test_every_text_has_a_translation_with_the_same_placeholders("fa")
+
+
+def test_no_code_hides_the_translation_function():
+    """A module that translates with ``_`` never binds ``_`` itself (``for _ in``, ``*_``,
+    ``a, _ = ``): in that function ``_("…")`` would call the wrong thing."""
+    hidden = []
+    for path in sorted(UI.rglob("*.py")):
+        tree = ast.parse(path.read_text("utf-8"))
+        imports_it = any(
+            isinstance(node, ast.ImportFrom) and any(a.name == "_" for a in node.names)
+            for node in ast.walk(tree)
+        )
+        if not imports_it:
+            continue
+        for node in ast.walk(tree):
+            stored = isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+            if (stored and node.id == "_") or (isinstance(node, ast.arg) and node.arg == "_"):
+                hidden.append(f"{path.name}:{node.lineno}")
+    assert not hidden, f"these bind _ (rename them): {hidden}"

@@ -35,7 +35,8 @@ def test_a_browser_gets_the_first_of_our_languages_it_asks_for(header, code):
 def test_texts_numbers_and_names_in_persian():
     with using(PERSIAN):
         assert _("Chat") == "گفتگو"
-        assert _("Account {name}", name="admin42") == "حساب admin42"  # a name stays as it is
+        # a name stays as it is, isolated from the Persian around it (FSI … PDI)
+        assert _("Account {name}", name="admin42") == "حساب \u2068admin42\u2069"
         assert i18n.fmt_bytes(1_234_567_890) == "۱٫۲ گیگابایت"
         assert i18n.fmt_bytes(113_000_000) == "۱۱۳ مگابایت"
         assert i18n.fmt_bytes(None) == "?"
@@ -50,7 +51,7 @@ def test_a_message_made_for_nobody_is_translated_where_it_is_shown():
     assert step == "Admin address copied"  # its English, as the JSON API gives it
     assert json.dumps({"step": step}) == '{"step": "Admin address copied"}'
     with using(PERSIAN):
-        assert i18n.translate(step) == "Admin address کپی شد"
+        assert i18n.translate(step) == "\u2068Admin address\u2069 کپی شد"
         assert i18n.translate("a lower layer's words") == "a lower layer's words"
         assert i18n.translate(None) == ""
     assert i18n.translate(step) == "Admin address copied"
@@ -66,8 +67,8 @@ def test_numbers_given_to_a_text_take_the_language_digits_text_values_do_not():
     with using(PERSIAN):
         text = i18n.translate(N_("{n} GB", n=2.5))
         assert text == "۲٫۵ گیگابایت"
-        assert i18n.translate(N_("{n} GB", n="v2.5")) == "v2.5 گیگابایت"
-        assert i18n.translate(N_("{n} GB", n=True)) == "True گیگابایت"  # not a number
+        assert i18n.translate(N_("{n} GB", n="v2.5")) == "\u2068v2.5\u2069 گیگابایت"
+        assert i18n.translate(N_("{n} GB", n=True)) == "\u2068True\u2069 گیگابایت"  # no number
 
 
 def test_dates_in_the_persian_calendar():

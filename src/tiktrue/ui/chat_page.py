@@ -22,7 +22,7 @@ from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
 from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
 from tiktrue.ui.context import ui_context
-from tiktrue.ui.i18n import _, fmt_ago, fmt_date, ngettext, number, translate
+from tiktrue.ui.i18n import _, fmt_ago, fmt_date, isolate, ngettext, number, translate
 from tiktrue.ui.layout import copy_text, page_frame, require_user
 
 SETTINGS_KEY = "tiktrue_chat_settings"
@@ -141,8 +141,8 @@ class ChatView:
                 label = _("Message")
                 self.input = (
                     ui.textarea(placeholder=_("Message TikTrue ..."))
-                    .props(f'autogrow borderless dense dir=auto aria-label="{label}"')
-                    .classes("flex-1 text-base")
+                    .props(f'autogrow borderless dense aria-label="{label}"')
+                    .classes("flex-1 text-base tt-plain")
                 )
                 self.input.on(
                     "keydown",
@@ -170,7 +170,7 @@ class ChatView:
 
     # --- the conversation list ---------------------------------------------------------------
 
-    async def _list_conversations(self, *_) -> None:
+    async def _list_conversations(self, *_event) -> None:
         items = await self.chat.conversations(self.search.value or "")
         self.conversations.clear()
         with self.conversations:
@@ -258,7 +258,7 @@ class ChatView:
         with ui.dialog() as dialog, ui.card().classes("w-[28rem] max-w-full gap-3"):
             ui.label(_("Settings")).classes("text-lg font-medium")
             system = ui.textarea(_("System prompt"), value=s.system_prompt)
-            system.props("outlined dir=auto").classes("w-full")
+            system.props("outlined").classes("w-full tt-plain")
             temperature = _slider(
                 _("Temperature"), s.temperature, 0.0, limits.MAX_TEMPERATURE, 0.05
             )
@@ -376,10 +376,8 @@ class ChatView:
         box.clear()
         with box:
             label = _("Edit message")
-            editor = ui.textarea(value=text).props(
-                f'outlined autogrow dir=auto aria-label="{label}"'
-            )
-            editor.classes("w-full")
+            editor = ui.textarea(value=text).props(f'outlined autogrow aria-label="{label}"')
+            editor.classes("w-full tt-plain")
 
             async def resend() -> None:
                 messages = self.state.messages[:index]
@@ -515,7 +513,7 @@ def _figures(network: str | None, answer: Answer) -> str:
         parts.append(_("stopped"))
     elif answer.finish_reason == "length":
         parts.append(_("cut at the token limit"))
-    return " · ".join(parts)
+    return " · ".join(isolate(p) for p in parts)  # each part keeps its own direction
 
 
 def _ago(when: float) -> str:

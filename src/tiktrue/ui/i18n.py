@@ -219,22 +219,34 @@ def _render(lang: Language, msgid: str, plural: str | None, n: int | None, param
     return _Formatter(lang).format(text, **params) if params else text
 
 
+FIRST_STRONG_ISOLATE, POP_ISOLATE = "\u2068", "\u2069"
+
+
+def isolate(text: str) -> str:
+    """``text`` as a bidi isolate: laid out in its own direction, not mixed with its
+    neighbours' (a Latin model id beside Persian words and digits)."""
+    return f"{FIRST_STRONG_ISOLATE}{text}{POP_ISOLATE}" if text else text
+
+
 class _Formatter(string.Formatter):
     """``str.format`` whose numbers come out in the language's digits and separators, and
-    whose :class:`Message` values are translated; other values are written as they are."""
+    whose :class:`Message` values are translated; other values are written as they are. In
+    a right-to-left language a text value is a bidi isolate (FSI … PDI): an id such as
+    ``tiny-llama (llama, …`` keeps its own order and does not drag the Persian words and
+    the punctuation around it into left-to-right."""
 
     def __init__(self, lang: Language) -> None:
         self.lang = lang
 
     def format_field(self, value: object, format_spec: str) -> str:
         if isinstance(value, Message):
-            value = _render(self.lang, value.msgid, value.plural, value.n, value.params)
-        elif isinstance(value, Bytes):
+            return _render(self.lang, value.msgid, value.plural, value.n, value.params)
+        if isinstance(value, Bytes):
             return _fmt_bytes(value, self.lang)
         text = format(value, format_spec)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return localize_digits(text, self.lang)
-        return text
+        return isolate(text) if self.lang.rtl else text
 
 
 # --- numbers and dates -----------------------------------------------------------------------
@@ -287,8 +299,14 @@ def fmt_bytes(count: float | None) -> str:
 def _fmt_bytes(count: float, lang: Language) -> str:
     from tiktrue.control.planner import human_bytes  # the one way sizes are written
 
-    figure, unit = human_bytes(count).split(" ")
-    return _render(lang, _BYTE_UNITS[unit].msgid, None, None, {"n": localize_digits(figure, lang)})
+    return size_text(human_bytes(count), lang)
+
+
+def size_text(written: str, lang: Language | None = None) -> str:
+    """A size as ``human_bytes`` writes it (``"1.2 GB"``) in the language."""
+    figure, unit = written.split(" ")
+    n = float(figure) if "." in figure else int(figure)
+    return _render(lang or current(), _BYTE_UNITS[unit].msgid, None, None, {"n": n})
 
 
 def _moment(when: float) -> dt.datetime:

@@ -6,7 +6,7 @@ that storage. Every page asks :func:`require_user` or :func:`require_admin` firs
 middleware lets the UI's pages through without an API key precisely because they do this.
 
 ``page_frame(title)`` draws the header (the product, the nav with Chat and, for admins, Admin;
-the language menu; the account menu with Log out) and yields the page's main column; at phone
+the account menu with the languages and Log out) and yields the page's main column; at phone
 width the nav keeps its icons and the account menu its initial. Every page is served in its
 person's language (``tiktrue.ui.i18n``): ``<html lang dir>`` and Quasar's own labels follow it.
 """
@@ -38,7 +38,8 @@ PRIMARY = "#4f46e5"
 # script's ranges. Each paragraph of an answer takes the direction of its own text
 # (``unicode-bidi: plaintext``: a Persian paragraph runs right-to-left in an English page, an
 # English one left-to-right in a Persian page); code stays left-to-right, and so do the
-# fields that hold addresses, ids, tokens and paths (``tt-ltr``).
+# fields that hold addresses, ids, tokens and paths (``tt-ltr``); in a field a person writes
+# in (``tt-plain``) each paragraph, and the placeholder, take the direction of their text.
 FONT_STYLE = f"""
 @font-face {{ font-family: "Vazirmatn"; font-weight: 100 900; font-display: swap;
   src: url("{STATIC_PATH}/fonts/Vazirmatn-Variable.woff2") format("woff2");
@@ -65,6 +66,7 @@ body { background: #f7f7f8; }
 .tt-answer pre, .tt-answer code { direction: ltr; unicode-bidi: isolate; text-align: left; }
 .tt-stream { white-space: pre-wrap; }
 .tt-ltr input, .tt-ltr textarea { direction: ltr; }
+.tt-plain textarea, .tt-plain input { unicode-bidi: plaintext; text-align: start; }
 [dir=rtl] .tt-ltr input, [dir=rtl] .tt-ltr textarea { text-align: right; }
 """
 
@@ -162,16 +164,25 @@ def _serve_in(language: i18n.Language) -> None:
 
 
 def language_menu() -> None:
-    """A button with the language's name that opens the list of languages, each in itself;
-    a choice is kept for this browser's person and the page comes again in it."""
+    """A button with the language's name that opens the list of languages, each in itself
+    (the pages before a login; after it, the account menu lists them)."""
     here, label = i18n.current(), _("Language")
     button = ui.button(icon="translate").props(f'flat no-caps dense aria-label="{label}"')
     with button.classes("text-grey-8"):
         ui.label(here.name).classes("gt-xs ms-1")
         with ui.menu():
-            for language in i18n.LANGUAGES.values():
-                item = ui.menu_item(language.name, on_click=lambda c=language: _switch(c))
-                item.props(f'lang="{language.quasar}" dir="{language.direction}"')
+            _language_items()
+
+
+def _language_items() -> None:
+    """One menu item per language, named in itself; a choice is kept for this browser's
+    person and the page comes again in it."""
+    here = i18n.current()
+    for language in i18n.LANGUAGES.values():
+        item = ui.menu_item(language.name, on_click=lambda c=language: _switch(c))
+        item.props(f'lang="{language.quasar}" dir="{language.direction}"')
+        if language is here:
+            item.classes("text-primary font-medium")
 
 
 def _switch(language: i18n.Language) -> None:
@@ -210,7 +221,6 @@ def page_frame(title: str, *, drawer: bool = False) -> Iterator[Frame]:
             _nav_link(_("Chat"), "chat", "/chat")
             if user is not None and user.role == "admin":
                 _nav_link(_("Admin"), "admin_panel_settings", "/admin")
-        language_menu()
         if user is not None:
             _account_menu(user)
     if drawer:
@@ -245,6 +255,8 @@ def _account_menu(user: Principal) -> None:
                 ui.label(_("Administrator") if user.role == "admin" else _("User")).classes(
                     "tt-muted text-sm"
                 )
+            ui.separator()
+            _language_items()
             ui.separator()
             leave = _("Log out")
             ui.menu_item(leave, on_click=log_out).props(f'aria-label="{leave}"')

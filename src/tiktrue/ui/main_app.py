@@ -23,6 +23,7 @@ from fastapi.routing import APIRoute
 
 from tiktrue.security.auth_manager import _write_private_file, private_dir
 from tiktrue.ui.context import UiContext, set_ui_context
+from tiktrue.ui.i18n import N_
 
 STATIC_PATH = "/_tiktrue"  # the UI's own files: STATIC_DIR (the Persian font)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -89,6 +90,7 @@ class WebUi:
         # the logins' JWTs live there: owner-only, like every secret of the node
         Storage.path = private_dir(self.context.data_dir / STORAGE_DIR)
         nicegui_app.add_static_files(STATIC_PATH, STATIC_DIR)
+        _translate_nicegui_popups()
         auth_pages.register()
         setup_pages.register()
         chat_page.register()
@@ -103,6 +105,25 @@ class WebUi:
             binding_refresh_interval=None,  # no bindings to poll: the pages push changes
         )
         _mounted = app
+
+
+def _translate_nicegui_popups() -> None:
+    """NiceGUI's own popups ("Connection lost. Trying to reconnect...") in our languages it
+    does not ship, from our catalogs: its texts are kept per Quasar language."""
+    from nicegui.translations import translations
+
+    from tiktrue.ui import i18n
+
+    texts = {
+        "connection_lost": N_("Connection lost."),
+        "trying_to_reconnect": N_("Trying to reconnect..."),
+        "message_too_long": N_("Message too long"),
+        "message_too_long_body": N_("The message is too large for WebSocket transmission."),
+    }
+    for language in i18n.LANGUAGES.values():
+        if language.quasar not in translations:
+            with i18n.using(language):
+                translations[language.quasar] = {k: i18n.translate(v) for k, v in texts.items()}
 
 
 def open_app(url: str, *, native: bool | None = None, title: str = "TikTrue") -> bool:

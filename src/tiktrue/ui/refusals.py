@@ -10,8 +10,10 @@ they are.
 
 from __future__ import annotations
 
+import re
+
 from tiktrue.security.users import MIN_PASSWORD_CHARS, RateLimited, UserError
-from tiktrue.ui.i18n import N_, Message, _, translate
+from tiktrue.ui.i18n import N_, SOURCE, Message, _, current, size_text, translate
 
 _BY_CODE = {
     "invalid_credentials": N_("Wrong account name or password."),
@@ -44,4 +46,40 @@ def refused(detail: object) -> str:
     else a translated lead and the words as they are."""
     if isinstance(detail, Message):
         return translate(detail)
+    if current() is SOURCE:  # the words are English already
+        return str(detail)
     return _("Refused: {detail}", detail=str(detail))
+
+
+_SIZE = r"(-?[\d.]+ [KMGTP]?B)"
+_NEEDS_RAM = re.compile(
+    rf"the model needs {_SIZE} more RAM: {_SIZE} of weights and KV for (\d+) tokens, "
+    rf"the nodes give {_SIZE} \(after the runtime of each node\)"
+)
+_NEEDS_DISK = re.compile(
+    rf"the model needs {_SIZE} more disk: {_SIZE} of weights, the nodes give {_SIZE}"
+)
+
+
+def plan_refusal(verdict: str) -> str:
+    """Why no plan fits (the planner's words, ``planner._explain``), in the person's
+    language: its two common cases with their figures, else as :func:`refused`."""
+    ram = _NEEDS_RAM.fullmatch(verdict)
+    if ram:
+        return _(
+            "The model needs {missing} more RAM: {needed} of weights and KV cache for {tokens} "
+            "tokens, and the nodes give {given} (after each node's runtime).",
+            missing=size_text(ram[1]),
+            needed=size_text(ram[2]),
+            tokens=int(ram[3]),
+            given=size_text(ram[4]),
+        )
+    disk = _NEEDS_DISK.fullmatch(verdict)
+    if disk:
+        return _(
+            "The model needs {missing} more disk: {needed} of weights, and the nodes give {given}.",
+            missing=size_text(disk[1]),
+            needed=size_text(disk[2]),
+            given=size_text(disk[3]),
+        )
+    return refused(verdict)
