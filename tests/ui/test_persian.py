@@ -7,6 +7,7 @@ switches to English and the choice is kept. Screenshots at desktop and phone wid
 from __future__ import annotations
 
 import re
+import socket
 
 import pytest
 from playwright.sync_api import expect
@@ -21,10 +22,11 @@ ACCOUNT = "مدیر"  # a Persian account name
 
 # Every text a person sees on the page: visible text nodes, and the placeholders, accessible
 # names and tooltips; icons (their ligature names), what people wrote (questions, answers,
-# titles) and NiceGUI's hidden popups are not the UI's words.
+# titles), the event log's own lines and NiceGUI's hidden popups are not the UI's words.
 PAGE_TEXTS = """() => {
   const skip = (el) => el.closest(
-    '.q-icon, .material-icons, .tt-answer, .tt-user, script, style, [aria-hidden="true"]');
+    '.q-icon, .material-icons, .tt-answer, .tt-user, .tt-log, script, style, ' +
+    '[aria-hidden="true"]');
   const out = [document.title];
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   while (walker.nextNode()) {
@@ -55,15 +57,18 @@ def _source_patterns() -> list[re.Pattern]:
 
 
 def untranslated(texts: list[str], allowed: set[str]) -> list[str]:
-    """The texts that are one of the UI's English texts, or hold a Latin word that is not
-    a name the person gave or a product's (``allowed``) nor an id (it has a digit)."""
+    """The texts that are one of the UI's English texts, or hold a Latin word of their own
+    (not inside a value's isolate) that is not a name the person gave or a product's
+    (``allowed``) nor an id (it has a digit)."""
     patterns = _source_patterns()
     left = []
     for text in texts:
         if any(p.fullmatch(text) for p in patterns):
             left.append(text)
             continue
-        words = re.findall(r"[A-Za-z][A-Za-z0-9_.:/-]*", text)
+        # a value given to a sentence (an id, a name, a CPU's model) is a bidi isolate in it
+        own = re.sub("\u2068[^\u2069]*\u2069", "", text)
+        words = re.findall(r"[A-Za-z][A-Za-z0-9_]*(?:[.:/-][A-Za-z0-9_]+)*", own)
         if [w for w in words if w not in allowed and not re.search(r"\d", w)]:
             left.append(text)
     return left
@@ -176,11 +181,29 @@ def test_first_run_and_a_chat_in_persian(ui_node, tiny_llama, new_page, tmp_path
     page.get_by_role("button", name="ورود").click()
     expect(page.get_by_text("همین حالا")).to_be_visible()  # the conversation, in the list
 
+    # the admin's dashboard, every page of it
+    names = allowed | {socket.gethostname(), "embed", "head"}  # the PC's name, block names
+    for path, shown, screenshot in (
+        ("/admin", "نقشهٔ بلوک‌ها", "fa-admin-nodes"),
+        ("/admin/plan", "جا می‌شود", "fa-admin-plan"),
+        ("/admin/events", "گزارش رویدادها", "fa-admin-events"),
+        ("/admin/models", "مدل‌های این رایانه", "fa-admin-models"),
+        ("/admin/people", "کلیدهای API", "fa-admin-people"),
+    ):
+        page.goto(base + path)
+        expect(page.get_by_text(shown).first).to_be_visible()
+        if path == "/admin":
+            expect(page.get_by_text("سالم", exact=True)).to_be_visible()  # live health came
+        assert_persian(page, names | {"API", "Hugging", "Face", "gguf", "config.json"})
+        shoot(page, screenshot)
+
     # the person chooses English: kept for them (a reload and another page stay English)
     page.get_by_role("button", name=f"حساب \u2068{ACCOUNT}\u2069").click()
     page.get_by_text("English", exact=True).click()
-    expect(page.get_by_text("How can I help?")).to_be_visible()
+    expect(page.get_by_text("API keys", exact=True)).to_be_visible()
     expect(page.locator("html")).to_have_attribute("dir", "ltr")
+    page.goto(base + "/chat")
+    expect(page.get_by_text("How can I help?")).to_be_visible()
     page.goto(base + "/setup")
     expect(page.get_by_text("Set up this PC").first).to_be_visible()
     assert_paragraphs_take_their_own_direction(page)  # also in a left-to-right page

@@ -66,6 +66,7 @@ body { background: #f7f7f8; }
 .tt-answer pre, .tt-answer code { direction: ltr; unicode-bidi: isolate; text-align: left; }
 .tt-stream { white-space: pre-wrap; }
 .tt-ltr input, .tt-ltr textarea { direction: ltr; }
+.tt-log { direction: ltr; unicode-bidi: isolate; }
 .tt-plain textarea, .tt-plain input { unicode-bidi: plaintext; text-align: start; }
 [dir=rtl] .tt-ltr input, [dir=rtl] .tt-ltr textarea { text-align: right; }
 """

@@ -18,13 +18,21 @@ from tiktrue.ui.admin.widgets import (
 from tiktrue.ui.i18n import N_, _, fmt_datetime, translate
 
 REFRESH_S = 5.0
+LOG = "tt-log"  # text of the event log: left-to-right, as the nodes wrote it
 SHOWN = 200
 COLUMNS = [
     {"name": "time", "label": N_("Time"), "field": "time", "align": "left"},
     {"name": "level", "label": N_("Level"), "field": "level", "align": "left"},
-    {"name": "event", "label": N_("Event"), "field": "event", "align": "left"},
+    # the log's own words (event codes, the nodes' English), kept as written: tt-log
+    {"name": "event", "label": N_("Event"), "field": "event", "align": "left", "classes": LOG},
     {"name": "node", "label": N_("Node"), "field": "node", "align": "left", **WIDE},
-    {"name": "details", "label": N_("Details"), "field": "details", "align": "left"},
+    {
+        "name": "details",
+        "label": N_("Details"),
+        "field": "details",
+        "align": "left",
+        "classes": LOG,
+    },
 ]
 KNOWN = {"ts", "time", "event", "level", "network_id", "node_id", "message", "at"}
 
@@ -79,7 +87,10 @@ def register(context) -> None:
                                 text = f"{row['event']}: {text}"
                             where = f"{alert.get('network_id') or ''} {row['node']}".strip()
                             with ui.column().classes("gap-0 min-w-0"):
-                                ui.label(text).classes("break-words")
+                                logged = alert["event"] != "alert"  # else made here, translated
+                                ui.label(text).classes(
+                                    "break-words" + (f" {LOG}" if logged else "")
+                                )
                                 ui.label(f"{row['time']} · {where}").classes("tt-muted text-xs")
                 events = ops.events(network, SHOWN)
                 if only.value:
