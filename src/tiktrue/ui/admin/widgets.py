@@ -210,8 +210,14 @@ def _held(row: dict) -> str:
 
 def data_table(columns: list[dict], row_key: str, empty: str, **options) -> ui.table:
     """A table of the dashboard (dense, wrapping cells, ``empty`` when it has no rows); the
-    columns' labels are translated here (``N_`` where they are defined)."""
-    columns = [{**c, "label": translate(c["label"])} for c in columns]
+    columns' labels are translated here (``N_`` where they are defined), and their sides
+    mirrored in a right-to-left language (Quasar's column ``align`` is physical)."""
+    flip = {"left": "right", "right": "left"} if i18n.current().rtl else {}
+    columns = [
+        {**c, "label": translate(c["label"])}
+        | ({"align": flip.get(c["align"], c["align"])} if "align" in c else {})
+        for c in columns
+    ]
     table = ui.table(columns=columns, rows=[], row_key=row_key, **options)
     table.props(f'flat bordered dense wrap-cells no-data-label="{empty}"').classes("w-full")
     return table
