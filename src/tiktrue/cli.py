@@ -945,10 +945,15 @@ def chat(
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
     ),
+    lang: str = typer.Option(
+        None,
+        "--lang",
+        help="Language of the chat's own words: en or fa (default: TIKTRUE_LANG, else the locale).",
+    ),
 ) -> None:
     """Chat in the terminal with streamed answers (the local node's gateway by default)."""
     from tiktrue.paths import data_dir
-    from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat
+    from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat, terminal_language
 
     url = url or local_api_url(data_dir())
     if not url:
@@ -960,6 +965,7 @@ def chat(
             network or model,
             system,
             api_key=api_key,
+            language=terminal_language(lang),
             temperature=temperature,
             max_tokens=max_tokens,
         )

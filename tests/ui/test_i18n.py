@@ -88,3 +88,20 @@ def test_languages():
     assert i18n.language("de") is None and i18n.language("") is None
     assert PERSIAN.direction == "rtl" and SOURCE.direction == "ltr"
     assert i18n.current() is SOURCE  # no page, nothing chosen
+
+
+def test_the_terminal_chat_speaks_persian_only_when_asked(monkeypatch):
+    from tiktrue.ui.terminal_chat import terminal_language
+
+    for name in ("TIKTRUE_LANG", "LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        monkeypatch.delenv(name, raising=False)
+    assert terminal_language() is SOURCE  # e.g. the Windows console: no locale variables
+    assert terminal_language("fa") is PERSIAN
+    monkeypatch.setenv("LANG", "fa_IR.UTF-8")
+    assert terminal_language() is PERSIAN
+    monkeypatch.setenv("TIKTRUE_LANG", "en")
+    assert terminal_language() is SOURCE
+    monkeypatch.setenv("TIKTRUE_LANG", "de")
+    assert terminal_language() is SOURCE
+    with using(PERSIAN):
+        assert _("(stopped)") == "(متوقف شد)"
