@@ -19,7 +19,7 @@ from tiktrue.ui.admin.widgets import (
     row_button,
     section,
 )
-from tiktrue.ui.i18n import N_, _
+from tiktrue.ui.i18n import N_, _, number
 
 COLUMNS = [
     {"name": "model_id", "label": N_("Model"), "field": "model_id", "align": "left"},
@@ -67,6 +67,7 @@ def register(context) -> None:
                         {
                             **m,
                             "size": fmt_bytes(m["bytes"]),
+                            "layers": number(m["layers"]),
                             "networks": ", ".join(m["networks"]) or "-",
                         }
                     )

@@ -149,7 +149,7 @@ class NodeCard:
         self.disk_bar.set_value(_used(free, total))
         self.beat.set_text(
             _(
-                "{ago} · round trip {rtt}",
+                "{ago} · RTT {rtt}",
                 ago=fmt_ago(seen.get("last_beat_s")),
                 rtt=fmt_ms(seen.get("rtt_ms")),
             )

@@ -182,7 +182,7 @@ def block_map(view: dict, box: ui.element) -> None:
                     extra = " tt-backup" if row["kind"] == "backup" else ""
                     with bar:
                         ui.element("div").classes("tt-span" + extra).style(
-                            f"left:{left:.2f}%;width:{width:.2f}%"
+                            f"inset-inline-start:{left:.2f}%;width:{width:.2f}%"  # mirrored in RTL
                         )
         if chain:
             with ui.row().classes("w-full justify-between text-xs tt-muted"):
