@@ -76,6 +76,8 @@ def test_every_text_has_a_translation_with_the_same_placeholders(code):
                 problems.append(f"other placeholders: {msgid!r} -> {text!r}")
             if '"' in text and '"' not in msgid:  # the pages put texts into "…" attributes
                 problems.append(f'a " in the translation: {msgid!r} -> {text!r}')
+    for message, errors in catalog.check():  # Babel's own checks, as `make i18n` runs them
+        problems += [f"{message.id!r}: {error}" for error in errors]
     assert not problems, "\n".join(problems)
 
 

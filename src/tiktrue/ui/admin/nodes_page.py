@@ -137,7 +137,7 @@ class NodeCard:
         self.state.props(f"color={STATE_COLORS.get(state.split(',')[0], 'grey')}")
         load = seen.get("cpu_percent")
         self.cpu.set_text(
-            self.cpu_base + (_(" · {load:.0f}% load", load=load) if load is not None else "")
+            self.cpu_base + (_(" · load {load:.0f}%", load=load) if load is not None else "")
         )
         free, total = seen.get("ram_free_bytes"), seen.get("ram_total_bytes")
         self.ram.set_text(_("{free} free of {total}", free=fmt_bytes(free), total=fmt_bytes(total)))
