@@ -220,6 +220,14 @@ def data_table(columns: list[dict], row_key: str, empty: str, **options) -> ui.t
     ]
     table = ui.table(columns=columns, rows=[], row_key=row_key, **options)
     table.props(f'flat bordered dense wrap-cells no-data-label="{empty}"').classes("w-full")
+    language = i18n.current()
+    if language.digits != i18n.SOURCE.digits:  # "1-25 of 80" in the language's digits
+        label = _("{start}-{end} of {total}").replace("'", "")
+        digits = f"n => n.toLocaleString('{language.quasar}')"
+        table.props(
+            f""":pagination-label="(s, e, t) => '{label}'.replace('{{start}}', ({digits})(s))"""
+            f""".replace('{{end}}', ({digits})(e)).replace('{{total}}', ({digits})(t))" """
+        )
     return table
 
 
