@@ -28,7 +28,7 @@ from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.security.users import Principal, UserError
 from tiktrue.ui.context import UiContext
-from tiktrue.ui.i18n import N_, _
+from tiktrue.ui.i18n import N_, _, isolate
 from tiktrue.ui.refusals import account_refusal
 
 log = logging.getLogger("tiktrue.ui")
@@ -107,7 +107,7 @@ class Chat:
         """Network id -> "name · model" for every network answering here that the person may
         use."""
         return {
-            g.network_id: f"{g.config.name} · {g.model_id}"
+            g.network_id: f"{isolate(g.config.name)} · {isolate(g.model_id)}"
             for g in self.context.gateways.values()
             if self.user.allows(g.network_id)
         }

@@ -503,7 +503,7 @@ def _slider(label: str, value: float, low: float, high: float, step: float) -> u
 
 
 def _figures(network: str | None, answer: Answer) -> str:
-    parts = [f"{network} · {answer.model_id}"]
+    parts = [p for p in (network, answer.model_id) if p]
     if answer.tokens_per_s:
         parts.append(_("{rate:.1f} tokens/s", rate=answer.tokens_per_s))
     if answer.first_token_ms is not None:

@@ -12,7 +12,7 @@ from nicegui import background_tasks, ui
 
 from tiktrue.control.network_manager import create_join_token, list_joined_networks
 from tiktrue.ui.context import ui_context
-from tiktrue.ui.i18n import _, ngettext, translate
+from tiktrue.ui.i18n import _, isolate, ngettext, translate
 from tiktrue.ui.layout import copy_text, page_frame, require_admin
 from tiktrue.ui.network_setup import (
     Progress,
@@ -64,7 +64,8 @@ def register() -> None:
                 ui.label(_("Networks of this PC")).classes("text-lg font-medium mt-4")
                 for config in joined:
                     pcs = ngettext("{n} PC", "{n} PCs", len(config.nodes))
-                    ui.label(f"{config.name} · {config.model_id} · {pcs}")
+                    parts = (config.name, config.model_id, pcs)
+                    ui.label(" · ".join(isolate(p) for p in parts))
 
     @ui.page("/setup/create")
     def create() -> None:

@@ -15,7 +15,7 @@ from tiktrue.ui.admin.widgets import (
     section,
     state_text,
 )
-from tiktrue.ui.i18n import N_, _, fmt_datetime, translate
+from tiktrue.ui.i18n import N_, _, fmt_datetime, isolate, translate
 
 REFRESH_S = 5.0
 LOG = "tt-log"  # text of the event log: left-to-right, as the nodes wrote it
@@ -91,7 +91,8 @@ def register(context) -> None:
                                 ui.label(text).classes(
                                     "break-words" + (f" {LOG}" if logged else "")
                                 )
-                                ui.label(f"{row['time']} · {where}").classes("tt-muted text-xs")
+                                when = f"{isolate(row['time'])} · {isolate(where)}"
+                                ui.label(when).classes("tt-muted text-xs")
                 events = ops.events(network, SHOWN)
                 if only.value:
                     events = [e for e in events if e.get("level") in LEVEL_COLORS]

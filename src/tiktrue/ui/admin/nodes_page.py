@@ -25,7 +25,7 @@ from tiktrue.ui.admin.widgets import (
     section,
     state_text,
 )
-from tiktrue.ui.i18n import _, ngettext
+from tiktrue.ui.i18n import _, isolate, ngettext
 from tiktrue.ui.i18n import fmt_ago as ago_in_words
 
 LIVE_EVERY_S = 2.0
@@ -268,7 +268,8 @@ def register(context) -> None:
                         with ui.column().classes("gap-0 grow min-w-0"):
                             ui.label(node["name"] or node["node_id"]).classes("font-medium")
                             member = ", ".join(node["networks"].values()) or _("in no network")
-                            ui.label(f"{node['host']}:{node['control_port']} · {member}").classes(
+                            where = f"{node['host']}:{node['control_port']}"
+                            ui.label(f"{isolate(where)} · {isolate(member)}").classes(
                                 "tt-muted text-xs"
                             )
                         named = _("Invite this PC")
