@@ -8,7 +8,7 @@ PY := $(VENV)/Scripts/python.exe
 endif
 STAMP := $(VENV)/.tiktrue-installed
 
-.PHONY: demo test lint format bench clean browser prometheus screenshots bundle bundle-test
+.PHONY: demo test lint format bench clean browser prometheus screenshots bundle bundle-test i18n
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,19 @@ prometheus:
 # The README's screenshots, with the demo's real model answering (downloads it once, 93 MB).
 screenshots: $(STAMP) browser
 	$(PY) bench/screenshots.py
+
+# The UI's translations (README, "Languages"): the texts marked in src/tiktrue/ui are
+# extracted, every catalog is brought up to date with them (a new text comes in empty, for the
+# translator), and compiled for gettext. The .po and the .mo files are both committed.
+LOCALES := src/tiktrue/ui/locales
+BABEL := $(PY) -m babel.messages.frontend
+i18n: $(STAMP)
+	@mkdir -p build
+	$(BABEL) extract --keyword "N_ Nn_:1,2" --add-location file --sort-output \
+		--add-comments "TRANSLATORS:" --project TikTrue --no-wrap -o build/tiktrue.pot src/tiktrue/ui
+	$(BABEL) update --domain tiktrue --input-file build/tiktrue.pot --output-dir $(LOCALES) \
+		--ignore-obsolete --ignore-pot-creation-date --no-wrap
+	$(BABEL) compile --domain tiktrue --directory $(LOCALES) --statistics
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

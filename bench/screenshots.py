@@ -9,8 +9,10 @@ imported into ``<data>/repository`` as ``make demo`` does). One node starts on a
 and a browser goes through the first run the way a person would: the welcome page, the set-up,
 a network whose model comes from the model repository on this PC (its download bar), the
 chat with the settings, two answers (one with code), a stopped answer, the login page and the
-Join page. Each page is written to ``docs/screenshots/<name>.png`` at 1280x800 and
-``<name>-phone.png`` at 390x844. Needs chromium, as the browser tests do.
+Join page; then a browser asking for Persian logs in (``fa-*``: the login, a chat with a
+Persian and an English question, the set-up, the dashboard). Each page is written to
+``docs/screenshots/<name>.png`` at 1280x800 and ``<name>-phone.png`` at 390x844. Needs
+chromium, as the browser tests do.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ QUESTIONS = [
     "Write a Python function that reverses a string.",
 ]
 LONG = "Tell me a long story about a robot who learns to paint."
+PERSIAN_QUESTIONS = [  # a Persian question, then an English one: the answers' own directions
+    "پایتخت ایران کجاست؟",
+    "Write a Python function that adds two numbers.",
+]
 
 
 def main() -> None:
@@ -174,10 +180,49 @@ def walk(base: str, repository: str, model_id: str, out: Path) -> None:
         login.goto(base + "/login")
         expect(login.get_by_role("button", name="Log in")).to_be_visible()
         shoot(login, "login", directory=out)
+        walk_persian(browser, base, out, log)
         browser.close()
     outside = log.outside()
     if outside:
         raise SystemExit(f"the UI requested URLs beyond 127.0.0.1: {outside}")
+
+
+def walk_persian(browser, base: str, out: Path, log: RequestLog) -> None:
+    """The same PC in a browser asking for Persian: right-to-left pages, Persian digits."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport=DESKTOP, locale="fa-IR")
+    context.on("request", log.record)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(base + "/login")
+    expect(page.get_by_role("button", name="ورود")).to_be_visible()
+    shoot(page, "fa-login", directory=out)
+    page.get_by_label("نام حساب").fill("admin")
+    page.get_by_label("رمز عبور", exact=True).fill(PASSWORD)
+    page.get_by_role("button", name="ورود").click()
+    expect(page.get_by_text("چه کمکی از من برمی‌آید؟")).to_be_visible()
+    for i, question in enumerate(PERSIAN_QUESTIONS, start=1):
+        page.get_by_label("پیام", exact=True).fill(question)
+        page.get_by_label("پیام", exact=True).press("Enter")
+        expect(page.get_by_text("توکن بر ثانیه")).to_have_count(i)
+    page.evaluate("window.scrollTo(0, 0)")
+    shoot(page, "fa-chat", directory=out, phone=False)
+    phone = context.new_page()  # the chat as a phone opens it (its list closed)
+    phone.set_viewport_size(PHONE)
+    phone.set_default_timeout(WAIT_MS)
+    phone.goto(page.url)
+    expect(phone.locator(".tt-answer").last).not_to_be_empty()
+    phone.wait_for_timeout(500)  # the markdown's layout (a screenshot, no assertion)
+    phone.screenshot(path=str(out / "fa-chat-phone.png"))
+    phone.close()
+    page.goto(base + "/setup")
+    expect(page.get_by_text("شبکه‌های این رایانه")).to_be_visible()
+    shoot(page, "fa-setup", directory=out)
+    page.goto(base + "/admin")
+    expect(page.get_by_text("سالم", exact=True)).to_be_visible()
+    shoot(page, "fa-admin-nodes", directory=out)
+    context.close()
 
 
 if __name__ == "__main__":

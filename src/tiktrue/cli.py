@@ -1090,12 +1090,17 @@ def chat(
         help="For an https:// gateway: the CA certificate to trust (its /trust page offers "
         "it; default: the CAs of this PC's networks).",
     ),
+    lang: str = typer.Option(
+        None,
+        "--lang",
+        help="Language of the chat's own words: en or fa (default: TIKTRUE_LANG, else the locale).",
+    ),
 ) -> None:
     """Chat in the terminal with streamed answers (the local node's gateway by default)."""
     from tiktrue.paths import data_dir
     from tiktrue.security.auth_manager import IdentityError
     from tiktrue.security.gateway_tls import client_context
-    from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat
+    from tiktrue.ui.terminal_chat import ChatError, local_api_url, run_chat, terminal_language
 
     url = url or local_api_url(data_dir())
     if not url:
@@ -1113,6 +1118,7 @@ def chat(
             network or model,
             system,
             api_key=api_key,
+            language=terminal_language(lang),
             temperature=temperature,
             max_tokens=max_tokens,
             verify=verify,

@@ -95,6 +95,8 @@ def test_terminal_chat_streams_an_answer_from_the_network(tiny_cluster):
             "0",
             "--max-tokens",
             "5",
+            "--lang",
+            "en",
         ],
         input="Hello there\n/exit\n",
         capture_output=True,
@@ -112,3 +114,27 @@ def test_terminal_chat_streams_an_answer_from_the_network(tiny_cluster):
         timeout=120,
     )
     assert "nope" in wrong.stdout and "error" in wrong.stdout
+    # its own words in Persian when asked (the answer is the model's)
+    persian = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiktrue",
+            "chat",
+            "--url",
+            cluster.api_url,
+            "--lang",
+            "fa",
+            "--network",
+            config.network_id,
+            "--max-tokens",
+            "3",
+        ],
+        input="سلام\n/exit\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+    )
+    assert persian.returncode == 0, persian.stderr
+    assert "گفتگوی TikTrue با" in persian.stdout and "مدل> " in persian.stdout, persian.stdout

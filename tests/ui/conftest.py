@@ -1,8 +1,9 @@
 """Browser fixtures for the web UI's tests (shared by every page's tests).
 
 - ``browser``: one headless chromium per test module (skips, saying why, where there is none);
-- ``new_page(viewport=...)``: a page in a fresh browser context (its own cookies: another
-  person), whose every request is checked at the end to have stayed on 127.0.0.1;
+- ``new_page(viewport=..., locale=...)``: a page in a fresh browser context (its own cookies:
+  another person; ``locale="fa-IR"``: a browser asking for Persian), whose every request is
+  checked at the end to have stayed on 127.0.0.1;
 - ``ui_node(home)``: a real node process serving the UI (``tiktrue node --api-port 0``) with
   the tiny model in its store; returns the cluster (``.api_url``; the UI is at its root);
 - ``repository``: the tiny model in a model repository served over HTTP (its URL).
@@ -49,8 +50,9 @@ def new_page(browser):
     expect.set_options(timeout=WAIT_MS)
     contexts, logs = [], []
 
-    def make(viewport: dict | None = None):
-        context = browser.new_context(viewport=viewport or DESKTOP)
+    def make(viewport: dict | None = None, locale: str | None = None):
+        # locale: the browser's language, sent as Accept-Language (Playwright's default: en-US)
+        context = browser.new_context(viewport=viewport or DESKTOP, locale=locale)
         log = RequestLog()
         context.on("request", log.record)
         contexts.append(context)

@@ -14,16 +14,19 @@ from nicegui import ui
 
 from tiktrue.control.network_manager import list_joined_networks
 from tiktrue.gateway.auth import is_local
-from tiktrue.security.users import UserError
+from tiktrue.security.users import MIN_PASSWORD_CHARS, UserError
 from tiktrue.ui.context import ui_context
+from tiktrue.ui.i18n import _
 from tiktrue.ui.layout import (
     BRAND,
     accounts_exist,
     apply_theme,
     current_user,
+    language_menu,
     log_in,
     login_target,
 )
+from tiktrue.ui.refusals import account_refusal, password_problem
 
 
 def home_target() -> str:
@@ -43,9 +46,11 @@ def _card(title: str, subtitle: str):
     ui.page_title(f"{title} · {BRAND}")
     outer = ui.column().classes("w-full min-h-screen items-center justify-center p-4")
     with outer, ui.column().classes("tt-card w-full max-w-md p-8 gap-4"):
-        with ui.row().classes("items-center gap-2"):
+        with ui.row().classes("w-full items-center gap-2"):
             ui.icon("hub", color="primary").classes("text-3xl")
             ui.label(BRAND).classes("tt-brand text-2xl")
+            ui.space()
+            language_menu()
         ui.label(title).classes("text-xl font-semibold")
         ui.label(subtitle).classes("tt-muted")
         return ui.column().classes("w-full gap-3")
@@ -62,40 +67,53 @@ def register() -> None:
             ui.navigate.to("/login")
             return
         body = _card(
-            "Welcome to TikTrue",
-            "Run one language model across the PCs of your network, privately. First, make "
-            "the administrator account of this PC.",
+            _("Welcome to TikTrue"),
+            _(
+                "Run one language model across the PCs of your network, privately. First, "
+                "make the administrator account of this PC."
+            ),
         )
         with body:
             if not is_local(request.client.host if request.client else None):
                 ui.label(
-                    "The first account is made on this PC itself: open TikTrue there "
-                    "(tiktrue app, or http://127.0.0.1 in its browser)."
+                    _(
+                        "The first account is made on this PC itself: open TikTrue there "
+                        "({command}, or {address} in its browser).",
+                        command="tiktrue app",
+                        address="http://127.0.0.1",
+                    )
                 ).classes("text-negative")
                 return
-            name = ui.input("Account name", value="admin").props("outlined autofocus")
-            password = ui.input("Password", password=True)
-            password.props('outlined hint="8 characters or more"')
-            again = ui.input("Repeat the password", password=True).props("outlined")
+            name = ui.input(_("Account name"), value="admin").props("outlined autofocus")
+            password = ui.input(_("Password"), password=True)
+            hint = _("{n} characters or more", n=MIN_PASSWORD_CHARS)
+            password.props(f'outlined hint="{hint}"')
+            again = ui.input(_("Repeat the password"), password=True).props("outlined")
             error = ui.label().classes("text-negative")
 
             async def create() -> None:
                 if password.value != again.value:
-                    error.set_text("The two passwords differ.")
+                    error.set_text(_("The two passwords differ."))
+                    return
+                problem = password_problem(password.value or "")
+                if problem:
+                    error.set_text(problem)
                     return
                 users = ui_context().users
                 try:
                     if accounts_exist():  # made meanwhile in another tab: log in instead
-                        raise UserError("an account exists already: log in")
+                        error.set_text(_("An account exists already: log in."))
+                        return
                     await asyncio.to_thread(users.add_user, name.value, password.value, "admin")
                     await log_in(name.value, password.value)
                 except UserError as exc:
-                    error.set_text(str(exc))
+                    error.set_text(account_refusal(exc))
                     return
                 ui.navigate.to(home_target())
 
-            ui.button("Create admin account", on_click=create).props(
-                'unelevated no-caps aria-label="Create admin account"'
+            label = _("Create admin account")
+            ui.button(label, on_click=create).props(
+                f'unelevated no-caps aria-label="{label}"'
             ).classes("w-full")
             again.on("keydown.enter", create)
 
@@ -107,22 +125,23 @@ def register() -> None:
         if current_user() is not None:
             ui.navigate.to(_safe(next) or home_target())
             return
-        body = _card("Log in", "Use the account your TikTrue administrator gave you.")
+        body = _card(_("Log in"), _("Use the account your TikTrue administrator gave you."))
         with body:
-            name = ui.input("Account name").props("outlined autofocus")
-            password = ui.input("Password", password=True).props("outlined")
+            name = ui.input(_("Account name")).props("outlined autofocus")
+            password = ui.input(_("Password"), password=True).props("outlined")
             error = ui.label().classes("text-negative")
 
             async def submit() -> None:
                 try:
                     await log_in(name.value or "", password.value or "")
                 except UserError as exc:
-                    error.set_text(str(exc))
+                    error.set_text(account_refusal(exc))
                     return
                 ui.navigate.to(_safe(next) or home_target())
 
-            ui.button("Log in", on_click=submit).props(
-                'unelevated no-caps aria-label="Log in"'
+            label = _("Log in")
+            ui.button(label, on_click=submit).props(
+                f'unelevated no-caps aria-label="{label}"'
             ).classes("w-full")
             password.on("keydown.enter", submit)
             ui.link("This PC's certificate (HTTPS)", "/trust").classes("text-sm tt-muted")

@@ -28,13 +28,15 @@ from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.security.users import Principal, UserError
 from tiktrue.ui.context import UiContext
+from tiktrue.ui.i18n import N_, _, isolate
+from tiktrue.ui.refusals import account_refusal
 
 log = logging.getLogger("tiktrue.ui")
 TITLE_CHARS = 60
 
 
 class ChatFailure(Exception):
-    """A turn that could not be answered; the message is for the person."""
+    """A turn that could not be answered; the message (a ``Message``) is for the person."""
 
 
 @dataclass
@@ -105,7 +107,7 @@ class Chat:
         """Network id -> "name · model" for every network answering here that the person may
         use."""
         return {
-            g.network_id: f"{g.config.name} · {g.model_id}"
+            g.network_id: f"{isolate(g.config.name)} · {isolate(g.model_id)}"
             for g in self.context.gateways.values()
             if self.user.allows(g.network_id)
         }
@@ -113,7 +115,9 @@ class Chat:
     def gateway(self, network_id: str) -> Gateway:
         gateway = self.context.gateways.get(network_id)
         if gateway is None or not self.user.allows(network_id):
-            raise ChatFailure(f"network {network_id} does not answer on this PC now")
+            raise ChatFailure(
+                N_("Network {network} does not answer on this PC now.", network=network_id)
+            )
         return gateway
 
     # --- conversations ----------------------------------------------------------------------
@@ -133,14 +137,14 @@ class Chat:
 
     async def rename(self, network_id: str, session_id: str, title: str) -> None:
         if await self.load(network_id, session_id) is None:
-            raise ChatFailure("no such conversation")
-        title = title_of(title) or "Untitled"
+            raise ChatFailure(N_("No such conversation."))
+        title = title_of(title) or _("Untitled")
         await asyncio.to_thread(self.context.sessions.set_title, network_id, session_id, title)
 
     async def delete(self, network_id: str, session_id: str) -> None:
         """Free the conversation on the nodes and forget it."""
         if await self.load(network_id, session_id) is None:
-            raise ChatFailure("no such conversation")
+            raise ChatFailure(N_("No such conversation."))
         gateway = self.context.gateways.get(network_id)
         if gateway is not None:
             try:
@@ -151,7 +155,7 @@ class Chat:
 
     async def rate(self, network_id: str, session_id: str, index: int, rating: int | None):
         if await self.load(network_id, session_id) is None:
-            raise ChatFailure("no such conversation")
+            raise ChatFailure(N_("No such conversation."))
         await asyncio.to_thread(self.context.sessions.rate, network_id, session_id, index, rating)
 
     # --- answering --------------------------------------------------------------------------
@@ -172,7 +176,7 @@ class Chat:
         try:
             await asyncio.to_thread(self.context.users.hit, self.user)
         except UserError as exc:
-            raise ChatFailure(exc.message) from exc
+            raise ChatFailure(account_refusal(exc)) from exc
         turn = turn or Turn(network_id, gateway.model_id, len(messages))
         result = GenerationResult()
         stream = gateway.answer(
@@ -192,7 +196,9 @@ class Chat:
         except ChainError as exc:
             raise ChatFailure(_why(exc)) from exc
         except (ModelError, PeerUnavailable) as exc:
-            raise ChatFailure(f"the network could not answer: {exc}") from exc
+            raise ChatFailure(
+                N_("The network could not answer: {detail}", detail=str(exc))
+            ) from exc
         finally:
             await stream.aclose()
         self._finish(turn, result)
@@ -226,7 +232,7 @@ class Chat:
         stored = await asyncio.to_thread(store.get, gateway.network_id, session_id)
         if stored is not None and not stored.title:
             first = next((m["content"] for m in messages if m["role"] == "user"), "")
-            title = title_of(first) or "New chat"
+            title = title_of(first) or _("New chat")
             await asyncio.to_thread(store.set_title, gateway.network_id, session_id, title)
         # the nodes keep the KV: a later visit continues without recomputing the prompt (in
         # the background: the next turn waits for it on the session's lock, nothing else does)
@@ -245,8 +251,18 @@ _saving: set[asyncio.Task] = set()  # saves in flight (a reference keeps each on
 
 
 def _why(exc: ChainError) -> str:
+    info = exc.info or {}
+    if exc.code == "context_length_exceeded" and {"context_length", "prompt_tokens"} <= set(info):
+        return N_(
+            "The conversation is longer than the model's context: {context} tokens, and this "
+            "conversation has {tokens}. Start a new chat, or shorten the question.",
+            context=info["context_length"],
+            tokens=info["prompt_tokens"],
+        )
     if exc.code == "context_length_exceeded":
-        return f"The conversation is longer than the model's context: {exc.message}"
+        return N_(
+            "The conversation is longer than the model's context: {detail}", detail=exc.message
+        )
     if exc.code == "forbidden":
-        return "This conversation belongs to another account."
-    return f"The network could not answer ({exc.code}): {exc.message}"
+        return N_("This conversation belongs to another account.")
+    return N_("The network could not answer ({code}): {detail}", code=exc.code, detail=exc.message)

@@ -22,6 +22,7 @@ from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
 from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
 from tiktrue.ui.context import ui_context
+from tiktrue.ui.i18n import _, fmt_ago, fmt_date, isolate, ngettext, number, translate
 from tiktrue.ui.layout import copy_text, page_frame, require_user
 
 SETTINGS_KEY = "tiktrue_chat_settings"
@@ -60,7 +61,7 @@ def register() -> None:
         view = ChatView(Chat(ui_context(), user), user)
         await view.build(net, id)
         if denied:
-            ui.notify("The admin pages are for administrators only.", type="warning")
+            ui.notify(_("The admin pages are for administrators only."), type="warning")
 
 
 class ChatView:
@@ -82,7 +83,7 @@ class ChatView:
                 system = [m for m in stored.messages if m["role"] == "system"]
                 self.state.settings.system_prompt = system[0]["content"] if system else ""
             else:
-                ui.notify("That conversation is not yours or no longer exists.", type="warning")
+                ui.notify(_("That conversation is not yours or no longer exists."), type="warning")
         if self.state.network_id is None and networks:
             self.state.network_id = next(iter(networks))
         with page_frame("", drawer=True) as frame:
@@ -98,12 +99,14 @@ class ChatView:
 
     def _drawer(self) -> None:
         with ui.column().classes("w-full p-3 gap-2"):
-            ui.button("New chat", icon="edit_square", on_click=self.new_chat).props(
-                'unelevated no-caps aria-label="New chat"'
+            label = _("New chat")
+            ui.button(label, icon="edit_square", on_click=self.new_chat).props(
+                f'unelevated no-caps aria-label="{label}"'
             ).classes("w-full")
+            label = _("Search conversations")
             self.search = (
-                ui.input(placeholder="Search conversations")
-                .props('dense outlined clearable aria-label="Search conversations"')
+                ui.input(placeholder=label)
+                .props(f'dense outlined clearable aria-label="{label}"')
                 .classes("w-full")
             )
             self.search.on("update:model-value", self._list_conversations, throttle=0.3)
@@ -111,31 +114,35 @@ class ChatView:
 
     def _top_bar(self, networks: dict[str, str]) -> None:
         if self.state.network_id and self.state.network_id not in networks:
-            networks = {**networks, self.state.network_id: f"{self.state.network_id} (away)"}
+            away = _("{network} (away)", network=self.state.network_id)
+            networks = {**networks, self.state.network_id: away}
         with ui.row().classes("tt-chat items-center gap-2 px-2 no-wrap"):
             locked = self.state.session_id is not None
+            named = _("Network and model")
             self.network = ui.select(
                 networks,
                 value=self.state.network_id,
-                label="Network · model",
+                label=_("Network · model"),
                 on_change=lambda e: setattr(self.state, "network_id", e.value),
-            ).props('dense outlined options-dense aria-label="Network and model"')
+            ).props(f'dense outlined options-dense aria-label="{named}"')
             self.network.classes("flex-1 max-w-md")
             if locked:
                 self.network.disable()
-                self.network.tooltip("A conversation stays on the network it began on")
+                self.network.tooltip(_("A conversation stays on the network it began on"))
             ui.space()
+            label = _("Settings")
             ui.button(icon="tune", on_click=self._settings_dialog).props(
-                'flat round aria-label="Settings"'
-            ).tooltip("System prompt and generation settings")
+                f'flat round aria-label="{label}"'
+            ).tooltip(_("System prompt and generation settings"))
 
     def _footer(self, has_network: bool) -> None:
         with ui.footer().classes("tt-footer p-0"), ui.column().classes("tt-chat px-3 pt-2 pb-3"):
             with ui.row().classes("w-full items-end gap-2 no-wrap tt-card px-3 py-1"):
+                label = _("Message")
                 self.input = (
-                    ui.textarea(placeholder="Message TikTrue ...")
-                    .props('autogrow borderless dense aria-label="Message"')
-                    .classes("flex-1 text-base")
+                    ui.textarea(placeholder=_("Message TikTrue ..."))
+                    .props(f'autogrow borderless dense aria-label="{label}"')
+                    .classes("flex-1 text-base tt-plain")
                 )
                 self.input.on(
                     "keydown",
@@ -143,17 +150,19 @@ class ChatView:
                     js_handler="(e) => { if (e.key === 'Enter' && !e.shiftKey "
                     "&& !e.isComposing) { e.preventDefault(); emit(); } }",
                 )
+                label = _("Send")
                 self.send_button = ui.button(icon="arrow_upward", on_click=self.send).props(
-                    'round unelevated aria-label="Send"'
+                    f'round unelevated aria-label="{label}"'
                 )
+                label = _("Stop")
                 self.stop_button = ui.button(icon="stop", on_click=self.stop).props(
-                    'round unelevated color=negative aria-label="Stop"'
+                    f'round unelevated color=negative aria-label="{label}"'
                 )
                 self.stop_button.set_visibility(False)
             ui.label(
-                "Answers come from the model your network runs; check what matters."
+                _("Answers come from the model your network runs; check what matters.")
                 if has_network
-                else "No network answers on this PC yet."
+                else _("No network answers on this PC yet.")
             ).classes("tt-meta text-center w-full")
         if not has_network:
             self.input.disable()
@@ -161,12 +170,14 @@ class ChatView:
 
     # --- the conversation list ---------------------------------------------------------------
 
-    async def _list_conversations(self, *_) -> None:
+    async def _list_conversations(self, *_event) -> None:
         items = await self.chat.conversations(self.search.value or "")
         self.conversations.clear()
         with self.conversations:
             if not items:
-                ui.label("No conversations yet." if not self.search.value else "Nothing found.")
+                ui.label(
+                    _("No conversations yet.") if not self.search.value else _("Nothing found.")
+                )
                 return
             for item in items:
                 active = (item.network_id, item.session_id) == (
@@ -177,23 +188,24 @@ class ChatView:
                     "tt-conv w-full items-center no-wrap px-2 py-1 cursor-pointer hover:bg-grey-2"
                     + (" active" if active else "")
                 )
-                title = item.title or "New chat"
+                title = item.title or _("New chat")
                 with row:
                     with (
                         ui.column()
                         .classes("gap-0 flex-1 min-w-0")
-                        .on("click", lambda _, i=item: self.open(i.network_id, i.session_id))
+                        .on("click", lambda _e, i=item: self.open(i.network_id, i.session_id))
                     ):
-                        ui.label(title).classes("truncate w-full text-sm")
+                        ui.label(title).classes("truncate w-full text-sm").props("dir=auto")
                         ui.label(_ago(item.updated_at)).classes("tt-meta")
+                    more = _("More for {title}", title=title)
                     with (
                         ui.button(icon="more_horiz").props(
-                            f'flat round dense size=sm aria-label="More for {title}"'
+                            f'flat round dense size=sm aria-label="{more}"'
                         ),
                         ui.menu(),
                     ):
-                        ui.menu_item("Rename", on_click=lambda i=item: self._rename_dialog(i))
-                        ui.menu_item("Delete", on_click=lambda i=item: self._delete_dialog(i))
+                        ui.menu_item(_("Rename"), on_click=lambda i=item: self._rename_dialog(i))
+                        ui.menu_item(_("Delete"), on_click=lambda i=item: self._delete_dialog(i))
 
     def open(self, network_id: str, session_id: str) -> None:
         ui.navigate.to(f"/chat?net={network_id}&id={session_id}")
@@ -203,8 +215,8 @@ class ChatView:
 
     def _rename_dialog(self, item) -> None:
         with ui.dialog() as dialog, ui.card().classes("w-96"):
-            ui.label("Rename conversation").classes("text-lg font-medium")
-            name = ui.input("Title", value=item.title or "").props("outlined autofocus")
+            ui.label(_("Rename conversation")).classes("text-lg font-medium")
+            name = ui.input(_("Title"), value=item.title or "").props("outlined autofocus")
             name.classes("w-full")
 
             async def save() -> None:
@@ -212,15 +224,13 @@ class ChatView:
                 dialog.close()
                 await self._list_conversations()
 
-            with ui.row().classes("w-full justify-end"):
-                ui.button("Cancel", on_click=dialog.close).props("flat no-caps")
-                ui.button("Save", on_click=save).props('unelevated no-caps aria-label="Save"')
+            _cancel_save(dialog, save)
         dialog.open()
 
     def _delete_dialog(self, item) -> None:
         with ui.dialog() as dialog, ui.card().classes("w-96"):
-            ui.label("Delete this conversation?").classes("text-lg font-medium")
-            ui.label(item.title or "New chat").classes("tt-muted")
+            ui.label(_("Delete this conversation?")).classes("text-lg font-medium")
+            ui.label(item.title or _("New chat")).classes("tt-muted").props("dir=auto")
 
             async def delete() -> None:
                 await self.chat.delete(item.network_id, item.session_id)
@@ -234,9 +244,10 @@ class ChatView:
                 await self._list_conversations()
 
             with ui.row().classes("w-full justify-end"):
-                ui.button("Cancel", on_click=dialog.close).props("flat no-caps")
-                ui.button("Delete", on_click=delete).props(
-                    'unelevated no-caps color=negative aria-label="Delete"'
+                ui.button(_("Cancel"), on_click=dialog.close).props("flat no-caps")
+                label = _("Delete")
+                ui.button(label, on_click=delete).props(
+                    f'unelevated no-caps color=negative aria-label="{label}"'
                 )
         dialog.open()
 
@@ -245,13 +256,15 @@ class ChatView:
     def _settings_dialog(self) -> None:
         s = self.state.settings
         with ui.dialog() as dialog, ui.card().classes("w-[28rem] max-w-full gap-3"):
-            ui.label("Settings").classes("text-lg font-medium")
-            system = ui.textarea("System prompt", value=s.system_prompt).props("outlined")
-            system.classes("w-full")
-            temperature = _slider("Temperature", s.temperature, 0.0, limits.MAX_TEMPERATURE, 0.05)
-            top_p = _slider("Top p", s.top_p, 0.05, 1.0, 0.05)
-            penalty = _slider("Repetition penalty", s.repetition_penalty, 1.0, 2.0, 0.05)
-            tokens = ui.number("Max tokens per answer", value=s.max_tokens, min=1, max=8192)
+            ui.label(_("Settings")).classes("text-lg font-medium")
+            system = ui.textarea(_("System prompt"), value=s.system_prompt)
+            system.props("outlined").classes("w-full tt-plain")
+            temperature = _slider(
+                _("Temperature"), s.temperature, 0.0, limits.MAX_TEMPERATURE, 0.05
+            )
+            top_p = _slider(_("Top p"), s.top_p, 0.05, 1.0, 0.05)
+            penalty = _slider(_("Repetition penalty"), s.repetition_penalty, 1.0, 2.0, 0.05)
+            tokens = ui.number(_("Max tokens per answer"), value=s.max_tokens, min=1, max=8192)
             tokens.props("outlined").classes("w-full")
 
             def save() -> None:
@@ -263,9 +276,7 @@ class ChatView:
                 app.storage.user[SETTINGS_KEY] = asdict(s)  # kept for this person's next chats
                 dialog.close()
 
-            with ui.row().classes("w-full justify-end"):
-                ui.button("Cancel", on_click=dialog.close).props("flat no-caps")
-                ui.button("Save", on_click=save).props('unelevated no-caps aria-label="Save"')
+            _cancel_save(dialog, save)
         dialog.open()
 
     # --- messages ---------------------------------------------------------------------------
@@ -281,39 +292,43 @@ class ChatView:
                 if message["role"] == "user":
                     self._user_message(index, message["content"])
                 else:
-                    body, _ = self._assistant_message(message["content"])
+                    body, _markdown = self._assistant_message(message["content"])
                     self._answer_meta(body, index, last=index == last_answer)
 
     def _empty(self) -> None:
         with ui.column().classes("w-full items-center gap-2 py-16"):
             ui.icon("forum", color="primary").classes("text-5xl opacity-60")
-            ui.label("How can I help?").classes("text-2xl font-semibold")
+            ui.label(_("How can I help?")).classes("text-2xl font-semibold")
             networks = self.chat.networks()
             if networks:
                 who = networks.get(self.state.network_id, "")
-                ui.label(f"{who} answers, on the PCs of your network.").classes("tt-muted")
+                ui.label(_("{who} answers, on the PCs of your network.", who=who)).classes(
+                    "tt-muted"
+                )
             elif self.user.role == "admin":
-                ui.label("This PC is in no network that answers yet.").classes("tt-muted")
-                ui.button("Set up this PC", on_click=lambda: ui.navigate.to("/setup")).props(
-                    'unelevated no-caps aria-label="Set up this PC"'
+                ui.label(_("This PC is in no network that answers yet.")).classes("tt-muted")
+                label = _("Set up this PC")
+                ui.button(label, on_click=lambda: ui.navigate.to("/setup")).props(
+                    f'unelevated no-caps aria-label="{label}"'
                 )
             else:
-                ui.label("No network answers on this PC yet: ask your administrator.").classes(
+                ui.label(_("No network answers on this PC yet: ask your administrator.")).classes(
                     "tt-muted"
                 )
 
     def _user_message(self, index: int, text: str) -> None:
         with ui.column().classes("w-full items-end gap-1") as box:
-            ui.label(text).classes("tt-user")
+            ui.label(text).classes("tt-user").props("dir=auto")
+            label = _("Edit and resend")
             ui.button(icon="edit", on_click=lambda: self._edit(box, index, text)).props(
-                'flat round dense size=sm aria-label="Edit and resend"'
-            ).classes("text-grey-6").tooltip("Edit and send again")
+                f'flat round dense size=sm aria-label="{label}"'
+            ).classes("text-grey-6").tooltip(_("Edit and send again"))
 
     def _assistant_message(self, text: str) -> tuple[ui.column, ui.markdown]:
         with ui.row().classes("w-full no-wrap gap-3 items-start"):
             ui.avatar("hub", color="primary", text_color="white", size="sm").classes("mt-1")
             with ui.column().classes("flex-1 min-w-0 gap-1") as body:
-                markdown = ui.markdown(text).classes("tt-answer w-full")
+                markdown = ui.markdown(text).classes("tt-answer w-full").props("dir=auto")
         return body, markdown
 
     def _answer_meta(self, body: ui.column, index: int, *, last: bool) -> None:
@@ -322,22 +337,24 @@ class ChatView:
         network = gateway.config.name if gateway is not None else self.state.network_id
         with body, ui.row().classes("items-center gap-1 tt-meta"):
             if answer is not None:
-                ui.label(_figures(network, answer)).classes("mr-2")
+                ui.label(_figures(network, answer)).classes("me-2")
             self._thumb(index, 1, answer)
             self._thumb(index, -1, answer)
             text = self.state.messages[index]["content"]
+            label = _("Copy")
             ui.button(icon="content_copy", on_click=lambda: copy_text(text)).props(
-                'flat round dense size=sm aria-label="Copy"'
-            ).classes("text-grey-7").tooltip("Copy")
+                f'flat round dense size=sm aria-label="{label}"'
+            ).classes("text-grey-7").tooltip(label)
             if last:
+                label = _("Regenerate")
                 ui.button(icon="refresh", on_click=self.regenerate).props(
-                    'flat round dense size=sm aria-label="Regenerate"'
-                ).classes("text-grey-7").tooltip("Regenerate")
+                    f'flat round dense size=sm aria-label="{label}"'
+                ).classes("text-grey-7").tooltip(label)
 
     def _thumb(self, index: int, rating: int, answer: Answer | None) -> None:
         chosen = answer is not None and answer.rating == rating
         icon = "thumb_up" if rating > 0 else "thumb_down"
-        name = "Good answer" if rating > 0 else "Bad answer"
+        name = _("Good answer") if rating > 0 else _("Bad answer")
 
         async def rate() -> None:
             if self.state.session_id is None or answer is None:
@@ -358,8 +375,9 @@ class ChatView:
             return
         box.clear()
         with box:
-            editor = ui.textarea(value=text).props('outlined autogrow aria-label="Edit message"')
-            editor.classes("w-full")
+            label = _("Edit message")
+            editor = ui.textarea(value=text).props(f'outlined autogrow aria-label="{label}"')
+            editor.classes("w-full tt-plain")
 
             async def resend() -> None:
                 messages = self.state.messages[:index]
@@ -367,9 +385,10 @@ class ChatView:
                 await self._run_turn(messages)
 
             with ui.row().classes("gap-2"):
-                ui.button("Cancel", on_click=self._draw_messages).props("flat no-caps")
-                ui.button("Send", on_click=resend).props(
-                    'unelevated no-caps aria-label="Send edited message"'
+                ui.button(_("Cancel"), on_click=self._draw_messages).props("flat no-caps")
+                label = _("Send edited message")
+                ui.button(_("Send"), on_click=resend).props(
+                    f'unelevated no-caps aria-label="{label}"'
                 )
 
     # --- turns ------------------------------------------------------------------------------
@@ -400,7 +419,7 @@ class ChatView:
         """Answer ``messages`` (without the system prompt, which is put first here)."""
         state = self.state
         if state.network_id is None:
-            ui.notify("No network answers on this PC yet.", type="warning")
+            ui.notify(_("No network answers on this PC yet."), type="warning")
             return
         system = state.settings.system_prompt
         full = ([{"role": "system", "content": system}] if system else []) + messages
@@ -414,7 +433,7 @@ class ChatView:
         turn = Turn(state.network_id, gateway.model_id if gateway else "", len(full))
         state.turn = turn
         with self.log:
-            _, markdown = self._assistant_message("")
+            _body, markdown = self._assistant_message("")
             waiting = ui.spinner("dots", size="lg", color="primary")
         self._streaming(True)
         shown = [""]
@@ -428,7 +447,7 @@ class ChatView:
 
         timer = ui.timer(RENDER_S, render)
         try:
-            async for _ in self.chat.answer(
+            async for _delta in self.chat.answer(
                 state.network_id, state.session_id, full, state.settings, turn
             ):
                 pass
@@ -437,7 +456,8 @@ class ChatView:
             state.streaming = False
             self._streaming(False)
             waiting.set_visibility(False)
-            markdown.set_content(f"**The answer failed.** {exc}")
+            failed = _("The answer failed.")
+            markdown.set_content(f"**{failed}** {translate(exc.args[0])}")
             state.messages = full
             return
         timer.cancel()
@@ -467,34 +487,39 @@ def _saved_settings() -> Settings:
         return Settings()
 
 
+def _cancel_save(dialog: ui.dialog, save) -> None:
+    with ui.row().classes("w-full justify-end"):
+        ui.button(_("Cancel"), on_click=dialog.close).props("flat no-caps")
+        label = _("Save")
+        ui.button(label, on_click=save).props(f'unelevated no-caps aria-label="{label}"')
+
+
 def _slider(label: str, value: float, low: float, high: float, step: float) -> ui.slider:
     with ui.column().classes("w-full gap-0"):
-        caption = ui.label(f"{label}: {value:g}").classes("text-sm")
+        caption = ui.label(f"{label}: {number(value, 'g')}").classes("text-sm")
         slider = ui.slider(min=low, max=high, step=step, value=value).props(f'aria-label="{label}"')
-        slider.on_value_change(lambda e: caption.set_text(f"{label}: {e.value:g}"))
+        slider.on_value_change(lambda e: caption.set_text(f"{label}: {number(e.value, 'g')}"))
     return slider
 
 
 def _figures(network: str | None, answer: Answer) -> str:
-    parts = [f"{network} · {answer.model_id}"]
+    parts = [p for p in (network, answer.model_id) if p]
     if answer.tokens_per_s:
-        parts.append(f"{answer.tokens_per_s:.1f} tokens/s")
+        parts.append(_("{rate:.1f} tokens/s", rate=answer.tokens_per_s))
     if answer.first_token_ms is not None:
-        parts.append(f"first token {answer.first_token_ms / 1000:.2f} s")
-    parts.append(f"{answer.tokens} tokens")
+        parts.append(_("first token {seconds:.2f} s", seconds=answer.first_token_ms / 1000))
+    parts.append(ngettext("{n} token", "{n} tokens", answer.tokens))
     if answer.finish_reason == "cancelled":
-        parts.append("stopped")
+        parts.append(_("stopped"))
     elif answer.finish_reason == "length":
-        parts.append("cut at the token limit")
-    return " · ".join(parts)
+        parts.append(_("cut at the token limit"))
+    return " · ".join(isolate(p) for p in parts)  # each part keeps its own direction
 
 
 def _ago(when: float) -> str:
     seconds = max(0.0, time.time() - when)
     if seconds < 60:
-        return "just now"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min ago"
+        return _("just now")
     if seconds < 86400:
-        return f"{int(seconds // 3600)} h ago"
-    return time.strftime("%Y-%m-%d", time.localtime(when))
+        return fmt_ago(seconds)
+    return fmt_date(when)

@@ -6,13 +6,15 @@ that storage. Every page asks :func:`require_user` or :func:`require_admin` firs
 middleware lets the UI's pages through without an API key precisely because they do this.
 
 ``page_frame(title)`` draws the header (the product, the nav with Chat and, for admins, Admin;
-the account menu with Log out) and yields the page's main column; at phone width the nav keeps
-its icons and the account menu its initial.
+the account menu with the languages and Log out) and yields the page's main column; at phone
+width the nav keeps its icons and the account menu its initial. Every page is served in its
+person's language (``tiktrue.ui.i18n``): ``<html lang dir>`` and Quasar's own labels follow it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,14 +23,30 @@ from urllib.parse import quote
 from nicegui import app, ui
 
 from tiktrue.security.users import Principal, UserError
+from tiktrue.ui import i18n
 from tiktrue.ui.context import ui_context
+from tiktrue.ui.i18n import _
+from tiktrue.ui.main_app import STATIC_PATH
 
 TOKEN_KEY = "tiktrue_token"
 BRAND = "TikTrue"
 PRIMARY = "#4f46e5"
 
 # Small, global touches on top of Quasar/Tailwind: the page background, readable chat text,
-# and scrollable code blocks in answers.
+# and scrollable code blocks in answers. Persian script comes in Vazirmatn (shipped in
+# static/fonts, OFL), Latin stays in NiceGUI's Roboto: the font covers only the Arabic
+# script's ranges. Each paragraph of an answer takes the direction of its own text
+# (``unicode-bidi: plaintext``: a Persian paragraph runs right-to-left in an English page, an
+# English one left-to-right in a Persian page); code stays left-to-right, and so do the
+# fields that hold addresses, ids, tokens and paths (``tt-ltr``); in a field a person writes
+# in (``tt-plain``) each paragraph, and the placeholder, take the direction of their text.
+FONT_STYLE = f"""
+@font-face {{ font-family: "Vazirmatn"; font-weight: 100 900; font-display: swap;
+  src: url("{STATIC_PATH}/fonts/Vazirmatn-Variable.woff2") format("woff2");
+  unicode-range: U+0600-06FF, U+0750-077F, U+08A0-08FF, U+200C-200F, U+FB50-FDFF, U+FE70-FEFF; }}
+body {{ font-family: Vazirmatn, Roboto, -apple-system, "Helvetica Neue", Helvetica, Arial,
+       sans-serif; }}
+"""
 STYLE = """
 body { background: #f7f7f8; }
 .tt-header { background: #ffffff !important; color: #111827 !important;
@@ -36,13 +54,21 @@ body { background: #f7f7f8; }
 .tt-brand { font-weight: 700; letter-spacing: 0.02em; }
 .tt-card { background: #ffffff; border: 1px solid #e5e7eb; border-radius: 12px; }
 .tt-card .q-field { width: 100%; }
-.q-avatar__content { font-family: Roboto, sans-serif; font-size: 0.8em; font-weight: 500; }
+.q-avatar__content { font-family: Vazirmatn, Roboto, sans-serif; font-size: 0.8em;
+                     font-weight: 500; }
 .tt-muted { color: #6b7280; }
 .tt-answer pre, .tt-answer code { font-size: 0.85rem; }
 .tt-answer pre { overflow-x: auto; padding: 0.75rem; border-radius: 8px; background: #f3f4f6; }
 .tt-answer p { margin: 0.25rem 0; }
 .tt-answer { overflow-wrap: anywhere; }
+.tt-answer :is(p, li, h1, h2, h3, h4, h5, h6, blockquote, td, th) {
+  unicode-bidi: plaintext; text-align: start; }
+.tt-answer pre, .tt-answer code { direction: ltr; unicode-bidi: isolate; text-align: left; }
 .tt-stream { white-space: pre-wrap; }
+.tt-ltr input, .tt-ltr textarea { direction: ltr; }
+.tt-log { direction: ltr; unicode-bidi: isolate; }
+.tt-plain textarea, .tt-plain input { unicode-bidi: plaintext; text-align: start; }
+[dir=rtl] .tt-ltr input, [dir=rtl] .tt-ltr textarea { text-align: right; }
 """
 
 
@@ -116,13 +142,53 @@ def log_out() -> None:
 def copy_text(text: str, what: str = "") -> None:
     """Put ``text`` on the clipboard and say so."""
     ui.clipboard.write(text)
-    ui.notify(f"{what} copied" if what else "Copied", type="positive", timeout=1500)
+    ui.notify(_("{what} copied", what=what) if what else _("Copied"), type="positive", timeout=1500)
 
 
 def apply_theme() -> None:
-    """Colours and styles of every TikTrue page (also those without the frame: login)."""
+    """Colours, styles and language of every TikTrue page (also those without the frame:
+    login)."""
+    _serve_in(i18n.current())
     ui.colors(primary=PRIMARY)
-    ui.add_css(STYLE)
+    ui.add_css(FONT_STYLE + STYLE)
+
+
+def _serve_in(language: i18n.Language) -> None:
+    """Serve this page as ``<html lang=…>`` with Quasar's language pack of ``language`` (its
+    own labels; right-to-left for Persian: Quasar sets ``dir`` from the pack). NiceGUI takes
+    a page's language from its ``ui.page``, shared by everyone; this client gets a copy of
+    it with its person's language, as NiceGUI's own error pages get a page of their own."""
+    client = ui.context.client
+    if client.page.language != language.quasar:
+        client.page = copy.copy(client.page)
+        client.page.language = language.quasar
+
+
+def language_menu() -> None:
+    """A button with the language's name that opens the list of languages, each in itself
+    (the pages before a login; after it, the account menu lists them)."""
+    here, label = i18n.current(), _("Language")
+    button = ui.button(icon="translate").props(f'flat no-caps dense aria-label="{label}"')
+    with button.classes("text-grey-8"):
+        ui.label(here.name).classes("gt-xs ms-1")
+        with ui.menu():
+            _language_items()
+
+
+def _language_items() -> None:
+    """One menu item per language, named in itself; a choice is kept for this browser's
+    person and the page comes again in it."""
+    here = i18n.current()
+    for language in i18n.LANGUAGES.values():
+        item = ui.menu_item(language.name, on_click=lambda c=language: _switch(c))
+        item.props(f'lang="{language.quasar}" dir="{language.direction}"')
+        if language is here:
+            item.classes("text-primary font-medium")
+
+
+def _switch(language: i18n.Language) -> None:
+    i18n.choose(language)
+    ui.navigate.reload()
 
 
 @dataclass
@@ -139,22 +205,23 @@ def page_frame(title: str, *, drawer: bool = False) -> Iterator[Frame]:
     """Header, nav and account menu around a page; yields the page's :class:`Frame` (build
     inside ``frame.main``). Call :func:`require_user` or :func:`require_admin` first."""
     user = current_user()
-    ui.page_title(f"{title} · {BRAND}")
     apply_theme()
+    ui.page_title(f"{title} · {BRAND}")
     side = None
     with ui.header(elevated=False).classes("tt-header items-center px-3 py-2 gap-2"):
         if drawer:
+            conversations = _("Conversations")
             ui.button(icon="menu", on_click=lambda: side.toggle()).props(
-                'flat round dense aria-label="Conversations"'
+                f'flat round dense aria-label="{conversations}"'
             ).classes("text-grey-8")
         with ui.link(target="/").classes("no-underline text-inherit flex items-center gap-2"):
             ui.icon("hub", color="primary").classes("text-2xl")
             ui.label(BRAND).classes("tt-brand text-lg")
         ui.space()
         with ui.row().classes("items-center gap-1 no-wrap"):
-            _nav_link("Chat", "chat", "/chat")
+            _nav_link(_("Chat"), "chat", "/chat")
             if user is not None and user.role == "admin":
-                _nav_link("Admin", "admin_panel_settings", "/admin")
+                _nav_link(_("Admin"), "admin_panel_settings", "/admin")
         if user is not None:
             _account_menu(user)
     if drawer:
@@ -178,17 +245,19 @@ def _nav_link(text: str, icon: str, target: str) -> None:
 
 def _account_menu(user: Principal) -> None:
     name = user.user_name or "?"
-    with (
-        ui.button().props(f'flat no-caps dense aria-label="Account {name}"').classes("text-grey-9")
-    ):
+    account = _("Account {name}", name=name)
+    with ui.button().props(f'flat no-caps dense aria-label="{account}"').classes("text-grey-9"):
         with ui.avatar(color="primary", text_color="white", size="sm"):
             ui.label(name[:1].upper())
-        ui.label(name).classes("gt-xs ml-2")
+        ui.label(name).classes("gt-xs ms-2")
         with ui.menu().props("anchor='bottom right' self='top right'"):
             with ui.column().classes("px-4 py-2 gap-0"):
                 ui.label(name).classes("font-medium")
-                ui.label("Administrator" if user.role == "admin" else "User").classes(
+                ui.label(_("Administrator") if user.role == "admin" else _("User")).classes(
                     "tt-muted text-sm"
                 )
             ui.separator()
-            ui.menu_item("Log out", on_click=log_out).props('aria-label="Log out"')
+            _language_items()
+            ui.separator()
+            leave = _("Log out")
+            ui.menu_item(leave, on_click=log_out).props(f'aria-label="{leave}"')

@@ -4,7 +4,8 @@ Every node that runs a gateway serves the UI at ``/`` on the gateway's port, bes
 API and ``/ws`` (one ASGI app, one port): anyone on the LAN with an account opens it in a
 browser. ``tiktrue app`` shows the same pages in a native window (pywebview, the ``app`` extra)
 or the default browser. Everything the pages load comes from this node (NiceGUI bundles Vue,
-Quasar, Tailwind and the Roboto font): nothing is fetched from the internet.
+Quasar, Tailwind and the Roboto font; ``static/`` holds the Persian font): nothing is fetched
+from the internet.
 
 NiceGUI keeps one app per process, so :class:`WebUi` mounts once per process; the node service
 builds it with a :class:`~tiktrue.ui.context.UiContext` and hands it to ``create_app``.
@@ -22,6 +23,10 @@ from fastapi.routing import APIRoute
 
 from tiktrue.security.auth_manager import _write_private_file, private_dir
 from tiktrue.ui.context import UiContext, set_ui_context
+from tiktrue.ui.i18n import N_
+
+STATIC_PATH = "/_tiktrue"  # the UI's own files: STATIC_DIR (the Persian font)
+STATIC_DIR = Path(__file__).parent / "static"
 
 SECRET_FILE = "ui_secret"  # signs the browser's session cookie (which names its server storage)
 STORAGE_DIR = "ui"  # <data>/ui/: per-browser storage (the login's JWT), server side
@@ -59,7 +64,7 @@ class WebUi:
 
     def serves(self, path: str) -> bool:
         """Whether ``path`` is the UI's: NiceGUI's assets and socket, and every page."""
-        if path.startswith("/_nicegui") or path == "/favicon.ico":
+        if path.startswith(("/_nicegui", f"{STATIC_PATH}/")) or path == "/favicon.ico":
             return True
         from nicegui import core
 
@@ -74,6 +79,7 @@ class WebUi:
             raise UiError("the web UI is served by one app per process (NiceGUI is global)")
         if _mounted is app:
             return
+        from nicegui import app as nicegui_app
         from nicegui import ui
         from nicegui.storage import Storage
 
@@ -83,6 +89,8 @@ class WebUi:
         set_ui_context(self.context)
         # the logins' JWTs live there: owner-only, like every secret of the node
         Storage.path = private_dir(self.context.data_dir / STORAGE_DIR)
+        nicegui_app.add_static_files(STATIC_PATH, STATIC_DIR)
+        _translate_nicegui_popups()
         auth_pages.register()
         setup_pages.register()
         trust_page.register()
@@ -98,6 +106,25 @@ class WebUi:
             binding_refresh_interval=None,  # no bindings to poll: the pages push changes
         )
         _mounted = app
+
+
+def _translate_nicegui_popups() -> None:
+    """NiceGUI's own popups ("Connection lost. Trying to reconnect...") in our languages it
+    does not ship, from our catalogs: its texts are kept per Quasar language."""
+    from nicegui.translations import translations
+
+    from tiktrue.ui import i18n
+
+    texts = {
+        "connection_lost": N_("Connection lost."),
+        "trying_to_reconnect": N_("Trying to reconnect..."),
+        "message_too_long": N_("Message too long"),
+        "message_too_long_body": N_("The message is too large for WebSocket transmission."),
+    }
+    for language in i18n.LANGUAGES.values():
+        if language.quasar not in translations:
+            with i18n.using(language):
+                translations[language.quasar] = {k: i18n.translate(v) for k, v in texts.items()}
 
 
 def open_app(url: str, *, native: bool | None = None, title: str = "TikTrue") -> bool:

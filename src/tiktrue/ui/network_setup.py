@@ -4,12 +4,14 @@ store or downloaded from a model repository) or join one, reporting progress as 
 The same control functions the CLI and the demo use do the work (``create_network``,
 ``download_model_blocks``, ``join_network``, discovery); this module only sequences them and
 keeps a :class:`Progress` that a page polls (downloads run in a worker thread, so the page
-reads the figures instead of being called from that thread).
+reads the figures instead of being called from that thread). Its sentences are
+:class:`~tiktrue.ui.i18n.Message` texts: the page shows them in its person's language.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,15 @@ from tiktrue.model.store import BlockStore, list_stores
 from tiktrue.node.resources import free_ports
 from tiktrue.protocol.network_config import NetworkConfig, config_path, read_config
 from tiktrue.ui.context import UiContext
+from tiktrue.ui.i18n import N_, Bytes, Message
 
 SERVE_TIMEOUT_S = 600.0  # a new network's blocks load and its gateway starts within this
+_ADMIN_IS = re.compile(r"the admin at (\S+) is node (\S+):")  # join_network's first words
 
 
 class SetupError(Exception):
-    """A first-run step that cannot go on; the message says why and what to do."""
+    """A first-run step that cannot go on; the message (a ``Message``) says why and what to
+    do."""
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Progress:
     error: str | None = None
     config: NetworkConfig | None = None  # the network, once made or joined
 
-    def say(self, text: str) -> None:
+    def say(self, text: Message) -> None:
         self.step = text
         self.log.append(text)
 
@@ -58,8 +63,12 @@ def local_models(data_dir: Path) -> dict[str, str]:
         if isinstance(store, StoreError):
             continue
         m = store.manifest
-        models[m.model_id] = (
-            f"{m.model_id} ({m.architecture}, {m.num_layers} layers, {m.total_bytes / 1e6:.0f} MB)"
+        models[m.model_id] = N_(
+            "{model} ({architecture}, {layers} layers, {size})",
+            model=m.model_id,
+            architecture=m.architecture,
+            layers=m.num_layers,
+            size=Bytes(m.total_bytes),
         )
     return models
 
@@ -67,7 +76,9 @@ def local_models(data_dir: Path) -> dict[str, str]:
 def _download(data_dir: Path, model_id: str, url: str, progress: Progress) -> BlockStore:
     def report(p: DownloadProgress) -> None:
         progress.download = p.done_bytes / max(p.total_bytes, 1)
-        progress.download_text = f"{p.done_bytes / 1e6:.1f} / {p.total_bytes / 1e6:.1f} MB"
+        progress.download_text = N_(
+            "{done:.1f} / {total:.1f} MB", done=p.done_bytes / 1e6, total=p.total_bytes / 1e6
+        )
 
     return download_model_blocks(
         model_id, url, dest_root=Path(data_dir) / "models", progress_callback=report
@@ -88,23 +99,29 @@ async def create_new_network(
     admin, and wait until it serves (its gateway answers)."""
     name = name.strip()
     if not name:
-        raise SetupError("give the network a name")
+        raise SetupError(N_("Give the network a name."))
     if not model_id:
-        raise SetupError("choose a model")
+        raise SetupError(N_("Choose a model."))
     data_dir = context.data_dir
     try:
         if repository:
-            progress.say(f"Downloading {model_id} from {repository} ...")
+            progress.say(
+                N_(
+                    "Downloading {model} from {repository} ...",
+                    model=model_id,
+                    repository=repository,
+                )
+            )
             progress.download = 0.0
             store = await asyncio.to_thread(_download, data_dir, model_id, repository, progress)
             progress.download = 1.0
         else:
             store = BlockStore(data_dir / "models" / model_id)
     except StoreError as exc:
-        raise SetupError(str(exc)) from exc
+        raise SetupError(N_("The model cannot be used: {detail}", detail=str(exc))) from exc
     info = context.node_info()
     host, control_port = info["host"], info["control_port"]
-    progress.say("Creating the network: its certificate authority, keys and config ...")
+    progress.say(N_("Creating the network: its certificate authority, keys and config ..."))
     config = await asyncio.to_thread(
         create_network,
         data_dir,
@@ -115,10 +132,10 @@ async def create_new_network(
         control_port=control_port,
         backup_nodes=backups,
     )
-    progress.say("Loading the model's blocks on this PC ...")
+    progress.say(N_("Loading the model's blocks on this PC ..."))
     await context.reload()
     await wait_serving(context, config.network_id, progress)
-    progress.say("Done: the model is loaded and the network answers.")
+    progress.say(N_("Done: the model is loaded and the network answers."))
     progress.done = True
     return config
 
@@ -135,16 +152,20 @@ async def wait_serving(
         if info is not None:
             wanted, present = _blocks_present(context.data_dir, network_id)
             progress.blocks = present / wanted if wanted else None
-            progress.blocks_text = f"{present} of {wanted} blocks on this PC"
+            progress.blocks_text = N_(
+                "{present} of {wanted} blocks on this PC", present=present, wanted=wanted
+            )
             ready = info["serving"] or not info["blocks"]
             if ready and (network_id in context.gateways or not gateway):
                 if wanted:
                     progress.blocks = 1.0
                 return wanted
             if info.get("waiting"):
-                progress.step = f"Waiting: {info['waiting']}"
+                progress.step = N_("Waiting: {reason}", reason=info["waiting"])
         if time.monotonic() > deadline:
-            raise SetupError(f"network {network_id} did not start serving in time")
+            raise SetupError(
+                N_("Network {network} did not start serving in time.", network=network_id)
+            )
         await asyncio.sleep(0.5)
 
 
@@ -206,18 +227,36 @@ async def join_existing_network(
 
     admin = admin.strip()
     if not admin or ":" not in admin:
-        raise SetupError("give the admin's address as host:port (its control port, 7470)")
+        raise SetupError(
+            N_(
+                "Give the admin's address as host:port (its control port, {port}).",
+                port="7470",
+            )
+        )
     info = context.node_info()
     service = {"control": f"{info['host']}:{info['control_port']}"}
-    progress.say(f"Asking the admin at {admin} ...")
+    progress.say(N_("Asking the admin at {admin} ...", admin=admin))
 
     def log(text: str) -> None:
-        if text.startswith("waiting for approval"):
-            text = (
-                "Waiting for the admin to approve this PC (on the admin PC: Admin, "
-                f"join requests; or {text.split(': ', 1)[-1]})"
+        admin_is = _ADMIN_IS.match(text)
+        if admin_is:
+            progress.say(
+                N_(
+                    "The admin at {admin} is node {node}: check it on the admin PC.",
+                    admin=admin_is[1],
+                    node=admin_is[2],
+                )
             )
-        progress.say(text)
+        elif text.startswith("waiting for approval"):
+            progress.say(
+                N_(
+                    "Waiting for the admin to approve this PC (on the admin PC: Admin, "
+                    "join requests; or {command})",
+                    command=text.split(": ", 1)[-1],
+                )
+            )
+        else:  # the join's own words (control layer)
+            progress.say(N_("Joining: {step}", step=text))
 
     try:
         config = await join_network(
@@ -231,15 +270,20 @@ async def join_existing_network(
             log=log,
         )
     except (JoinError, ControlError, PeerUnavailable, SecurityError, OSError) as exc:
-        raise SetupError(f"could not join: {exc}") from exc
-    progress.say(f"Joined {config.name}; receiving this PC's blocks from the admin ...")
+        raise SetupError(N_("Could not join: {detail}", detail=str(exc))) from exc
+    progress.say(
+        N_("Joined {network}; receiving this PC's blocks from the admin ...", network=config.name)
+    )
     await context.reload()
     if await wait_serving(context, config.network_id, progress, gateway=False):
-        progress.say(f"Done: this PC serves its part of {config.name}.")
+        progress.say(N_("Done: this PC serves its part of {network}.", network=config.name))
     else:
         progress.say(
-            f"Done: this PC is in {config.name}. The plan keeps the model on the other PCs for "
-            "now; this PC gets its part when the network is planned again."
+            N_(
+                "Done: this PC is in {network}. The plan keeps the model on the other PCs for "
+                "now; this PC gets its part when the network is planned again.",
+                network=config.name,
+            )
         )
     progress.done = True
     return config

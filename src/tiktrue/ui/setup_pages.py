@@ -12,6 +12,7 @@ from nicegui import background_tasks, ui
 
 from tiktrue.control.network_manager import create_join_token, list_joined_networks
 from tiktrue.ui.context import ui_context
+from tiktrue.ui.i18n import _, isolate, ngettext, translate
 from tiktrue.ui.layout import copy_text, page_frame, require_admin
 from tiktrue.ui.network_setup import (
     Progress,
@@ -32,46 +33,54 @@ def register() -> None:
     def setup() -> None:
         if require_admin() is None:
             return
-        with page_frame("Set up this PC"):
+        with page_frame(_("Set up this PC")):
             ui.label(
-                "TikTrue splits one language model across the PCs of your LAN. Create a new "
-                "network on this PC (it becomes the network's admin), or join a network that "
-                "another PC administers."
+                _(
+                    "TikTrue splits one language model across the PCs of your LAN. Create a "
+                    "new network on this PC (it becomes the network's admin), or join a "
+                    "network that another PC administers."
+                )
             ).classes("tt-muted max-w-3xl")
             reach_card()
             with ui.row().classes("w-full gap-4 items-stretch"):
                 _choice(
-                    "Create new network",
+                    _("Create new network"),
                     "add_circle",
-                    "This PC holds the model and invites the other PCs. Choose a model from "
-                    "this PC or download one from a model repository.",
+                    _(
+                        "This PC holds the model and invites the other PCs. Choose a model "
+                        "from this PC or download one from a model repository."
+                    ),
                     "/setup/create",
                 )
                 _choice(
-                    "Join network",
+                    _("Join network"),
                     "group_add",
-                    "Give this PC's CPU, memory and disk to a network found on your LAN, "
-                    "with a join token or the admin's approval.",
+                    _(
+                        "Give this PC's CPU, memory and disk to a network found on your LAN, "
+                        "with a join token or the admin's approval."
+                    ),
                     "/setup/join",
                 )
             joined = list_joined_networks(ui_context().data_dir)
             if joined:
-                ui.label("Networks of this PC").classes("text-lg font-medium mt-4")
+                ui.label(_("Networks of this PC")).classes("text-lg font-medium mt-4")
                 for config in joined:
-                    ui.label(f"{config.name} · {config.model_id} · {len(config.nodes)} PCs")
+                    pcs = ngettext("{n} PC", "{n} PCs", len(config.nodes))
+                    parts = (config.name, config.model_id, pcs)
+                    ui.label(" · ".join(isolate(p) for p in parts))
 
     @ui.page("/setup/create")
     def create() -> None:
         if require_admin() is None:
             return
-        with page_frame("Create new network"):
+        with page_frame(_("Create new network")):
             _create_form()
 
     @ui.page("/setup/join")
     async def join() -> None:
         if require_admin() is None:
             return
-        with page_frame("Join network"):
+        with page_frame(_("Join network")):
             await _join_form()
 
 
@@ -95,25 +104,27 @@ def _progress_panel(progress: Progress, on_done) -> ui.timer:
             spinner = ui.spinner(size="md")
             step = ui.label().classes("font-medium")
         with ui.column().classes("w-full gap-1") as download_box:
-            ui.label("Model download").classes("text-sm tt-muted")
-            download = ui.linear_progress(show_value=False).props('aria-label="Model download"')
+            title = _("Model download")
+            ui.label(title).classes("text-sm tt-muted")
+            download = ui.linear_progress(show_value=False).props(f'aria-label="{title}"')
             download_text = ui.label().classes("text-sm tt-muted")
         with ui.column().classes("w-full gap-1") as blocks_box:
-            ui.label("Blocks on this PC").classes("text-sm tt-muted")
-            blocks = ui.linear_progress(show_value=False).props('aria-label="Blocks on this PC"')
+            title = _("Blocks on this PC")
+            ui.label(title).classes("text-sm tt-muted")
+            blocks = ui.linear_progress(show_value=False).props(f'aria-label="{title}"')
             blocks_text = ui.label().classes("text-sm tt-muted")
         error = ui.label().classes("text-negative")
     finished = []
 
     def refresh() -> None:
-        step.set_text(progress.step)
+        step.set_text(translate(progress.step))
         download_box.set_visibility(progress.download is not None)
         download.set_value(progress.download or 0.0)
-        download_text.set_text(progress.download_text)
+        download_text.set_text(translate(progress.download_text))
         blocks_box.set_visibility(progress.blocks is not None)
         blocks.set_value(progress.blocks or 0.0)
-        blocks_text.set_text(progress.blocks_text)
-        error.set_text(progress.error or "")
+        blocks_text.set_text(translate(progress.blocks_text))
+        error.set_text(translate(progress.error))
         if (progress.done or progress.error) and not finished:
             finished.append(True)
             spinner.set_visibility(False)
@@ -127,44 +138,51 @@ def _progress_panel(progress: Progress, on_done) -> ui.timer:
 
 def _create_form() -> None:
     context = ui_context()
-    models = local_models(context.data_dir)
+    models = {k: translate(v) for k, v in local_models(context.data_dir).items()}
     with ui.column().classes("tt-card w-full max-w-2xl p-6 gap-4") as form:
-        name = ui.input("Network name", value="Office").props("outlined").classes("w-full")
+        name = ui.input(_("Network name"), value=_("Office")).props("outlined").classes("w-full")
+        where = _("Where the model comes from")
         source = ui.toggle(
-            {"local": "A model on this PC", "repository": "A model repository"},
+            {"local": _("A model on this PC"), "repository": _("A model repository")},
             value="local" if models else "repository",
-        ).props('no-caps aria-label="Where the model comes from"')
+        ).props(f'no-caps aria-label="{where}"')
         with ui.column().classes("w-full gap-3") as local_box:
             model = (
-                ui.select(models, label="Model", value=next(iter(models), None))
+                ui.select(models, label=_("Model"), value=next(iter(models), None))
                 .props("outlined")
                 .classes("w-full")
             )
             if not models:
                 ui.label(
-                    "No model on this PC yet: import one (tiktrue models import) or use a model "
-                    "repository."
+                    _(
+                        "No model on this PC yet: import one ({command}) or use a model "
+                        "repository.",
+                        command="tiktrue models import",
+                    )
                 ).classes("tt-muted text-sm")
         with ui.column().classes("w-full gap-3") as repo_box:
-            url = ui.input("Repository address", placeholder="http://192.168.1.20:8765")
-            url.props("outlined").classes("w-full")
-            repo_model = ui.input("Model id in the repository", placeholder="smollm2-135m")
-            repo_model.props("outlined").classes("w-full")
+            url = ui.input(_("Repository address"), placeholder="http://192.168.1.20:8765")
+            url.props("outlined").classes("w-full tt-ltr")
+            repo_model = ui.input(_("Model id in the repository"), placeholder="smollm2-135m")
+            repo_model.props("outlined").classes("w-full tt-ltr")
         with ui.row().classes("w-full gap-4"):  # side by side; stacked on a phone
-            port = ui.number("Block server port", min=1, max=65535, format="%d")
-            port.props('outlined hint="Empty: any free port"').classes("flex-1 min-w-[14rem]")
+            port = ui.number(_("Block server port"), min=1, max=65535, format="%d")
+            hint = _("Empty: any free port")
+            port.props(f'outlined hint="{hint}"').classes("flex-1 min-w-[14rem]")
             backups = (
                 ui.select(
-                    {0: "No backup PC", 1: "1 backup PC", 2: "2 backup PCs"},
-                    label="Backups",
+                    {0: _("No backup PC"), 1: _("1 backup PC"), 2: _("2 backup PCs")},
+                    label=_("Backups"),
                     value=0,
                 )
                 .props("outlined")
                 .classes("flex-1 min-w-[14rem]")
             )
         ui.label(
-            "A backup PC holds a copy of other PCs' blocks and takes over at once when one of "
-            "them stops."
+            _(
+                "A backup PC holds a copy of other PCs' blocks and takes over at once when one "
+                "of them stops."
+            )
         ).classes("tt-muted text-sm")
         error = ui.label().classes("text-negative")
 
@@ -174,7 +192,8 @@ def _create_form() -> None:
 
         source.on_value_change(show_source)
         show_source()
-        button = ui.button("Create network").props('unelevated no-caps aria-label="Create network"')
+        label = _("Create network")
+        button = ui.button(label).props(f'unelevated no-caps aria-label="{label}"')
     result = ui.column().classes("w-full max-w-2xl gap-4")
 
     async def start() -> None:
@@ -189,7 +208,7 @@ def _create_form() -> None:
             "backups": int(backups.value or 0),
         }
         if from_repository and not options["repository"]:
-            error.set_text("Give the repository's address.")
+            error.set_text(_("Give the repository's address."))
             return
         button.disable()
 
@@ -207,7 +226,7 @@ def _create_form() -> None:
             try:
                 progress.config = await create_new_network(context, progress, **options)
             except SetupError as exc:
-                progress.error = str(exc)
+                progress.error = exc.args[0]
                 button.enable()
 
         background_tasks.create(job(), name="create network")
@@ -220,11 +239,14 @@ def _created(config) -> None:
     context = ui_context()
     info = context.node_info()
     with ui.column().classes("tt-card w-full p-5 gap-3"):
-        ui.label(f"Network “{config.name}” is ready").classes("text-lg font-semibold")
+        ui.label(_("Network “{name}” is ready", name=config.name)).classes("text-lg font-semibold")
         ui.label(
-            f"Model {config.model_id}, this PC is its admin. Add PCs: on each one, open "
-            "TikTrue and choose Join network (this network shows up there), or give it a "
-            "one-time join token."
+            _(
+                "Model {model}, this PC is its admin. Add PCs: on each one, open TikTrue and "
+                "choose Join network (this network shows up there), or give it a one-time join "
+                "token.",
+                model=config.model_id,
+            )
         ).classes("tt-muted")
         token_box = ui.column().classes("w-full gap-3")
 
@@ -232,16 +254,20 @@ def _created(config) -> None:
             token = create_join_token(context.data_dir, config.network_id)
             token_box.clear()
             with token_box:
-                _copyable("Admin address", f"{info['host']}:{info['control_port']}")
-                _copyable("One-time join token", token, "Valid 24 hours, for one PC")
+                _copyable(_("Admin address"), f"{info['host']}:{info['control_port']}")
+                _copyable(_("One-time join token"), token, _("Valid 24 hours, for one PC"))
 
         with ui.row().classes("gap-2"):
-            ui.button("Open the chat", on_click=lambda: ui.navigate.to("/chat")).props(
-                'unelevated no-caps aria-label="Open the chat"'
-            )
-            ui.button("Make a join token", on_click=make_token).props(
-                'outline no-caps aria-label="Make a join token"'
-            )
+            _open_chat_button()
+            label = _("Make a join token")
+            ui.button(label, on_click=make_token).props(f'outline no-caps aria-label="{label}"')
+
+
+def _open_chat_button() -> None:
+    label = _("Open the chat")
+    ui.button(label, on_click=lambda: ui.navigate.to("/chat")).props(
+        f'unelevated no-caps aria-label="{label}"'
+    )
 
 
 def _scroll_to(element: ui.element) -> None:
@@ -252,42 +278,53 @@ def _scroll_to(element: ui.element) -> None:
 def _copyable(label: str, value: str, hint: str = "") -> None:
     """A read-only field with a copy button: what a person types on another PC."""
     field = ui.input(label, value=value).props(f'filled readonly hint="{hint}"')
-    field.classes("w-full")
+    field.classes("w-full tt-ltr")
     with field.add_slot("append"):
+        name = _("Copy {what}", what=label)
         ui.button(icon="content_copy", on_click=lambda: copy_text(value, label)).props(
-            f'flat round dense aria-label="Copy {label.lower()}"'
-        ).tooltip("Copy")
+            f'flat round dense aria-label="{name}"'
+        ).tooltip(_("Copy"))
 
 
 async def _join_form() -> None:
     context = ui_context()
     info = context.node_info()
     ui.label(
-        "TikTrue looks for networks on your LAN. Join one with a token from its admin, or ask "
-        "the admin to approve this PC (this page waits for the answer)."
+        _(
+            "TikTrue looks for networks on your LAN. Join one with a token from its admin, or "
+            "ask the admin to approve this PC (this page waits for the answer)."
+        )
     ).classes("tt-muted max-w-3xl")
     with ui.column().classes("tt-card w-full p-5 gap-3"):
         with ui.row().classes("w-full items-center"):
-            ui.label("Networks found on your LAN").classes("text-lg font-medium")
+            ui.label(_("Networks found on your LAN")).classes("text-lg font-medium")
             ui.space()
-            search = ui.button("Search again", icon="refresh").props(
-                'flat no-caps aria-label="Search again"'
-            )
+            label = _("Search again")
+            search = ui.button(label, icon="refresh").props(f'flat no-caps aria-label="{label}"')
         found = ui.column().classes("w-full gap-2")
     with ui.column().classes("tt-card w-full p-5 gap-3") as form:
-        ui.label("Join").classes("text-lg font-medium")
-        address = ui.input("Admin address", placeholder="192.168.1.10:7470")
-        address.props('outlined hint="host:port, as the admin PC shows it"').classes("w-full")
-        network = ui.input("Network id", placeholder="net-1a2b3c4d")
-        network.props('outlined hint="To ask the admin for approval"').classes("w-full")
-        token = ui.input("Join token")
-        token.props('outlined hint="Optional; without one, the admin approves"')
-        token.classes("w-full")
+        ui.label(_("Join")).classes("text-lg font-medium")
+        address = ui.input(_("Admin address"), placeholder="192.168.1.10:7470")
+        hint = _("host:port, as the admin PC shows it")
+        address.props(f'outlined hint="{hint}"').classes("w-full tt-ltr")
+        network = ui.input(_("Network id"), placeholder="net-1a2b3c4d")
+        hint = _("To ask the admin for approval")
+        network.props(f'outlined hint="{hint}"').classes("w-full tt-ltr")
+        token = ui.input(_("Join token"))
+        hint = _("Optional; without one, the admin approves")
+        token.props(f'outlined hint="{hint}"')
+        token.classes("w-full tt-ltr")
         ui.label(
-            f"This PC: {info['host']} (control port {info['control_port']}), node {info['node_id']}"
+            _(
+                "This PC: {host} (control port {port}), node {node}",
+                host=info["host"],
+                port=str(info["control_port"]),
+                node=info["node_id"],
+            )
         ).classes("tt-muted text-sm")
         error = ui.label().classes("text-negative")
-        button = ui.button("Join network").props('unelevated no-caps aria-label="Join network"')
+        label = _("Join network")
+        button = ui.button(label).props(f'unelevated no-caps aria-label="{label}"')
     result = ui.column().classes("w-full gap-4")
     chosen: dict = {}
 
@@ -296,15 +333,17 @@ async def _join_form() -> None:
         found.clear()
         with found, ui.row().classes("items-center gap-2"):
             ui.spinner(size="sm")
-            ui.label("Searching ...").classes("tt-muted")
+            ui.label(_("Searching ...")).classes("tt-muted")
         networks = await find_networks(context)
         found.clear()
         search.enable()
         with found:
             if not networks:
                 ui.label(
-                    "No network found. If your LAN blocks multicast, type the admin's address "
-                    "below."
+                    _(
+                        "No network found. If your LAN blocks multicast, type the admin's "
+                        "address below."
+                    )
                 ).classes("tt-muted")
             for net in networks:
                 admin = admin_address(net)
@@ -313,10 +352,15 @@ async def _join_form() -> None:
                     with ui.column().classes("gap-0 flex-1"):
                         ui.label(f"{net.name}  ·  {net.model_id}").classes("font-medium")
                         who = next((m for m in net.nodes if m.node_id == net.admin), None)
-                        where = f"admin {who.name} at {admin[0]}" if who and admin else ""
-                        ui.label(where or "admin not found").classes("tt-muted text-sm")
-                    ui.button("Choose", on_click=lambda n=net, a=admin: pick(n, a)).props(
-                        f'outline no-caps aria-label="Choose {net.name}"'
+                        where = (
+                            _("admin {name} at {address}", name=who.name, address=admin[0])
+                            if who and admin
+                            else _("admin not found")
+                        )
+                        ui.label(where).classes("tt-muted text-sm")
+                    name = _("Choose {network}", network=net.name)
+                    ui.button(_("Choose"), on_click=lambda n=net, a=admin: pick(n, a)).props(
+                        f'outline no-caps aria-label="{name}"'
                     ).set_enabled(admin is not None)
 
     def pick(net, admin) -> None:
@@ -327,7 +371,7 @@ async def _join_form() -> None:
     async def start() -> None:
         error.set_text("")
         if not (token.value or network.value):
-            error.set_text("Give a join token, or the network id to ask for approval.")
+            error.set_text(_("Give a join token, or the network id to ask for approval."))
             return
         progress = Progress()
         button.disable()
@@ -335,10 +379,8 @@ async def _join_form() -> None:
         def done() -> None:
             form.set_visibility(False)
             with result, ui.column().classes("tt-card w-full p-5 gap-3"):
-                ui.label("This PC is in the network").classes("text-lg font-semibold")
-                ui.button("Open the chat", on_click=lambda: ui.navigate.to("/chat")).props(
-                    'unelevated no-caps aria-label="Open the chat"'
-                )
+                ui.label(_("This PC is in the network")).classes("text-lg font-semibold")
+                _open_chat_button()
 
         result.clear()  # a failed try's panel
         with result:
@@ -356,7 +398,7 @@ async def _join_form() -> None:
                     admin_node_id=chosen.get("admin_node_id"),
                 )
             except SetupError as exc:
-                progress.error = str(exc)
+                progress.error = exc.args[0]
                 button.enable()
 
         background_tasks.create(job(), name="join network")

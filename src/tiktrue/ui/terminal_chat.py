@@ -1,8 +1,14 @@
-"""``tiktrue chat``: a terminal chat with streaming, talking to a gateway's OpenAI API."""
+"""``tiktrue chat``: a terminal chat with streaming, talking to a gateway's OpenAI API.
+
+Its own words are in the terminal's language (:func:`terminal_language`): Persian only when
+asked for (``--lang fa``, ``TIKTRUE_LANG``, or a POSIX locale such as ``LANG=fa_IR.UTF-8``),
+because many terminals (the Windows console among them) do not lay out right-to-left text.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import sys
 from collections.abc import Iterator
@@ -11,8 +17,23 @@ from pathlib import Path
 import httpx
 
 from tiktrue.paths import run_file
+from tiktrue.ui import i18n
+from tiktrue.ui.i18n import _
 
-HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
+LANGUAGE_ENV = "TIKTRUE_LANG"
+
+
+def terminal_language(asked: str | None = None) -> i18n.Language:
+    """``asked`` (``--lang``), else ``TIKTRUE_LANG``, else the POSIX locale variables
+    (``LANGUAGE``, ``LC_ALL``, ``LC_MESSAGES``, ``LANG``); English when none names ours."""
+    for value in (asked, os.environ.get(LANGUAGE_ENV)):
+        if value:
+            return i18n.language(value) or i18n.SOURCE
+    for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(name)
+        if value:
+            return i18n.language(value.split(":")[0].split(".")[0]) or i18n.SOURCE
+    return i18n.SOURCE
 
 
 class ChatError(Exception):
@@ -56,7 +77,13 @@ def stream_chat(
         ) as reply:
             if reply.status_code != 200:
                 reply.read()
-                raise ChatError(f"the gateway answered {reply.status_code}: {reply.text}")
+                raise ChatError(
+                    _(
+                        "the gateway answered {status}: {text}",
+                        status=str(reply.status_code),
+                        text=reply.text,
+                    )
+                )
             for line in reply.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -67,7 +94,9 @@ def stream_chat(
                 if delta:
                     yield delta
     except httpx.HTTPError as exc:
-        raise ChatError(f"cannot reach the gateway at {api_url}: {exc}") from exc
+        raise ChatError(
+            _("cannot reach the gateway at {url}: {detail}", url=api_url, detail=str(exc))
+        ) from exc
 
 
 def run_chat(
@@ -77,8 +106,22 @@ def run_chat(
     api_key: str | None = None,
     *,
     verify: ssl.SSLContext | bool = True,
+    language: i18n.Language | None = None,
     **settings,
 ) -> None:
+    with i18n.using(language or terminal_language()):
+        _chat(api_url, model, system, api_key, verify=verify, **settings)
+
+
+def _chat(
+    api_url: str,
+    model: str | None,
+    system: str | None,
+    api_key: str | None,
+    *,
+    verify: ssl.SSLContext | bool,
+    **settings,
+):
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     try:
         listed = httpx.get(
@@ -87,13 +130,32 @@ def run_chat(
     except httpx.HTTPError as exc:
         raise ChatError(f"cannot reach the gateway at {api_url}: {exc}") from exc
     if listed.status_code != 200:
-        raise ChatError(f"the gateway answered {listed.status_code}: {listed.text}")
+        raise ChatError(
+            _(
+                "the gateway answered {status}: {text}",
+                status=str(listed.status_code),
+                text=listed.text,
+            )
+        )
     models = listed.json()["data"]
     names = ", ".join(m["id"] for m in models)
-    print(f"TikTrue chat with {model or names} via {api_url}  ({HELP})")
+    help_text = _(
+        "commands: {reset} (new conversation), {system} TEXT (set the system prompt), {exit}",
+        reset="/reset",
+        system="/system",
+        exit="/exit",
+    )
+    print(
+        _(
+            "TikTrue chat with {model} via {url}  ({help})",
+            model=model or names,
+            url=api_url,
+            help=help_text,
+        )
+    )
     while True:
         try:
-            line = input("\nyou> ").strip()
+            line = input("\n" + _("you> ")).strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -103,7 +165,7 @@ def run_chat(
             return
         if line == "/reset":
             messages = [m for m in messages if m["role"] == "system"]
-            print("(new conversation)")
+            print(_("(new conversation)"))
             continue
         if line.startswith("/system"):
             messages = [{"role": "system", "content": line[7:].strip()}] + [
@@ -111,7 +173,7 @@ def run_chat(
             ]
             continue
         messages.append({"role": "user", "content": line})
-        sys.stdout.write("model> ")
+        sys.stdout.write(_("model> "))
         answer = []
         try:
             for delta in stream_chat(api_url, messages, model, api_key, verify=verify, **settings):
@@ -119,10 +181,10 @@ def run_chat(
                 sys.stdout.write(delta)
                 sys.stdout.flush()
         except ChatError as exc:
-            print(f"\n(error: {exc})")
+            print("\n" + _("(error: {detail})", detail=str(exc)))
             messages.pop()
             continue
         except KeyboardInterrupt:
-            print("\n(stopped)")
+            print("\n" + _("(stopped)"))
         print()
         messages.append({"role": "assistant", "content": "".join(answer)})

@@ -16,6 +16,7 @@ from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.protocol.network_config import ConfigError
 from tiktrue.security.auth_manager import SecurityError
 from tiktrue.security.users import UserError
+from tiktrue.ui.i18n import N_
 
 
 class AdminError(Exception):
@@ -52,7 +53,7 @@ def as_admin_error(exc: BaseException) -> AdminError:
         return AdminError("bad_request", problems, 400)
     if isinstance(exc, (ControlError, PeerUnavailable)):
         code = getattr(exc, "code", "peer_unavailable")
-        return AdminError(code, f"a node did not do it: {exc}", 502)
+        return AdminError(code, N_("a node did not do it: {detail}", detail=str(exc)), 502)
     if isinstance(exc, REFUSALS):
         for kind, code, status in _CODES:
             if isinstance(exc, kind):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiktrue.ui.admin.errors import AdminError, as_admin_error
+from tiktrue.ui.i18n import N_
 
 log = logging.getLogger("tiktrue.admin")
 
@@ -32,7 +33,7 @@ class Job:
     kind: str  # apply | download | import | verify
     title: str
     state: str = RUNNING
-    step: str = "starting"  # what it does now, for people
+    step: str = N_("starting")  # what it does now, for people (a Message: translated where shown)
     done: float = 0.0
     total: float = 0.0
     parts: dict[str, dict] = field(default_factory=dict)
@@ -96,9 +97,9 @@ class JobBoard:
         try:
             job.result = await work(job)
             summary = job.result.get("summary") if isinstance(job.result, dict) else None
-            job.state, job.step = DONE, summary or "done"
+            job.state, job.step = DONE, summary or N_("done")
         except asyncio.CancelledError:
-            job.state, job.error = FAILED, {"code": "cancelled", "message": "stopped"}
+            job.state, job.error = FAILED, {"code": "cancelled", "message": N_("stopped")}
             raise
         except Exception as exc:
             error = as_admin_error(exc)
@@ -112,7 +113,7 @@ class JobBoard:
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise AdminError("not_found", f"no job {job_id}", 404)
+            raise AdminError("not_found", N_("no job {job}", job=job_id), 404)
         return job
 
     def list(self) -> list[Job]:

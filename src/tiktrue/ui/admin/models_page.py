@@ -15,23 +15,25 @@ from tiktrue.ui.admin.widgets import (
     data_table,
     fmt_bytes,
     follow_job,
+    js_name,
     row_button,
     section,
 )
+from tiktrue.ui.i18n import N_, _, number
 
 COLUMNS = [
-    {"name": "model_id", "label": "Model", "field": "model_id", "align": "left"},
+    {"name": "model_id", "label": N_("Model"), "field": "model_id", "align": "left"},
     {
         "name": "architecture",
-        "label": "Architecture",
+        "label": N_("Architecture"),
         "field": "architecture",
         "align": "left",
         **WIDE,
     },
-    {"name": "layers", "label": "Layers", "field": "layers", **WIDE},
-    {"name": "format", "label": "Weights", "field": "format", "align": "left"},
-    {"name": "size", "label": "Size", "field": "size"},
-    {"name": "networks", "label": "Used by", "field": "networks", "align": "left", **WIDE},
+    {"name": "layers", "label": N_("Layers"), "field": "layers", **WIDE},
+    {"name": "format", "label": N_("Weights"), "field": "format", "align": "left"},
+    {"name": "size", "label": N_("Size"), "field": "size"},
+    {"name": "networks", "label": N_("Used by"), "field": "networks", "align": "left", **WIDE},
     {"name": "actions", "label": "", "field": "model_id"},
 ]
 
@@ -44,14 +46,14 @@ def register(context) -> None:
         with admin_frame("models", network) as allowed:
             if not allowed:
                 return
-            section("Models on this PC")
-            table = data_table(COLUMNS, "model_id", "No model on this PC yet")
+            section(_("Models on this PC"))
+            table = data_table(COLUMNS, "model_id", _("No model on this PC yet"))
             row_button(
                 table,
                 "verify",
-                label="Verify",
+                label=_("Verify"),
                 icon="verified",
-                aria="'Verify ' + props.row.model_id",
+                aria=js_name(_("Verify"), "model_id"),
                 arg="props.row.model_id",
             )
             jobs = ui.column().classes("w-full gap-3")
@@ -65,6 +67,7 @@ def register(context) -> None:
                         {
                             **m,
                             "size": fmt_bytes(m["bytes"]),
+                            "layers": number(m["layers"]),
                             "networks": ", ".join(m["networks"]) or "-",
                         }
                     )
@@ -76,7 +79,7 @@ def register(context) -> None:
                 if job is not None:
                     with jobs:
                         holder = ui.column().classes("tt-card w-full p-3")
-                    follow_job(job, holder, lambda _: refresh())
+                    follow_job(job, holder, lambda _job: refresh())
 
             async def verify(event) -> None:
                 await launch(lambda: ops.verify_model(event.args))
@@ -85,16 +88,19 @@ def register(context) -> None:
 
             with ui.element("div").classes("tt-grid"):
                 with ui.column().classes("tt-card p-4 gap-2 w-full"):
-                    ui.label("Import a model file or folder").classes("font-semibold")
+                    ui.label(_("Import a model file or folder")).classes("font-semibold")
                     ui.label(
-                        "A Hugging Face folder (config.json + safetensors) or a .gguf file "
-                        "on this PC."
+                        _(
+                            "A Hugging Face folder ({files}) or a {gguf} file on this PC.",
+                            files="config.json + safetensors",
+                            gguf=".gguf",
+                        )
                     ).classes("tt-muted text-sm")
-                    path = ui.input("Path on this PC").props("outlined dense")
-                    model_id = ui.input("Model id").props("outlined dense")
+                    path = ui.input(_("Path on this PC")).props("outlined dense").classes("tt-ltr")
+                    model_id = ui.input(_("Model id")).props("outlined dense").classes("tt-ltr")
                     dtype = ui.select(
-                        {"": "as it comes", **{f: f for f in WEIGHT_FORMATS}},
-                        label="Weight format",
+                        {"": _("as it comes"), **{f: f for f in WEIGHT_FORMATS}},
+                        label=_("Weight format"),
                         value="",
                     ).props("outlined dense")
 
@@ -105,24 +111,30 @@ def register(context) -> None:
                             )
                         )
 
-                    ui.button("Import", icon="upload_file", on_click=do_import).props(
-                        'unelevated no-caps aria-label="Import"'
+                    label = _("Import")
+                    ui.button(label, icon="upload_file", on_click=do_import).props(
+                        f'unelevated no-caps aria-label="{label}"'
                     )
                 with ui.column().classes("tt-card p-4 gap-2 w-full"):
-                    ui.label("Download from a model repository").classes("font-semibold")
+                    ui.label(_("Download from a model repository")).classes("font-semibold")
                     ui.label(
-                        "A PC of the LAN serving models (tiktrue models serve), e.g. "
-                        "http://192.168.1.20:8765. Resumes after an interruption."
+                        _(
+                            "A PC of the LAN serving models ({command}), e.g. {example}. Resumes "
+                            "after an interruption.",
+                            command="tiktrue models serve",
+                            example="http://192.168.1.20:8765",
+                        )
                     ).classes("tt-muted text-sm")
-                    source = ui.input("Repository URL").props("outlined dense")
-                    wanted = ui.input("Model id").props("outlined dense")
+                    source = ui.input(_("Repository URL")).props("outlined dense").classes("tt-ltr")
+                    wanted = ui.input(_("Model id")).props("outlined dense").classes("tt-ltr")
 
                     def do_download():
                         return launch(
                             lambda: ops.download_model(wanted.value.strip(), source.value.strip())
                         )
 
-                    ui.button("Download", icon="download", on_click=do_download).props(
-                        'unelevated no-caps aria-label="Download"'
+                    label = _("Download")
+                    ui.button(label, icon="download", on_click=do_download).props(
+                        f'unelevated no-caps aria-label="{label}"'
                     )
             refresh()

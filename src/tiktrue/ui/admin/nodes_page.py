@@ -23,7 +23,10 @@ from tiktrue.ui.admin.widgets import (
     fmt_ms,
     network_frame,
     section,
+    state_text,
 )
+from tiktrue.ui.i18n import _, isolate, ngettext
+from tiktrue.ui.i18n import fmt_ago as ago_in_words
 from tiktrue.ui.trust_page import reach_card
 
 LIVE_EVERY_S = 2.0
@@ -52,26 +55,27 @@ class NodeCard:
                     self.role = ui.badge(outline=True)
                     self.state = ui.badge()
             with ui.element("div").classes("tt-kv w-full"):
-                ui.label("CPU")
+                ui.label(_("CPU"))
                 self.cpu = ui.label()
-                ui.label("RAM")
+                ui.label(_("RAM"))
                 with ui.column().classes("gap-0"):
                     self.ram = ui.label()
                     self.ram_bar = ui.linear_progress(0, show_value=False, size="6px")
-                ui.label("Disk")
+                ui.label(_("Disk"))
                 with ui.column().classes("gap-0"):
                     self.disk = ui.label()
                     self.disk_bar = ui.linear_progress(0, show_value=False, size="6px")
-                ui.label("GPU")
+                ui.label(_("GPU"))
                 self.gpu = ui.label()
-                ui.label("Caps")
+                ui.label(_("Caps"))
                 self.caps = ui.label()
-                ui.label("Blocks")
+                ui.label(_("Blocks"))
                 self.span = ui.label()
-                ui.label("Heartbeat")
+                ui.label(_("Heartbeat"))
                 self.beat = ui.label()
-        self.ram_bar.props('aria-label="RAM in use"')
-        self.disk_bar.props('aria-label="Disk in use"')
+        ram_used, disk_used = _("RAM in use"), _("Disk in use")
+        self.ram_bar.props(f'aria-label="{ram_used}"')
+        self.disk_bar.props(f'aria-label="{disk_used}"')
         self.resources: dict = {}
         self.seen: dict = {}
         self.update(node)
@@ -83,24 +87,29 @@ class NodeCard:
         self.name.set_text(node.get("name") or self.node_id)
         host = res.get("hostname")
         self.address.set_text(" · ".join(p for p in (host, node.get("address")) if p) or "?")
-        self.role.set_text(node.get("role") or "?")
+        self.role.set_text(state_text(node.get("role")))
         cores = res.get("cpu_cores_logical")
-        model = res.get("cpu_model") or "unknown CPU"
-        self.cpu_base = f"{model}, {cores} cores" if cores else model
+        model = res.get("cpu_model") or _("unknown CPU")
+        self.cpu_base = (
+            ngettext("{model}, {n} core", "{model}, {n} cores", cores, model=model)
+            if cores
+            else model
+        )
         gpus = res.get("gpus") or []
         self.gpu.set_text(
-            ", ".join(f"{g['name']} ({fmt_bytes(g['memory_total_bytes'])})" for g in gpus) or "none"
+            ", ".join(f"{g['name']} ({fmt_bytes(g['memory_total_bytes'])})" for g in gpus)
+            or _("none")
         )
         caps = node.get("caps") or {}
         parts = [
-            f"RAM {fmt_bytes(caps['ram_bytes'])}" if caps.get("ram_bytes") else "",
-            f"{caps['threads']} threads" if caps.get("threads") else "",
-            f"disk {fmt_bytes(caps['disk_bytes'])}" if caps.get("disk_bytes") else "",
+            _("RAM {size}", size=fmt_bytes(caps["ram_bytes"])) if caps.get("ram_bytes") else "",
+            ngettext("{n} thread", "{n} threads", caps["threads"]) if caps.get("threads") else "",
+            _("disk {size}", size=fmt_bytes(caps["disk_bytes"])) if caps.get("disk_bytes") else "",
         ]
-        self.caps.set_text(" · ".join(p for p in parts if p) or "none set (defaults)")
+        self.caps.set_text(" · ".join(p for p in parts if p) or _("none set (defaults)"))
         blocks = node.get("blocks") or []
         span = f"{blocks[0]}..{blocks[-1]}" if len(blocks) > 1 else "".join(blocks)
-        self.span.set_text(f"{span} ({len(blocks)})" if blocks else "none")
+        self.span.set_text(_("{span} ({n})", span=span, n=len(blocks)) if blocks else _("none"))
         state = node.get("state")
         self.live(
             {
@@ -125,31 +134,47 @@ class NodeCard:
         state = seen.get("state") or "unknown"
         if state == "online" and seen.get("serving") is False:
             state = "online, idle" if not seen.get("waiting") else "waiting"
-        self.state.set_text(state)
+        self.state.set_text(state_text(state))
         self.state.props(f"color={STATE_COLORS.get(state.split(',')[0], 'grey')}")
         load = seen.get("cpu_percent")
-        self.cpu.set_text(self.cpu_base + (f" · {load:.0f}% load" if load is not None else ""))
+        self.cpu.set_text(
+            self.cpu_base + (_(" · load {load:.0f}%", load=load) if load is not None else "")
+        )
         free, total = seen.get("ram_free_bytes"), seen.get("ram_total_bytes")
-        self.ram.set_text(f"{fmt_bytes(free)} free of {fmt_bytes(total)}")
+        self.ram.set_text(_("{free} free of {total}", free=fmt_bytes(free), total=fmt_bytes(total)))
         self.ram_bar.set_value(_used(free, total))
         free, total = seen.get("disk_free_bytes"), seen.get("disk_total_bytes")
-        self.disk.set_text(f"{fmt_bytes(free)} free of {fmt_bytes(total)}")
+        self.disk.set_text(
+            _("{free} free of {total}", free=fmt_bytes(free), total=fmt_bytes(total))
+        )
         self.disk_bar.set_value(_used(free, total))
-        self.beat.set_text(f"{fmt_ago(seen.get('last_beat_s'))} · RTT {fmt_ms(seen.get('rtt_ms'))}")
+        self.beat.set_text(
+            _(
+                "{ago} · RTT {rtt}",
+                ago=fmt_ago(seen.get("last_beat_s")),
+                rtt=fmt_ms(seen.get("rtt_ms")),
+            )
+        )
+
+
+def _version(network: dict) -> str:
+    return _("{model} · config v{version}", model=network["model_id"], version=network["version"])
 
 
 def invite_dialog(ops: AdminOperations, network_id: str) -> ui.dialog:
     """Make a one-time join token and show the command for the other PC."""
     with ui.dialog() as dialog, ui.card().classes("w-full max-w-lg gap-3"):
-        ui.label("Invite a PC").classes("text-lg font-semibold")
+        ui.label(_("Invite a PC")).classes("text-lg font-semibold")
         ui.label(
-            "A one-time token lets one more PC join at once. On that PC, run the command "
-            "below (or paste the token into its Join page)."
+            _(
+                "A one-time token lets one more PC join at once. On that PC, run the command "
+                "below (or paste the token into its Join page)."
+            )
         ).classes("tt-muted text-sm")
-        hours = ui.number("Valid for (hours)", value=24, min=1, max=8760, step=1)
+        hours = ui.number(_("Valid for (hours)"), value=24, min=1, max=8760, step=1)
         hours.props("outlined dense")
-        shown = ui.textarea("Command for the other PC").props("outlined readonly autogrow")
-        shown.classes("w-full font-mono text-xs").set_visibility(False)
+        shown = ui.textarea(_("Command for the other PC")).props("outlined readonly autogrow")
+        shown.classes("w-full font-mono text-xs tt-ltr").set_visibility(False)
 
         async def make() -> None:
             made = await attempt(ops.create_token(network_id, float(hours.value or 24)))
@@ -158,10 +183,9 @@ def invite_dialog(ops: AdminOperations, network_id: str) -> ui.dialog:
                 shown.set_visibility(True)
 
         with ui.row().classes("w-full justify-end gap-2"):
-            ui.button("Close", on_click=dialog.close).props('flat no-caps aria-label="Close"')
-            ui.button("Make token", on_click=make).props(
-                'unelevated no-caps aria-label="Make token"'
-            )
+            close, make_it = _("Close"), _("Make token")
+            ui.button(close, on_click=dialog.close).props(f'flat no-caps aria-label="{close}"')
+            ui.button(make_it, on_click=make).props(f'unelevated no-caps aria-label="{make_it}"')
     return dialog
 
 
@@ -176,34 +200,35 @@ def register(context) -> None:
             network_id = chosen["network_id"]
             with ui.row().classes("w-full items-center gap-2"):
                 ui.label(f"{chosen['name']}").classes("text-lg font-medium")
-                version = ui.label(f"{chosen['model_id']} · config v{chosen['version']}")
+                version = ui.label(_version(chosen))
                 version.classes("tt-muted")
                 health = ui.badge()
                 ui.space()
                 invite = invite_dialog(ops, network_id)
-                ui.button("Invite a PC", icon="person_add", on_click=invite.open).props(
-                    'outline no-caps aria-label="Invite a PC"'
+                label = _("Invite a PC")
+                ui.button(label, icon="person_add", on_click=invite.open).props(
+                    f'outline no-caps aria-label="{label}"'
                 )
             reach_card()
             with ui.column().classes("w-full gap-2") as requests_title:
-                section("Asking to join")
+                section(_("Asking to join"))
                 requests = ui.column().classes("w-full gap-2")
-            section("Nodes")
+            section(_("Nodes"))
             grid = ui.element("div").classes("tt-grid")
             with grid:
-                ui.label("Asking every node how it is…").classes("tt-muted")
+                ui.label(_("Asking every node how it is…")).classes("tt-muted")
             with ui.column().classes("w-full gap-2") as seen_title:
-                section("Seen on the LAN")
+                section(_("Seen on the LAN"))
                 seen = ui.column().classes("w-full gap-2")
             requests_title.set_visibility(False)
             seen_title.set_visibility(False)
-            section("Block map")
+            section(_("Block map"))
             map_box = ui.column().classes("tt-card w-full p-4 gap-3")
             cards: dict[str, NodeCard] = {}
 
             async def decide(request_id: str, approve: bool) -> None:
-                verb = "approved" if approve else "refused"
-                if await attempt(ops.decide(network_id, request_id, approve), f"request {verb}"):
+                said = _("Request approved") if approve else _("Request refused")
+                if await attempt(ops.decide(network_id, request_id, approve), said):
                     await load()
 
             def show_requests(pending: list[dict]) -> None:
@@ -221,15 +246,21 @@ def register(context) -> None:
                             ui.label(who).classes("font-medium truncate")
                             asked = time.time() - (item["asked_at"] or time.time())
                             ui.label(
-                                f"{item['host']} · node {item['node_id']} · asked "
-                                f"{asked / 60:.0f} min ago"
+                                _(
+                                    "{host} · node {node} · asked {ago}",
+                                    host=item["host"],
+                                    node=item["node_id"],
+                                    ago=ago_in_words(asked),
+                                )
                             ).classes("tt-muted text-xs")
+                        named = _("Approve {name}", name=who)
                         ui.button(
-                            "Approve", on_click=lambda i=item: decide(i["request_id"], True)
-                        ).props(f'unelevated no-caps aria-label="Approve {who}"')
+                            _("Approve"), on_click=lambda i=item: decide(i["request_id"], True)
+                        ).props(f'unelevated no-caps aria-label="{named}"')
+                        named = _("Refuse {name}", name=who)
                         ui.button(
-                            "Refuse", on_click=lambda i=item: decide(i["request_id"], False)
-                        ).props(f'flat no-caps color=negative aria-label="Refuse {who}"')
+                            _("Refuse"), on_click=lambda i=item: decide(i["request_id"], False)
+                        ).props(f'flat no-caps color=negative aria-label="{named}"')
 
             def show_seen(found: list[dict]) -> None:
                 seen.clear()
@@ -238,19 +269,21 @@ def register(context) -> None:
                     with seen, ui.row().classes("tt-card w-full p-3 items-center gap-2"):
                         with ui.column().classes("gap-0 grow min-w-0"):
                             ui.label(node["name"] or node["node_id"]).classes("font-medium")
-                            member = ", ".join(node["networks"].values()) or "in no network"
-                            ui.label(f"{node['host']}:{node['control_port']} · {member}").classes(
+                            member = ", ".join(node["networks"].values()) or _("in no network")
+                            where = f"{node['host']}:{node['control_port']}"
+                            ui.label(f"{isolate(where)} · {isolate(member)}").classes(
                                 "tt-muted text-xs"
                             )
-                        ui.button("Invite", on_click=invite.open).props(
-                            'flat no-caps aria-label="Invite this PC"'
+                        named = _("Invite this PC")
+                        ui.button(_("Invite"), on_click=invite.open).props(
+                            f'flat no-caps aria-label="{named}"'
                         )
 
             async def load() -> None:
                 status = await attempt(ops.status(network_id))
                 if status is None:
                     return
-                version.set_text(f"{status['model_id']} · config v{status['version']}")
+                version.set_text(_version(status))
                 ids = [n["node_id"] for n in status["nodes"]]
                 if list(cards) != ids:
                     grid.clear()
@@ -272,7 +305,11 @@ def register(context) -> None:
                     return
                 healthy = live["healthy"]
                 health.set_text(
-                    "healthy" if healthy else "healing" if healthy is False else "no gateway"
+                    _("healthy")
+                    if healthy
+                    else _("healing")
+                    if healthy is False
+                    else _("no gateway")
                 )
                 health.props(
                     f"color={'positive' if healthy else 'negative' if healthy is False else 'grey'}"

@@ -15,7 +15,9 @@ What the dashboard adds is what a person needs to decide before acting:
 - **jobs** with progress for everything long (apply, download, import, verify).
 
 Results are plain JSON-able dicts: the API returns them as they are, the pages render them.
-Refusals are ``AdminError`` (a code and a message for people).
+Refusals are ``AdminError`` (a code and a message for people). The texts made here (job
+titles and steps, verdicts, summaries, refusals) are ``Message`` strings: English in the JSON,
+in the viewer's language on the dashboard.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tiktrue.control import network_manager as nm
 from tiktrue.control.discovery import NetworkBrowser
 from tiktrue.control.distributor import PushProgress
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
-from tiktrue.control.planner import Plan, PlanError, human_bytes
+from tiktrue.control.planner import Plan, PlanError
 from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
 from tiktrue.limits import ContextTokens
 from tiktrue.model.errors import StoreError
@@ -48,6 +50,7 @@ from tiktrue.security.node_tls import node_identity
 from tiktrue.security.users import UserStore
 from tiktrue.ui.admin.errors import AdminError, as_admin_error
 from tiktrue.ui.admin.jobs import Job, JobBoard
+from tiktrue.ui.i18n import N_, Bytes, Nn_
 
 log = logging.getLogger("tiktrue.admin")
 MEASURE_TTL_S = 120.0  # a plan preview reuses one measurement of the nodes this long
@@ -148,7 +151,11 @@ class AdminOperations:
     def _config(self, network_id: str):
         """The config of a network this node administers (else a refusal)."""
         if not any(n["network_id"] == network_id for n in self.networks()):
-            raise AdminError("not_found", f"this node administers no network {network_id}", 404)
+            raise AdminError(
+                "not_found",
+                N_("this node administers no network {network}", network=network_id),
+                404,
+            )
         return read_config(config_path(self.data_dir, network_id))
 
     async def status(self, network_id: str) -> dict:
@@ -231,7 +238,7 @@ class AdminOperations:
         """A one-time join token (``tiktrue network token``) and the command for the other PC."""
         self._config(network_id)
         if not 0 < hours <= 24 * 365:
-            raise AdminError("bad_request", "a token is valid for 0 to 8760 hours")
+            raise AdminError("bad_request", N_("a token is valid for 0 to 8760 hours"))
         token = await self._call(
             asyncio.to_thread(nm.create_join_token, self.data_dir, network_id, hours * 3600)
         )
@@ -313,9 +320,11 @@ class AdminOperations:
         """Set the caps that changed, measure, plan, push every node its blocks and switch the
         chain (``tiktrue network caps`` + ``tiktrue network apply``), as a job."""
         self._config(network_id)
-        title = f"apply a new plan to {network_id}"
+        title = N_("apply a new plan to {network}", network=network_id)
         if self.jobs.running("apply", title):
-            raise AdminError("busy", f"a plan is being applied to {network_id} already", 409)
+            raise AdminError(
+                "busy", N_("a plan is being applied to {network} already", network=network_id), 409
+            )
         return self.jobs.start("apply", title, lambda job: self._apply(job, network_id, request))
 
     async def _apply(self, job: Job, network_id: str, request: PlanRequest) -> dict:
@@ -324,17 +333,17 @@ class AdminOperations:
         for node_id, caps in _caps_dicts(request.caps).items():
             wanted = {**current.get(node_id, {}), **caps}
             if wanted != current.get(node_id):
-                job.step = f"setting the caps of node {node_id}"
+                job.step = N_("setting the caps of node {node}", node=node_id)
                 await na.set_caps(self.data_dir, network_id, node_id, wanted)
         self._measured.pop(network_id, None)
-        job.step = "measuring the nodes"
-        plan, _ = await na.make_plan(
+        job.step = N_("measuring the nodes")
+        plan, _status = await na.make_plan(
             self.data_dir,
             network_id,
             overrides=request.overrides,
             context_tokens=request.context_tokens,
         )
-        job.step = "sending each node its blocks"
+        job.step = N_("sending each node its blocks")
 
         def progress(p: PushProgress) -> None:
             job.part(p.node_id, p.sent_bytes, p.total_bytes, p.block)
@@ -346,7 +355,7 @@ class AdminOperations:
         return {
             "version": config.version,
             "verdict": _verdict(plan),
-            "summary": f"the network runs config v{config.version}",
+            "summary": N_("the network runs config v{version}", version=config.version),
         }
 
     # --- events and alerts -------------------------------------------------------------------
@@ -365,12 +374,19 @@ class AdminOperations:
             if network_id not in (None, nid):
                 continue
             if network["healthy"] is False:
-                out.append(_alert("error", nid, None, "a node was lost: the network is healing"))
+                out.append(
+                    _alert("error", nid, None, N_("a node was lost: the network is healing"))
+                )
             live = await self.live(nid)
             for node_id, seen in live["nodes"].items():
                 if seen["state"] not in ("online", None):
                     out.append(
-                        _alert("warning", nid, node_id, f"node {node_id} is {seen['state']}")
+                        _alert(
+                            "warning",
+                            nid,
+                            node_id,
+                            N_("node {node} is {state}", node=node_id, state=seen["state"]),
+                        )
                     )
         recent = [e for e in self.events(network_id, 200) if e.get("level") in ALERT_LEVELS]
         return out + recent[:20]
@@ -406,26 +422,30 @@ class AdminOperations:
         """Import a Hugging Face folder or a GGUF file on this PC (``tiktrue models import``)."""
         source = Path(path).expanduser()
         if not source.exists():
-            raise AdminError("not_found", f"{source} does not exist on this PC", 404)
+            raise AdminError(
+                "not_found", N_("{path} does not exist on this PC", path=str(source)), 404
+            )
         if (self.models_root / model_id).exists():
-            raise AdminError("conflict", f"a model {model_id!r} exists already", 409)
+            raise AdminError("conflict", N_("a model {model} exists already", model=model_id), 409)
 
         async def work(job: Job) -> dict:
             partial = self.models_root / f".{model_id}.partial" / "blocks"
             size = _tree_bytes(source)
-            job.step = "splitting the model into blocks"
+            job.step = N_("splitting the model into blocks")
             task = asyncio.ensure_future(
                 asyncio.to_thread(import_model, source, model_id, self.models_root, dtype=dtype)
             )
             while not task.done():  # progress: the bytes of blocks written so far
                 written = _tree_bytes(partial)
                 job.progress(written, max(size, written) if dtype is None else 0)
-                job.step = f"splitting the model into blocks: {written / 1e6:.0f} MB written"
+                job.step = N_(
+                    "splitting the model into blocks: {size} written", size=Bytes(written)
+                )
                 await asyncio.wait({task}, timeout=0.5)
             store = task.result()
             return _model_done(store)
 
-        return self.jobs.start("import", f"import {model_id}", work)
+        return self.jobs.start("import", N_("import {model}", model=model_id), work)
 
     def download_model(self, model_id: str, source: str) -> Job:
         """Download a model from a model repository, resumable and verified (``tiktrue
@@ -433,7 +453,7 @@ class AdminOperations:
 
         async def work(job: Job) -> dict:
             def progress(p: DownloadProgress) -> None:
-                job.progress(p.done_bytes, p.total_bytes, f"downloading {p.file}")
+                job.progress(p.done_bytes, p.total_bytes, N_("downloading {file}", file=p.file))
 
             store = await asyncio.to_thread(
                 download_model_blocks,
@@ -444,9 +464,9 @@ class AdminOperations:
             )
             return _model_done(store)
 
-        title = f"download {model_id}"
+        title = N_("download {model}", model=model_id)
         if self.jobs.running("download", title):
-            raise AdminError("busy", f"{model_id} is being downloaded already", 409)
+            raise AdminError("busy", N_("{model} is being downloaded already", model=model_id), 409)
         return self.jobs.start("download", title, work)
 
     def verify_model(self, model_id: str) -> Job:
@@ -461,22 +481,28 @@ class AdminOperations:
             order = store.manifest.model_chain_order
             bad: list[str] = []
             for i, name in enumerate(order):
-                job.progress(i, len(order), f"verifying {name}")
+                job.progress(i, len(order), N_("verifying {block}", block=name))
                 bad += await asyncio.to_thread(store.verify, [name])
             job.progress(len(order), len(order))
             if bad:
                 raise AdminError(
                     "corrupt_block",
-                    f"{len(bad)} corrupted block(s) in {model_id}: {', '.join(bad)}",
+                    Nn_(
+                        "{n} corrupted block in {model}: {blocks}",
+                        "{n} corrupted blocks in {model}: {blocks}",
+                        len(bad),
+                        model=model_id,
+                        blocks=", ".join(bad),
+                    ),
                     409,
                 )
             return {
                 "model_id": model_id,
                 "verified": len(order),
-                "summary": f"all {len(order)} blocks match the manifest",
+                "summary": N_("all {n} blocks match the manifest", n=len(order)),
             }
 
-        return self.jobs.start("verify", f"verify {model_id}", work)
+        return self.jobs.start("verify", N_("verify {model}", model=model_id), work)
 
     # --- people ------------------------------------------------------------------------------
 
@@ -610,10 +636,12 @@ def plan_view(plan: Plan, chain: list[str], names: Mapping[str, str]) -> dict:
 
 
 def _verdict(plan: Plan) -> str:
-    count = len(plan.assignments)
-    return (
-        f"fits: {plan.model_id} on {count} node{'s' * (count != 1)}, "
-        f"~{plan.est_ms_per_token:.1f} ms per token"
+    return Nn_(
+        "fits: {model} on {n} node, ~{ms:.1f} ms per token",
+        "fits: {model} on {n} nodes, ~{ms:.1f} ms per token",
+        len(plan.assignments),
+        model=plan.model_id,
+        ms=plan.est_ms_per_token,
     )
 
 
@@ -653,7 +681,12 @@ def _model_done(store: BlockStore) -> dict:
         "model_id": m.model_id,
         "bytes": m.total_bytes,
         "blocks": len(m.blocks),
-        "summary": f"{m.model_id}: {len(m.blocks)} blocks, {human_bytes(m.total_bytes)}, verified",
+        "summary": N_(
+            "{model}: {n} blocks, {size}, verified",
+            model=m.model_id,
+            n=len(m.blocks),
+            size=Bytes(m.total_bytes),
+        ),
     }
 
 

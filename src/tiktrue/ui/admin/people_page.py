@@ -3,33 +3,42 @@ this once; revoke), and whether callers without a key may use the gateway from t
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from nicegui import ui
 
+from tiktrue.security.users import MIN_PASSWORD_CHARS
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import WIDE, admin_frame, attempt, data_table, row_button, section
+from tiktrue.ui.admin.widgets import (
+    WIDE,
+    admin_frame,
+    attempt,
+    data_table,
+    js_name,
+    row_button,
+    section,
+    state_text,
+)
+from tiktrue.ui.i18n import N_, _, fmt_date, number
 
 USER_COLUMNS = [
-    {"name": "name", "label": "Account", "field": "name", "align": "left"},
-    {"name": "role", "label": "Role", "field": "role", "align": "left"},
-    {"name": "rpm", "label": "Requests/min", "field": "rpm_text", **WIDE},
-    {"name": "rpd", "label": "Requests/day", "field": "rpd_text", **WIDE},
+    {"name": "name", "label": N_("Account"), "field": "name", "align": "left"},
+    {"name": "role", "label": N_("Role"), "field": "role_text", "align": "left"},
+    {"name": "rpm", "label": N_("Requests/min"), "field": "rpm_text", **WIDE},
+    {"name": "rpd", "label": N_("Requests/day"), "field": "rpd_text", **WIDE},
     {"name": "actions", "label": "", "field": "name"},
 ]
 KEY_COLUMNS = [
-    {"name": "prefix", "label": "Key", "field": "prefix_text", "align": "left"},
-    {"name": "user", "label": "Account", "field": "user_name", "align": "left"},
-    {"name": "name", "label": "For", "field": "name_text", "align": "left", **WIDE},
-    {"name": "state", "label": "State", "field": "state", "align": "left"},
-    {"name": "expires", "label": "Expires", "field": "expires_text", "align": "left", **WIDE},
-    {"name": "limits", "label": "Limits", "field": "limits_text", "align": "left", **WIDE},
+    {"name": "prefix", "label": N_("Key"), "field": "prefix_text", "align": "left"},
+    {"name": "user", "label": N_("Account"), "field": "user_name", "align": "left"},
+    {"name": "name", "label": N_("For"), "field": "name_text", "align": "left", **WIDE},
+    {"name": "state", "label": N_("State"), "field": "state_text", "align": "left"},
+    {"name": "expires", "label": N_("Expires"), "field": "expires_text", "align": "left", **WIDE},
+    {"name": "limits", "label": N_("Limits"), "field": "limits_text", "align": "left", **WIDE},
     {"name": "actions", "label": "", "field": "id"},
 ]
 
 
 def _limit(value: int | None) -> str:
-    return "no limit" if value is None else str(value)
+    return _("no limit") if value is None else number(value)
 
 
 def _number(field) -> int | None:
@@ -44,26 +53,26 @@ def register(context) -> None:
         with admin_frame("people", network) as allowed:
             if not allowed:
                 return
-            section("Accounts")
-            users = data_table(USER_COLUMNS, "name", "No account yet")
+            section(_("Accounts"))
+            users = data_table(USER_COLUMNS, "name", _("No account yet"))
             row_button(
                 users,
                 "remove",
-                label="Remove",
+                label=_("Remove"),
                 icon="delete",
-                aria="'Remove ' + props.row.name",
+                aria=js_name(_("Remove"), "name"),
                 arg="props.row.name",
                 show="props.row.role !== 'admin'",
                 negative=True,
             )
-            section("API keys")
-            keys = data_table(KEY_COLUMNS, "id", "No API keys yet")
+            section(_("API keys"))
+            keys = data_table(KEY_COLUMNS, "id", _("No API keys yet"))
             row_button(
                 keys,
                 "revoke",
-                label="Revoke",
+                label=_("Revoke"),
                 icon="block",
-                aria="'Revoke key ' + props.row.prefix",
+                aria=js_name(_("Revoke key"), "prefix"),
                 show="props.row.state === 'active'",
                 negative=True,
             )
@@ -77,7 +86,12 @@ def register(context) -> None:
                     return
                 users.update_rows(
                     [
-                        {**u, "rpm_text": _limit(u["rpm"]), "rpd_text": _limit(u["rpd"])}
+                        {
+                            **u,
+                            "role_text": state_text(u["role"]),
+                            "rpm_text": _limit(u["rpm"]),
+                            "rpd_text": _limit(u["rpd"]),
+                        }
                         for u in people
                     ]
                 )
@@ -89,10 +103,11 @@ def register(context) -> None:
                             **k,
                             "prefix_text": f"{k['prefix']}…",
                             "name_text": k["name"] or "-",
-                            "expires_text": "never"
-                            if expires is None
-                            else datetime.fromtimestamp(expires).strftime("%Y-%m-%d"),
-                            "limits_text": f"{_limit(k['rpm'])}/min, {_limit(k['rpd'])}/day",
+                            "state_text": state_text(k["state"]),
+                            "expires_text": _("never") if expires is None else fmt_date(expires),
+                            "limits_text": _(
+                                "{rpm}/min, {rpd}/day", rpm=_limit(k["rpm"]), rpd=_limit(k["rpd"])
+                            ),
                         }
                     )
                 keys.update_rows(rows)
@@ -100,11 +115,11 @@ def register(context) -> None:
                     user_choice["select"].set_options([u["name"] for u in people])
 
             async def remove(event) -> None:
-                if await attempt(ops.remove_user(event.args), f"removed {event.args}"):
+                if await attempt(ops.remove_user(event.args), _("Removed {name}", name=event.args)):
                     await refresh()
 
             async def revoke(event) -> None:
-                if await attempt(ops.revoke_key(int(event.args)), "key revoked"):
+                if await attempt(ops.revoke_key(int(event.args)), _("Key revoked")):
                     await refresh()
 
             users.on("remove", remove)
@@ -112,15 +127,21 @@ def register(context) -> None:
 
             with ui.element("div").classes("tt-grid"):
                 with ui.column().classes("tt-card p-4 gap-2 w-full"):
-                    ui.label("Add an account").classes("font-semibold")
-                    name = ui.input("Account name").props("outlined dense")
-                    password = ui.input("Password (8 characters or more)", password=True)
+                    ui.label(_("Add an account")).classes("font-semibold")
+                    name = ui.input(_("Account name")).props("outlined dense")
+                    password = ui.input(
+                        _("Password ({n} characters or more)", n=MIN_PASSWORD_CHARS), password=True
+                    )
                     password.props("outlined dense")
-                    role = ui.select({"user": "user", "admin": "admin"}, label="Role", value="user")
+                    role = ui.select(
+                        {"user": state_text("user"), "admin": state_text("admin")},
+                        label=_("Role"),
+                        value="user",
+                    )
                     role.props("outlined dense")
                     with ui.row().classes("w-full gap-2 no-wrap"):
-                        rpm = ui.number("Requests/min", min=1, step=1).props("outlined dense")
-                        rpd = ui.number("Requests/day", min=1, step=1).props("outlined dense")
+                        rpm = ui.number(_("Requests/min"), min=1, step=1).props("outlined dense")
+                        rpd = ui.number(_("Requests/day"), min=1, step=1).props("outlined dense")
 
                     async def add() -> None:
                         made = await attempt(
@@ -131,30 +152,33 @@ def register(context) -> None:
                                 rpm=_number(rpm),
                                 rpd=_number(rpd),
                             ),
-                            f"added {name.value}",
+                            _("Added {name}", name=name.value or ""),
                         )
                         if made:
                             name.set_value("")
                             password.set_value("")
                             await refresh()
 
-                    ui.button("Add account", icon="person_add", on_click=add).props(
-                        'unelevated no-caps aria-label="Add account"'
+                    label = _("Add account")
+                    ui.button(label, icon="person_add", on_click=add).props(
+                        f'unelevated no-caps aria-label="{label}"'
                     )
                 with ui.column().classes("tt-card p-4 gap-2 w-full"):
-                    ui.label("Create an API key").classes("font-semibold")
-                    owner = ui.select([], label="Account").props("outlined dense")
+                    ui.label(_("Create an API key")).classes("font-semibold")
+                    owner = ui.select([], label=_("Account")).props("outlined dense")
                     user_choice["select"] = owner
-                    purpose = ui.input("What it is for (optional)").props("outlined dense")
-                    days = ui.number("Expires after (days, optional)", min=1, step=1)
+                    purpose = ui.input(_("What it is for (optional)")).props("outlined dense")
+                    days = ui.number(_("Expires after (days, optional)"), min=1, step=1)
                     days.props("outlined dense")
                     with ui.row().classes("w-full gap-2 no-wrap"):
-                        key_rpm = ui.number("Requests/min", min=1, step=1).props("outlined dense")
-                        key_rpd = ui.number("Requests/day", min=1, step=1).props("outlined dense")
+                        key_rpm = ui.number(_("Requests/min"), min=1, step=1)
+                        key_rpm.props("outlined dense")
+                        key_rpd = ui.number(_("Requests/day"), min=1, step=1)
+                        key_rpd.props("outlined dense")
 
                     async def create() -> None:
                         if not owner.value:
-                            ui.notify("choose the account the key is for", type="warning")
+                            ui.notify(_("Choose the account the key is for."), type="warning")
                             return
                         made = await attempt(
                             ops.create_key(
@@ -168,28 +192,31 @@ def register(context) -> None:
                         if made:
                             created.clear()
                             with created, ui.column().classes("tt-card w-full p-4 gap-2"):
-                                ui.label("The new key, shown this once: copy it now.").classes(
+                                ui.label(_("The new key, shown this once: copy it now.")).classes(
                                     "font-semibold text-positive"
                                 )
-                                shown = ui.textarea("New API key", value=made["key"])
+                                shown = ui.textarea(_("New API key"), value=made["key"])
                                 shown.props("outlined readonly autogrow")
-                                shown.classes("w-full font-mono")
+                                shown.classes("w-full font-mono tt-ltr")
+                                named = _("Copy the key")
                                 ui.button(
-                                    "Copy",
+                                    _("Copy"),
                                     icon="content_copy",
                                     on_click=lambda k=made["key"]: ui.clipboard.write(k),
-                                ).props('flat no-caps aria-label="Copy the key"')
+                                ).props(f'flat no-caps aria-label="{named}"')
                             await refresh()
 
-                    ui.button("Create key", icon="key", on_click=create).props(
-                        'unelevated no-caps aria-label="Create key"'
+                    label = _("Create key")
+                    ui.button(label, icon="key", on_click=create).props(
+                        f'unelevated no-caps aria-label="{label}"'
                     )
-            section("The gateway")
+            section(_("The gateway"))
             anonymous = ui.switch(
-                "Callers without a key may use the gateway from the LAN",
+                _("Callers without a key may use the gateway from the LAN"),
                 value=ops.anonymous_access(),
                 on_change=lambda e: ops.set_anonymous_access(bool(e.value)),
-            ).props('aria-label="Allow callers without a key from the LAN"')
-            anonymous.classes("text-sm")
-            ui.label("This PC's own programs never need a key.").classes("tt-muted text-sm")
+            )
+            named = _("Allow callers without a key from the LAN")
+            anonymous.props(f'aria-label="{named}"').classes("text-sm")
+            ui.label(_("This PC's own programs never need a key.")).classes("tt-muted text-sm")
             ui.timer(0.05, refresh, once=True)

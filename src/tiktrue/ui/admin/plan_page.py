@@ -21,7 +21,10 @@ from tiktrue.ui.admin.widgets import (
     follow_job,
     network_frame,
     section,
+    state_text,
 )
+from tiktrue.ui.i18n import _, translate
+from tiktrue.ui.refusals import plan_refusal
 
 GB = 1e9
 RAM_STEP_GB = 0.1
@@ -44,41 +47,43 @@ class CapsCard:
         with ui.column().classes("tt-card p-4 gap-1 w-full").props(f'data-node="{self.node_id}"'):
             with ui.row().classes("w-full justify-between items-baseline gap-2 no-wrap"):
                 ui.label(self.name).classes("font-semibold truncate")
-                ui.label(node.get("role") or "").classes("tt-muted text-xs")
+                ui.label(state_text(node.get("role"))).classes("tt-muted text-xs")
             where = " · ".join(p for p in (res.get("hostname"), node.get("address")) if p)
             ui.label(where).classes("tt-muted text-xs truncate")
             if not res:
-                ui.label(f"not measured: {node.get('state')}").classes("text-negative text-sm")
+                ui.label(_("not measured: {state}", state=state_text(node.get("state")))).classes(
+                    "text-negative text-sm"
+                )
                 return
             self.ram = self._slider(
-                "RAM",
+                _("RAM"),
                 "ram",
                 RAM_STEP_GB,
                 max(RAM_STEP_GB, round(ram_total / GB, 1)),
                 ram_cap(caps.get("ram_bytes"), ram_total) / GB,  # what the planner assumes
-                lambda v: f"{v:.1f} GB of {fmt_bytes(ram_total)}",
+                lambda v: _("{gb:.1f} GB of {total}", gb=v, total=fmt_bytes(ram_total)),
             )
             self.threads = self._slider(
-                "CPU threads",
+                _("CPU threads"),
                 "threads",
                 1,
                 cores,
                 caps.get("threads") or cores,
-                lambda v: f"{v:.0f} of {cores}",
+                lambda v: _("{n:.0f} of {cores}", n=v, cores=cores),
             )
             self.disk = self._slider(
-                "Disk",
+                _("Disk"),
                 "disk",
                 RAM_STEP_GB,
                 max(RAM_STEP_GB, round(disk_free / GB, 1)),
                 (caps.get("disk_bytes") or disk_free * DEFAULT_DISK_FRACTION) / GB,
-                lambda v: f"{v:.1f} GB of {fmt_bytes(disk_free)} free",
+                lambda v: _("{gb:.1f} GB of {free} free", gb=v, free=fmt_bytes(disk_free)),
             )
 
     def _slider(self, title, key, low, high, value, text):
         with ui.row().classes("w-full justify-between gap-2 text-sm no-wrap"):
             ui.label(title)
-            shown = ui.label(text(value)).classes("tt-muted text-right")
+            shown = ui.label(text(value)).classes("tt-muted text-end")
         step = 1 if key == "threads" else RAM_STEP_GB
         value = min(high, max(low, round(value / step) * step))
 
@@ -88,7 +93,8 @@ class CapsCard:
             self.on_change()
 
         slider = ui.slider(min=low, max=high, step=step, value=value, on_change=changed)
-        slider.props(f'aria-label="{title} for {self.name}"')
+        named = _("{what} for {node}", what=title, node=self.name)
+        slider.props(f'aria-label="{named}"')
         return slider
 
     def caps(self) -> NodeCaps | None:
@@ -114,20 +120,22 @@ def register(context) -> None:
             with ui.column().classes("tt-card w-full p-4 gap-2"):
                 with ui.row().classes("w-full items-center gap-2 no-wrap"):
                     verdict_icon = ui.icon("hourglass_empty").classes("text-2xl")
-                    verdict = ui.label("Measuring the nodes…").classes("grow font-medium")
+                    verdict = ui.label(_("Measuring the nodes…")).classes("grow font-medium")
                     verdict.props('data-testid="verdict" aria-live="polite"')
                 detail = ui.label().classes("tt-muted text-sm")
                 with ui.row().classes("w-full gap-2 justify-end"):
-                    measure_button = ui.button("Measure again", icon="speed").props(
-                        'flat no-caps aria-label="Measure again"'
+                    label = _("Measure again")
+                    measure_button = ui.button(label, icon="speed").props(
+                        f'flat no-caps aria-label="{label}"'
                     )
-                    apply_button = ui.button("Apply", icon="play_arrow").props(
-                        'unelevated no-caps aria-label="Apply"'
+                    label = _("Apply")
+                    apply_button = ui.button(label, icon="play_arrow").props(
+                        f'unelevated no-caps aria-label="{label}"'
                     )
                 jobs = ui.column().classes("w-full gap-2")
-            section("Block map of this plan")
+            section(_("Block map of this plan"))
             map_box = ui.column().classes("tt-card w-full p-4 gap-3")
-            section("What each PC gives")
+            section(_("What each PC gives"))
             grid = ui.element("div").classes("tt-grid")
             cards: dict[str, CapsCard] = {}
             pending: dict[str, asyncio.Task] = {}
@@ -141,7 +149,9 @@ def register(context) -> None:
                 if shown is None:
                     return
                 fits = shown["fits"]
-                verdict.set_text(shown["verdict"])
+                verdict.set_text(
+                    plan_refusal(shown["verdict"]) if not fits else translate(shown["verdict"])
+                )
                 verdict.classes(replace="grow font-medium " + ("" if fits else "text-negative"))
                 verdict_icon.props(f"name={'check_circle' if fits else 'error'}")
                 verdict_icon.props(f"color={'positive' if fits else 'negative'}")
@@ -150,15 +160,18 @@ def register(context) -> None:
                     plan = shown["plan"]
                     notes = "; ".join(plan["notes"])
                     detail.set_text(
-                        f"KV cache for {plan['context_tokens']} tokens reserved on each node"
-                        + (f". No backup: {notes}" if notes else "")
+                        _(
+                            "KV cache for {tokens} tokens reserved on each node",
+                            tokens=plan["context_tokens"],
+                        )
+                        + (_(". No backup: {notes}", notes=notes) if notes else "")
                     )
                     block_map(plan, map_box)
                 else:
-                    detail.set_text("Give the nodes more, or add a PC, then look again.")
+                    detail.set_text(_("Give the nodes more, or add a PC, then look again."))
                     map_box.clear()
                     with map_box:
-                        ui.label("No plan fits these caps.").classes("text-negative")
+                        ui.label(_("No plan fits these caps.")).classes("text-negative")
 
             def later() -> None:
                 task = pending.get("preview")
@@ -172,12 +185,12 @@ def register(context) -> None:
                 pending["preview"] = asyncio.create_task(after_pause())
 
             async def measure(fresh: bool = False) -> None:
-                verdict.set_text("Measuring the nodes…")
+                verdict.set_text(_("Measuring the nodes…"))
                 measure_button.disable()
                 status = await attempt(ops.measure(network_id, fresh=fresh))
                 measure_button.enable()
                 if status is None:
-                    verdict.set_text("The nodes could not be measured.")
+                    verdict.set_text(_("The nodes could not be measured."))
                     return
                 grid.clear()
                 cards.clear()
@@ -188,7 +201,7 @@ def register(context) -> None:
 
             def applied(job) -> None:
                 if job.state == "done":
-                    ui.notify(job.result["summary"], type="positive")
+                    ui.notify(translate(job.result["summary"]), type="positive")
                 apply_button.enable()
                 ui.timer(0.1, measure, once=True)
 

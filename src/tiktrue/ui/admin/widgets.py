@@ -13,21 +13,48 @@ from typing import Any
 
 from nicegui import ui
 
-from tiktrue.control.planner import human_bytes
-from tiktrue.ui.admin.errors import AdminError, as_admin_error
+from tiktrue.ui import i18n
+from tiktrue.ui.admin.errors import as_admin_error
 from tiktrue.ui.admin.jobs import Job
 from tiktrue.ui.admin.operations import AdminOperations
+from tiktrue.ui.i18n import N_, _, ngettext, translate
 from tiktrue.ui.layout import page_frame, require_admin
+from tiktrue.ui.refusals import refused
 
-SECTIONS = (
-    ("Nodes", "lan", "/admin"),
-    ("Plan", "view_week", "/admin/plan"),
-    ("Events", "notifications", "/admin/events"),
-    ("Reports", "insights", "/admin/reports"),
-    ("Tasks", "terminal", "/admin/tasks"),
-    ("Models", "inventory_2", "/admin/models"),
-    ("People", "group", "/admin/people"),
+SECTIONS = (  # (name, icon, path); the name is shown translated and is the page's key
+    (N_("Nodes"), "lan", "/admin"),
+    (N_("Plan"), "view_week", "/admin/plan"),
+    (N_("Events"), "notifications", "/admin/events"),
+    (N_("Reports"), "insights", "/admin/reports"),
+    (N_("Tasks"), "terminal", "/admin/tasks"),
+    (N_("Models"), "inventory_2", "/admin/models"),
+    (N_("People"), "group", "/admin/people"),
 )
+STATES = {  # what the health monitor, the jobs and the nodes say, for people
+    "online": N_("online"),
+    "online, idle": N_("online, idle"),
+    "serving": N_("serving"),
+    "idle": N_("idle"),
+    "waiting": N_("waiting"),
+    "suspect": N_("suspect"),
+    "dead": N_("dead"),
+    "offline": N_("offline"),
+    "unknown": N_("unknown"),
+    "running": N_("running"),
+    "done": N_("done"),
+    "failed": N_("failed"),
+    "admin": N_("admin"),
+    "worker": N_("worker"),
+    "backup": N_("backup"),
+    "user": N_("user"),
+    "active": N_("active"),
+    "revoked": N_("revoked"),
+    "expired": N_("expired"),
+    "warning": N_("warning"),
+    "error": N_("error"),
+    "critical": N_("critical"),
+    "info": N_("info"),
+}
 STATE_COLORS = {
     "online": "positive",
     "serving": "positive",
@@ -55,16 +82,20 @@ STYLE = """
 """
 
 
-def fmt_bytes(count: float | None) -> str:
-    return "?" if count is None else human_bytes(count)
+fmt_bytes = i18n.fmt_bytes
 
 
 def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
+    return "-" if value is None else _("{ms:.1f} ms", ms=value)
 
 
 def fmt_ago(seconds: float | None) -> str:
-    return "never" if seconds is None else f"{seconds:.1f} s ago"
+    return _("never") if seconds is None else _("{seconds:.1f} s ago", seconds=seconds)
+
+
+def state_text(state: str | None) -> str:
+    """A state word (``online``, ``running``, ``admin`` ...) in the person's language."""
+    return translate(STATES.get(state or "unknown", state or "?"))
 
 
 def section(title: str) -> None:
@@ -78,7 +109,7 @@ def admin_frame(current: str, network_id: str | None = None) -> Iterator[bool]:
     if require_admin() is None:
         yield False
         return
-    with page_frame("Admin"):
+    with page_frame(_("Admin")):
         admin_nav(current, network_id)
         yield True
 
@@ -88,7 +119,7 @@ def network_frame(ops: AdminOperations, current: str, wanted: str | None) -> Ite
     """An admin page about one network: ``admin_frame`` and ``pick_network``; yields the
     network (None: nothing to build)."""
     with admin_frame(current, wanted) as allowed:
-        path = next(t for text, _, t in SECTIONS if text.lower() == current)
+        path = next(t for text, _icon, t in SECTIONS if text.lower() == current)
         yield pick_network(ops, wanted, path) if allowed else None
 
 
@@ -99,9 +130,12 @@ def admin_nav(current: str, network_id: str | None = None) -> None:
     with ui.row().classes("gap-1 w-full flex-wrap"):
         for text, icon, target in SECTIONS:
             active = text.lower() == current
-            button = ui.button(text, icon=icon, on_click=lambda t=target: ui.navigate.to(t + query))
+            label = translate(text)
+            button = ui.button(
+                label, icon=icon, on_click=lambda t=target: ui.navigate.to(t + query)
+            )
             button.props(
-                f'no-caps dense aria-label="{text}" ' + ("unelevated" if active else "flat")
+                f'no-caps dense aria-label="{label}" ' + ("unelevated" if active else "flat")
             )
             button.classes("px-3" + ("" if active else " text-grey-8"))
 
@@ -112,14 +146,14 @@ def pick_network(ops: AdminOperations, wanted: str | None, page: str) -> dict | 
     networks = ops.networks()
     if not networks:
         with ui.column().classes("tt-card w-full p-4 gap-2"):
-            ui.label("This PC administers no network yet.")
-            ui.link("Create one", "/setup")
+            ui.label(_("This PC administers no network yet."))
+            ui.link(_("Create one"), "/setup")
         return None
     chosen = next((n for n in networks if n["network_id"] == wanted), networks[0])
     if len(networks) > 1:
         ui.select(
             {n["network_id"]: f"{n['name']} ({n['network_id']})" for n in networks},
-            label="Network",
+            label=_("Network"),
             value=chosen["network_id"],
             on_change=lambda e: ui.navigate.to(f"{page}?network={e.value}"),
         ).props("outlined dense").classes("w-full sm:w-80")
@@ -134,36 +168,68 @@ def block_map(view: dict, box: ui.element) -> None:
     total = max(1, len(chain))
     with box:
         if not view.get("nodes"):
-            ui.label("No node holds blocks.").classes("tt-muted")
+            ui.label(_("No node holds blocks.")).classes("tt-muted")
         for row in view.get("nodes", []):
             label = row["name"] or row["node_id"]
-            kind = "backup of" if row["kind"] == "backup" else "holds"
-            held = f"{row['span']} ({row['count']} blocks)" if row["count"] else "no blocks"
+            held = _held(row)
             with ui.column().classes("w-full gap-1").props(f'data-node="{row["node_id"]}"'):
                 with ui.row().classes("w-full justify-between gap-2 text-sm no-wrap"):
                     ui.label(label).classes("font-medium truncate")
-                    ui.label(f"{kind} {held}").classes("tt-muted text-right")
+                    ui.label(held).classes("tt-muted text-end")
                 bar = ui.element("div").classes("tt-bar w-full")
-                bar.props(f'aria-label="{label} {kind} {held}" role="img"')
+                bar.props(f'aria-label="{label}: {held}" role="img"')
                 if row["count"]:
                     left = 100 * row["first"] / total
                     width = max(1.5, 100 * row["count"] / total)
                     extra = " tt-backup" if row["kind"] == "backup" else ""
                     with bar:
                         ui.element("div").classes("tt-span" + extra).style(
-                            f"left:{left:.2f}%;width:{width:.2f}%"
+                            f"inset-inline-start:{left:.2f}%;width:{width:.2f}%"  # mirrored in RTL
                         )
         if chain:
             with ui.row().classes("w-full justify-between text-xs tt-muted"):
                 ui.label(chain[0])
-                ui.label(f"{len(chain)} blocks in chain order")
+                ui.label(_("{n} blocks in chain order", n=len(chain)))
                 ui.label(chain[-1])
 
 
+def _held(row: dict) -> str:
+    """What a node holds, in words: ``holds layer_0..layer_5 (6 blocks)``."""
+    backup = row["kind"] == "backup"
+    if not row["count"]:
+        return _("backup of no blocks") if backup else _("holds no blocks")
+    if backup:
+        return ngettext(
+            "backup of {span} ({n} block)",
+            "backup of {span} ({n} blocks)",
+            row["count"],
+            span=row["span"],
+        )
+    return ngettext(
+        "holds {span} ({n} block)", "holds {span} ({n} blocks)", row["count"], span=row["span"]
+    )
+
+
 def data_table(columns: list[dict], row_key: str, empty: str, **options) -> ui.table:
-    """A table of the dashboard (dense, wrapping cells, ``empty`` when it has no rows)."""
+    """A table of the dashboard (dense, wrapping cells, ``empty`` when it has no rows); the
+    columns' labels are translated here (``N_`` where they are defined), and their sides
+    mirrored in a right-to-left language (Quasar's column ``align`` is physical)."""
+    flip = {"left": "right", "right": "left"} if i18n.current().rtl else {}
+    columns = [
+        {**c, "label": translate(c["label"])}
+        | ({"align": flip.get(c["align"], c["align"])} if "align" in c else {})
+        for c in columns
+    ]
     table = ui.table(columns=columns, rows=[], row_key=row_key, **options)
     table.props(f'flat bordered dense wrap-cells no-data-label="{empty}"').classes("w-full")
+    language = i18n.current()
+    if language.digits != i18n.SOURCE.digits:  # "1-25 of 80" in the language's digits
+        label = _("{start}-{end} of {total}").replace("'", "")
+        digits = f"n => n.toLocaleString('{language.quasar}')"
+        table.props(
+            f""":pagination-label="(s, e, t) => '{label}'.replace('{{start}}', ({digits})(s))"""
+            f""".replace('{{end}}', ({digits})(e)).replace('{{total}}', ({digits})(t))" """
+        )
     return table
 
 
@@ -179,7 +245,8 @@ def row_button(
     negative: bool = False,
 ) -> None:
     """A button in the ``actions`` column of each row (shown where the JS condition ``show``
-    holds) that emits ``event`` with ``arg``; ``aria`` is a JS expression naming it."""
+    holds) that emits ``event`` with ``arg``; ``aria`` is a JS expression naming it
+    (:func:`js_name`)."""
     color = 'color="negative"' if negative else ""
     table.add_slot(
         "body-cell-actions",
@@ -190,6 +257,12 @@ def row_button(
     )
 
 
+def js_name(text: str, field: str) -> str:
+    """A JS expression naming a row's button: ``text`` (translated) and the row's ``field``."""
+    quoted = text.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{quoted} ' + props.row.{field}"
+
+
 class JobView:
     """A job's progress bar, step and per-part bars, updated in place by ``update``."""
 
@@ -197,10 +270,12 @@ class JobView:
         self.job_id = job.id
         with ui.column().classes("w-full gap-1") as self.box:
             with ui.row().classes("w-full justify-between gap-2 text-sm"):
-                ui.label(job.title).classes("font-medium")
+                title = translate(job.title)
+                ui.label(title).classes("font-medium")
                 self.state = ui.label()
+            named = _("Progress of {title}", title=title)
             self.bar = ui.linear_progress(0, show_value=False).props(
-                f'aria-label="Progress of {job.title}" instant-feedback'
+                f'aria-label="{named}" instant-feedback'
             )
             self.step = ui.label().classes("tt-muted text-sm")
             self.parts = ui.column().classes("w-full gap-1")
@@ -215,21 +290,29 @@ class JobView:
             self.bar.props("indeterminate")
         color = {"done": "positive", "failed": "negative"}.get(job.state, "primary")
         self.bar.props(f"color={color}")
-        percent = "" if fraction is None else f" {100 * fraction:.0f}%"
-        self.state.set_text(f"{job.state}{percent}")
-        step = job.step
+        state = state_text(job.state)
+        if fraction is not None:
+            state = _("{state} {percent:.0f}%", state=state, percent=100 * fraction)
+        self.state.set_text(state)
+        step = translate(job.step)
         if job.error:
-            step = job.error["message"]
+            step = refused(job.error["message"])
         elif job.total and job.kind != "verify":
-            step = f"{step} ({fmt_bytes(job.done)} of {fmt_bytes(job.total)})"
+            step = _(
+                "{step} ({done} of {total})",
+                step=step,
+                done=fmt_bytes(job.done),
+                total=fmt_bytes(job.total),
+            )
         self.step.set_text(step)
         self.step.classes(replace="text-sm " + ("text-negative" if job.error else "tt-muted"))
         for name, part in job.parts.items():
             if name not in self._parts:
                 with self.parts, ui.row().classes("w-full items-center gap-2 no-wrap text-xs"):
                     label = ui.label().classes("w-40 truncate")
+                    sent = _("Sent to {node}", node=name)
                     bar = ui.linear_progress(0, show_value=False).props(
-                        f'aria-label="Sent to {name}" instant-feedback'
+                        f'aria-label="{sent}" instant-feedback'
                     )
                     self._parts[name] = (label, bar)
             label, bar = self._parts[name]
@@ -260,12 +343,9 @@ async def attempt(action: Awaitable | Callable[[], Any], done: str | None = None
         result = action() if callable(action) else action
         if hasattr(result, "__await__"):
             result = await result
-    except AdminError as exc:
-        ui.notify(exc.message, type="negative", multi_line=True, close_button="OK")
-        return None
-    except Exception as exc:  # a bug: say so rather than leave the page silent
+    except Exception as exc:  # a refusal, or a bug: say so rather than leave the page silent
         error = as_admin_error(exc)
-        ui.notify(error.message, type="negative", multi_line=True, close_button="OK")
+        ui.notify(refused(error.message), type="negative", multi_line=True, close_button=_("OK"))
         return None
     if done:
         ui.notify(done, type="positive")
