@@ -6,8 +6,11 @@ Every connection starts as ``anyone``; the challenge (``hello``, ``auth``; see
 own key (``owner``: the CLI of this PC; trust never comes from an address). Before every
 operation ``security.access_control.check_control`` says whether the caller may do it: a
 caller without a certificate reaches only who this node is and the join handshake, in
-messages of at most ``limits.MAX_UNPROVED_MESSAGE_BYTES``. A certificate revoked by a
-network's signed config (or expired) stops working at once, on open connections too."""
+messages of at most ``limits.MAX_UNPROVED_MESSAGE_BYTES``, and costs bounded work: the port's
+per-source caps (``security.connection_limits``) close a source's connections over its cap
+before the TLS handshake, pace its handshakes, cap its connections without a certificate right
+after the handshake and pace their requests. A certificate revoked by a network's signed
+config (or expired) stops working at once, on open connections too."""
 
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from tiktrue.protocol.network_config import (
     write_config,
 )
 from tiktrue.protocol.protocol_spec import ProtocolError
+from tiktrue.security import connection_limits
 from tiktrue.security.access_control import (
     ANONYMOUS,
     ANYONE,
@@ -61,6 +65,7 @@ from tiktrue.security.access_control import (
     check_control,
 )
 from tiktrue.security.auth_manager import IdentityError, certificate_info
+from tiktrue.security.connection_limits import CERTLESS, SourceLimiter, Ticket
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.link_auth import LinkChallenge, parse_nonce, parse_proof, session_binding
 from tiktrue.security.node_tls import (
@@ -92,6 +97,7 @@ class Connection:
     peer_cert: bytes | None  # DER of the certificate it showed in TLS, if any
     caller: Caller = ANONYMOUS
     challenge: LinkChallenge | None = None
+    ticket: Ticket | None = None  # its place in the per-source caps (connection_limits)
 
 
 class ControlHost(Protocol):
@@ -148,14 +154,16 @@ class ControlServer:
         self.connections: dict[Any, Connection] = {}
         self.revoked: dict[str, frozenset[str]] = {}  # network -> node ids it removed
         self._closing: set[asyncio.Task] = set()
+        self.limiter = SourceLimiter()  # what callers without a certificate may cost
         self._read_revoked()
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await websockets.serve(
+        self._server = await connection_limits.serve(  # per-source caps, before TLS and after
             self._handle,
             host,
             port,
-            ssl=self.context,
+            ssl_context=self.context,
+            limiter=self.limiter,
             max_size=limits.MAX_UNPROVED_MESSAGE_BYTES,  # raised once a member proves
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
@@ -165,6 +173,7 @@ class ControlServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self.limiter.close()
             await self._server.wait_closed()
 
     def refresh_trust(self) -> None:
@@ -200,11 +209,16 @@ class ControlServer:
     async def _handle(self, ws) -> None:
         ssl_object = ws.transport.get_extra_info("ssl_object")
         conn = Connection(
-            ws, str(ws.remote_address[0]), ssl_object.getpeercert(binary_form=True) or None
+            ws,
+            str(ws.remote_address[0]),
+            ssl_object.getpeercert(binary_form=True) or None,
+            ticket=getattr(ws, "limiter_ticket", None),
         )
         self.connections[ws] = conn
         try:
             async for raw in ws:
+                if conn.ticket is not None and conn.ticket.state == CERTLESS:
+                    await self.limiter.certless_turn(conn.ticket)  # paced, per source
                 reply, close = await self._answer(raw, conn)
                 if _TEST_HOOKS and self._lose_reply(raw):
                     await ws.close()  # test hook: the work is done, its acknowledgement lost
@@ -305,6 +319,8 @@ class ControlServer:
             if header.get("as") == OWNER:
                 challenge.check_key(self.identity.public_key, proof)
                 conn.caller = Caller(OWNER, node_id=self.identity.node_id)
+                if conn.ticket is not None:
+                    self.limiter.proved(conn.ticket)  # no longer paced as a stranger
             else:
                 conn.caller = Caller.member(self._check_member(conn, challenge, proof))
                 conn.ws.protocol.max_message_size = HARD_FRAME_LIMIT  # block pushes
