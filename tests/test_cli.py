@@ -142,3 +142,29 @@ def test_users_keys_and_anonymous_access(tmp_path):
     assert "LAN: on" in tiktrue(tmp_path, "gateway", "allow-anonymous").stdout
     assert "off" in tiktrue(tmp_path, "gateway", "allow-anonymous", "off").stdout
     assert tiktrue(tmp_path, "gateway", "allow-anonymous", "maybe", check=False).returncode == 1
+
+
+def test_without_a_node_service_network_changes_are_written_directly_and_said(tiny_llama, tmp_path):
+    """No node service runs from the admin's data dir: `network approve` and `network remove`
+    write the network's config themselves (each version after the last), and say so."""
+    from tests.helpers.network import accept, import_model_from_store
+    from tiktrue.control.join import make_join_request
+    from tiktrue.control.network_manager import create_network
+    from tiktrue.protocol.network_config import config_path, read_config
+    from tiktrue.security.node_tls import node_identity
+
+    admin, pc = tmp_path / "admin", tmp_path / "pc"
+    import_model_from_store(tiny_llama.root, admin / "models")
+    create_network(admin, "N", tiny_llama, network_id="net")
+    request = make_join_request(
+        pc, "net", host="127.0.0.1", block_port=7001, control_port=7002, token_secret=None
+    )
+    request_id = accept(admin, request)  # waits for the admin's approval
+    said = "no node service runs from"
+    approved = tiktrue(admin, "network", "approve", "net", request_id)
+    assert said in approved.stderr and f"approved {request_id}" in approved.stdout
+    node_id = node_identity(pc).node_id
+    removed = tiktrue(admin, "network", "remove", "net", node_id)
+    assert said in removed.stderr and "(config v3)" in removed.stdout, removed.stdout
+    config = read_config(config_path(admin, "net"))
+    assert config.version == 3 and node_id in config.revoked_ids

@@ -339,6 +339,18 @@ def _run(coro):
         fail(str(exc))
 
 
+def _writer():
+    """The writer of this PC's network configs: the running node service's (its one queue
+    per network), or, when no service runs from this data dir, a direct one (said so)."""
+    from tiktrue.control.config_writer import writer_for
+    from tiktrue.paths import data_dir
+
+    writer = writer_for(data_dir())
+    if writer.direct:
+        err(f"no node service runs from {data_dir()}: writing the network's config directly")
+    return writer
+
+
 def _local_service() -> dict:
     from tiktrue.paths import data_dir, run_file
 
@@ -373,7 +385,7 @@ def network_create(
     ),
 ) -> None:
     """Create a network administered by this node (it holds the model and serves all of it)."""
-    from tiktrue.control.network_admin import poke_local_service
+    from tiktrue.control.local_service import poke_local_service
     from tiktrue.control.network_manager import create_network
     from tiktrue.node.resources import free_ports
     from tiktrue.paths import data_dir
@@ -454,14 +466,11 @@ def network_token(
     network_id: str, hours: float = typer.Option(24, "--hours", help="Valid for this long.")
 ) -> None:
     """A one-time join token for one more PC."""
-    from tiktrue.control.network_manager import JoinError, create_join_token
+    from tiktrue.control.join import new_token
     from tiktrue.paths import data_dir
 
-    try:
-        token = create_join_token(data_dir(), network_id, ttl=hours * 3600)
-    except JoinError as exc:
-        fail(str(exc))
     service = _local_service()
+    token = _run(new_token(data_dir(), network_id, ttl=hours * 3600, writer=_writer()))
     typer.echo(token)
     err(f"on the other PC: tiktrue network join {service['control']} --token {token}")
 
@@ -499,7 +508,7 @@ def network_join(
 @network_app.command("pending")
 def network_pending(network_id: str) -> None:
     """Join requests waiting for approval."""
-    from tiktrue.control.network_manager import list_join_requests
+    from tiktrue.control.join import list_join_requests
     from tiktrue.paths import data_dir
 
     for request_id, item in list_join_requests(data_dir(), network_id).items():
@@ -514,15 +523,13 @@ def network_pending(network_id: str) -> None:
 def network_approve(
     network_id: str, request_id: str, reject: bool = typer.Option(False, "--reject")
 ) -> None:
-    """Approve (or reject) a join request."""
-    from tiktrue.control.network_manager import JoinError, approve_join_request
+    """Approve (or reject) a join request (in the running node service, which writes the
+    network's config)."""
+    from tiktrue.control.join import decide
     from tiktrue.paths import data_dir
 
-    try:
-        approve_join_request(data_dir(), network_id, request_id, approve=not reject)
-    except JoinError as exc:
-        fail(str(exc))
-    typer.echo(f"{'rejected' if reject else 'approved'} {request_id}")
+    state = _run(decide(data_dir(), network_id, request_id, not reject, writer=_writer()))
+    typer.echo(f"{state} {request_id}")
 
 
 @network_app.command("list")
@@ -646,7 +653,7 @@ def network_plan(
     ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""
-    from tiktrue.control.network_admin import make_plan
+    from tiktrue.control.plans import make_plan
     from tiktrue.paths import data_dir
 
     plan, _ = _run(
@@ -673,28 +680,40 @@ def network_apply(
     ),
 ) -> None:
     """Plan, push each node its blocks (encrypted, verified, resumable), switch the chain."""
-    from tiktrue.control.network_admin import apply_plan, make_plan
+    from tiktrue.control.plans import apply_network
     from tiktrue.paths import data_dir
     from tiktrue.ui.progress import progress_printer
 
     network_id = _one_network(network_id)
-
-    async def go():
-        plan, _ = await make_plan(
-            data_dir(), network_id, overrides=_overrides(override), context_tokens=context
+    progress = progress_printer(
+        err,
+        lambda p: f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB",
+        done="sent_bytes",
+        per="node_id",
+    )
+    config = _run(
+        apply_network(
+            data_dir(),
+            network_id,
+            writer=_writer(),
+            overrides=_overrides(override),
+            context_tokens=context,
+            planned=lambda plan: err(plan.describe()),
+            step=_replanning(err),
+            progress=progress,
         )
-        err(plan.describe())
-        progress = progress_printer(
-            err,
-            lambda p: f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB",
-            done="sent_bytes",
-            per="node_id",
-        )
-
-        return await apply_plan(data_dir(), network_id, plan, progress=progress)
-
-    config = _run(go())
+    )
     typer.echo(f"network {network_id} now runs config v{config.version}")
+
+
+def _replanning(say):
+    """``apply_network``'s steps worth a line: a plan made again because the network moved."""
+
+    def step(text: str, **params) -> None:
+        if "planning again" in text:
+            say(text.format(**params))
+
+    return step
 
 
 @network_app.command("leave")
@@ -715,10 +734,12 @@ def network_remove(
 ) -> None:
     """Remove a PC from the network and revoke its certificate (admin): its blocks move to
     the others first; every node then refuses it at once, on open connections too."""
-    from tiktrue.control.network_admin import remove_node
+    from tiktrue.control.plans import remove_node
     from tiktrue.paths import data_dir
 
-    config = _run(remove_node(data_dir(), network_id, node_id, revoke=True, reason=reason))
+    config = _run(
+        remove_node(data_dir(), network_id, node_id, revoke=True, reason=reason, writer=_writer())
+    )
     typer.echo(
         f"removed node {node_id} from {network_id} and revoked its certificate "
         f"(config v{config.version})"

@@ -27,12 +27,14 @@ from pathlib import Path
 import uvicorn
 
 from tiktrue.control.discovery import discover_networks
-from tiktrue.control.join import join_network
+from tiktrue.control.join import create_join_token, join_network
+from tiktrue.control.local_service import poke_local_service
 from tiktrue.control.model_downloader import download_model_blocks
 from tiktrue.control.model_repository import repository_app
-from tiktrue.control.network_admin import apply_plan, make_plan, poke_local_service, set_caps
-from tiktrue.control.network_manager import create_join_token, create_network, leave_network
+from tiktrue.control.network_admin import set_caps
+from tiktrue.control.network_manager import create_network, leave_network
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
+from tiktrue.control.plans import apply_network
 from tiktrue.limits import DEFAULT_CONTEXT_TOKENS
 from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.resources import free_ports
@@ -189,8 +191,6 @@ def start_demo_network(
                 f"nodes 1-3 give {small / 1e6:.0f} MB of RAM each to the network, "
                 f"node 4 gives {large / 1e6:.0f} MB"
             )
-            plan, _ = await make_plan(home, NETWORK_ID)
-            log(plan.describe())
             pushed = progress_printer(
                 log,
                 lambda p: (
@@ -201,7 +201,9 @@ def start_demo_network(
                 per="node_id",
             )
 
-            return await apply_plan(home, NETWORK_ID, plan, progress=pushed)
+            return await apply_network(
+                home, NETWORK_ID, planned=lambda plan: log(plan.describe()), progress=pushed
+            )
 
         config = asyncio.run(plan_and_apply())
         log(f"network {NETWORK_ID} runs config v{config.version} ({config_path(home, NETWORK_ID)})")

@@ -63,6 +63,18 @@ MAX_PENDING_JOINS_PER_SOURCE = 4  # join requests waiting for approval from one 
 MAX_PENDING_JOINS = 64  # ... and from every address together
 MAX_NODE_NAME_CHARS = 64  # a PC's name in a join request
 MAX_HOST_CHARS = 253  # an address or DNS name in a join request
+# What one source address may cost a node's listening ports (security.connection_limits).
+# Before the TLS handshake, for every caller (a node's own traffic from one PC stays far
+# below: a few kept-open links, a few new connections a second when the admin re-plans):
+MAX_CONNECTIONS_PER_SOURCE = 64  # open at once; more are closed at accept
+HANDSHAKES_PER_SOURCE_S = 20.0  # new TLS handshakes a second, paced in arrival order ...
+HANDSHAKE_BURST = 40  # ... after a burst of this many
+MAX_HANDSHAKE_WAIT_S = 2.0  # a connection that would wait longer for its turn: closed
+# Right after it, for a connection that showed no certificate, until it proves a key:
+MAX_CERTLESS_PER_SOURCE = 8  # open at once (a joining PC needs one; the CLI one)
+CERTLESS_REQUESTS_PER_SOURCE_S = 10.0  # requests a second, paced (a joiner polls once a second)
+CERTLESS_REQUEST_BURST = 20
+MAX_UNPROVED_CONNECTIONS = 256  # waiting for a handshake or cert-less, all sources together
 
 # --- one client connection ------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 4 << 20  # a client's JSON message (a long prompt fits many times)

@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
+from tests.helpers.network import accept
 from tiktrue import limits
+from tiktrue.control import join as joining
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import ConfigSignatureError, sign_config, verify_config
 from tiktrue.control.config_sync import SyncRefused, check_prepare
@@ -52,7 +54,7 @@ def test_only_the_networks_ca_signs_a_config_a_node_takes(tiny_llama, tmp_path):
 
 
 def _request(home, network_id: str, secret=None, **fields):
-    request = nm.make_join_request(
+    request = joining.make_join_request(
         home, network_id, host="127.0.0.1", block_port=7001, control_port=7002, token_secret=secret
     )
     return request.model_copy(update=fields)
@@ -63,19 +65,19 @@ def test_join_requests_are_bounded_per_source_and_in_all(tiny_llama, tmp_path, m
     nm.create_network(admin, "A", tiny_llama, network_id="net-a")
     monkeypatch.setattr(limits, "MAX_PENDING_JOINS", 6)
     ids = [
-        nm.accept_join(admin, _request(tmp_path / f"pc{i}", "net-a"), source="10.0.0.9")
+        accept(admin, _request(tmp_path / f"pc{i}", "net-a"), source="10.0.0.9")
         for i in range(limits.MAX_PENDING_JOINS_PER_SOURCE)
     ]
     assert len(set(ids)) == limits.MAX_PENDING_JOINS_PER_SOURCE
-    again = nm.accept_join(admin, _request(tmp_path / "pc0", "net-a"), source="10.0.0.9")
+    again = accept(admin, _request(tmp_path / "pc0", "net-a"), source="10.0.0.9")
     assert again == ids[0]  # the same PC asking again: the same request
-    with pytest.raises(nm.TooManyJoinRequests, match="from 10.0.0.9"):
-        nm.accept_join(admin, _request(tmp_path / "one-more", "net-a"), source="10.0.0.9")
+    with pytest.raises(joining.TooManyJoinRequests, match="from 10.0.0.9"):
+        accept(admin, _request(tmp_path / "one-more", "net-a"), source="10.0.0.9")
     for i in range(2):  # other sources still get in, up to the total
-        nm.accept_join(admin, _request(tmp_path / f"other{i}", "net-a"), source=f"10.0.1.{i}")
-    with pytest.raises(nm.TooManyJoinRequests, match="6 join requests"):
-        nm.accept_join(admin, _request(tmp_path / "late", "net-a"), source="10.0.2.1")
-    assert len(nm.list_join_requests(admin, "net-a")) == 6
+        accept(admin, _request(tmp_path / f"other{i}", "net-a"), source=f"10.0.1.{i}")
+    with pytest.raises(joining.TooManyJoinRequests, match="6 join requests"):
+        accept(admin, _request(tmp_path / "late", "net-a"), source="10.0.2.1")
+    assert len(joining.list_join_requests(admin, "net-a")) == 6
 
 
 def test_join_fields_are_size_limited():
@@ -84,19 +86,19 @@ def test_join_fields_are_size_limited():
     for field, value in (("name", "x" * 65), ("host", "h" * 254), ("token_secret", "s" * 129)):
         base = {"network_id": "n", "public_key_pem": "k", "proof": "00", "block_port": 1}
         with pytest.raises(ValidationError, match=field):
-            nm.JoinRequest.model_validate({**base, field: value})
+            joining.JoinRequest.model_validate({**base, field: value})
 
 
 def test_a_removed_node_cannot_join_again_and_a_grant_must_be_signed(tiny_llama, tmp_path):
     admin = tmp_path / "admin"
     nm.create_network(admin, "A", tiny_llama, network_id="net-a")
     pc = tmp_path / "pc"
-    secret = nm.parse_token(nm.create_join_token(admin, "net-a"))[2]
-    grant = nm.accept_join(admin, _request(pc, "net-a", secret))
+    secret = joining.parse_token(joining.create_join_token(admin, "net-a"))[2]
+    grant = accept(admin, _request(pc, "net-a", secret))
     tampered = grant.model_copy(update={"config": {**grant.config, "name": "tampered"}})
     with pytest.raises(ConfigSignatureError, match="forged or altered"):
-        nm.install_grant(pc, tampered)
-    assert nm.install_grant(pc, grant).name == "A"
+        joining.install_grant(pc, tampered)
+    assert joining.install_grant(pc, grant).name == "A"
 
     config = read_config(config_path(admin, "net-a"))
     node_id = config.nodes[1].node_id
@@ -108,8 +110,8 @@ def test_a_removed_node_cannot_join_again_and_a_grant_must_be_signed(tiny_llama,
         }
     )
     write_config(admin, removed)
-    secret = nm.parse_token(nm.create_join_token(admin, "net-a"))[2]
-    with pytest.raises(nm.JoinError, match="was removed"):
-        nm.accept_join(admin, _request(pc, "net-a", secret))
-    with pytest.raises(nm.JoinError, match="was removed"):
-        nm.accept_join(admin, _request(pc, "net-a"))  # nor by asking for approval
+    secret = joining.parse_token(joining.create_join_token(admin, "net-a"))[2]
+    with pytest.raises(joining.JoinError, match="was removed"):
+        accept(admin, _request(pc, "net-a", secret))
+    with pytest.raises(joining.JoinError, match="was removed"):
+        accept(admin, _request(pc, "net-a"))  # nor by asking for approval

@@ -21,14 +21,17 @@ from tests.integration.test_chain import reference_tokens
 from tiktrue.control.config_signing import sign_config
 from tiktrue.control.config_sync import (
     SyncError,
+    broadcast_config_updates,
     config_digest,
     handle_config_conflicts,
     missing_blocks,
     with_control_port,
 )
-from tiktrue.control.join import join_network
-from tiktrue.control.network_admin import apply_plan, make_plan, network_status, push_config
-from tiktrue.control.network_manager import admin_ca, create_join_token, create_network
+from tiktrue.control.join import create_join_token, join_network
+from tiktrue.control.local_service import poke_local_service
+from tiktrue.control.network_admin import network_status
+from tiktrue.control.network_manager import admin_ca, create_network
+from tiktrue.control.plans import apply_network
 from tiktrue.model.store import BlockStore
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.node.control_link import ControlError, ControlLink
@@ -89,10 +92,11 @@ def test_equal_versions_with_different_content_resolve_by_digest_and_warn(tiny_l
         handle_config_conflicts(one, _config(tiny_llama, network_id="n2"))
 
 
-def test_a_new_control_port_is_a_new_version(tiny_llama):
+def test_a_new_control_port_moves_only_the_port(tiny_llama):
     config = _config(tiny_llama)
-    moved = with_control_port(config, "a1", 9100)
-    assert moved.version == 4 and moved.node("a1").control_port == 9100
+    moved = with_control_port(config, "a1", 9100)  # its version: the writer's to number
+    assert moved.node("a1").control_port == 9100
+    assert moved.model_copy(update={"nodes": config.nodes}) == config
     assert with_control_port(moved, "a1", 9100) is None
     assert with_control_port(config, "not-a-member", 9100) is None
 
@@ -131,18 +135,22 @@ class Net:
         return asyncio.run(network_status(self.admin, NET))
 
     def push(self, config: NetworkConfig):
-        return asyncio.run(push_config(self.admin, config, self.credentials()))
+        """The broadcast itself (what the admin's writer runs), with a config of the test's
+        own making; then the admin's service reloads, as after the writer's commit."""
+
+        async def go():
+            report = await broadcast_config_updates(self.admin, config, self.credentials())
+            await poke_local_service(self.admin)
+            return report
+
+        return asyncio.run(go())
 
     def renamed(self, name: str, config: NetworkConfig | None = None) -> NetworkConfig:
         config = config or self.config()
         return config.model_copy(update={"name": name, "version": config.version + 1})
 
     def plan(self, spans: dict[str, int]) -> NetworkConfig:
-        async def go():
-            plan, _ = await make_plan(self.admin, NET, overrides=spans)
-            return await apply_plan(self.admin, NET, plan)
-
-        return asyncio.run(go())
+        return asyncio.run(apply_network(self.admin, NET, overrides=spans))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ planner holds backups back, and how failovers meet the health monitor's verdicts
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
@@ -35,7 +34,7 @@ def _config(backup_blocks: list[str] | None) -> NetworkConfig:
 def test_a_backup_of_both_workers_takes_both_spans_over(lost):
     config = _config(["layer_1", "layer_2", "layer_3", "head"])
     new = activate_backup_worker(config, {lost})
-    assert new is not None and new.version == config.version + 1
+    assert new is not None and new.version == config.version  # the writer numbers it
     assert [(n.node_id, n.blocks) for n in new.chain()] == [
         ("admin", ["embed", "layer_0"]),
         ("b", ["layer_1", "layer_2", "layer_3", "head"]),
@@ -101,8 +100,8 @@ def test_no_room_for_a_backup_is_said_and_the_chain_is_planned_anyway():
 
 
 class FakePlans:
-    """Stands in for ``make_plan``/``apply_plan``: each apply waits for ``gate``, may fail, and
-    makes the next config version."""
+    """Stands in for ``apply_network`` (each apply waits for ``gate``, may fail, and makes the
+    next config version) and for the network's writer (a change applied to the config)."""
 
     def __init__(self, config: NetworkConfig) -> None:
         self.config = config
@@ -114,16 +113,19 @@ class FakePlans:
     def load(self, data_dir, network_id):
         return self.config, None
 
-    async def make_plan(self, data_dir, network_id, *, without=frozenset(), **_):
-        return SimpleNamespace(describe=lambda: "fake plan", without=set(without)), {}
-
-    async def apply_plan(self, data_dir, network_id, plan, *, lost=frozenset(), **_):
+    async def apply_network(self, data_dir, network_id, *, lost=frozenset(), **_):
         await self.gate.wait()
         if self.failures:
             raise self.failures.pop(0)
-        self.applied.append(set(plan.without))
+        self.applied.append(set(lost))
         self.config = self.config.model_copy(update={"version": self.config.version + 1})
         return self.config
+
+    async def commit(self, network_id, change, **_):  # the writer
+        new = change.apply(self.config)
+        if new is not None:
+            self.config = new.model_copy(update={"version": self.config.version + 1})
+        return new and self.config
 
 
 @pytest.fixture
@@ -143,11 +145,14 @@ def failover(monkeypatch, tmp_path):
     )
     monitor.update_config(config)
     plans = FakePlans(config)
-    for name in ("load", "make_plan", "apply_plan"):
+    for name in ("load", "apply_network"):
         monkeypatch.setattr(failover_manager, name, getattr(plans, name))
     events = []
     manager = FailoverManager(
-        tmp_path, event=lambda name, **fields: events.append((name, fields["node_id"])), clock=clock
+        tmp_path,
+        plans,
+        event=lambda name, **fields: events.append((name, fields["node_id"])),
+        clock=clock,
     )
     manager.watch(monitor)
     for node_id in ("admin", "w1", "w2"):

@@ -3,6 +3,7 @@ test: shared by the journey tests and the config-sync tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,6 +13,25 @@ from pathlib import Path
 
 from tiktrue.paths import run_file
 from tiktrue.service.local_network import LocalCluster
+
+
+def accept(home, request, **options):
+    """The admin at ``home`` takes a join request (``join.accept_join``) with a writer of its
+    own, as a command does where no node service runs: a grant, or a pending request's id."""
+    from tiktrue.control.config_writer import ConfigWriter
+    from tiktrue.control.join import accept_join
+
+    return asyncio.run(accept_join(home, ConfigWriter(home), request, **options))
+
+
+def decide(home, network_id: str, request_id: str, approve: bool = True) -> str:
+    """The admin at ``home`` approves (or rejects) a join request, writing directly."""
+    from tiktrue.control.config_writer import ConfigWriter
+    from tiktrue.control.join import decide_join_request
+
+    return asyncio.run(
+        decide_join_request(home, ConfigWriter(home), network_id, request_id, approve)
+    )
 
 
 def control_address(home) -> str:

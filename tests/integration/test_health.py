@@ -18,7 +18,8 @@ import websockets
 from tests.helpers.cluster import ask, request, token_ids
 from tests.helpers.webhook import webhook_receiver
 from tests.integration.test_chain import client_ws_url
-from tiktrue.control.network_admin import network_status, node_report, poke_local_service
+from tiktrue.control.local_service import poke_local_service
+from tiktrue.control.network_admin import network_status, node_report
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.paths import HOME_ENV, run_file
 from tiktrue.protocol.network_config import NetworkConfig, write_config

@@ -18,19 +18,18 @@ import websockets
 from tests.helpers.cluster import ask, request, token_ids
 from tests.helpers.network import control_address, import_model_from_store
 from tests.integration.test_chain import reference_tokens
+from tiktrue.control.config_sync import config_digest
 from tiktrue.control.distributor import push_blocks
-from tiktrue.control.network_admin import (
-    apply_plan,
-    make_plan,
-    network_status,
-    probe_announcement,
-)
+from tiktrue.control.network_admin import network_status, probe_announcement
 from tiktrue.control.planner import ModelProfile, NodeCapacity
+from tiktrue.control.plans import apply_network
+from tiktrue.model.engine import Span
 from tiktrue.model.store import BlockStore
+from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.node.resources import NodeCaps
 from tiktrue.protocol.network_config import config_path, read_config
 from tiktrue.security.node_tls import load_block_key, node_identity
-from tiktrue.service.local_network import LocalCluster
+from tiktrue.service.local_network import LocalCluster, prepare_local_network
 
 pytestmark = pytest.mark.integration
 NET = "journey"
@@ -190,8 +189,7 @@ def test_a_new_plan_mid_conversation_keeps_the_answer_correct(office, tiny_llama
                 ws, request(NET, input_ids=prompt, temperature=0, max_tokens=5, session_id=sid)
             )
             if replan:
-                plan, _ = await make_plan(admin, NET, overrides={ids[0]: 2, ids[1]: 4, ids[2]: 2})
-                await apply_plan(admin, NET, plan)
+                await apply_network(admin, NET, overrides={ids[0]: 2, ids[1]: 4, ids[2]: 2})
             second = await ask(
                 ws, request(NET, input_ids=more, temperature=0, max_tokens=5, session_id=sid)
             )
@@ -339,3 +337,101 @@ def test_an_interrupted_push_resumes_from_the_last_good_chunk(office, tiny_llama
     assert sent["layer_0"] == size - 5 * 4096
     received = pc2 / "models" / "resume-copy" / "blocks" / "layer_0.safetensors"
     assert received.read_bytes() == (copy_root / "blocks" / "layer_0.safetensors").read_bytes()
+
+
+HELD_CLI = '''"""`tiktrue` that waits, the first time it asks for a new config to be committed (the
+node service's writer, or, in the code before it, the first phase of its own broadcast),
+until the test says go: the moment a failover can slip in."""
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tiktrue.node.control_link import ControlLink
+
+hold = Path(os.environ["TIKTRUE_TEST_HOLD"])
+call = ControlLink.call
+
+
+async def held(self, op, payload=None, **fields):
+    if op in ("config_change", "config_prepare") and not hold.exists():
+        hold.write_text(op)
+        while not (hold.parent / "go").exists():
+            await asyncio.sleep(0.05)
+    return await call(self, op, payload, **fields)
+
+
+ControlLink.call = held
+from tiktrue.cli import app  # noqa: E402
+
+sys.argv[0] = "tiktrue"
+app()
+'''
+
+
+def test_a_cli_apply_racing_a_failover_plans_again_and_loses_no_version(tiny_llama, tmp_path):
+    """`tiktrue network apply` measures and plans against v1 and pushes its blocks; as it
+    commits, a worker dies and the admin's failover commits v2 (its backup takes over). The
+    apply must not land on top of v2 (before the one writer, it wrote v2 too: two configs of
+    one version, one of them dropped by the conflict rule, which could undo the failover):
+    it plans again on v2 and commits v3. Every live node ends on v3; no conflict anywhere."""
+    order = tiny_llama.manifest.model_chain_order
+    half = len(order) // 2
+    homes, _ = prepare_local_network(
+        tmp_path / "net",
+        tiny_llama,
+        network_id="race",
+        spans=[Span(tuple(order[:half])), Span(tuple(order[half:]))],
+        backups=[Span(tuple(order[half:]))],
+    )
+    admin, worker, backup = homes
+    lost = node_identity(worker).node_id
+    (tmp_path / "held_cli.py").write_text(HELD_CLI)
+    hold = tmp_path / "hold"
+    env = {**os.environ, "TIKTRUE_HOME": str(admin), "TIKTRUE_TEST_HOLD": str(hold)}
+    with LocalCluster(homes, kv_budget_mb=16) as cluster:
+        _wait_for_version(admin, "race", 1)
+        applying = subprocess.Popen(
+            [sys.executable, str(tmp_path / "held_cli.py"), "network", "apply", "race"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for(hold.exists, "the apply to reach its commit", applying)
+            cluster.kill(1)  # the worker's PC goes off: the admin's backup takes over
+            _wait_for(lambda: _failover(admin, lost), "the failover of the worker", applying)
+            (tmp_path / "go").write_text("")
+            out, err = applying.communicate(timeout=300)
+        finally:
+            applying.kill()
+        done = _failover(admin, lost)
+        final = read_config(config_path(admin, "race"))
+        held = read_config(config_path(backup, "race"))
+    assert applying.returncode == 0, err
+    assert done == "backup took over (config v2)", done
+    assert "moved to config v2" in err and "planning again" in err, err
+    assert f"now runs config v{final.version}" in out and final.version == 3, out
+    assert lost not in {n.node_id for n in final.chain()}  # the failover was not undone
+    assert config_digest(held) == config_digest(final)
+    for home in (admin, backup):
+        events = {e["event"] for e in recent_events(events_path(home), 1000, "race")}
+        assert "config_conflict" not in events, home
+
+
+def _wait_for(check, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if process.poll() is not None:
+            raise AssertionError(f"the CLI ended before {what}: {process.communicate()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _failover(home, node_id: str) -> str | None:
+    """What the admin's failover of ``node_id`` did (its event), once it is done."""
+    for event in recent_events(events_path(home), 1000, "race"):
+        if event["event"] == "failover" and event.get("node_id") == node_id:
+            return event["done"]
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import websockets
 from tests.helpers.cluster import node_connection
 from tests.helpers.network import control_address
 from tests.test_cli import tiktrue
+from tiktrue import limits
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import sign_config
 from tiktrue.model.engine import Span
@@ -499,3 +501,71 @@ def test_a_node_that_left_is_refused_although_its_certificate_is_valid(secured):
     assert reply["ok"] is False and reply["code"] == "not_a_member", reply
     still = ask()
     assert still.get("code") != "not_a_member", still  # back in the config: answered again
+
+
+def test_a_flood_without_certificates_is_capped_per_source(secured):
+    """From one address (127.0.0.2: another PC of the LAN), connections without a certificate
+    over the source's cap are closed right after their TLS handshake and, over its cap of
+    open connections, at once, before any TLS; a member behind the same address still gets
+    in, and the counts come back when the flood stops."""
+    homes, config = secured
+    address = control_address(homes[1])
+    host, port = address.rsplit(":", 1)
+    source = ("127.0.0.2", 0)
+    member = control_client_context(NetworkCredentials.load(homes[2], NET))
+
+    async def hello(context) -> dict | Exception:
+        try:
+            async with websockets.connect(
+                f"wss://{address}", ssl=context, local_addr=source, open_timeout=CEILING
+            ) as ws:
+                await ws.send(json.dumps({"op": "hello", "id": "h", "nonce": "00" * 16}))
+                return json.loads(await asyncio.wait_for(ws.recv(), CEILING))
+        except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed) as exc:
+            return exc
+
+    async def go():
+        certless = [
+            await websockets.connect(
+                f"wss://{address}", ssl=control_client_context(), local_addr=source
+            )
+            for _ in range(limits.MAX_CERTLESS_PER_SOURCE)
+        ]
+        one_more = await hello(control_client_context())
+        with_cert = await hello(member)
+        raw = [  # sockets that never start TLS, up to the source's cap of open connections
+            await asyncio.open_connection(host, int(port), local_addr=source)
+            for _ in range(limits.MAX_CONNECTIONS_PER_SOURCE - len(certless))
+        ]
+        try:
+            await asyncio.wait_for(
+                asyncio.open_connection(
+                    host, int(port), ssl=control_client_context(), local_addr=source
+                ),
+                CEILING,
+            )
+            over = None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            over = exc
+        for ws in certless:
+            await ws.close()
+        for _, writer in raw:
+            writer.close()
+        return one_more, with_cert, over
+
+    one_more, with_cert, over = asyncio.run(go())
+    assert isinstance(one_more, Exception), one_more
+    assert with_cert.get("ok") and with_cert["node_id"] == config.nodes[1].node_id, with_cert
+    assert over is not None, "a connection over the source's cap got a TLS handshake"
+    log = (homes[1] / "node.log").read_text(errors="replace")
+    assert "from 127.0.0.2: too many connections without a certificate" in log
+    assert "from 127.0.0.2: too many connections (" in log
+
+    def counted_again() -> bool:  # the flood gone: the address gets in again
+        reply = asyncio.run(hello(control_client_context()))
+        return isinstance(reply, dict) and reply.get("ok")
+
+    deadline = time.monotonic() + CEILING
+    while not counted_again():
+        assert time.monotonic() < deadline, "the address was not let in again"
+        time.sleep(0.2)

@@ -12,6 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.helpers.network import accept
+from tiktrue.control import join as joining
 from tiktrue.control import network_manager as nm
 from tiktrue.model.store import MANIFEST, BlockStore, chunk_aad
 from tiktrue.protocol.frames import encode_bytes_frame
@@ -70,11 +72,11 @@ def test_a_worker_certificate_is_not_an_admin(tiny_llama, tmp_path):
     home = tmp_path / "admin"
     nm.create_network(home, "A", tiny_llama, network_id="net-a")
     worker = tmp_path / "worker"
-    secret = nm.parse_token(nm.create_join_token(home, "net-a"))[2]
-    request = nm.make_join_request(
+    secret = joining.parse_token(joining.create_join_token(home, "net-a"))[2]
+    request = joining.make_join_request(
         worker, "net-a", host="127.0.0.1", block_port=7001, control_port=7002, token_secret=secret
     )
-    grant = nm.accept_join(home, request)
+    grant = accept(home, request)
     caller = proved(server_for(home), grant.node_cert.encode(), node_identity(worker))
     assert caller.role == "worker"
     check_control("health", Caller.member(caller), "net-a")
@@ -91,8 +93,8 @@ def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
 
     home = tmp_path / "admin"
     nm.create_network(home, "A", tiny_llama, network_id="net-a")
-    secret = nm.parse_token(nm.create_join_token(home, "net-a"))[2]
-    request = nm.make_join_request(
+    secret = joining.parse_token(joining.create_join_token(home, "net-a"))[2]
+    request = joining.make_join_request(
         tmp_path / "worker",
         "net-a",
         host="127.0.0.1",
@@ -100,7 +102,7 @@ def test_heartbeat_and_health_ops(tiny_llama, tmp_path):
         control_port=7002,
         token_secret=secret,
     )
-    grant = nm.accept_join(home, request)
+    grant = accept(home, request)
     worker_cert = member(grant.node_cert.encode())
     admin_cert = member((home / "networks" / "net-a" / "node_cert.pem").read_bytes())
     worker_id = node_identity(tmp_path / "worker").node_id
@@ -170,7 +172,7 @@ def test_only_a_chunk_that_does_not_decrypt_is_called_so(tiny_llama, tmp_path):
 
     (home / "networks" / "net-a" / nm.BLOCK_KEY).unlink()  # a node that never got the key
     no_key = push(sealed)
-    assert no_key["code"] == "join_refused", no_key
+    assert no_key["code"] == "no_block_key", no_key
     assert no_key["message"] == "this node holds no block key for network net-a"
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.helpers.network import control_address, wait_until
-from tiktrue.control.network_manager import make_join_request, parse_token
+from tiktrue.control.join import make_join_request, parse_token
 from tiktrue.node.control_link import ControlLink
 from tiktrue.node.resources import NodeCaps, free_ports
 from tiktrue.protocol.network_config import config_path, read_config

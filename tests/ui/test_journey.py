@@ -98,11 +98,8 @@ def test_first_run_from_a_repository_then_pcs_join_by_token_and_by_approval(
     `tiktrue app` (no node runs there: it starts one) and joins that network with a join
     token made in PC 1's UI, then asks to join a second network of PC 1 and waits on screen
     until PC 1's admin approves. `tiktrue app` on PC 1, whose node runs, opens that node."""
-    from tiktrue.control.network_manager import (
-        approve_join_request,
-        list_join_requests,
-        list_joined_networks,
-    )
+    from tiktrue.control.join import list_join_requests
+    from tiktrue.control.network_manager import list_joined_networks
 
     home1 = tmp_path / "pc1"
     cluster = ui_node(home1, model=False)
@@ -162,7 +159,9 @@ def test_first_run_from_a_repository_then_pcs_join_by_token_and_by_approval(
             ],
             "PC 2's join request",
         )
-        approve_join_request(home1, lab, request_id)
+        approve = [sys.executable, "-m", "tiktrue", "network", "approve", lab, request_id]
+        env = {**os.environ, HOME_ENV: str(home1)}  # on PC 1, to its node service
+        subprocess.run(approve, env=env, check=True, capture_output=True, timeout=120)
         expect(other.get_by_text("This PC is in the network")).to_be_visible()
         assert {c.name for c in list_joined_networks(home2)} == {"Office", "Lab"}
 

@@ -194,9 +194,10 @@ async def check_prepare(
 
 
 def with_control_port(config: NetworkConfig, node_id: str, port: int) -> NetworkConfig | None:
-    """The next config version with ``node_id``'s control channel on ``port`` (a node that
-    restarted on another port); None when it is there already or the node is not a member.
-    Only the port moves: the host is also the node's block-server address."""
+    """``config`` with ``node_id``'s control channel on ``port`` (a node that restarted on
+    another port); None when it is there already or the node is not a member. Only the port
+    moves: the host is also the node's block-server address. (A new version: ``ControlPort``
+    through the network's writer.)"""
     try:
         entry = config.node(node_id)
     except ConfigError:
@@ -208,12 +209,22 @@ def with_control_port(config: NetworkConfig, node_id: str, port: int) -> Network
         for n in config.nodes
     ]
     return NetworkConfig.model_validate(
-        {
-            **config.model_dump(),
-            "nodes": [n.model_dump() for n in nodes],
-            "version": config.version + 1,
-        }
+        {**config.model_dump(), "nodes": [n.model_dump() for n in nodes]}
     )
+
+
+@dataclass(frozen=True)
+class ControlPort:
+    """A node's control channel moved to ``port``: a change for the network's writer."""
+
+    node_id: str
+    port: int
+
+    def apply(self, current: NetworkConfig) -> NetworkConfig | None:
+        return with_control_port(current, self.node_id, self.port)
+
+    def describe(self) -> str:
+        return f"node {self.node_id}'s control port is {self.port} now"
 
 
 async def pull_config(

@@ -27,9 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiktrue.control.config_writer import ConfigWriter
 from tiktrue.control.health_monitor import DEAD, ONLINE, HealthMonitor
-from tiktrue.control.network_admin import apply_plan, load, make_plan, push_config
+from tiktrue.control.network_admin import load
 from tiktrue.control.planner import PlanError
+from tiktrue.control.plans import apply_network
 from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import NetworkConfig
 
@@ -39,7 +41,8 @@ log = logging.getLogger("tiktrue.failover")
 def activate_backup_worker(config: NetworkConfig, lost: set[str]) -> NetworkConfig | None:
     """The config in which a backup takes over the span of a lost node, or None when no
     backup covers it. A backup's replica must be exactly the spans of consecutive chain
-    nodes (none of them the admin); those nodes become backups of their own spans."""
+    nodes (none of them the admin); those nodes become backups of their own spans. (Its
+    version is the network's writer's to number: see ``TakeOver``.)"""
     chain = config.chain()
     lost_in_chain = [n for n in chain if n.node_id in lost]
     if not lost_in_chain:
@@ -64,21 +67,35 @@ def activate_backup_worker(config: NetworkConfig, lost: set[str]) -> NetworkConf
             for n in config.nodes
         ]
         return NetworkConfig.model_validate(
-            {
-                **config.model_dump(),
-                "nodes": [n.model_dump() for n in nodes],
-                "version": config.version + 1,
-            }
+            {**config.model_dump(), "nodes": [n.model_dump() for n in nodes]}
         )
     return None
 
 
-async def redistribute_blocks(data_dir: Path, network_id: str, lost: set[str]) -> NetworkConfig:
+@dataclass(frozen=True)
+class TakeOver:
+    """A backup takes over the spans of the ``lost`` nodes, in the config as the network's
+    writer finds it (None: no backup covers them there)."""
+
+    lost: frozenset[str]
+
+    def apply(self, current: NetworkConfig) -> NetworkConfig | None:
+        return activate_backup_worker(current, set(self.lost))
+
+    def describe(self) -> str:
+        return f"a backup takes over from {', '.join(sorted(self.lost))}"
+
+
+async def redistribute_blocks(
+    data_dir: Path, network_id: str, lost: set[str], writer: ConfigWriter
+) -> NetworkConfig:
     """Plan the chain over the nodes still alive, push the blocks they lack, switch.
     Raises ``PlanError`` (saying what is missing) when the rest cannot hold the model."""
-    plan, _ = await make_plan(data_dir, network_id, without=lost)
-    log.info("network %s: redistributing without %s\n%s", network_id, lost, plan.describe())
-    return await apply_plan(data_dir, network_id, plan, lost=lost)
+
+    def planned(plan) -> None:
+        log.info("network %s: redistributing without %s\n%s", network_id, lost, plan.describe())
+
+    return await apply_network(data_dir, network_id, writer=writer, lost=lost, planned=planned)
 
 
 RETRY_BACK_S = 5.0  # a node whose re-plan failed is tried again at a beat after this long
@@ -96,12 +113,9 @@ class FailoverState:
 class FailoverManager:
     """Runs on the admin node. ``node_lost`` comes from the health monitor (a node dead) and
     from a gateway whose chain failed; ``answered`` from every good beat of a node (``watch``
-    wires both to a monitor). A new config is pushed to the nodes still alive, then written
-    here (the local service reloads); ``event`` records what happened.
-
-    Each network's config changes one at a time: ``locks`` (shared with the node service's own
-    config writes: a re-announced control port, a broadcast, a re-plan after a join) keeps two
-    of them from making the same version with different content.
+    wires both to a monitor). Its new configs go through the network's one ``writer``, with
+    every other change of the network: none makes the same version as another, or undoes
+    it; ``event`` records what happened. One failover decision per network at a time.
 
     Returning is level-triggered: a lost node that answers a beat is planned back in, whenever
     it answers, not only on the beat that turned it online. A node may answer again while its
@@ -113,15 +127,16 @@ class FailoverManager:
     def __init__(
         self,
         data_dir: Path,
+        writer: ConfigWriter,
         *,
         event: Callable[..., None] | None = None,
-        locks: dict[str, asyncio.Lock] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.writer = writer
         self.event = event or (lambda *a, **k: None)
         self.networks: dict[str, FailoverState] = {}
-        self.locks = locks if locks is not None else defaultdict(asyncio.Lock)
+        self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # a decision at a time
         self.clock = clock
         self._returns: dict[tuple[str, str], asyncio.Task] = {}  # planning a node back in
         self._retry_at: dict[tuple[str, str], float] = {}  # after a failed re-plan
@@ -215,16 +230,18 @@ class FailoverManager:
                 return "it answered again before its failover began: nothing to take over"
             state = self.state(network_id)
             state.lost.add(node_id)
-            config, credentials = load(self.data_dir, network_id)
+            config, _ = load(self.data_dir, network_id)
             if not any(n.node_id in state.lost for n in config.chain()):
                 return "not in the chain: nothing to take over"
-            new = activate_backup_worker(config, state.lost)
+            lost = frozenset(state.lost)
+            new = await self.writer.commit(network_id, TakeOver(lost), skip=set(lost))
             if new is not None:
-                await push_config(self.data_dir, new, credentials, skip=state.lost)
                 done = f"backup took over (config v{new.version})"
             else:
                 try:
-                    new = await redistribute_blocks(self.data_dir, network_id, state.lost)
+                    new = await redistribute_blocks(
+                        self.data_dir, network_id, set(lost), self.writer
+                    )
                     done = f"blocks redistributed (config v{new.version})"
                 except PlanError as exc:
                     state.degraded = str(exc)
@@ -257,8 +274,9 @@ class FailoverManager:
                 state.lost.discard(node_id)
                 return "nothing to do"
             try:
-                plan, _ = await make_plan(self.data_dir, network_id, without=others)
-                new = await apply_plan(self.data_dir, network_id, plan, lost=others)
+                new = await apply_network(
+                    self.data_dir, network_id, writer=self.writer, lost=others
+                )
             except PlanError as exc:  # back, but the network still cannot hold the model
                 state.lost.discard(node_id)
                 state.degraded = str(exc)

@@ -1,38 +1,30 @@
-"""What the admin of a network does over the control channel: ask every node how it is, plan
-the spans, push blocks and the new config, set caps. The CLI (and later the web UI) call these.
+"""What the admin of a network asks its nodes over the control channel: how each one is
+(``network_status``, with health from the running admin's monitor), its caps, who a node at an
+address is, and a graceful leave. Plans and their application are in ``control.plans``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tiktrue.control.config_sync import SyncReport, broadcast_config_updates
-from tiktrue.control.distributor import PushProgress, push_blocks
-from tiktrue.control.network_manager import JoinError
-from tiktrue.control.planner import (
-    ModelProfile,
-    NodeCapacity,
-    Plan,
-    PlanError,
-    plan_with_backups,
-)
+from tiktrue.control.config_sync import SyncError
+from tiktrue.control.join import JoinError
+from tiktrue.control.local_service import local_control_address, poke_local_service
+from tiktrue.control.network_manager import leave_network
+from tiktrue.control.planner import PlanError
 from tiktrue.model.errors import ModelError
-from tiktrue.model.store import BlockStore
 from tiktrue.node.control_link import ControlError, ControlLink
 from tiktrue.node.peer_link import PeerUnavailable
-from tiktrue.node.resources import ram_cap
 from tiktrue.protocol.network_config import (
     ConfigError,
     NetworkConfig,
-    Revoked,
     config_path,
     read_config,
 )
 from tiktrue.security.auth_manager import IdentityError, SecurityError
-from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.security.node_tls import NetworkCredentials
 
 REPORT_TIMEOUT_S = 10.0  # a hung node must not hang ``network status``
 # The refusals of the admin's operations, each with a message meant for people: the CLI
@@ -40,6 +32,7 @@ REPORT_TIMEOUT_S = 10.0  # a hung node must not hang ``network status``
 REFUSALS = (
     ConfigError,
     JoinError,
+    SyncError,
     PlanError,
     ModelError,
     ControlError,
@@ -171,214 +164,12 @@ async def admin_health(
         return None
 
 
-def local_control_address(data_dir: Path) -> str | None:
-    """Where the node service running from this data dir listens (its run file)."""
-    import json
-
-    from tiktrue.paths import run_file
-
-    path = run_file(data_dir)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text("utf-8")).get("control")
-
-
 def _state(report: dict, network: dict) -> str:
     if report.get("state") != "online":
         return report.get("state", "offline")
     if network.get("serving"):
         return "serving"
     return network.get("waiting") or "idle"
-
-
-def capacities(status: dict) -> list[NodeCapacity]:
-    """What each online node can give, under its caps."""
-    out = []
-    for node in status["nodes"]:
-        resources, caps = node.get("resources"), node.get("caps") or {}
-        down = node["state"] in ("offline", "suspect", "dead")
-        if down or not resources or not node.get("bytes_per_ms"):
-            continue
-        ram = ram_cap(caps.get("ram_bytes"), resources["ram_total_bytes"])
-        disk = caps.get("disk_bytes") or int(resources["disk_free_bytes"] * 0.9)
-        out.append(
-            NodeCapacity(
-                node_id=node["node_id"],
-                ram_bytes=ram,
-                disk_bytes=disk,
-                bytes_per_ms=node["bytes_per_ms"],
-                link_ms=node.get("link_ms") or 0.0,
-            )
-        )
-    return out
-
-
-def with_caps(status: dict, caps: dict[str, dict]) -> dict:
-    """``status`` as if the nodes in ``caps`` (node id -> ``NodeCaps`` fields) had those caps:
-    a plan preview tries caps on one measurement before they are set on the nodes."""
-    return {
-        **status,
-        "nodes": [
-            {**node, "caps": {**(node.get("caps") or {}), **caps[node["node_id"]]}}
-            if node["node_id"] in caps
-            else node
-            for node in status["nodes"]
-        ],
-    }
-
-
-def plan_from_status(
-    data_dir: Path,
-    network_id: str,
-    status: dict,
-    *,
-    overrides: dict[str, int] | None = None,
-    context_tokens: int | None = None,
-) -> Plan:
-    """Plan the spans on the nodes as ``network_status(probe=True)`` measured them, holding
-    back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
-    on every node (default: what the network's config says; applying the plan records it).
-    No I/O but the local store's manifest."""
-    config, credentials = load(data_dir, network_id)
-    context_tokens = context_tokens or config.context_tokens
-    store = BlockStore(Path(data_dir) / "models" / config.model_id)
-    model = ModelProfile.from_manifest(store.manifest, store.config())
-    return plan_with_backups(
-        model,
-        capacities(status),
-        config.backup_nodes,
-        keep_first=credentials.identity.node_id,
-        context_tokens=context_tokens,
-        overrides=overrides,
-    )
-
-
-async def make_plan(
-    data_dir: Path,
-    network_id: str,
-    *,
-    overrides: dict[str, int] | None = None,
-    context_tokens: int | None = None,
-    without: set[str] = frozenset(),
-) -> tuple[Plan, dict]:
-    """Measure every node (``without`` those leaving or lost) and plan the spans
-    (``plan_from_status``)."""
-    status = await network_status(data_dir, network_id, probe=True, without=without)
-    plan = plan_from_status(
-        data_dir, network_id, status, overrides=overrides, context_tokens=context_tokens
-    )
-    return plan, status
-
-
-async def apply_plan(
-    data_dir: Path,
-    network_id: str,
-    plan: Plan,
-    *,
-    progress: Callable[[PushProgress], None] | None = None,
-    remove: set[str] = frozenset(),
-    lost: set[str] = frozenset(),
-    revoke: list[Revoked] = (),
-) -> NetworkConfig:
-    """Push every node the blocks of its new span (and each backup its replica), then the new
-    config to every node: without the nodes in ``remove``, which are leaving (and on the
-    revocation list, the ``revoke`` ones); the ``lost`` ones stay members (they pull the
-    config when they return) but are not asked now."""
-    config, credentials = load(data_dir, network_id)
-    store = BlockStore(Path(data_dir) / "models" / config.model_id)
-    by_id = {n.node_id: n for n in config.nodes}
-    me = credentials.identity.node_id
-    holds = {**plan.assignments, **plan.backups}
-    for node_id, blocks in holds.items():
-        if node_id != me:
-            await push_blocks(
-                data_dir, network_id, store, by_id[node_id], blocks, progress=progress
-            )
-    nodes = [
-        n.model_copy(update={"blocks": list(holds.get(n.node_id, [])), "role": _role(n, plan)})
-        for n in config.nodes
-        if n.node_id not in remove
-    ]
-    new = NetworkConfig.model_validate(
-        {
-            **config.model_dump(),
-            "nodes": [n.model_dump() for n in nodes],
-            "version": config.version + 1,
-            "context_tokens": plan.context_tokens,
-            "revoked": [*config.revoked, *revoke],
-        }
-    )
-    await push_config(data_dir, new, credentials, skip=lost)
-    return new
-
-
-async def remove_node(
-    data_dir: Path, network_id: str, node_id: str, *, revoke: bool, reason: str = ""
-) -> NetworkConfig:
-    """The admin drops ``node_id`` from the network: when it holds blocks the network is
-    planned again without it first (its span moves to the others), else a config without it
-    is pushed. With ``revoke`` (``tiktrue network remove``) its certificates go on the
-    revocation list of that signed config: every node refuses them as soon as it commits the
-    config, on open connections too. Without it (a node leaving by itself) it may join
-    again."""
-    config, credentials = load(data_dir, network_id)
-    leaving = config.node(node_id)
-    if leaving.role == "admin":
-        raise ConfigError(f"node {node_id} is the admin of {network_id}; it cannot be removed")
-    revoked = [Revoked(node_id=node_id, reason=reason[:200])] if revoke else []
-    if leaving.blocks:
-        plan, _ = await make_plan(data_dir, network_id, without={node_id})
-        return await apply_plan(data_dir, network_id, plan, remove={node_id}, revoke=revoked)
-    new = NetworkConfig.model_validate(
-        {
-            **config.model_dump(),
-            "nodes": [n.model_dump() for n in config.nodes if n.node_id != node_id],
-            "version": config.version + 1,
-            "revoked": [*config.revoked, *revoked],
-        }
-    )
-    await push_config(data_dir, new, credentials)
-    return new
-
-
-def _role(node, plan: Plan) -> str:
-    """The admin stays admin; a node holding a replica is a backup, one in the chain a worker."""
-    if node.role == "admin":
-        return "admin"
-    if node.node_id in plan.backups:
-        return "backup"
-    return "worker" if node.node_id in plan.assignments else node.role
-
-
-async def push_config(
-    data_dir: Path,
-    config: NetworkConfig,
-    credentials,
-    *,
-    skip: set[str] = frozenset(),
-    **options,
-) -> SyncReport:
-    """Switch every node to ``config`` (two-phase, acknowledged, retried: see ``config_sync``;
-    the nodes in ``skip`` are lost: not asked now, they pull the config when they return),
-    then this node's own service."""
-    report = await broadcast_config_updates(data_dir, config, credentials, skip=skip, **options)
-    await poke_local_service(data_dir)
-    return report
-
-
-async def poke_local_service(data_dir: Path) -> bool:
-    """Ask the node service running from this data dir to re-read its configs (as its owner:
-    this process can read the node's key)."""
-    control = local_control_address(data_dir)
-    if not control:
-        return False
-    identity = node_identity(data_dir)
-    try:
-        async with ControlLink(control, expected_node_id=identity.node_id, owner=identity) as link:
-            await link.call("reload")
-    except (PeerUnavailable, ControlError, IdentityError, OSError):
-        return False
-    return True
 
 
 async def set_caps(data_dir: Path, network_id: str, node_id: str, caps: dict) -> dict:
@@ -409,8 +200,6 @@ def probe_announcement(host: str, port: int):
 async def leave_gracefully(data_dir: Path, network_id: str) -> None:
     """This node leaves: the admin re-plans without it and moves its blocks, then it forgets
     the network. Its block server keeps serving until the new chain is in place."""
-    from tiktrue.control.network_manager import leave_network
-
     config, credentials = load(data_dir, network_id)
     me = credentials.identity.node_id
     admin = next(n for n in config.nodes if n.role == "admin")

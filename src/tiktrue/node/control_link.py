@@ -31,10 +31,11 @@ TIMEOUT = 30.0
 class ControlError(Exception):
     """The other node refused a control request; ``code`` says why."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, info: dict | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.info = info or {}  # the numbers of the refusal, where it has some
 
 
 class ControlLink:
@@ -148,5 +149,6 @@ class ControlLink:
         except (websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
             raise PeerUnavailable(f"{self.address} did not answer {op}: {exc}") from exc
         if not reply.get("ok"):
-            raise ControlError(reply.get("code", "error"), reply.get("message", ""))
+            info = reply.get("info") if isinstance(reply.get("info"), dict) else None
+            raise ControlError(reply.get("code", "error"), reply.get("message", ""), info)
         return reply

@@ -40,8 +40,12 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "node_info": _ALL,  # anyone: what discovery shows; the owner and members: everything
     "join": _ALL,
     "join_status": _ALL,
-    # this PC's own CLI
+    # this PC's own CLI: re-read the configs; changes of a network it administers, which go
+    # through the node service's one writer of that network's config
     "reload": frozenset({OWNER}),
+    "config_change": frozenset({OWNER}),
+    "join_decide": frozenset({OWNER}),
+    "join_token": frozenset({OWNER}),
     # members of the network
     "ping": _MEMBERS | {OWNER},
     "health": _MEMBERS,  # the admin's health view (``network status`` on any member)

@@ -6,8 +6,11 @@ Every connection starts as ``anyone``; the challenge (``hello``, ``auth``; see
 own key (``owner``: the CLI of this PC; trust never comes from an address). Before every
 operation ``security.access_control.check_control`` says whether the caller may do it: a
 caller without a certificate reaches only who this node is and the join handshake, in
-messages of at most ``limits.MAX_UNPROVED_MESSAGE_BYTES``. A certificate revoked by a
-network's signed config (or expired) stops working at once, on open connections too."""
+messages of at most ``limits.MAX_UNPROVED_MESSAGE_BYTES``, and costs bounded work: the port's
+per-source caps (``security.connection_limits``) close a source's connections over its cap
+before the TLS handshake, pace its handshakes, cap its connections without a certificate right
+after the handshake and pace their requests. A certificate revoked by a network's signed
+config (or expired) stops working at once, on open connections too."""
 
 from __future__ import annotations
 
@@ -20,18 +23,21 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import websockets
 from cryptography import x509
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from tiktrue import limits
 from tiktrue.control import config_sync
+from tiktrue.control import join as joining
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_signing import ConfigSignatureError, sign_config
+from tiktrue.control.config_writer import ConfigWriter
 from tiktrue.control.discovery import announcement_for
 from tiktrue.control.planner import PlanError
+from tiktrue.control.plans import OwnerChange, remove_node
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
@@ -51,6 +57,7 @@ from tiktrue.protocol.network_config import (
     write_config,
 )
 from tiktrue.protocol.protocol_spec import ProtocolError
+from tiktrue.security import connection_limits
 from tiktrue.security.access_control import (
     ANONYMOUS,
     ANYONE,
@@ -60,6 +67,7 @@ from tiktrue.security.access_control import (
     check_control,
 )
 from tiktrue.security.auth_manager import IdentityError, certificate_info
+from tiktrue.security.connection_limits import CERTLESS, SourceLimiter, Ticket
 from tiktrue.security.crypto_layer import BlockDecryptionError, decrypt_block_transfer
 from tiktrue.security.link_auth import LinkChallenge, parse_nonce, parse_proof, session_binding
 from tiktrue.security.node_tls import (
@@ -69,10 +77,8 @@ from tiktrue.security.node_tls import (
     pem_to_der,
 )
 
-if TYPE_CHECKING:
-    from tiktrue.service.service_runner import NodeService
-
 log = logging.getLogger("tiktrue.control")
+OWNER_CHANGE = TypeAdapter(OwnerChange)
 _TEST_HOOKS = os.environ.get("TIKTRUE_TEST_HOOKS") == "1"
 LOSE_REPLIES = "test_lose_replies.json"  # {op: how many replies to lose}, with the hooks on
 
@@ -93,6 +99,33 @@ class Connection:
     peer_cert: bytes | None  # DER of the certificate it showed in TLS, if any
     caller: Caller = ANONYMOUS
     challenge: LinkChallenge | None = None
+    ticket: Ticket | None = None  # its place in the per-source caps (connection_limits)
+
+
+class ControlHost(Protocol):
+    """What the control channel needs of the node it serves (``NodeService``, or a test's
+    stand-in): the channel answers, the node acts."""
+
+    data_dir: Path
+    identity: Any  # NodeIdentity
+    host: str
+    writer: ConfigWriter  # the one writer of the configs of the networks it administers
+    admin_beats: dict[str, float]
+    health: dict[str, Any]  # network -> HealthMonitor, where this node is the admin
+
+    async def reload(self, *, force: bool = False) -> None: ...
+    def node_info(self) -> dict: ...
+    def heartbeat(self, network_id: str) -> dict: ...
+    def caps(self) -> Any: ...
+    def set_caps(self, caps: dict) -> dict: ...
+    def blocks_arrived(self, network_id: str) -> None: ...
+    def schedule_replan(self, network_id: str, delay: float = 1.0) -> None: ...
+    async def record_control_address(
+        self, network_id: str, node_id: str, control: str | None
+    ) -> NetworkConfig: ...
+    def config_alert(self, network_id: str) -> Any: ...
+    async def chain_broken(self, network_id: str, why: str) -> None: ...
+    def in_background(self, coro) -> None: ...
 
 
 def probe_speed(seconds: float = 0.3) -> float:
@@ -111,7 +144,7 @@ def probe_speed(seconds: float = 0.3) -> float:
 
 
 class ControlServer:
-    def __init__(self, service: NodeService) -> None:
+    def __init__(self, service: ControlHost) -> None:
         self.service = service
         self.data_dir = service.data_dir
         self.identity = service.identity
@@ -123,14 +156,16 @@ class ControlServer:
         self.connections: dict[Any, Connection] = {}
         self.revoked: dict[str, frozenset[str]] = {}  # network -> node ids it removed
         self._closing: set[asyncio.Task] = set()
+        self.limiter = SourceLimiter()  # what callers without a certificate may cost
         self._read_revoked()
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await websockets.serve(
+        self._server = await connection_limits.serve(  # per-source caps, before TLS and after
             self._handle,
             host,
             port,
-            ssl=self.context,
+            ssl_context=self.context,
+            limiter=self.limiter,
             max_size=limits.MAX_UNPROVED_MESSAGE_BYTES,  # raised once a member proves
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
@@ -140,6 +175,7 @@ class ControlServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self.limiter.close()
             await self._server.wait_closed()
 
     def refresh_trust(self) -> None:
@@ -175,11 +211,16 @@ class ControlServer:
     async def _handle(self, ws) -> None:
         ssl_object = ws.transport.get_extra_info("ssl_object")
         conn = Connection(
-            ws, str(ws.remote_address[0]), ssl_object.getpeercert(binary_form=True) or None
+            ws,
+            str(ws.remote_address[0]),
+            ssl_object.getpeercert(binary_form=True) or None,
+            ticket=getattr(ws, "limiter_ticket", None),
         )
         self.connections[ws] = conn
         try:
             async for raw in ws:
+                if conn.ticket is not None and conn.ticket.state == CERTLESS:
+                    await self.limiter.certless_turn(conn.ticket)  # paced, per source
                 reply, close = await self._answer(raw, conn)
                 if _TEST_HOOKS and self._lose_reply(raw):
                     await ws.close()  # test hook: the work is done, its acknowledgement lost
@@ -213,7 +254,7 @@ class ControlServer:
             return _error(request_id, exc.code, str(exc)), exc.close
         except (
             AccessDenied,
-            nm.JoinError,
+            joining.JoinError,
             block_receiver.ReceiveError,
             StoreError,
             ProtocolError,
@@ -223,7 +264,8 @@ class ControlServer:
         ) as exc:
             return _error(request_id, exc.code, str(exc)), False
         except (ConfigError, PlanError) as exc:  # a config or plan that cannot be made
-            return _error(request_id, "refused", str(exc)), False
+            code = getattr(exc, "code", "refused")
+            return _error(request_id, code, str(exc), getattr(exc, "info", None)), False
         except (ValueError, ValidationError, KeyError, TypeError, RecursionError) as exc:
             return _error(request_id, "bad_request", str(exc)), False
         except Exception as exc:  # a bug: answer it and keep serving
@@ -279,6 +321,8 @@ class ControlServer:
             if header.get("as") == OWNER:
                 challenge.check_key(self.identity.public_key, proof)
                 conn.caller = Caller(OWNER, node_id=self.identity.node_id)
+                if conn.ticket is not None:
+                    self.limiter.proved(conn.ticket)  # no longer paced as a stranger
             else:
                 conn.caller = Caller.member(self._check_member(conn, challenge, proof))
                 conn.ws.protocol.max_message_size = HARD_FRAME_LIMIT  # block pushes
@@ -311,13 +355,10 @@ class ControlServer:
         return self.service.node_info()
 
     async def op_join(self, header, payload, conn: Connection) -> dict:
-        request = nm.JoinRequest.model_validate(header["request"])
-        if config_path(self.data_dir, request.network_id).is_file():
-            # a token's grant writes the next config: not beside a failover's or a leave's
-            async with self.service.config_locks[request.network_id]:
-                outcome = nm.accept_join(self.data_dir, request, source=conn.source)
-        else:  # no such network here: accept_join says so (no lock made for a made-up id)
-            outcome = nm.accept_join(self.data_dir, request, source=conn.source)
+        request = joining.JoinRequest.model_validate(header["request"])
+        outcome = await joining.accept_join(
+            self.data_dir, self.service.writer, request, source=conn.source
+        )
         if isinstance(outcome, str):
             return {"state": "pending", "request_id": outcome}
         await self._joined(request.network_id)
@@ -328,8 +369,8 @@ class ControlServer:
         self.service.schedule_replan(network_id)
 
     async def op_join_status(self, header, payload, conn: Connection) -> dict:
-        request = nm.JoinRequest.model_validate(header["request"])
-        state, grant = nm.join_status(self.data_dir, request, header["request_id"])
+        request = joining.JoinRequest.model_validate(header["request"])
+        state, grant = joining.join_status(self.data_dir, request, header["request_id"])
         if state == "approved":
             await self._joined(request.network_id)
         return {"state": state, "grant": grant.model_dump() if grant else None}
@@ -397,16 +438,15 @@ class ControlServer:
 
     async def op_leave(self, header, payload, conn: Connection) -> dict:
         """A member leaves (it asks with its own certificate): admin re-plans without it."""
-        from tiktrue.control.network_admin import remove_node
-
         network_id = header["network_id"]
         nm.admin_ca(self.data_dir, network_id)  # only the admin handles leaves
-        async with self.service.config_locks[network_id]:
-            config = read_config(config_path(self.data_dir, network_id))
-            if conn.caller.node_id not in {n.node_id for n in config.nodes}:
-                return {"version": config.version}  # asked again (its first answer was lost)
-            new = await remove_node(self.data_dir, network_id, conn.caller.node_id, revoke=False)
-        return {"version": new.version}  # remove_node's push reloaded this node's service
+        config = read_config(config_path(self.data_dir, network_id))
+        if conn.caller.node_id not in config.node_ids:
+            return {"version": config.version}  # asked again (its first answer was lost)
+        new = await remove_node(
+            self.data_dir, network_id, conn.caller.node_id, revoke=False, writer=self.service.writer
+        )
+        return {"version": new.version}
 
     async def op_renew_certificate(self, header, payload, conn: Connection) -> dict:
         """A member's certificate nears its end: the admin issues the next one."""
@@ -424,7 +464,7 @@ class ControlServer:
         """A member's chain failed: the admin looks for lost nodes (in the background)."""
         network_id = header["network_id"]
         nm.admin_ca(self.data_dir, network_id)  # only the admin takes spans over
-        self.service._in_background(
+        self.service.in_background(
             self.service.chain_broken(network_id, str(header.get("why", ""))[:500])
         )
         return {}
@@ -571,6 +611,41 @@ class ControlServer:
         )
         return {"lines": lines}
 
+    # --- this PC's own commands (owner): changes go through the network's one writer ------
+
+    async def op_config_change(self, header, payload, conn: Connection) -> dict:
+        """A change made by this PC's ``tiktrue`` command (its blocks pushed already), in the
+        network's queue like every other; ``config_changed`` when the network moved on since
+        the version it was planned against."""
+        network_id = header["network_id"]
+        nm.admin_ca(self.data_dir, network_id)
+        change = OWNER_CHANGE.validate_python(header["change"])
+        planned = header.get("planned_against")
+        config = await self.service.writer.commit(
+            network_id,
+            change,
+            planned_against=None if planned is None else int(planned),
+            skip=set(header.get("skip") or ()),
+            publish=bool(header.get("publish", True)),
+        )
+        return {"config": None if config is None else config.model_dump(mode="json")}
+
+    async def op_join_decide(self, header, payload, conn: Connection) -> dict:
+        """``tiktrue network approve [--reject]`` on this PC."""
+        state = await joining.decide_join_request(
+            self.data_dir,
+            self.service.writer,
+            header["network_id"],
+            str(header["request_id"]),
+            bool(header.get("approve", True)),
+        )
+        return {"state": state}
+
+    async def op_join_token(self, header, payload, conn: Connection) -> dict:
+        """``tiktrue network token`` on this PC: made here, where tokens are spent."""
+        ttl = float(header.get("ttl", joining.TOKEN_TTL))
+        return {"token": joining.create_join_token(self.data_dir, header["network_id"], ttl)}
+
     def _lose_reply(self, raw) -> bool:
         """Test hook (``TIKTRUE_TEST_HOOKS=1``): lose the next replies to an op, as a network
         that drops an acknowledgement would."""
@@ -587,6 +662,7 @@ class ControlServer:
         return True
 
 
-def _error(request_id, code: str, message: str) -> dict:
-    """A control request's error reply."""
-    return {"in_reply_to": request_id, "ok": False, "code": code, "message": message}
+def _error(request_id, code: str, message: str, info: dict | None = None) -> dict:
+    """A control request's error reply (``info``: the refusal's numbers, where it has some)."""
+    reply = {"in_reply_to": request_id, "ok": False, "code": code, "message": message}
+    return {**reply, "info": info} if info else reply

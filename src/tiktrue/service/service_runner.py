@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,10 +32,12 @@ from tiktrue import __version__
 from tiktrue.control import config_sync
 from tiktrue.control.block_repair import BlockRepairs, corrupt_event, repaired_event
 from tiktrue.control.cert_renewal import keep_renewed
+from tiktrue.control.config_writer import ConfigWriter
 from tiktrue.control.failover_manager import FailoverManager, find_lost
 from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_suspect
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.control.planner import ModelProfile
+from tiktrue.control.plans import apply_network
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.metrics_route import metrics_router
@@ -53,6 +54,7 @@ from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
 from tiktrue.security.node_tls import NetworkCredentials, node_identity, reload_certificate
+from tiktrue.service.control_server import ControlServer
 from tiktrue.service.http_serving import GatewayHttp, trust_router
 from tiktrue.service.node_monitoring import NodeMonitoring
 from tiktrue.service.process_restart import restart_process
@@ -118,13 +120,13 @@ class NodeService:
         self.missing_blocks: dict[str, list[str]] = {}  # network -> blocks of its span not here
         self._pulls: dict[str, asyncio.Task] = {}  # network -> pulling until the admin answers
         self._broadcasts: dict[str, asyncio.Task] = {}  # network -> admin's latest broadcast
-        # admin: one change of a network's config at a time (read, plan, push, write), shared
-        # with the failover manager, so no two changes make the same version
-        self.config_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # admin: the one writer of the configs of the networks it administers (a queue per
+        # network that alone numbers versions): every change goes through it
+        self.writer = ConfigWriter(self.data_dir, on_written=self._config_written)
         self._background: set[asyncio.Task] = set()
         self.events = EventLog(self.data_dir)
         self.failover = FailoverManager(
-            self.data_dir, event=self.events.log_system_events, locks=self.config_locks
+            self.data_dir, self.writer, event=self.events.log_system_events
         )
         self.repairs = BlockRepairs(
             self.data_dir, self.identity.node_id, self.events.log_system_events
@@ -179,8 +181,6 @@ class NodeService:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from tiktrue.service.control_server import ControlServer
-
         self.control = ControlServer(self)
         await self.control.start(self.host, self.control_port)
         level = logging.WARNING if self.address.how == "no LAN address" else logging.INFO
@@ -240,14 +240,15 @@ class NodeService:
         self._replans[network_id] = asyncio.create_task(self._replan(network_id, delay))
 
     async def _replan(self, network_id: str, delay: float) -> None:
-        from tiktrue.control.network_admin import apply_plan, make_plan
-
         await asyncio.sleep(delay)
+
+        def planned(plan) -> None:
+            log.info("network %s: new plan after a join\n%s", network_id, plan.describe())
+
         try:
-            async with self.config_locks[network_id]:
-                plan, _ = await make_plan(self.data_dir, network_id)
-                log.info("network %s: new plan after a join\n%s", network_id, plan.describe())
-                config = await apply_plan(self.data_dir, network_id, plan)
+            config = await apply_network(
+                self.data_dir, network_id, writer=self.writer, planned=planned
+            )
             log.info("network %s: now on config v%d", network_id, config.version)
         except asyncio.CancelledError:
             raise
@@ -281,6 +282,7 @@ class NodeService:
             gateways=self.gateways,
             users=auth.users,
             discover_on=[self.host] if self.announce else None,
+            writer=self.writer,
         )
         ui = self._web_ui() if self.web_ui else None
         routers = [
@@ -426,7 +428,7 @@ class NodeService:
         server.on_peer_lost = lambda node_id, why: self._peer_lost(config.network_id, node_id, why)
         self.servers[config.network_id] = server
         if server.engine is None and not server.block_faults:  # mended while it started
-            self._in_background(self._restart_span(config.network_id, server))
+            self.in_background(self._restart_span(config.network_id, server))
 
     def _blocks_changed(self, network_id: str, faults: dict[str, str]) -> None:
         """A block server's guard: its block files fail verification (the event tells the
@@ -441,7 +443,7 @@ class NodeService:
         )
         self.events.log_system_events(name, **fields)
         if not faults and server is not None and not loaded:
-            self._in_background(self._restart_span(network_id, server))
+            self.in_background(self._restart_span(network_id, server))
 
     async def _restart_span(self, network_id: str, server: BlockServer) -> None:
         """Its blocks were repaired: the server that could not load them starts afresh."""
@@ -510,7 +512,7 @@ class NodeService:
                     config,
                     credentials,
                     lambda: self.servers.get(network_id),
-                    on_broken=lambda error: self._in_background(
+                    on_broken=lambda error: self.in_background(
                         self.chain_broken(network_id, str(error))
                     ),
                     session_store=self._session_store,
@@ -608,16 +610,13 @@ class NodeService:
         """Admin, at start: where its control channel (and, after a restore on another PC,
         its host) is now, as a new config version with a certificate for that address, sent to
         every node (``control.admin_address``)."""
-        from tiktrue.control.admin_address import moved_config
+        from tiktrue.control.admin_address import admin_move
         from tiktrue.control.cert_renewal import renew, standing
-        from tiktrue.protocol.network_config import write_config
 
         me = self.identity.node_id
-        async with self.config_locks[network_id]:
-            moved = await moved_config(self.data_dir, network_id, me, self.host, self.control.port)
-            if moved is None:
-                return
-            write_config(self.data_dir, moved)
+        change = await admin_move(self.data_dir, network_id, me, self.host, self.control.port)
+        if change is None or await self.writer.commit(network_id, change, publish=False) is None:
+            return
         if not standing(self.data_dir, network_id, me).covers_host:
             await renew(self.data_dir, network_id)  # its CA is here: at once
         self.schedule_broadcast(network_id)
@@ -628,20 +627,22 @@ class NodeService:
         """Admin: ``node_id``'s control channel listens at ``control`` now (it restarted on
         another port). A change is a new config version, so the admin's view (``network
         status``) and every node agree; the others get it by a broadcast in the background."""
-        from tiktrue.protocol.network_config import write_config
-
-        async with self.config_locks[network_id]:
-            config = read_config(config_path(self.data_dir, network_id))
-            port = int(control.rsplit(":", 1)[1]) if control else None
-            new = config_sync.with_control_port(config, node_id, port) if port else None
-            if new is None:
-                return config
-            write_config(self.data_dir, new)
-            log.info("network %s: node %s's control port is %d now", network_id, node_id, port)
-        if self.started:
-            await self.reload()
+        config = read_config(config_path(self.data_dir, network_id))
+        port = int(control.rsplit(":", 1)[1]) if control else None
+        if port is None or config_sync.with_control_port(config, node_id, port) is None:
+            return config  # where it was: nothing to write (the usual pull)
+        change = config_sync.ControlPort(node_id, port)
+        new = await self.writer.commit(network_id, change, publish=False)
+        if new is None:  # another change recorded it first
+            return read_config(config_path(self.data_dir, network_id))
         self.schedule_broadcast(network_id)
         return new
+
+    async def _config_written(self, network_id: str) -> None:
+        """The writer put a new config of ``network_id`` in place: run it (once started:
+        ``start`` reloads when everything listens)."""
+        if self.started:
+            await self.reload()
 
     def schedule_broadcast(self, network_id: str) -> None:
         """Admin: send the network's current config to every node, after any broadcast still
@@ -653,19 +654,7 @@ class NodeService:
         if before is not None:
             await asyncio.gather(before, return_exceptions=True)
         try:
-            async with self.config_locks[network_id]:  # not beside a failover's own push
-                config = read_config(config_path(self.data_dir, network_id))
-                credentials = NetworkCredentials.load(self.data_dir, network_id)
-                report = await config_sync.broadcast_config_updates(
-                    self.data_dir, config, credentials
-                )
-            log.info(
-                "network %s: config v%d committed on %s, pending on %s",
-                network_id,
-                config.version,
-                report.committed,
-                list(report.pending),
-            )
+            await self.writer.republish(network_id)  # in the network's queue
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -673,7 +662,7 @@ class NodeService:
 
     # --- faults ------------------------------------------------------------------------------
 
-    def _in_background(self, coro) -> None:
+    def in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)  # keep a reference until it is done
         task.add_done_callback(self._background.discard)
@@ -787,7 +776,7 @@ class NodeService:
         store = BlockStore(self.data_dir / "models" / read_config(path).model_id)
         if all(store.has_block(b) for b in missing):
             self.missing_blocks.pop(network_id, None)
-            self._in_background(self.reload())
+            self.in_background(self.reload())
 
     def _write_run_file(self) -> None:
         path = run_file(self.data_dir)

@@ -220,7 +220,7 @@ async def join_existing_network(
 ) -> NetworkConfig:
     """Join by token (at once) or by the admin's approval (waits, saying so), then wait until
     this PC has received its blocks and serves them."""
-    from tiktrue.control.network_manager import JoinError
+    from tiktrue.control.join import JoinError
     from tiktrue.node.control_link import ControlError
     from tiktrue.node.peer_link import PeerUnavailable
     from tiktrue.security.auth_manager import SecurityError

@@ -10,7 +10,8 @@ import asyncio
 
 from nicegui import background_tasks, ui
 
-from tiktrue.control.network_manager import create_join_token, list_joined_networks
+from tiktrue.control.join import create_join_token
+from tiktrue.control.network_manager import list_joined_networks
 from tiktrue.ui.context import ui_context
 from tiktrue.ui.i18n import _, isolate, ngettext, translate
 from tiktrue.ui.layout import copy_text, page_frame, require_admin

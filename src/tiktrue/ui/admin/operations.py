@@ -1,6 +1,6 @@
 """What the admin dashboard does, as one object the pages and ``/api/admin`` both call.
 
-Every operation is the CLI's own function (``network_admin``, ``network_manager``, the block
+Every operation is the CLI's own function (``network_admin``, ``plans``, ``join``, the block
 store, ``model_downloader``, ``UserStore``), so the web and the terminal cannot drift apart.
 What the dashboard adds is what a person needs to decide before acting:
 
@@ -32,10 +32,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tiktrue.control import join, plans
 from tiktrue.control import network_admin as na
 from tiktrue.control import network_manager as nm
+from tiktrue.control.config_writer import ConfigWriter
 from tiktrue.control.discovery import NetworkBrowser
 from tiktrue.control.distributor import PushProgress
+from tiktrue.control.local_service import local_control_address
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
 from tiktrue.control.planner import Plan, PlanError
 from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
@@ -50,11 +53,24 @@ from tiktrue.security.node_tls import node_identity
 from tiktrue.security.users import UserStore
 from tiktrue.ui.admin.errors import AdminError, as_admin_error
 from tiktrue.ui.admin.jobs import Job, JobBoard
-from tiktrue.ui.i18n import N_, Bytes, Nn_
+from tiktrue.ui.i18n import N_, Bytes, Message, Nn_
 
 log = logging.getLogger("tiktrue.admin")
 MEASURE_TTL_S = 120.0  # a plan preview reuses one measurement of the nodes this long
 ALERT_LEVELS = ("warning", "error", "critical")
+
+
+# ``plans.apply_network``'s steps (its English templates), marked here for the catalog: a
+# job shows them translated (``Message``)
+PLAN_STEPS = (
+    N_("setting the caps of node {node}"),
+    N_("measuring the nodes"),
+    N_("sending each node its blocks"),
+    N_(
+        "the network moved to config v{current} while this plan (made against v{planned}) "
+        "pushed its blocks: planning again"
+    ),
+)
 
 
 class PlanRequest(BaseModel):
@@ -71,7 +87,9 @@ class AdminOperations:
     health monitors (network id -> ``HealthMonitor``), ``gateways``: its gateways (for
     whether a network is healthy), ``browser``: a running ``NetworkBrowser`` (LAN discovery),
     or ``discover_on``: the interfaces to start one on when the dashboard first asks; each may
-    be left out (then: over the control channel, unknown, nothing discovered)."""
+    be left out (then: over the control channel, unknown, nothing discovered). ``writer``:
+    the node service's one writer of its networks' configs (left out: reached over its
+    control channel, or direct when no service runs)."""
 
     def __init__(
         self,
@@ -83,6 +101,7 @@ class AdminOperations:
         discover_on: list[str] | None = None,
         users: UserStore | None = None,
         jobs: JobBoard | None = None,
+        writer: ConfigWriter | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.health = health if health is not None else {}
@@ -91,6 +110,7 @@ class AdminOperations:
         self._discover_on = discover_on  # interfaces to browse the LAN on, once asked
         self._own_browser = False
         self._users = users
+        self.writer = writer  # None: the node service's over its control channel (writer_for)
         self.jobs = jobs or JobBoard()
         self._measured: dict[str, tuple[float, dict]] = {}  # network -> (when, probe status)
         self._measuring: dict[str, asyncio.Lock] = {}
@@ -208,7 +228,7 @@ class AdminOperations:
         """Join requests waiting for the admin (``tiktrue network pending``)."""
         self._config(network_id)
         out = []
-        for request_id, item in nm.list_join_requests(self.data_dir, network_id).items():
+        for request_id, item in join.list_join_requests(self.data_dir, network_id).items():
             if item["state"] != "pending":
                 continue
             request = item["request"]
@@ -227,12 +247,10 @@ class AdminOperations:
         """Approve or refuse a join request (``tiktrue network approve [--reject]``): the
         joining PC gets its certificate on its next poll."""
         self._config(network_id)
-        await self._call(
-            asyncio.to_thread(
-                nm.approve_join_request, self.data_dir, network_id, request_id, approve
-            )
+        state = await self._call(
+            join.decide(self.data_dir, network_id, request_id, approve, writer=self.writer)
         )
-        return {"request_id": request_id, "state": "approved" if approve else "rejected"}
+        return {"request_id": request_id, "state": state}
 
     async def create_token(self, network_id: str, hours: float = 24.0) -> dict:
         """A one-time join token (``tiktrue network token``) and the command for the other PC."""
@@ -240,9 +258,9 @@ class AdminOperations:
         if not 0 < hours <= 24 * 365:
             raise AdminError("bad_request", N_("a token is valid for 0 to 8760 hours"))
         token = await self._call(
-            asyncio.to_thread(nm.create_join_token, self.data_dir, network_id, hours * 3600)
+            join.new_token(self.data_dir, network_id, hours * 3600, writer=self.writer)
         )
-        control = na.local_control_address(self.data_dir) or "<this PC>:7470"
+        control = local_control_address(self.data_dir) or "<this PC>:7470"
         return {
             "token": token,
             "expires_in_s": hours * 3600,
@@ -293,12 +311,12 @@ class AdminOperations:
         """The plan the planner would make with ``request``'s caps: the block map and the
         verdict. Changes nothing."""
         status = await self.measure(network_id)
-        tried = na.with_caps(status, _caps_dicts(request.caps))
+        tried = plans.with_caps(status, _caps_dicts(request.caps))
         config = self._config(network_id)
         names = {n.node_id: n.name or n.node_id for n in config.nodes}
         try:
             plan = await asyncio.to_thread(
-                na.plan_from_status,
+                plans.plan_from_status,
                 self.data_dir,
                 network_id,
                 tried,
@@ -328,33 +346,34 @@ class AdminOperations:
         return self.jobs.start("apply", title, lambda job: self._apply(job, network_id, request))
 
     async def _apply(self, job: Job, network_id: str, request: PlanRequest) -> dict:
-        status = await self.measure(network_id)
-        current = {n["node_id"]: n.get("caps") or {} for n in status["nodes"]}
-        for node_id, caps in _caps_dicts(request.caps).items():
-            wanted = {**current.get(node_id, {}), **caps}
-            if wanted != current.get(node_id):
-                job.step = N_("setting the caps of node {node}", node=node_id)
-                await na.set_caps(self.data_dir, network_id, node_id, wanted)
+        measured = await self.measure(network_id)
         self._measured.pop(network_id, None)
-        job.step = N_("measuring the nodes")
-        plan, _status = await na.make_plan(
-            self.data_dir,
-            network_id,
-            overrides=request.overrides,
-            context_tokens=request.context_tokens,
-        )
-        job.step = N_("sending each node its blocks")
+
+        def step(text: str, **params) -> None:
+            job.step = Message(text, params)  # one of PLAN_STEPS: translated where shown
 
         def progress(p: PushProgress) -> None:
             job.part(p.node_id, p.sent_bytes, p.total_bytes, p.block)
             parts = job.parts.values()
             job.progress(sum(x["done"] for x in parts), sum(x["total"] for x in parts))
 
-        config = await na.apply_plan(self.data_dir, network_id, plan, progress=progress)
+        chosen: list[Plan] = []
+        config = await plans.apply_network(
+            self.data_dir,
+            network_id,
+            caps=_caps_dicts(request.caps),
+            overrides=request.overrides,
+            context_tokens=request.context_tokens,
+            measured=measured,
+            progress=progress,
+            step=step,
+            planned=chosen.append,
+            writer=self.writer,
+        )
         self._measured.pop(network_id, None)
         return {
             "version": config.version,
-            "verdict": _verdict(plan),
+            "verdict": _verdict(chosen[-1]),
             "summary": N_("the network runs config v{version}", version=config.version),
         }
 

@@ -1,9 +1,12 @@
-"""Creating a network and admitting nodes, on files only (the processes are in integration)."""
+"""Creating a network and admitting nodes (tokens, requests, approvals, grants), on files only
+(the processes are in integration)."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.helpers.network import accept, decide
+from tiktrue.control import join as joining
 from tiktrue.control import network_manager as nm
 from tiktrue.protocol.network_config import ConfigError, config_path, read_config
 from tiktrue.security.auth_manager import verify_certificate
@@ -18,8 +21,8 @@ def admin(tiny_llama, tmp_path):
 
 
 def request_from(home, token=None, network_id="office"):
-    secret = nm.parse_token(token)[2] if token else None
-    return nm.make_join_request(
+    secret = joining.parse_token(token)[2] if token else None
+    return joining.make_join_request(
         home, network_id, host="127.0.0.1", block_port=7501, control_port=7502, token_secret=secret
     )
 
@@ -38,56 +41,57 @@ def test_create_network_makes_a_ca_a_config_and_serves_everything(admin, tiny_ll
 
 def test_a_token_admits_one_node_once(admin, tmp_path):
     home, _ = admin
-    token = nm.create_join_token(home, "office")
+    token = joining.create_join_token(home, "office")
     assert token.split(".")[1] == node_identity(home).node_id
     worker = tmp_path / "worker"
-    grant = nm.accept_join(home, request_from(worker, token))
-    config = nm.install_grant(worker, grant)
+    grant = accept(home, request_from(worker, token))
+    config = joining.install_grant(worker, grant)
     assert node_identity(worker).node_id in {n.node_id for n in config.nodes}
     assert read_config(config_path(home, "office")).version == 2
     assert verify_certificate(grant.node_cert.encode(), grant.ca_cert.encode()).role == "worker"
-    with pytest.raises(nm.JoinError, match="already used"):
-        nm.accept_join(home, request_from(tmp_path / "other", token))
+    with pytest.raises(joining.JoinError, match="already used"):
+        accept(home, request_from(tmp_path / "other", token))
     forged = token.rsplit(".", 1)[0] + ".guess"
-    with pytest.raises(nm.JoinError, match="unknown join token"):
-        nm.accept_join(home, request_from(tmp_path / "other", forged))
+    with pytest.raises(joining.JoinError, match="unknown join token"):
+        accept(home, request_from(tmp_path / "other", forged))
 
 
 def test_an_expired_token_and_a_request_without_proof_are_refused(admin, tmp_path):
     home, _ = admin
-    token = nm.create_join_token(home, "office", ttl=-1)
-    with pytest.raises(nm.JoinError, match="expired"):
-        nm.accept_join(home, request_from(tmp_path / "late", token))
+    token = joining.create_join_token(home, "office", ttl=-1)
+    with pytest.raises(joining.JoinError, match="expired"):
+        accept(home, request_from(tmp_path / "late", token))
     request = request_from(tmp_path / "liar")
     request.public_key_pem = node_identity(tmp_path / "victim").public_key_pem().decode()
-    with pytest.raises(nm.JoinError, match="does not prove"):
-        nm.accept_join(home, request)
+    with pytest.raises(joining.JoinError, match="does not prove"):
+        accept(home, request)
 
 
 def test_approval_flow_and_only_the_author_may_read_the_grant(admin, tmp_path):
     home, _ = admin
     asking = request_from(tmp_path / "asker")
-    request_id = nm.accept_join(home, asking)
-    assert nm.accept_join(home, asking) == request_id  # asking twice: one request
-    assert nm.join_status(home, asking, request_id) == ("pending", None)
-    with pytest.raises(nm.JoinError, match="another node"):
-        nm.join_status(home, request_from(tmp_path / "snoop"), request_id)
-    nm.approve_join_request(home, "office", request_id)
-    state, grant = nm.join_status(home, asking, request_id)
+    request_id = accept(home, asking)
+    assert accept(home, asking) == request_id  # asking twice: one request
+    assert joining.join_status(home, asking, request_id) == ("pending", None)
+    with pytest.raises(joining.JoinError, match="another node"):
+        joining.join_status(home, request_from(tmp_path / "snoop"), request_id)
+    decide(home, "office", request_id)
+    state, grant = joining.join_status(home, asking, request_id)
     assert state == "approved" and grant.node_cert
     assert "block_key" not in grant.model_dump()  # that comes over mutual TLS, after
-    with pytest.raises(nm.JoinError, match="already approved"):
-        nm.approve_join_request(home, "office", request_id)
+    with pytest.raises(joining.JoinError, match="already approved"):
+        decide(home, "office", request_id)
 
 
 def test_only_the_admin_hands_out_tokens(admin, tmp_path):
     home, _ = admin
     worker = tmp_path / "worker"
-    nm.install_grant(
-        worker, nm.accept_join(home, request_from(worker, nm.create_join_token(home, "office")))
+    joining.install_grant(
+        worker,
+        accept(home, request_from(worker, joining.create_join_token(home, "office"))),
     )
-    with pytest.raises(nm.JoinError, match="not the admin"):
-        nm.create_join_token(worker, "office")
+    with pytest.raises(nm.NotAdmin, match="not the admin"):
+        joining.create_join_token(worker, "office")
     assert [c.network_id for c in nm.list_joined_networks(worker)] == ["office"]
     nm.leave_network(worker, "office")
     assert nm.list_joined_networks(worker) == []
