@@ -190,7 +190,9 @@ def test_service_host_reports_a_node_that_cannot_start(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        host = ServiceHost(tmp_path, NodeOptions(control_port=port, api_port=None).as_kwargs())
+        host = ServiceHost(
+            tmp_path, NodeOptions(host="127.0.0.1", control_port=port, api_port=None).as_kwargs()
+        )
         assert host.run() == 1
 
 

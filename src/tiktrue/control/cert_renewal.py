@@ -30,7 +30,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tiktrue.control.network_manager import JoinError, admin_ca, node_cert_hosts
+from tiktrue.control.join import JoinError
+from tiktrue.control.network_manager import admin_ca, node_cert_hosts
 from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import ConfigError, config_path, list_configs, read_config
 from tiktrue.security.access_control import Caller

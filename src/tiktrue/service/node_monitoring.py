@@ -37,7 +37,6 @@ from tiktrue.service.control_server import probe_speed
 if TYPE_CHECKING:
     from tiktrue.gateway.api_client import Gateway
     from tiktrue.model.generation import GenerationResult
-    from tiktrue.service.service_runner import NodeService
 
 log = logging.getLogger("tiktrue.monitoring")
 TICK_S = 2.0  # metrics ports and Prometheus targets follow the configs this often
@@ -83,7 +82,9 @@ def principal_of(owner: str | None) -> Principal | None:
 
 
 class NodeMonitoring:
-    def __init__(self, service: NodeService) -> None:
+    def __init__(self, service) -> None:
+        """``service``: the ``NodeService`` it serves (not imported: that module imports this
+        one); it reads its events, gateways, health monitors, control channel and address."""
         self.service = service
         self.data_dir = service.data_dir
         self.node_id = service.identity.node_id

@@ -36,6 +36,7 @@ import psutil
 
 from tiktrue.paths import data_dir as default_data_dir
 from tiktrue.paths import log_dir, run_file, write_text_atomic
+from tiktrue.service.scm_api import STOP_TIMEOUT_S, ScmApi
 
 UNIT_NAME = "tiktrue-node.service"
 WINDOWS_SERVICE_NAME = "TiktrueWorkerService"
@@ -44,7 +45,6 @@ DISPLAY_NAME = "TikTrue node"
 DESCRIPTION = "TikTrue node service: this PC's part of the LAN's language model."
 DEFAULT_API_PORT = 8000  # the gateway and web UI that `tiktrue app` opens (its --port default)
 RESTART_DELAY_S = 5  # after a crash, before the manager starts the node again
-STOP_TIMEOUT_S = 60  # the node saves what it keeps and closes its sockets in a few seconds
 SYSTEMCTL_TIMEOUT_S = STOP_TIMEOUT_S + 30  # `systemctl stop` waits for the node to stop
 # Windows' recovery actions: restart after 5 s, 10 s, then every 30 s; the count of failures
 # starts again after a day without one
@@ -330,39 +330,6 @@ def _systemd_state(active: str, sub: str) -> str:
 # --- Windows: the service manager (SCM) through pywin32 ------------------------------------------
 
 
-class ScmApi(ABC):
-    """The few calls into Windows' service manager that the service needs (pywin32's
-    ``win32serviceutil`` and ``win32service``): the only place they are made."""
-
-    @abstractmethod
-    def install(self, name: str, display: str, description: str, exe: str, args: str) -> None:
-        """Create the service: own process, automatic start (delayed), LocalSystem."""
-
-    @abstractmethod
-    def set_recovery(self, name: str, delays_s: tuple[int, ...], reset_s: int) -> None:
-        """``sc failure`` and ``sc failureflag 1``: restart after a crash and after a stop
-        with an error."""
-
-    @abstractmethod
-    def set_option(self, name: str, option: str, value: str) -> None: ...
-
-    @abstractmethod
-    def get_option(self, name: str, option: str) -> str | None: ...
-
-    @abstractmethod
-    def remove(self, name: str) -> None: ...
-
-    @abstractmethod
-    def start(self, name: str) -> None: ...
-
-    @abstractmethod
-    def stop(self, name: str) -> None: ...
-
-    @abstractmethod
-    def query(self, name: str) -> dict | None:
-        """``{"state": ..., "pid": ..., "auto_start": ..., "command": ...}``; None if absent."""
-
-
 class WindowsManager(ServiceManager):
     def __init__(self, scm: ScmApi | None = None) -> None:
         self.name = WINDOWS_SERVICE_NAME
@@ -371,7 +338,7 @@ class WindowsManager(ServiceManager):
     @property
     def scm(self) -> ScmApi:
         if self._scm is None:
-            from tiktrue.service.windows_service import Pywin32Scm
+            from tiktrue.service.windows_scm import Pywin32Scm
 
             self._scm = Pywin32Scm()
         return self._scm

@@ -194,7 +194,7 @@ class NodeService:
         self.started = True
         await self.monitoring.start()
         self._write_run_file()
-        self._in_background(
+        self.in_background(
             keep_renewed(self.data_dir, self._certificate_renewed, self._certificates_changed)
         )
         if self.announce:

@@ -26,7 +26,7 @@ from tiktrue.security.users import Principal, UserError
 from tiktrue.ui import i18n
 from tiktrue.ui.context import ui_context
 from tiktrue.ui.i18n import _
-from tiktrue.ui.main_app import STATIC_PATH
+from tiktrue.ui.static_files import STATIC_PATH
 
 TOKEN_KEY = "tiktrue_token"
 BRAND = "TikTrue"

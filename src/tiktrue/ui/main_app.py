@@ -24,9 +24,7 @@ from fastapi.routing import APIRoute
 from tiktrue.security.auth_manager import _write_private_file, private_dir
 from tiktrue.ui.context import UiContext, set_ui_context
 from tiktrue.ui.i18n import N_
-
-STATIC_PATH = "/_tiktrue"  # the UI's own files: STATIC_DIR (the Persian font)
-STATIC_DIR = Path(__file__).parent / "static"
+from tiktrue.ui.static_files import STATIC_DIR, STATIC_PATH
 
 SECRET_FILE = "ui_secret"  # signs the browser's session cookie (which names its server storage)
 STORAGE_DIR = "ui"  # <data>/ui/: per-browser storage (the login's JWT), server side
