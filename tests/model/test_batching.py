@@ -152,3 +152,30 @@ def test_a_batch_never_spills_its_own_sessions(tiny_llama, tmp_path):
     for g, w in zip(got, want, strict=True):
         assert not isinstance(g, Exception), g
         assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_a_batch_never_reads_memory_no_step_wrote(tiny_llama):
+    """The pool starts as whatever the allocator left (``torch.empty``): a batched step reads
+    each row's last page past its length and pads shorter rows, all masked, and attention
+    multiplies the masked weights (0) by those values. Poisoned with NaN here, as freed memory
+    may be: every row must still come out finite and equal to the same step alone."""
+    engines = three_spans(tiny_llama)
+    for engine in engines:
+        engine.kv.pool.fill_(float("nan"))
+    prefill(engines, PROMPTS)
+    alone = three_spans(tiny_llama)
+    prefill(alone, PROMPTS)
+    steps = [(f"s{n}", torch.tensor([9 + n]), len(p)) for n, p in enumerate(PROMPTS)]
+    xs = [x for _, x, _ in steps]
+    want = []
+    for sid, x, start in steps:
+        for engine in alone:
+            x = engine.forward(sid, x, start)
+        want.append(x)
+    for engine in engines:
+        xs = engine.forward_batch(
+            [(sid, x, start) for (sid, _, start), x in zip(steps, xs, strict=True)]
+        )
+    for got, expected in zip(xs, want, strict=True):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, expected, atol=1e-5)

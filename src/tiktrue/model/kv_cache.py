@@ -82,7 +82,8 @@ class SessionPagedKVCache:
                 f"a KV budget of {budget_bytes} bytes holds no page "
                 f"(one page of {page_size} tokens needs {self.bytes_per_page} bytes)"
             )
-        # torch.empty: the OS commits memory only for pages that are written.
+        # torch.empty: the OS commits memory only for pages that are written (each page is
+        # zeroed when a session takes it, see ``_reserve``).
         self.pool = torch.empty(
             (len(self.layer_ids), 2, num_kv_heads, self.num_pages, page_size, head_dim),
             dtype=dtype,
@@ -203,7 +204,14 @@ class SessionPagedKVCache:
                     f"sessions of its batch hold the rest"
                 )
             self._spill(victim)
-        session.pages.extend(self._free.pop() for _ in range(needed))
+        fresh = [self._free.pop() for _ in range(needed)]
+        # A page holds what its last owner (or the allocator) left: a batched step reads a
+        # row's last page past its length and pads shorter rows, under the attention mask, and
+        # a masked weight (0) times a NaN left there is NaN. Zeroed here, whatever is read
+        # under a mask is finite by construction (one page per page_size tokens: cheap).
+        for page in fresh:
+            self.pool.select(3, page).zero_()
+        session.pages.extend(fresh)
         session.page_index = None
 
     def _index(self, session: _Session) -> torch.Tensor:
