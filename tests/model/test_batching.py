@@ -114,23 +114,26 @@ def test_a_bad_step_fails_alone(tiny_llama):
         first.open_session(sid)
         first.forward(sid, torch.tensor([5, 6, 7]), 0)
     reference, *_ = three_spans(tiny_llama)
-    reference.open_session("a")
-    reference.forward("a", torch.tensor([5, 6, 7]), 0)
+    for sid in ("a", "c"):
+        reference.open_session(sid)
+        reference.forward(sid, torch.tensor([5, 6, 7]), 0)
     out = first.forward_batch(
         [
             ("a", torch.tensor([9]), 3),
             ("b", torch.tensor([9]), 5),  # wrong position
             ("nobody", torch.tensor([9]), 0),
-            ("c", torch.tensor([9, 10]), 3),  # two positions: not a decode step
+            ("c", torch.tensor([9, 10]), 3),  # two positions: a prefill chunk in the batch
             ("a", torch.tensor([10]), 4),  # the same session again: runs after its first step
+            ("b", torch.zeros(1, 1, 64), 3),  # hidden states where token ids go
         ]
     )
     assert isinstance(out[1], PositionError)
     assert isinstance(out[2], UnknownSession)
-    assert isinstance(out[3], ShapeError)
-    assert torch.allclose(out[0], reference.forward("a", torch.tensor([9]), 3), atol=1e-5)
-    assert torch.allclose(out[4], reference.forward("a", torch.tensor([10]), 4), atol=1e-5)
-    assert [first.session_length(s) for s in "abc"] == [5, 3, 3]
+    assert isinstance(out[5], ShapeError)
+    assert torch.equal(out[0], reference.forward("a", torch.tensor([9]), 3))
+    assert torch.equal(out[3], reference.forward("c", torch.tensor([9, 10]), 3))
+    assert torch.equal(out[4], reference.forward("a", torch.tensor([10]), 4))
+    assert [first.session_length(s) for s in "abc"] == [5, 3, 5]
 
 
 def test_a_batch_never_spills_its_own_sessions(tiny_llama, tmp_path):
