@@ -114,23 +114,26 @@ def test_a_bad_step_fails_alone(tiny_llama):
         first.open_session(sid)
         first.forward(sid, torch.tensor([5, 6, 7]), 0)
     reference, *_ = three_spans(tiny_llama)
-    reference.open_session("a")
-    reference.forward("a", torch.tensor([5, 6, 7]), 0)
+    for sid in ("a", "c"):
+        reference.open_session(sid)
+        reference.forward(sid, torch.tensor([5, 6, 7]), 0)
     out = first.forward_batch(
         [
             ("a", torch.tensor([9]), 3),
             ("b", torch.tensor([9]), 5),  # wrong position
             ("nobody", torch.tensor([9]), 0),
-            ("c", torch.tensor([9, 10]), 3),  # two positions: not a decode step
+            ("c", torch.tensor([9, 10]), 3),  # two positions: a prefill chunk in the batch
             ("a", torch.tensor([10]), 4),  # the same session again: runs after its first step
+            ("b", torch.zeros(1, 1, 64), 3),  # hidden states where token ids go
         ]
     )
     assert isinstance(out[1], PositionError)
     assert isinstance(out[2], UnknownSession)
-    assert isinstance(out[3], ShapeError)
-    assert torch.allclose(out[0], reference.forward("a", torch.tensor([9]), 3), atol=1e-5)
-    assert torch.allclose(out[4], reference.forward("a", torch.tensor([10]), 4), atol=1e-5)
-    assert [first.session_length(s) for s in "abc"] == [5, 3, 3]
+    assert isinstance(out[5], ShapeError)
+    assert torch.equal(out[0], reference.forward("a", torch.tensor([9]), 3))
+    assert torch.equal(out[3], reference.forward("c", torch.tensor([9, 10]), 3))
+    assert torch.equal(out[4], reference.forward("a", torch.tensor([10]), 4))
+    assert [first.session_length(s) for s in "abc"] == [5, 3, 5]
 
 
 def test_a_batch_never_spills_its_own_sessions(tiny_llama, tmp_path):
@@ -152,3 +155,30 @@ def test_a_batch_never_spills_its_own_sessions(tiny_llama, tmp_path):
     for g, w in zip(got, want, strict=True):
         assert not isinstance(g, Exception), g
         assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_a_batch_never_reads_memory_no_step_wrote(tiny_llama):
+    """The pool starts as whatever the allocator left (``torch.empty``): a batched step reads
+    each row's last page past its length and pads shorter rows, all masked, and attention
+    multiplies the masked weights (0) by those values. Poisoned with NaN here, as freed memory
+    may be: every row must still come out finite and equal to the same step alone."""
+    engines = three_spans(tiny_llama)
+    for engine in engines:
+        engine.kv.pool.fill_(float("nan"))
+    prefill(engines, PROMPTS)
+    alone = three_spans(tiny_llama)
+    prefill(alone, PROMPTS)
+    steps = [(f"s{n}", torch.tensor([9 + n]), len(p)) for n, p in enumerate(PROMPTS)]
+    xs = [x for _, x, _ in steps]
+    want = []
+    for sid, x, start in steps:
+        for engine in alone:
+            x = engine.forward(sid, x, start)
+        want.append(x)
+    for engine in engines:
+        xs = engine.forward_batch(
+            [(sid, x, start) for (sid, _, start), x in zip(steps, xs, strict=True)]
+        )
+    for got, expected in zip(xs, want, strict=True):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, expected, atol=1e-5)

@@ -29,14 +29,13 @@ def make(pages: int, tmp_path, dtype=torch.float32) -> SessionPagedKVCache:
 def write(cache, session, start, count, seed, dtype=torch.float32):
     """One forward step: every layer stores ``count`` new keys/values; returns them all."""
     gen = torch.Generator().manual_seed(seed)
-    step = cache.begin(session, start, count)
-    out = {}
-    for layer in LAYERS:
-        k = torch.randn(1, HEADS, count, DIM, generator=gen).to(dtype)
-        v = torch.randn(1, HEADS, count, DIM, generator=gen).to(dtype)
-        out[layer] = step.update(k, v, layer)
-    cache.commit(step)
-    return out
+    plan = cache.plan([cache.begin(session, start, count)])
+    for local in range(len(LAYERS)):
+        k = torch.randn(count, HEADS, DIM, generator=gen).to(dtype)
+        v = torch.randn(count, HEADS, DIM, generator=gen).to(dtype)
+        cache.write(local, plan, k, v)
+    cache.commit(plan)
+    return {layer: cache.keys_values(session, layer) for layer in LAYERS}
 
 
 def contents(cache, session):

@@ -10,20 +10,21 @@ span starts with ``embed``; hidden states go in otherwise. Logits come out when 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tiktrue.limits import KV_PAGE_TOKENS
+from tiktrue.model.attention import pool_view
 from tiktrue.model.catalog import EMBED, HEAD, template_for
 from tiktrue.model.errors import CacheBudgetExceeded, ModelError, ShapeError, StoreError
-from tiktrue.model.kv_cache import BatchStep, SessionPagedKVCache, SessionStep
-from tiktrue.model.lean_layers import lean_runner
-from tiktrue.model.quant import dequantize_state, install_quantized
+from tiktrue.model.kv_cache import RowPlan, SessionPagedKVCache, SessionStep
+from tiktrue.model.lean_layers import RotaryTable, check_layers, run_layer
+from tiktrue.model.quant import dequantize_state, fix_float_linears, install_quantized
 from tiktrue.model.store import BlockStore
 
 
@@ -122,15 +123,10 @@ class BlockEngine:
                     self._materialize(layer, weights, self.template.layer_prefix(index))
                 )
         # The rotary tables are computed, not stored: build them for real, off the meta device.
-        self.rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
+        self.rotary = RotaryTable(type(skeleton.model.rotary_emb)(config=config), self.device)
         del skeleton
+        check_layers(self.layers)
         self._windows = [getattr(layer.self_attn, "sliding_window", None) for layer in self.layers]
-        # transformers 5.x renamed the layers' ``past_key_values`` argument to ``cache``
-        forward_args = (
-            inspect.signature(type(self.layers[0]).forward).parameters if self.layers else {}
-        )
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
-        self._lean = lean_runner(self.layers, config._attn_implementation)
 
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -145,6 +141,7 @@ class BlockEngine:
             spill_dir=spill_dir,
             device=self.device,
         )
+        self._pool = pool_view(self.kv.pool)  # the same memory, as the attention kernel reads it
 
     def _materialize(self, module: nn.Module, weights: dict, prefix: str) -> nn.Module:
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -158,7 +155,7 @@ class BlockEngine:
         except RuntimeError as exc:
             raise StoreError(f"block weights under {prefix!r} do not fit the model: {exc}") from exc
         _rebuild_computed_buffers(module)
-        return module.to(self.device).eval()
+        return fix_float_linears(module).to(self.device).eval()
 
     @property
     def weight_bytes(self) -> int:
@@ -195,30 +192,31 @@ class BlockEngine:
         ``inputs``: token ids ``[n]`` or ``[1, n]`` when the span holds ``embed``, else hidden
         states ``[1, n, hidden]``. Returns hidden states ``[1, n, hidden]``, or logits
         ``[1, vocab]`` of the last position (``[1, n, vocab]`` with ``all_logits``) at the head.
+        Every position's result is the same bits however the session's positions were split
+        into calls and whatever ``forward_batch`` ran them beside.
         """
         hidden = self._check_inputs(inputs)
-        count = hidden.shape[1]
-        step = self.kv.begin(session_id, start, count)
-        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
-        hidden = self._layers(
-            hidden, step, positions, lambda w: _attention_mask(start, count, w, self.device)
-        )
-        self.kv.commit(step)
+        plan = self.kv.plan([self.kv.begin(session_id, start, hidden.shape[1])])
+        hidden = self._run(hidden[0], plan)
+        self.kv.commit(plan)
         if self.lm_head is None:
-            return hidden
-        logits = self._logits(hidden if all_logits else hidden[:, -1:])
-        return logits if all_logits else logits[:, -1]
+            return hidden[None]
+        if all_logits:
+            return self._logits(hidden)[None]
+        return self._logits(hidden[-1:])
 
     @torch.inference_mode()
     def forward_batch(
         self, steps: list[tuple[str, torch.Tensor, int]]
     ) -> list[torch.Tensor | ModelError]:
-        """One decode step of several sessions as one forward (continuous batching).
+        """Steps of several sessions as one forward (continuous batching).
 
-        ``steps``: ``(session_id, inputs, start)`` with one new position each, inputs as for
-        ``forward``. Returns per step what ``forward`` would (hidden states ``[1, 1, hidden]``
-        or logits ``[1, vocab]``), equal within the dtype's rounding, or the ``ModelError``
-        that step met; the other steps run regardless.
+        ``steps``: ``(session_id, inputs, start)`` with inputs as for ``forward``: one new
+        position (a decode step) or several (a prefill chunk), mixed freely. Returns per step
+        what ``forward`` returns for it (hidden states ``[1, n, hidden]``, or logits
+        ``[1, vocab]`` of its last position), the same bits, or the ``ModelError`` that step
+        met; the other steps run regardless. A second step of one session runs after the
+        batch, as do steps whose pages do not fit beside the batch's.
         """
         results: list[torch.Tensor | ModelError | None] = [None] * len(steps)
         batch: list[tuple[int, SessionStep, torch.Tensor]] = []
@@ -230,9 +228,7 @@ class BlockEngine:
                 continue
             try:
                 hidden = self._check_inputs(inputs)
-                if hidden.shape[1] != 1:
-                    raise ShapeError("a batched step runs one new position per session")
-                step = self.kv.begin(session_id, start, 1, pinned=frozenset(members))
+                step = self.kv.begin(session_id, start, hidden.shape[1], pinned=frozenset(members))
             except CacheBudgetExceeded as exc:
                 if members:  # maybe only while the batch holds its pages: try it alone after
                     alone.append(i)
@@ -243,19 +239,19 @@ class BlockEngine:
                 results[i] = exc
                 continue
             members.add(session_id)
-            batch.append((i, step, hidden))
-        if len(batch) == 1:
-            alone.insert(0, batch.pop()[0])
+            batch.append((i, step, hidden[0]))
         if batch:
-            cache = BatchStep(self.kv, [step for _, step, _ in batch])
-            hidden = self._layers(
-                torch.cat([h for _, _, h in batch]), cache, cache.starts[:, None], cache.mask
-            )
-            cache.commit()
+            plan = self.kv.plan([step for _, step, _ in batch])
+            hidden = self._run(torch.cat([h for _, _, h in batch]), plan)
+            self.kv.commit(plan)
+            ends = np.cumsum([step.count for _, step, _ in batch])
             if self.lm_head is not None:
-                hidden = self._logits(hidden)[:, 0]
-            for row, (i, _, _) in enumerate(batch):
-                results[i] = hidden[row : row + 1]
+                logits = self._logits(hidden[torch.from_numpy(ends - 1)])
+                for row, (i, _, _) in enumerate(batch):
+                    results[i] = logits[row : row + 1]
+            else:
+                for (i, step, _), end in zip(batch, ends, strict=True):
+                    results[i] = hidden[end - step.count : end][None]
         for i in alone:
             try:
                 results[i] = self.forward(*steps[i])
@@ -263,25 +259,13 @@ class BlockEngine:
                 results[i] = exc
         return results
 
-    def _layers(self, hidden: torch.Tensor, cache, positions: torch.Tensor, mask_for):
-        """The span's decoder layers; ``mask_for(window)`` is the attention mask (or None)."""
+    def _run(self, hidden: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """The span's decoder layers over the step's rows ``[rows, hidden]``."""
         if not self.layers:
             return hidden
-        rope = self.rotary(hidden, positions)
-        masks: dict[int | None, torch.Tensor | None] = {}
-        for layer, window in zip(self.layers, self._windows, strict=True):
-            if window not in masks:
-                masks[window] = mask_for(window)
-            if self._lean is not None:
-                hidden = self._lean(layer, hidden, rope, masks[window], cache)
-                continue
-            hidden = layer(
-                hidden,
-                attention_mask=masks[window],
-                position_embeddings=rope,
-                position_ids=positions,
-                **{self._cache_arg: cache},
-            )
+        rotary = self.rotary(torch.from_numpy(plan.lengths - 1).to(self.device))
+        for local, (layer, window) in enumerate(zip(self.layers, self._windows, strict=True)):
+            hidden = run_layer(layer, hidden, rotary, self.kv, self._pool, local, plan, window)
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -312,19 +296,6 @@ class BlockEngine:
                 f"got {inputs.dtype} {tuple(inputs.shape)}"
             )
         return inputs.to(device=self.device, dtype=self.dtype)
-
-
-def _attention_mask(start: int, count: int, window: int | None, device) -> torch.Tensor | None:
-    """A boolean mask (True = attend) where sdpa's own causal flag would be wrong, else None."""
-    total = start + count
-    if (count == 1 or start == 0) and (window is None or total <= window):
-        return None
-    query = torch.arange(start, total, device=device)[:, None]
-    key = torch.arange(total, device=device)[None, :]
-    allowed = key <= query
-    if window is not None:
-        allowed &= key > query - window
-    return allowed.view(1, 1, count, total)
 
 
 def _rebuild_computed_buffers(module: nn.Module) -> None:

@@ -4,8 +4,10 @@ A fixed pool of pages lives inside the worker's memory budget; each session owns
 (a list of page numbers). When the pool is full, the least recently used other session is
 spilled to disk and brought back when it is used again (a two-level cache: RAM pages, disk).
 
-Pool layout: ``[layer, k|v, kv_head, page, token_in_page, head_dim]``, so gathering a session's
-keys for one layer is a single ``index_select`` whose result is already ``[heads, tokens, dim]``.
+Pool layout: ``[layer, k|v, kv_head, page, token_in_page, head_dim]``. A forward step is a list
+of rows (a session's position each: a prefill chunk is many rows of one session, a decode batch
+one row of each of several); ``plan`` lays them out for the attention kernel
+(``model.attention``), which reads each row's keys from its session's pages where they lie.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class SessionPagedKVCache:
                 f"a KV budget of {budget_bytes} bytes holds no page "
                 f"(one page of {page_size} tokens needs {self.bytes_per_page} bytes)"
             )
-        # torch.empty: the OS commits memory only for pages that are written.
+        # torch.empty: the OS commits memory only for pages that are written (each page is
+        # zeroed when a session takes it, see ``_reserve``).
         self.pool = torch.empty(
             (len(self.layer_ids), 2, num_kv_heads, self.num_pages, page_size, head_dim),
             dtype=dtype,
@@ -153,7 +156,7 @@ class SessionPagedKVCache:
     def begin(
         self, session_id: str, start: int, count: int, *, pinned: frozenset[str] = frozenset()
     ) -> SessionStep:
-        """Reserve room for ``count`` new positions at ``start``; the layers then call update.
+        """Reserve room for ``count`` new positions at ``start`` (then ``plan`` the step).
 
         Sessions in ``pinned`` (the others of a batch being prepared) are never spilled to
         make room."""
@@ -166,15 +169,51 @@ class SessionPagedKVCache:
         if count < 1:
             raise ShapeError("a step needs at least one position")
         self._reserve(session_id, session, start + count, pinned)
-        return SessionStep(self, session, start, count)
+        return SessionStep(session, start, count)
+
+    def plan(self, steps: list[SessionStep]) -> RowPlan:
+        """The rows of ``steps`` (each step's positions in order, steps in order) as the
+        layers write them and the attention kernel reads them. Steps of one forward belong to
+        different sessions."""
+        size = self.page_size
+        pages, slots, lengths, row_table = [], [], [], []
+        for n, step in enumerate(steps):
+            table = step.session.pages
+            for at in range(step.start, step.start + step.count):
+                page, slot = divmod(at, size)
+                pages.append(table[page])
+                slots.append(slot)
+                lengths.append(at + 1)
+                row_table.append(n)
+        tables = np.zeros((len(steps), max(len(s.session.pages) for s in steps)), dtype=np.int64)
+        for n, step in enumerate(steps):
+            tables[n, : len(step.session.pages)] = step.session.pages
+        device = self.pool.device
+        return RowPlan(
+            steps=tuple(steps),
+            write_pages=torch.tensor(pages, dtype=torch.long, device=device),
+            write_slots=torch.tensor(slots, dtype=torch.long, device=device),
+            lengths=np.array(lengths, dtype=np.int64),
+            row_table=np.array(row_table, dtype=np.int64),
+            tables=tables,
+        )
+
+    def write(self, local: int, plan: RowPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the rows' keys and values (``[rows, kv_heads, head_dim]``) of layer
+        ``local`` (the cache's own index of a layer: ``layer_ids.index(layer)``)."""
+        pages, slots = plan.write_pages, plan.write_slots
+        self.pool[local, 0][:, pages, slots] = keys.transpose(0, 1).to(self.dtype)
+        self.pool[local, 1][:, pages, slots] = values.transpose(0, 1).to(self.dtype)
 
     def keys_values(self, session_id: str, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A session's keys and values of one layer, ``[1, heads, length, head_dim]`` each."""
         session = self._resident_session(session_id)
         return self._gather(session, self._local[layer_id], session.length)
 
-    def commit(self, step: SessionStep) -> None:
-        step.session.length = step.start + step.count
+    def commit(self, plan: RowPlan) -> None:
+        """The planned steps are computed: their sessions hold their new positions."""
+        for step in plan.steps:
+            step.session.length = step.start + step.count
 
     def _reserve(
         self, session_id: str, session: _Session, length: int, pinned: frozenset[str]
@@ -203,7 +242,14 @@ class SessionPagedKVCache:
                     f"sessions of its batch hold the rest"
                 )
             self._spill(victim)
-        session.pages.extend(self._free.pop() for _ in range(needed))
+        fresh = [self._free.pop() for _ in range(needed)]
+        # A page holds what its last owner (or the allocator) left: a batched step reads a
+        # row's last page past its length and pads shorter rows, under the attention mask, and
+        # a masked weight (0) times a NaN left there is NaN. Zeroed here, whatever is read
+        # under a mask is finite by construction (one page per page_size tokens: cheap).
+        for page in fresh:
+            self.pool.select(3, page).zero_()
+        session.pages.extend(fresh)
         session.page_index = None
 
     def _index(self, session: _Session) -> torch.Tensor:
@@ -212,19 +258,6 @@ class SessionPagedKVCache:
                 session.pages, dtype=torch.long, device=self.pool.device
             )
         return session.page_index
-
-    def _write(self, session: _Session, local: int, start: int, key: torch.Tensor, value) -> None:
-        count = key.shape[2]
-        if count == 1:
-            page, slot = divmod(start, self.page_size)
-            self.pool[local, 0, :, session.pages[page], slot] = key[0, :, 0]
-            self.pool[local, 1, :, session.pages[page], slot] = value[0, :, 0]
-            return
-        positions = torch.arange(start, start + count)
-        pages = self._index(session)[positions // self.page_size]
-        slots = (positions % self.page_size).to(pages.device)
-        self.pool[local, 0][:, pages, slots] = key[0]
-        self.pool[local, 1][:, pages, slots] = value[0]
 
     def _gather(
         self, session: _Session, local: int, length: int
@@ -323,14 +356,13 @@ class SessionPagedKVCache:
             del self._resident[session_id]
             raise ShapeError(f"{path} holds keys of shape {tuple(keys.shape)}, expected {expected}")
         try:
-            step = self.begin(session_id, 0, length, pinned=pinned)
+            plan = self.plan([self.begin(session_id, 0, length, pinned=pinned)])
         except Exception:
             self.close(session_id)
             raise
-        session = step.session
         for local in range(len(self.layer_ids)):
-            self._write(session, local, 0, keys[local : local + 1], values[local : local + 1])
-        self.commit(step)
+            self.write(local, plan, keys[local].transpose(0, 1), values[local].transpose(0, 1))
+        self.commit(plan)
 
     def clear(self) -> None:
         for session_id in list(self.sessions()):
@@ -339,89 +371,31 @@ class SessionPagedKVCache:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
 class SessionStep:
-    """The cache as the ``transformers`` attention layers see it during one forward step.
+    """Positions ``start..start+count-1`` of a session, their pages reserved (``begin``)."""
 
-    ``update`` has the signature of ``transformers.Cache.update``: it stores the new keys and
-    values and returns all of the session's keys and values for that layer.
-    """
-
-    def __init__(self, cache: SessionPagedKVCache, session: _Session, start: int, count: int):
-        self.cache = cache
-        self.session = session
-        self.start = start
-        self.count = count
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        cache = self.cache
-        local = cache._local[layer_idx]
-        cache._write(self.session, local, self.start, key_states, value_states)
-        return cache._gather(self.session, local, self.start + self.count)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.start
+    session: _Session
+    start: int
+    count: int
 
 
-class BatchStep:
-    """One decode step of several sessions at once (one new position each), as the
-    ``transformers`` attention layers see the cache: row ``b`` of the batch is ``steps[b]``.
+@dataclass(frozen=True)
+class RowPlan:
+    """One forward step's rows: where each row's key and value go (``write_pages``,
+    ``write_slots``), and what the attention kernel reads (``tables``: each step's page table;
+    ``row_table``: each row's step; ``lengths``: each row's position + 1)."""
 
-    ``update`` writes each row's key and value into its session's page and returns every
-    session's keys and values padded to the longest, ``[batch, heads, longest, head_dim]``;
-    ``mask`` (``[batch, 1, 1, longest]``, True = attend) hides each row's padding.
-    """
+    steps: tuple[SessionStep, ...]
+    write_pages: torch.Tensor
+    write_slots: torch.Tensor
+    lengths: np.ndarray
+    row_table: np.ndarray
+    tables: np.ndarray
 
-    def __init__(self, cache: SessionPagedKVCache, steps: list[SessionStep]) -> None:
-        if any(step.count != 1 for step in steps):
-            raise ShapeError("a batched step runs one new position per session")
-        self.cache = cache
-        self.steps = steps
-        size = cache.page_size
-        starts = [step.start for step in steps]
-        pages_needed = [start // size + 1 for start in starts]
-        widest = max(pages_needed)
-        device = cache.pool.device
-        self.write_pages = torch.tensor(
-            [step.session.pages[start // size] for step, start in zip(steps, starts, strict=True)],
-            dtype=torch.long,
-            device=device,
-        )
-        self.write_slots = torch.tensor([start % size for start in starts], device=device)
-        rows = []
-        for step, n in zip(steps, pages_needed, strict=True):
-            pages = step.session.pages[:n]
-            rows.append(pages + [pages[0]] * (widest - n))  # padding: any page, masked
-        self.read_pages = torch.tensor(rows, dtype=torch.long, device=device).reshape(-1)
-        self.padded = widest * size
-        self.longest = max(starts) + 1
-        self.starts = torch.tensor(starts, device=device)
-
-    def mask(self, window: int | None) -> torch.Tensor:
-        """Which keys each row attends to: its own positions (within ``window``)."""
-        keys = torch.arange(self.longest, device=self.starts.device)[None, :]
-        allowed = keys <= self.starts[:, None]
-        if window is not None:
-            allowed &= keys > self.starts[:, None] - window
-        return allowed.view(len(self.steps), 1, 1, self.longest)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        cache = self.cache
-        local = cache._local[layer_idx]
-        batch, heads, dim = len(self.steps), cache.num_kv_heads, cache.head_dim
-        out = []
-        for part, states in ((0, key_states), (1, value_states)):
-            pool = cache.pool[local, part]  # [heads, pages, page_size, head_dim]
-            pool[:, self.write_pages, self.write_slots] = states[:, :, 0].transpose(0, 1)
-            gathered = pool.index_select(1, self.read_pages).view(heads, batch, self.padded, dim)
-            out.append(gathered.transpose(0, 1)[:, :, : self.longest])
-        return out[0], out[1]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.longest - 1
-
-    def commit(self) -> None:
-        for step in self.steps:
-            self.cache.commit(step)
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

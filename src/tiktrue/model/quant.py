@@ -373,3 +373,50 @@ def install_quantized(
 def _replace(module: nn.Module, owner: str, replacement: nn.Module) -> None:
     parent, _, child = owner.rpartition(".")
     setattr(module.get_submodule(parent) if parent else module, child, replacement)
+
+
+# --- float weights, row for row ---------------------------------------------------------------
+
+FIXED_ROWS = 8  # rows of every float matmul call (measured: see FixedRowsLinear)
+
+
+class FixedRowsLinear(nn.Module):
+    """An ``nn.Linear`` (float weights) whose every call multiplies exactly ``FIXED_ROWS``
+    rows, the last call padded with zeros.
+
+    oneDNN/MKL choose their kernel and the association of each output's sum by the shape of
+    the call: a row's result changed with how many rows shared it (fp32: from 2 rows on; bf16:
+    from 64). With one shape for every call, a row comes out the same bits whatever its
+    neighbours (checked for each row position of the block, with zero and random neighbours,
+    AVX-512 and AVX2 kernels, 1 and 2 threads). The int4/int8 kernels of ``QuantLinear`` need
+    no such care: they give each row the same bits for any number of rows.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        rows = flat.shape[0]
+        padded = -(-rows // FIXED_ROWS) * FIXED_ROWS
+        if padded != rows:
+            flat = torch.cat([flat, flat.new_zeros(padded - rows, shape[-1])])
+        out = torch.cat(
+            [self.linear(flat[i : i + FIXED_ROWS]) for i in range(0, padded, FIXED_ROWS)]
+        )
+        return out[:rows].reshape(*shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return f"calls of {FIXED_ROWS} rows"
+
+
+def fix_float_linears(module: nn.Module) -> nn.Module:
+    """``module`` with each of its ``nn.Linear`` (float weights) inside a ``FixedRowsLinear``."""
+    if isinstance(module, nn.Linear):
+        return FixedRowsLinear(module)
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Linear):
+            _replace(module, name, FixedRowsLinear(child))
+    return module
