@@ -102,9 +102,13 @@ bundle: $(STAMP)
 	@du -sh $(BUNDLE)
 	$(BUNDLE)/tiktrue --version
 
-# The bundle's own executables: import the demo model, run a node, answer a chat (not in
-# `make test`: the build takes minutes).
-bundle-test: bundle
+# The bundle's own executables (what dist/tiktrue holds; built first when absent): commands and
+# help, import the demo model, run a node, answer a chat, the UI in Persian in chromium, the
+# bundle as a systemd service (root: a container). Not in `make test`: the build takes minutes.
+$(BUNDLE)/tiktrue:
+	$(MAKE) bundle
+
+bundle-test: $(STAMP) browser systemd-container | $(BUNDLE)/tiktrue
 	TIKTRUE_BUNDLE=$(BUNDLE) $(PY) -m pytest -q -p no:cacheprovider tests/bundle
 
 clean:

@@ -21,6 +21,7 @@ running.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -72,6 +73,26 @@ def _python_paths() -> list[str]:
     """What this Python needs inside: its venv, its base install, the tiktrue source tree."""
     paths = {sys.prefix, sys.base_prefix, str(Path(tiktrue.__file__).resolve().parents[2])}
     return sorted(p for p in paths if not p.startswith("/usr/"))  # /usr is there already
+
+
+def _container_init(nspawn_pid: int) -> int | None:
+    """The pid (here) of the container's init: the descendant of systemd-nspawn that is PID 1
+    in its own PID namespace (nspawn's first child is a helper that forks it)."""
+    todo = [nspawn_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:  # gone meanwhile
+            continue
+        nspids = next(
+            (line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), []
+        )
+        if pid != nspawn_pid and len(nspids) > 1 and nspids[-1] == "1":
+            return pid
+        todo += [int(child) for child in children]
+    return None
 
 
 def _halt_with_parent() -> None:  # runs in the child, before exec
@@ -164,6 +185,7 @@ class SystemdContainer:
             )
         self.process = process
         deadline = time.monotonic() + min(BOOT_TIMEOUT_S, self.remaining())
+        # the container's init: a descendant of nspawn that is PID 1 of its own namespace
         while self.init_pid is None:
             self.remaining()  # the watchdog may have halted it
             if process.poll() is not None:
@@ -171,13 +193,9 @@ class SystemdContainer:
             if time.monotonic() > deadline:
                 self.kill()
                 raise failed(f"the container did not start in time: {self.boot_log()}")
-            children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-            try:
-                with_init = children.read_text().split()
-            except OSError:
-                with_init = []
-            self.init_pid = int(with_init[0]) if with_init else None
-            time.sleep(0.2)
+            self.init_pid = _container_init(process.pid)
+            if self.init_pid is None:
+                time.sleep(0.2)
         # wait for the boot to finish (degraded is fine: this host's units that fail in a box);
         # until systemd has its bus up, systemctl cannot ask it and says nothing
         state = ""
@@ -188,9 +206,10 @@ class SystemdContainer:
                 self.kill()
                 raise failed(f"the container did not boot ({state!r}): {self.boot_log()}")
             try:
-                state = self.run(
+                asked = self.run(
                     ["systemctl", "is-system-running", "--wait"], check=False, timeout=left
-                ).stdout.strip()
+                )
+                state = asked.stdout.strip() or asked.stderr.strip()
             except CommandTimeout:
                 state = "still booting"
             if state not in ("running", "degraded"):
@@ -243,6 +262,15 @@ class SystemdContainer:
                 f"{command} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
             )
         return done
+
+    def get_json(self, url: str, timeout: float = 30.0):
+        """GET ``url`` from inside (this Python, which is bound in) and read its JSON."""
+        script = (
+            "import json, sys, urllib.request; print(json.dumps(json.load("
+            "urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])))))"
+        )
+        done = self.run([sys.executable, "-c", script, url, str(timeout)], timeout=timeout + 30)
+        return json.loads(done.stdout)
 
     def poweroff(self, timeout: float = 120.0) -> None:
         """Shut the container down as a PC shuts down: systemd stops every unit."""

@@ -34,11 +34,7 @@ def tiktrue(box: SystemdContainer, *args: str, **kwargs):
 
 
 def health(box: SystemdContainer) -> dict:
-    script = (
-        "import json, urllib.request; print(json.dumps(json.load(urllib.request.urlopen("
-        f"'http://127.0.0.1:{API_PORT}/health', timeout=30))))"
-    )
-    return json.loads(box.run([sys.executable, "-c", script]).stdout)
+    return box.get_json(f"http://127.0.0.1:{API_PORT}/health")
 
 
 def main_pid(box: SystemdContainer) -> int:
