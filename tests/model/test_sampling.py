@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from tiktrue.model.sampling import Sampler, SamplingParams
+from tiktrue.model.sampling import (
+    Sampler,
+    SamplingParams,
+    SessionSampler,
+    TokenHistory,
+)
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.5])
 
 
 def draws(params: SamplingParams, n: int = 200, history=()) -> list[int]:
+    """``n`` draws of one sampler (the filters not named are off, as in the tests below)."""
+    off = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+    unset = {k: v for k, v in off.items() if k not in params.model_fields_set}
+    params = params.model_copy(update=unset)
     sampler = Sampler(params)
     return [sampler(LOGITS, list(history)) for _ in range(n)]
 
@@ -44,3 +55,69 @@ def test_settings_are_validated():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_tokens": 0}):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)
+
+
+def test_min_p_keeps_tokens_near_the_most_likely():
+    # softmax(LOGITS): ~0.53, 0.32, 0.08, 0.05, 0.02 for tokens 1, 2, 4, 0, 3 (approximately)
+    wide = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    assert set(draws(wide, 400)) == {0, 1, 2, 3, 4}
+    assert set(draws(wide.model_copy(update={"min_p": 0.5}), 400)) == {1, 2}  # 0.32 >= 0.26
+    assert set(draws(wide.model_copy(update={"min_p": 0.7}), 400)) == {1}
+    with pytest.raises(ValidationError):
+        SamplingParams(min_p=1.5)
+
+
+def test_a_seed_gives_the_same_draws_with_every_filter_and_the_penalty():
+    params = SamplingParams(temperature=1.3, top_k=4, top_p=0.9, min_p=0.02, seed=11)
+    penalized = params.model_copy(update={"repetition_penalty": 1.5})
+    for p in (params, penalized):
+        assert draws(p, 100, history=[1, 2, 2]) == draws(p, 100, history=[1, 2, 2])
+    assert draws(params, 100) != draws(params.model_copy(update={"seed": 12}), 100)
+
+
+def test_the_repetition_penalty_follows_the_history_as_it_changes():
+    """The head's history grows by each step's tokens and is cut by a rewind (``del h[n:]``);
+    the ids it penalizes are always those it holds, whatever the change."""
+    history = TokenHistory([4, 4, 0])
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=10.0))
+
+    def penalized() -> set[int]:
+        return {i for i in range(5) if history.seen_mask(5)[i]}
+
+    assert penalized() == {0, 4}
+    history.extend([1, 1])
+    history.append(2)
+    assert penalized() == {0, 1, 2, 4} and sampler(LOGITS, history) == 1  # 0.3 > 0.25
+    del history[4:]  # one 1 and the 2 go: 1 is still there once
+    assert history == [4, 4, 0, 1] and penalized() == {0, 1, 4}
+    assert sampler(LOGITS, history) == 2
+    del history[3]
+    history.pop()
+    assert history == [4, 4] and penalized() == {4}
+    assert sampler(LOGITS, history) == 1
+    history += [9]  # an id beyond this vocabulary: kept, ignored by the mask
+    assert penalized() == {4} and json.loads(json.dumps(history)) == [4, 4, 9]
+    history.clear()
+    assert penalized() == set()
+
+
+def test_the_penalty_costs_the_same_whatever_the_conversation_length():
+    """Per token, the sampler reads a mask of the ids seen, never the whole history: the
+    mask's work is the vocabulary's size, and the history keeps it up to date one token at a
+    time. Counted, not timed: how many ids the history touches per new token."""
+    sampler = SessionSampler(SamplingParams(repetition_penalty=1.2, seed=1), range(20_000))
+    touched = []
+    original = TokenHistory._add
+
+    def counting(self, token):
+        touched.append(token)
+        return original(self, token)
+
+    TokenHistory._add = counting
+    try:
+        for _ in range(10):
+            sampler.next_token(torch.randn(30_000), [7])
+    finally:
+        TokenHistory._add = original
+    assert touched == [7] * 10
+
