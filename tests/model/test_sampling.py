@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from tiktrue.model.sampling import (
     Sampler,
+    SamplingDefaults,
     SamplingParams,
     SessionSampler,
     TokenHistory,
@@ -121,3 +122,57 @@ def test_the_penalty_costs_the_same_whatever_the_conversation_length():
         TokenHistory._add = original
     assert touched == [7] * 10
 
+
+def test_a_model_brings_its_own_sampling_defaults_and_the_admin_may_change_them(tmp_path):
+    """What a request leaves out: the model's generation_config.json (as vLLM reads it) or
+    its GGUF's ``general.sampling.*``, else llama.cpp's defaults; the admin's choice for the
+    model (``tiktrue models defaults``) over both, and back."""
+    from typer.testing import CliRunner
+
+    from tests.helpers.tiny_gguf import write_llama_gguf
+    from tests.helpers.tiny_models import make_tiny_model
+    from tiktrue.cli import app
+    from tiktrue.model.errors import StoreError
+    from tiktrue.model.importer import import_model
+    from tiktrue.model.store import GENERATION_CONFIG
+
+    models = tmp_path / "home" / "models"
+    source = make_tiny_model(tmp_path / "hf", "llama", num_layers=2)
+    plain = import_model(source, "plain", models)
+    assert plain.sampling_defaults() == SamplingDefaults()  # it recommends nothing
+
+    own = json.loads((source / GENERATION_CONFIG).read_text())
+    own.update(do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=-1.0)
+    (source / GENERATION_CONFIG).write_text(json.dumps(own))
+    hf = import_model(source, "hf", models)
+    assert GENERATION_CONFIG in hf.manifest.files  # it travels with the model's copies
+    assert hf.sampling_defaults() == SamplingDefaults(temperature=0.6, top_p=0.9)  # -1: ignored
+
+    recommended = {"temp": 0.4, "top_k": 20, "min_p": 0.1, "penalty_repeat": 1.05}
+    gguf = write_llama_gguf(source, tmp_path / "tiny.gguf", sampling=recommended)
+    store = import_model(gguf, "gguf", models)
+    from_gguf = SamplingDefaults(temperature=0.4, top_k=20, min_p=0.1, repetition_penalty=1.05)
+    got = store.sampling_defaults()
+    assert got.top_k == 20 and got.top_p == SamplingDefaults().top_p
+    for name in ("temperature", "min_p", "repetition_penalty"):  # float32 in the file
+        assert getattr(got, name) == pytest.approx(getattr(from_gguf, name))
+
+    store.set_admin_sampling({"temperature": 0.0})
+    assert store.sampling_defaults().temperature == 0.0 and store.sampling_defaults().top_k == 20
+    for bad in ({"top_p": 0}, {"warmth": 1}):
+        with pytest.raises(StoreError):
+            store.set_admin_sampling(bad)
+    assert store.sampling_defaults().temperature == 0.0  # a refusal changed nothing
+    store.set_admin_sampling(None)
+    assert store.sampling_defaults().temperature == pytest.approx(0.4)
+
+    runner = CliRunner()
+    env = {"TIKTRUE_HOME": str(tmp_path / "home")}
+    done = runner.invoke(app, ["models", "defaults", "hf", "--min-p", "0.2", "--json"], env=env)
+    assert done.exit_code == 0, done.output
+    shown = json.loads(done.output)
+    assert shown["min_p"] == 0.2 and shown["temperature"] == 0.6 and shown["set_here"] == ["min_p"]
+    refused = runner.invoke(app, ["models", "defaults", "hf", "--top-p", "2"], env=env)
+    assert refused.exit_code == 1 and "top_p" in refused.output
+    done = runner.invoke(app, ["models", "defaults", "hf", "--reset"], env=env)
+    assert "min_p                0.05     (default)" in done.output, done.output

@@ -266,3 +266,30 @@ def test_stop_restart_resume_and_roles(office, new_page):
     with lan:
         assert lan.get(f"{base}/login").status_code == 200
         assert lan.get(f"{base}/v1/models").status_code == 401
+
+
+def test_the_web_chat_answers_the_demo_model_with_nothing_changed(
+    demo_store, ui_node, new_page, tmp_path
+):
+    """A person who changes nothing asks the demo's real model (its default int4 weights) a
+    simple question: the settings start from the model's own (see
+    ``tiktrue.model.demo_model.DEMO_SAMPLING``), not OpenAI's, and the answer names Paris."""
+    from tiktrue.security.users import UserStore
+    from tiktrue.service.local_network import prepare_local_network
+
+    homes, _ = prepare_local_network(tmp_path, demo_store, nodes=1, network_id="demo")
+    users = UserStore(homes[0], rounds=4)
+    users.add_user("admin", PASSWORD)
+    users.close()
+    cluster = ui_node(homes[0], model=False, own_control_ports=True)
+    base = ui_base(cluster)
+    page = new_page()
+    log_in(page, base, "admin")
+    expect(page.get_by_text("How can I help?")).to_be_visible()
+    page.get_by_role("button", name="Settings").click()
+    expect(page.get_by_text("Temperature: 0", exact=True)).to_be_visible()  # the model's
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_label("Message").fill("What is the capital of France?")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.get_by_text("tokens/s")).to_be_visible()
+    expect(page.locator(".tt-answer").last).to_contain_text("Paris")

@@ -24,7 +24,7 @@ from tiktrue.gateway.chain_client import (
 )
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
-from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.sampling import SamplingDefaults, SamplingParams
 from tiktrue.model.store import BlockStore
 from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
 from tiktrue.node.peer_link import PeerUnavailable
@@ -94,10 +94,11 @@ class Gateway:
         self.config = config
         self.network_id = config.network_id
         self.model_id = config.model_id
-        store = BlockStore(self.data_dir / "models" / config.model_id)
+        self.store = store = BlockStore(self.data_dir / "models" / config.model_id)
         self.tokenizer = load_tokenizer(store)
         self.stop_ids = stop_token_ids(store, self.tokenizer)
         self.model_config = store.config()
+        self._sampling: tuple[tuple, SamplingDefaults] | None = None
         self.credentials = credentials
         self.local_server = local_server
         self.chain = ReplayingChain(
@@ -120,6 +121,19 @@ class Gateway:
     def context_length(self) -> int:
         """The most tokens a conversation may hold here, answer included (the network's)."""
         return self.config.context_length(self.model_config)
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's sampling settings: what a request leaves out (read again when the
+        admin changes them; ``BlockStore.sampling_defaults``)."""
+        stamp = self.store.sampling_files_stamp()
+        if self._sampling is None or self._sampling[0] != stamp:
+            self._sampling = (stamp, self.store.sampling_defaults())
+        return self._sampling[1]
+
+    def sampling(self, **given) -> SamplingParams:
+        """Complete settings: ``given`` (None: left out) over the model's defaults."""
+        return self.sampling_defaults.params(**given)
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""

@@ -145,8 +145,9 @@ class ClientProtocol:
     ) -> None:
         gateway = self._gateway(request.network_id, parsed)
         owner = await _admitted(connection, gateway, request.message_id, request.session_id)
-        # the same fields and bounds as the request's (tiktrue.limits): nothing to clamp
-        params = SamplingParams(**request.model_dump(include=set(SamplingParams.model_fields)))
+        # the same fields and bounds as the request's (tiktrue.limits): nothing to clamp; what
+        # it leaves out comes from the model
+        params = gateway.sampling(**request.model_dump(include=set(SamplingParams.model_fields)))
         inputs = (
             {"input_ids": request.input_ids}
             if request.input_ids is not None
@@ -170,7 +171,7 @@ class ClientProtocol:
             await gateway.close_session(request.session_id, owner)
         inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
         await self._stream(
-            gateway, SamplingParams(), inputs, request.session_id, message_id, send, owner
+            gateway, gateway.sampling(), inputs, request.session_id, message_id, send, owner
         )
 
     async def _stream(

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from tiktrue import limits
 from tiktrue.gateway.api_client import Gateway
@@ -24,7 +24,7 @@ from tiktrue.gateway.chain_client import ChainError
 from tiktrue.gateway.session_store import Answer, StoredSession
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
-from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.sampling import SAMPLING_FIELDS, SamplingDefaults, SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.security.users import Principal, UserError
 from tiktrue.ui.context import UiContext
@@ -39,21 +39,52 @@ class ChatFailure(Exception):
 
 @dataclass
 class Settings:
-    """The person's generation settings for the next turns."""
+    """The person's generation settings for the next turns. A sampling setting left at None
+    follows the model's own (``Gateway.sampling_defaults``): a person who changed nothing gets
+    what the model recommends."""
 
     system_prompt: str = ""
-    temperature: float = limits.DEFAULT_TEMPERATURE
-    top_p: float = 0.95
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     max_tokens: int = limits.DEFAULT_MAX_TOKENS
-    repetition_penalty: float = 1.0
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            repetition_penalty=self.repetition_penalty,
+    def sampling(self, defaults: SamplingDefaults) -> SamplingParams:
+        """These settings over the model's ``defaults``."""
+        return defaults.params(
+            **{name: getattr(self, name) for name in SAMPLING_FIELDS}, max_tokens=self.max_tokens
         )
+
+    def chosen(self, name: str, value, defaults: SamplingDefaults) -> None:
+        """Set ``name`` to ``value``, or back to following the model when it is the model's."""
+        setattr(self, name, None if value == getattr(defaults, name) else value)
+
+
+SETTINGS_VERSION = 2  # 1 (no version): sampling fields saved with OpenAI's defaults filled in
+OLD_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.0}
+
+
+def settings_from(saved: dict) -> Settings:
+    """A person's saved settings (``asdict`` of ``Settings`` with ``version``); those saved by
+    an older TikTrue held OpenAI's defaults where the person chose nothing: those follow the
+    model now."""
+    saved = dict(saved or {})
+    if saved.pop("version", 1) < SETTINGS_VERSION:
+        for name, old in OLD_DEFAULTS.items():
+            if saved.get(name) == old:
+                saved[name] = None
+    known = {f.name for f in fields(Settings)}
+    try:
+        return Settings(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, AttributeError):
+        return Settings()
+
+
+def saved_form(settings: Settings) -> dict:
+    """What ``settings_from`` reads back."""
+    return {**asdict(settings), "version": SETTINGS_VERSION}
 
 
 @dataclass
@@ -109,6 +140,11 @@ class Chat:
             for g in self.context.gateways.values()
             if self.user.allows(g.network_id)
         }
+
+    def defaults(self, network_id: str | None) -> SamplingDefaults:
+        """The sampling settings of the model that answers on ``network_id``."""
+        gateway = self.context.gateways.get(network_id or "")
+        return gateway.sampling_defaults if gateway is not None else SamplingDefaults()
 
     def gateway(self, network_id: str) -> Gateway:
         gateway = self.context.gateways.get(network_id)
@@ -176,7 +212,7 @@ class Chat:
         turn = turn or Turn(network_id, gateway.model_id, len(messages))
         result = GenerationResult()
         stream = gateway.answer(
-            settings.sampling(),
+            settings.sampling(gateway.sampling_defaults),
             messages=messages,
             session_id=session_id,
             owner=self.owner,

@@ -13,14 +13,22 @@ drawn again at most every ``RENDER_S`` while it streams, then once at the end.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from nicegui import app, background_tasks, ui
 
 from tiktrue import limits
 from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
-from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
+from tiktrue.ui.chat_logic import (
+    Chat,
+    ChatFailure,
+    Settings,
+    Turn,
+    new_conversation_id,
+    saved_form,
+    settings_from,
+)
 from tiktrue.ui.context import ui_context
 from tiktrue.ui.layout import copy_text, page_frame, require_user
 
@@ -244,26 +252,48 @@ class ChatView:
 
     def _settings_dialog(self) -> None:
         s = self.state.settings
+        model = self.chat.defaults(self.state.network_id)
+
+        def shown(name: str):  # the person's value, else the model's
+            value = getattr(s, name)
+            return getattr(model, name) if value is None else value
+
         with ui.dialog() as dialog, ui.card().classes("w-[28rem] max-w-full gap-3"):
             ui.label("Settings").classes("text-lg font-medium")
             system = ui.textarea("System prompt", value=s.system_prompt).props("outlined")
             system.classes("w-full")
-            temperature = _slider("Temperature", s.temperature, 0.0, limits.MAX_TEMPERATURE, 0.05)
-            top_p = _slider("Top p", s.top_p, 0.05, 1.0, 0.05)
-            penalty = _slider("Repetition penalty", s.repetition_penalty, 1.0, 2.0, 0.05)
+            sliders = {
+                "temperature": _slider(
+                    "Temperature", shown("temperature"), 0.0, limits.MAX_TEMPERATURE, 0.05
+                ),
+                "top_p": _slider("Top p", shown("top_p"), 0.05, 1.0, 0.05),
+                "top_k": _slider("Top k", shown("top_k"), 0, 100, 1),
+                "min_p": _slider("Min p", shown("min_p"), 0.0, 1.0, 0.01),
+                "repetition_penalty": _slider(
+                    "Repetition penalty", shown("repetition_penalty"), 1.0, 2.0, 0.05
+                ),
+            }
             tokens = ui.number("Max tokens per answer", value=s.max_tokens, min=1, max=8192)
             tokens.props("outlined").classes("w-full")
 
+            def the_models() -> None:
+                for name, slider in sliders.items():
+                    slider.set_value(getattr(model, name))
+
             def save() -> None:
                 s.system_prompt = (system.value or "").strip()
-                s.temperature = float(temperature.value)
-                s.top_p = float(top_p.value)
-                s.repetition_penalty = float(penalty.value)
+                for name, slider in sliders.items():
+                    kind = int if name == "top_k" else float
+                    s.chosen(name, kind(slider.value), model)
                 s.max_tokens = int(tokens.value or limits.DEFAULT_MAX_TOKENS)
-                app.storage.user[SETTINGS_KEY] = asdict(s)  # kept for this person's next chats
+                app.storage.user[SETTINGS_KEY] = saved_form(s)  # for this person's next chats
                 dialog.close()
 
-            with ui.row().classes("w-full justify-end"):
+            with ui.row().classes("w-full items-center"):
+                ui.button("Model's defaults", on_click=the_models).props(
+                    'flat no-caps aria-label="Model\'s defaults"'
+                ).tooltip("The settings the model recommends")
+                ui.space()
                 ui.button("Cancel", on_click=dialog.close).props("flat no-caps")
                 ui.button("Save", on_click=save).props('unelevated no-caps aria-label="Save"')
         dialog.open()
@@ -459,12 +489,7 @@ class ChatView:
 
 def _saved_settings() -> Settings:
     """The settings this person saved last (in this node's storage of their login)."""
-    saved = app.storage.user.get(SETTINGS_KEY) or {}
-    known = {f.name for f in fields(Settings)}
-    try:
-        return Settings(**{k: v for k, v in saved.items() if k in known})
-    except (TypeError, AttributeError):  # from an older version: start from the defaults
-        return Settings()
+    return settings_from(app.storage.user.get(SETTINGS_KEY) or {})
 
 
 def _slider(label: str, value: float, low: float, high: float, step: float) -> ui.slider:

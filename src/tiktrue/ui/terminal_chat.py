@@ -34,7 +34,9 @@ def stream_chat(
     api_url: str, messages: list[dict], model: str | None, api_key: str | None = None, **settings
 ) -> Iterator[str]:
     """Yield the text deltas of one streamed chat completion."""
-    body = {"messages": messages, "stream": True, **settings}
+    # a setting not given is left out: the gateway takes the model's own
+    body = {"messages": messages, "stream": True}
+    body.update({k: v for k, v in settings.items() if v is not None})
     if model:
         body["model"] = model
     try:
