@@ -61,6 +61,7 @@ class SessionState:
     cancelled: bool = False
     last_used: float = field(default_factory=time.monotonic)  # for the idle sweep
     owner: str | None = None  # the account whose conversation it is (None: no credentials)
+    window_start: int = 0  # the model sees ``messages`` from here (and the system prompt)
 
 
 IDLE_TIMEOUT_S = 30 * 60.0  # a session idle this long is freed on the nodes (history kept)
@@ -187,7 +188,7 @@ class Gateway:
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
-        session_id = session_id or new_session_id()
+        session_id = session_id or await self.new_session_id()
         state = await self._acquire(session_id, keep, owner)
         before = (list(state.tokens), list(state.unfed), list(state.messages))
         stepped = completed = False
@@ -254,20 +255,40 @@ class Gateway:
         self._closing.add(task)  # keep a reference until it is done
         task.add_done_callback(self._closing.discard)
 
+    async def new_session_id(self) -> str:
+        """A session id that no session here has, in memory or in the store (open, closed or
+        saved): a new conversation never takes over a stored one."""
+        while True:
+            session_id = new_session_id()
+            if session_id not in self.sessions and not await self._stored(session_id):
+                return session_id
+
+    async def _stored(self, session_id: str) -> bool:
+        def lookup() -> bool:
+            return (
+                self.session_store.get(self.network_id, session_id) is not None
+                or self.session_store.saved(self.network_id, session_id) is not None
+            )
+
+        return await asyncio.to_thread(lookup)
+
     async def _acquire(self, session_id: str, keep: bool, owner: str | None) -> SessionState:
         """The session's state, locked for one turn: in memory, else loaded from the store
-        (``keep``), else new (owned by ``owner``); another owner's session is refused."""
+        (``keep``), else new (owned by ``owner``). Another owner's session is refused, also
+        one that is closed (its row, its answers and its saved KV stay its owner's); a closed
+        one of the caller's own starts afresh. A one-off answer (not ``keep``) never runs in
+        an id the store holds."""
         while True:
             async with self._sessions_lock:
                 state = self.sessions.get(session_id)
                 if state is None:
-                    stored = None
-                    if keep:
-                        stored = await asyncio.to_thread(
-                            self.session_store.get, self.network_id, session_id
+                    stored = await self._check_stored_owner(session_id, owner)
+                    if stored is not None and not keep:
+                        raise ChainError(
+                            ps.INVALID_MESSAGE,
+                            f"session {session_id} is a kept conversation: continue it with "
+                            "its session id",
                         )
-                        if stored is not None and not stored.closed:
-                            _check_owner(stored.owner, owner, session_id)
                     state = SessionState(owner=owner)
                     self.sessions[session_id] = state
                     await state.lock.acquire()  # a new lock: at once
@@ -358,12 +379,16 @@ class Gateway:
         """In memory now; loaded from the store since start; rebuilt on the nodes by replay."""
         return {"open": len(self.sessions), "resumed": self.resumed, "replays": self.chain.replays}
 
-    def cancel(self, session_id: str, owner: str | None = None) -> bool:
+    async def cancel(self, session_id: str, owner: str | None = None) -> bool:
+        """Stop the answer streaming in ``session_id`` (False: none streams); another's
+        session is refused, also when it does not stream now."""
         state = self.sessions.get(session_id)
         if state is not None:
             _check_owner(state.owner, owner, session_id)
             state.cancelled = True
-        return state is not None
+            return True
+        await self._check_stored_owner(session_id, owner)
+        return False
 
     # --- freeing sessions on the nodes ------------------------------------------------------
 
@@ -426,9 +451,13 @@ class Gateway:
         return self.data_dir / "sessions" / self.network_id / session_id
 
     async def save_session(self, session_id: str, owner: str | None = None) -> Path:
-        """Every node saves its layers' KV cache; the gateway saves the history (store)."""
-        if session_id not in self.sessions:
-            stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
+        """Every node saves its layers' KV cache; the gateway saves the history (store), with
+        its owner. Another's session is refused, open or closed; a closed one is not found."""
+        state = self.sessions.get(session_id)
+        if state is not None:
+            _check_owner(state.owner, owner, session_id)
+        else:
+            stored = await self._check_stored_owner(session_id, owner)
             if stored is None or stored.closed:
                 raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}")
         state = await self._acquire(session_id, True, owner)
@@ -436,7 +465,9 @@ class Gateway:
             await self.chain.rebuild(session_id, len(state.tokens))  # loaded from the store
             await self.chain.control(ps.SessionSave, session_id)
             await asyncio.to_thread(
-                self.session_store.save,
+                functools.partial(
+                    self.session_store.save, owner=state.owner, window_start=state.window_start
+                ),
                 self.network_id,
                 session_id,
                 state.tokens,
@@ -449,12 +480,13 @@ class Gateway:
         return self._session_dir(session_id)
 
     async def restore_session(self, session_id: str, owner: str | None = None) -> None:
-        """Load a saved session on every node; it continues without recomputing its prompt."""
+        """Load a saved session on every node; it continues without recomputing its prompt.
+        Only the owner of the save restores it (and only over a session row of their own)."""
+        await self._check_stored_owner(session_id, owner)  # the save and the row: theirs
         saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
         saved = saved or self._saved_by_an_older_version(session_id)
         if saved is None:
             raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
-        _check_owner(await self._stored_owner(session_id), owner, session_id)
         async with self._sessions_lock:
             if session_id in self.sessions:
                 raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
@@ -469,9 +501,10 @@ class Gateway:
                 unfed=list(saved.unfed),
                 messages=list(saved.messages),
                 owner=owner,
+                window_start=saved.window_start,
             )
         await asyncio.to_thread(
-            functools.partial(self.session_store.put, owner=owner),
+            functools.partial(self.session_store.put, owner=owner, window_start=saved.window_start),
             self.network_id,
             session_id,
             saved.tokens,
@@ -487,19 +520,29 @@ class Gateway:
         saved = json.loads(path.read_text("utf-8"))
         return SavedSession(saved["tokens"], saved["unfed"], saved["messages"], 0.0)
 
-    async def _stored_owner(self, session_id: str) -> str | None:
+    async def _check_saved_owner(self, session_id: str, owner: str | None) -> None:
+        """A saved copy of another's session (its row gone) is still theirs."""
+        saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
+        if saved is not None:
+            _check_owner(saved.owner, owner, session_id)
+
+    async def _check_stored_owner(self, session_id: str, owner: str | None) -> StoredSession | None:
+        """The stored session (None: the store has no row of it); another's (open or closed),
+        or another's saved copy, is refused. An id the store does not hold is no one's."""
         stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
-        return stored.owner if stored is not None else None
+        if stored is not None:
+            _check_owner(stored.owner, owner, session_id)
+        await self._check_saved_owner(session_id, owner)
+        return stored
 
     async def close_session(self, session_id: str, owner: str | None = None) -> None:
         """The conversation ends: freed on every node; its history stays in the store, closed
         (a later turn with this id starts afresh; a saved copy can still be restored)."""
         state = self.sessions.get(session_id)
-        _check_owner(
-            state.owner if state is not None else await self._stored_owner(session_id),
-            owner,
-            session_id,
-        )
+        if state is not None:
+            _check_owner(state.owner, owner, session_id)
+        else:
+            await self._check_stored_owner(session_id, owner)
         if state is not None:
             async with state.lock:  # after the answer in flight, if any
                 if self.sessions.get(session_id) is state:

@@ -35,7 +35,7 @@ from tiktrue.gateway.auth import (
     require_network,
 )
 from tiktrue.gateway.chain_client import ChainError
-from tiktrue.gateway.http_errors import APIError, error_body, from_network
+from tiktrue.gateway.http_errors import INTERNAL_MESSAGE, APIError, error_body, from_network
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.limits import (
     MaxTokens,
@@ -347,9 +347,9 @@ async def _sse(first, events, result, kind, completion_id, created, model) -> As
         yield chunk(None, _finish(result))
     except NETWORK_ERRORS as exc:
         yield f"data: {json.dumps(from_network(exc).body())}\n\n"
-    except Exception as exc:  # a bug: still end the stream with what happened
+    except Exception:  # a bug: logged; the stream still ends, saying so plainly
         log.exception("stream %s failed", completion_id)
-        body = error_body(f"internal error: {exc!r}", 500, ps.INTERNAL_ERROR)
+        body = error_body(INTERNAL_MESSAGE, 500, ps.INTERNAL_ERROR)
         yield f"data: {json.dumps(body)}\n\n"
     finally:
         await events.aclose()  # the session's turn ends here, also when the client left

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from tiktrue import limits
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.http_errors import public_error
 from tiktrue.gateway.session_store import Answer, StoredSession
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
@@ -154,6 +155,22 @@ class Chat:
 
     # --- conversations ----------------------------------------------------------------------
 
+    async def new_conversation_id(self, network_id: str) -> str:
+        """An id no conversation in the store has (open, closed or saved): a new chat never
+        takes over a stored one."""
+        store = self.context.sessions
+
+        def taken(session_id: str) -> bool:
+            return (
+                store.get(network_id, session_id) is not None
+                or store.saved(network_id, session_id) is not None
+            )
+
+        while True:
+            session_id = new_conversation_id()
+            if not await asyncio.to_thread(taken, session_id):
+                return session_id
+
     async def conversations(self, search: str = "") -> list[StoredSession]:
         return await asyncio.to_thread(self.context.sessions.owned, self.owner, search=search)
 
@@ -225,22 +242,20 @@ class Chat:
                         turn.first_token_ms = (time.perf_counter() - turn.started) * 1000
                     turn.text += event.text
                     yield event.text
-        except ChainError as exc:
+        except (ChainError, ModelError, PeerUnavailable) as exc:
             raise ChatFailure(_why(exc)) from exc
-        except (ModelError, PeerUnavailable) as exc:
-            raise ChatFailure(f"the network could not answer: {exc}") from exc
         finally:
             await stream.aclose()
         self._finish(turn, result)
         await self._record(gateway, session_id, messages, turn)
 
-    def stop(self, network_id: str, session_id: str) -> bool:
+    async def stop(self, network_id: str, session_id: str) -> bool:
         """Stop the answer streaming in this conversation (it keeps what came)."""
         gateway = self.context.gateways.get(network_id)
         if gateway is None:
             return False
         try:
-            return gateway.cancel(session_id, self.owner)
+            return await gateway.cancel(session_id, self.owner)
         except ChainError:  # someone else's conversation
             return False
 
@@ -280,9 +295,11 @@ class Chat:
 _saving: set[asyncio.Task] = set()  # saves in flight (a reference keeps each one running)
 
 
-def _why(exc: ChainError) -> str:
-    if exc.code == "context_length_exceeded":
-        return f"The conversation is longer than the model's context: {exc.message}"
-    if exc.code == "forbidden":
+def _why(exc: Exception) -> str:
+    """For the person: what went wrong, without server paths or exception text."""
+    code, message, _ = public_error(exc)
+    if code == "context_length_exceeded":
+        return f"The message is longer than the model's context: {message}"
+    if code == "forbidden":
         return "This conversation belongs to another account."
-    return f"The network could not answer ({exc.code}): {exc.message}"
+    return message[0].upper() + message[1:]

@@ -25,7 +25,6 @@ from tiktrue.ui.chat_logic import (
     ChatFailure,
     Settings,
     Turn,
-    new_conversation_id,
     saved_form,
     settings_from,
 )
@@ -56,7 +55,9 @@ class ChatState:
     settings: Settings = field(default_factory=Settings)
     turn: Turn | None = None
     streaming: bool = False
+    stop_requested: bool = False  # Stop pressed during this turn
     error: str = ""
+    window_start: int = 0  # the model no longer sees the messages before this one
 
 
 def register() -> None:
@@ -422,9 +423,12 @@ class ChatView:
         if messages:
             await self._run_turn(messages)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop the answer: at once, or, pressed before its first token (the conversation not
+        yet on the network), at that token."""
         if self.state.streaming and self.state.session_id:
-            self.chat.stop(self.state.network_id, self.state.session_id)
+            self.state.stop_requested = True
+            await self.chat.stop(self.state.network_id, self.state.session_id)
 
     async def _run_turn(self, messages: list[dict]) -> None:
         """Answer ``messages`` (without the system prompt, which is put first here)."""
@@ -436,9 +440,9 @@ class ChatView:
         full = ([{"role": "system", "content": system}] if system else []) + messages
         new = state.session_id is None
         if new:
-            state.session_id = new_conversation_id()
+            state.session_id = await self.chat.new_conversation_id(state.network_id)
         state.messages = full
-        state.streaming = True
+        state.streaming, state.stop_requested = True, False
         self._draw_messages()
         gateway = self.chat.context.gateways.get(state.network_id)
         turn = Turn(state.network_id, gateway.model_id if gateway else "", len(full))
@@ -457,11 +461,13 @@ class ChatView:
                 ui.run_javascript("window.scrollTo(0, document.body.scrollHeight)")
 
         timer = ui.timer(RENDER_S, render)
+        stopped = False
         try:
             async for _ in self.chat.answer(
                 state.network_id, state.session_id, full, state.settings, turn
             ):
-                pass
+                if state.stop_requested and not stopped:  # pressed before it started
+                    stopped = await self.chat.stop(state.network_id, state.session_id)
         except ChatFailure as exc:
             timer.cancel()
             state.streaming = False
