@@ -657,7 +657,8 @@ def network_plan(
         min=limits.MIN_CONTEXT_TOKENS,
         max=limits.MAX_CONTEXT_TOKENS,
         help="Tokens of KV cache every node reserves: the network's context length "
-        f"(default: the network's, {limits.DEFAULT_CONTEXT_TOKENS} when new).",
+        "(default: as much as the nodes' RAM allows, up to the model's own, at least "
+        f"{limits.MIN_AUTO_CONTEXT_TOKENS}; a chosen one is kept by later plans).",
     ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""

@@ -37,9 +37,11 @@ MAX_INPUT_TOKENS = 1 << 20  # ids in one request (the network's context refuses 
 
 # --- context and steps ----------------------------------------------------------------------
 # The KV cache a plan reserves on every node for one conversation, unless the admin chooses
-# otherwise (``network plan --context``): a network's context length is the smaller of this
-# and the model's own (``max_position_embeddings``).
-DEFAULT_CONTEXT_TOKENS = 2048
+# (``network plan --context``): as much as the nodes' RAM allows, up to the model's own context
+# (``max_position_embeddings``), and at least MIN_AUTO_CONTEXT_TOKENS (or the model's own, when
+# shorter). DEFAULT_CONTEXT_TOKENS: what a network config made before any plan says.
+MIN_AUTO_CONTEXT_TOKENS = 2048
+DEFAULT_CONTEXT_TOKENS = MIN_AUTO_CONTEXT_TOKENS
 KV_PAGE_TOKENS = 16  # the KV cache allocates a session's room in pages of this many tokens
 MIN_CONTEXT_TOKENS = KV_PAGE_TOKENS
 MAX_CONTEXT_TOKENS = 1 << 20

@@ -26,6 +26,7 @@ from tiktrue.control.network_admin import (
     probe_announcement,
 )
 from tiktrue.control.planner import ModelProfile, NodeCapacity
+from tiktrue.limits import MIN_AUTO_CONTEXT_TOKENS
 from tiktrue.model.store import BlockStore
 from tiktrue.node.resources import NodeCaps
 from tiktrue.protocol.network_config import config_path, read_config
@@ -228,9 +229,10 @@ def test_a_pc_joining_mid_chat_gets_a_new_plan_and_the_chat_goes_on(tiny_llama, 
     admin, pc2, late = (tmp_path / n for n in ("admin", "pc2", "late"))
     import_model_from_store(tiny_llama.root, admin / "models")
     model = ModelProfile.from_manifest(tiny_llama.manifest, tiny_llama.config())
+    context = min(MIN_AUTO_CONTEXT_TOKENS, model.max_context)  # what the plan reserves
     third = (
         model.block_bytes["embed"]
-        + 2 * (model.block_bytes["layer_0"] + model.kv_bytes(["layer_0"], 2048))
+        + 2 * (model.block_bytes["layer_0"] + model.kv_bytes(["layer_0"], context))
         + 4096
     )
     caps = NodeCaps(ram_bytes=NodeCapacity("x", 1, 1, 1.0).runtime_bytes + third)

@@ -293,3 +293,22 @@ def test_the_web_chat_answers_the_demo_model_with_nothing_changed(
     page.get_by_role("button", name="Send", exact=True).click()
     expect(page.get_by_text("tokens/s")).to_be_visible()
     expect(page.locator(".tt-answer").last).to_contain_text("Paris")
+
+
+def test_a_conversation_longer_than_the_context_goes_on(office, new_page):
+    """The tiny model's network holds 512 tokens. Four long questions: each is answered (no
+    "longer than the context" error); the oldest turns leave the model's window, and the chat
+    shows where the window now starts."""
+    cluster, _ = office
+    base = ui_base(cluster)
+    page = new_page()
+    log_in(page, base, "admin")
+    expect(page.get_by_text("How can I help?")).to_be_visible()
+    words = "tell me more about the quick brown fox and the lazy dog in the garden " * 10
+    for turn in range(1, 5):
+        page.get_by_label("Message").fill(f"Question {turn}: {words}")
+        page.get_by_role("button", name="Send", exact=True).click()
+        expect(page.get_by_text("tokens/s")).to_have_count(turn)
+        expect(page.get_by_text("The answer failed")).to_have_count(0)
+    expect(page.get_by_role("separator", name="The model's window starts here")).to_be_visible()
+    expect(page.get_by_text("The model no longer sees the messages above")).to_be_visible()

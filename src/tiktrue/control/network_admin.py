@@ -237,10 +237,12 @@ def plan_from_status(
 ) -> Plan:
     """Plan the spans on the nodes as ``network_status(probe=True)`` measured them, holding
     back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
-    on every node (default: what the network's config says; applying the plan records it).
+    on every node (default: what the admin chose before, else as much as the nodes' memory
+    allows, up to the model's own; applying the plan records it).
     No I/O but the local store's manifest."""
     config, credentials = load(data_dir, network_id)
-    context_tokens = context_tokens or config.context_tokens
+    if context_tokens is None and not config.context_auto:  # the admin's choice stays
+        context_tokens = config.context_tokens
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     model = ModelProfile.from_manifest(store.manifest, store.config())
     return plan_with_backups(
@@ -305,6 +307,7 @@ async def apply_plan(
             "nodes": [n.model_dump() for n in nodes],
             "version": config.version + 1,
             "context_tokens": plan.context_tokens,
+            "context_auto": plan.context_auto,
             "revoked": [*config.revoked, *revoke],
         }
     )

@@ -190,11 +190,11 @@ class Gateway:
         keep = session_id is not None if keep is None else keep
         session_id = session_id or await self.new_session_id()
         state = await self._acquire(session_id, keep, owner)
-        before = (list(state.tokens), list(state.unfed), list(state.messages))
+        before = (list(state.tokens), list(state.unfed), list(state.messages), state.window_start)
         stepped = completed = False
         try:
             state.cancelled = False
-            wanted = self._conversation_ids(state, messages, text, input_ids, keep)
+            wanted = self._conversation_ids(state, messages, text, input_ids, keep, params)
             if not wanted:
                 raise ChainError(ps.INVALID_MESSAGE, "nothing to answer: the input is empty")
             room = self.context_length - len(wanted)  # refused before anything is sent
@@ -232,7 +232,9 @@ class Gateway:
             completed = True
             if keep:
                 await self._write(
-                    functools.partial(self.session_store.put, owner=state.owner),
+                    functools.partial(
+                        self.session_store.put, owner=state.owner, window_start=state.window_start
+                    ),
                     self.network_id,
                     session_id,
                     state.tokens,
@@ -242,7 +244,7 @@ class Gateway:
         finally:
             state.last_used = time.monotonic()
             if keep and not completed:
-                state.tokens, state.unfed, state.messages = before
+                state.tokens, state.unfed, state.messages, state.window_start = before
                 if stepped:
                     self.chain.adopt(session_id, state.tokens, stale=True)
             state.lock.release()
@@ -315,6 +317,7 @@ class Gateway:
             await self.chain.open(session_id)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
+        state.window_start = stored.window_start
         self.resumed += 1
         if not stored.live:  # the nodes will hold it again
             await self._write(self.session_store.set_live, self.network_id, [session_id], True)
@@ -345,13 +348,16 @@ class Gateway:
         await self.chain.close(session_id)
         await self._write(self.session_store.delete, self.network_id, session_id)
 
-    def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
-        if messages is not None:
+    def _conversation_ids(self, state, messages, text, input_ids, keep, params) -> list[int]:
+        if messages is not None and not keep:  # one request (the OpenAI API): all of it
             state.messages = list(messages)
             return prompt_ids(self.tokenizer, state.messages)
-        if text is not None and keep:
-            state.messages.append({"role": "user", "content": text})
-            return prompt_ids(self.tokenizer, state.messages)
+        if messages is not None or text is not None and keep:  # a conversation that goes on
+            if messages is not None:
+                state.messages = list(messages)
+            else:
+                state.messages.append({"role": "user", "content": text})
+            return self._window(state, min(params.max_tokens, self.context_length // 2))
         if text is not None:
             return prompt_ids(self.tokenizer, text, raw=True)
         if input_ids is not None:
@@ -365,6 +371,54 @@ class Gateway:
                 )
             return state.tokens + state.unfed + list(input_ids)
         raise ChainError(ps.INVALID_MESSAGE, "a request needs messages, text or input_ids")
+
+    def _window(self, state: SessionState, room: int) -> list[int]:
+        """The prompt of a conversation that goes on: its messages from ``window_start`` (the
+        leading system prompt always kept). When they leave less than ``room`` tokens for the
+        answer, the oldest turns leave the model's window (as llama.cpp's context shift and
+        Ollama do): the window then starts at the first user message after which at most half
+        the context is used, so the next turns continue it (their prompts are not computed
+        again) until it is full again. Each shift recomputes the window once (a prefill of at
+        most half the context). ``state.window_start`` says where it starts; the conversation
+        itself keeps every message."""
+        messages, context = state.messages, self.context_length
+        system = next((i for i, m in enumerate(messages) if m.get("role") != "system"), 0)
+        starts = [i for i, m in enumerate(messages) if i >= system and m.get("role") == "user"]
+        if not starts:
+            return prompt_ids(self.tokenizer, messages)
+        start = state.window_start if system <= state.window_start <= starts[-1] else system
+
+        def render(at: int) -> list[int]:
+            return prompt_ids(self.tokenizer, messages[:system] + messages[at:])
+
+        ids = render(start)
+        if len(ids) + room <= context:
+            state.window_start = start
+            return ids
+        later = [i for i in starts if i > start]
+        low, high = 0, len(later) - 1  # the earliest later start that fits the target
+        target = min(context - room, context // 2)
+        chosen = len(later) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            if len(render(later[middle])) <= target:
+                chosen, high = middle, middle - 1
+            else:
+                low = middle + 1
+        if not later:  # the last question alone: what room it leaves is all there is
+            state.window_start = start
+            return ids
+        start = later[chosen]
+        ids = render(start)
+        state.window_start = start
+        log.info(
+            "network %s: a conversation's oldest turns left the model's window (it starts at "
+            "message %d, %d tokens)",
+            self.network_id,
+            start,
+            len(ids),
+        )
+        return ids
 
     async def _rewind(self, session_id: str, state: SessionState, wanted: list[int]) -> None:
         """An edited question or a regenerated answer: keep what the caches hold of

@@ -101,6 +101,7 @@ class Turn:
     tokens_per_s: float | None = None
     finish_reason: str = ""
     started: float = field(default_factory=time.perf_counter)
+    window_start: int = 0  # the model's window starts at this message (older ones left it)
 
     def answer(self) -> Answer:
         """The answer as the store keeps it."""
@@ -275,6 +276,8 @@ class Chat:
         answer = turn.answer()
         await asyncio.to_thread(store.record_answer, gateway.network_id, session_id, answer)
         stored = await asyncio.to_thread(store.get, gateway.network_id, session_id)
+        if stored is not None:
+            turn.window_start = stored.window_start
         if stored is not None and not stored.title:
             first = next((m["content"] for m in messages if m["role"] == "user"), "")
             title = title_of(first) or "New chat"

@@ -87,6 +87,7 @@ class ChatView:
             if stored is not None:
                 self.state.network_id, self.state.session_id = network_id, session_id
                 self.state.messages = list(stored.messages)
+                self.state.window_start = stored.window_start
                 self.state.answers = await self.chat.answers(network_id, session_id)
                 system = [m for m in stored.messages if m["role"] == "system"]
                 self.state.settings.system_prompt = system[0]["content"] if system else ""
@@ -309,11 +310,25 @@ class ChatView:
                 self._empty()
             last_answer = max((i for i, m in shown if m["role"] == "assistant"), default=None)
             for index, message in shown:
+                if index == self.state.window_start and index > shown[0][0]:
+                    self._window_starts()
                 if message["role"] == "user":
                     self._user_message(index, message["content"])
                 else:
                     body, _ = self._assistant_message(message["content"])
                     self._answer_meta(body, index, last=index == last_answer)
+
+    def _window_starts(self) -> None:
+        """Where the model's window starts: the conversation outgrew the network's context,
+        and the turns above left it (the system prompt stays)."""
+        with (
+            ui.row()
+            .classes("w-full items-center gap-2 tt-meta")
+            .props('role="separator" aria-label="The model\'s window starts here"')
+        ):
+            ui.separator().classes("flex-1")
+            ui.label("The model no longer sees the messages above; it remembers from here.")
+            ui.separator().classes("flex-1")
 
     def _empty(self) -> None:
         with ui.column().classes("w-full items-center gap-2 py-16"):
@@ -479,6 +494,7 @@ class ChatView:
         timer.cancel()
         state.streaming = False
         state.messages = full + [{"role": "assistant", "content": turn.text}]
+        state.window_start = turn.window_start
         state.answers[turn.message_index] = turn.answer()
         self._streaming(False)
         self._draw_messages()
