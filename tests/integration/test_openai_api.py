@@ -172,3 +172,37 @@ def test_what_a_request_leaves_out_comes_from_the_model(
             return await ask(ws, body)
 
     assert asyncio.run(over_ws())[-1]["text"] == asyncio.run(over_ws(**penalized))[-1]["text"]
+
+
+def test_the_terminal_chat_goes_on_past_the_context(tiny_cluster):
+    """Four long questions in `tiktrue chat` on a 512-token network: each is answered (the
+    oldest turns are dropped, the system prompt kept), none gets context_length_exceeded."""
+    import subprocess
+    import sys
+
+    cluster, _, config = tiny_cluster
+    words = "tell me more about the quick brown fox and the lazy dog in the garden " * 10
+    questions = "".join(f"Question {i}: {words}\n" for i in range(4))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiktrue",
+            "chat",
+            "--url",
+            cluster.api_url,
+            "--network",
+            config.network_id,
+            "--system",
+            "Be brief.",
+            "--max-tokens",
+            "5",
+        ],
+        input=questions + "/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stdout, done.stdout
+    assert done.stdout.count("model> ") == 4

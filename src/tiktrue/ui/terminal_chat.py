@@ -63,6 +63,23 @@ def stream_chat(
         raise ChatError(f"cannot reach the gateway at {api_url}: {exc}") from exc
 
 
+CONTEXT_FULL = "context_length_exceeded"
+
+
+def drop_oldest_turn(messages: list[dict]) -> bool:
+    """Drop the conversation's oldest question and its answer (the system prompt stays, the
+    last question too), as the gateway does for its own sessions: a chat in the terminal
+    goes on when it outgrows the network's context. False: nothing left to drop."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    following = next(
+        (i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"), None
+    )
+    if following is None:
+        return False
+    del messages[first:following]
+    return True
+
+
 def run_chat(
     api_url: str,
     model: str | None = None,
@@ -99,16 +116,20 @@ def run_chat(
         messages.append({"role": "user", "content": line})
         sys.stdout.write("model> ")
         answer = []
-        try:
-            for delta in stream_chat(api_url, messages, model, api_key, **settings):
-                answer.append(delta)
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        except ChatError as exc:
-            print(f"\n(error: {exc})")
-            messages.pop()
-            continue
-        except KeyboardInterrupt:
-            print("\n(stopped)")
-        print()
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        while True:
+            try:
+                for delta in stream_chat(api_url, messages, model, api_key, **settings):
+                    answer.append(delta)
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            except ChatError as exc:
+                if not answer and CONTEXT_FULL in str(exc) and drop_oldest_turn(messages):
+                    continue  # the conversation goes on without its oldest turn
+                print(f"\n(error: {exc})")
+                messages.pop()
+                break
+            except KeyboardInterrupt:
+                print("\n(stopped)")
+            print()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+            break
