@@ -66,11 +66,41 @@ def journey(tiny_llama, tmp_path_factory):
         cluster.stop()
 
 
+@pytest.fixture
+def office(office_made, tiny_llama):
+    """The network as ``office_made`` left it, whatever the tests before this one did to it
+    (a PC that left joins again, another plan is undone): every test starts from the same
+    network, in any order, and runs alone too."""
+    cluster, (admin, pc2, pc3) = office_made
+    if node_identity(pc3).node_id not in read_config(config_path(admin, NET)).node_ids:
+        token = cli(admin, "network", "token", NET).stdout.strip()
+        cli(pc3, "network", "join", control_address(admin), "--token", token)
+    config = read_config(config_path(admin, NET))
+    spans = {n.node_id: n.blocks for n in config.nodes}
+    if [spans.get(node_identity(h).node_id) for h in (admin, pc2, pc3)] != MANUAL_SPANS:
+        cli(admin, "network", "apply", NET, *_manual_plan(admin, pc2, pc3))
+        _wait_for_version(admin, NET, read_config(config_path(admin, NET)).version)
+    return office_made
+
+
+MANUAL_SPANS = [
+    ["embed", "layer_0", "layer_1"],
+    ["layer_2", "layer_3", "layer_4"],
+    ["layer_5", "head"],
+]
+
+
+def _manual_plan(admin, pc2, pc3) -> list[str]:
+    """``--override`` options of the office's manual plan: 3, 3 and 2 blocks."""
+    ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]
+    overrides = [f"{ids[0]}=3", f"{ids[1]}=3", f"{ids[2]}=2"]
+    return sum((["--override", o] for o in overrides), [])
+
+
 @pytest.fixture(scope="module")
-def office(journey, tiny_llama):
+def office_made(journey, tiny_llama):
     """The journey up to a running network, as a user goes it: create, a join by token
-    (refusals for a used and a made-up token), a join by approval, a manual plan applied.
-    Every test of this module starts from it, so each one runs alone too."""
+    (refusals for a used and a made-up token), a join by approval, a manual plan applied."""
     cluster, (admin, pc2, pc3) = journey
     model_id = tiny_llama.model_id
     out = cli(
@@ -130,11 +160,9 @@ def office(journey, tiny_llama):
     assert load_block_key(pc2, NET) == load_block_key(pc3, NET) == load_block_key(admin, NET)
 
     # plan with a manual split, push blocks, switch
-    ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]
-    overrides = [f"{ids[0]}=3", f"{ids[1]}=3", f"{ids[2]}=2"]
-    shown = cli(admin, "network", "plan", NET, *sum((["--override", o] for o in overrides), []))
-    assert ids[1] in shown.stdout
-    applied = cli(admin, "network", "apply", NET, *sum((["--override", o] for o in overrides), []))
+    shown = cli(admin, "network", "plan", NET, *_manual_plan(admin, pc2, pc3))
+    assert node_identity(pc2).node_id in shown.stdout
+    applied = cli(admin, "network", "apply", NET, *_manual_plan(admin, pc2, pc3))
     assert "now runs config v" in applied.stdout
 
     return journey
