@@ -83,7 +83,7 @@ def test_the_repetition_penalty_follows_the_history_as_it_changes():
     sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=10.0))
 
     def penalized() -> set[int]:
-        return {i for i in range(5) if history.seen_mask(5)[i]}
+        return {i for i in history.seen_ids().tolist() if i < 5}
 
     assert penalized() == {0, 4}
     history.extend([1, 1])
@@ -96,16 +96,17 @@ def test_the_repetition_penalty_follows_the_history_as_it_changes():
     history.pop()
     assert history == [4, 4] and penalized() == {4}
     assert sampler(LOGITS, history) == 1
-    history += [9]  # an id beyond this vocabulary: kept, ignored by the mask
-    assert penalized() == {4} and json.loads(json.dumps(history)) == [4, 4, 9]
+    history += [9]  # an id beyond this vocabulary: kept, no logit to penalize
+    assert penalized() == {4} and sampler(LOGITS, history) == 1
+    assert json.loads(json.dumps(history)) == [4, 4, 9]
     history.clear()
     assert penalized() == set()
 
 
 def test_the_penalty_costs_the_same_whatever_the_conversation_length():
-    """Per token, the sampler reads a mask of the ids seen, never the whole history: the
-    mask's work is the vocabulary's size, and the history keeps it up to date one token at a
-    time. Counted, not timed: how many ids the history touches per new token."""
+    """Per token, the sampler reads the distinct ids seen (at most the vocabulary), never the
+    whole history, and the history keeps them up to date one token at a time. Counted, not
+    timed: how many ids the history touches per new token."""
     sampler = SessionSampler(SamplingParams(repetition_penalty=1.2, seed=1), range(20_000))
     touched = []
     original = TokenHistory._add
