@@ -11,39 +11,55 @@ from pydantic import BaseModel
 from tiktrue import limits
 from tiktrue.gateway.openai_api import GenerationFields
 from tiktrue.model.engine import BlockEngine
-from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.sampling import SamplingDefaults, SamplingParams
 from tiktrue.protocol.frames import decode_tensor_frame, encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.protocol.protocol_spec import InferenceRequest
 from tiktrue.service.local_network import prepare_local_network
 from tiktrue.service.service_runner import NodeService
 
-SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
 def _schema(model: type[BaseModel], name: str) -> dict:
     return model.model_json_schema()["properties"][name]
 
 
+def _bounds(schema: dict) -> dict:
+    """A field's accepted values, whether or not it may be left out (null)."""
+    accepted = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
+    assert len(accepted) == 1, schema
+    return {k: v for k, v in accepted[0].items() if k not in ("default", "title")}
+
+
 @pytest.mark.parametrize("name", SAMPLING)
 def test_sampling_fields_have_one_definition(name):
-    """The OpenAI API, the wire protocol and the sampler accept and default alike (once:
-    temperature <= 2 / <= 100 then clamped to 5 / <= 5; default 1.0, 1.0, 0.7)."""
-    expected = _schema(SamplingParams, name)
+    """The OpenAI API, the wire protocol and the sampler accept alike (once: temperature
+    <= 2 / <= 100 then clamped to 5 / <= 5); the requests leave every field to the model."""
+    expected = _bounds(_schema(SamplingParams, name))
     assert "maximum" in str(expected), expected  # bounded
-    assert _schema(GenerationFields, name) == expected
-    assert _schema(InferenceRequest, name) == expected
+    for request in (GenerationFields, InferenceRequest):
+        assert _bounds(_schema(request, name)) == expected
+        assert _schema(request, name)["default"] is None  # left out: the model's
 
 
 def test_defaults_and_the_wire_accept_the_same_numbers():
     assert SamplingParams().temperature == limits.DEFAULT_TEMPERATURE
+    assert SamplingParams() == SamplingDefaults().params()  # no model: llama.cpp's
     assert GenerationFields().sampling() == SamplingParams()
+    model = SamplingDefaults(temperature=0.3, top_k=7)
+    asked = GenerationFields(temperature=1.1, top_p=0.5).sampling(model)
+    assert (asked.temperature, asked.top_k, asked.top_p) == (1.1, 7, 0.5)
     assert GenerationFields(stop="x" * 100).sampling().stop == ["x" * 100]  # one string
     with pytest.raises(ValueError):
         GenerationFields(stop=["x"] * (limits.MAX_STOP_STRINGS + 1))
     request = InferenceRequest(prompt="x")
     assert request.max_tokens == SamplingParams().max_tokens == limits.DEFAULT_MAX_TOKENS
-    for bad in ({"temperature": limits.MAX_TEMPERATURE + 0.1}, {"input_ids": [2**31]}):
+    for bad in (
+        {"temperature": limits.MAX_TEMPERATURE + 0.1},
+        {"min_p": 1.5},
+        {"input_ids": [2**31]},
+    ):
         with pytest.raises(ValueError):
             InferenceRequest(prompt="x", **bad)
 

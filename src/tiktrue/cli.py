@@ -200,6 +200,48 @@ def models_show(
         typer.echo(f"{name:<10} {b.bytes / 1e6:>9.2f} {b.parameters:>11} {fmt:<9}  {b.sha256[:16]}")
 
 
+@models_app.command("defaults")
+def models_defaults(
+    model_id: str,
+    temperature: float = typer.Option(None, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(None, "--top-k", help="0 = off."),
+    top_p: float = typer.Option(None, "--top-p", help="1 = off."),
+    min_p: float = typer.Option(None, "--min-p", help="0 = off."),
+    repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="1 = off."),
+    reset: bool = typer.Option(False, "--reset", help="Back to the model's own settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print them as JSON."),
+) -> None:
+    """The sampling settings a request, the web chat or the terminal chat get when they leave
+    them out: the model's own (its generation_config.json, a GGUF's metadata, else llama.cpp's
+    defaults) unless set here for this PC's gateway. With options: set those (the rest stay)."""
+    from tiktrue.model.errors import StoreError
+
+    store = _open_store(model_id)
+    given = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        if reset:
+            store.set_admin_sampling(None)
+        if given:
+            store.set_admin_sampling({**store.admin_sampling(), **given})
+    except StoreError as exc:
+        fail(str(exc))
+    defaults, chosen = store.sampling_defaults(), store.admin_sampling()
+    if as_json:
+        typer.echo(json.dumps({**defaults.model_dump(), "set_here": sorted(chosen)}, indent=2))
+        return
+    own = store.model_sampling()
+    for name, value in defaults.model_dump().items():
+        source = "set here" if name in chosen else "the model's" if name in own else "default"
+        typer.echo(f"{name:<20} {value:<8g} ({source})")
+
+
 @models_app.command("verify")
 def models_verify(model_id: str) -> None:
     """Re-hash every block this PC holds (sealed ones opened with the network's key); name
@@ -253,11 +295,12 @@ def generate(
     ),
     max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
     temperature: float = typer.Option(
-        limits.DEFAULT_TEMPERATURE, "--temperature", help="0 = greedy."
+        None, "--temperature", help="0 = greedy (default: the model's, see models defaults)."
     ),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    top_k: int = typer.Option(None, "--top-k", help="0 = off."),
+    top_p: float = typer.Option(None, "--top-p"),
+    min_p: float = typer.Option(None, "--min-p", help="0 = off."),
+    repetition_penalty: float = typer.Option(None, "--repetition-penalty"),
     seed: int = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
     spans: int = typer.Option(3, "--spans", help="Split the model into this many spans."),
@@ -267,13 +310,14 @@ def generate(
     from pydantic import ValidationError
 
     from tiktrue.model.errors import ModelError
-    from tiktrue.model.sampling import SamplingParams
 
-    try:
-        params = SamplingParams(
+    store = _open_store(model)
+    try:  # what is not given comes from the model
+        params = store.sampling_defaults().params(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop=stop,
@@ -282,7 +326,7 @@ def generate(
     except ValidationError as exc:
         fail(f"bad generation settings: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
     try:
-        _stream_local(_open_store(model), prompt, params, raw=raw, spans=spans, threads=threads)
+        _stream_local(store, prompt, params, raw=raw, spans=spans, threads=threads)
     except ModelError as exc:
         fail(str(exc))
 
@@ -649,7 +693,8 @@ def network_plan(
         min=limits.MIN_CONTEXT_TOKENS,
         max=limits.MAX_CONTEXT_TOKENS,
         help="Tokens of KV cache every node reserves: the network's context length "
-        f"(default: the network's, {limits.DEFAULT_CONTEXT_TOKENS} when new).",
+        "(default: as much as the nodes' RAM allows, up to the model's own, at least "
+        f"{limits.MIN_AUTO_CONTEXT_TOKENS}; a chosen one is kept by later plans).",
     ),
 ) -> None:
     """Measure every node and show the best split of the model (changes nothing)."""
@@ -1100,7 +1145,9 @@ def chat(
     model: str = typer.Option(None, "--model", "-m", help="Which model answers."),
     network: str = typer.Option(None, "--network", "-n", help="Which network answers."),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    temperature: float = typer.Option(limits.DEFAULT_TEMPERATURE, "--temperature"),
+    temperature: float = typer.Option(
+        None, "--temperature", help="0 = greedy (default: the model's)."
+    ),
     max_tokens: int = typer.Option(limits.DEFAULT_MAX_TOKENS, "--max-tokens"),
     api_key: str = typer.Option(
         None, "--api-key", envvar="TIKTRUE_API_KEY", help="Needed from another PC of the LAN."
@@ -1348,7 +1395,7 @@ def demo(
                 while not stop:
                     time.sleep(0.2)
         else:
-            run_chat(cluster.api_url, api_key=api_key, temperature=0.3, max_tokens=300)
+            run_chat(cluster.api_url, api_key=api_key, max_tokens=300)
     except (ChatError, RuntimeError, TimeoutError, ModelError) as exc:
         fail(str(exc))
     finally:

@@ -35,7 +35,7 @@ from tiktrue.control.network_admin import set_caps
 from tiktrue.control.network_manager import create_network, leave_network
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
 from tiktrue.control.plans import apply_network
-from tiktrue.limits import DEFAULT_CONTEXT_TOKENS
+from tiktrue.limits import MIN_AUTO_CONTEXT_TOKENS
 from tiktrue.model.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from tiktrue.node.resources import free_ports
 from tiktrue.paths import run_file
@@ -56,7 +56,8 @@ def ram_caps(store) -> tuple[int, int]:
     """RAM caps (bytes) for the demo's PCs, from the model's size: with ``small`` the model
     and its KV budget fit only on three PCs; ``large`` holds a replica of two of the spans."""
     profile = ModelProfile.from_manifest(store.manifest, store.config())
-    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, DEFAULT_CONTEXT_TOKENS)
+    context = profile.max_context or MIN_AUTO_CONTEXT_TOKENS  # the plan reserves the model's own
+    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, context)
     return DEFAULT_RUNTIME_BYTES + int(need * 0.42), DEFAULT_RUNTIME_BYTES + int(need * 0.9)
 
 

@@ -14,8 +14,17 @@ from pydantic import Field
 
 # --- sampling (the OpenAI API's ranges, which clients already know) -------------------------
 MAX_TEMPERATURE = 2.0
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; 0 means greedy
 MAX_REPETITION_PENALTY = 10.0
+# What a request leaves out when the model recommends nothing (its generation_config.json, a
+# GGUF's general.sampling.* metadata, or the admin's settings for it say otherwise): llama.cpp's
+# defaults (common.h: temp 0.80, top_k 40, top_p 0.95, min_p 0.05, penalty_repeat 1.00), which
+# Ollama's are close to. Not OpenAI's temperature 1.0 / top_p 1.0, which small models answer
+# with nonsense. 0 means greedy.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.95
+DEFAULT_MIN_P = 0.05
+DEFAULT_REPETITION_PENALTY = 1.0
 DEFAULT_MAX_TOKENS = 512  # new tokens when a request names none (then bounded by the context)
 MAX_NEW_TOKENS = 1 << 17
 MAX_STOP_STRINGS = 16
@@ -28,9 +37,11 @@ MAX_INPUT_TOKENS = 1 << 20  # ids in one request (the network's context refuses 
 
 # --- context and steps ----------------------------------------------------------------------
 # The KV cache a plan reserves on every node for one conversation, unless the admin chooses
-# otherwise (``network plan --context``): a network's context length is the smaller of this
-# and the model's own (``max_position_embeddings``).
-DEFAULT_CONTEXT_TOKENS = 2048
+# (``network plan --context``): as much as the nodes' RAM allows, up to the model's own context
+# (``max_position_embeddings``), and at least MIN_AUTO_CONTEXT_TOKENS (or the model's own, when
+# shorter). DEFAULT_CONTEXT_TOKENS: what a network config made before any plan says.
+MIN_AUTO_CONTEXT_TOKENS = 2048
+DEFAULT_CONTEXT_TOKENS = MIN_AUTO_CONTEXT_TOKENS
 KV_PAGE_TOKENS = 16  # the KV cache allocates a session's room in pages of this many tokens
 MIN_CONTEXT_TOKENS = KV_PAGE_TOKENS
 MAX_CONTEXT_TOKENS = 1 << 20
@@ -91,6 +102,7 @@ def kv_bytes_per_token_per_layer(num_kv_heads: int, head_dim: int, itemsize: int
 Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)]
 TopK = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, description="0 keeps every token")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, description="0 keeps every token")]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]

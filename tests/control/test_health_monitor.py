@@ -205,18 +205,22 @@ def test_suspect_now_probes_at_once():
 
 
 def test_the_loop_beats_every_node_and_finds_the_one_that_fails():
-    """The real loop (real clock, fast settings) with a fake transport: w1 answers, w2 never."""
+    """The real loop with a fake transport: w1 answers, w2 never. The monitor's own clock
+    moves only when the test moves it, half a heartbeat after each of w1's beats, so the
+    verdicts follow that clock and never how fast this machine runs the loop (a loaded
+    machine delays w1's beats in real time, never in the monitor's)."""
 
     async def beat(node, timeout, fresh):
         if node.node_id == "w2":
-            await asyncio.sleep(timeout)
+            await asyncio.sleep(timeout)  # it never answers: each beat times out
             raise BeatFailed(f"no answer in {timeout:.2f} s")
         return 0.5, {"node": node.node_id}
 
     async def run():
-        config = make_config("admin", "w1", "w2", heartbeat_s=0.05, dead_after_s=0.3)
-        monitor = HealthMonitor(config, beat=beat)
-        dead = asyncio.Event()
+        clock = FakeClock()
+        config = make_config("admin", "w1", "w2", heartbeat_s=0.2, dead_after_s=0.8)
+        monitor = HealthMonitor(config, beat=beat, clock=clock)
+        dead, w1_beat = asyncio.Event(), asyncio.Event()
         seen = []
 
         def listen(net, node, old, new, info):
@@ -224,10 +228,20 @@ def test_the_loop_beats_every_node_and_finds_the_one_that_fails():
             if node == "w2" and new == DEAD:
                 dead.set()
 
+        def beaten(net, node, stats):
+            if node == "w1":
+                w1_beat.set()
+
         monitor.add_listener(listen)
+        monitor.add_beat_listener(beaten)
         monitor.start()
         try:
-            await asyncio.wait_for(dead.wait(), 60)
+            for _ in range(1000):  # dead after 8 steps, more if the loop held verdicts back
+                if dead.is_set():
+                    break
+                w1_beat.clear()
+                await asyncio.wait_for(w1_beat.wait(), 60)
+                clock.now += config.heartbeat_s / 2
         finally:
             await monitor.stop()
         return monitor, seen
@@ -236,6 +250,7 @@ def test_the_loop_beats_every_node_and_finds_the_one_that_fails():
     assert monitor.state("w1") == ONLINE and monitor.nodes["w1"].stats == {"node": "w1"}
     w2 = [new for node, new in seen if node == "w2"]
     assert w2[-1] == DEAD and SUSPECT in w2 and ONLINE not in w2
+    assert ("w1", SUSPECT) not in seen and ("w1", DEAD) not in seen
 
 
 def test_changes_go_to_the_event_log(tmp_path):

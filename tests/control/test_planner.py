@@ -358,3 +358,70 @@ def test_a_large_instance_is_planned() -> None:
     plan = plan_spans(model, nodes, context_tokens=4096)
     assert_valid(plan, model, nodes, 4096)
     assert len(plan.assignments) > 3  # about 12 GB of blocks over nodes of 1-4 GB
+
+
+def _with_context(model: ModelProfile, tokens: int | None) -> ModelProfile:
+    return ModelProfile(
+        model.model_id,
+        model.chain_order,
+        model.block_bytes,
+        model.kv_bytes_per_token_per_layer,
+        max_context=tokens,
+    )
+
+
+def test_the_context_is_as_long_as_the_nodes_allow_up_to_the_models_own() -> None:
+    """Unless the admin chooses, every node reserves the longest context its RAM leaves room
+    for, in whole KV pages, up to the model's own; never less than 2,048 tokens (or the
+    model's own when shorter): below that the plan is refused, saying what is missing."""
+    from tiktrue.control.planner import plan_with_backups
+    from tiktrue.limits import KV_PAGE_TOKENS, MIN_AUTO_CONTEXT_TOKENS
+
+    model = _with_context(make_model(kv=10_000), 8192)  # 10 layers: 100 KB per token
+    roomy = [node("A", 2 * GB), node("B", 2 * GB)]
+    plan = plan_with_backups(model, roomy, 0)
+    assert (plan.context_tokens, plan.context_auto) == (8192, True)
+    assert_valid(plan, model, roomy, 8192)
+    assert "as much as the nodes' memory allows" in plan.describe()
+
+    # 1.1 GB of weights, 1.5 GB of RAM: 400 MB of KV, 4,000 tokens (whole pages)
+    tight = [node("A", 750 * MB), node("B", 750 * MB)]
+    plan = plan_with_backups(model, tight, 0)
+    assert 4000 - KV_PAGE_TOKENS < plan.context_tokens <= 4000
+    assert plan.context_tokens % KV_PAGE_TOKENS == 0
+    assert_valid(plan, model, tight, plan.context_tokens)
+    with pytest.raises(PlanError):  # one page more does not fit
+        plan_spans(model, tight, context_tokens=plan.context_tokens + KV_PAGE_TOKENS)
+
+    chosen = plan_with_backups(model, tight, 0, context_tokens=1024)  # the admin's
+    assert (chosen.context_tokens, chosen.context_auto) == (1024, False)
+    too_small = [node("A", 600 * MB), node("B", 600 * MB)]  # 100 MB of KV: 1,000 tokens
+    with pytest.raises(PlanError, match=f"KV for {MIN_AUTO_CONTEXT_TOKENS} tokens"):
+        plan_with_backups(model, too_small, 0)
+    short = _with_context(model, 512)  # a model of 512 tokens: its own, on any nodes
+    assert plan_with_backups(short, too_small, 0).context_tokens == 512
+    assert plan_with_backups(_with_context(model, 1000), roomy, 0).context_tokens == 1000
+
+
+def test_a_longer_context_never_costs_a_backup() -> None:
+    """With a backup wanted, the context grows only while the backup still holds a replica
+    of as many blocks as at the least context."""
+    from tiktrue.control.planner import plan_with_backups
+
+    model = _with_context(make_model(layers=6, kv=10_000), 32768)
+    nodes = [
+        node("n0", 300 * MB),
+        node("n1", 400 * MB),
+        node("n2", 400 * MB),
+        node("big", 700 * MB),
+    ]
+
+    def replicated(plan: Plan) -> int:
+        return sum(len(blocks) for blocks in plan.backups.values())
+
+    least = plan_with_backups(model, nodes, 1, keep_first="n0", context_tokens=2048)
+    assert replicated(least) == 5  # the backup holds all but the admin's span
+    plan = plan_with_backups(model, nodes, 1, keep_first="n0")
+    assert plan.context_tokens > 2048 and replicated(plan) >= replicated(least)
+    worse = plan_with_backups(model, nodes, 1, keep_first="n0", context_tokens=4000)
+    assert replicated(worse) < replicated(least)  # a longer one fits, at the backup's cost

@@ -86,6 +86,13 @@ def shoot(page, name: str, *, phone: bool = True, directory: Path = SCREENSHOTS)
     page.set_viewport_size(size or DESKTOP)
 
 
+def wait_connected(page) -> None:
+    """Until the page's NiceGUI socket has done its handshake with the server: what is typed or
+    clicked before waits in the browser, and a page whose handshake fails reloads (what was
+    typed is gone). An event, with the generous ceiling every wait has here."""
+    page.wait_for_function("window.did_handshake === true", timeout=WAIT_MS)
+
+
 def slide(page, label: str, fraction: float, value: str) -> None:
     """Set the slider ``label`` by clicking its track near ``fraction`` of its length until
     its caption (``"<label>: <value>"``) says ``value`` (a click during a dialog's animation,

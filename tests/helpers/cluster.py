@@ -101,13 +101,15 @@ async def wait_for_session_counts(homes, network_id: str, expected, timeout: flo
 
 
 def api_key(home, name: str = "tests") -> str:
-    """A fresh API key of an account on the node at ``home`` (the account made once)."""
+    """A fresh API key of the plain account ``name`` on the node at ``home`` (made once).
+    Its own account, never "the first one": which account a node's first is (its admin)
+    depends on which test module ran first on a shared cluster."""
     from tiktrue.security.users import UserStore
 
     users = UserStore(home, rounds=4)
-    if not users.list_users():
-        users.add_user(name, "a long password")
-    return users.create_key(users.list_users()[0].name, name=name)[1]
+    if name not in {u.name for u in users.list_users()}:
+        users.add_user(name, "a long password", "user")
+    return users.create_key(name, name=name)[1]
 
 
 def openai_client(cluster, home):

@@ -76,6 +76,7 @@ def write_llama_gguf(
     name: str = "tiny-llama",
     reverse: bool = False,
     quant: str | None = None,
+    sampling: dict | None = None,
 ) -> Path:
     """Write the Llama model in HF ``folder`` as the GGUF file ``path`` (F32, or F16 if ``half``,
     or ``quant`` = ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"``, quantized by gguf-py's own code).
@@ -83,7 +84,9 @@ def write_llama_gguf(
     As llama.cpp does for F16 and the quantized types, 1-D tensors (the norms) stay F32.
     ``architecture`` only changes the ``general.architecture`` string and the key prefix (to
     make files the importer must refuse);
-    ``reverse`` writes the tensors last block first (the head before the embedding).
+    ``reverse`` writes the tensors last block first (the head before the embedding);
+    ``sampling``: recommended settings as ``general.sampling.*`` metadata (``{"temp": 0.4}``,
+    gguf-py's ``add_sampling_<name>``).
     """
     folder, path = Path(folder), Path(path)
     config = AutoConfig.from_pretrained(folder)
@@ -92,6 +95,8 @@ def write_llama_gguf(
 
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_name(name)
+    for key, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{key}")(value)
     qtype = gguf.GGMLQuantizationType[quant] if quant else None
     if quant:
         writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{quant}"])

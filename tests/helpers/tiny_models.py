@@ -69,6 +69,7 @@ def make_tiny_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: str | None = None,
+    max_position_embeddings: int = 512,
     **overrides,
 ) -> Path:
     """Write a random tiny ``architecture`` model with a tokenizer into ``directory``
@@ -84,7 +85,7 @@ def make_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         # larger than usual: peaked distributions, so greedy choices are never near-ties
         initializer_range=0.2,
@@ -109,3 +110,22 @@ def reference_model(store) -> torch.nn.Module:
     assert not unexpected, unexpected
     assert all(k == "lm_head.weight" for k in missing), missing
     return model.eval()
+
+
+def make_endless_model(directory: Path, *, context: int = 4096) -> Path:
+    """A tiny Llama that never ends an answer by itself, for tests that stop an answer while
+    it streams (however fast the machine runs it). Its LM head (not tied) has zero rows for the
+    special tokens (end of turn, end of text), so their logit is exactly 0, while the largest
+    of the other ~380 random logits is positive unless every one of them is negative (odds
+    2**-380): greedy, an answer runs to its ``max_tokens``."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_model(
+        directory, "llama", tie_word_embeddings=False, max_position_embeddings=context
+    )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    for token in SPECIAL:
+        weights["lm_head.weight"][tokenizer.convert_tokens_to_ids(token)] = 0.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -34,6 +34,7 @@ from tests.integration.test_chain import (
     reference_tokens,
 )
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
+from tiktrue.limits import MIN_AUTO_CONTEXT_TOKENS
 from tiktrue.model.engine import Span
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
 from tiktrue.protocol.frames import encode_tensor_frame
@@ -99,7 +100,8 @@ def _caps_for_all_three(store, share: float = 0.45) -> int:
     """A RAM cap with which the model (and its KV budget) fits on three nodes, not on two;
     with ``share=0.9`` a node holds a replica of two spans."""
     profile = ModelProfile.from_manifest(store.manifest, store.config())
-    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, 2048)  # as make_plan
+    context = min(MIN_AUTO_CONTEXT_TOKENS, profile.max_context)  # as make_plan reserves it
+    need = profile.total_bytes + profile.kv_bytes(profile.chain_order, context)
     return DEFAULT_RUNTIME_BYTES + int(need * share)
 
 

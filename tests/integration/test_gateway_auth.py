@@ -32,9 +32,9 @@ def gateway(tiny_cluster):
     a second key of ada's, and a key limited to another network."""
     cluster, homes, _ = tiny_cluster
     users = UserStore(homes[0], rounds=4)
-    for name in ("ada", "bob"):
+    for name in ("ada", "bob"):  # plain accounts whichever module made the cluster's first
         if name not in {u.name for u in users.list_users()}:
-            users.add_user(name, f"{name}'s password")
+            users.add_user(name, f"{name}'s password", "user")
     keys = {
         "ada": users.create_key("ada")[1],
         "ada2": users.create_key("ada", name="phone")[1],
@@ -230,3 +230,77 @@ def test_a_key_keeps_to_its_networks_and_its_rate_limit(gateway):
     first, second = asyncio.run(ws_limited())
     assert first[-1]["status"] == "success"
     assert second[0]["code"] == "rate_limited" and "retry in" in second[0]["message"]
+
+
+def test_a_closed_or_saved_conversation_stays_its_owners(gateway, tiny_cluster):
+    """The issue's walk: ada saves and closes S over /ws; bob, from another address of the
+    LAN, asks with S, restores S, saves, closes and cancels it; a caller without credentials
+    on this PC does the same: every one is refused, and S (its row, its messages, its saved
+    KV) stays ada's, who restores it and goes on. A saved conversation that is still open, and
+    a closed one never saved, are refused the same way."""
+    from tiktrue.gateway.session_store import SessionStore
+
+    _, ws_url, _, keys, home = gateway
+    net = tiny_cluster[2].network_id
+
+    def msg(kind: str, sid: str, message_id: str, **body) -> dict:
+        return request(net, message_type=kind, session_id=sid, message_id=message_id, **body)
+
+    def turn(sid: str, message_id: str, ids: list[int]) -> dict:
+        return msg("inference_request", sid, message_id, input_ids=ids, max_tokens=3)
+
+    async def asked(ws, body) -> list[dict]:  # a ceiling: a reply that never comes fails
+        return await asyncio.wait_for(ask(ws, body), 120)
+
+    async def go():
+        ada = await websockets.connect(ws_url, additional_headers=bearer(keys["ada"]))
+        bob = await websockets.connect(
+            ws_url, additional_headers=bearer(keys["bob"]), local_addr=(LAN_SOURCE, 0)
+        )
+        anonymous = await websockets.connect(ws_url)  # this PC's loopback, no key
+        out = {}
+        for sid in ("S", "S-open", "S-unsaved"):
+            out[f"{sid}-start"] = await asked(ada, turn(sid, f"{sid}-start", [5, 6]))
+        for sid in ("S", "S-open"):
+            out[f"{sid}-save"] = await asked(ada, msg("session_save", sid, f"{sid}-save"))
+        for sid in ("S", "S-unsaved"):
+            out[f"{sid}-close"] = await asked(ada, msg("session_close", sid, f"{sid}-close"))
+        for name, ws in (("bob", bob), ("anonymous", anonymous)):
+            for sid in ("S", "S-open", "S-unsaved"):
+                for kind in ("inference_request", "session_restore", "session_save"):
+                    key = f"{name}-{sid}-{kind}"
+                    body = turn(sid, key, [7]) if kind == "inference_request" else None
+                    out[key] = await asked(ws, body or msg(kind, sid, key))
+                for kind in ("cancel", "session_close"):
+                    key = f"{name}-{sid}-{kind}"
+                    out[key] = await asked(ws, msg(kind, sid, key))
+        legacy = {"session_id": "S", "step": 0, "input_tensors": {"input_ids": [1, 2]}}
+        out["anonymous-legacy"] = await asked(anonymous, json.dumps(legacy))
+        out["restore"] = await asked(ada, msg("session_restore", "S", "restore"))
+        out["more"] = await asked(ada, turn("S", "more", [9]))
+        for sid in ("S", "S-open"):
+            await asked(ada, msg("session_close", sid, f"{sid}-end"))
+        for ws in (ada, bob, anonymous):
+            await ws.close()
+        return out
+
+    store = SessionStore.open(home)
+    out = asyncio.run(go())
+    for sid in ("S", "S-open", "S-unsaved"):
+        assert out[f"{sid}-start"][-1]["status"] == "success", out[f"{sid}-start"]
+    refused = {k: v[0] for k, v in out.items() if k.startswith(("bob-", "anonymous-"))}
+    assert len(refused) == 2 * 3 * 5 + 1
+    for key, reply in refused.items():
+        assert reply.get("code") == "forbidden", (key, reply)
+    assert [out["S-save"][0]["detail"], out["S-close"][0]["detail"]] == ["saved", "closed"]
+    row = store.get(net, "S")
+    assert (
+        row.owner
+        == store.saved(net, "S").owner
+        == "user:" + str(UserStore(home, rounds=4).user("ada").id)
+    )
+    assert row.tokens[:2] == [5, 6] and 7 not in row.tokens  # nobody else's turn got in
+    assert out["restore"][0]["detail"] == "restored", out["restore"]
+    assert out["more"][-1]["status"] == "success" and len(token_ids(out["more"])) == 3
+    assert "/" not in json.dumps(out["S-save"])  # no server path in the acknowledgement
+    store.db.close()

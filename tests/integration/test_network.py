@@ -23,6 +23,7 @@ from tiktrue.control.distributor import push_blocks
 from tiktrue.control.network_admin import network_status, probe_announcement
 from tiktrue.control.planner import ModelProfile, NodeCapacity
 from tiktrue.control.plans import apply_network
+from tiktrue.limits import MIN_AUTO_CONTEXT_TOKENS
 from tiktrue.model.engine import Span
 from tiktrue.model.store import BlockStore
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
@@ -64,11 +65,41 @@ def journey(tiny_llama, tmp_path_factory):
         cluster.stop()
 
 
+@pytest.fixture
+def office(office_made, tiny_llama):
+    """The network as ``office_made`` left it, whatever the tests before this one did to it
+    (a PC that left joins again, another plan is undone): every test starts from the same
+    network, in any order, and runs alone too."""
+    cluster, (admin, pc2, pc3) = office_made
+    if node_identity(pc3).node_id not in read_config(config_path(admin, NET)).node_ids:
+        token = cli(admin, "network", "token", NET).stdout.strip()
+        cli(pc3, "network", "join", control_address(admin), "--token", token)
+    config = read_config(config_path(admin, NET))
+    spans = {n.node_id: n.blocks for n in config.nodes}
+    if [spans.get(node_identity(h).node_id) for h in (admin, pc2, pc3)] != MANUAL_SPANS:
+        cli(admin, "network", "apply", NET, *_manual_plan(admin, pc2, pc3))
+        _wait_for_version(admin, NET, read_config(config_path(admin, NET)).version)
+    return office_made
+
+
+MANUAL_SPANS = [
+    ["embed", "layer_0", "layer_1"],
+    ["layer_2", "layer_3", "layer_4"],
+    ["layer_5", "head"],
+]
+
+
+def _manual_plan(admin, pc2, pc3) -> list[str]:
+    """``--override`` options of the office's manual plan: 3, 3 and 2 blocks."""
+    ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]
+    overrides = [f"{ids[0]}=3", f"{ids[1]}=3", f"{ids[2]}=2"]
+    return sum((["--override", o] for o in overrides), [])
+
+
 @pytest.fixture(scope="module")
-def office(journey, tiny_llama):
+def office_made(journey, tiny_llama):
     """The journey up to a running network, as a user goes it: create, a join by token
-    (refusals for a used and a made-up token), a join by approval, a manual plan applied.
-    Every test of this module starts from it, so each one runs alone too."""
+    (refusals for a used and a made-up token), a join by approval, a manual plan applied."""
     cluster, (admin, pc2, pc3) = journey
     model_id = tiny_llama.model_id
     out = cli(
@@ -128,11 +159,9 @@ def office(journey, tiny_llama):
     assert load_block_key(pc2, NET) == load_block_key(pc3, NET) == load_block_key(admin, NET)
 
     # plan with a manual split, push blocks, switch
-    ids = [node_identity(h).node_id for h in (admin, pc2, pc3)]
-    overrides = [f"{ids[0]}=3", f"{ids[1]}=3", f"{ids[2]}=2"]
-    shown = cli(admin, "network", "plan", NET, *sum((["--override", o] for o in overrides), []))
-    assert ids[1] in shown.stdout
-    applied = cli(admin, "network", "apply", NET, *sum((["--override", o] for o in overrides), []))
+    shown = cli(admin, "network", "plan", NET, *_manual_plan(admin, pc2, pc3))
+    assert node_identity(pc2).node_id in shown.stdout
+    applied = cli(admin, "network", "apply", NET, *_manual_plan(admin, pc2, pc3))
     assert "now runs config v" in applied.stdout
 
     return journey
@@ -226,9 +255,10 @@ def test_a_pc_joining_mid_chat_gets_a_new_plan_and_the_chat_goes_on(tiny_llama, 
     admin, pc2, late = (tmp_path / n for n in ("admin", "pc2", "late"))
     import_model_from_store(tiny_llama.root, admin / "models")
     model = ModelProfile.from_manifest(tiny_llama.manifest, tiny_llama.config())
+    context = min(MIN_AUTO_CONTEXT_TOKENS, model.max_context)  # what the plan reserves
     third = (
         model.block_bytes["embed"]
-        + 2 * (model.block_bytes["layer_0"] + model.kv_bytes(["layer_0"], 2048))
+        + 2 * (model.block_bytes["layer_0"] + model.kv_bytes(["layer_0"], context))
         + 4096
     )
     caps = NodeCaps(ram_bytes=NodeCapacity("x", 1, 1, 1.0).runtime_bytes + third)

@@ -138,3 +138,99 @@ def test_terminal_chat_streams_an_answer_from_the_network(tiny_cluster):
     )
     assert persian.returncode == 0, persian.stderr
     assert "گفتگوی TikTrue با" in persian.stdout and "مدل> " in persian.stdout, persian.stdout
+
+
+@pytest.fixture
+def model_defaults(tiny_cluster, tiny_llama):
+    """``set(values)``: the admin's sampling defaults for the tiny model on the gateway's PC
+    (as ``tiktrue models defaults`` sets them); back to the model's own afterwards."""
+    from tiktrue.model.store import BlockStore
+
+    _, homes, _ = tiny_cluster
+    store = BlockStore(homes[0] / "models" / tiny_llama.model_id)
+    yield store.set_admin_sampling
+    store.set_admin_sampling(None)
+
+
+def test_what_a_request_leaves_out_comes_from_the_model(
+    client, tiny_cluster, tiny_llama, model_defaults
+):
+    """The official client sends only what it is given: the rest is the model's (here set by
+    the admin to greedy with a strong repetition penalty, which changes the answer). Over the
+    OpenAI API, streamed or not, and over /ws alike."""
+    import asyncio
+
+    import websockets
+
+    from tests.helpers.cluster import ask, client_ws_url, request
+
+    cluster, _, config = tiny_cluster
+    penalized = {"temperature": 0, "repetition_penalty": 10.0}
+    model_defaults(penalized)
+
+    model = tiny_llama.model_id
+
+    def complete(penalty: float | None = None, **settings) -> str:
+        extra = {"repetition_penalty": penalty} if penalty is not None else None
+        answer = client.completions.create(
+            model=model, prompt="The quick brown", max_tokens=24, extra_body=extra, **settings
+        )
+        return answer.choices[0].text
+
+    explicit = complete(10.0, temperature=0)
+    assert explicit != complete(1.0, temperature=0)  # the penalty tells
+    assert complete() == complete() == explicit
+    hello = [{"role": "user", "content": "Hello there"}]
+    stream = client.chat.completions.create(model=model, messages=hello, max_tokens=24, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream)
+    chat = client.chat.completions.create(
+        model=model,
+        messages=hello,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"repetition_penalty": 10.0},
+    )
+    assert streamed == chat.choices[0].message.content
+
+    async def over_ws(**settings) -> list[dict]:
+        async with websockets.connect(client_ws_url(cluster)) as ws:
+            body = request(config.network_id, prompt="The quick brown", max_tokens=24, **settings)
+            return await ask(ws, body)
+
+    assert asyncio.run(over_ws())[-1]["text"] == asyncio.run(over_ws(**penalized))[-1]["text"]
+
+
+def test_the_terminal_chat_goes_on_past_the_context(tiny_cluster):
+    """Four long questions in `tiktrue chat` on a 512-token network: each is answered (the
+    oldest turns are dropped, the system prompt kept), none gets context_length_exceeded."""
+    import subprocess
+    import sys
+
+    cluster, _, config = tiny_cluster
+    words = "tell me more about the quick brown fox and the lazy dog in the garden " * 10
+    questions = "".join(f"Question {i}: {words}\n" for i in range(4))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiktrue",
+            "chat",
+            "--url",
+            cluster.api_url,
+            "--lang",
+            "en",
+            "--network",
+            config.network_id,
+            "--system",
+            "Be brief.",
+            "--max-tokens",
+            "5",
+        ],
+        input=questions + "/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stdout, done.stdout
+    assert done.stdout.count("model> ") == 4

@@ -6,7 +6,9 @@
   checked at the end to have stayed on 127.0.0.1;
 - ``ui_node(home)``: a real node process serving the UI (``tiktrue node --api-port 0``) with
   the tiny model in its store; returns the cluster (``.api_url``; the UI is at its root);
-- ``repository``: the tiny model in a model repository served over HTTP (its URL).
+- ``repository``: the tiny model in a model repository served over HTTP (its URL);
+- ``endless_llama``: a tiny model that never ends an answer by itself (a Stop always comes
+  before its end, however fast the machine).
 """
 
 from __future__ import annotations
@@ -103,3 +105,13 @@ def repository(tiny_llama, tmp_path_factory) -> str:
     import_model_from_store(tiny_llama.root, root)
     with serve(repository_app(root)) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def endless_llama(tmp_path_factory):
+    """A tiny Llama whose answers run to their ``max_tokens`` (``make_endless_model``)."""
+    from tests.helpers.tiny_models import make_endless_model
+    from tiktrue.model.importer import import_model
+
+    source = make_endless_model(tmp_path_factory.mktemp("endless-src"))
+    return import_model(source, "tiny-endless", tmp_path_factory.mktemp("endless-models"))

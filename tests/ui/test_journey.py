@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.helpers.browser import shoot, slide
+from tests.helpers.browser import shoot, slide, wait_connected
 from tests.helpers.network import wait_until
 from tests.ui.conftest import ui_base
 from tiktrue.paths import HOME_ENV
@@ -174,50 +174,77 @@ def test_first_run_from_a_repository_then_pcs_join_by_token_and_by_approval(
         assert pc2.wait(180) == 0
 
 
-@pytest.fixture
-def office(ui_node, tiny_llama, tmp_path):
-    """A PC already in a one-PC network (as after the first run), with an admin account and a
-    plain user's; returns (cluster, home)."""
+def _office(ui_node, store, tmp_path):
+    """A PC already in a one-PC network of ``store``'s model (as after the first run), with
+    an admin account and a plain user's; returns (cluster, home)."""
     from tiktrue.security.users import UserStore
     from tiktrue.service.local_network import prepare_local_network
 
-    homes, _ = prepare_local_network(tmp_path, tiny_llama, nodes=1, network_id="office")
+    homes, _ = prepare_local_network(tmp_path, store, nodes=1, network_id="office")
     users = UserStore(homes[0], rounds=4)
     users.add_user("admin", PASSWORD)
     users.add_user("bob", PASSWORD, "user")
     users.close()
-    return ui_node(homes[0], own_control_ports=True), homes[0]
+    return ui_node(homes[0], model=False, own_control_ports=True), homes[0]
+
+
+@pytest.fixture
+def office(ui_node, tiny_llama, tmp_path):
+    """``_office`` with the tiny model (a context of 512 tokens)."""
+    return _office(ui_node, tiny_llama, tmp_path)
+
+
+@pytest.fixture
+def endless_office(ui_node, endless_llama, tmp_path):
+    """``_office`` with a model whose answers run to their max tokens."""
+    return _office(ui_node, endless_llama, tmp_path)
 
 
 def log_in(page, base: str, name: str, screenshot: str | None = None) -> None:
+    """Log in as ``name`` and wait for the chat, connected (typing before its page has its
+    socket could be lost to a reload)."""
     page.goto(base + "/login")
+    wait_connected(page)
     if screenshot:
         expect(page.get_by_role("button", name="Log in")).to_be_visible()
         shoot(page, screenshot)
     page.get_by_label("Account name").fill(name)
     page.get_by_label("Password", exact=True).fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
+    with page.expect_navigation():  # to the chat
+        page.get_by_role("button", name="Log in").click()
+    wait_connected(page)
 
 
-def test_stop_restart_resume_and_roles(office, new_page):
+def set_max_tokens(page, tokens: int) -> None:
+    page.get_by_role("button", name="Settings").click()
+    page.get_by_label("Max tokens per answer").fill(str(tokens))
+    page.get_by_role("button", name="Save").click()
+
+
+def test_stop_restart_resume_and_roles(endless_office, new_page):
     import httpx
 
     from tiktrue.gateway.session_store import SessionStore
 
-    cluster, home = office
+    cluster, home = endless_office
     base = ui_base(cluster)
     page = new_page()
     log_in(page, base, "admin")
     expect(page.get_by_text("How can I help?")).to_be_visible()
 
-    # the generation settings are the person's: a new chat starts with them (greedy here:
-    # the tiny model's greedy answer below is long, so Stop always comes before its end)
+    # the generation settings are the person's: a new chat starts with them (greedy, and
+    # answers of 1,500 tokens: this model never ends one by itself, so Stop always comes
+    # before the end, however fast the machine; the tiny model's own greedy answer took 0.35 s)
     page.get_by_role("button", name="Settings").click()
     slide(page, "Temperature", 0.0, "0")
+    page.get_by_label("Max tokens per answer").fill("1500")
     page.get_by_role("button", name="Save").click()
-    page.get_by_role("button", name="New chat").click()
+    with page.expect_navigation():  # a new page: what is typed on the old one would be lost
+        page.get_by_role("button", name="New chat").click()
+    wait_connected(page)
     page.get_by_role("button", name="Settings").click()
     expect(page.get_by_text("Temperature: 0", exact=True)).to_be_visible()
+    expect(page.get_by_label("Max tokens per answer")).to_have_value("1500")
     page.get_by_role("button", name="Cancel").click()
 
     # stop halts a stream: the answer keeps what came, marked as stopped
@@ -241,8 +268,10 @@ def test_stop_restart_resume_and_roles(office, new_page):
     store.db.close()
     cluster.restart(0)
     page.goto(f"{base}/chat?{conversation}")
+    wait_connected(page)
     expect(page.get_by_role("main").get_by_text("Tell me a long story")).to_be_visible()
     expect(page.get_by_role("button", name="More for Tell me a long story")).to_be_visible()
+    set_max_tokens(page, 8)  # this answer runs to its end
     page.get_by_label("Message").fill("And then?")
     page.get_by_label("Message").press("Enter")
     expect(page.get_by_text("tokens/s")).to_have_count(2)
@@ -268,3 +297,49 @@ def test_stop_restart_resume_and_roles(office, new_page):
     with lan:
         assert lan.get(f"{base}/login").status_code == 200
         assert lan.get(f"{base}/v1/models").status_code == 401
+
+
+def test_the_web_chat_answers_the_demo_model_with_nothing_changed(
+    demo_store, ui_node, new_page, tmp_path
+):
+    """A person who changes nothing asks the demo's real model (its default int4 weights) a
+    simple question: the settings start from the model's own (see
+    ``tiktrue.model.demo_model.DEMO_SAMPLING``), not OpenAI's, and the answer names Paris."""
+    from tiktrue.security.users import UserStore
+    from tiktrue.service.local_network import prepare_local_network
+
+    homes, _ = prepare_local_network(tmp_path, demo_store, nodes=1, network_id="demo")
+    users = UserStore(homes[0], rounds=4)
+    users.add_user("admin", PASSWORD)
+    users.close()
+    cluster = ui_node(homes[0], model=False, own_control_ports=True)
+    base = ui_base(cluster)
+    page = new_page()
+    log_in(page, base, "admin")
+    expect(page.get_by_text("How can I help?")).to_be_visible()
+    page.get_by_role("button", name="Settings").click()
+    expect(page.get_by_text("Temperature: 0", exact=True)).to_be_visible()  # the model's
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_label("Message").fill("What is the capital of France?")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.get_by_text("tokens/s")).to_be_visible()
+    expect(page.locator(".tt-answer").last).to_contain_text("Paris")
+
+
+def test_a_conversation_longer_than_the_context_goes_on(office, new_page):
+    """The tiny model's network holds 512 tokens. Four long questions: each is answered (no
+    "longer than the context" error); the oldest turns leave the model's window, and the chat
+    shows where the window now starts."""
+    cluster, _ = office
+    base = ui_base(cluster)
+    page = new_page()
+    log_in(page, base, "admin")
+    expect(page.get_by_text("How can I help?")).to_be_visible()
+    words = "tell me more about the quick brown fox and the lazy dog in the garden " * 10
+    for turn in range(1, 5):
+        page.get_by_label("Message").fill(f"Question {turn}: {words}")
+        page.get_by_role("button", name="Send", exact=True).click()
+        expect(page.get_by_text("tokens/s")).to_have_count(turn)
+        expect(page.get_by_text("The answer failed")).to_have_count(0)
+    expect(page.get_by_role("separator", name="The model's window starts here")).to_be_visible()
+    expect(page.get_by_text("The model no longer sees the messages above")).to_be_visible()

@@ -8,7 +8,9 @@ per millisecond per token, measured by a short probe.
 
 A span fits a node when its weights, its KV budget (``context_tokens`` tokens of every layer in
 the span) and the node process's baseline memory fit the node's RAM cap, and its weights fit the
-node's disk cap. :func:`plan_spans` finds, by dynamic programming over (node, blocks covered),
+node's disk cap. Unless the admin chooses the context, :func:`plan_with_backups` reserves the
+longest the nodes' memory allows, up to the model's own (see :func:`plan_auto_context`).
+:func:`plan_spans` finds, by dynamic programming over (node, blocks covered),
 the split with the smallest estimated time per token (ties toward balance: the lower slowest
 node), and refuses, saying what is missing in human units, when nothing fits.
 
@@ -21,7 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiktrue.limits import DEFAULT_CONTEXT_TOKENS, kv_bytes_per_token_per_layer
+from tiktrue.limits import (
+    DEFAULT_CONTEXT_TOKENS,
+    KV_PAGE_TOKENS,
+    MIN_AUTO_CONTEXT_TOKENS,
+    kv_bytes_per_token_per_layer,
+)
 from tiktrue.model.catalog import EMBED
 
 # a serving node process without weights: Python, torch, servers, model code (bench/network.py)
@@ -66,6 +73,7 @@ class ModelProfile:
     chain_order: list[str]
     block_bytes: dict[str, int]  # weights per block
     kv_bytes_per_token_per_layer: int  # keys + values of one token in one layer
+    max_context: int | None = None  # the model's own context (max_position_embeddings)
 
     def __post_init__(self) -> None:
         if not self.chain_order:
@@ -96,6 +104,7 @@ class ModelProfile:
                 f"unknown dtype {manifest.dtype!r} (use one of {', '.join(DTYPE_ITEMSIZE)})"
             ) from None
         order = list(manifest.model_chain_order)
+        own = _get(config, "max_position_embeddings")
         return cls(
             model_id=manifest.model_id,
             chain_order=order,
@@ -103,6 +112,7 @@ class ModelProfile:
             kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(
                 int(kv_heads), int(head_dim), itemsize
             ),
+            max_context=own if isinstance(own, int) and own > 0 else None,
         )
 
     @property
@@ -172,6 +182,7 @@ class Plan:
     est_ms_per_token: float
     nodes: list[NodePlan] = field(default_factory=list)  # same order as ``assignments``
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    context_auto: bool = False  # the planner chose the context (the admin did not)
     # backup node -> the replica it holds: a run of consecutive spans it can take over at once
     backups: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. why a wanted backup was not placed
@@ -186,9 +197,10 @@ class Plan:
 
     def describe(self) -> str:
         count = len(self.assignments)
+        how = " (as much as the nodes' memory allows)" if self.context_auto else ""
         lines = [
             f"{self.model_id} on {count} node{'s' if count != 1 else ''}: "
-            f"~{self.est_ms_per_token:.1f} ms per token, KV for {self.context_tokens} tokens"
+            f"~{self.est_ms_per_token:.1f} ms per token, KV for {self.context_tokens} tokens{how}"
         ]
         for n in self.nodes:
             link = f", link {n.link_ms:.1f} ms" if n.link_ms else ""
@@ -459,10 +471,12 @@ def plan_with_backups(
     backups: int,
     *,
     keep_first: str | None = None,
-    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+    context_tokens: int | None = None,
     overrides: dict[str, int] | None = None,
 ) -> Plan:
     """The chain plan, with up to ``backups`` nodes held back as backups (``Plan.backups``).
+    ``context_tokens``: the KV cache every node reserves; None: the longest the nodes allow
+    (:func:`plan_auto_context`).
 
     Nodes with the most RAM are tried first as backups (a backup must hold a replica of a
     long run of spans); a node is held back only when the chain still fits without it. Each
@@ -470,6 +484,8 @@ def plan_with_backups(
     ``keep_first`` (the admin: its loss is not failed over). Without room for a backup the
     chain plan is made anyway and ``Plan.notes`` says why.
     """
+    if context_tokens is None:
+        return plan_auto_context(model, nodes, backups, keep_first=keep_first, overrides=overrides)
     held: list[NodeCapacity] = []
     missing: list[str] = []
     chain_nodes = list(nodes)
@@ -519,3 +535,55 @@ def plan_with_backups(
         replicas[backup.node_id] = list(model.chain_order[i:j])
     plan.backups, plan.notes = replicas, missing
     return plan
+
+
+def plan_auto_context(
+    model: ModelProfile,
+    nodes: list[NodeCapacity],
+    backups: int = 0,
+    *,
+    keep_first: str | None = None,
+    overrides: dict[str, int] | None = None,
+) -> Plan:
+    """The plan with the longest context the nodes' RAM allows, up to the model's own: a
+    conversation goes on longest before its oldest turns leave the model's window.
+
+    At least ``MIN_AUTO_CONTEXT_TOKENS`` (or the model's own, when shorter): a plan that cannot
+    reserve that much is refused as any plan is, saying what is missing. A longer context
+    never costs a backup: the context grows only while the backups hold replicas of as many
+    blocks as at the least context. Contexts are whole KV pages; the search is a bisection
+    (each step one ``plan_with_backups``; about ten for a model of 8,192 tokens).
+    """
+    top = model.max_context or MIN_AUTO_CONTEXT_TOKENS
+    floor = min(MIN_AUTO_CONTEXT_TOKENS, top)
+
+    def plan_at(tokens: int) -> Plan:
+        return plan_with_backups(
+            model,
+            nodes,
+            backups,
+            keep_first=keep_first,
+            context_tokens=tokens,
+            overrides=overrides,
+        )
+
+    def covered(plan: Plan) -> int:
+        return sum(len(blocks) for blocks in plan.backups.values())
+
+    best = plan_at(floor)  # raises PlanError, saying what is missing at the least context
+    wanted = covered(best)
+    pages = range(-(-floor // KV_PAGE_TOKENS) * KV_PAGE_TOKENS, top + 1, KV_PAGE_TOKENS)
+    longer = sorted({*pages, top} - {floor})  # whole pages, and the model's own context
+    low, high = 0, len(longer) - 1  # bisect: the longest that fits and keeps the backups
+    while low <= high:
+        middle = (low + high) // 2
+        try:
+            plan = plan_at(longer[middle])
+        except PlanError:
+            plan = None
+        if plan is not None and covered(plan) >= wanted:
+            best, low = plan, middle + 1
+        else:
+            high = middle - 1
+    best.context_auto = True
+    return best

@@ -81,10 +81,12 @@ def plan_from_status(
 ) -> Plan:
     """Plan the spans on the nodes as ``network_status(probe=True)`` measured them, holding
     back the network's backup nodes where it can. ``context_tokens``: the KV cache to reserve
-    on every node (default: what the network's config says; applying the plan records it).
+    on every node (default: what the admin chose before, else as much as the nodes' memory
+    allows, up to the model's own; applying the plan records it).
     No I/O but the local store's manifest."""
     config, credentials = load(data_dir, network_id)
-    context_tokens = context_tokens or config.context_tokens
+    if context_tokens is None and not config.context_auto:  # the admin's choice stays
+        context_tokens = config.context_tokens
     store = BlockStore(Path(data_dir) / "models" / config.model_id)
     model = ModelProfile.from_manifest(store.manifest, store.config())
     return plan_with_backups(
@@ -122,6 +124,7 @@ class NewPlan(BaseModel):
     assignments: dict[str, list[str]]
     backups: dict[str, list[str]] = Field(default_factory=dict)
     context_tokens: int
+    context_auto: bool = True
     remove: list[str] = Field(default_factory=list)
     revoke: list[Revoked] = Field(default_factory=list)
 
@@ -131,6 +134,7 @@ class NewPlan(BaseModel):
             assignments=plan.assignments,
             backups=plan.backups,
             context_tokens=plan.context_tokens,
+            context_auto=plan.context_auto,
             remove=sorted(remove),
             revoke=list(revoke),
         )
@@ -147,6 +151,7 @@ class NewPlan(BaseModel):
                 **current.model_dump(),
                 "nodes": [n.model_dump() for n in nodes],
                 "context_tokens": self.context_tokens,
+                "context_auto": self.context_auto,
                 "revoked": [*current.revoked, *self.revoke],
             }
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from tiktrue.gateway.chain_client import ChainClient, ChainError, new_session_id
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
-from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.sampling import SamplingDefaults, SamplingParams
 from tiktrue.model.store import BlockStore
 from tiktrue.model.tokenizer import load_tokenizer, prompt_ids, stop_token_ids
 from tiktrue.node.peer_link import PeerUnavailable
@@ -56,6 +56,7 @@ class SessionState:
     cancelled: bool = False
     last_used: float = field(default_factory=time.monotonic)  # for the idle sweep
     owner: str | None = None  # the account whose conversation it is (None: no credentials)
+    window_start: int = 0  # the model sees ``messages`` from here (and the system prompt)
 
 
 # await on_answer(gateway, result, owner, completed): an answer ended (its figures, its tokens
@@ -94,10 +95,11 @@ class Gateway:
         self.config = config
         self.network_id = config.network_id
         self.model_id = config.model_id
-        store = BlockStore(self.data_dir / "models" / config.model_id)
+        self.store = store = BlockStore(self.data_dir / "models" / config.model_id)
         self.tokenizer = load_tokenizer(store)
         self.stop_ids = stop_token_ids(store, self.tokenizer)
         self.model_config = store.config()
+        self._sampling: tuple[tuple, SamplingDefaults] | None = None
         self.credentials = credentials
         self.local_server = local_server
         self.chain = ChainClient(config, credentials, local_server, on_broken=on_broken)
@@ -119,6 +121,19 @@ class Gateway:
     def context_length(self) -> int:
         """The most tokens a conversation may hold here, answer included (the network's)."""
         return self.config.context_length(self.model_config)
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's sampling settings: what a request leaves out (read again when the
+        admin changes them; ``BlockStore.sampling_defaults``)."""
+        stamp = self.store.sampling_files_stamp()
+        if self._sampling is None or self._sampling[0] != stamp:
+            self._sampling = (stamp, self.store.sampling_defaults())
+        return self._sampling[1]
+
+    def sampling(self, **given) -> SamplingParams:
+        """Complete settings: ``given`` (None: left out) over the model's defaults."""
+        return self.sampling_defaults.params(**given)
 
     def switch(self, config: NetworkConfig) -> None:
         """A new config: later steps go to the new chain; sessions are replayed there."""
@@ -172,13 +187,13 @@ class Gateway:
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
-        session_id = session_id or new_session_id()
+        session_id = session_id or await self.new_session_id()
         state = await self._acquire(session_id, keep, owner)
-        before = (list(state.tokens), list(state.unfed), list(state.messages))
+        before = (list(state.tokens), list(state.unfed), list(state.messages), state.window_start)
         stepped = completed = False
         try:
             state.cancelled = False
-            wanted = self._conversation_ids(state, messages, text, input_ids, keep)
+            wanted = self._conversation_ids(state, messages, text, input_ids, keep, params)
             if not wanted:
                 raise ChainError(ps.INVALID_MESSAGE, "nothing to answer: the input is empty")
             room = self.context_length - len(wanted)  # refused before anything is sent
@@ -216,7 +231,9 @@ class Gateway:
             completed = True
             if keep:
                 await self._write(
-                    functools.partial(self.session_store.put, owner=state.owner),
+                    functools.partial(
+                        self.session_store.put, owner=state.owner, window_start=state.window_start
+                    ),
                     self.network_id,
                     session_id,
                     state.tokens,
@@ -226,7 +243,7 @@ class Gateway:
         finally:
             state.last_used = time.monotonic()
             if keep and not completed:
-                state.tokens, state.unfed, state.messages = before
+                state.tokens, state.unfed, state.messages, state.window_start = before
                 if stepped:
                     self.chain.adopt(session_id, state.tokens, stale=True)
             state.lock.release()
@@ -241,20 +258,40 @@ class Gateway:
         self._closing.add(task)  # keep a reference until it is done
         task.add_done_callback(self._closing.discard)
 
+    async def new_session_id(self) -> str:
+        """A session id that no session here has, in memory or in the store (open, closed or
+        saved): a new conversation never takes over a stored one."""
+        while True:
+            session_id = new_session_id()
+            if session_id not in self.sessions and not await self._stored(session_id):
+                return session_id
+
+    async def _stored(self, session_id: str) -> bool:
+        def lookup() -> bool:
+            return (
+                self.session_store.get(self.network_id, session_id) is not None
+                or self.session_store.saved(self.network_id, session_id) is not None
+            )
+
+        return await asyncio.to_thread(lookup)
+
     async def _acquire(self, session_id: str, keep: bool, owner: str | None) -> SessionState:
         """The session's state, locked for one turn: in memory, else loaded from the store
-        (``keep``), else new (owned by ``owner``); another owner's session is refused."""
+        (``keep``), else new (owned by ``owner``). Another owner's session is refused, also
+        one that is closed (its row, its answers and its saved KV stay its owner's); a closed
+        one of the caller's own starts afresh. A one-off answer (not ``keep``) never runs in
+        an id the store holds."""
         while True:
             async with self._sessions_lock:
                 state = self.sessions.get(session_id)
                 if state is None:
-                    stored = None
-                    if keep:
-                        stored = await asyncio.to_thread(
-                            self.session_store.get, self.network_id, session_id
+                    stored = await self._check_stored_owner(session_id, owner)
+                    if stored is not None and not keep:
+                        raise ChainError(
+                            ps.INVALID_MESSAGE,
+                            f"session {session_id} is a kept conversation: continue it with "
+                            "its session id",
                         )
-                        if stored is not None and not stored.closed:
-                            _check_owner(stored.owner, owner, session_id)
                     state = SessionState(owner=owner)
                     self.sessions[session_id] = state
                     await state.lock.acquire()  # a new lock: at once
@@ -281,6 +318,7 @@ class Gateway:
             await self.chain.open(session_id)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
+        state.window_start = stored.window_start
         self.resumed += 1
         if not stored.live:  # the nodes will hold it again
             await self._write(self.session_store.set_live, self.network_id, [session_id], True)
@@ -311,13 +349,16 @@ class Gateway:
         await self.chain.close(session_id)
         await self._write(self.session_store.delete, self.network_id, session_id)
 
-    def _conversation_ids(self, state, messages, text, input_ids, keep) -> list[int]:
-        if messages is not None:
+    def _conversation_ids(self, state, messages, text, input_ids, keep, params) -> list[int]:
+        if messages is not None and not keep:  # one request (the OpenAI API): all of it
             state.messages = list(messages)
             return prompt_ids(self.tokenizer, state.messages)
-        if text is not None and keep:
-            state.messages.append({"role": "user", "content": text})
-            return prompt_ids(self.tokenizer, state.messages)
+        if messages is not None or text is not None and keep:  # a conversation that goes on
+            if messages is not None:
+                state.messages = list(messages)
+            else:
+                state.messages.append({"role": "user", "content": text})
+            return self._window(state, min(params.max_tokens, self.context_length // 2))
         if text is not None:
             return prompt_ids(self.tokenizer, text, raw=True)
         if input_ids is not None:
@@ -332,6 +373,54 @@ class Gateway:
             return state.tokens + state.unfed + list(input_ids)
         raise ChainError(ps.INVALID_MESSAGE, "a request needs messages, text or input_ids")
 
+    def _window(self, state: SessionState, room: int) -> list[int]:
+        """The prompt of a conversation that goes on: its messages from ``window_start`` (the
+        leading system prompt always kept). When they leave less than ``room`` tokens for the
+        answer, the oldest turns leave the model's window (as llama.cpp's context shift and
+        Ollama do): the window then starts at the first user message after which at most half
+        the context is used, so the next turns continue it (their prompts are not computed
+        again) until it is full again. Each shift recomputes the window once (a prefill of at
+        most half the context). ``state.window_start`` says where it starts; the conversation
+        itself keeps every message."""
+        messages, context = state.messages, self.context_length
+        system = next((i for i, m in enumerate(messages) if m.get("role") != "system"), 0)
+        starts = [i for i, m in enumerate(messages) if i >= system and m.get("role") == "user"]
+        if not starts:
+            return prompt_ids(self.tokenizer, messages)
+        start = state.window_start if system <= state.window_start <= starts[-1] else system
+
+        def render(at: int) -> list[int]:
+            return prompt_ids(self.tokenizer, messages[:system] + messages[at:])
+
+        ids = render(start)
+        if len(ids) + room <= context:
+            state.window_start = start
+            return ids
+        later = [i for i in starts if i > start]
+        low, high = 0, len(later) - 1  # the earliest later start that fits the target
+        target = min(context - room, context // 2)
+        chosen = len(later) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            if len(render(later[middle])) <= target:
+                chosen, high = middle, middle - 1
+            else:
+                low = middle + 1
+        if not later:  # the last question alone: what room it leaves is all there is
+            state.window_start = start
+            return ids
+        start = later[chosen]
+        ids = render(start)
+        state.window_start = start
+        log.info(
+            "network %s: a conversation's oldest turns left the model's window (it starts at "
+            "message %d, %d tokens)",
+            self.network_id,
+            start,
+            len(ids),
+        )
+        return ids
+
     async def _rewind(self, session_id: str, state: SessionState, wanted: list[int]) -> None:
         """An edited question or a regenerated answer: keep what the caches hold of
         ``wanted`` (the common prefix) and forget the rest, so only the part that changed is
@@ -345,12 +434,16 @@ class Gateway:
         """In memory now; loaded from the store since start; rebuilt on the nodes by replay."""
         return {"open": len(self.sessions), "resumed": self.resumed, "replays": self.chain.replays}
 
-    def cancel(self, session_id: str, owner: str | None = None) -> bool:
+    async def cancel(self, session_id: str, owner: str | None = None) -> bool:
+        """Stop the answer streaming in ``session_id`` (False: none streams); another's
+        session is refused, also when it does not stream now."""
         state = self.sessions.get(session_id)
         if state is not None:
             _check_owner(state.owner, owner, session_id)
             state.cancelled = True
-        return state is not None
+            return True
+        await self._check_stored_owner(session_id, owner)
+        return False
 
     # --- freeing sessions on the nodes ------------------------------------------------------
 
@@ -413,9 +506,13 @@ class Gateway:
         return self.data_dir / "sessions" / self.network_id / session_id
 
     async def save_session(self, session_id: str, owner: str | None = None) -> Path:
-        """Every node saves its layers' KV cache; the gateway saves the history (store)."""
-        if session_id not in self.sessions:
-            stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
+        """Every node saves its layers' KV cache; the gateway saves the history (store), with
+        its owner. Another's session is refused, open or closed; a closed one is not found."""
+        state = self.sessions.get(session_id)
+        if state is not None:
+            _check_owner(state.owner, owner, session_id)
+        else:
+            stored = await self._check_stored_owner(session_id, owner)
             if stored is None or stored.closed:
                 raise ChainError(ps.SESSION_NOT_FOUND, f"no open session {session_id}")
         state = await self._acquire(session_id, True, owner)
@@ -423,7 +520,9 @@ class Gateway:
             await self.chain.rebuild(session_id, len(state.tokens))  # loaded from the store
             await self.chain.control(ps.SessionSave, session_id)
             await asyncio.to_thread(
-                self.session_store.save,
+                functools.partial(
+                    self.session_store.save, owner=state.owner, window_start=state.window_start
+                ),
                 self.network_id,
                 session_id,
                 state.tokens,
@@ -436,12 +535,13 @@ class Gateway:
         return self._session_dir(session_id)
 
     async def restore_session(self, session_id: str, owner: str | None = None) -> None:
-        """Load a saved session on every node; it continues without recomputing its prompt."""
+        """Load a saved session on every node; it continues without recomputing its prompt.
+        Only the owner of the save restores it (and only over a session row of their own)."""
+        await self._check_stored_owner(session_id, owner)  # the save and the row: theirs
         saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
         saved = saved or self._saved_by_an_older_version(session_id)
         if saved is None:
             raise ChainError(ps.SESSION_NOT_FOUND, f"no saved session {session_id}")
-        _check_owner(await self._stored_owner(session_id), owner, session_id)
         async with self._sessions_lock:
             if session_id in self.sessions:
                 raise ChainError(ps.INVALID_MESSAGE, f"session {session_id} is already open")
@@ -456,9 +556,10 @@ class Gateway:
                 unfed=list(saved.unfed),
                 messages=list(saved.messages),
                 owner=owner,
+                window_start=saved.window_start,
             )
         await asyncio.to_thread(
-            functools.partial(self.session_store.put, owner=owner),
+            functools.partial(self.session_store.put, owner=owner, window_start=saved.window_start),
             self.network_id,
             session_id,
             saved.tokens,
@@ -474,19 +575,29 @@ class Gateway:
         saved = json.loads(path.read_text("utf-8"))
         return SavedSession(saved["tokens"], saved["unfed"], saved["messages"], 0.0)
 
-    async def _stored_owner(self, session_id: str) -> str | None:
+    async def _check_saved_owner(self, session_id: str, owner: str | None) -> None:
+        """A saved copy of another's session (its row gone) is still theirs."""
+        saved = await asyncio.to_thread(self.session_store.saved, self.network_id, session_id)
+        if saved is not None:
+            _check_owner(saved.owner, owner, session_id)
+
+    async def _check_stored_owner(self, session_id: str, owner: str | None) -> StoredSession | None:
+        """The stored session (None: the store has no row of it); another's (open or closed),
+        or another's saved copy, is refused. An id the store does not hold is no one's."""
         stored = await asyncio.to_thread(self.session_store.get, self.network_id, session_id)
-        return stored.owner if stored is not None else None
+        if stored is not None:
+            _check_owner(stored.owner, owner, session_id)
+        await self._check_saved_owner(session_id, owner)
+        return stored
 
     async def close_session(self, session_id: str, owner: str | None = None) -> None:
         """The conversation ends: freed on every node; its history stays in the store, closed
         (a later turn with this id starts afresh; a saved copy can still be restored)."""
         state = self.sessions.get(session_id)
-        _check_owner(
-            state.owner if state is not None else await self._stored_owner(session_id),
-            owner,
-            session_id,
-        )
+        if state is not None:
+            _check_owner(state.owner, owner, session_id)
+        else:
+            await self._check_stored_owner(session_id, owner)
         if state is not None:
             async with state.lock:  # after the answer in flight, if any
                 if self.sessions.get(session_id) is state:

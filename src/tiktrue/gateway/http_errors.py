@@ -9,11 +9,15 @@ network failing to answer is a 503.
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from tiktrue.protocol import protocol_spec as ps
+
+log = logging.getLogger("tiktrue.gateway")
 
 # protocol and chain error codes -> HTTP status; anything else: the network could not answer
 STATUS = {
@@ -79,12 +83,34 @@ def error_body(
 
 
 def from_network(exc: Exception, *, param: str | None = None) -> APIError:
-    """The HTTP refusal of a gateway, chain or model error (their ``code``, ``message`` and
-    numbers): a 4xx for the client's mistakes, 503 when the network could not answer."""
-    code = getattr(exc, "code", None)
-    message = getattr(exc, "message", None) or str(exc)
+    """The HTTP refusal of a gateway, chain or model error (their ``code``, a message for the
+    caller and numbers): a 4xx for the client's mistakes, 503 when the network could not
+    answer."""
+    code, message, info = public_error(exc)
     status = STATUS.get(code, 503)
-    if status == 503:
-        message = f"the network could not answer: {message}"
-    info = getattr(exc, "info", None)
     return APIError(status, message, code, param=param if status == 400 else None, info=info)
+
+
+INTERNAL_MESSAGE = "the network could not answer (an internal error; the node's log says more)"
+# what a caller is told when the network failed, by code (its own words stay in the log)
+PLAIN = {
+    ps.INTERNAL_ERROR: INTERNAL_MESSAGE,
+    "peer_unavailable": "the network could not answer: a PC of the network could not be reached",
+}
+# refusals of the client's request, and a damaged block (which names the block), in our own
+# words: their message is passed on, scrubbed of anything like a path
+SAFE = (set(STATUS) - {ps.MALFORMED_JSON, ps.BAD_TENSOR}) | {"corrupt_block"}
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~$-]+){2,}[\\/]?")
+
+
+def public_error(exc: Exception) -> tuple[str, str, dict[str, Any] | None]:
+    """(code, message, info) of an error for the caller: the client's own mistakes in the
+    gateway's words; the network's failures in plain words by code, their details (which may
+    hold server paths or a node's exception text) logged here instead."""
+    code = getattr(exc, "code", None) or ps.INTERNAL_ERROR
+    message = getattr(exc, "message", None) or str(exc)
+    info = getattr(exc, "info", None)
+    if code in SAFE or code == ps.CONTEXT_LENGTH_EXCEEDED:
+        return code, _PATH.sub("<path>", message), info
+    log.warning("the network could not answer (%s): %s", code, message)
+    return code, PLAIN.get(code, f"the network could not answer ({code})"), None

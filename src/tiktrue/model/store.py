@@ -6,6 +6,10 @@ Layout of ``<data>/models/<model_id>/``::
                        weights (the weight formats), model_chain_order, blocks (file, bytes,
                        sha256, parameters, format), optional encryption header
     config.json        the transformers config
+    generation_config.json   the model's own sampling settings, when it has some (copied from
+                       a Hugging Face folder, or a GGUF's ``general.sampling.*`` metadata)
+    sampling.json      the admin's sampling settings for this model on this PC (not in the
+                       manifest: a choice of this PC's admin, not part of the model)
     tokenizer files    tokenizer.json, tokenizer_config.json (with the chat template), ...
     blocks/<name>.safetensors          a block as imported or received in the clear, or
     blocks/<name>.safetensors.sealed   the same bytes sealed at rest (AES-256-GCM, see below)
@@ -44,6 +48,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
@@ -57,6 +63,9 @@ from transformers import AutoConfig, PretrainedConfig
 
 from tiktrue.model.errors import CorruptBlock, StoreError
 from tiktrue.model.quant import dequantize_state
+from tiktrue.model.sampling import SAMPLING_FIELDS, SamplingDefaults
+
+log = logging.getLogger("tiktrue.model")
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "tiktrue-block-store/1"
@@ -66,6 +75,8 @@ SEALED_SUFFIX = ".sealed"
 SEAL_MAGIC = b"TTSEAL1\n"
 SEAL_OVERHEAD = 12 + 16  # AES-GCM nonce and tag, per sealed chunk
 MAX_SEAL_HEADER = 1 << 12
+GENERATION_CONFIG = "generation_config.json"  # the model's own (Hugging Face's file and names)
+ADMIN_SAMPLING = "sampling.json"  # this PC's admin's choice for the model
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -370,6 +381,96 @@ class BlockStore:
     @property
     def weight_format(self) -> str:
         return self.manifest.weights or self.manifest.dtype
+
+    # --- sampling defaults -------------------------------------------------------------------
+
+    def model_sampling(self) -> dict:
+        """The sampling settings the model itself recommends: the fields of its
+        ``generation_config.json`` that ``SamplingDefaults`` knows (as vLLM reads it: the
+        values present, ``do_sample`` ignored); a value out of bounds is left out, logged."""
+        return _sampling_fields(self.root / GENERATION_CONFIG)
+
+    def admin_sampling(self) -> dict:
+        """What this PC's admin chose for the model (``tiktrue models defaults``)."""
+        return _sampling_fields(self.root / ADMIN_SAMPLING)
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """What a request leaves out: the admin's choice, else the model's own, else the
+        defaults of ``tiktrue.limits`` (llama.cpp's)."""
+        return SamplingDefaults(**{**self.model_sampling(), **self.admin_sampling()})
+
+    def sampling_files_stamp(self) -> tuple:
+        """Changes whenever ``sampling_defaults`` may (for callers that cache it)."""
+        stamps = []
+        for name in (GENERATION_CONFIG, ADMIN_SAMPLING):
+            try:
+                info = (self.root / name).stat()
+                stamps.append((info.st_mtime_ns, info.st_size))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def set_admin_sampling(self, values: dict | None) -> SamplingDefaults:
+        """Keep ``values`` (fields of ``SamplingDefaults``; checked, ``StoreError`` saying what
+        is wrong) as the admin's choice for this model; None or {} goes back to the model's
+        own. Returns the defaults now in force."""
+        path = self.root / ADMIN_SAMPLING
+        values = {k: v for k, v in (values or {}).items() if v is not None}
+        unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise StoreError(
+                f"unknown sampling setting(s) {', '.join(unknown)} "
+                f"(known: {', '.join(SAMPLING_FIELDS)})"
+            )
+        try:
+            checked = SamplingDefaults(**values).model_dump(include=set(values))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise StoreError(f"{first['loc'][0]}: {first['msg']}") from None
+        if not checked:
+            path.unlink(missing_ok=True)
+        else:
+            _write_atomically(path, json.dumps(checked, indent=2).encode())
+        return self.sampling_defaults()
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Write a file of the model (not a block) and record it in the manifest, so copies of
+        the store (downloads, distribution) get it too."""
+        _write_atomically(self.root / name, data)
+        digest = hashlib.sha256(data).hexdigest()
+        self.manifest.files[name] = FileEntry(bytes=len(data), sha256=digest)
+        _write_atomically(
+            self.root / MANIFEST, json.dumps(self.manifest.model_dump(), indent=2).encode()
+        )
+
+
+def _sampling_fields(path: Path) -> dict:
+    """The ``SamplingDefaults`` fields a JSON file holds (each checked on its own)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s cannot be read (%s): its sampling settings are ignored", path, exc)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {}
+    for name in SAMPLING_FIELDS:
+        if data.get(name) is None:
+            continue
+        try:
+            found[name] = getattr(SamplingDefaults(**{name: data[name]}), name)
+        except ValidationError:
+            log.warning("%s: %s=%r is out of bounds, left out", path, name, data[name])
+    return found
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

@@ -67,8 +67,11 @@ class NetworkConfig(BaseModel):
     auto_plan: bool = True  # re-plan and re-distribute when a node joins or leaves
     backup_nodes: int = Field(0, ge=0, le=16)  # backups the planner holds back, if it can
     # the KV cache the plan reserved on every node for one conversation: the network's context
-    # length, when the model's own is not shorter (``network plan --context``)
+    # length, when the model's own is not shorter
     context_tokens: ContextTokens = DEFAULT_CONTEXT_TOKENS
+    # the planner chose it (as much as the nodes' memory allows, up to the model's own; each
+    # re-plan chooses again), not the admin (``network plan --context N`` keeps N)
+    context_auto: bool = True
     heartbeat_s: float = Field(0.25, gt=0, le=60)  # the admin beats every node this often
     dead_after_s: float = Field(4.0, gt=0, le=600)  # no good beat this long: the node is dead
     webhook_url: str | None = Field(None, description="health alerts are POSTed here as JSON")

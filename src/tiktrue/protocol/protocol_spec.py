@@ -31,6 +31,7 @@ from tiktrue import __version__ as SOFTWARE_VERSION
 from tiktrue import limits
 from tiktrue.limits import (
     MaxTokens,
+    MinP,
     RepetitionPenalty,
     Seed,
     StopStrings,
@@ -188,12 +189,14 @@ class InferenceRequest(Message):
     prompt: str | None = None
     input_ids: list[TokenId] | None = Field(None, max_length=limits.MAX_INPUT_TOKENS)
     attention_mask: list[Literal[0, 1]] | None = Field(None, max_length=limits.MAX_INPUT_TOKENS)
-    # sampling: the bounds and defaults of ``tiktrue.limits``, as in the OpenAI API
+    # sampling: the bounds of ``tiktrue.limits``, as in the OpenAI API; a field left out (or
+    # null) takes the model's own default
     max_tokens: MaxTokens = limits.DEFAULT_MAX_TOKENS
-    temperature: Temperature = limits.DEFAULT_TEMPERATURE  # 0 = greedy
-    top_k: TopK = 0  # 0 = off
-    top_p: TopP = 1.0
-    repetition_penalty: RepetitionPenalty = 1.0
+    temperature: Temperature | None = None  # 0 = greedy
+    top_k: TopK | None = None  # 0 = off
+    top_p: TopP | None = None
+    min_p: MinP | None = None  # 0 = off
+    repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
     stop: StopStrings = Field(default_factory=list)
     stream: bool = True

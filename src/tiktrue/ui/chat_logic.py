@@ -16,19 +16,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from tiktrue import limits
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.http_errors import SAFE, public_error
 from tiktrue.gateway.session_store import Answer, StoredSession
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
-from tiktrue.model.sampling import SamplingParams
+from tiktrue.model.sampling import SAMPLING_FIELDS, SamplingDefaults, SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.security.users import Principal, UserError
 from tiktrue.ui.context import UiContext
-from tiktrue.ui.i18n import N_, _, isolate
+from tiktrue.ui.i18n import N_, Message, _, isolate
 from tiktrue.ui.refusals import account_refusal
 
 log = logging.getLogger("tiktrue.ui")
@@ -41,21 +42,52 @@ class ChatFailure(Exception):
 
 @dataclass
 class Settings:
-    """The person's generation settings for the next turns."""
+    """The person's generation settings for the next turns. A sampling setting left at None
+    follows the model's own (``Gateway.sampling_defaults``): a person who changed nothing gets
+    what the model recommends."""
 
     system_prompt: str = ""
-    temperature: float = limits.DEFAULT_TEMPERATURE
-    top_p: float = 0.95
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     max_tokens: int = limits.DEFAULT_MAX_TOKENS
-    repetition_penalty: float = 1.0
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            repetition_penalty=self.repetition_penalty,
+    def sampling(self, defaults: SamplingDefaults) -> SamplingParams:
+        """These settings over the model's ``defaults``."""
+        return defaults.params(
+            **{name: getattr(self, name) for name in SAMPLING_FIELDS}, max_tokens=self.max_tokens
         )
+
+    def chosen(self, name: str, value, defaults: SamplingDefaults) -> None:
+        """Set ``name`` to ``value``, or back to following the model when it is the model's."""
+        setattr(self, name, None if value == getattr(defaults, name) else value)
+
+
+SETTINGS_VERSION = 2  # 1 (no version): sampling fields saved with OpenAI's defaults filled in
+OLD_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.0}
+
+
+def settings_from(saved: dict) -> Settings:
+    """A person's saved settings (``asdict`` of ``Settings`` with ``version``); those saved by
+    an older TikTrue held OpenAI's defaults where the person chose nothing: those follow the
+    model now."""
+    saved = dict(saved or {})
+    if saved.pop("version", 1) < SETTINGS_VERSION:
+        for name, old in OLD_DEFAULTS.items():
+            if saved.get(name) == old:
+                saved[name] = None
+    known = {f.name for f in fields(Settings)}
+    try:
+        return Settings(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, AttributeError):
+        return Settings()
+
+
+def saved_form(settings: Settings) -> dict:
+    """What ``settings_from`` reads back."""
+    return {**asdict(settings), "version": SETTINGS_VERSION}
 
 
 @dataclass
@@ -71,6 +103,7 @@ class Turn:
     tokens_per_s: float | None = None
     finish_reason: str = ""
     started: float = field(default_factory=time.perf_counter)
+    window_start: int = 0  # the model's window starts at this message (older ones left it)
 
     def answer(self) -> Answer:
         """The answer as the store keeps it."""
@@ -112,6 +145,11 @@ class Chat:
             if self.user.allows(g.network_id)
         }
 
+    def defaults(self, network_id: str | None) -> SamplingDefaults:
+        """The sampling settings of the model that answers on ``network_id``."""
+        gateway = self.context.gateways.get(network_id or "")
+        return gateway.sampling_defaults if gateway is not None else SamplingDefaults()
+
     def gateway(self, network_id: str) -> Gateway:
         gateway = self.context.gateways.get(network_id)
         if gateway is None or not self.user.allows(network_id):
@@ -121,6 +159,22 @@ class Chat:
         return gateway
 
     # --- conversations ----------------------------------------------------------------------
+
+    async def new_conversation_id(self, network_id: str) -> str:
+        """An id no conversation in the store has (open, closed or saved): a new chat never
+        takes over a stored one."""
+        store = self.context.sessions
+
+        def taken(session_id: str) -> bool:
+            return (
+                store.get(network_id, session_id) is not None
+                or store.saved(network_id, session_id) is not None
+            )
+
+        while True:
+            session_id = new_conversation_id()
+            if not await asyncio.to_thread(taken, session_id):
+                return session_id
 
     async def conversations(self, search: str = "") -> list[StoredSession]:
         return await asyncio.to_thread(self.context.sessions.owned, self.owner, search=search)
@@ -180,7 +234,7 @@ class Chat:
         turn = turn or Turn(network_id, gateway.model_id, len(messages))
         result = GenerationResult()
         stream = gateway.answer(
-            settings.sampling(),
+            settings.sampling(gateway.sampling_defaults),
             messages=messages,
             session_id=session_id,
             owner=self.owner,
@@ -193,24 +247,20 @@ class Chat:
                         turn.first_token_ms = (time.perf_counter() - turn.started) * 1000
                     turn.text += event.text
                     yield event.text
-        except ChainError as exc:
+        except (ChainError, ModelError, PeerUnavailable) as exc:
             raise ChatFailure(_why(exc)) from exc
-        except (ModelError, PeerUnavailable) as exc:
-            raise ChatFailure(
-                N_("The network could not answer: {detail}", detail=str(exc))
-            ) from exc
         finally:
             await stream.aclose()
         self._finish(turn, result)
         await self._record(gateway, session_id, messages, turn)
 
-    def stop(self, network_id: str, session_id: str) -> bool:
+    async def stop(self, network_id: str, session_id: str) -> bool:
         """Stop the answer streaming in this conversation (it keeps what came)."""
         gateway = self.context.gateways.get(network_id)
         if gateway is None:
             return False
         try:
-            return gateway.cancel(session_id, self.owner)
+            return await gateway.cancel(session_id, self.owner)
         except ChainError:  # someone else's conversation
             return False
 
@@ -230,6 +280,8 @@ class Chat:
         answer = turn.answer()
         await asyncio.to_thread(store.record_answer, gateway.network_id, session_id, answer)
         stored = await asyncio.to_thread(store.get, gateway.network_id, session_id)
+        if stored is not None:
+            turn.window_start = stored.window_start
         if stored is not None and not stored.title:
             first = next((m["content"] for m in messages if m["role"] == "user"), "")
             title = title_of(first) or _("New chat")
@@ -250,19 +302,24 @@ class Chat:
 _saving: set[asyncio.Task] = set()  # saves in flight (a reference keeps each one running)
 
 
-def _why(exc: ChainError) -> str:
-    info = exc.info or {}
-    if exc.code == "context_length_exceeded" and {"context_length", "prompt_tokens"} <= set(info):
+def _why(exc: Exception) -> Message:
+    """For the person, in their language: what went wrong, without server paths or exception
+    text (``public_error``: what every caller is told; the details go to the log)."""
+    code, message, info = public_error(exc)
+    info = info or {}
+    if code == "context_length_exceeded" and {"context_length", "prompt_tokens"} <= set(info):
         return N_(
             "The conversation is longer than the model's context: {context} tokens, and this "
             "conversation has {tokens}. Start a new chat, or shorten the question.",
             context=info["context_length"],
             tokens=info["prompt_tokens"],
         )
-    if exc.code == "context_length_exceeded":
-        return N_(
-            "The conversation is longer than the model's context: {detail}", detail=exc.message
-        )
-    if exc.code == "forbidden":
+    if code == "context_length_exceeded":
+        return N_("The conversation is longer than the model's context: {detail}", detail=message)
+    if code == "forbidden":
         return N_("This conversation belongs to another account.")
-    return N_("The network could not answer ({code}): {detail}", code=exc.code, detail=exc.message)
+    if code == "peer_unavailable":
+        return N_("The network could not answer: a PC of the network could not be reached.")
+    if code not in SAFE:
+        return N_("The network could not answer ({code}); the node's log says more.", code=code)
+    return N_("The network could not answer ({code}): {detail}", code=code, detail=message)

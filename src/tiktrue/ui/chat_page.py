@@ -13,14 +13,21 @@ drawn again at most every ``RENDER_S`` while it streams, then once at the end.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from nicegui import app, background_tasks, ui
 
 from tiktrue import limits
 from tiktrue.gateway.session_store import Answer
 from tiktrue.security.users import Principal
-from tiktrue.ui.chat_logic import Chat, ChatFailure, Settings, Turn, new_conversation_id
+from tiktrue.ui.chat_logic import (
+    Chat,
+    ChatFailure,
+    Settings,
+    Turn,
+    saved_form,
+    settings_from,
+)
 from tiktrue.ui.context import ui_context
 from tiktrue.ui.i18n import _, fmt_ago, fmt_date, isolate, ngettext, number, translate
 from tiktrue.ui.layout import copy_text, page_frame, require_user
@@ -49,7 +56,9 @@ class ChatState:
     settings: Settings = field(default_factory=Settings)
     turn: Turn | None = None
     streaming: bool = False
+    stop_requested: bool = False  # Stop pressed during this turn
     error: str = ""
+    window_start: int = 0  # the model no longer sees the messages before this one
 
 
 def register() -> None:
@@ -79,6 +88,7 @@ class ChatView:
             if stored is not None:
                 self.state.network_id, self.state.session_id = network_id, session_id
                 self.state.messages = list(stored.messages)
+                self.state.window_start = stored.window_start
                 self.state.answers = await self.chat.answers(network_id, session_id)
                 system = [m for m in stored.messages if m["role"] == "system"]
                 self.state.settings.system_prompt = system[0]["content"] if system else ""
@@ -255,28 +265,52 @@ class ChatView:
 
     def _settings_dialog(self) -> None:
         s = self.state.settings
+        model = self.chat.defaults(self.state.network_id)
+
+        def shown(name: str):  # the person's value, else the model's
+            value = getattr(s, name)
+            return getattr(model, name) if value is None else value
+
         with ui.dialog() as dialog, ui.card().classes("w-[28rem] max-w-full gap-3"):
             ui.label(_("Settings")).classes("text-lg font-medium")
             system = ui.textarea(_("System prompt"), value=s.system_prompt)
             system.props("outlined").classes("w-full tt-plain")
-            temperature = _slider(
-                _("Temperature"), s.temperature, 0.0, limits.MAX_TEMPERATURE, 0.05
-            )
-            top_p = _slider(_("Top p"), s.top_p, 0.05, 1.0, 0.05)
-            penalty = _slider(_("Repetition penalty"), s.repetition_penalty, 1.0, 2.0, 0.05)
+            sliders = {
+                "temperature": _slider(
+                    _("Temperature"), shown("temperature"), 0.0, limits.MAX_TEMPERATURE, 0.05
+                ),
+                "top_p": _slider(_("Top p"), shown("top_p"), 0.05, 1.0, 0.05),
+                "top_k": _slider(_("Top k"), shown("top_k"), 0, 100, 1),
+                "min_p": _slider(_("Min p"), shown("min_p"), 0.0, 1.0, 0.01),
+                "repetition_penalty": _slider(
+                    _("Repetition penalty"), shown("repetition_penalty"), 1.0, 2.0, 0.05
+                ),
+            }
             tokens = ui.number(_("Max tokens per answer"), value=s.max_tokens, min=1, max=8192)
             tokens.props("outlined").classes("w-full")
 
+            def the_models() -> None:
+                for name, slider in sliders.items():
+                    slider.set_value(getattr(model, name))
+
             def save() -> None:
                 s.system_prompt = (system.value or "").strip()
-                s.temperature = float(temperature.value)
-                s.top_p = float(top_p.value)
-                s.repetition_penalty = float(penalty.value)
+                for name, slider in sliders.items():
+                    kind = int if name == "top_k" else float
+                    s.chosen(name, kind(slider.value), model)
                 s.max_tokens = int(tokens.value or limits.DEFAULT_MAX_TOKENS)
-                app.storage.user[SETTINGS_KEY] = asdict(s)  # kept for this person's next chats
+                app.storage.user[SETTINGS_KEY] = saved_form(s)  # for this person's next chats
                 dialog.close()
 
-            _cancel_save(dialog, save)
+            with ui.row().classes("w-full items-center"):
+                label = _("Model's defaults")
+                ui.button(label, on_click=the_models).props(
+                    f'flat no-caps aria-label="{label}"'
+                ).tooltip(_("The settings the model recommends"))
+                ui.space()
+                ui.button(_("Cancel"), on_click=dialog.close).props("flat no-caps")
+                label = _("Save")
+                ui.button(label, on_click=save).props(f'unelevated no-caps aria-label="{label}"')
         dialog.open()
 
     # --- messages ---------------------------------------------------------------------------
@@ -289,11 +323,25 @@ class ChatView:
                 self._empty()
             last_answer = max((i for i, m in shown if m["role"] == "assistant"), default=None)
             for index, message in shown:
+                if index == self.state.window_start and index > shown[0][0]:
+                    self._window_starts()
                 if message["role"] == "user":
                     self._user_message(index, message["content"])
                 else:
                     body, _markdown = self._assistant_message(message["content"])
                     self._answer_meta(body, index, last=index == last_answer)
+
+    def _window_starts(self) -> None:
+        """Where the model's window starts: the conversation outgrew the network's context,
+        and the turns above left it (the system prompt stays)."""
+        with (
+            ui.row()
+            .classes("w-full items-center gap-2 tt-meta")
+            .props('role="separator" aria-label="The model\'s window starts here"')
+        ):
+            ui.separator().classes("flex-1")
+            ui.label("The model no longer sees the messages above; it remembers from here.")
+            ui.separator().classes("flex-1")
 
     def _empty(self) -> None:
         with ui.column().classes("w-full items-center gap-2 py-16"):
@@ -411,9 +459,12 @@ class ChatView:
         if messages:
             await self._run_turn(messages)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop the answer: at once, or, pressed before its first token (the conversation not
+        yet on the network), at that token."""
         if self.state.streaming and self.state.session_id:
-            self.chat.stop(self.state.network_id, self.state.session_id)
+            self.state.stop_requested = True
+            await self.chat.stop(self.state.network_id, self.state.session_id)
 
     async def _run_turn(self, messages: list[dict]) -> None:
         """Answer ``messages`` (without the system prompt, which is put first here)."""
@@ -425,9 +476,9 @@ class ChatView:
         full = ([{"role": "system", "content": system}] if system else []) + messages
         new = state.session_id is None
         if new:
-            state.session_id = new_conversation_id()
+            state.session_id = await self.chat.new_conversation_id(state.network_id)
         state.messages = full
-        state.streaming = True
+        state.streaming, state.stop_requested = True, False
         self._draw_messages()
         gateway = self.chat.context.gateways.get(state.network_id)
         turn = Turn(state.network_id, gateway.model_id if gateway else "", len(full))
@@ -446,11 +497,13 @@ class ChatView:
                 ui.run_javascript("window.scrollTo(0, document.body.scrollHeight)")
 
         timer = ui.timer(RENDER_S, render)
+        stopped = False
         try:
             async for _delta in self.chat.answer(
                 state.network_id, state.session_id, full, state.settings, turn
             ):
-                pass
+                if state.stop_requested and not stopped:  # pressed before it started
+                    stopped = await self.chat.stop(state.network_id, state.session_id)
         except ChatFailure as exc:
             timer.cancel()
             state.streaming = False
@@ -463,6 +516,7 @@ class ChatView:
         timer.cancel()
         state.streaming = False
         state.messages = full + [{"role": "assistant", "content": turn.text}]
+        state.window_start = turn.window_start
         state.answers[turn.message_index] = turn.answer()
         self._streaming(False)
         self._draw_messages()
@@ -479,12 +533,7 @@ class ChatView:
 
 def _saved_settings() -> Settings:
     """The settings this person saved last (in this node's storage of their login)."""
-    saved = app.storage.user.get(SETTINGS_KEY) or {}
-    known = {f.name for f in fields(Settings)}
-    try:
-        return Settings(**{k: v for k, v in saved.items() if k in known})
-    except (TypeError, AttributeError):  # from an older version: start from the defaults
-        return Settings()
+    return settings_from(app.storage.user.get(SETTINGS_KEY) or {})
 
 
 def _cancel_save(dialog: ui.dialog, save) -> None:

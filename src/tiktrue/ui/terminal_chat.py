@@ -63,7 +63,9 @@ def stream_chat(
 ) -> Iterator[str]:
     """Yield the text deltas of one streamed chat completion (``verify``: what an
     ``https://`` gateway's certificate must chain to, see ``gateway_tls.client_context``)."""
-    body = {"messages": messages, "stream": True, **settings}
+    # a setting not given is left out: the gateway takes the model's own
+    body = {"messages": messages, "stream": True}
+    body.update({k: v for k, v in settings.items() if v is not None})
     if model:
         body["model"] = model
     try:
@@ -97,6 +99,23 @@ def stream_chat(
         raise ChatError(
             _("cannot reach the gateway at {url}: {detail}", url=api_url, detail=str(exc))
         ) from exc
+
+
+CONTEXT_FULL = "context_length_exceeded"
+
+
+def drop_oldest_turn(messages: list[dict]) -> bool:
+    """Drop the conversation's oldest question and its answer (the system prompt stays, the
+    last question too), as the gateway does for its own sessions: a chat in the terminal
+    goes on when it outgrows the network's context. False: nothing left to drop."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    following = next(
+        (i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"), None
+    )
+    if following is None:
+        return False
+    del messages[first:following]
+    return True
 
 
 def run_chat(
@@ -175,16 +194,22 @@ def _chat(
         messages.append({"role": "user", "content": line})
         sys.stdout.write(_("model> "))
         answer = []
-        try:
-            for delta in stream_chat(api_url, messages, model, api_key, verify=verify, **settings):
-                answer.append(delta)
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        except ChatError as exc:
-            print("\n" + _("(error: {detail})", detail=str(exc)))
-            messages.pop()
-            continue
-        except KeyboardInterrupt:
-            print("\n" + _("(stopped)"))
-        print()
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        while True:
+            try:
+                for delta in stream_chat(
+                    api_url, messages, model, api_key, verify=verify, **settings
+                ):
+                    answer.append(delta)
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            except ChatError as exc:
+                if not answer and CONTEXT_FULL in str(exc) and drop_oldest_turn(messages):
+                    continue  # the conversation goes on without its oldest turn
+                print("\n" + _("(error: {detail})", detail=str(exc)))
+                messages.pop()
+                break
+            except KeyboardInterrupt:
+                print("\n" + _("(stopped)"))
+            print()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+            break

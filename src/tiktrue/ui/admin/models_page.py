@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from nicegui import ui
 
+from tiktrue.model.errors import StoreError
 from tiktrue.model.quant import WEIGHT_FORMATS
+from tiktrue.model.sampling import SamplingDefaults
+from tiktrue.model.store import BlockStore, list_stores
 from tiktrue.ui.admin.operations import AdminOperations
 from tiktrue.ui.admin.widgets import (
     WIDE,
@@ -137,4 +140,77 @@ def register(context) -> None:
                     ui.button(label, icon="download", on_click=do_download).props(
                         f'unelevated no-caps aria-label="{label}"'
                     )
+            sampling_defaults(ops)
             refresh()
+
+
+FIELDS = {  # setting -> (label, what turns it off)
+    "temperature": ("Temperature", "0 = greedy"),
+    "top_k": ("Top k", "0 = off"),
+    "top_p": ("Top p", "1 = off"),
+    "min_p": ("Min p", "0 = off"),
+    "repetition_penalty": ("Repetition penalty", "1 = off"),
+}
+
+
+def sampling_defaults(ops: AdminOperations) -> None:
+    """Per model: what a request, the web chat or the terminal leave out. The model's own
+    settings (its generation_config.json, a GGUF's metadata) unless set here; kept on this PC
+    (``sampling.json`` in the model's store), read by this PC's gateway at the next request."""
+    stores = {s.model_id: s for s in list_stores(ops.models_root) if isinstance(s, BlockStore)}
+    section("Sampling defaults")
+    with ui.column().classes("tt-card p-4 gap-2 w-full"):
+        ui.label(
+            "What a request or the chat leaves out. Each model starts from its own "
+            "recommended settings; set others here for this PC's gateway."
+        ).classes("tt-muted text-sm")
+        if not stores:
+            ui.label("No model on this PC yet").classes("tt-muted text-sm")
+            return
+        chosen = ui.select(list(stores), label="Model", value=next(iter(stores)))
+        chosen.props('outlined dense aria-label="Model for sampling defaults"')
+        inputs = {
+            name: ui.number(f"{label} ({off})").props(f'outlined dense aria-label="{label}"')
+            for name, (label, off) in FIELDS.items()
+        }
+        where = ui.label("").classes("tt-muted text-sm")
+
+        def show() -> None:
+            store = stores[chosen.value]
+            defaults, set_here = store.sampling_defaults(), store.admin_sampling()
+            for name, field in inputs.items():
+                field.set_value(getattr(defaults, name))
+            where.set_text(
+                f"Set here: {', '.join(FIELDS[n][0] for n in set_here)}."
+                if set_here
+                else "These are the model's own settings."
+            )
+
+        def save(values: dict | None) -> None:
+            try:
+                stores[chosen.value].set_admin_sampling(values)
+            except StoreError as exc:
+                ui.notify(str(exc), type="negative", multi_line=True, close_button="OK")
+                return
+            show()
+            ui.notify("Saved: the next requests use these settings.", type="positive")
+
+        def save_changed() -> None:
+            store = stores[chosen.value]
+            own = SamplingDefaults(**store.model_sampling())
+            values = {
+                name: field.value
+                for name, field in inputs.items()
+                if field.value is not None and field.value != getattr(own, name)
+            }
+            save(values)
+
+        chosen.on_value_change(lambda _: show())
+        with ui.row().classes("gap-2"):
+            ui.button("Save", icon="save", on_click=save_changed).props(
+                'unelevated no-caps aria-label="Save sampling defaults"'
+            )
+            ui.button("The model's own", icon="undo", on_click=lambda: save(None)).props(
+                'flat no-caps aria-label="Back to the model\'s own settings"'
+            )
+        show()
