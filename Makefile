@@ -8,7 +8,7 @@ PY := $(VENV)/Scripts/python.exe
 endif
 STAMP := $(VENV)/.tiktrue-installed
 
-.PHONY: demo test lint format bench clean browser screenshots
+.PHONY: demo test lint format bench clean browser prometheus screenshots
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tiktrue demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser prometheus
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
@@ -34,6 +34,17 @@ browser:
 	$$SUDO apt-get update -qq >/dev/null && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
 	echo "could not install chromium: the browser tests will skip"
+
+# The metrics tests check /metrics with promtool and scrape real nodes with a real Prometheus
+# (Debian's prometheus package); installed the same way when missing, else those tests skip.
+prometheus:
+	@test -x /usr/bin/promtool || command -v apt-get >/dev/null 2>&1 || exit 0; \
+	if test -x /usr/bin/promtool; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "no prometheus and no root: the Prometheus tests will skip"; exit 0; fi; \
+	$$SUDO apt-get update -qq >/dev/null && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null || echo "could not install prometheus: its tests will skip"
 
 # The README's screenshots, with the demo's real model answering (downloads it once, 93 MB).
 screenshots: $(STAMP) browser

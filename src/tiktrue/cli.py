@@ -34,6 +34,13 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 gateway_app = typer.Typer(help="Who may use this node's gateway.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+tasks_app = typer.Typer(
+    help="Whitelisted tasks on the nodes of this admin's networks, and their log lines.",
+    no_args_is_help=True,
+)
+app.add_typer(tasks_app, name="tasks")
+ops_app = typer.Typer(help="Operations: Prometheus set-up, alert thresholds.", no_args_is_help=True)
+app.add_typer(ops_app, name="ops")
 
 
 def err(message: str) -> None:
@@ -736,10 +743,13 @@ def users_add(
     ),
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute (default: no limit)."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day (default: no limit)."),
+    tpd: int = typer.Option(
+        None, "--tpd", help="Tokens per day, prompt and answer (default: no quota)."
+    ),
 ) -> None:
     """Add an account."""
     with _refusals():
-        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd)
+        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd, tpd=tpd)
     typer.echo(f"added {user.name} ({user.role})")
 
 
@@ -752,6 +762,7 @@ def users_list() -> None:
     for user in users:
         typer.echo(
             f"{user.name:<24} {user.role:<6} rpm {_limit(user.rpm):>6}  rpd {_limit(user.rpd):>8}"
+            f"  tokens/day {_limit(user.tpd):>9}"
         )
 
 
@@ -779,11 +790,17 @@ def users_limits(
     name: str,
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute (unset: no limit)."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day (unset: no limit)."),
+    tpd: int = typer.Option(
+        None, "--tpd", help="Tokens per day, prompt and answer (unset: no quota)."
+    ),
 ) -> None:
-    """Set an account's rate limits (all its keys together)."""
+    """Set an account's rate limits and token quota (all its keys together)."""
     with _refusals():
-        user = _users().set_user_limits(name, rpm=rpm, rpd=rpd)
-    typer.echo(f"{user.name}: rpm {_limit(user.rpm)}, rpd {_limit(user.rpd)}")
+        user = _users().set_user_limits(name, rpm=rpm, rpd=rpd, tpd=tpd)
+    typer.echo(
+        f"{user.name}: rpm {_limit(user.rpm)}, rpd {_limit(user.rpd)}, "
+        f"tokens/day {_limit(user.tpd)}"
+    )
 
 
 @keys_app.command("create")
@@ -796,6 +813,7 @@ def keys_create(
     days: float = typer.Option(None, "--days", help="Expires after this many days."),
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute for this key."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day for this key."),
+    tpd: int = typer.Option(None, "--tpd", help="Tokens per day for this key."),
 ) -> None:
     """Make an API key; it is printed this once (only its hash is kept)."""
     with _refusals():
@@ -806,6 +824,7 @@ def keys_create(
             expires_in_s=None if days is None else days * 86400,
             rpm=rpm,
             rpd=rpd,
+            tpd=tpd,
         )
     typer.echo(key)
     err(f"key {record.id} for {record.user_name}: keep it now, it is not shown again")
@@ -824,7 +843,8 @@ def keys_list(user: str = typer.Option(None, "--user", "-u")) -> None:
         networks = ",".join(key.networks) if key.networks else "all networks"
         typer.echo(
             f"{key.id:>4} {key.prefix}...  {key.user_name:<16} {key.state(time.time()):<8} "
-            f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)}  {key.name or ''}"
+            f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)} "
+            f"tokens/day {_limit(key.tpd)}  {key.name or ''}"
         )
 
 
@@ -883,6 +903,7 @@ def node(
 
     import torch
 
+    from tiktrue.monitoring.node_logging import setup_node_logging
     from tiktrue.paths import data_dir
     from tiktrue.service.service_runner import serve_node
 
@@ -891,6 +912,7 @@ def node(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("tiktrue").setLevel(logging.INFO)
+    setup_node_logging(data_dir())  # <data>/logs/node.log, rotated: read by the admin too
     if threads:
         torch.set_num_threads(threads)
     serve_node(
@@ -1024,3 +1046,230 @@ def demo(
 async def _as_coroutine(func, *args, **kwargs):
     """Run blocking setup code where ``_run`` expects a coroutine (for its error handling)."""
     return await asyncio.to_thread(func, *args, **kwargs)
+
+
+# --- operations: Prometheus, reports, tasks --------------------------------------------------
+
+
+@ops_app.command("prometheus")
+def ops_prometheus(
+    out: Path = typer.Option(..., "--out", help="Folder for prometheus.yml, targets and TLS."),
+    interval: float = typer.Option(15.0, "--interval", help="Scrape interval in seconds."),
+) -> None:
+    """Write a Prometheus config that scrapes every node of this admin's networks (a
+    read-only certificate per network; the running node keeps the targets current)."""
+    from tiktrue.control.prometheus_setup import setup_prometheus
+    from tiktrue.paths import data_dir
+
+    try:
+        done = setup_prometheus(data_dir(), out, interval)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {done.config} (networks: {', '.join(done.networks)})")
+    typer.echo(f"run: prometheus --config.file {done.config}")
+    err(
+        "the targets in "
+        f"{done.folder / 'targets'} follow the network while this PC's node service runs; "
+        "the key in tls/ is owner-only: Prometheus must run as this user (or chown it)"
+    )
+
+
+@app.command()
+def report(
+    since: str = typer.Option("24h", "--since", help="How long ago (30m, 1h, 7d) or a date."),
+    until: str = typer.Option(None, "--until", help="The end (default: now), the same way."),
+    format: str = typer.Option("text", "--format", help="text, html (with charts) or csv."),
+    out: Path = typer.Option(None, "--out", help="Write to this file instead of stdout."),
+) -> None:
+    """This node's performance report: tokens and tokens/s per network and PC, time to first
+    token, failovers and their pauses, uptime, usage per account and key, thumbs, busy hours."""
+    import time
+
+    from tiktrue.gateway.reporting import node_report
+    from tiktrue.monitoring.reports import parse_since, render_csv, render_html, render_text
+    from tiktrue.paths import data_dir
+
+    renderers = {"text": render_text, "html": render_html, "csv": render_csv}
+    if format not in renderers:
+        fail(f"--format is text, html or csv, not {format!r}")
+    now = time.time()
+    try:
+        start = parse_since(since, now)
+        end = parse_since(until, now) if until else now
+    except ValueError as exc:
+        fail(str(exc))
+    if end <= start:
+        fail("--until must come after --since")
+    text = renderers[format](node_report(data_dir(), start, end))
+    if out is None:
+        typer.echo(text, nl=not text.endswith("\n"))
+    else:
+        out.write_text(text, "utf-8")
+        err(f"wrote {out}")
+
+
+def _admin_network(network: str | None) -> str:
+    """The network a command acts in: the one given, or the only one this node administers."""
+    from tiktrue.control.prometheus_setup import administered
+    from tiktrue.paths import data_dir
+
+    mine = administered(data_dir())
+    if network is not None:
+        if network not in mine:
+            fail(
+                f"this node is not the admin of network {network} (it administers: "
+                f"{', '.join(mine) or 'none'})"
+            )
+        return network
+    if len(mine) != 1:
+        fail(f"say which network (--network): this node administers {', '.join(mine) or 'none'}")
+    return mine[0]
+
+
+def _print_task(kept, output: bool = True) -> None:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(kept.started_at).strftime("%Y-%m-%d %H:%M:%S")
+    args = " ".join(f"{k}={v}" for k, v in kept.args.items() if v is not None)
+    typer.echo(
+        f"{kept.id:>5} {when} {kept.status:<8} {kept.task:<14} {kept.node_id} "
+        f"{kept.network_id} {args}".rstrip()
+    )
+    if kept.error:
+        typer.echo(f"      error: {kept.error}")
+    if output and kept.output:
+        typer.echo(kept.output)
+
+
+@tasks_app.command("run")
+def tasks_run(
+    node: str = typer.Argument(..., help="The node id (or its first characters)."),
+    task: str = typer.Argument(..., help="A task of the whitelist (tiktrue tasks list -a)."),
+    network: str = typer.Option(None, "--network", "-n", help="Default: the only one."),
+    arg: list[str] = typer.Option([], "--arg", help="An argument as NAME=VALUE (repeatable)."),
+) -> None:
+    """Run a whitelisted task on a node and print its output (kept: tiktrue tasks show ID)."""
+    from tiktrue.control.remote_tasks import TaskError, run_task
+    from tiktrue.paths import data_dir
+
+    args = {}
+    for item in arg:
+        name, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--arg {item!r}: write NAME=VALUE")
+        args[name] = int(value) if value.isdigit() else value
+    try:
+        kept = _run(
+            run_task(
+                data_dir(),
+                _admin_network(network),
+                node,
+                task,
+                args,
+                on_update=lambda k: err(f"task {k.id}: {k.status} ..."),
+            )
+        )
+    except TaskError as exc:
+        fail(f"{exc} ({exc.code})")
+    _print_task(kept)
+    if kept.status != "done":
+        raise typer.Exit(1)
+
+
+@tasks_app.command("list")
+def tasks_list(
+    available: bool = typer.Option(False, "--available", "-a", help="The whitelist instead."),
+    network: str = typer.Option(None, "--network", "-n"),
+    limit: int = typer.Option(30, "--limit"),
+) -> None:
+    """The tasks sent from here, newest first (or, with -a, the tasks a node runs)."""
+    from tiktrue.control.remote_tasks import TaskLog, available_tasks
+    from tiktrue.paths import data_dir
+
+    if available:
+        for name, what in available_tasks().items():
+            typer.echo(f"{name:<14} {what}")
+        return
+    log = TaskLog(data_dir())
+    try:
+        kept = log.recent(limit, network)
+    finally:
+        log.close()
+    if not kept:
+        typer.echo("no tasks sent yet (tiktrue tasks run NODE TASK)")
+    for item in kept:
+        _print_task(item, output=False)
+
+
+@tasks_app.command("show")
+def tasks_show(task_id: int) -> None:
+    """A task sent from here: its status and output."""
+    from tiktrue.control.remote_tasks import TaskLog
+    from tiktrue.paths import data_dir
+
+    log = TaskLog(data_dir())
+    try:
+        kept = log.get(task_id)
+    finally:
+        log.close()
+    if kept is None:
+        fail(f"no task {task_id} (tiktrue tasks list)")
+    _print_task(kept)
+
+
+@tasks_app.command("logs")
+def tasks_logs(
+    node: str = typer.Argument(..., help="The node id (or its first characters)."),
+    network: str = typer.Option(None, "--network", "-n"),
+    lines: int = typer.Option(100, "--lines"),
+    level: str = typer.Option(None, "--level", help="WARNING: warnings and worse only."),
+) -> None:
+    """A node's recent log lines (<data>/logs/node.log there), over the control channel."""
+    from tiktrue.control.remote_tasks import TaskError, node_log_lines
+    from tiktrue.paths import data_dir
+
+    try:
+        found = _run(node_log_lines(data_dir(), _admin_network(network), node, lines, level))
+    except TaskError as exc:
+        fail(f"{exc} ({exc.code})")
+    for line in found:
+        typer.echo(line)
+
+
+@ops_app.command("alerts")
+def ops_alerts(
+    set_: list[str] = typer.Option(
+        [], "--set", help="NAME=VALUE (a share like 0.9 or 90%, a number, or off); repeatable."
+    ),
+) -> None:
+    """The alert thresholds (RAM, disk, KV use, queue length, TTFT p95) and the latest alerts;
+    with --set, change thresholds (the running node takes them within seconds)."""
+    from tiktrue.monitoring.alerts import KINDS, check_threshold, describe, thresholds_of
+    from tiktrue.monitoring.monitoring_system import events_path, recent_events
+    from tiktrue.monitoring.prometheus_config import read_settings, update_settings
+    from tiktrue.paths import data_dir
+
+    settings = read_settings(data_dir())
+    if set_:
+        chosen = dict(settings.get("thresholds") or {})
+        for item in set_:
+            name, sep, value = item.partition("=")
+            try:
+                if not sep:
+                    raise ValueError(f"--set {item!r}: write NAME=VALUE")
+                chosen[name] = check_threshold(name, value)
+            except ValueError as exc:
+                fail(str(exc))
+        settings = update_settings(data_dir(), thresholds=chosen)
+    for name, limit in thresholds_of(settings).items():
+        shown = "off" if limit is None else describe(name, limit)
+        typer.echo(f"{name:<14} {shown:>8}  {KINDS[name].what}")
+    alerts = [
+        e
+        for e in recent_events(events_path(data_dir()), 500)
+        if e.get("event") in ("alert_raised", "alert_cleared")
+    ][-10:]
+    if alerts:
+        typer.echo("\nlatest alerts:")
+    for event in alerts:
+        typer.echo(f"  {event['ts'][:19]} {event['event']:<14} {event.get('message', '')}")

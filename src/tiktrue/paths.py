@@ -42,3 +42,10 @@ def cache_dir() -> Path:
 def run_file(data_dir: Path) -> Path:
     """Where a running node service says where it listens (``<data>/run/node.json``)."""
     return Path(data_dir) / "run" / "node.json"
+
+
+def log_dir(data_dir: Path) -> Path:
+    """The node's logs: ``<data>/logs`` (``node.log`` rotated, ``events.jsonl``)."""
+    path = Path(data_dir) / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -167,3 +167,32 @@ def test_two_stores_on_one_file_see_each_other(tmp_path, clock):
     cli.revoke_key(record.id)
     with pytest.raises(u.RevokedKey):
         node.authenticate(key)
+
+
+def test_token_quotas_refuse_once_the_days_tokens_are_used_then_recover(store, clock):
+    clock.now = 1_700_000_000.0 // 86400 * 86400 + 3600  # an hour into a UTC day
+    store.add_user("root", "a long password")
+    store.add_user("ann", "a long password", tpd=100)
+    record, key = store.create_key("ann", tpd=30)
+    caller = store.authenticate(key)
+    store.hit(caller)
+    store.count_tokens(caller, 29)
+    store.hit(caller)  # 29 of the key's 30: the next request still runs
+    store.count_tokens(caller, 5)  # an answer may pass the quota by its own length
+    with pytest.raises(u.RateLimited) as refused:
+        store.hit(caller)
+    assert refused.value.retry_after == 86400 - 3600  # until the UTC day ends
+    assert "30 tokens per day" in refused.value.message
+    assert store.tokens_today(f"key:{record.id}") == 34
+    # the account's own quota counts all its keys; another key of it is under its 100
+    other = store.authenticate(store.create_key("ann")[1])
+    store.hit(other)
+    store.count_tokens(other, 70)
+    with pytest.raises(u.RateLimited, match="100 tokens per day"):
+        store.hit(other)
+    # a new day: both run again; set_user_limits keeps the quota unless told
+    clock.now += refused.value.retry_after
+    store.hit(caller)
+    assert store.set_user_limits("ann", rpm=None, rpd=None).tpd == 100
+    assert store.set_user_limits("ann", rpm=None, rpd=None, tpd=None).tpd is None
+    assert store.set_key_quota(record.id, 1000).tpd == 1000

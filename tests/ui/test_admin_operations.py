@@ -212,3 +212,18 @@ def test_verify_runs_as_a_job_with_progress(api, tiny_llama):
         assert done["result"]["verified"] == len(tiny_llama.manifest.blocks)
         assert http.post("/api/admin/models/nope/verify").status_code == 404
     assert time.time() >= done["started_at"]
+
+
+def test_token_quotas_are_set_through_the_api(api):
+    base, admin_key, _ = api
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=base, timeout=120, headers=headers) as http:
+        made = http.post("/api/admin/keys", json={"user": "dash-user", "tpd": 5000})
+        assert made.json()["record"]["tpd"] == 5000
+        set_ = http.put("/api/admin/users/dash-user/limits", json={"rpm": 60, "tpd": 20000})
+        assert (set_.json()["rpm"], set_.json()["tpd"]) == (60, 20000)
+        kept = http.put("/api/admin/users/dash-user/limits", json={"rpm": 30})  # no tpd: kept
+        assert (kept.json()["rpm"], kept.json()["tpd"]) == (30, 20000)
+        off = http.put("/api/admin/users/dash-user/limits", json={"rpm": None, "tpd": None})
+        assert off.json()["tpd"] is None
+        assert http.put("/api/admin/users/dash-user/limits", json={"tpd": 0}).status_code == 400

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,9 @@ class SessionState:
     owner: str | None = None  # the account whose conversation it is (None: no credentials)
 
 
+# await on_answer(gateway, result, owner, completed): an answer ended (its figures, its tokens
+# counted against quotas before the caller hears the end); must not raise
+AnswerListener = Callable[["Gateway", GenerationResult, "str | None", bool], Awaitable[None]]
 IDLE_TIMEOUT_S = 30 * 60.0  # a session idle this long is freed on the nodes (history kept)
 CLOSE_TIMEOUT_S = 30.0  # a close that a hung node never answers is given up
 
@@ -82,9 +85,11 @@ class Gateway:
         *,
         session_store: SessionStore | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        on_answer: AnswerListener | None = None,
     ):
         """``on_broken(error)`` is told when the chain fails (a node unreachable), so the
-        network's admin can take the lost node's span over."""
+        network's admin can take the lost node's span over. ``on_answer`` hears every answer
+        that ran on the chain, once it ended (metrics, history, token quotas)."""
         self.data_dir = Path(data_dir)
         self.config = config
         self.network_id = config.network_id
@@ -99,6 +104,7 @@ class Gateway:
         self.sessions: dict[str, SessionState] = {}
         self.session_store = session_store or SessionStore.open(self.data_dir)
         self.idle_timeout_s = idle_timeout_s
+        self.on_answer = on_answer
         self.resumed = 0  # sessions loaded from the store (not in memory) for a new turn
         self._sessions_lock = asyncio.Lock()  # creating or loading a session
         self._closing: set[asyncio.Task] = set()
@@ -227,6 +233,8 @@ class Gateway:
             if not keep:  # freed on the nodes after the answer, not before its last message
                 self.sessions.pop(session_id, None)
                 self._in_background(self._close_temporary(session_id))
+            if stepped and self.on_answer is not None:  # last: the session is released
+                await self.on_answer(self, result, state.owner, completed)
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -11,7 +11,10 @@ Every route but ``/health`` (and ``/auth/login``, which hands out JWTs) goes thr
   opens, and answers nothing but ``authentication`` (seed 003; ``license_key`` or ``token``
   taken as an API key or JWT) and ``heartbeat`` until one succeeds;
 - each HTTP request, and each inference request on ``/ws``, counts against the caller's
-  account and key limits (429 with ``Retry-After``; on ``/ws`` an error ``rate_limited``).
+  account and key limits (429 with ``Retry-After``; on ``/ws`` an error ``rate_limited``),
+  and is refused the same way once the day's token quota is used up (the tokens of each
+  answer are counted when it ends: ``count_tokens``, called by the node service's answer
+  listener with :func:`current_caller`).
 
 Routes read the caller with :func:`caller_of` to keep to a key's networks and to give each
 conversation its owner.
@@ -20,14 +23,12 @@ conversation its owner.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import contextvars
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs
 
-import psutil
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse
 from tiktrue.gateway.http_errors import error_body
 from tiktrue.paths import write_text_atomic
 from tiktrue.protocol import protocol_spec as ps
+from tiktrue.security.local_peers import is_local
 from tiktrue.security.users import (
     ANONYMOUS,
     InvalidCredentials,
@@ -46,7 +48,17 @@ from tiktrue.security.users import (
 SETTINGS_FILE = "gateway.json"
 OPEN_PATHS = frozenset({"/health", "/auth/login"})
 SCOPE_KEY = "tiktrue.caller"  # where the middleware leaves the caller in the ASGI scope
-_ADDRESSES_TTL_S = 10.0
+# the caller of the request being served, for what runs beneath the route: the gateway's
+# answer listener counts an answer's tokens against its account's and key's quotas
+_CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "tiktrue_caller", default=None
+)
+
+
+def current_caller() -> Principal | None:
+    """The caller of the HTTP request or ``/ws`` message being served (None: none known)."""
+    return _CALLER.get()
+
 
 # --- settings ---------------------------------------------------------------------------------
 
@@ -71,52 +83,6 @@ def set_allow_anonymous(data_dir: Path, allowed: bool) -> None:
 
 def allow_anonymous(data_dir: Path | None) -> bool:
     return data_dir is not None and read_settings(data_dir).get("allow_anonymous") is True
-
-
-# --- this PC ------------------------------------------------------------------------------------
-
-_own: tuple[float, frozenset] = (0.0, frozenset())
-
-
-def _ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address((host or "").split("%", 1)[0])
-    except ValueError:
-        return None
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped or ip
-
-
-def own_addresses() -> frozenset:
-    """The addresses of this PC's interfaces (loopback included), refreshed every few seconds
-    (a DHCP lease may change them)."""
-    global _own
-    taken, addresses = _own
-    if time.monotonic() - taken > _ADDRESSES_TTL_S:
-        found = {_ip("127.0.0.1"), _ip("::1")}
-        for entries in psutil.net_if_addrs().values():
-            found.update(_ip(e.address) for e in entries)
-        addresses = frozenset(found - {None})
-        _own = (time.monotonic(), addresses)
-    return addresses
-
-
-def is_local(client_host: str | None, server_host: str | None = None) -> bool:
-    """Whether a connection comes from this PC itself: its source address is one of this PC's
-    own interface addresses (127.0.0.1 and ::1 included), or the address it reached.
-
-    The operating system gives a connection between two programs of one PC such a source
-    address (127.0.0.1 for any loopback destination, the PC's LAN address when that is what
-    the client dialled). A PC on the LAN cannot pass for this one: a TCP handshake claiming
-    one of this PC's addresses is answered to this PC itself, never to the sender (and Linux
-    drops such packets outright: a martian source). Other loopback addresses
-    (127.0.0.2 ...) are no interface's: a program must bind one on purpose, and is treated like
-    a LAN caller (this is how tests play a LAN caller without leaving 127.0.0.0/8).
-    """
-    client = _ip(client_host)
-    if client is None:
-        return False
-    return client == _ip(server_host) or client in own_addresses()
 
 
 # --- credentials -----------------------------------------------------------------------------
@@ -181,6 +147,12 @@ class GatewayAuth:
         """One more request of ``caller``; raises RateLimited (429)."""
         if not caller.anonymous:
             await self._users("hit", caller)
+
+    def count_tokens(self, caller: Principal, tokens: int) -> None:
+        """An answer of ``caller`` used ``tokens``: counted against its quotas (blocking: the
+        caller runs it in a thread)."""
+        if self.users is not None and not caller.anonymous:
+            self.users.count_tokens(caller, tokens)
 
     def connection(self, ws) -> Connection:
         """The caller of an accepted ``/ws`` connection, as the middleware found it."""
@@ -248,6 +220,7 @@ class AuthMiddleware:
             await self._refuse(exc, scope, receive, send)
             return
         scope[SCOPE_KEY] = caller
+        _CALLER.set(caller)
         await self.app(scope, receive, send)
 
     async def _refuse(self, exc: UserError, scope, receive, send) -> None:
@@ -304,6 +277,7 @@ class Connection:
             await self.auth.count(self.caller)
         except UserError as exc:
             raise _protocol_error(exc, message_id, session_id) from None
+        _CALLER.set(self.caller)  # this message's task: its answer's tokens count for it
         return owner
 
 

@@ -392,3 +392,13 @@ def _session(row) -> StoredSession:
         live=bool(row["live"]),
         title=row["title"],
     )
+
+
+def ratings_by_model(store: SessionStore, since: float, until: float) -> dict[str, tuple[int, int]]:
+    """Model -> (thumbs up, thumbs down) of the answers given in [since, until) (reports)."""
+    rows = store.db.query(
+        "SELECT model_id, SUM(rating = 1) AS up, SUM(rating = -1) AS down FROM answers"
+        " WHERE created_at >= ? AND created_at < ? AND rating IS NOT NULL GROUP BY model_id",
+        (since, until),
+    )
+    return {row["model_id"]: (int(row["up"] or 0), int(row["down"] or 0)) for row in rows}

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from logging.handlers import RotatingFileHandler
@@ -46,6 +47,7 @@ class EventLog:
         )
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self.webhooks: dict[str, str] = {}  # network id -> URL
+        self.listeners: list[Callable[[dict], None]] = []  # hear every event (metrics, ...)
         self._posts: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -83,7 +85,16 @@ class EventLog:
         url = self.webhooks.get(network_id) if network_id else None
         if url:
             self._post_later(url, record)
+        for listener in list(self.listeners):
+            try:
+                listener(record)
+            except Exception:  # a listener must not lose the event for the others
+                log.exception("an event listener failed on %s", event)
         return record
+
+    def add_listener(self, listener: Callable[[dict], None]) -> None:
+        """``listener(record)`` hears every event from now on (on the caller's thread)."""
+        self.listeners.append(listener)
 
     def recent(self, limit: int = 100, network_id: str | None = None) -> list[dict]:
         """The last ``limit`` events (oldest first), of one network or of all."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from tiktrue.security.auth_manager import ROLES, CertInfo, SecurityError
+from tiktrue.security.auth_manager import MONITOR, ROLES, CertInfo, SecurityError
 
 ANYONE = "anyone"
 OWNER = "owner"
@@ -50,6 +50,7 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "config_pull": _MEMBERS,  # a member back after being away asks for the config
     "block_key": _MEMBERS,  # the network's block key: only over mutual TLS, to a member
     "leave": _MEMBERS,  # a member leaves (asks with its own certificate)
+    "logs": _MEMBERS | {OWNER},  # the node's recent log lines (node_logging)
     # the network's admin only
     "heartbeat": _ADMIN,
     "probe": _ADMIN,  # a 0.3 s compute benchmark: not for anyone to spam
@@ -60,6 +61,10 @@ CONTROL_OPS: dict[str, frozenset[str]] = {
     "config_prepare": _ADMIN,
     "config_commit": _ADMIN,
     "config_abort": _ADMIN,
+    # whitelisted tasks (node.node_tasks): the network's admin, or this PC's own CLI; the
+    # node itself refuses any task not on its list
+    "task_start": _ADMIN | {OWNER},
+    "task_status": _ADMIN | {OWNER},
 }
 
 # operations about no network in particular; every other one names the network it acts in
@@ -86,6 +91,12 @@ BLOCK_MESSAGES: dict[str, frozenset[str]] = {
     "cancel": _MEMBERS,
     "authentication": _MEMBERS,
 }
+
+
+# who may read a node's /metrics on its metrics port: a certificate of the network (members,
+# or the read-only ``monitor`` certificate ``tiktrue ops prometheus`` makes for Prometheus);
+# callers without one only from this PC itself (see ``node.metrics_server``)
+METRICS_READERS: frozenset[str] = frozenset({*ROLES, MONITOR})
 
 
 class AccessDenied(SecurityError):

@@ -32,6 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROLES: tuple[str, ...] = ("admin", "worker", "backup")
+# a read-only certificate for a scraper (Prometheus): it reads a node's /metrics and nothing
+# else; it is no node's role, so every node and block link refuses it (verify_certificate)
+MONITOR = "monitor"
+CERT_ROLES: tuple[str, ...] = (*ROLES, MONITOR)
 NODE_KEY_FILE = "node_key.pem"
 CA_CERT_FILE = "ca_cert.pem"
 CA_KEY_FILE = "ca_key.pem"
@@ -142,8 +146,8 @@ def _check_name(kind: str, value: str) -> str:
 
 
 def _check_role(role: str) -> str:
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if role not in CERT_ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(CERT_ROLES)}")
     return role
 
 
@@ -272,7 +276,8 @@ class NetworkCA:
         hosts: Iterable[str] = ("127.0.0.1", "localhost"),
         days: int = 365,
     ) -> bytes:
-        """Sign a leaf certificate (PEM) for ``node_id`` with ``role``, valid for TLS both ways.
+        """Sign a leaf certificate (PEM) for ``node_id`` with ``role``, valid for TLS both ways
+        (``role`` may be ``MONITOR``: a scraper's read-only certificate, no node's).
 
         ``hosts`` become the SubjectAlternativeName (IP addresses or DNS names) that TLS clients
         check. The certificate never outlives the CA.

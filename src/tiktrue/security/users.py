@@ -10,6 +10,11 @@
 - Rate limits (requests per minute and per day) hold per account and per key; a request over
   either gets :class:`RateLimited` with the seconds until its window ends. Windows are fixed
   (this minute, this UTC day), counted in the ``usage`` table so that restarts forget nothing.
+- Token quotas (``tpd``: prompt and generated tokens per UTC day) hold per account and per key
+  the same way: the gateway counts each answer's tokens when it ends (``count_tokens``), and
+  once a day's tokens reach the quota the next request is refused with :class:`RateLimited`
+  until the day ends. An answer under way is never cut: it may pass the quota by its own
+  length.
 
 Tables ``users``, ``api_keys`` and ``usage`` are created here if missing; other stores of the
 node keep their own tables in the same file. Every method is one short transaction; callers on
@@ -44,6 +49,9 @@ BCRYPT_ROUNDS = 12
 MAX_PASSWORD_BYTES = 72  # bcrypt reads no further; longer passwords are refused, not cut
 MIN_PASSWORD_CHARS = 8
 WINDOWS = (("minute", 60), ("day", 86400))
+DAY_S = 86400
+TOKENS = "tokens"  # the usage period of token quotas (per UTC day)
+_KEEP = object()  # set_user_limits: leave this limit as it is
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS users ("
@@ -72,6 +80,10 @@ SCHEMA = (
     " start INTEGER NOT NULL,"
     " count INTEGER NOT NULL,"
     " PRIMARY KEY (subject, period, start))",
+)
+QUOTAS = (
+    "ALTER TABLE users ADD COLUMN tpd INTEGER",  # tokens per day (prompt + generated)
+    "ALTER TABLE api_keys ADD COLUMN tpd INTEGER",
 )
 
 
@@ -135,6 +147,7 @@ class User:
     created_at: float
     rpm: int | None = None
     rpd: int | None = None
+    tpd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ class ApiKey:
     revoked_at: float | None
     rpm: int | None = None
     rpd: int | None = None
+    tpd: int | None = None
 
     def state(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -226,7 +240,7 @@ class UserStore:
         self.rounds = rounds
         self.jwt_ttl_s = jwt_ttl_s
         self.db = Database.open(self.data_dir)
-        self.db.migrate("users", [SCHEMA])
+        self.db.migrate("users", [SCHEMA, QUOTAS])
         self._secret = self._load_secret()
         # checking a password of an unknown account costs as much as a known one's
         self._dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(self.rounds))
@@ -254,6 +268,7 @@ class UserStore:
         *,
         rpm: int | None = None,
         rpd: int | None = None,
+        tpd: int | None = None,
     ) -> User:
         """A new account; the first one is the admin (``role`` None: admin if first, else
         user)."""
@@ -268,14 +283,15 @@ class UserStore:
             role = "admin" if first else (role or "user")
             try:
                 cursor = conn.execute(
-                    "INSERT INTO users (name, password_hash, role, rpm, rpd, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO users (name, password_hash, role, rpm, rpd, tpd, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         hashed,
                         role,
                         _check_limit(rpm, "rpm"),
                         _check_limit(rpd, "rpd"),
+                        _check_limit(tpd, "tpd"),
                         self.clock(),
                     ),
                 )
@@ -322,15 +338,35 @@ class UserStore:
             if done.rowcount == 0:
                 raise NotFound(f"no account {name!r}")
 
-    def set_user_limits(self, name: str, *, rpm: int | None, rpd: int | None) -> User:
+    def set_user_limits(
+        self, name: str, *, rpm: int | None, rpd: int | None, tpd: int | None = _KEEP
+    ) -> User:
+        """An account's rate limits, and its token quota when ``tpd`` is given (None: none)."""
+        current = self.user(name)
+        tpd = current.tpd if tpd is _KEEP else tpd
         with self.db.transaction() as conn:
             done = conn.execute(
-                "UPDATE users SET rpm = ?, rpd = ? WHERE name = ?",
-                (_check_limit(rpm, "rpm"), _check_limit(rpd, "rpd"), name),
+                "UPDATE users SET rpm = ?, rpd = ?, tpd = ? WHERE name = ?",
+                (
+                    _check_limit(rpm, "rpm"),
+                    _check_limit(rpd, "rpd"),
+                    _check_limit(tpd, "tpd"),
+                    name,
+                ),
             )
             if done.rowcount == 0:
                 raise NotFound(f"no account {name!r}")
         return self.user(name)
+
+    def set_key_quota(self, key_id: int, tpd: int | None) -> ApiKey:
+        """A key's token quota per day (None: none beyond its account's)."""
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE api_keys SET tpd = ? WHERE id = ?", (_check_limit(tpd, "tpd"), key_id)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no API key {key_id}")
+        return self.key(key_id)
 
     def check_password(self, name: str, password: str) -> User:
         rows = self.db.query("SELECT * FROM users WHERE name = ?", (name,))
@@ -391,6 +427,7 @@ class UserStore:
         expires_in_s: float | None = None,
         rpm: int | None = None,
         rpd: int | None = None,
+        tpd: int | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key for ``user``: returns its record and the key itself (shown this once)."""
         owner = self.user(user)
@@ -401,7 +438,7 @@ class UserStore:
         with self.db.transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO api_keys (user_id, key_hash, prefix, name, networks, rpm, rpd,"
-                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " tpd, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     owner.id,
                     hash_key(key),
@@ -410,6 +447,7 @@ class UserStore:
                     json.dumps(sorted(set(networks))) if networks else None,
                     _check_limit(rpm, "rpm"),
                     _check_limit(rpd, "rpd"),
+                    _check_limit(tpd, "tpd"),
                     now,
                     None if expires_in_s is None else now + expires_in_s,
                 ),
@@ -467,28 +505,29 @@ class UserStore:
 
     def hit(self, principal: Principal) -> None:
         """Count one request of ``principal`` against its account's and its key's limits, or
-        refuse it with :class:`RateLimited` (nothing is counted then). Anonymous callers have
-        no limits here."""
+        refuse it with :class:`RateLimited` (nothing is counted then): over a rate limit, or
+        with the day's token quota used up. Anonymous callers have no limits here."""
         if principal.anonymous:
             return
         now = self.clock()
         with self.db.transaction() as conn:
             user = conn.execute(
-                "SELECT rpm, rpd FROM users WHERE id = ?", (principal.user_id,)
+                "SELECT rpm, rpd, tpd FROM users WHERE id = ?", (principal.user_id,)
             ).fetchone()
             if user is None:
                 raise InvalidCredentials("the account was removed")
-            limits = [(f"user:{principal.user_id}", "this account", user["rpm"], user["rpd"])]
+            limits = [(f"user:{principal.user_id}", "this account", user)]
             if principal.key_id is not None:
                 key = conn.execute(
-                    "SELECT rpm, rpd FROM api_keys WHERE id = ?", (principal.key_id,)
+                    "SELECT rpm, rpd, tpd FROM api_keys WHERE id = ?", (principal.key_id,)
                 ).fetchone()
                 if key is not None:
-                    limits.append(
-                        (f"key:{principal.key_id}", "this API key", key["rpm"], key["rpd"])
-                    )
+                    limits.append((f"key:{principal.key_id}", "this API key", key))
+            for subject, who, set_limits in limits:
+                _check_quota(conn, subject, who, set_limits["tpd"], now)
             counted = []
-            for subject, who, rpm, rpd in limits:
+            for subject, who, set_limits in limits:
+                rpm, rpd = set_limits["rpm"], set_limits["rpd"]
                 for (window, length), limit in zip(WINDOWS, (rpm, rpd), strict=True):
                     if limit is None:
                         continue
@@ -511,6 +550,48 @@ class UserStore:
             )
             conn.execute("DELETE FROM usage WHERE start < ?", (int(now) - 2 * 86400,))
 
+    def count_tokens(self, principal: Principal, tokens: int) -> None:
+        """An answer of ``principal`` used ``tokens`` (prompt and generated): counted against
+        its account's and its key's token quotas of this UTC day."""
+        if principal.anonymous or tokens <= 0:
+            return
+        start = int(self.clock() // DAY_S * DAY_S)
+        subjects = [f"user:{principal.user_id}"]
+        if principal.key_id is not None:
+            subjects.append(f"key:{principal.key_id}")
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO usage (subject, period, start, count) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(subject, period, start) DO UPDATE SET count = count + ?",
+                [(s, TOKENS, start, tokens, tokens) for s in subjects],
+            )
+
+    def tokens_today(self, subject: str) -> int:
+        """Tokens counted today for ``user:<id>`` or ``key:<id>``."""
+        start = int(self.clock() // DAY_S * DAY_S)
+        rows = self.db.query(
+            "SELECT count FROM usage WHERE subject = ? AND period = ? AND start = ?",
+            (subject, TOKENS, start),
+        )
+        return rows[0]["count"] if rows else 0
+
+
+def _check_quota(conn: sqlite3.Connection, subject: str, who: str, tpd: int | None, now: float):
+    """Refuse with :class:`RateLimited` once the day's tokens of ``subject`` reach ``tpd``."""
+    if tpd is None:
+        return
+    start = int(now // DAY_S * DAY_S)
+    row = conn.execute(
+        "SELECT count FROM usage WHERE subject = ? AND period = ? AND start = ?",
+        (subject, TOKENS, start),
+    ).fetchone()
+    if row is not None and row[0] >= tpd:
+        retry = max(1, math.ceil(start + DAY_S - now))
+        raise RateLimited(
+            f"{who} may use {tpd} tokens per day and has used {row[0]}; retry in {retry} s",
+            retry,
+        )
+
 
 _KEYS = (
     "SELECT k.*, u.name AS user_name, u.role AS role"
@@ -519,7 +600,9 @@ _KEYS = (
 
 
 def _user(row: sqlite3.Row) -> User:
-    return User(row["id"], row["name"], row["role"], row["created_at"], row["rpm"], row["rpd"])
+    return User(
+        row["id"], row["name"], row["role"], row["created_at"], row["rpm"], row["rpd"], row["tpd"]
+    )
 
 
 def _key(row: sqlite3.Row) -> ApiKey:
@@ -536,4 +619,5 @@ def _key(row: sqlite3.Row) -> ApiKey:
         revoked_at=row["revoked_at"],
         rpm=row["rpm"],
         rpd=row["rpd"],
+        tpd=row["tpd"],
     )

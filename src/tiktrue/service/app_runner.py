@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from tiktrue.monitoring.node_logging import setup_node_logging
 from tiktrue.paths import run_file
 from tiktrue.service.service_runner import NodeService
 from tiktrue.ui.main_app import open_app
@@ -43,6 +44,7 @@ class NodeThread(threading.Thread):
 
     def __init__(self, data_dir: Path, **options) -> None:
         super().__init__(name="tiktrue-node", daemon=True)
+        setup_node_logging(data_dir)  # <data>/logs/node.log, as `tiktrue node` does
         self.service = NodeService(data_dir, web_ui=True, **options)
         self.port_text = f"{options.get('api_host', '127.0.0.1')}:{options.get('api_port')}"
         self.started = threading.Event()

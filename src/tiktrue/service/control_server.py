@@ -35,9 +35,11 @@ from tiktrue.control.planner import PlanError
 from tiktrue.model.errors import StoreError
 from tiktrue.model.importer import check_model_id
 from tiktrue.model.store import MANIFEST, Manifest, chunk_aad
+from tiktrue.monitoring.node_logging import tail_log
 from tiktrue.node import block_receiver
 from tiktrue.node.control_link import CONTROL_PURPOSE
 from tiktrue.node.memory import release_free_memory
+from tiktrue.node.node_tasks import TaskRefused
 from tiktrue.node.peer_link import CLOSE_TIMEOUT, HARD_FRAME_LIMIT
 from tiktrue.protocol.frames import decode_bytes_frame
 from tiktrue.protocol.network_config import (
@@ -528,6 +530,34 @@ class ControlServer:
         )
         signed = sign_config(config, nm.admin_ca(self.data_dir, network_id))
         return {"config": signed.model_dump(mode="json")}
+
+    # --- whitelisted tasks and log lines (see node.node_tasks, monitoring.node_logging) ------
+
+    async def op_task_start(self, header, payload, conn: Connection) -> dict:
+        tasks = self.service.monitoring.tasks
+        try:
+            record = tasks.start(
+                header.get("task"),
+                header.get("args"),
+                header.get("network_id"),
+                by=conn.caller.describe(),
+            )
+        except TaskRefused as exc:
+            raise Refused(exc.code, str(exc)) from exc
+        return {"task": record.as_dict()}
+
+    async def op_task_status(self, header, payload, conn: Connection) -> dict:
+        try:
+            record = self.service.monitoring.tasks.status(header.get("task_id"))
+        except TaskRefused as exc:
+            raise Refused(exc.code, str(exc)) from exc
+        return {"task": record.as_dict()}
+
+    async def op_logs(self, header, payload, conn: Connection) -> dict:
+        lines = await asyncio.to_thread(
+            tail_log, self.data_dir, int(header.get("lines", 200)), header.get("level")
+        )
+        return {"lines": lines}
 
     def _lose_reply(self, raw) -> bool:
         """Test hook (``TIKTRUE_TEST_HOOKS=1``): lose the next replies to an op, as a network

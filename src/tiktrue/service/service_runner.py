@@ -39,6 +39,7 @@ from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.control.planner import ModelProfile
 from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
 from tiktrue.gateway.auth import GatewayAuth
+from tiktrue.gateway.metrics_route import metrics_router
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
 from tiktrue.gateway.ws_api import ClientProtocol
@@ -51,6 +52,8 @@ from tiktrue.node.model_node import BlockServer
 from tiktrue.paths import run_file, write_text_atomic
 from tiktrue.protocol.network_config import NetworkConfig, config_path, list_configs, read_config
 from tiktrue.security.node_tls import NetworkCredentials, node_identity
+from tiktrue.service.node_monitoring import NodeMonitoring
+from tiktrue.service.process_restart import restart_process
 from tiktrue.ui.admin.api import admin_router
 from tiktrue.ui.admin.operations import AdminOperations
 
@@ -133,6 +136,11 @@ class NodeService:
         self.session_idle_s = session_idle_s
         self._session_store: SessionStore | None = None  # <data>/tiktrue.db, once a gateway runs
         self.admin: AdminOperations | None = None  # the dashboard's operations, with the gateway
+        # metrics, history, alerts, Prometheus targets, tasks (see service.node_monitoring)
+        self.monitoring = NodeMonitoring(self)
+        self.stop_requested = asyncio.Event()  # a task asked the node to stop (and restart)
+        self.restart = False
+        self.can_restart = False  # run_node starts the process again; `tiktrue app` does not
 
     # --- caps ----------------------------------------------------------------------------
 
@@ -180,6 +188,7 @@ class NodeService:
         if self.api_port is not None:
             await self._start_http()
         self.started = True
+        await self.monitoring.start()
         self._write_run_file()
         if self.announce:
             asyncio.create_task(self._announce())
@@ -260,9 +269,8 @@ class NodeService:
             discover_on=[self.host] if self.announce else None,
         )
         ui = self._web_ui() if self.web_ui else None
-        app = create_app(
-            self.gateways, self.protocol, auth, ui=ui, routers=[admin_router(self.admin)]
-        )
+        routers = [admin_router(self.admin), metrics_router(self.monitoring.metrics)]
+        app = create_app(self.gateways, self.protocol, auth, ui=ui, routers=routers)
         config = uvicorn.Config(
             app,
             host=self.api_host,
@@ -315,6 +323,7 @@ class NodeService:
             await server.stop()
         if self.control is not None:
             await self.control.stop()
+        await self.monitoring.stop()
         run_file(self.data_dir).unlink(missing_ok=True)
         log.info("node stopped in %.2f s", time.monotonic() - began)
         self.events.close()
@@ -488,6 +497,7 @@ class NodeService:
                     ),
                     session_store=self._session_store,
                     idle_timeout_s=self.session_idle_s,
+                    on_answer=self.monitoring.answered,
                 )
             )
             gateway.start()
@@ -660,6 +670,12 @@ class NodeService:
         except Exception:
             log.exception("network %s: handling a broken chain failed", network_id)
 
+    def request_restart(self) -> None:
+        """The ``restart_node`` task: stop cleanly once its reply is out, then start the
+        process again (``serve_node``)."""
+        self.restart = True
+        asyncio.get_running_loop().call_later(0.5, self.stop_requested.set)
+
     # --- what others ask -----------------------------------------------------------------
 
     def node_info(self) -> dict:
@@ -720,6 +736,7 @@ class NodeService:
                 else {}
             ),
             **(server.health_stats() if server is not None else {}),
+            "metrics": self.monitoring.metrics_address(network_id),  # where Prometheus reads
         }
 
     def blocks_arrived(self, network_id: str) -> None:
@@ -755,18 +772,27 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-async def run_node(data_dir: Path, **options) -> None:
+async def run_node(data_dir: Path, **options) -> bool:
+    """Serve until SIGINT/SIGTERM (or a task's restart); returns whether to start again."""
     service = NodeService(data_dir, **options)
+    service.can_restart = True
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no such API
             loop.add_signal_handler(sig, stop.set)
     await service.start()
+    waits = [
+        asyncio.ensure_future(stop.wait()),
+        asyncio.ensure_future(service.stop_requested.wait()),
+    ]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for wait in waits:
+            wait.cancel()
         await service.stop()
+    return service.restart and not stop.is_set()
 
 
 EXIT_JOIN_S = 2.0  # at exit: how long a thread still running may take to finish
@@ -783,7 +809,7 @@ def serve_node(data_dir: Path, **options) -> NoReturn:
     wait that long for nothing, then kill. So the exit handlers run (log files flushed,
     temporary files removed), threads still running get a moment to finish, and the process
     ends without the teardown, as NiceGUI's own ``stop_and_exit`` does."""
-    asyncio.run(run_node(data_dir, **options))
+    restart = asyncio.run(run_node(data_dir, **options))
     deadline = time.monotonic() + EXIT_JOIN_S
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
@@ -791,4 +817,6 @@ def serve_node(data_dir: Path, **options) -> NoReturn:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+    if restart:
+        restart_process()
     os._exit(0)

@@ -493,8 +493,11 @@ class AdminOperations:
         await self._people(self.users.remove_user, name)
         return {"removed": name}
 
-    async def set_user_limits(self, name: str, *, rpm: int | None, rpd: int | None) -> dict:
-        user = await self._people(self.users.set_user_limits, name, rpm=rpm, rpd=rpd)
+    async def set_user_limits(
+        self, name: str, *, rpm: int | None, rpd: int | None, **quota: int | None
+    ) -> dict:
+        """Rate limits, and the token quota when ``tpd`` is given."""
+        user = await self._people(self.users.set_user_limits, name, rpm=rpm, rpd=rpd, **quota)
         return dataclasses.asdict(user)
 
     async def set_password(self, name: str, password: str) -> dict:
@@ -514,6 +517,7 @@ class AdminOperations:
         days: float | None = None,
         rpm: int | None = None,
         rpd: int | None = None,
+        tpd: int | None = None,
     ) -> dict:
         """A new API key: the key itself is in the answer this once, never again."""
         record, key = await self._people(
@@ -524,6 +528,7 @@ class AdminOperations:
             expires_in_s=None if days is None else days * 86400,
             rpm=rpm,
             rpd=rpd,
+            tpd=tpd,
         )
         return {"key": key, "record": _key_view(record, time.time())}
 

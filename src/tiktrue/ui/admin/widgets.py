@@ -23,6 +23,8 @@ SECTIONS = (
     ("Nodes", "lan", "/admin"),
     ("Plan", "view_week", "/admin/plan"),
     ("Events", "notifications", "/admin/events"),
+    ("Reports", "insights", "/admin/reports"),
+    ("Tasks", "terminal", "/admin/tasks"),
     ("Models", "inventory_2", "/admin/models"),
     ("People", "group", "/admin/people"),
 )
