@@ -76,8 +76,8 @@ def test_replies_find_their_request_however_they_come(credentials):
             credentials=credentials,
             on_lost=lost.append,
         )
-        first = asyncio.create_task(link.request(b"step-a", "a"))
-        second = asyncio.create_task(link.request(b"step-b", "b"))
+        first = asyncio.create_task(link.request(b"step-a", "a", timeout=60))
+        second = asyncio.create_task(link.request(b"step-b", "b", timeout=60))
         await asyncio.wait_for(until(lambda: len(peer.received) == 2), 60)
         assert link.latency_ms is not None and link.latency_ms > 0  # pinged on connect
         await peer.connections[0].send(answer("b", 2))  # out of order, on the link
@@ -86,7 +86,7 @@ def test_replies_find_their_request_however_they_come(credentials):
         assert (await first)["token_id"] == 1
         assert not link.resolve(json.loads(answer("a", 1)))  # nobody waits for it any more
 
-        waiting = asyncio.create_task(link.request(b"step-c", "c"))
+        waiting = asyncio.create_task(link.request(b"step-c", "c", timeout=60))
         await asyncio.wait_for(until(lambda: link.waiting == 1 and len(peer.received) == 3), 60)
         await peer.connections[0].close()  # the peer drops the connection
         with pytest.raises(PeerUnavailable):
