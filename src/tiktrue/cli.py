@@ -734,6 +734,21 @@ def _limit(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+PRIORITY_HELP = (
+    "Default class of its requests: quick, normal or deep (a request may name its own; "
+    "quick ones go first on every PC under load)."
+)
+
+
+def _priority_choice(value: str) -> str | None:
+    """``quick``/``normal``/``deep``, or ``none`` (unset: the account's default, or normal)."""
+    if value == "none":
+        return None
+    if value not in limits.PRIORITIES:
+        fail(f"a class is one of {', '.join(limits.PRIORITIES)} or none, not {value!r}")
+    return value
+
+
 @users_app.command("add")
 def users_add(
     name: str,
@@ -746,10 +761,19 @@ def users_add(
     tpd: int = typer.Option(
         None, "--tpd", help="Tokens per day, prompt and answer (default: no quota)."
     ),
+    priority: str = typer.Option(None, "--priority", help=PRIORITY_HELP),
 ) -> None:
     """Add an account."""
     with _refusals():
-        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd, tpd=tpd)
+        user = _users().add_user(
+            name,
+            _password(password_stdin),
+            role,
+            rpm=rpm,
+            rpd=rpd,
+            tpd=tpd,
+            priority=priority and _priority_choice(priority),
+        )
     typer.echo(f"added {user.name} ({user.role})")
 
 
@@ -762,7 +786,7 @@ def users_list() -> None:
     for user in users:
         typer.echo(
             f"{user.name:<24} {user.role:<6} rpm {_limit(user.rpm):>6}  rpd {_limit(user.rpd):>8}"
-            f"  tokens/day {_limit(user.tpd):>9}"
+            f"  tokens/day {_limit(user.tpd):>9}  class {user.priority or 'normal'}"
         )
 
 
@@ -803,6 +827,18 @@ def users_limits(
     )
 
 
+@users_app.command("priority")
+def users_priority(
+    name: str,
+    priority: str = typer.Argument(..., help="quick, normal, deep, or none."),
+) -> None:
+    """Set the default class of an account's requests (its keys without a class of their
+    own, and its chats): quick ones go first on every PC under load, deep ones wait."""
+    with _refusals():
+        user = _users().set_user_priority(name, _priority_choice(priority))
+    typer.echo(f"{user.name}: class {user.priority or 'normal'}")
+
+
 @keys_app.command("create")
 def keys_create(
     user: str = typer.Option(..., "--user", "-u", help="The account that owns the key."),
@@ -814,6 +850,7 @@ def keys_create(
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute for this key."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day for this key."),
     tpd: int = typer.Option(None, "--tpd", help="Tokens per day for this key."),
+    priority: str = typer.Option(None, "--priority", help=PRIORITY_HELP),
 ) -> None:
     """Make an API key; it is printed this once (only its hash is kept)."""
     with _refusals():
@@ -825,6 +862,7 @@ def keys_create(
             rpm=rpm,
             rpd=rpd,
             tpd=tpd,
+            priority=priority and _priority_choice(priority),
         )
     typer.echo(key)
     err(f"key {record.id} for {record.user_name}: keep it now, it is not shown again")
@@ -844,8 +882,20 @@ def keys_list(user: str = typer.Option(None, "--user", "-u")) -> None:
         typer.echo(
             f"{key.id:>4} {key.prefix}...  {key.user_name:<16} {key.state(time.time()):<8} "
             f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)} "
-            f"tokens/day {_limit(key.tpd)}  {key.name or ''}"
+            f"tokens/day {_limit(key.tpd)} class {key.priority or '(account)'}  "
+            f"{key.name or ''}"
         )
+
+
+@keys_app.command("priority")
+def keys_priority(
+    key_id: int,
+    priority: str = typer.Argument(..., help="quick, normal, deep, or none (its account's)."),
+) -> None:
+    """Set the default class of a key's requests (a request may still name its own)."""
+    with _refusals():
+        key = _users().set_key_priority(key_id, _priority_choice(priority))
+    typer.echo(f"key {key.id} ({key.prefix}...): class {key.priority or 'of its account'}")
 
 
 @keys_app.command("revoke")

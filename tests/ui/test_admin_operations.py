@@ -227,3 +227,25 @@ def test_token_quotas_are_set_through_the_api(api):
         off = http.put("/api/admin/users/dash-user/limits", json={"rpm": None, "tpd": None})
         assert off.json()["tpd"] is None
         assert http.put("/api/admin/users/dash-user/limits", json={"tpd": 0}).status_code == 400
+
+
+def test_priority_classes_are_set_through_the_api(api):
+    base, admin_key, _ = api
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=base, timeout=120, headers=headers) as http:
+        made = http.post("/api/admin/keys", json={"user": "dash-user", "priority": "quick"})
+        assert made.status_code == 201 and made.json()["record"]["priority"] == "quick"
+        key_id = made.json()["record"]["id"]
+        user = http.put("/api/admin/users/dash-user/priority", json={"priority": "deep"})
+        assert user.json()["priority"] == "deep"
+        assert (
+            http.put(f"/api/admin/keys/{key_id}/priority", json={"priority": None}).json()[
+                "priority"
+            ]
+            is None
+        )
+        listed = {u["name"]: u for u in http.get("/api/admin/users").json()}
+        assert listed["dash-user"]["priority"] == "deep"
+        wrong = http.put("/api/admin/users/dash-user/priority", json={"priority": "urgent"})
+        assert wrong.status_code == 400
+        http.put("/api/admin/users/dash-user/priority", json={"priority": None})

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiktrue import limits
 from tiktrue.gateway.chain_client import ChainClient, ChainError, new_session_id
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
@@ -155,6 +156,7 @@ class Gateway:
         keep: bool | None = None,
         result: GenerationResult | None = None,
         owner: str | None = None,
+        priority: str = limits.DEFAULT_PRIORITY,
     ) -> AsyncIterator[TokenEvent]:
         """Stream an answer. Exactly one input:
 
@@ -168,12 +170,14 @@ class Gateway:
         fresh session that is closed afterwards. A turn that does not complete (an error, the
         client gone) leaves the session as it was before the turn; the nodes, which may hold
         part of it, rebuild it by replay on the next turn. A session belongs to the ``owner``
-        that opened it: nobody else continues it.
+        that opened it: nobody else continues it. ``priority``: the answer's class
+        (``limits.PRIORITIES``), which every node's span worker honours under load.
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
         session_id = session_id or new_session_id()
         state = await self._acquire(session_id, keep, owner)
+        self.chain.prioritize(session_id, priority)
         before = (list(state.tokens), list(state.unfed), list(state.messages))
         stepped = completed = False
         try:
@@ -278,7 +282,10 @@ class Gateway:
             # in the store (live) before the nodes hold anything: after a crash, freed there
             put = functools.partial(self.session_store.put, owner=state.owner)
             await self._write(put, self.network_id, session_id, [], [], [])
-            await self.chain.open(session_id)
+            busy = [
+                s for s, held in self.sessions.items() if held.lock.locked() and s != session_id
+            ]
+            await self.chain.open(session_id, busy)  # on the less busy chain (a replica's)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
         self.resumed += 1

@@ -485,7 +485,7 @@ class AdminOperations:
 
     async def add_user(self, name: str, password: str, role: str | None = None, **limits) -> dict:
         """A new account (``UserStore.add_user``: the first one is the admin; ``rpm``,
-        ``rpd``)."""
+        ``rpd``, ``tpd``, ``priority``)."""
         user = await self._people(self.users.add_user, name, password, role, **limits)
         return dataclasses.asdict(user)
 
@@ -518,6 +518,7 @@ class AdminOperations:
         rpm: int | None = None,
         rpd: int | None = None,
         tpd: int | None = None,
+        priority: str | None = None,
     ) -> dict:
         """A new API key: the key itself is in the answer this once, never again."""
         record, key = await self._people(
@@ -529,8 +530,18 @@ class AdminOperations:
             rpm=rpm,
             rpd=rpd,
             tpd=tpd,
+            priority=priority,
         )
         return {"key": key, "record": _key_view(record, time.time())}
+
+    async def set_user_priority(self, name: str, priority: str | None) -> dict:
+        """The default class of an account's requests (None: normal)."""
+        return dataclasses.asdict(await self._people(self.users.set_user_priority, name, priority))
+
+    async def set_key_priority(self, key_id: int, priority: str | None) -> dict:
+        """The default class of a key's requests (None: its account's)."""
+        key = await self._people(self.users.set_key_priority, key_id, priority)
+        return _key_view(key, time.time())
 
     async def revoke_key(self, key_id: int) -> dict:
         return _key_view(await self._people(self.users.revoke_key, key_id), time.time())

@@ -1,5 +1,6 @@
 """``/admin/people``: accounts (add, limits, remove) and API keys (create: the key is shown
-this once; revoke), and whether callers without a key may use the gateway from the LAN."""
+this once; revoke), the default priority class of each (quick, normal, deep), and whether
+callers without a key may use the gateway from the LAN."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime
 
 from nicegui import ui
 
+from tiktrue import limits
 from tiktrue.ui.admin.operations import AdminOperations
 from tiktrue.ui.admin.widgets import WIDE, admin_frame, attempt, data_table, row_button, section
 
@@ -15,6 +17,7 @@ USER_COLUMNS = [
     {"name": "role", "label": "Role", "field": "role", "align": "left"},
     {"name": "rpm", "label": "Requests/min", "field": "rpm_text", **WIDE},
     {"name": "rpd", "label": "Requests/day", "field": "rpd_text", **WIDE},
+    {"name": "class", "label": "Class", "field": "class_text", "align": "left"},
     {"name": "actions", "label": "", "field": "name"},
 ]
 KEY_COLUMNS = [
@@ -24,8 +27,11 @@ KEY_COLUMNS = [
     {"name": "state", "label": "State", "field": "state", "align": "left"},
     {"name": "expires", "label": "Expires", "field": "expires_text", "align": "left", **WIDE},
     {"name": "limits", "label": "Limits", "field": "limits_text", "align": "left", **WIDE},
+    {"name": "class", "label": "Class", "field": "class_text", "align": "left"},
     {"name": "actions", "label": "", "field": "id"},
 ]
+# the choices of a default class: unset (the account's, or normal) or one of the classes
+CLASSES = {"": "default", **{name: name for name in limits.PRIORITIES}}
 
 
 def _limit(value: int | None) -> str:
@@ -34,6 +40,16 @@ def _limit(value: int | None) -> str:
 
 def _number(field) -> int | None:
     return int(field.value) if field.value not in (None, "") else None
+
+
+def _class(field) -> str | None:
+    return field.value or None
+
+
+def _class_select(label: str) -> ui.select:
+    choice = ui.select(CLASSES, label=label, value="").props("outlined dense")
+    choice.props(f'aria-label="{label}"')
+    return choice
 
 
 def register(context) -> None:
@@ -69,6 +85,7 @@ def register(context) -> None:
             )
             created = ui.column().classes("w-full")
             user_choice: dict[str, ui.select] = {}
+            class_target: dict[str, ui.select] = {}
 
             async def refresh() -> None:
                 people = await attempt(ops.list_users())
@@ -77,7 +94,12 @@ def register(context) -> None:
                     return
                 users.update_rows(
                     [
-                        {**u, "rpm_text": _limit(u["rpm"]), "rpd_text": _limit(u["rpd"])}
+                        {
+                            **u,
+                            "rpm_text": _limit(u["rpm"]),
+                            "rpd_text": _limit(u["rpd"]),
+                            "class_text": u["priority"] or "normal",
+                        }
                         for u in people
                     ]
                 )
@@ -93,11 +115,18 @@ def register(context) -> None:
                             if expires is None
                             else datetime.fromtimestamp(expires).strftime("%Y-%m-%d"),
                             "limits_text": f"{_limit(k['rpm'])}/min, {_limit(k['rpd'])}/day",
+                            "class_text": k["priority"] or "of its account",
                         }
                     )
                 keys.update_rows(rows)
                 if "select" in user_choice:
                     user_choice["select"].set_options([u["name"] for u in people])
+                if "select" in class_target:
+                    targets = {f"user:{u['name']}": f"account {u['name']}" for u in people}
+                    for k in listed:
+                        if k["state"] == "active":
+                            targets[f"key:{k['id']}"] = f"key {k['prefix']}… ({k['user_name']})"
+                    class_target["select"].set_options(targets)
 
             async def remove(event) -> None:
                 if await attempt(ops.remove_user(event.args), f"removed {event.args}"):
@@ -121,6 +150,7 @@ def register(context) -> None:
                     with ui.row().classes("w-full gap-2 no-wrap"):
                         rpm = ui.number("Requests/min", min=1, step=1).props("outlined dense")
                         rpd = ui.number("Requests/day", min=1, step=1).props("outlined dense")
+                    user_class = _class_select("Class of its requests")
 
                     async def add() -> None:
                         made = await attempt(
@@ -130,6 +160,7 @@ def register(context) -> None:
                                 role.value,
                                 rpm=_number(rpm),
                                 rpd=_number(rpd),
+                                priority=_class(user_class),
                             ),
                             f"added {name.value}",
                         )
@@ -151,6 +182,7 @@ def register(context) -> None:
                     with ui.row().classes("w-full gap-2 no-wrap"):
                         key_rpm = ui.number("Requests/min", min=1, step=1).props("outlined dense")
                         key_rpd = ui.number("Requests/day", min=1, step=1).props("outlined dense")
+                    key_class = _class_select("Class of the key's requests")
 
                     async def create() -> None:
                         if not owner.value:
@@ -163,6 +195,7 @@ def register(context) -> None:
                                 days=_number(days),
                                 rpm=_number(key_rpm),
                                 rpd=_number(key_rpd),
+                                priority=_class(key_class),
                             )
                         )
                         if made:
@@ -183,6 +216,34 @@ def register(context) -> None:
 
                     ui.button("Create key", icon="key", on_click=create).props(
                         'unelevated no-caps aria-label="Create key"'
+                    )
+                with ui.column().classes("tt-card p-4 gap-2 w-full"):
+                    ui.label("Priority class").classes("font-semibold")
+                    ui.label(
+                        "Under load every PC runs quick requests first and deep ones last "
+                        "(a deep request waits, never for ever). A request may name its own "
+                        "class; else its key's applies, else its account's, else normal."
+                    ).classes("tt-muted text-sm")
+                    target = ui.select({}, label="Account or key").props("outlined dense")
+                    target.props('aria-label="Account or key"')
+                    class_target["select"] = target
+                    new_class = _class_select("New class")
+
+                    async def set_class() -> None:
+                        if not target.value:
+                            ui.notify("choose an account or a key", type="warning")
+                            return
+                        kind, _, ref = target.value.partition(":")
+                        change = (
+                            ops.set_user_priority(ref, _class(new_class))
+                            if kind == "user"
+                            else ops.set_key_priority(int(ref), _class(new_class))
+                        )
+                        if await attempt(change, "class set"):
+                            await refresh()
+
+                    ui.button("Set class", icon="low_priority", on_click=set_class).props(
+                        'unelevated no-caps aria-label="Set class"'
                     )
             section("The gateway")
             anonymous = ui.switch(
