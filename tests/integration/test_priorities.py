@@ -152,23 +152,20 @@ def alone(store, prompts: dict[str, str], like: dict[str, list[int]]) -> dict[st
     """Greedy tokens of the one-process model for each chat prompt (one engine for all)."""
     chain = LocalChain([BlockEngine(store, Span(tuple(store.manifest.model_chain_order)))])
     tokenizer = load_tokenizer(store)
-    found = {}
-    for which, prompt in prompts.items():
+
+    async def answer(which: str, prompt: str) -> list[int]:
         chain.open(which)
         result = GenerationResult()
+        async for _ in stream_tokens(
+            chain,
+            prompt_ids(tokenizer, [{"role": "user", "content": prompt}]),
+            SamplingParams(temperature=0, max_tokens=len(like[which])),
+            tokenizer=tokenizer,
+            stop_ids=set(),
+            session_id=which,
+            result=result,
+        ):
+            pass
+        return result.token_ids
 
-        async def answer() -> None:
-            async for _ in stream_tokens(
-                chain,
-                prompt_ids(tokenizer, [{"role": "user", "content": prompt}]),
-                SamplingParams(temperature=0, max_tokens=len(like[which])),
-                tokenizer=tokenizer,
-                stop_ids=set(),
-                session_id=which,
-                result=result,
-            ):
-                pass
-
-        asyncio.run(answer())
-        found[which] = result.token_ids
-    return found
+    return {which: asyncio.run(answer(which, prompt)) for which, prompt in prompts.items()}
