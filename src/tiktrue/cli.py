@@ -675,6 +675,60 @@ def network_apply(
     typer.echo(f"network {network_id} now runs config v{config.version}")
 
 
+@network_app.command("rebalance")
+def network_rebalance(
+    network_id: str = typer.Argument(None),
+    since: str = typer.Option(
+        "24h", "--since", help="The history to read: how long ago (30m, 1h, 7d) or a date."
+    ),
+    apply: bool = typer.Option(
+        False, "--apply", help="Apply the proposed plan (push blocks, switch the chain)."
+    ),
+) -> None:
+    """Which PC slows the chain (per hop: compute, queue, link, from the metrics history of
+    the current plan) and a faster plan from the measured speeds, with its expected gain.
+    Changes nothing without --apply."""
+    import time
+
+    from tiktrue.control.resource_optimizer import (
+        NotEnoughHistory,
+        apply_rebalance,
+        rebalance_report,
+    )
+    from tiktrue.monitoring.reports import parse_since
+    from tiktrue.paths import data_dir
+    from tiktrue.ui.progress import progress_printer
+
+    network_id = _one_network(network_id)
+    try:
+        start = parse_since(since, time.time())
+    except ValueError as exc:
+        fail(str(exc))
+
+    async def go():
+        try:
+            rebalance = await rebalance_report(data_dir(), network_id, since=start)
+        except NotEnoughHistory as exc:
+            fail(str(exc))
+        typer.echo(rebalance.describe())
+        if not apply:
+            if rebalance.worth_it:
+                typer.echo(f"apply it with: tiktrue network rebalance {network_id} --apply")
+            return
+        if not rebalance.worth_it:
+            fail("nothing to apply: " + rebalance.verdict())
+        progress = progress_printer(
+            err,
+            lambda p: f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB",
+            done="sent_bytes",
+            per="node_id",
+        )
+        config = await apply_rebalance(data_dir(), network_id, rebalance, progress=progress)
+        typer.echo(f"network {network_id} now runs config v{config.version}")
+
+    _run(go())
+
+
 @network_app.command("leave")
 def network_leave(network_id: str) -> None:
     """Leave a network: the admin moves this PC's blocks to the others first."""

@@ -249,3 +249,21 @@ def test_priority_classes_are_set_through_the_api(api):
         wrong = http.put("/api/admin/users/dash-user/priority", json={"priority": "urgent"})
         assert wrong.status_code == 400
         http.put("/api/admin/users/dash-user/priority", json={"priority": None})
+
+
+def test_the_rebalancing_is_shown_and_applied_only_when_it_is_worth_it(api):
+    base, admin_key, user_key = api
+    with httpx.Client(base_url=base, timeout=300) as http:
+        plain = {"Authorization": f"Bearer {user_key}"}
+        assert http.post(f"/api/admin/networks/{NET}/rebalance", headers=plain).status_code == 403
+        http.headers["Authorization"] = f"Bearer {admin_key}"
+        shown = http.post(f"/api/admin/networks/{NET}/rebalance", params={"hours": 1}).json()
+        assert shown["verdict"]  # measured or not, it says so
+        if shown["measured"]:
+            assert sum(h["slowest"] for h in shown["hops"]) == 1
+            assert shown["plan"]["chain"] and shown["current_ms"] > 0
+        if not shown["worth_it"]:  # the tiny cluster's equal PCs: nothing to apply
+            refused = http.post(f"/api/admin/networks/{NET}/rebalance/apply")
+            assert refused.status_code == 409, refused.text
+        missing = http.post("/api/admin/networks/nope/rebalance")
+        assert missing.status_code == 404

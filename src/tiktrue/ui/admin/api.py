@@ -9,7 +9,7 @@ answer a job (``GET /api/admin/jobs/{id}`` shows its progress).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
@@ -145,6 +145,14 @@ def admin_router(ops: AdminOperations) -> APIRouter:
     @r.post("/networks/{network_id}/apply", status_code=202)
     async def apply(network_id: str, body: PlanRequest) -> dict:
         return ops.apply(network_id, body).as_dict()
+
+    @r.post("/networks/{network_id}/rebalance")
+    async def rebalance(network_id: str, hours: float = Query(24.0, gt=0, le=24 * 400)) -> dict:
+        return await ops.rebalance(network_id, hours * 3600)
+
+    @r.post("/networks/{network_id}/rebalance/apply", status_code=202)
+    async def apply_rebalance(network_id: str) -> dict:
+        return ops.apply_rebalance(network_id).as_dict()
 
     # jobs, events, alerts
     @r.get("/jobs")
