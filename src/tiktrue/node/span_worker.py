@@ -202,20 +202,18 @@ class SpanWorker:
                 sessions.add(job.step.session_id)
                 (batch if job.batchable else chunks).append(job)
         alone = min(chunks, key=lambda job: job.rank, default=None)  # the earliest of a rank
-        if alone is not None:
-            best = min((job.rank for job in batch), default=None)
-            if best is None or alone.rank < best or (alone.rank == best and self._alone_turn):
-                self._alone_turn = False
-                return self._take([alone], batch + chunks)
-        self._alone_turn = True
-        return self._take(batch, chunks)
-
-    def _take(self, chosen: list[_Job], candidates: list[_Job]) -> list[_Job]:
-        """Take ``chosen`` off the queue; the other ``candidates`` were passed over (age)."""
+        best = min((job.rank for job in batch), default=None)
+        if alone is not None and (
+            best is None or alone.rank < best or (alone.rank == best and self._alone_turn)
+        ):
+            chosen, self._alone_turn = [alone], False
+        else:
+            chosen, self._alone_turn = batch, True
         for job in chosen:
             self._queue.remove(job)
-        for job in candidates:
-            if all(job is not c for c in chosen):
+        taken = {id(job) for job in chosen}
+        for job in batch + chunks:  # the others were passed over: they age
+            if id(job) not in taken:
                 job.passed += 1
         return chosen
 
