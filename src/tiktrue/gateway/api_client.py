@@ -390,14 +390,17 @@ class Gateway:
         for start in range(0, len(left), 32):
             async with self._sessions_lock:  # no session is loaded while its close is in flight
                 batch = [s for s in left[start : start + 32] if s not in self.sessions]
-                await asyncio.gather(*(self._close_on_nodes(s) for s in batch))
+                await asyncio.gather(*(self._close_on_nodes(s, anywhere=True) for s in batch))
             await asyncio.to_thread(self.session_store.set_live, self.network_id, batch, False)
             freed += batch
         return freed
 
-    async def _close_on_nodes(self, session_id: str) -> None:
+    async def _close_on_nodes(self, session_id: str, *, anywhere: bool = False) -> None:
+        """Free a session on its chain's nodes (``anywhere``: a session left from before a
+        restart, whose chain is not known: on the main chain and every replica chain)."""
+        close = self.chain.close_anywhere if anywhere else self.chain.close
         try:
-            await asyncio.wait_for(self.chain.close(session_id), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(close(session_id), CLOSE_TIMEOUT_S)
         except asyncio.TimeoutError:
             log.warning("network %s: closing session %s timed out", self.network_id, session_id)
 

@@ -247,6 +247,13 @@ class ChainClient:
         else:
             self._unclosed.pop(session_id, None)
 
+    async def close_anywhere(self, session_id: str) -> None:
+        """Free a session whose chain is not known (left from before a restart): on the
+        main chain and on every replica chain."""
+        await self.close(session_id)
+        for route in self.replicas:
+            await self.close(session_id, route)
+
     def _retry_closes(self) -> None:
         if self._closing_missed is None or self._closing_missed.done():
             self._closing_missed = asyncio.get_running_loop().create_task(self._close_missed())
