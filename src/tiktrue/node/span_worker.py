@@ -18,8 +18,9 @@ Priority classes (``limits.PRIORITIES``: quick, normal, deep) order the work und
 (``_take_round``): of the prompt chunks queued, the highest class goes first (the earliest
 within a class), and a chunk of a higher class than every decode step queued goes before
 their batch; a batch of a higher class goes before the chunks. Every decode step queued
-joins the batch whatever its class (a batch of eight costs about what one step costs:
-holding some back would slow them and speed nobody). A step passed over ages: every
+joins the batch whatever its class: a batch of eight costs about 2.4 single steps (SmolLM2,
+int4, ``bench/quant_paths.py``), so holding some back would cost them a round of their own
+and speed the others by little. A step passed over ages: every
 ``AGE_ROUNDS`` rounds it waits while it could have run count as one class higher, so a deep
 request is delayed, never starved. Session control runs in the order it came, between
 rounds: the steps queued after it wait for it (a chain switch frees every session before the

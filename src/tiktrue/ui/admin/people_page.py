@@ -47,9 +47,7 @@ def _class(field) -> str | None:
 
 
 def _class_select(label: str) -> ui.select:
-    choice = ui.select(CLASSES, label=label, value="").props("outlined dense")
-    choice.props(f'aria-label="{label}"')
-    return choice
+    return ui.select(CLASSES, label=label, value="").props("outlined dense")
 
 
 def register(context) -> None:
@@ -225,7 +223,6 @@ def register(context) -> None:
                         "class; else its key's applies, else its account's, else normal."
                     ).classes("tt-muted text-sm")
                     target = ui.select({}, label="Account or key").props("outlined dense")
-                    target.props('aria-label="Account or key"')
                     class_target["select"] = target
                     new_class = _class_select("New class")
 

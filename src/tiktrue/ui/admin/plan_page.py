@@ -7,7 +7,7 @@ re-plans on that measurement, a fraction of a second after the slider stops.
 
 "Rebalance from the measured load" reads the metrics history of the current plan: which PC
 slows the chain (per hop: compute, queue, link), the plan the planner makes with the measured
-speeds and its expected gain; "Apply the new plan" is the admin's OK (nothing changes before).
+speeds and its expected gain; "Rebalance now" is the admin's OK (nothing changes before).
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def rebalance_card(ops: AdminOperations, network_id: str) -> None:
             analyse = ui.button("Analyse", icon="insights").props(
                 'flat no-caps aria-label="Analyse the load"'
             )
-            approve = ui.button("Apply the new plan", icon="play_arrow").props(
-                'unelevated no-caps aria-label="Apply the new plan"'
+            approve = ui.button("Rebalance now", icon="play_arrow").props(
+                'unelevated no-caps aria-label="Rebalance now"'
             )
             approve.disable()
         jobs = ui.column().classes("w-full gap-2")
