@@ -10,7 +10,10 @@ answers to clients of its WebSocket ``/ws``, each a session of its own with a ra
 kinds alternate, so a busy machine slows them alike. Throughput is every token streamed in a
 round over the round's wall time (prompts included, as users see it). Each worker's step
 scheduler tells how many of its steps ran in batches; RSS of every node process is read at
-the end. Results go to docs/benchmarks.md.
+the end. The backup holds a replica of both workers' spans, so while the chain is busy it
+serves new conversations as a second chain; then (unless ``--no-replica-phase``) the backup
+is stopped and the concurrent rounds run again on the chain alone: the second chain's worth on
+this PC (not interleaved: a phase after the other). Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -83,12 +86,13 @@ async def step_stats(home: Path) -> list[dict]:
     config = read_config(config_path(home, NETWORK_ID))
     credentials = NetworkCredentials.load(home, NETWORK_ID)
     out = []
-    for entry in config.chain():
+    for entry in [*config.chain(), *config.backups()]:
         address = f"{entry.host}:{entry.control_port}"
         async with ControlLink(address, expected_node_id=None, credentials=credentials) as link:
             info = await link.call("node_info")
         net = info["networks"][NETWORK_ID]
-        out.append({"span": f"{net['blocks'][0]}..{net['blocks'][-1]}", **net["steps"]})
+        span = f"{net['blocks'][0]}..{net['blocks'][-1]}"
+        out.append({"span": span + (" (backup)" if entry.role == "backup" else ""), **net["steps"]})
     return out
 
 
@@ -101,6 +105,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="convert the GGUF (default: keep it)")
     parser.add_argument("--home", type=Path, default=None, help="default: a temporary dir")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--no-replica-phase", action="store_true")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tiktrue-conc-") as scratch:
@@ -136,6 +141,14 @@ def main() -> None:
                 info = json.loads(run_file(h).read_text())
                 span = info["networks"].get(NETWORK_ID, {}).get("span", "no span")
                 rss.append((span, psutil.Process(process.pid).memory_info().rss / 1e6))
+            alone_chain = []
+            if not args.no_replica_phase:
+                cluster.kill(len(cluster.processes) - 1)  # the backup: no second chain
+                asyncio.run(round_of(ws_url, prompts, 8))  # its failure noticed once
+                for _ in range(args.repeats):
+                    tokens, rate = asyncio.run(round_of(ws_url, prompts, args.max_tokens))
+                    alone_chain.append(rate)
+                    identical += [tokens[i] == t for i, t in alone_tokens.items()]
         finally:
             cluster.stop()
 
@@ -149,10 +162,24 @@ def main() -> None:
         "|---|---|---|",
         f"| 1 | {rate1:.1f} | 1.00 |",
         f"| {args.sessions} | {rate_n:.1f} | {rate_n / rate1:.2f} |",
+        *(
+            [
+                f"| {args.sessions}, backup stopped (no second chain) | "
+                f"{statistics.median(alone_chain):.1f} | "
+                f"{statistics.median(alone_chain) / rate1:.2f} |"
+            ]
+            if alone_chain
+            else []
+        ),
         "",
         f"Rounds, tokens/s: 1 session {', '.join(f'{x:.1f}' for x in one)}; "
-        f"{args.sessions} sessions {', '.join(f'{x:.1f}' for x in many)}. "
-        f"Answers of the concurrent rounds equal to the same prompt alone: "
+        f"{args.sessions} sessions {', '.join(f'{x:.1f}' for x in many)}"
+        + (
+            f"; then without the backup {', '.join(f'{x:.1f}' for x in alone_chain)}. "
+            if alone_chain
+            else ". "
+        )
+        + f"Answers of the concurrent rounds equal to the same prompt alone: "
         f"{sum(identical)}/{len(identical)}.",
         "",
         "| node span | steps run | in batches | engine rounds | largest batch |",

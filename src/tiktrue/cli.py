@@ -761,6 +761,60 @@ def _replanning(say):
     return step
 
 
+@network_app.command("rebalance")
+def network_rebalance(
+    network_id: str = typer.Argument(None),
+    since: str = typer.Option(
+        "24h", "--since", help="The history to read: how long ago (30m, 1h, 7d) or a date."
+    ),
+    apply: bool = typer.Option(
+        False, "--apply", help="Apply the proposed plan (push blocks, switch the chain)."
+    ),
+) -> None:
+    """Which PC slows the chain (per hop: compute, queue, link, from the metrics history of
+    the current plan) and a faster plan from the measured speeds, with its expected gain.
+    Changes nothing without --apply."""
+    import time
+
+    from tiktrue.control.resource_optimizer import (
+        NotEnoughHistory,
+        apply_rebalance,
+        rebalance_report,
+    )
+    from tiktrue.monitoring.reports import parse_since
+    from tiktrue.paths import data_dir
+    from tiktrue.ui.progress import progress_printer
+
+    network_id = _one_network(network_id)
+    try:
+        start = parse_since(since, time.time())
+    except ValueError as exc:
+        fail(str(exc))
+
+    async def go():
+        try:
+            rebalance = await rebalance_report(data_dir(), network_id, since=start)
+        except NotEnoughHistory as exc:
+            fail(str(exc))
+        typer.echo(rebalance.describe())
+        if not apply:
+            if rebalance.worth_it:
+                typer.echo(f"apply it with: tiktrue network rebalance {network_id} --apply")
+            return
+        if not rebalance.worth_it:
+            fail("nothing to apply: " + rebalance.verdict())
+        progress = progress_printer(
+            err,
+            lambda p: f"  -> {p.node_id}: {p.sent_bytes / 1e6:.1f}/{p.total_bytes / 1e6:.1f} MB",
+            done="sent_bytes",
+            per="node_id",
+        )
+        config = await apply_rebalance(data_dir(), network_id, rebalance, progress=progress)
+        typer.echo(f"network {network_id} now runs config v{config.version}")
+
+    _run(go())
+
+
 @network_app.command("leave")
 def network_leave(network_id: str) -> None:
     """Leave a network: the admin moves this PC's blocks to the others first."""
@@ -822,6 +876,21 @@ def _limit(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+PRIORITY_HELP = (
+    "Default class of its requests: quick, normal or deep (a request may name its own; "
+    "quick ones go first on every PC under load)."
+)
+
+
+def _priority_choice(value: str) -> str | None:
+    """``quick``/``normal``/``deep``, or ``none`` (unset: the account's default, or normal)."""
+    if value == "none":
+        return None
+    if value not in limits.PRIORITIES:
+        fail(f"a class is one of {', '.join(limits.PRIORITIES)} or none, not {value!r}")
+    return value
+
+
 @users_app.command("add")
 def users_add(
     name: str,
@@ -834,10 +903,19 @@ def users_add(
     tpd: int = typer.Option(
         None, "--tpd", help="Tokens per day, prompt and answer (default: no quota)."
     ),
+    priority: str = typer.Option(None, "--priority", help=PRIORITY_HELP),
 ) -> None:
     """Add an account."""
     with _refusals():
-        user = _users().add_user(name, _password(password_stdin), role, rpm=rpm, rpd=rpd, tpd=tpd)
+        user = _users().add_user(
+            name,
+            _password(password_stdin),
+            role,
+            rpm=rpm,
+            rpd=rpd,
+            tpd=tpd,
+            priority=priority and _priority_choice(priority),
+        )
     typer.echo(f"added {user.name} ({user.role})")
 
 
@@ -850,7 +928,7 @@ def users_list() -> None:
     for user in users:
         typer.echo(
             f"{user.name:<24} {user.role:<6} rpm {_limit(user.rpm):>6}  rpd {_limit(user.rpd):>8}"
-            f"  tokens/day {_limit(user.tpd):>9}"
+            f"  tokens/day {_limit(user.tpd):>9}  class {user.priority or 'normal'}"
         )
 
 
@@ -891,6 +969,18 @@ def users_limits(
     )
 
 
+@users_app.command("priority")
+def users_priority(
+    name: str,
+    priority: str = typer.Argument(..., help="quick, normal, deep, or none."),
+) -> None:
+    """Set the default class of an account's requests (its keys without a class of their
+    own, and its chats): quick ones go first on every PC under load, deep ones wait."""
+    with _refusals():
+        user = _users().set_user_priority(name, _priority_choice(priority))
+    typer.echo(f"{user.name}: class {user.priority or 'normal'}")
+
+
 @keys_app.command("create")
 def keys_create(
     user: str = typer.Option(..., "--user", "-u", help="The account that owns the key."),
@@ -902,6 +992,7 @@ def keys_create(
     rpm: int = typer.Option(None, "--rpm", help="Requests per minute for this key."),
     rpd: int = typer.Option(None, "--rpd", help="Requests per day for this key."),
     tpd: int = typer.Option(None, "--tpd", help="Tokens per day for this key."),
+    priority: str = typer.Option(None, "--priority", help=PRIORITY_HELP),
 ) -> None:
     """Make an API key; it is printed this once (only its hash is kept)."""
     with _refusals():
@@ -913,6 +1004,7 @@ def keys_create(
             rpm=rpm,
             rpd=rpd,
             tpd=tpd,
+            priority=priority and _priority_choice(priority),
         )
     typer.echo(key)
     err(f"key {record.id} for {record.user_name}: keep it now, it is not shown again")
@@ -932,8 +1024,20 @@ def keys_list(user: str = typer.Option(None, "--user", "-u")) -> None:
         typer.echo(
             f"{key.id:>4} {key.prefix}...  {key.user_name:<16} {key.state(time.time()):<8} "
             f"{networks:<20} rpm {_limit(key.rpm)} rpd {_limit(key.rpd)} "
-            f"tokens/day {_limit(key.tpd)}  {key.name or ''}"
+            f"tokens/day {_limit(key.tpd)} class {key.priority or '(account)'}  "
+            f"{key.name or ''}"
         )
+
+
+@keys_app.command("priority")
+def keys_priority(
+    key_id: int,
+    priority: str = typer.Argument(..., help="quick, normal, deep, or none (its account's)."),
+) -> None:
+    """Set the default class of a key's requests (a request may still name its own)."""
+    with _refusals():
+        key = _users().set_key_priority(key_id, _priority_choice(priority))
+    typer.echo(f"key {key.id} ({key.prefix}...): class {key.priority or 'of its account'}")
 
 
 @keys_app.command("revoke")

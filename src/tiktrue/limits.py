@@ -8,7 +8,7 @@ model and the gateway all import it, and it imports nothing of ours.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -55,6 +55,14 @@ MAX_STEP_TOKENS = 4096
 # prefill.
 PREFILL_CHUNK_TOKENS = 256
 MAX_FRAME_HEADER_BYTES = 64 << 10
+
+# --- priority classes (seed 001: quick / normal / deep) -------------------------------------
+# A request's class decides the order in which each node's span worker takes queued work under
+# load (never a session's tokens): a request names one, else its API key's or account's
+# default applies, else DEFAULT_PRIORITY. Ranks: a lower rank goes first.
+PRIORITIES = ("quick", "normal", "deep")
+DEFAULT_PRIORITY = "normal"
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
 # --- the chain's links and deadlines ---------------------------------------------------------
 # Every round trip on the chain has a deadline: a hung node must not hold its caller for ever.
@@ -110,3 +118,4 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
 ContextTokens = Annotated[int, Field(ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)]
+Priority = Literal[PRIORITIES]  # one of PRIORITIES (the same tuple: one definition)

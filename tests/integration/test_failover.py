@@ -6,6 +6,9 @@ answer completes token-identical to an undisturbed run.
 - without one, with room elsewhere: the admin redistributes the blocks;
 - without room: the network is degraded; requests queue (``queued`` on /ws, 503 with
   Retry-After on the OpenAI API) and complete when the node returns.
+
+An idle backup with a replica of a run of spans is a second chain for new conversations
+while the chain is busy; a failover takes it back into the chain.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES, ModelProfile
 from tiktrue.limits import MIN_AUTO_CONTEXT_TOKENS
 from tiktrue.model.engine import Span
 from tiktrue.monitoring.monitoring_system import events_path, recent_events
+from tiktrue.node.served_span import SLOW_STEP_ENV
 from tiktrue.protocol.frames import encode_tensor_frame
 from tiktrue.protocol.network_config import config_path, read_config, write_config
 from tiktrue.service.local_network import LocalCluster, prepare_local_network
@@ -56,7 +60,16 @@ def _spans(order):
     ]
 
 
-def _cluster(store, base, *, backup: bool, caps: int | None = None, backup_caps=None, replica=None):
+def _cluster(
+    store,
+    base,
+    *,
+    backup: bool,
+    caps: int | None = None,
+    backup_caps=None,
+    replica=None,
+    node_env=None,
+):
     order = store.manifest.model_chain_order
     backups = [Span.of(order, *(replica or ("layer_2", "head")))] if backup else []
     homes, config = prepare_local_network(
@@ -70,7 +83,7 @@ def _cluster(store, base, *, backup: bool, caps: int | None = None, backup_caps=
         for i, home in enumerate(homes):
             cap = backup_caps if i == 3 and backup_caps else caps
             (home / "caps.json").write_text(json.dumps({"ram_bytes": cap}), "utf-8")
-    cluster = LocalCluster(homes, kv_budget_mb=16)
+    cluster = LocalCluster(homes, kv_budget_mb=16, node_env=node_env)
     cluster.start()
     return cluster, homes, config
 
@@ -333,3 +346,66 @@ def _send_two_steps(homes, backup) -> None:
         await ws.close()
 
     asyncio.run(go())
+
+
+@pytest.fixture
+def replica_busy(tiny_llama, tmp_path):
+    """``with_backup``, the first node slowed (each round 50 ms at least) so that two answers
+    overlap long enough to watch them."""
+    env = {0: {SLOW_STEP_ENV: "0.05"}}
+    cluster, homes, config = _cluster(tiny_llama, tmp_path / "c", backup=True, node_env=env)
+    try:
+        yield cluster, homes, config
+    finally:
+        cluster.stop()
+
+
+def test_a_busy_chain_sends_a_new_conversation_to_the_replica_until_a_failover_needs_it(
+    replica_busy, tiny_llama
+):
+    """While one answer streams on the chain, a second conversation runs on the backup's
+    replica (the first node, then the backup: the backup holds its session, the chain's
+    other nodes do not); a worker then dies, the backup takes its span over (it steps back
+    from the replica chain), and both answers complete, token-identical to an undisturbed
+    run: the replica's session is replayed on the new chain."""
+    cluster, homes, config = replica_busy
+    undisturbed = _undisturbed(cluster, tiny_llama)
+    on_replica = asyncio.Event()
+
+    async def second() -> list[dict]:
+        replies = []
+        async with websockets.connect(client_ws_url(cluster), max_size=None) as ws:
+            body = request(NET, input_ids=PROMPT, temperature=0, max_tokens=ANSWER)
+            await ws.send(json.dumps({**body, "header": {**body["header"], "message_id": "b"}}))
+            while True:
+                reply = json.loads(await asyncio.wait_for(ws.recv(), CEILING))
+                replies.append(reply)
+                if len(token_ids(replies)) == 3:  # on its chain: who holds its session?
+                    counts = await wait_for_session_counts(homes, NET, [2, 1, 1, 1], CEILING)
+                    assert counts == [2, 1, 1, 1], counts  # both on the first node, one each
+                    on_replica.set()
+                if reply.get("status") in ("success", "error") or "status" not in reply:
+                    return replies
+
+    async def go():
+        started = asyncio.Event()
+        task = None
+
+        def start_second() -> None:
+            nonlocal task
+            task = asyncio.get_running_loop().create_task(second())
+            started.set()
+
+        async def kill_once_watched() -> None:
+            await asyncio.wait_for(on_replica.wait(), CEILING)
+            cluster.kill(1)
+
+        first = await _answer(cluster, start_second, after=3, extra=kill_once_watched)
+        await started.wait()
+        return first, await task
+
+    first, second_replies = asyncio.run(go())
+    _assert_complete(first, undisturbed)
+    _assert_complete(second_replies, undisturbed)
+    now = _config(homes[0])
+    assert [n.node_id for n in now.chain()] == [config.nodes[0].node_id, config.nodes[3].node_id]

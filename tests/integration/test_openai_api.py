@@ -234,3 +234,23 @@ def test_the_terminal_chat_goes_on_past_the_context(tiny_cluster):
     assert done.returncode == 0, done.stderr
     assert "error" not in done.stdout, done.stdout
     assert done.stdout.count("model> ") == 4
+
+
+def test_a_request_names_its_priority_class_and_a_wrong_one_is_refused(client, tiny_llama):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    settings = {"model": tiny_llama.model_id, "temperature": 0, "max_tokens": 6}
+    plain = client.chat.completions.create(messages=messages, **settings)
+    for priority in ("quick", "deep"):  # the official client passes TikTrue's extension on
+        classed = client.chat.completions.create(
+            messages=messages, extra_body={"priority": priority}, **settings
+        )
+        assert classed.choices[0].message.content == plain.choices[0].message.content
+    wrong = httpx.post(
+        str(client.base_url) + "chat/completions",
+        json={"messages": messages, "max_tokens": 2, "priority": "urgent"},
+        headers={"Authorization": f"Bearer {client.api_key}"},
+        timeout=120,
+    )
+    assert wrong.status_code == 400, wrong.text
+    error = wrong.json()["error"]
+    assert error["param"] == "priority" and "quick" in error["message"]

@@ -39,6 +39,7 @@ FIGURES = {
             "block_faults": {"layer_1": "sha256"},
             "link_rtt_ms": {"next": 1.5},
             "steps": {"steps": 40, "batched_steps": 10, "rounds": 35, "largest_batch": 3},
+            "queued": {"quick": 1, "normal": 0, "deep": 2},
         },
         "net-b": {"version": 2, "serving": False},
     },
@@ -97,6 +98,7 @@ def test_an_answer_and_the_figures_become_metrics():
     assert value(found, "tiktrue_requests_waiting", network="net-a", model="m") == 2
     assert value(found, "tiktrue_node_state", network="net-a", node="n2", state="dead") == 1
     assert value(found, "tiktrue_span_steps_total", network="net-a") == 40
+    assert value(found, "tiktrue_span_queue_steps", network="net-a", **{"class": "deep"}) == 2
     # a member of net-b reads nothing of net-a, and the node's own figures
     only_b = samples(metrics, "net-b")
     assert value(only_b, "tiktrue_config_version", network="net-b") == 2

@@ -5,15 +5,17 @@ the head, and gives each step its own result or error."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
+from tiktrue import limits
 from tiktrue.model.engine import BlockEngine, Span
 from tiktrue.model.errors import PositionError
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.session_control import SpanSessions
-from tiktrue.node.span_worker import SpanWorker, Step, StepResult
+from tiktrue.node.span_worker import AGE_ROUNDS, SpanWorker, Step, StepResult
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = {"a": [5, 17, 42, 99, 7], "b": [250, 31], "c": [64, 12, 3, 77, 8, 1, 2, 3]}
@@ -150,3 +152,77 @@ def test_after_close_every_queued_and_new_job_fails_cleanly(worker):
     assert queued.cancelled()
     with pytest.raises(RuntimeError, match="stopped"):
         worker.submit(prompt_step("b")).result(timeout=10)
+
+
+# --- priority classes (limits.PRIORITIES): the order of rounds, never the tokens ------------
+
+RANK = limits.PRIORITY_RANK
+
+
+def classed_prompt(session_id: str, priority: str) -> Step:
+    ids = PROMPTS[session_id[0]]
+    return Step(
+        session_id, 0, torch.tensor(ids), tuple(ids), GREEDY, opens=True, priority=RANK[priority]
+    )
+
+
+def test_prompt_chunks_go_by_class_then_in_order_and_control_keeps_its_place(worker):
+    with worker.held():  # all queued before the first round
+        jobs = [
+            worker.submit(classed_prompt("a-deep", "deep")),
+            worker.submit(classed_prompt("b-normal", "normal")),
+            worker.submit(classed_prompt("c-quick", "quick")),
+            worker.submit(classed_prompt("a-quick", "quick")),
+        ]
+        control = worker.call(lambda: None)
+        late = worker.submit(classed_prompt("c-late", "quick"))  # queued after the control
+    for job in [*jobs, control, late]:
+        job.result(timeout=120)
+    # the quick ones in the order they came, then normal, then deep; the control then runs,
+    # and only then the quick chunk queued after it
+    assert worker.engine.calls == [["c-quick"], ["a-quick"], ["b-normal"], ["a-deep"], ["c-late"]]
+
+
+def test_under_a_decode_load_quick_goes_first_and_deep_waits_its_age(worker, tiny_llama):
+    first = {s: result(worker.submit(prompt_step(s))).token for s in "ab"}
+    worker.engine.calls.clear()
+    decoded = {s: [first[s]] for s in "ab"}
+    rounds_of_load = 7
+
+    def decode(session_id: str) -> None:
+        """The session's next decode step; when it is done, the one after (submitted from
+        the worker's thread before its next round: a load that never leaves a gap)."""
+        tokens = decoded[session_id]
+        future = worker.submit(
+            decode_step(session_id, tokens[-1], len(PROMPTS[session_id]) + len(tokens) - 1)
+        )
+
+        def done(f) -> None:
+            tokens.append(f.result().token)
+            if len(tokens) <= rounds_of_load:
+                decode(session_id)
+
+        future.add_done_callback(done)
+
+    with worker.held():
+        for s in "ab":
+            decode(s)  # normal
+        deep = worker.submit(classed_prompt("c-deep", "deep"))
+        quick = worker.submit(classed_prompt("a-quick", "quick"))
+    assert result(quick).token == reference(tiny_llama, "a", 0)[0]
+    assert result(deep).token == reference(tiny_llama, "c", 0)[0]
+    wait_for(lambda: all(len(decoded[s]) > rounds_of_load for s in "ab"))
+    batch = ["a", "b"]
+    # the quick chunk before the batch queued with it; the deep one passed over until it has
+    # waited AGE_ROUNDS rounds (then one class up: a tie with the batch, which alternates)
+    waited = [["a-quick"], *[batch] * (AGE_ROUNDS - 1)]
+    assert worker.engine.calls[: AGE_ROUNDS + 2] == [*waited, ["c-deep"], batch]
+    for s in "ab":  # the load's tokens are its tokens alone
+        assert decoded[s] == reference(tiny_llama, s, rounds_of_load)
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the worker did not finish its rounds"
+        time.sleep(0.01)

@@ -256,6 +256,8 @@ def test_missing_required_field_carries_message_id() -> None:
         {"network_id": "net1", "session_id": "s1", "prompt": "x", "max_tokens": 0},
         {"network_id": "../etc", "session_id": "s1", "prompt": "x"},
         {"network_id": "net1", "session_id": "a/b", "prompt": "x"},
+        {"network_id": "net1", "session_id": "s1", "prompt": "x", "priority": "urgent"},
+        {"network_id": "net1", "session_id": "s1", "prompt": "x", "priority": 0},
     ],
 )
 def test_invalid_request_bodies(body: dict[str, object]) -> None:
@@ -376,3 +378,11 @@ def test_hello_defaults_to_this_software() -> None:
     hello = Hello(node_id="n1", network_id="net1")
     assert hello.software_version == __version__
     assert hello.protocol_version == PROTOCOL_VERSION
+
+
+def test_a_request_names_its_priority_class_or_leaves_it_to_its_key() -> None:
+    for priority in ("quick", "normal", "deep"):
+        raw = {"header": _header(), "network_id": "n", "prompt": "x", "priority": priority}
+        assert parse_message(json.dumps(raw)).message.priority == priority
+    raw = {"header": _header(), "network_id": "n", "prompt": "x"}
+    assert parse_message(json.dumps(raw)).message.priority is None

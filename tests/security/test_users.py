@@ -196,3 +196,29 @@ def test_token_quotas_refuse_once_the_days_tokens_are_used_then_recover(store, c
     assert store.set_user_limits("ann", rpm=None, rpd=None).tpd == 100
     assert store.set_user_limits("ann", rpm=None, rpd=None, tpd=None).tpd is None
     assert store.set_key_quota(record.id, 1000).tpd == 1000
+
+
+def test_a_requests_class_is_its_own_else_its_keys_else_its_accounts_else_normal(store):
+    store.add_user("root", "a long password")
+    store.add_user("ann", "a long password", priority="deep")
+    plain = store.authenticate(store.create_key("ann")[1])
+    record, key = store.create_key("ann", priority="quick")
+    quick = store.authenticate(key)
+    assert plain.priority_of(None) == "deep"  # the account's default
+    assert quick.priority_of(None) == "quick"  # the key's wins over its account's
+    assert quick.priority_of("normal") == "normal"  # and the request's over both
+    login = store.verify_token(store.login("ann", "a long password"))
+    assert login.priority_of(None) == "deep"
+    assert store.authenticate(store.create_key("root")[1]).priority_of(None) == "normal"
+    assert u.ANONYMOUS.priority_of(None) == "normal"
+    # set and unset later (the CLI and the People page); a new caller sees it
+    assert store.set_user_priority("ann", None).priority is None
+    assert store.authenticate(store.create_key("ann")[1]).priority_of(None) == "normal"
+    assert store.set_key_priority(record.id, "deep").priority == "deep"
+    assert store.authenticate(key).priority_of(None) == "deep"
+    with pytest.raises(u.UserError, match="quick, normal, deep"):
+        store.set_user_priority("ann", "urgent")
+    with pytest.raises(u.UserError, match="quick, normal, deep"):
+        store.create_key("ann", priority="asap")
+    with pytest.raises(u.NotFound):
+        store.set_key_priority(9999, "quick")

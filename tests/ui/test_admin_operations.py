@@ -227,3 +227,43 @@ def test_token_quotas_are_set_through_the_api(api):
         off = http.put("/api/admin/users/dash-user/limits", json={"rpm": None, "tpd": None})
         assert off.json()["tpd"] is None
         assert http.put("/api/admin/users/dash-user/limits", json={"tpd": 0}).status_code == 400
+
+
+def test_priority_classes_are_set_through_the_api(api):
+    base, admin_key, _ = api
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=base, timeout=120, headers=headers) as http:
+        made = http.post("/api/admin/keys", json={"user": "dash-user", "priority": "quick"})
+        assert made.status_code == 201 and made.json()["record"]["priority"] == "quick"
+        key_id = made.json()["record"]["id"]
+        user = http.put("/api/admin/users/dash-user/priority", json={"priority": "deep"})
+        assert user.json()["priority"] == "deep"
+        assert (
+            http.put(f"/api/admin/keys/{key_id}/priority", json={"priority": None}).json()[
+                "priority"
+            ]
+            is None
+        )
+        listed = {u["name"]: u for u in http.get("/api/admin/users").json()}
+        assert listed["dash-user"]["priority"] == "deep"
+        wrong = http.put("/api/admin/users/dash-user/priority", json={"priority": "urgent"})
+        assert wrong.status_code == 400
+        http.put("/api/admin/users/dash-user/priority", json={"priority": None})
+
+
+def test_the_rebalancing_is_shown_and_applied_only_when_it_is_worth_it(api):
+    base, admin_key, user_key = api
+    with httpx.Client(base_url=base, timeout=300) as http:
+        plain = {"Authorization": f"Bearer {user_key}"}
+        assert http.post(f"/api/admin/networks/{NET}/rebalance", headers=plain).status_code == 403
+        http.headers["Authorization"] = f"Bearer {admin_key}"
+        shown = http.post(f"/api/admin/networks/{NET}/rebalance", params={"hours": 1}).json()
+        assert shown["verdict"]  # measured or not, it says so
+        if shown["measured"]:
+            assert sum(h["slowest"] for h in shown["hops"]) == 1
+            assert shown["plan"]["chain"] and shown["current_ms"] > 0
+        if not shown["worth_it"]:  # the tiny cluster's equal PCs: nothing to apply
+            refused = http.post(f"/api/admin/networks/{NET}/rebalance/apply")
+            assert refused.status_code == 409, refused.text
+        missing = http.post("/api/admin/networks/nope/rebalance")
+        assert missing.status_code == 404

@@ -98,6 +98,11 @@ def test_an_admin_runs_the_network_from_the_dashboard(own_tiny_cluster, new_page
         page.get_by_role("button", name="Apply").click()
         expect(page.get_by_text(re.compile(r"^done 100%$"))).to_be_visible()
         expect(page.get_by_text(re.compile(r"the network runs config v\d+")).first).to_be_visible()
+        # the rebalancing card reads the history of this new plan: nothing measured yet
+        page.get_by_role("button", name="Analyse the load").click()
+        rebalanced = page.get_by_test_id("rebalance-verdict")
+        expect(rebalanced).to_contain_text("decode steps per node")
+        expect(page.get_by_role("button", name="Rebalance now")).to_be_disabled()
 
         # the PC asking to join is approved, and joins
         page.get_by_role("button", name="Nodes").click()
@@ -131,6 +136,14 @@ def test_an_admin_runs_the_network_from_the_dashboard(own_tiny_cluster, new_page
         assert httpx.get(models, headers=bearer, timeout=120).status_code == 200
         row = page.get_by_role("row").filter(has_text="laptop")
         expect(row).to_contain_text("active")
+        # the account's default priority class
+        page.get_by_label("Account or key").click()
+        page.get_by_role("option", name="account boss").click()
+        page.get_by_label("New class").click()
+        page.get_by_role("option", name="quick", exact=True).click()
+        page.get_by_role("button", name="Set class").click()
+        account = page.get_by_role("row").filter(has_text="boss").filter(has_text="admin")
+        expect(account.first).to_contain_text("quick")
         shoot(page, "admin-people")
         row.get_by_role("button", name=re.compile("^Revoke")).click()
         expect(row).to_contain_text("revoked")

@@ -50,10 +50,8 @@ def activate_backup_worker(config: NetworkConfig, lost: set[str]) -> NetworkConf
     for backup in config.backups():
         if backup.node_id in lost:
             continue
-        replica = set(backup.blocks)
-        covered = [n for n in chain if set(n.blocks) <= replica]
-        joined = [b for n in covered for b in n.blocks]
-        if joined != backup.blocks or any(n.role == "admin" for n in covered):
+        covered = config.replica_of(backup)
+        if covered is None:
             continue
         if not all(n.node_id in {c.node_id for c in covered} for n in lost_in_chain):
             continue

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiktrue import limits
 from tiktrue.gateway.chain_client import ChainClient, ChainError, new_session_id
 from tiktrue.gateway.session_store import SavedSession, SessionStore, StoredSession
 from tiktrue.model.generation import GenerationResult, TokenEvent, stream_tokens
@@ -170,6 +171,7 @@ class Gateway:
         keep: bool | None = None,
         result: GenerationResult | None = None,
         owner: str | None = None,
+        priority: str = limits.DEFAULT_PRIORITY,
     ) -> AsyncIterator[TokenEvent]:
         """Stream an answer. Exactly one input:
 
@@ -183,12 +185,14 @@ class Gateway:
         fresh session that is closed afterwards. A turn that does not complete (an error, the
         client gone) leaves the session as it was before the turn; the nodes, which may hold
         part of it, rebuild it by replay on the next turn. A session belongs to the ``owner``
-        that opened it: nobody else continues it.
+        that opened it: nobody else continues it. ``priority``: the answer's class
+        (``limits.PRIORITIES``), which every node's span worker honours under load.
         """
         result = result if result is not None else GenerationResult()
         keep = session_id is not None if keep is None else keep
         session_id = session_id or await self.new_session_id()
         state = await self._acquire(session_id, keep, owner)
+        self.chain.prioritize(session_id, priority)
         before = (list(state.tokens), list(state.unfed), list(state.messages), state.window_start)
         stepped = completed = False
         try:
@@ -315,7 +319,10 @@ class Gateway:
             # in the store (live) before the nodes hold anything: after a crash, freed there
             put = functools.partial(self.session_store.put, owner=state.owner)
             await self._write(put, self.network_id, session_id, [], [], [])
-            await self.chain.open(session_id)
+            busy = [
+                s for s, held in self.sessions.items() if held.lock.locked() and s != session_id
+            ]
+            await self.chain.open(session_id, busy)  # on the less busy chain (a replica's)
             return
         state.tokens, state.unfed, state.messages = stored.tokens, stored.unfed, stored.messages
         state.window_start = stored.window_start
@@ -476,14 +483,17 @@ class Gateway:
         for start in range(0, len(left), 32):
             async with self._sessions_lock:  # no session is loaded while its close is in flight
                 batch = [s for s in left[start : start + 32] if s not in self.sessions]
-                await asyncio.gather(*(self._close_on_nodes(s) for s in batch))
+                await asyncio.gather(*(self._close_on_nodes(s, anywhere=True) for s in batch))
             await asyncio.to_thread(self.session_store.set_live, self.network_id, batch, False)
             freed += batch
         return freed
 
-    async def _close_on_nodes(self, session_id: str) -> None:
+    async def _close_on_nodes(self, session_id: str, *, anywhere: bool = False) -> None:
+        """Free a session on its chain's nodes (``anywhere``: a session left from before a
+        restart, whose chain is not known: on the main chain and every replica chain)."""
+        close = self.chain.close_anywhere if anywhere else self.chain.close
         try:
-            await asyncio.wait_for(self.chain.close(session_id), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(close(session_id), CLOSE_TIMEOUT_S)
         except asyncio.TimeoutError:
             log.warning("network %s: closing session %s timed out", self.network_id, session_id)
 

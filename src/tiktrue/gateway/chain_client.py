@@ -14,6 +14,15 @@ chain (``switch``) or tries the same one again every ``retry_s`` (the node may c
 ``heal_ceiling``. A step unanswered for much longer than usual (``_stall_after``) is reported
 too, so the admin probes the chain's nodes at once, and goes on waiting: a new chain fails it
 (the old links close) and it is replayed there.
+
+Each step's header names the session's priority class (when it is not the default): every
+node's span worker orders its queue by it. An idle backup holding a replica of a run of the
+chain's spans makes a second chain (a replica chain, ``NetworkConfig.replica_chains``): a new
+conversation goes to the less busy chain, the main one on a tie, and keeps to it; its steps and
+control messages name their ``route``. When a replica chain fails, its sessions are replayed on
+the main chain at once (the main chain is whole: nothing to report); when a config takes the
+backup into the main chain (a failover), the replica chain is gone and its sessions are
+replayed there too.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +53,7 @@ STALL_S = 5.0  # a step still unanswered after this long makes the admin check t
 STALL_FLOOR_S = 0.5  # ... a decode step, after this long or STALL_FACTOR of its usual time
 STALL_FACTOR = 20
 HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
+REPLICA_RETRY_S = 60.0  # a replica chain that failed takes no new conversation this long
 CLOSE_TIMEOUT_S = 10.0  # freeing a session on the nodes: a hung node must not hold the caller
 
 
@@ -61,6 +71,9 @@ def _raise_if_error(reply: dict) -> dict:
     if reply.get("header", {}).get("message_type") == "error":
         raise ChainError(reply.get("code", "error"), reply.get("message", ""))
     return reply
+
+
+_ITS_OWN = object()  # _control: along the session's own chain
 
 
 def new_session_id() -> str:
@@ -101,6 +114,8 @@ class ChainSession:
     history: list[int] = field(default_factory=list)
     on_chain: bool = False  # False: its next step opens it on every node and replays history
     sampling: SamplingParams | None = None  # the settings its head's sampler was last given
+    priority: str = limits.DEFAULT_PRIORITY  # its class, named in every step's header
+    route: tuple[str, ...] | None = None  # the replica chain it runs on (None: the chain)
 
 
 class ChainClient:
@@ -134,7 +149,8 @@ class ChainClient:
         self._decode_ms: float | None = None  # the usual decode round trip, for stalls
         self._switched = asyncio.Event()
         self._background: set[asyncio.Task] = set()
-        self._unclosed: set[str] = set()  # closes the chain missed: sent again when it heals
+        self._unclosed: dict[str, tuple | None] = {}  # closes missed (their routes): sent again
+        self._replica_failed: dict[tuple, float] = {}  # a replica chain -> when it failed
         self._closing_missed: asyncio.Task | None = None
         self._use(config)
 
@@ -142,6 +158,7 @@ class ChainClient:
         entry = config.chain()[0]
         self.network_id = config.network_id
         self.entry_node_id = entry.node_id
+        self.replicas = config.replica_chains()
         self.link = PeerLink(
             entry.host,
             entry.port,
@@ -159,6 +176,8 @@ class ChainClient:
         self._use(config)
         for session in self.sessions.values():
             session.on_chain = False
+            if session.route not in self.replicas:  # gone (its backup took over a span)
+                session.route = None
         self._in_background(old.close())
         self._switched.set()
         self._switched = asyncio.Event()
@@ -180,38 +199,71 @@ class ChainClient:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    async def open(self, session_id: str) -> None:
-        """A new session: its first step opens it on every node (no round trip of its own)."""
-        self.sessions[session_id] = ChainSession()
+    async def open(self, session_id: str, busy: Collection[str] = ()) -> None:
+        """A new session: its first step opens it on every node (no round trip of its own).
+        It runs on the less busy chain (``busy``: the sessions answering now), the main one
+        on a tie."""
+        self.sessions[session_id] = ChainSession(route=self._less_busy(busy))
+
+    def _less_busy(self, busy: Collection[str]) -> tuple[str, ...] | None:
+        now = time.monotonic()
+        routes = [None] + [
+            r for r in self.replicas if now - self._replica_failed.get(r, -1e9) > REPLICA_RETRY_S
+        ]
+        if len(routes) == 1:
+            return None
+        load = dict.fromkeys(routes, 0)
+        for session_id in busy:
+            session = self.sessions.get(session_id)
+            if session is not None and session.route in load:
+                load[session.route] += 1
+        return min(routes, key=load.__getitem__)  # the first of the least busy: main on a tie
+
+    def prioritize(self, session_id: str, priority: str) -> None:
+        """The session's class from now on (``limits.PRIORITIES``)."""
+        self.sessions.setdefault(session_id, ChainSession()).priority = priority
 
     def adopt(self, session_id: str, history: list[int], *, stale: bool) -> None:
         """Take over a session whose history comes from elsewhere (the gateway's store after a
-        restart, a restored save); ``stale`` when the nodes do not hold it."""
-        self.sessions[session_id] = ChainSession(list(history), on_chain=not stale)
+        restart, a restored save); ``stale`` when the nodes do not hold it (it is replayed on
+        the main chain), else it stays on the chain that holds it."""
+        held = self.sessions.get(session_id)
+        route = held.route if held is not None and not stale else None
+        self.sessions[session_id] = ChainSession(list(history), on_chain=not stale, route=route)
 
-    async def close(self, session_id: str) -> None:
-        """Free the session on every node (also when it is not on this chain: nodes of the
-        current chain that were in an old one may still hold it). A close the chain misses is
-        sent again once it heals, so no node keeps a session nobody will free."""
-        self.sessions.pop(session_id, None)
+    async def close(self, session_id: str, route: tuple[str, ...] | None = None) -> None:
+        """Free the session on every node of its chain (also when it is not on it: nodes of
+        the current chain that were in an old one may still hold it). A close the chain misses
+        is sent again once it heals, so no node keeps a session nobody will free."""
+        held = self.sessions.pop(session_id, None)
+        route = held.route if held is not None else route
         try:
-            await asyncio.wait_for(self._control(ps.SessionClose, session_id), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(
+                self._control(ps.SessionClose, session_id, route=route), CLOSE_TIMEOUT_S
+            )
         except (ChainError, PeerUnavailable, asyncio.TimeoutError) as exc:
             log.info("session %s: close missed the chain (%s); sent again later", session_id, exc)
-            self._unclosed.add(session_id)
+            self._unclosed[session_id] = route
         else:
-            self._unclosed.discard(session_id)
+            self._unclosed.pop(session_id, None)
+
+    async def close_anywhere(self, session_id: str) -> None:
+        """Free a session whose chain is not known (left from before a restart): on the
+        main chain and on every replica chain."""
+        await self.close(session_id)
+        for route in self.replicas:
+            await self.close(session_id, route)
 
     def _retry_closes(self) -> None:
         if self._closing_missed is None or self._closing_missed.done():
             self._closing_missed = asyncio.get_running_loop().create_task(self._close_missed())
 
     async def _close_missed(self) -> None:
-        for session_id in list(self._unclosed):
+        for session_id, route in list(self._unclosed.items()):
             if session_id in self.sessions:  # in use again: its next step reopens it
-                self._unclosed.discard(session_id)
+                self._unclosed.pop(session_id, None)
             else:
-                await self.close(session_id)
+                await self.close(session_id, route if route in self.replicas else None)
 
     async def truncate(self, session_id: str, length: int) -> None:
         """Rewind a session to its first ``length`` tokens on every node (KV caches and the
@@ -229,12 +281,33 @@ class ChainClient:
             session.on_chain = False
 
     async def control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
-        """A session control message through the chain (save, restore, ...). A session the
-        nodes should hold but do not (the chain changed) is rebuilt there first."""
+        """A session control message through the session's chain (save, restore, ...). A
+        session the nodes should hold but do not (the chain changed) is rebuilt there first.
+        A restore tries the main chain, then each replica chain (where it was saved)."""
+        if kind is ps.SessionRestore:
+            return await self._restore(session_id, **fields)
         session = self.sessions.get(session_id)
-        if session is not None and not session.on_chain and kind is not ps.SessionRestore:
+        if session is not None and not session.on_chain:
             await self.rebuild(session_id, len(session.history))
         return await self._control(kind, session_id, **fields)
+
+    async def _restore(self, session_id: str, **fields) -> dict:
+        routes = [None, *self.replicas]
+        for i, route in enumerate(routes):
+            try:
+                reply = await self._control(ps.SessionRestore, session_id, route=route, **fields)
+            except (ChainError, PeerUnavailable) as exc:
+                if getattr(exc, "code", None) != ps.SESSION_NOT_FOUND or i == len(routes) - 1:
+                    raise
+                # saved on another chain: the nodes before the one without it restored it
+                with contextlib.suppress(ChainError, PeerUnavailable, asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        self._control(ps.SessionClose, session_id, route=route), CLOSE_TIMEOUT_S
+                    )
+                continue
+            self.sessions.setdefault(session_id, ChainSession()).route = route
+            return reply
+        raise AssertionError("unreachable")
 
     async def rebuild(self, session_id: str, upto: int) -> None:
         """Put a session on the current chain now (before a save), not at its next step."""
@@ -277,7 +350,7 @@ class ChainClient:
                     await self._replay(session_id, session, start)
                     opens = False
                 token = await self._watched(
-                    self._run(session_id, token_ids, start, sampling, opens=opens),
+                    self._run(session_id, session, token_ids, start, sampling, opens=opens),
                     self._stall_after(len(token_ids)),
                 )
             except (PeerUnavailable, ChainError) as exc:
@@ -285,6 +358,13 @@ class ChainClient:
                 if code not in RECOVERABLE or time.monotonic() - began > self.heal_ceiling:
                     raise
                 session.on_chain = False
+                if session.route is not None:  # a replica chain failed: the main one takes it
+                    log.info(
+                        "session %s: replica chain %s failed (%s)", session_id, session.route, exc
+                    )
+                    self._replica_failed[session.route] = time.monotonic()
+                    session.route = None
+                    continue
                 await self._wait_for_heal(exc)
                 continue
             self.healthy = True
@@ -299,14 +379,16 @@ class ChainClient:
         """Open the session afresh on every node and run its history through the chain."""
         history = session.history[:upto]
         if history:
-            await self._run(session_id, history, 0, session.sampling, opens=True, sample=False)
+            await self._run(
+                session_id, session, history, 0, session.sampling, opens=True, sample=False
+            )
         else:
             await self._control(ps.SessionOpen, session_id)
         session.on_chain = True
         self.replays += 1
 
     async def _run(
-        self, session_id, token_ids, start, sampling, *, opens: bool, sample: bool = True
+        self, session_id, session, token_ids, start, sampling, *, opens: bool, sample: bool = True
     ) -> int | None:
         """Tokens through the chain, a long prompt in chunks of ``prefill_chunk`` (each one's
         hidden states fit a frame, and every node runs other sessions' decode steps between
@@ -315,6 +397,7 @@ class ChainClient:
         for at in range(0, last + 1, self.prefill_chunk):
             reply = await self._send_step(
                 session_id,
+                session,
                 token_ids[at : at + self.prefill_chunk],
                 start + at,
                 sampling if at == 0 else None,
@@ -323,7 +406,9 @@ class ChainClient:
             )
         return reply.get("token_id")
 
-    async def _send_step(self, session_id, token_ids, start, sampling, *, opens, sample) -> dict:
+    async def _send_step(
+        self, session_id, session, token_ids, start, sampling, *, opens, sample
+    ) -> dict:
         message_id = new_message_id()
         meta = {  # the ids travel in the tensor only: the first node lists them for the head
             "kind": "forward",
@@ -338,6 +423,10 @@ class ChainClient:
             meta["sample"] = False
         if opens:
             meta["open"] = True
+        if session.priority != limits.DEFAULT_PRIORITY:
+            meta["priority"] = session.priority
+        if session.route is not None:
+            meta["route"] = list(session.route)
         ids = torch.tensor(token_ids, dtype=torch.long)
         began = time.perf_counter()
         server = self._local_entry()
@@ -356,7 +445,15 @@ class ChainClient:
             self._decode_ms = 0.9 * last + 0.1 * round_trip_ms
         return reply
 
-    async def _control(self, kind: type[ps.Message], session_id: str, **fields) -> dict:
+    async def _control(
+        self, kind: type[ps.Message], session_id: str, route=_ITS_OWN, **fields
+    ) -> dict:
+        """A control message along the session's chain (``route``: another one)."""
+        if route is _ITS_OWN:
+            held = self.sessions.get(session_id)
+            route = held.route if held is not None else None
+        if route is not None:
+            fields["route"] = list(route)
         message = kind(network_id=self.network_id, session_id=session_id, **fields)
         server = self._local_entry()
         if server is not None:

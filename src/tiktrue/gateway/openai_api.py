@@ -40,6 +40,7 @@ from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.limits import (
     MaxTokens,
     MinP,
+    Priority,
     RepetitionPenalty,
     Seed,
     StopString,
@@ -53,6 +54,7 @@ from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SAMPLING_FIELDS, SamplingDefaults, SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.protocol import protocol_spec as ps
+from tiktrue.security.users import Principal
 
 log = logging.getLogger("tiktrue.gateway")
 NETWORK_ERRORS = (ChainError, ModelError, PeerUnavailable)
@@ -85,6 +87,9 @@ class GenerationFields(BaseModel):
     seed: Seed | None = None
     stop: StopString | StopStrings | None = None
     user: str | None = None
+    # TikTrue's extension: the request's class (quick / normal / deep), which every node
+    # honours under load; left out: the API key's or account's default, else normal
+    priority: Priority | None = None
 
     def sampling(self, defaults: SamplingDefaults | None = None) -> SamplingParams:
         """The settings of this request: its fields over the model's ``defaults``."""
@@ -191,13 +196,13 @@ def create_app(
         gateway = pick(request.model)
         require_network(caller_of(http), gateway.network_id)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        return await _respond(gateway, request, "chat", messages=messages)
+        return await _respond(gateway, request, caller_of(http), "chat", messages=messages)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
         gateway = pick(request.model)
         require_network(caller_of(http), gateway.network_id)
-        return await _respond(gateway, request, "text", text=request.prompt)
+        return await _respond(gateway, request, caller_of(http), "text", text=request.prompt)
 
     @app.websocket("/ws")
     async def client_socket(ws: WebSocket) -> None:
@@ -258,7 +263,9 @@ async def serve_client(ws: WebSocket, protocol: ClientProtocol, connection) -> N
 RETRY_AFTER_S = 5  # what a client is told to wait while the network heals
 
 
-async def _respond(gateway: Gateway, request: GenerationFields, kind: str, **inputs):
+async def _respond(
+    gateway: Gateway, request: GenerationFields, caller: Principal, kind: str, **inputs
+):
     # the request's fields over the model's defaults (the same bounds: nothing to refuse here)
     params = request.sampling(gateway.sampling_defaults)
     if not gateway.healthy and not await gateway.chain.probe():
@@ -272,7 +279,8 @@ async def _respond(gateway: Gateway, request: GenerationFields, kind: str, **inp
     created = int(time.time())
     result = GenerationResult()
     param = "messages" if kind == "chat" else "prompt"
-    events = gateway.answer(params, result=result, **inputs)
+    priority = caller.priority_of(request.priority)
+    events = gateway.answer(params, result=result, priority=priority, **inputs)
     try:  # the first token (or the refusal) before any byte of the response
         first = await anext(events, None)
     except NETWORK_ERRORS as exc:

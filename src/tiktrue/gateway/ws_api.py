@@ -20,6 +20,7 @@ from tiktrue.model.generation import GenerationResult
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.peer_link import PeerUnavailable
 from tiktrue.protocol import protocol_spec as ps
+from tiktrue.security.users import ANONYMOUS
 
 Send = Callable[[dict], Awaitable[None]]
 log = logging.getLogger("tiktrue.gateway")
@@ -162,8 +163,10 @@ class ClientProtocol:
             if request.input_ids is not None
             else {"text": request.prompt}
         )
+        caller = connection.caller if connection is not None else None
+        priority = (caller or ANONYMOUS).priority_of(request.priority)
         await self._stream(
-            gateway, params, inputs, request.session_id, request.message_id, send, owner
+            gateway, params, inputs, request.session_id, request.message_id, send, owner, priority
         )
 
     async def _legacy(self, request: ps.LegacyRequest, parsed, send: Send, connection=None) -> None:
@@ -179,12 +182,28 @@ class ClientProtocol:
             # another's session: ChainError forbidden)
             await gateway.close_session(request.session_id, owner)
         inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
+        priority = (connection.caller if connection is not None else None) or ANONYMOUS
         await self._stream(
-            gateway, gateway.sampling(), inputs, request.session_id, message_id, send, owner
+            gateway,
+            gateway.sampling(),
+            inputs,
+            request.session_id,
+            message_id,
+            send,
+            owner,
+            priority.priority_of(None),
         )
 
     async def _stream(
-        self, gateway: Gateway, params, inputs, session_id, message_id, send, owner=None
+        self,
+        gateway: Gateway,
+        params,
+        inputs,
+        session_id,
+        message_id,
+        send,
+        owner=None,
+        priority: str = limits.DEFAULT_PRIORITY,
     ):
         result = GenerationResult()
         keep = session_id is not None
@@ -206,7 +225,13 @@ class ClientProtocol:
         began = time.perf_counter()
         try:
             async for event in gateway.answer(
-                params, session_id=session_id, keep=keep, result=result, owner=owner, **inputs
+                params,
+                session_id=session_id,
+                keep=keep,
+                result=result,
+                owner=owner,
+                priority=priority,
+                **inputs,
             ):
                 await send(response(status="processing", token_id=event.token_id, text=event.text))
         except (ChainError, ModelError, PeerUnavailable) as exc:

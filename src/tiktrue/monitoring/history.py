@@ -10,7 +10,11 @@ that asked); the admin adds each of its nodes' heartbeat figures once a minute
   tokens, decode steps and seconds, TTFT sum and a histogram (the buckets of
   ``metrics.TTFT_BUCKETS``; percentiles are read from it as Prometheus does);
 - ``node_history``: per hour, network and node: decode steps and compute ms (from the chain's
-  step timings), heartbeat samples, samples online, CPU, RAM used and KV use sums.
+  step timings), heartbeat samples, samples online, CPU, RAM used and KV use sums;
+- ``hop_history``: per hour, network, node and config version (a plan: the node's span): its
+  decode steps, their compute, the time they waited there (queue and framing) and the ping
+  round trip of its link to the next node; ``usage_history`` also sums the decode steps' time
+  in transit. The rebalancing (``control.resource_optimizer``) reads them.
 
 Bounded and downsampled: ``compact`` folds hourly rows older than ``HOURLY_DAYS`` into one row
 per day and drops days older than ``KEEP_DAYS``. ``span_s`` says which (3600 or 86400).
@@ -52,7 +56,17 @@ MIGRATIONS = [
         " cpu_sum REAL NOT NULL DEFAULT 0, ram_used_sum REAL NOT NULL DEFAULT 0,"
         " kv_used_sum REAL NOT NULL DEFAULT 0,"
         " PRIMARY KEY (start, span_s, network_id, node_id))",
-    ]
+    ],
+    [  # per hop and plan: what the rebalancing reads (resource_optimizer)
+        "CREATE TABLE hop_history ("
+        " start INTEGER NOT NULL, span_s INTEGER NOT NULL,"
+        " network_id TEXT NOT NULL, node_id TEXT NOT NULL, version INTEGER NOT NULL,"
+        " steps INTEGER NOT NULL DEFAULT 0, compute_ms REAL NOT NULL DEFAULT 0,"
+        " wait_ms REAL NOT NULL DEFAULT 0, link_ms REAL NOT NULL DEFAULT 0,"
+        " link_samples INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (start, span_s, network_id, node_id, version))",
+        "ALTER TABLE usage_history ADD COLUMN transit_ms REAL NOT NULL DEFAULT 0",
+    ],
 ]
 USAGE_SUMS = (
     "answers",
@@ -61,8 +75,15 @@ USAGE_SUMS = (
     "decode_steps",
     "decode_s",
     "ttft_sum",
+    "transit_ms",
 )
 NODE_SUMS = ("steps", "compute_ms", "samples", "online", "cpu_sum", "ram_used_sum", "kv_used_sum")
+HOP_SUMS = ("steps", "compute_ms", "wait_ms", "link_ms", "link_samples")
+KEYS = {
+    "usage_history": ("start", "span_s", "network_id", "model_id", "user_id", "key_id"),
+    "node_history": ("start", "span_s", "network_id", "node_id"),
+    "hop_history": ("start", "span_s", "network_id", "node_id", "version"),
+}
 
 
 def ttft_histogram(seconds: float) -> list[int]:
@@ -103,6 +124,11 @@ class AnswerFigures:
     user_id: int | None = None
     key_id: int | None = None
     node_compute_ms: dict[str, tuple[int, float]] = field(default_factory=dict)  # steps, ms
+    # per node: ms its decode steps waited there, and its link's ping (samples, ms summed)
+    node_wait_ms: dict[str, float] = field(default_factory=dict)
+    node_link_ms: dict[str, tuple[int, float]] = field(default_factory=dict)
+    transit_ms: float = 0.0  # the decode steps' time between nodes, summed
+    config_version: int = 0  # the plan the answer ran on (0: not known)
     time: float = field(default_factory=time.time)
 
 
@@ -143,11 +169,16 @@ class HistoryStore:
                 answer.decode_steps,
                 answer.decode_s,
                 answer.ttft_s,
+                answer.transit_ms,
             )
             _upsert(conn, "usage_history", key, USAGE_SUMS, sums, {"ttft_buckets": buckets})
             for node_id, (steps, ms) in answer.node_compute_ms.items():
                 node_key = (start, HOUR_S, answer.network_id, node_id)
                 _upsert(conn, "node_history", node_key, ("steps", "compute_ms"), (steps, ms))
+                pings, link_ms = answer.node_link_ms.get(node_id, (0, 0.0))
+                sums = (steps, ms, answer.node_wait_ms.get(node_id, 0.0), link_ms, pings)
+                hop_key = (*node_key, answer.config_version)
+                _upsert(conn, "hop_history", hop_key, HOP_SUMS, sums)
 
     def record_nodes(self, network_id: str, nodes: dict[str, dict], now: float | None = None):
         """One heartbeat sample of each node of a network (the admin's view): ``{node_id:
@@ -183,10 +214,12 @@ class HistoryStore:
         cutoff = int((now - HOURLY_DAYS * DAY_S) // DAY_S * DAY_S)
         gone = 0
         with self.db.transaction() as conn:
-            for table, keys, sums in (
-                ("usage_history", ("network_id", "model_id", "user_id", "key_id"), USAGE_SUMS),
-                ("node_history", ("network_id", "node_id"), NODE_SUMS),
+            for table, sums in (
+                ("usage_history", USAGE_SUMS),
+                ("node_history", NODE_SUMS),
+                ("hop_history", HOP_SUMS),
             ):
+                keys = KEYS[table][2:]
                 rows = conn.execute(
                     f"SELECT * FROM {table} WHERE span_s = ? AND start < ?", (HOUR_S, cutoff)
                 ).fetchall()
@@ -226,6 +259,9 @@ class HistoryStore:
     def nodes(self, since: float, until: float) -> list[dict]:
         return self._rows("node_history", since, until)
 
+    def hops(self, since: float, until: float) -> list[dict]:
+        return self._rows("hop_history", since, until)
+
     def _rows(self, table: str, since: float, until: float) -> list[dict]:
         """Rows whose period overlaps [since, until) (an hour or day counts whole)."""
         rows = self.db.query(
@@ -263,10 +299,7 @@ def _upsert(
 ) -> None:
     """Add ``values`` to the row ``key`` (made when missing); set the ``replace`` columns."""
     names, values = list(names), list(values)
-    key_names = {
-        "usage_history": ("start", "span_s", "network_id", "model_id", "user_id", "key_id"),
-        "node_history": ("start", "span_s", "network_id", "node_id"),
-    }[table]
+    key_names = KEYS[table]
     replace = {k: json.dumps(v) for k, v in (replace or {}).items()}
     columns = [*key_names, *names, *replace]
     placeholders = ", ".join("?" for _ in columns)

@@ -226,6 +226,7 @@ class FiguresCollector(Collector):
     ``{"node": {cpu_percent, ram_total_bytes, ram_free_bytes, disk_total_bytes,
     disk_free_bytes, rss_bytes}, "networks": {id: {version, role, serving, sessions,
     kv_pages_used, kv_pages_total, steps: {steps, batched_steps, rounds, largest_batch},
+    queued: {class: steps},
     link_rtt_ms: {link: ms}, block_faults: {block: why}}}, "gateways": {id: {model,
     running, healthy, sessions}}, "health": {id: {node: {state, rtt_ms}}}}``
     """
@@ -301,6 +302,11 @@ def _span_metrics(networks: dict) -> Iterable[Metric]:
     faults = _gauge("block_faults", "Block files of the span failing verification.", ["network"])
     rtt = _gauge("link_rtt_seconds", "Ping round trip of this node's links.", ["network", "link"])
     largest = _gauge("batch_size_max", "Largest batch of decode steps run at once.", ["network"])
+    queued = _gauge(
+        "span_queue_steps",
+        "Steps waiting for this node's span worker, by priority class.",
+        ["network", "class"],
+    )
     counters = {
         "steps": _gauge_counter("span_steps", "Steps run by this node's span.", ["network"]),
         "batched_steps": _gauge_counter(
@@ -331,7 +337,9 @@ def _span_metrics(networks: dict) -> Iterable[Metric]:
                 family.add_metric(key, steps[name])
         if steps.get("largest_batch") is not None:
             largest.add_metric(key, steps["largest_batch"])
-    yield from (version, serving, sessions, used, total, usage, faults, rtt, largest)
+        for name, count in (net.get("queued") or {}).items():
+            queued.add_metric([network_id, name], count)
+    yield from (version, serving, sessions, used, total, usage, faults, rtt, largest, queued)
     yield from counters.values()
 
 

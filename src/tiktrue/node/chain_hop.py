@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -63,8 +62,10 @@ class ChainHop:
         self.fault = fault
         self.max_frame_bytes = max_frame_bytes
         self.on_peer_lost = on_peer_lost
-        self._waiting: dict[str, asyncio.Future] = {}  # entry: message_id -> its answer
-        self._links: dict[str, PeerLink] = {}  # to entries (the head's answers), by node id
+        # entry: message_id -> its answer, and the link it left on
+        self._waiting: dict[str, tuple[asyncio.Future, PeerLink]] = {}
+        # by node id: to entries (the head's answers) and to the next nodes of replica routes
+        self._links: dict[str, PeerLink] = {}
         self._set(config)
         after = config.next_node(self.node_id)
         self._next: PeerLink | None = self._link(after, self._next_lost) if after else None
@@ -87,9 +88,28 @@ class ChainHop:
     def has_embed(self) -> bool:
         return self.span_blocks[0] == "embed"
 
-    @property
-    def next_link(self) -> PeerLink | None:
-        return self._next
+    def link_after(self, route: list[str] | None = None) -> PeerLink | None:
+        """The link to the next node: of the chain, or of ``route`` (a replica chain)."""
+        return self._next if route is None else self._along(route)
+
+    def _along(self, route) -> PeerLink | None:
+        """The link to the node after this one on a step's own route: a replica chain, the
+        chain with a run of its nodes served by the backup that replicates them (the
+        gateway chooses it; see ``NetworkConfig.replica_chains``). None: this node is the
+        route's last."""
+        members = self.config.node_ids
+        if (
+            not isinstance(route, list)
+            or self.node_id not in route
+            or len(set(route)) != len(route)
+            or not all(isinstance(n, str) and n in members for n in route)
+        ):
+            raise ps.ProtocolError(
+                ps.INVALID_MESSAGE,
+                f"a route lists nodes of network {self.network_id} once each, this one among them",
+            )
+        at = route.index(self.node_id) + 1
+        return self._answer_link(route[at]) if at < len(route) else None
 
     async def update_config(self, config: NetworkConfig) -> bool:
         """A config that keeps this node's span: neighbours or role changed. Steps this node
@@ -124,8 +144,13 @@ class ChainHop:
     def _answer_link(self, node_id: str) -> PeerLink:
         link = self._links.get(node_id)
         if link is None:
-            link = self._links[node_id] = self._link(self.config.node(node_id))
+            link = self._links[node_id] = self._link(self.config.node(node_id), self._link_lost)
         return link
+
+    def _link_lost(self, link: PeerLink) -> None:
+        """A link to a node off the chain dropped (a replica route's next node): the steps
+        sent on it will not be answered."""
+        self.fail_waiting(PeerUnavailable(f"the link to {link.address} was lost"), via=link)
 
     async def keep_links(self) -> None:
         """Keep open the links a step will use (the next node's; the head's to the chain's
@@ -175,7 +200,8 @@ class ChainHop:
             reply_to = self._reply_to(header, message_id, session_id)
             if self.worker is None:
                 raise self.fault()
-            if not self.active:
+            route = header.get("route")  # None: the chain; else a replica chain's nodes
+            if not self.active and route is None:
                 raise PeerUnavailable(
                     f"node {self.node_id} is a backup in config v{self.config.version}: it "
                     "has no next node and computes no steps until a config makes it active"
@@ -183,14 +209,15 @@ class ChainHop:
             step = step_of_frame(
                 header, tensor, self.network_id, has_embed=self.has_embed, head=self.has_head
             )
-            after = self._next  # a config switch may replace it meanwhile: this step keeps it
+            # a config switch may replace the next link meanwhile: this step keeps its own
+            after = self._next if route is None else self._along(route)
             if after is None and not self.has_head:
                 raise PeerUnavailable(
                     f"node {self.node_id} has no next node in config v{self.config.version}; "
                     "the chain is switching configs"
                 )
             result: StepResult = await asyncio.wrap_future(self.worker.submit(step))
-            timings = [*(header.get("timings") or []), self._timing(began, result.compute_ms)]
+            timings = [*(header.get("timings") or []), self._timing(began, result, after)]
             if self.has_head:
                 reply = token_reply(self.network_id, message_id, session_id, result.token)
                 reply["timings"] = timings
@@ -246,12 +273,12 @@ class ChainHop:
             meta["tokens"] = tensor.reshape(-1).tolist()
         return encode_tensor_frame(result.hidden, **meta)
 
-    def _timing(self, began: float, compute_ms: float) -> dict[str, Any]:
-        link = self._next if self._next is not None else self._links.get(self.chain_ids[0])
+    def _timing(self, began: float, result: StepResult, after: PeerLink | None) -> dict:
+        link = after if after is not None else self._links.get(self.chain_ids[0])
         return {
             "node": self.node_id,
             "span": f"{self.span_blocks[0]}..{self.span_blocks[-1]}",
-            "compute_ms": compute_ms,
+            "compute_ms": result.compute_ms,
             "total_ms": round((time.perf_counter() - began) * 1000, 3),
             "link_rtt_ms": link.latency_ms if link is not None and link.connected else None,
         }
@@ -260,7 +287,8 @@ class ChainHop:
 
     async def _pass_and_wait(self, after: PeerLink, frame: bytes, message_id: str) -> dict:
         """This node is the step's entry: send it on and wait for the head's answer."""
-        waiting = self._waiting[message_id] = asyncio.get_running_loop().create_future()
+        waiting = asyncio.get_running_loop().create_future()
+        self._waiting[message_id] = (waiting, after)
         try:
             await after.send(frame, resend=False)
             return await asyncio.wait_for(waiting, limits.STEP_DEADLINE_S)
@@ -274,20 +302,22 @@ class ChainHop:
     def take_answer(self, reply: dict) -> bool:
         """An answer (or error) for a step this node waits for as its entry."""
         waiting = self._waiting.pop(str(reply.get("in_reply_to")), None)
-        if waiting is None or waiting.done():
+        if waiting is None or waiting[0].done():
             return False
-        waiting.set_result(reply)
+        waiting[0].set_result(reply)
         return True
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def fail_waiting(self, error: Exception) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(error)
+    def fail_waiting(self, error: Exception, via: PeerLink | None = None) -> None:
+        """Fail the steps this node waits for as their entry (``via``: those sent on it)."""
+        for message_id, (future, link) in list(self._waiting.items()):
+            if via is None or link is via:
+                del self._waiting[message_id]
+                if not future.done():
+                    future.set_exception(error)
 
     async def _deliver(self, node_id: str, reply: dict) -> None:
         """Send an answer (or a link_lost notice) to the entry waiting for it. When that
@@ -302,7 +332,7 @@ class ChainHop:
         after = self.config.next_node(self.node_id)
         if after is not None:
             self.on_peer_lost(after.node_id, f"the link from {self.node_id} dropped")
-        self.fail_waiting(PeerUnavailable(f"the link to {link.address} was lost"))
+        self.fail_waiting(PeerUnavailable(f"the link to {link.address} was lost"), via=link)
         first = self.chain_ids[0] if self.chain_ids else self.node_id
         if first != self.node_id:
             notice = ps.LinkLost(
@@ -342,6 +372,14 @@ def step_of_frame(header: dict, tensor, network_id: str, *, has_embed: bool, hea
             "and a 'session_id'",
         )
     sampling = header.get("sampling")
+    try:
+        priority = _RANKS[header.get("priority")]
+    except (KeyError, TypeError):  # not a class's name (a list is no key at all)
+        raise ps.ProtocolError(
+            ps.INVALID_MESSAGE,
+            f"a step's priority is one of {', '.join(limits.PRIORITIES)} (or left out: "
+            f"{limits.DEFAULT_PRIORITY})",
+        ) from None
     return Step(
         session_id=session_id,
         start=start,
@@ -350,7 +388,12 @@ def step_of_frame(header: dict, tensor, network_id: str, *, has_embed: bool, hea
         sampling=SamplingParams.model_validate(sampling) if sampling else None,
         sample=header.get("sample") is not False,
         opens=header.get("open") is True,
+        priority=priority,
     )
+
+
+# a step's class in its header ("priority"; left out: the default) -> its rank
+_RANKS = {None: limits.PRIORITY_RANK[limits.DEFAULT_PRIORITY], **limits.PRIORITY_RANK}
 
 
 def _head_tokens(header: dict, tensor, has_embed: bool) -> list[int]:

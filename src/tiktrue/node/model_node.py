@@ -271,7 +271,7 @@ class BlockServer:
                 return await travel(
                     message,
                     self._apply_here,
-                    self.hop.next_link,
+                    self.hop.link_after(message.route),
                     network_id=self.network_id,
                     timeout=limits.CONTROL_DEADLINE_S,
                 )

@@ -126,6 +126,7 @@ class ServedSpan:
         admin pushes them again). Counts only: safe beside the worker's thread."""
         stats = {
             "steps": self.worker.stats.as_dict() if self.worker else {},
+            "queued": self.worker.queued() if self.worker else {},  # steps waiting, by class
             "block_faults": self.block_faults,
             "loaded": self.engine is not None,  # False: the span could not load its blocks
         }

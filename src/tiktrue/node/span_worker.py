@@ -8,11 +8,24 @@ itself: a step of ten seconds on a big model delays no heartbeat.
 
 Continuous batching: the decode steps (one new position each) of every session queued when a
 round starts run as one batched forward; other work (a prompt's chunk, session control) runs
-alone, one job after each batch, so a long prompt delays the other sessions' tokens by one
+alone, one job between two batches, so a long prompt delays the other sessions' tokens by one
 chunk at a time, never by the whole prompt. A round never waits for steps that are not here
 yet: along a chain, sessions reach a node in groups (the pipeline's stages at work), and a
 round that waited for the others made every node wait on the others' waits (1.5 s per token
 on a 3-node chain, measured by ``bench/concurrency.py``).
+
+Priority classes (``limits.PRIORITIES``: quick, normal, deep) order the work under load
+(``_take_round``): of the prompt chunks queued, the highest class goes first (the earliest
+within a class), and a chunk of a higher class than every decode step queued goes before
+their batch; a batch of a higher class goes before the chunks. Every decode step queued
+joins the batch whatever its class: a batch of eight costs about 2.4 single steps (SmolLM2,
+int4, ``bench/quant_paths.py``), so holding some back would cost them a round of their own
+and speed the others by little. A step passed over ages: every
+``AGE_ROUNDS`` rounds it waits while it could have run count as one class higher, so a deep
+request is delayed, never starved. Session control runs in the order it came, between
+rounds: the steps queued after it wait for it (a chain switch frees every session before the
+new chain's first step runs). A class changes the order of rounds, never what a round
+computes: a session's tokens are the same in any class.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from typing import Any
 
 import torch
 
+from tiktrue import limits
 from tiktrue.model.engine import BlockEngine
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.session_control import SpanSessions
@@ -44,6 +58,7 @@ class Step:
     sampling: SamplingParams | None = None  # new settings for the session's sampler
     sample: bool = True  # False: a prompt chunk before the last (the head samples nothing)
     opens: bool = False  # the session's first step: open it afresh on this node first
+    priority: int = limits.PRIORITY_RANK[limits.DEFAULT_PRIORITY]  # its class's rank
 
     @property
     def positions(self) -> int:
@@ -71,15 +86,26 @@ class WorkerStats:
         return asdict(self)
 
 
-@dataclass
+# A step passed over this many rounds (while it could have run) counts one class higher: a
+# deep step waits at most about 2 * AGE_ROUNDS rounds more than a quick one queued with it.
+AGE_ROUNDS = 4
+
+
+@dataclass(eq=False)  # jobs are compared by identity (a step holds a tensor)
 class _Job:
     future: Future
     step: Step | None = None  # a step, or ...
     call: Callable[[], Any] | None = None  # ... session control
+    passed: int = 0  # rounds that ran other work while this step could have run
 
     @property
     def batchable(self) -> bool:
         return self.step is not None and self.step.positions == 1 and not self.step.opens
+
+    @property
+    def rank(self) -> int:
+        """Its class's rank, less one for every ``AGE_ROUNDS`` rounds it was passed over."""
+        return self.step.priority - self.passed // AGE_ROUNDS
 
 
 class SpanWorker:
@@ -161,22 +187,45 @@ class SpanWorker:
                 self._run_steps(round_)
 
     def _take_round(self) -> list[_Job]:
-        """Every batchable step queued (one per session: a session's next step waits for its
-        last), or, alternating with those, the first job that is not."""
-        batch, sessions = [], set()
+        """The next round (see the module's docstring): session control first in line; else,
+        of the steps queued before any session control (one per session: a session's next
+        step waits for its last), every decode step as one batch or the prompt chunk of the
+        highest class, whichever ranks higher (alternating on a tie)."""
+        if self._queue[0].step is None:
+            return [self._queue.popleft()]
+        batch: list[_Job] = []
+        chunks: list[_Job] = []
+        sessions: set[str] = set()
         for job in self._queue:
-            if job.batchable and job.step.session_id not in sessions:
-                batch.append(job)
+            if job.step is None:
+                break  # session control: what came after it waits for it
+            if job.step.session_id not in sessions:
                 sessions.add(job.step.session_id)
-        other = next((job for job in self._queue if not job.batchable), None)
-        if other is not None and (self._alone_turn or not batch):
-            self._alone_turn = False
-            self._queue.remove(other)
-            return [other]
-        self._alone_turn = True
-        for job in batch:
+                (batch if job.batchable else chunks).append(job)
+        alone = min(chunks, key=lambda job: job.rank, default=None)  # the earliest of a rank
+        best = min((job.rank for job in batch), default=None)
+        if alone is not None and (
+            best is None or alone.rank < best or (alone.rank == best and self._alone_turn)
+        ):
+            chosen, self._alone_turn = [alone], False
+        else:
+            chosen, self._alone_turn = batch, True
+        for job in chosen:
             self._queue.remove(job)
-        return batch
+        taken = {id(job) for job in chosen}
+        for job in batch + chunks:  # the others were passed over: they age
+            if id(job) not in taken:
+                job.passed += 1
+        return chosen
+
+    def queued(self) -> dict[str, int]:
+        """Steps waiting now, by class (for ``/metrics``)."""
+        counts = dict.fromkeys(limits.PRIORITIES, 0)
+        with self._ready:
+            for job in self._queue:
+                if job.step is not None:
+                    counts[limits.PRIORITIES[job.step.priority]] += 1
+        return counts
 
     @staticmethod
     def _settle(future: Future, function: Callable[[], Any]) -> None:

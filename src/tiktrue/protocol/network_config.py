@@ -157,6 +157,33 @@ class NetworkConfig(BaseModel):
         """Nodes holding a replica of a span, ready to take over (not in the chain)."""
         return [n for n in self.nodes if n.role == "backup" and n.blocks]
 
+    def replica_of(self, backup: NodeEntry) -> list[NodeEntry] | None:
+        """The consecutive chain nodes whose spans ``backup``'s replica is, exactly (the run
+        it can take over, or serve beside them), or None: a replica of something else, or of
+        a run that includes the admin (whose loss is never failed over)."""
+        replica = set(backup.blocks)
+        covered = [n for n in self.chain() if set(n.blocks) <= replica]
+        if not covered or [b for n in covered for b in n.blocks] != backup.blocks:
+            return None
+        if any(n.role == "admin" for n in covered):
+            return None
+        return covered
+
+    def replica_chains(self) -> list[tuple[str, ...]]:
+        """Second chains for new conversations (seed 001's replicas): the chain with the run
+        an idle backup replicates served by that backup instead, as node ids, for each backup
+        whose replica leaves the chain's first node (the gateway's entry) in place."""
+        chain = self.chain()
+        routes = []
+        for backup in self.backups():
+            covered = self.replica_of(backup)
+            if not covered or covered[0].node_id == chain[0].node_id:
+                continue
+            at = chain.index(covered[0])
+            route = [n.node_id for n in chain[:at]] + [backup.node_id]
+            routes.append(tuple(route + [n.node_id for n in chain[at + len(covered) :]]))
+        return routes
+
     def next_node(self, node_id: str) -> NodeEntry | None:
         """The node after ``node_id`` in the chain; None for the head and for a backup."""
         if self.node(node_id).role == "backup":

@@ -32,6 +32,7 @@ from tiktrue import limits
 from tiktrue.limits import (
     MaxTokens,
     MinP,
+    Priority,
     RepetitionPenalty,
     Seed,
     StopStrings,
@@ -200,6 +201,8 @@ class InferenceRequest(Message):
     seed: Seed | None = None
     stop: StopStrings = Field(default_factory=list)
     stream: bool = True
+    # quick / normal / deep; None: the API key's or account's default, else normal
+    priority: Priority | None = None
 
     @model_validator(mode="after")
     def _check_inputs(self) -> InferenceRequest:
@@ -318,6 +321,8 @@ class NodeAuth(Message):
 class _SessionControl(Message):
     network_id: Identifier | None = None  # a gateway's client may leave it out; nodes may not
     session_id: Identifier
+    # between nodes: the replica chain the session runs on (its nodes' ids; None: the chain)
+    route: list[Identifier] | None = Field(None, min_length=1, max_length=64)
 
 
 class SessionOpen(_SessionControl):

@@ -15,6 +15,9 @@
   once a day's tokens reach the quota the next request is refused with :class:`RateLimited`
   until the day ends. An answer under way is never cut: it may pass the quota by its own
   length.
+- A priority class (``limits.PRIORITIES``: quick, normal, deep) may be set per account and
+  per key: the default class of their requests (a request may name its own); a key's wins
+  over its account's, and without either a request is ``normal``.
 
 Tables ``users``, ``api_keys`` and ``usage`` are created here if missing; other stores of the
 node keep their own tables in the same file. Every method is one short transaction; callers on
@@ -37,6 +40,7 @@ from pathlib import Path
 import bcrypt
 import jwt
 
+from tiktrue import limits
 from tiktrue.database import Database
 from tiktrue.security.auth_manager import _write_private_file
 
@@ -84,6 +88,10 @@ SCHEMA = (
 QUOTAS = (
     "ALTER TABLE users ADD COLUMN tpd INTEGER",  # tokens per day (prompt + generated)
     "ALTER TABLE api_keys ADD COLUMN tpd INTEGER",
+)
+PRIORITY_DEFAULTS = (  # the default class of requests (NULL: none set here)
+    "ALTER TABLE users ADD COLUMN priority TEXT",
+    "ALTER TABLE api_keys ADD COLUMN priority TEXT",
 )
 
 
@@ -148,6 +156,7 @@ class User:
     rpm: int | None = None
     rpd: int | None = None
     tpd: int | None = None
+    priority: str | None = None  # the default class of its requests (None: normal)
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,7 @@ class ApiKey:
     rpm: int | None = None
     rpd: int | None = None
     tpd: int | None = None
+    priority: str | None = None  # the default class of its requests (None: its account's)
 
     def state(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -182,6 +192,11 @@ class Principal:
     role: str | None = None
     key_id: int | None = None
     networks: tuple[str, ...] | None = None  # the key's scope; None: every network
+    priority: str | None = None  # the key's default class, else the account's (None: normal)
+
+    def priority_of(self, asked: str | None) -> str:
+        """A request's class: the one it names, else this caller's default, else normal."""
+        return asked or self.priority or limits.DEFAULT_PRIORITY
 
     @property
     def anonymous(self) -> bool:
@@ -213,6 +228,14 @@ def _check_password(password: str) -> bytes:
     return raw
 
 
+def _check_priority(value: str | None) -> str | None:
+    if value is not None and value not in limits.PRIORITIES:
+        raise UserError(
+            f"a priority class is one of {', '.join(limits.PRIORITIES)} (or unset), not {value!r}"
+        )
+    return value
+
+
 def _check_limit(value: int | None, what: str) -> int | None:
     if value is not None and value < 1:
         raise UserError(f"{what} must be at least 1 (or unset: no limit)")
@@ -240,7 +263,7 @@ class UserStore:
         self.rounds = rounds
         self.jwt_ttl_s = jwt_ttl_s
         self.db = Database.open(self.data_dir)
-        self.db.migrate("users", [SCHEMA, QUOTAS])
+        self.db.migrate("users", [SCHEMA, QUOTAS, PRIORITY_DEFAULTS])
         self._secret = self._load_secret()
         # checking a password of an unknown account costs as much as a known one's
         self._dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(self.rounds))
@@ -269,6 +292,7 @@ class UserStore:
         rpm: int | None = None,
         rpd: int | None = None,
         tpd: int | None = None,
+        priority: str | None = None,
     ) -> User:
         """A new account; the first one is the admin (``role`` None: admin if first, else
         user)."""
@@ -283,8 +307,8 @@ class UserStore:
             role = "admin" if first else (role or "user")
             try:
                 cursor = conn.execute(
-                    "INSERT INTO users (name, password_hash, role, rpm, rpd, tpd, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO users (name, password_hash, role, rpm, rpd, tpd, priority,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         hashed,
@@ -292,6 +316,7 @@ class UserStore:
                         _check_limit(rpm, "rpm"),
                         _check_limit(rpd, "rpd"),
                         _check_limit(tpd, "tpd"),
+                        _check_priority(priority),
                         self.clock(),
                     ),
                 )
@@ -358,6 +383,28 @@ class UserStore:
                 raise NotFound(f"no account {name!r}")
         return self.user(name)
 
+    def set_user_priority(self, name: str, priority: str | None) -> User:
+        """The default class of the account's requests (None: normal), for the keys that
+        set none of their own."""
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE users SET priority = ? WHERE name = ?", (_check_priority(priority), name)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no account {name!r}")
+        return self.user(name)
+
+    def set_key_priority(self, key_id: int, priority: str | None) -> ApiKey:
+        """The default class of the key's requests (None: its account's)."""
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE api_keys SET priority = ? WHERE id = ?",
+                (_check_priority(priority), key_id),
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no API key {key_id}")
+        return self.key(key_id)
+
     def set_key_quota(self, key_id: int, tpd: int | None) -> ApiKey:
         """A key's token quota per day (None: none beyond its account's)."""
         with self.db.transaction() as conn:
@@ -414,7 +461,7 @@ class UserStore:
         if not rows or rows[0]["token_epoch"] != claims["epoch"]:
             raise InvalidCredentials("the token's account was removed or changed its password")
         user = _user(rows[0])
-        return Principal(user.id, user.name, user.role)
+        return Principal(user.id, user.name, user.role, priority=user.priority)
 
     # --- API keys -------------------------------------------------------------------------
 
@@ -428,6 +475,7 @@ class UserStore:
         rpm: int | None = None,
         rpd: int | None = None,
         tpd: int | None = None,
+        priority: str | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key for ``user``: returns its record and the key itself (shown this once)."""
         owner = self.user(user)
@@ -438,7 +486,8 @@ class UserStore:
         with self.db.transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO api_keys (user_id, key_hash, prefix, name, networks, rpm, rpd,"
-                " tpd, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " tpd, priority, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     owner.id,
                     hash_key(key),
@@ -448,6 +497,7 @@ class UserStore:
                     _check_limit(rpm, "rpm"),
                     _check_limit(rpd, "rpd"),
                     _check_limit(tpd, "tpd"),
+                    _check_priority(priority),
                     now,
                     None if expires_in_s is None else now + expires_in_s,
                 ),
@@ -490,8 +540,9 @@ class UserStore:
             raise RevokedKey("this API key was revoked")
         if state == "expired":
             raise ExpiredCredentials("this API key has expired")
+        priority = record.priority or rows[0]["user_priority"]
         return Principal(
-            record.user_id, record.user_name, rows[0]["role"], record.id, record.networks
+            record.user_id, record.user_name, rows[0]["role"], record.id, record.networks, priority
         ), record
 
     def authenticate(self, credential: str) -> Principal:
@@ -594,14 +645,21 @@ def _check_quota(conn: sqlite3.Connection, subject: str, who: str, tpd: int | No
 
 
 _KEYS = (
-    "SELECT k.*, u.name AS user_name, u.role AS role"
+    "SELECT k.*, u.name AS user_name, u.role AS role, u.priority AS user_priority"
     " FROM api_keys k JOIN users u ON u.id = k.user_id"
 )
 
 
 def _user(row: sqlite3.Row) -> User:
     return User(
-        row["id"], row["name"], row["role"], row["created_at"], row["rpm"], row["rpd"], row["tpd"]
+        row["id"],
+        row["name"],
+        row["role"],
+        row["created_at"],
+        row["rpm"],
+        row["rpd"],
+        row["tpd"],
+        row["priority"],
     )
 
 
@@ -620,4 +678,5 @@ def _key(row: sqlite3.Row) -> ApiKey:
         rpm=row["rpm"],
         rpd=row["rpd"],
         tpd=row["tpd"],
+        priority=row["priority"],
     )

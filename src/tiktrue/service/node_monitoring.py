@@ -49,16 +49,33 @@ UNSPECIFIED = ("0.0.0.0", "::", "")
 
 
 def answer_figures(
-    network_id: str, model_id: str, result: GenerationResult, caller: Principal | None
+    network_id: str,
+    model_id: str,
+    result: GenerationResult,
+    caller: Principal | None,
+    version: int = 0,
 ) -> AnswerFigures:
-    """What the history keeps of an answer: its sums, and each node's compute per step."""
+    """What the history keeps of an answer: its sums, and per node its decode steps' compute,
+    their wait there and its link's ping (the rebalancing reads them)."""
     compute: dict[str, list] = {}
+    waits: dict[str, float] = {}
+    links: dict[str, list] = {}
+    transit = 0.0
     for timing in result.step_timings:
+        transit += max(0.0, timing.transit_ms())
         for node in timing.nodes:
-            if node.get("compute_ms") is not None:
-                held = compute.setdefault(str(node.get("node", "?")), [0, 0.0])
-                held[0] += 1
-                held[1] += node["compute_ms"]
+            if node.get("compute_ms") is None:
+                continue
+            name = str(node.get("node", "?"))
+            held = compute.setdefault(name, [0, 0.0])
+            held[0] += 1
+            held[1] += node["compute_ms"]
+            waited = (node.get("total_ms") or 0.0) - node["compute_ms"]
+            waits[name] = waits.get(name, 0.0) + max(0.0, waited)
+            if node.get("link_rtt_ms") is not None:
+                ping = links.setdefault(name, [0, 0.0])
+                ping[0] += 1
+                ping[1] += node["link_rtt_ms"]
     return AnswerFigures(
         network_id,
         model_id,
@@ -70,6 +87,10 @@ def answer_figures(
         user_id=caller.user_id if caller is not None else None,
         key_id=caller.key_id if caller is not None else None,
         node_compute_ms={k: (v[0], v[1]) for k, v in compute.items()},
+        node_wait_ms=waits,
+        node_link_ms={k: (v[0], v[1]) for k, v in links.items()},
+        transit_ms=transit,
+        config_version=version,
     )
 
 
@@ -166,7 +187,12 @@ class NodeMonitoring:
                 )
             caller = current_caller() or principal_of(owner)
             write = self._writer.submit(
-                self._record, gateway.network_id, gateway.model_id, result, caller
+                self._record,
+                gateway.network_id,
+                gateway.model_id,
+                result,
+                caller,
+                gateway.config.version,
             )
         except Exception:  # the answer is given; its figures must not break it
             log.exception("network %s: cannot record an answer", gateway.network_id)
@@ -174,13 +200,19 @@ class NodeMonitoring:
         await asyncio.shield(asyncio.wrap_future(write))
 
     def _record(
-        self, network_id: str, model_id: str, result: GenerationResult, caller: Principal | None
+        self,
+        network_id: str,
+        model_id: str,
+        result: GenerationResult,
+        caller: Principal | None,
+        version: int = 0,
     ) -> None:
         """On the worker thread: the answer into the history, and its tokens against its
         caller's quotas."""
         try:
             tokens = result.prompt_tokens + len(result.token_ids)
-            self.history.record_answer(answer_figures(network_id, model_id, result, caller))
+            figures = answer_figures(network_id, model_id, result, caller, version)
+            self.history.record_answer(figures)
             if caller is not None and not caller.anonymous:
                 self._count_tokens(caller, tokens)
         except Exception:  # logged; the answer was given

@@ -239,6 +239,7 @@ class Chat:
             session_id=session_id,
             owner=self.owner,
             result=result,
+            priority=self.user.priority_of(None),  # the account's default class
         )
         try:
             async for event in stream:

@@ -9,12 +9,13 @@ answer a job (``GET /api/admin/jobs/{id}`` shows its progress).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from tiktrue.gateway.auth import caller_of
+from tiktrue.limits import Priority
 from tiktrue.ui.admin.errors import AdminError
 from tiktrue.ui.admin.operations import AdminOperations, PlanRequest
 
@@ -59,6 +60,11 @@ class NewUser(Limits):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(max_length=1024)
     role: str | None = None
+    priority: Priority | None = None  # the default class of its requests
+
+
+class PriorityBody(BaseModel):
+    priority: Priority | None  # the default class of requests; null: unset
 
 
 class Password(BaseModel):
@@ -70,6 +76,7 @@ class NewKey(Limits):
     name: str | None = Field(None, max_length=128)
     networks: list[str] | None = None
     days: float | None = Field(None, gt=0)
+    priority: Priority | None = None
 
 
 class Anonymous(BaseModel):
@@ -139,6 +146,14 @@ def admin_router(ops: AdminOperations) -> APIRouter:
     async def apply(network_id: str, body: PlanRequest) -> dict:
         return ops.apply(network_id, body).as_dict()
 
+    @r.post("/networks/{network_id}/rebalance")
+    async def rebalance(network_id: str, hours: float = Query(24.0, gt=0, le=24 * 400)) -> dict:
+        return await ops.rebalance(network_id, hours * 3600)
+
+    @r.post("/networks/{network_id}/rebalance/apply", status_code=202)
+    async def apply_rebalance(network_id: str) -> dict:
+        return ops.apply_rebalance(network_id).as_dict()
+
     # jobs, events, alerts
     @r.get("/jobs")
     async def jobs() -> list[dict]:
@@ -181,7 +196,13 @@ def admin_router(ops: AdminOperations) -> APIRouter:
     @r.post("/users", status_code=201)
     async def add_user(body: NewUser) -> dict:
         return await ops.add_user(
-            body.name, body.password, body.role, rpm=body.rpm, rpd=body.rpd, tpd=body.tpd
+            body.name,
+            body.password,
+            body.role,
+            rpm=body.rpm,
+            rpd=body.rpd,
+            tpd=body.tpd,
+            priority=body.priority,
         )
 
     @r.delete("/users/{name}")
@@ -192,6 +213,10 @@ def admin_router(ops: AdminOperations) -> APIRouter:
     async def limits(name: str, body: Limits) -> dict:
         quota = {"tpd": body.tpd} if "tpd" in body.model_fields_set else {}
         return await ops.set_user_limits(name, rpm=body.rpm, rpd=body.rpd, **quota)
+
+    @r.put("/users/{name}/priority")
+    async def user_priority(name: str, body: PriorityBody) -> dict:
+        return await ops.set_user_priority(name, body.priority)
 
     @r.put("/users/{name}/password")
     async def password(name: str, body: Password) -> dict:
@@ -211,7 +236,12 @@ def admin_router(ops: AdminOperations) -> APIRouter:
             rpm=body.rpm,
             rpd=body.rpd,
             tpd=body.tpd,
+            priority=body.priority,
         )
+
+    @r.put("/keys/{key_id}/priority")
+    async def key_priority(key_id: int, body: PriorityBody) -> dict:
+        return await ops.set_key_priority(key_id, body.priority)
 
     @r.delete("/keys/{key_id}")
     async def revoke_key(key_id: int) -> dict:

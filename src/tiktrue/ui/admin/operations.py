@@ -36,11 +36,13 @@ from tiktrue.control import join, plans
 from tiktrue.control import network_admin as na
 from tiktrue.control import network_manager as nm
 from tiktrue.control.config_writer import ConfigWriter
+from tiktrue.control import resource_optimizer as ro
 from tiktrue.control.discovery import NetworkBrowser
 from tiktrue.control.distributor import PushProgress
 from tiktrue.control.local_service import local_control_address
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
-from tiktrue.control.planner import Plan, PlanError
+from tiktrue.control.planner import Plan, PlanError, human_bytes
+from tiktrue.control.resource_optimizer import Rebalance
 from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
 from tiktrue.limits import ContextTokens
 from tiktrue.model.errors import StoreError
@@ -57,6 +59,7 @@ from tiktrue.ui.i18n import N_, Bytes, Message, Nn_
 
 log = logging.getLogger("tiktrue.admin")
 MEASURE_TTL_S = 120.0  # a plan preview reuses one measurement of the nodes this long
+REBALANCE_TTL_S = 600.0  # "Apply" applies the rebalancing shown this long ago at most
 ALERT_LEVELS = ("warning", "error", "critical")
 
 
@@ -114,6 +117,7 @@ class AdminOperations:
         self.jobs = jobs or JobBoard()
         self._measured: dict[str, tuple[float, dict]] = {}  # network -> (when, probe status)
         self._measuring: dict[str, asyncio.Lock] = {}
+        self._rebalances: dict[str, tuple[float, Rebalance]] = {}  # network -> the one shown
 
     @property
     def users(self) -> UserStore:
@@ -352,11 +356,6 @@ class AdminOperations:
         def step(text: str, **params) -> None:
             job.step = Message(text, params)  # one of PLAN_STEPS: translated where shown
 
-        def progress(p: PushProgress) -> None:
-            job.part(p.node_id, p.sent_bytes, p.total_bytes, p.block)
-            parts = job.parts.values()
-            job.progress(sum(x["done"] for x in parts), sum(x["total"] for x in parts))
-
         chosen: list[Plan] = []
         config = await plans.apply_network(
             self.data_dir,
@@ -365,7 +364,7 @@ class AdminOperations:
             overrides=request.overrides,
             context_tokens=request.context_tokens,
             measured=measured,
-            progress=progress,
+            progress=_job_progress(job),
             step=step,
             planned=chosen.append,
             writer=self.writer,
@@ -376,6 +375,51 @@ class AdminOperations:
             "verdict": _verdict(chosen[-1]),
             "summary": N_("the network runs config v{version}", version=config.version),
         }
+
+    # --- rebalancing ---------------------------------------------------------------------------
+
+    async def rebalance(self, network_id: str, since_s: float = ro.DEFAULT_WINDOW_S) -> dict:
+        """Which PC slows the chain and a faster plan from the measured speeds (``tiktrue
+        network rebalance``); kept so that "Apply" applies exactly what was shown."""
+        config = self._config(network_id)
+        try:
+            found = await self._call(
+                ro.rebalance_report(self.data_dir, network_id, since=time.time() - since_s)
+            )
+        except ro.NotEnoughHistory as exc:
+            return {"measured": False, "verdict": str(exc), "worth_it": False}
+        self._rebalances[network_id] = (time.monotonic(), found)
+        return rebalance_view(found, config)
+
+    def apply_rebalance(self, network_id: str) -> Job:
+        """The admin's OK to the plan ``rebalance`` showed (within ``REBALANCE_TTL_S``)."""
+        self._config(network_id)
+        shown = self._rebalances.get(network_id)
+        if shown is None or time.monotonic() - shown[0] > REBALANCE_TTL_S:
+            raise AdminError("stale", "analyse the network again before applying", 409)
+        if not shown[1].worth_it:
+            raise AdminError("nothing_to_apply", shown[1].verdict(), 409)
+        title = f"apply a new plan to {network_id}"
+        if self.jobs.running("apply", title):
+            raise AdminError("busy", f"a plan is being applied to {network_id} already", 409)
+
+        async def work(job: Job) -> dict:
+            job.step = N_("sending each node its blocks")
+            config = await ro.apply_rebalance(
+                self.data_dir,
+                network_id,
+                shown[1],
+                progress=_job_progress(job),
+                writer=self.writer,
+            )
+            self._rebalances.pop(network_id, None)
+            self._measured.pop(network_id, None)
+            return {
+                "version": config.version,
+                "summary": N_("the network runs config v{version}", version=config.version),
+            }
+
+        return self.jobs.start("apply", title, work)
 
     # --- events and alerts -------------------------------------------------------------------
 
@@ -530,7 +574,7 @@ class AdminOperations:
 
     async def add_user(self, name: str, password: str, role: str | None = None, **limits) -> dict:
         """A new account (``UserStore.add_user``: the first one is the admin; ``rpm``,
-        ``rpd``)."""
+        ``rpd``, ``tpd``, ``priority``)."""
         user = await self._people(self.users.add_user, name, password, role, **limits)
         return dataclasses.asdict(user)
 
@@ -563,6 +607,7 @@ class AdminOperations:
         rpm: int | None = None,
         rpd: int | None = None,
         tpd: int | None = None,
+        priority: str | None = None,
     ) -> dict:
         """A new API key: the key itself is in the answer this once, never again."""
         record, key = await self._people(
@@ -574,8 +619,18 @@ class AdminOperations:
             rpm=rpm,
             rpd=rpd,
             tpd=tpd,
+            priority=priority,
         )
         return {"key": key, "record": _key_view(record, time.time())}
+
+    async def set_user_priority(self, name: str, priority: str | None) -> dict:
+        """The default class of an account's requests (None: normal)."""
+        return dataclasses.asdict(await self._people(self.users.set_user_priority, name, priority))
+
+    async def set_key_priority(self, key_id: int, priority: str | None) -> dict:
+        """The default class of a key's requests (None: its account's)."""
+        key = await self._people(self.users.set_key_priority, key_id, priority)
+        return _key_view(key, time.time())
 
     async def revoke_key(self, key_id: int) -> dict:
         return _key_view(await self._people(self.users.revoke_key, key_id), time.time())
@@ -652,6 +707,50 @@ def plan_view(plan: Plan, chain: list[str], names: Mapping[str, str]) -> dict:
         notes=list(plan.notes),
     )
     return view
+
+
+def rebalance_view(found: Rebalance, config) -> dict:
+    """What the dashboard shows of a rebalancing: the hops, the verdict, the new plan."""
+    names = {n.node_id: n.name or n.node_id for n in config.nodes}
+    slowest = found.analysis.slowest
+    return {
+        "measured": True,
+        "summary": found.analysis.describe().splitlines()[0],
+        "hops": [
+            {
+                "node_id": h.node_id,
+                "name": names.get(h.node_id, h.node_id),
+                "span": h.span,
+                "steps": h.steps,
+                "compute_ms": round(h.compute_ms, 2),
+                "wait_ms": round(h.wait_ms, 2),
+                "link_ms": None if h.link_ms is None else round(h.link_ms, 2),
+                "cpu_percent": None if h.cpu_percent is None else round(h.cpu_percent),
+                "share": round(h.share, 3),
+                "slowest": slowest is not None and h.node_id == slowest.node_id,
+            }
+            for h in found.analysis.hops
+        ],
+        "verdict": found.verdict(),
+        "worth_it": found.worth_it,
+        "current_ms": round(found.current_ms, 2),
+        "planned_ms": round(found.planned_ms, 2),
+        "gain_ms": round(found.gain_ms, 2),
+        "gain_ratio": round(found.gain_ratio, 3),
+        "changes": {n: list(c) for n, c in found.changes.items()},
+        "plan": plan_view(found.plan, config.model_chain_order, names),
+    }
+
+
+def _job_progress(job: Job) -> Callable[[PushProgress], None]:
+    """A block push's progress as the job's parts (one per node) and its fraction."""
+
+    def progress(p: PushProgress) -> None:
+        job.part(p.node_id, p.sent_bytes, p.total_bytes, p.block)
+        parts = job.parts.values()
+        job.progress(sum(x["done"] for x in parts), sum(x["total"] for x in parts))
+
+    return progress
 
 
 def _verdict(plan: Plan) -> str:

@@ -1,10 +1,12 @@
 """``/admin/people``: accounts (add, limits, remove) and API keys (create: the key is shown
-this once; revoke), and whether callers without a key may use the gateway from the LAN."""
+this once; revoke), the default priority class of each (quick, normal, deep), and whether
+callers without a key may use the gateway from the LAN."""
 
 from __future__ import annotations
 
 from nicegui import ui
 
+from tiktrue import limits
 from tiktrue.security.users import MIN_PASSWORD_CHARS
 from tiktrue.ui.admin.operations import AdminOperations
 from tiktrue.ui.admin.widgets import (
@@ -17,13 +19,14 @@ from tiktrue.ui.admin.widgets import (
     section,
     state_text,
 )
-from tiktrue.ui.i18n import N_, _, fmt_date, number
+from tiktrue.ui.i18n import N_, _, fmt_date, number, translate
 
 USER_COLUMNS = [
     {"name": "name", "label": N_("Account"), "field": "name", "align": "left"},
     {"name": "role", "label": N_("Role"), "field": "role_text", "align": "left"},
     {"name": "rpm", "label": N_("Requests/min"), "field": "rpm_text", **WIDE},
     {"name": "rpd", "label": N_("Requests/day"), "field": "rpd_text", **WIDE},
+    {"name": "class", "label": N_("Class"), "field": "class_text", "align": "left"},
     {"name": "actions", "label": "", "field": "name"},
 ]
 KEY_COLUMNS = [
@@ -33,8 +36,16 @@ KEY_COLUMNS = [
     {"name": "state", "label": N_("State"), "field": "state_text", "align": "left"},
     {"name": "expires", "label": N_("Expires"), "field": "expires_text", "align": "left", **WIDE},
     {"name": "limits", "label": N_("Limits"), "field": "limits_text", "align": "left", **WIDE},
+    {"name": "class", "label": N_("Class"), "field": "class_text", "align": "left"},
     {"name": "actions", "label": "", "field": "id"},
 ]
+# the choices of a default class: unset (the account's, or normal) or one of the classes
+CLASS_NAMES = {"quick": N_("quick"), "normal": N_("normal"), "deep": N_("deep")}
+
+
+def class_name(name: str) -> str:
+    """A priority class in the person's language."""
+    return translate(CLASS_NAMES.get(name, name))
 
 
 def _limit(value: int | None) -> str:
@@ -43,6 +54,16 @@ def _limit(value: int | None) -> str:
 
 def _number(field) -> int | None:
     return int(field.value) if field.value not in (None, "") else None
+
+
+def _class(field) -> str | None:
+    return field.value or None
+
+
+def _class_select(label: str) -> ui.select:
+    """The choices of a default class: unset (the account's, or normal) or one of them."""
+    choices = {"": _("default"), **{name: class_name(name) for name in limits.PRIORITIES}}
+    return ui.select(choices, label=label, value="").props("outlined dense")
 
 
 def register(context) -> None:
@@ -78,6 +99,7 @@ def register(context) -> None:
             )
             created = ui.column().classes("w-full")
             user_choice: dict[str, ui.select] = {}
+            class_target: dict[str, ui.select] = {}
 
             async def refresh() -> None:
                 people = await attempt(ops.list_users())
@@ -91,6 +113,7 @@ def register(context) -> None:
                             "role_text": state_text(u["role"]),
                             "rpm_text": _limit(u["rpm"]),
                             "rpd_text": _limit(u["rpd"]),
+                            "class_text": class_name(u["priority"] or "normal"),
                         }
                         for u in people
                     ]
@@ -108,11 +131,26 @@ def register(context) -> None:
                             "limits_text": _(
                                 "{rpm}/min, {rpd}/day", rpm=_limit(k["rpm"]), rpd=_limit(k["rpd"])
                             ),
+                            "class_text": class_name(k["priority"])
+                            if k["priority"]
+                            else _("of its account"),
                         }
                     )
                 keys.update_rows(rows)
                 if "select" in user_choice:
                     user_choice["select"].set_options([u["name"] for u in people])
+                if "select" in class_target:
+                    targets = {
+                        f"user:{u['name']}": _("account {name}", name=u["name"]) for u in people
+                    }
+                    for k in listed:
+                        if k["state"] == "active":
+                            targets[f"key:{k['id']}"] = _(
+                                "key {prefix}… ({account})",
+                                prefix=k["prefix"],
+                                account=k["user_name"],
+                            )
+                    class_target["select"].set_options(targets)
 
             async def remove(event) -> None:
                 if await attempt(ops.remove_user(event.args), _("Removed {name}", name=event.args)):
@@ -142,6 +180,7 @@ def register(context) -> None:
                     with ui.row().classes("w-full gap-2 no-wrap"):
                         rpm = ui.number(_("Requests/min"), min=1, step=1).props("outlined dense")
                         rpd = ui.number(_("Requests/day"), min=1, step=1).props("outlined dense")
+                    user_class = _class_select(_("Class of its requests"))
 
                     async def add() -> None:
                         made = await attempt(
@@ -151,6 +190,7 @@ def register(context) -> None:
                                 role.value,
                                 rpm=_number(rpm),
                                 rpd=_number(rpd),
+                                priority=_class(user_class),
                             ),
                             _("Added {name}", name=name.value or ""),
                         )
@@ -175,6 +215,7 @@ def register(context) -> None:
                         key_rpm.props("outlined dense")
                         key_rpd = ui.number(_("Requests/day"), min=1, step=1)
                         key_rpd.props("outlined dense")
+                    key_class = _class_select(_("Class of the key's requests"))
 
                     async def create() -> None:
                         if not owner.value:
@@ -187,6 +228,7 @@ def register(context) -> None:
                                 days=_number(days),
                                 rpm=_number(key_rpm),
                                 rpd=_number(key_rpd),
+                                priority=_class(key_class),
                             )
                         )
                         if made:
@@ -208,6 +250,36 @@ def register(context) -> None:
 
                     label = _("Create key")
                     ui.button(label, icon="key", on_click=create).props(
+                        f'unelevated no-caps aria-label="{label}"'
+                    )
+                with ui.column().classes("tt-card p-4 gap-2 w-full"):
+                    ui.label(_("Priority class")).classes("font-semibold")
+                    ui.label(
+                        _(
+                            "Under load every PC runs quick requests first and deep ones last "
+                            "(a deep request waits, never for ever). A request may name its "
+                            "own class; else its key's applies, else its account's, else normal."
+                        )
+                    ).classes("tt-muted text-sm")
+                    target = ui.select({}, label=_("Account or key")).props("outlined dense")
+                    class_target["select"] = target
+                    new_class = _class_select(_("New class"))
+
+                    async def set_class() -> None:
+                        if not target.value:
+                            ui.notify(_("choose an account or a key"), type="warning")
+                            return
+                        kind, _, ref = target.value.partition(":")
+                        change = (
+                            ops.set_user_priority(ref, _class(new_class))
+                            if kind == "user"
+                            else ops.set_key_priority(int(ref), _class(new_class))
+                        )
+                        if await attempt(change, _("class set")):
+                            await refresh()
+
+                    label = _("Set class")
+                    ui.button(label, icon="low_priority", on_click=set_class).props(
                         f'unelevated no-caps aria-label="{label}"'
                     )
             section(_("The gateway"))

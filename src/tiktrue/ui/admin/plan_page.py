@@ -4,6 +4,10 @@ is missing), before anything changes; then "Apply" with the progress of the dist
 
 The nodes are measured once when the page opens ("Measure again" repeats it); each slider move
 re-plans on that measurement, a fraction of a second after the slider stops.
+
+"Rebalance from the measured load" reads the metrics history of the current plan: which PC
+slows the chain (per hop: compute, queue, link), the plan the planner makes with the measured
+speeds and its expected gain; "Rebalance now" is the admin's OK (nothing changes before).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from tiktrue.ui.admin.operations import AdminOperations, PlanRequest
 from tiktrue.ui.admin.widgets import (
     attempt,
     block_map,
+    data_table,
     fmt_bytes,
+    fmt_ms,
     follow_job,
     network_frame,
     section,
@@ -27,6 +33,15 @@ from tiktrue.ui.i18n import _, translate
 from tiktrue.ui.refusals import plan_refusal
 
 GB = 1e9
+HOP_COLUMNS = [
+    {"name": "name", "label": "PC", "field": "name_text", "align": "left"},
+    {"name": "span", "label": "Blocks", "field": "span", "align": "left"},
+    {"name": "compute", "label": "Compute", "field": "compute_text"},
+    {"name": "wait", "label": "Waits", "field": "wait_text"},
+    {"name": "link", "label": "Link", "field": "link_text"},
+    {"name": "cpu", "label": "CPU", "field": "cpu_text"},
+    {"name": "share", "label": "Share of a token", "field": "share_text"},
+]
 RAM_STEP_GB = 0.1
 DEBOUNCE_S = 0.25
 
@@ -215,3 +230,76 @@ def register(context) -> None:
             measure_button.on_click(lambda: measure(True))
             apply_button.on_click(apply)
             ui.timer(0.05, measure, once=True)
+            rebalance_card(ops, network_id)
+
+
+def rebalance_card(ops: AdminOperations, network_id: str) -> None:
+    """Which PC slows the chain, from the metrics history; a faster plan; the admin's OK."""
+    section("Rebalance from the measured load")
+    with ui.column().classes("tt-card w-full p-4 gap-2"):
+        ui.label(
+            "Reads the last day's answers on the current plan: what a token costs on each PC "
+            "(its compute, its queue, its link), and the plan the measured speeds call for."
+        ).classes("tt-muted text-sm")
+        summary = ui.label().classes("text-sm")
+        hops = data_table(HOP_COLUMNS, "node_id", "Not analysed yet")
+        verdict = ui.label().classes("font-medium")
+        verdict.props('data-testid="rebalance-verdict" aria-live="polite"')
+        planned = ui.column().classes("w-full gap-3")
+        with ui.row().classes("w-full gap-2 justify-end"):
+            analyse = ui.button("Analyse", icon="insights").props(
+                'flat no-caps aria-label="Analyse the load"'
+            )
+            approve = ui.button("Rebalance now", icon="play_arrow").props(
+                'unelevated no-caps aria-label="Rebalance now"'
+            )
+            approve.disable()
+        jobs = ui.column().classes("w-full gap-2")
+
+    async def run_analysis() -> None:
+        analyse.disable()
+        verdict.set_text("Reading the history and measuring the nodes…")
+        found = await attempt(ops.rebalance(network_id))
+        analyse.enable()
+        if found is None:
+            verdict.set_text("")
+            return
+        verdict.set_text(found["verdict"])
+        approve.set_enabled(found["worth_it"])
+        planned.clear()
+        if not found["measured"]:
+            summary.set_text("")
+            hops.update_rows([])
+            return
+        summary.set_text(found["summary"])
+        hops.update_rows(
+            [
+                {
+                    **h,
+                    "name_text": h["name"] + (" (slowest)" if h["slowest"] else ""),
+                    "compute_text": fmt_ms(h["compute_ms"]),
+                    "wait_text": fmt_ms(h["wait_ms"]),
+                    "link_text": fmt_ms(h["link_ms"]),
+                    "cpu_text": "-" if h["cpu_percent"] is None else f"{h['cpu_percent']}%",
+                    "share_text": f"{h['share']:.0%}",
+                }
+                for h in found["hops"]
+            ]
+        )
+        if found["worth_it"]:
+            block_map(found["plan"], planned)
+
+    def applied(job) -> None:
+        if job.state == "done":
+            ui.notify(job.result["summary"], type="positive")
+        ui.timer(0.1, run_analysis, once=True)
+
+    async def apply_it() -> None:
+        job = await attempt(lambda: ops.apply_rebalance(network_id))
+        if job is not None:
+            approve.disable()
+            jobs.clear()
+            follow_job(job, jobs, applied)
+
+    analyse.on_click(run_analysis)
+    approve.on_click(apply_it)
