@@ -5,7 +5,8 @@ of the person reading it.
 (English: a log's and a spreadsheet's words). The page draws the same figures from the same
 :class:`~tiktrue.monitoring.reports.Report`, with the same pygal style, but with its titles,
 column names, series and axis numbers in the person's language (Persian digits in Persian),
-dates in their calendar, and ids (networks, models, PCs) kept Latin as bidi isolates.
+dates in their calendar, and ids (networks, models, PCs) kept Latin (bidi isolates in a
+right-to-left language).
 
 In a right-to-left language a chart is mirrored, as the page is: its categories run from the
 right, the value axis stands on the right and horizontal bars grow leftwards. The mirror is
@@ -24,7 +25,7 @@ from pygal.style import Style
 from tiktrue.monitoring.reports import SCRIPT, STYLE, Report
 from tiktrue.ui import i18n
 from tiktrue.ui.admin.widgets import fmt_ms
-from tiktrue.ui.i18n import N_, Message, _, fmt_datetime, isolate, localize_digits, translate
+from tiktrue.ui.i18n import N_, Message, _, fmt_datetime, latin, localize_digits, translate
 
 # The tables' titles; in English they are those of ``monitoring.reports`` (the CLI's and the
 # file's), as are the charts' titles: a figure has one name wherever it is shown.
@@ -121,8 +122,8 @@ def tables(report: Report) -> list[tuple[str, list[Message], list[list[str]]]]:
             ],
             [
                 [
-                    isolate(n["network"]),
-                    isolate(n["model"]),
+                    latin(n["network"]),
+                    latin(n["model"]),
                     _count(n["answers"]),
                     _count(n["prompt_tokens"]),
                     _count(n["completion_tokens"]),
@@ -146,8 +147,8 @@ def tables(report: Report) -> list[tuple[str, list[Message], list[list[str]]]]:
             ],
             [
                 [
-                    isolate(n["network"]),
-                    isolate(n["node"]),
+                    latin(n["network"]),
+                    latin(n["node"]),
                     _count(n["steps"]),
                     _rate(n["compute_ms_per_token"], 2),
                     _rate(n["tokens_per_s"]),
@@ -178,8 +179,8 @@ def tables(report: Report) -> list[tuple[str, list[Message], list[list[str]]]]:
             [
                 [
                     fmt_datetime(f["time"]),
-                    isolate(str(f["network"])),
-                    isolate(str(f["node"])),
+                    latin(str(f["network"])),
+                    latin(str(f["node"])),
                     f["done"],  # the node's own words (tt-log)
                     _seconds(f["pause_s"]),
                 ]
@@ -189,7 +190,7 @@ def tables(report: Report) -> list[tuple[str, list[Message], list[list[str]]]]:
         (
             translate(TITLES["ratings"]),
             [N_("Model"), N_("Thumbs up"), N_("Thumbs down")],
-            [[isolate(r["model"]), _count(r["up"]), _count(r["down"])] for r in report.ratings],
+            [[latin(r["model"]), _count(r["up"]), _count(r["down"])] for r in report.ratings],
         ),
         (
             translate(TITLES["hours"]),
@@ -205,7 +206,7 @@ def tables(report: Report) -> list[tuple[str, list[Message], list[list[str]]]]:
 def _id(text: str) -> str:
     """An id in a chart's label: cut here (not by pygal, inside the isolate), isolated."""
     text = str(text)
-    return isolate(text if len(text) <= LONGEST_ID else text[: LONGEST_ID - 1] + "…")
+    return latin(text if len(text) <= LONGEST_ID else text[: LONGEST_ID - 1] + "…")
 
 
 def _axis_number(value: float) -> str:

@@ -23,7 +23,7 @@ from tiktrue.control.remote_tasks import (
 from tiktrue.protocol.network_config import config_path, read_config
 from tiktrue.ui.admin.operations import AdminOperations
 from tiktrue.ui.admin.widgets import WIDE, data_table, network_frame, section, state_text
-from tiktrue.ui.i18n import N_, _, fmt_datetime, isolate, number, translate
+from tiktrue.ui.i18n import N_, _, fmt_datetime, latin, number, translate
 
 LOG = "tt-log"  # the node's own words: left-to-right, as written
 COLUMNS = [
@@ -55,8 +55,8 @@ def _row(kept) -> dict:
         "id": kept.id,
         "number": number(kept.id),
         "time": fmt_datetime(kept.started_at),
-        "task": isolate(kept.task),
-        "node": isolate(kept.node_id),
+        "task": latin(kept.task),
+        "node": latin(kept.node_id),
         "status": state_text(kept.status),
         "details": kept.error or "",
     }
