@@ -1,7 +1,9 @@
 """The web UI in Persian, in a real browser whose language is Persian (``Accept-Language:
-fa-IR``): the first run (welcome, the admin account, a new network), a chat answer, the login
-page, each page right-to-left with no English text of ours left on it; then the person
-switches to English and the choice is kept. Screenshots at desktop and phone widths go to
+fa-IR``): the first run (welcome, the admin account, a new network, where other PCs reach this
+one), a chat answer, the login page and the certificate page it links to, every page of the
+dashboard (the reports' charts mirrored, with Persian digits; a task run on a PC), each page
+right-to-left with no English text of ours left on it; then the person switches to English
+and the choice is kept. Screenshots at desktop and phone widths go to
 ``build/screenshots/fa-*.png``."""
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ pytestmark = pytest.mark.integration
 PASSWORD = "correct horse"
 ACCOUNT = "مدیر"  # a Persian account name
 
-# Every text a person sees on the page: visible text nodes, and the placeholders, accessible
-# names and tooltips; icons (their ligature names), what people wrote (questions, answers,
-# titles), the event log's own lines and NiceGUI's hidden popups are not the UI's words.
+# Every text a person sees on the page: visible text nodes (a chart's SVG text too), and the
+# placeholders, accessible names and tooltips; icons (their ligature names), what people wrote
+# (questions, answers, titles), the nodes' own words (the event log, a task's output, log
+# lines: tt-log), a Latin value shown alone (an address, a fingerprint: tt-value) and NiceGUI's
+# hidden popups are not the UI's words.
 PAGE_TEXTS = """() => {
   const skip = (el) => el.closest(
-    '.q-icon, .material-icons, .tt-answer, .tt-user, .tt-log, script, style, ' +
+    '.q-icon, .material-icons, .tt-answer, .tt-user, .tt-log, .tt-value, script, style, ' +
     '[aria-hidden="true"]');
   const out = [document.title];
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
@@ -118,10 +122,33 @@ def assert_paragraphs_take_their_own_direction(page) -> None:
     assert edges["code"] == "ltr", edges
 
 
+# Where a chart's parts are: its value axis' labels and its plot (an RTL chart is mirrored).
+CHART_SIDES = """(figure) => {
+  const box = (els) => {
+    const rects = [...els].map((e) => e.getBoundingClientRect());
+    return {left: Math.min(...rects.map((r) => r.left)),
+            right: Math.max(...rects.map((r) => r.right))};
+  };
+  return {axis: box(figure.querySelectorAll('.axis.y text')),
+          plot: box(figure.querySelectorAll('.plot .rect'))};
+}"""
+
+
+def assert_chart_reads_right_to_left(figure) -> None:
+    """A Persian chart: its numbers in Persian digits, none in Latin ones (but in the ids, which
+    are isolates), its value axis on the right of its bars (mirrored, as the page is)."""
+    texts = figure.locator("svg text").all_text_contents()
+    numbers = re.sub("\u2068[^\u2069]*\u2069", "", "".join(texts))
+    assert re.search("[۰-۹]", numbers) and not re.search("[0-9]", numbers), texts
+    sides = figure.evaluate(CHART_SIDES)
+    assert sides["axis"]["left"] >= sides["plot"]["right"] - 1, sides
+
+
 def test_first_run_and_a_chat_in_persian(ui_node, tiny_llama, new_page, tmp_path):
     cluster = ui_node(tmp_path / "pc1")  # a PC with the tiny model in its store
     base = ui_base(cluster)
-    allowed = {"TikTrue", tiny_llama.model_id, "llama"}  # names: product, model, architecture
+    # names: the product, the model, its architecture, a protocol
+    allowed = {"TikTrue", tiny_llama.model_id, "llama", "HTTPS"}
     page = new_page(locale="fa-IR")
 
     page.goto(base + "/")
@@ -138,6 +165,10 @@ def test_first_run_and_a_chat_in_persian(ui_node, tiny_llama, new_page, tmp_path
     page.get_by_role("button", name="ساخت حساب مدیر").click()
 
     expect(page.get_by_text("راه‌اندازی این رایانه").first).to_be_visible()
+    # where other PCs reach this one: here loopback only (a test PC), so it says so
+    reach = page.locator('[data-panel="reach"]')
+    expect(reach).to_contain_text("رایانه‌های دیگر به این رایانه دسترسی ندارند")
+    expect(reach).to_contain_text("\u2068--local\u2069")
     assert_persian(page, allowed)
     shoot(page, "fa-setup")
     page.get_by_role("button", name="ساخت شبکهٔ تازه").click()
@@ -173,6 +204,13 @@ def test_first_run_and_a_chat_in_persian(ui_node, tiny_llama, new_page, tmp_path
     expect(page.get_by_role("button", name="ورود")).to_be_visible()
     assert_persian(page, allowed)
     shoot(page, "fa-login")
+    # the certificate page it links to (here: no certificate, the PC serves loopback only)
+    page.get_by_role("link", name="گواهی این رایانه (HTTPS)").click()
+    expect(page.get_by_text("اعتماد به گواهی HTTPS این رایانه")).to_be_visible()
+    expect(page.get_by_text("حلقهٔ بازگشت").first).to_be_visible()
+    assert_persian(page, allowed | {"HTTP"})
+    shoot(page, "fa-trust")
+    page.go_back()
     page.get_by_label("نام حساب").fill(ACCOUNT)
     page.get_by_label("رمز عبور", exact=True).fill("wrong password")
     page.get_by_role("button", name="ورود").click()
@@ -187,6 +225,8 @@ def test_first_run_and_a_chat_in_persian(ui_node, tiny_llama, new_page, tmp_path
         ("/admin", "نقشهٔ بلوک‌ها", "fa-admin-nodes"),
         ("/admin/plan", "جا می‌شود", "fa-admin-plan"),
         ("/admin/events", "گزارش رویدادها", "fa-admin-events"),
+        ("/admin/reports", "گزارش کارایی", "fa-admin-reports"),
+        ("/admin/tasks", "اجرای یک وظیفه", "fa-admin-tasks"),
         ("/admin/models", "مدل‌های این رایانه", "fa-admin-models"),
         ("/admin/people", "کلیدهای API", "fa-admin-people"),
     ):
@@ -194,6 +234,24 @@ def test_first_run_and_a_chat_in_persian(ui_node, tiny_llama, new_page, tmp_path
         expect(page.get_by_text(shown).first).to_be_visible()
         if path == "/admin":
             expect(page.get_by_text("سالم", exact=True)).to_be_visible()  # live health came
+            reach = page.locator('[data-panel="reach"]')
+            expect(reach).to_contain_text("رایانه‌های دیگر به این رایانه دسترسی ندارند")
+        if path == "/admin/reports":  # the chat's answer, in charts and tables
+            figure = page.get_by_role("figure", name="توکن‌های تولیدشده در هر شبکه")
+            expect(figure.locator("svg")).to_be_visible()
+            assert_chart_reads_right_to_left(figure)
+            expect(page.get_by_text("مصرف هر حساب و کلید")).to_be_visible()
+            row = page.get_by_role("row").filter(has_text=tiny_llama.model_id)
+            expect(row.first).to_be_visible()
+        if path == "/admin/tasks":  # a task on this PC: its status in Persian, kept in the list
+            page.get_by_role("button", name="اجرا", exact=True).click()
+            done = "\u2068disk_usage\u2069 روی \u2068[^\u2069]+\u2069: \u2068انجام شد\u2069"
+            done = re.compile(f"^{done}$")
+            expect(page.get_by_test_id("task-status")).to_have_text(done)
+            row = page.get_by_role("row").filter(has_text="disk_usage")
+            expect(row.first).to_contain_text("انجام شد")
+            page.get_by_role("button", name="نمایش گزارش").click()
+            expect(page.get_by_label("سطرهای گزارش").get_by_text("tiktrue").first).to_be_visible()
         if path == "/admin/events":  # the table's own pagination, in Persian digits too
             expect(page.get_by_text(re.compile(r"^[۰-۹]+–[۰-۹]+ از [۰-۹]+$"))).to_be_visible()
         assert_persian(page, names | {"API", "Hugging", "Face", "gguf", "config.json"})

@@ -144,7 +144,7 @@ def register() -> None:
                 f'unelevated no-caps aria-label="{label}"'
             ).classes("w-full")
             password.on("keydown.enter", submit)
-            ui.link("This PC's certificate (HTTPS)", "/trust").classes("text-sm tt-muted")
+            ui.link(_("This PC's certificate (HTTPS)"), "/trust").classes("text-sm tt-muted")
 
 
 def _safe(target: str) -> str:

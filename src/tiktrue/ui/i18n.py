@@ -136,7 +136,10 @@ def _page_language() -> Language | None:
     if found is None:
         found = chosen_language()
         if found is None:
-            request = client.request
+            try:
+                request = client.request
+            except RuntimeError:  # NiceGUI's client of no request (code outside any page)
+                return None
             found = negotiate(request.headers.get("accept-language") if request else None)
         client.storage[_CLIENT_KEY] = found.code
     return found
@@ -226,6 +229,13 @@ def isolate(text: str) -> str:
     """``text`` as a bidi isolate: laid out in its own direction, not mixed with its
     neighbours' (a Latin model id beside Persian words and digits)."""
     return f"{FIRST_STRONG_ISOLATE}{text}{POP_ISOLATE}" if text else text
+
+
+def latin(text: str) -> str:
+    """A Latin value shown by itself (an id in a table's cell, a chart's label) in the current
+    language: a bidi isolate in a right-to-left one (as a placeholder's value is), as it is in
+    a left-to-right one."""
+    return isolate(text) if current().rtl else text
 
 
 class _Formatter(string.Formatter):

@@ -38,7 +38,8 @@ PRIMARY = "#4f46e5"
 # script's ranges. Each paragraph of an answer takes the direction of its own text
 # (``unicode-bidi: plaintext``: a Persian paragraph runs right-to-left in an English page, an
 # English one left-to-right in a Persian page); code stays left-to-right, and so do the
-# fields that hold addresses, ids, tokens and paths (``tt-ltr``); in a field a person writes
+# fields that hold addresses, ids, tokens and paths (``tt-ltr``), and so does a value shown on
+# its own (``tt-value``: an address, a fingerprint; beside its label); in a field a person writes
 # in (``tt-plain``) each paragraph, and the placeholder, take the direction of their text.
 FONT_STYLE = f"""
 @font-face {{ font-family: "Vazirmatn"; font-weight: 100 900; font-display: swap;
@@ -67,6 +68,8 @@ body { background: #f7f7f8; }
 .tt-stream { white-space: pre-wrap; }
 .tt-ltr input, .tt-ltr textarea { direction: ltr; }
 .tt-log { direction: ltr; unicode-bidi: isolate; }
+.tt-value { direction: ltr; unicode-bidi: isolate; text-align: left; }
+[dir=rtl] .tt-value { text-align: right; }
 .tt-plain textarea, .tt-plain input { unicode-bidi: plaintext; text-align: start; }
 [dir=rtl] .tt-ltr input, [dir=rtl] .tt-ltr textarea { text-align: right; }
 """

@@ -147,7 +147,9 @@ def _chat(
             f"{api_url}/models", headers=_headers(api_key), timeout=10, verify=verify
         )
     except httpx.HTTPError as exc:
-        raise ChatError(f"cannot reach the gateway at {api_url}: {exc}") from exc
+        raise ChatError(
+            _("cannot reach the gateway at {url}: {detail}", url=api_url, detail=str(exc))
+        ) from exc
     if listed.status_code != 200:
         raise ChatError(
             _(

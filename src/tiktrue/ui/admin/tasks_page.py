@@ -1,11 +1,15 @@
 """``/admin/tasks``: run a whitelisted task on a PC of the network and see its status and
 output (the same as ``tiktrue tasks run``; every task is kept and listed), and read any PC's
-recent log lines over the control channel (``tiktrue tasks logs``)."""
+recent log lines over the control channel (``tiktrue tasks logs``).
+
+A task's name is an id and stays Latin; what it does is told in the person's language
+(``TASK_WORDS``; a task of a newer node that this page does not know keeps its node's
+words). What a task printed, its error and the log lines are the node's own words, shown
+left-to-right as written (``tt-log``)."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 
 from nicegui import ui
 
@@ -18,26 +22,42 @@ from tiktrue.control.remote_tasks import (
 )
 from tiktrue.protocol.network_config import config_path, read_config
 from tiktrue.ui.admin.operations import AdminOperations
-from tiktrue.ui.admin.widgets import data_table, network_frame, section
+from tiktrue.ui.admin.widgets import WIDE, data_table, network_frame, section, state_text
+from tiktrue.ui.i18n import N_, _, fmt_datetime, latin, number, translate
 
+LOG = "tt-log"  # the node's own words: left-to-right, as written
 COLUMNS = [
-    {"name": "id", "label": "#", "field": "id", "align": "left"},
-    {"name": "time", "label": "Started", "field": "time", "align": "left"},
-    {"name": "task", "label": "Task", "field": "task", "align": "left"},
-    {"name": "node", "label": "Node", "field": "node", "align": "left"},
-    {"name": "status", "label": "Status", "field": "status", "align": "left"},
-    {"name": "details", "label": "Error", "field": "details", "align": "left"},
+    {"name": "number", "label": "#", "field": "number", "align": "left"},
+    {"name": "time", "label": N_("Started"), "field": "time", "align": "left", **WIDE},
+    {"name": "task", "label": N_("Task"), "field": "task", "align": "left"},
+    {"name": "node", "label": N_("Node"), "field": "node", "align": "left"},
+    {"name": "status", "label": N_("Status"), "field": "status", "align": "left"},
+    {"name": "details", "label": N_("Error"), "field": "details", "align": "left", "classes": LOG},
 ]
 SHOWN = 50
+TASK_WORDS = {  # what each task of node_tasks.TASKS does, for people
+    "verify_blocks": N_("re-hash the blocks of the network's model held here"),
+    "collect_logs": N_("the last lines of the node's log (lines, level)"),
+    "disk_usage": N_("what the data dir holds, and the disk's free space"),
+    "speed_probe": N_("the compute benchmark the planner uses"),
+    "clean_caches": N_("delete cached downloads (never live KV pages)"),
+    "restart_node": N_("stop and start the node service"),
+}
+
+
+def task_words(name: str, description: str) -> str:
+    """What task ``name`` does, in the person's language."""
+    return translate(TASK_WORDS.get(name, description))
 
 
 def _row(kept) -> dict:
     return {
         "id": kept.id,
-        "time": datetime.fromtimestamp(kept.started_at).strftime("%Y-%m-%d %H:%M:%S"),
-        "task": kept.task,
-        "node": kept.node_id,
-        "status": kept.status,
+        "number": number(kept.id),
+        "time": fmt_datetime(kept.started_at),
+        "task": latin(kept.task),
+        "node": latin(kept.node_id),
+        "status": state_text(kept.status),
         "details": kept.error or "",
     }
 
@@ -50,6 +70,10 @@ def _recent(data_dir, network_id: str) -> list:
         log.close()
 
 
+def _progress(task: str, node: str, status: str) -> str:
+    return _("{task} on {node}: {status}", task=task, node=node, status=status)
+
+
 def register(context) -> None:
     ops: AdminOperations = context.admin
 
@@ -60,31 +84,43 @@ def register(context) -> None:
                 return
             network_id = chosen["network_id"]
             config = read_config(config_path(context.data_dir, network_id))
-            nodes = {n.node_id: f"{n.node_id} ({n.role}, {n.host})" for n in config.nodes}
+            nodes = {
+                n.node_id: _(
+                    "{node} ({role}, {host})",
+                    node=n.node_id,
+                    role=state_text(n.role),
+                    host=n.host,
+                )
+                for n in config.nodes
+            }
             first = next(iter(nodes))
-            section("Run a task")
+            section(_("Run a task"))
             with ui.row().classes("w-full items-end gap-2"):
+                label = _("PC")
                 node = (
-                    ui.select(nodes, value=first, label="PC")
-                    .props('outlined dense aria-label="PC"')
+                    ui.select(nodes, value=first, label=label)
+                    .props(f'outlined dense aria-label="{label}"')
                     .classes("w-full sm:w-96")
                 )
-                tasks = available_tasks()
+                label = _("Task")
                 task = (
                     ui.select(
-                        {name: f"{name}: {what}" for name, what in tasks.items()},
+                        {
+                            name: _("{task}: {what}", task=name, what=task_words(name, what))
+                            for name, what in available_tasks().items()
+                        },
                         value="disk_usage",
-                        label="Task",
+                        label=label,
                     )
-                    .props('outlined dense aria-label="Task"')
+                    .props(f'outlined dense aria-label="{label}"')
                     .classes("w-full sm:w-96")
                 )
-                run = ui.button("Run", icon="play_arrow").props("unelevated no-caps")
+                run = ui.button(_("Run"), icon="play_arrow").props("unelevated no-caps")
             status = ui.label("").classes("tt-muted").props('data-testid="task-status"')
-            output = ui.code("", language="text").classes("w-full")
+            output = ui.code("", language="text").classes(f"w-full {LOG}")
             output.set_visibility(False)
-            section("Tasks sent")
-            table = data_table(COLUMNS, "id", "No tasks sent yet", pagination=10)
+            section(_("Tasks sent"))
+            table = data_table(COLUMNS, "id", _("No tasks sent yet"), pagination=10)
 
             async def refresh() -> None:
                 kept = await asyncio.to_thread(_recent, context.data_dir, network_id)
@@ -92,7 +128,7 @@ def register(context) -> None:
 
             async def start() -> None:
                 run.disable()
-                status.set_text(f"{task.value} on {node.value}: sent ...")
+                status.set_text(_progress(task.value, node.value, _("sent …")))
                 output.set_visibility(False)
                 try:
                     kept = await run_task(
@@ -100,14 +136,23 @@ def register(context) -> None:
                         network_id,
                         node.value,
                         task.value,
-                        on_update=lambda k: status.set_text(f"{k.task} on {k.node_id}: running"),
+                        on_update=lambda k: status.set_text(
+                            _progress(k.task, k.node_id, state_text(k.status))
+                        ),
                         events=context.events,
                     )
                 except TaskError as exc:
-                    status.set_text(f"{task.value}: refused: {exc} ({exc.code})")
+                    status.set_text(
+                        _(
+                            "{task}: refused: {detail} ({code})",
+                            task=task.value,
+                            detail=str(exc),
+                            code=exc.code,
+                        )
+                    )
                 else:
-                    status.set_text(f"{kept.task} on {kept.node_id}: {kept.status}")
-                    output.set_content(kept.output or kept.error or "(no output)")
+                    status.set_text(_progress(kept.task, kept.node_id, state_text(kept.status)))
+                    output.set_content(kept.output or kept.error or _("(no output)"))
                     output.set_visibility(True)
                 finally:
                     run.enable()
@@ -115,24 +160,29 @@ def register(context) -> None:
 
             run.on_click(start)
 
-            section("Log lines of a PC")
+            section(_("Log lines of a PC"))
             with ui.row().classes("w-full items-end gap-2"):
+                label = _("PC whose log")
                 log_node = (
-                    ui.select(nodes, value=first, label="PC whose log")
-                    .props('outlined dense aria-label="PC whose log"')
+                    ui.select(nodes, value=first, label=label)
+                    .props(f'outlined dense aria-label="{label}"')
                     .classes("w-full sm:w-96")
                 )
+                label = _("Lines")
                 level = (
                     ui.select(
-                        {"": "every line", "WARNING": "warnings and errors"},
+                        {"": _("Every line"), "WARNING": _("Warnings and errors only")},
                         value="",
-                        label="Lines",
+                        label=label,
                     )
-                    .props('outlined dense aria-label="Lines"')
-                    .classes("w-48")
+                    .props(f'outlined dense aria-label="{label}"')
+                    .classes("w-full sm:w-56")
                 )
-                show = ui.button("Show log", icon="description").props("flat no-caps")
-            lines = ui.log(max_lines=500).classes("w-full h-96").props('aria-label="Log lines"')
+                show = ui.button(_("Show log"), icon="description").props("flat no-caps")
+            label = _("Log lines")
+            lines = (
+                ui.log(max_lines=500).classes(f"w-full h-96 {LOG}").props(f'aria-label="{label}"')
+            )
 
             async def show_log() -> None:
                 try:
@@ -140,10 +190,18 @@ def register(context) -> None:
                         context.data_dir, network_id, log_node.value, 200, level.value or None
                     )
                 except TaskError as exc:
-                    ui.notify(f"{exc} ({exc.code})", type="negative", close_button="OK")
+                    ui.notify(
+                        _(
+                            "The log could not be read: {detail} ({code})",
+                            detail=str(exc),
+                            code=exc.code,
+                        ),
+                        type="negative",
+                        close_button=_("OK"),
+                    )
                     return
                 lines.clear()
-                for line in found or ["(the log is empty)"]:
+                for line in found or [_("(the log is empty)")]:
                     lines.push(line)
 
             show.on_click(show_log)
