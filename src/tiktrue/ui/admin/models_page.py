@@ -22,7 +22,7 @@ from tiktrue.ui.admin.widgets import (
     row_button,
     section,
 )
-from tiktrue.ui.i18n import N_, _, number
+from tiktrue.ui.i18n import N_, _, number, translate
 
 COLUMNS = [
     {"name": "model_id", "label": N_("Model"), "field": "model_id", "align": "left"},
@@ -145,11 +145,11 @@ def register(context) -> None:
 
 
 FIELDS = {  # setting -> (label, what turns it off)
-    "temperature": ("Temperature", "0 = greedy"),
-    "top_k": ("Top k", "0 = off"),
-    "top_p": ("Top p", "1 = off"),
-    "min_p": ("Min p", "0 = off"),
-    "repetition_penalty": ("Repetition penalty", "1 = off"),
+    "temperature": (N_("Temperature"), N_("0 = greedy")),
+    "top_k": (N_("Top k"), N_("0 = off")),
+    "top_p": (N_("Top p"), N_("1 = off")),
+    "min_p": (N_("Min p"), N_("0 = off")),
+    "repetition_penalty": (N_("Repetition penalty"), N_("1 = off")),
 }
 
 
@@ -158,19 +158,24 @@ def sampling_defaults(ops: AdminOperations) -> None:
     settings (its generation_config.json, a GGUF's metadata) unless set here; kept on this PC
     (``sampling.json`` in the model's store), read by this PC's gateway at the next request."""
     stores = {s.model_id: s for s in list_stores(ops.models_root) if isinstance(s, BlockStore)}
-    section("Sampling defaults")
+    section(_("Sampling defaults"))
     with ui.column().classes("tt-card p-4 gap-2 w-full"):
         ui.label(
-            "What a request or the chat leaves out. Each model starts from its own "
-            "recommended settings; set others here for this PC's gateway."
+            _(
+                "What a request or the chat leaves out. Each model starts from its own "
+                "recommended settings; set others here for this PC's gateway."
+            )
         ).classes("tt-muted text-sm")
         if not stores:
-            ui.label("No model on this PC yet").classes("tt-muted text-sm")
+            ui.label(_("No model on this PC yet")).classes("tt-muted text-sm")
             return
-        chosen = ui.select(list(stores), label="Model", value=next(iter(stores)))
-        chosen.props('outlined dense aria-label="Model for sampling defaults"')
+        chosen = ui.select(list(stores), label=_("Model"), value=next(iter(stores)))
+        which = _("Model for sampling defaults")
+        chosen.props(f'outlined dense aria-label="{which}"')
         inputs = {
-            name: ui.number(f"{label} ({off})").props(f'outlined dense aria-label="{label}"')
+            name: ui.number(f"{translate(label)} ({translate(off)})").props(
+                f'outlined dense aria-label="{translate(label)}"'
+            )
             for name, (label, off) in FIELDS.items()
         }
         where = ui.label("").classes("tt-muted text-sm")
@@ -181,19 +186,19 @@ def sampling_defaults(ops: AdminOperations) -> None:
             for name, field in inputs.items():
                 field.set_value(getattr(defaults, name))
             where.set_text(
-                f"Set here: {', '.join(FIELDS[n][0] for n in set_here)}."
+                _("Set here: {names}.", names=", ".join(translate(FIELDS[n][0]) for n in set_here))
                 if set_here
-                else "These are the model's own settings."
+                else _("These are the model's own settings.")
             )
 
         def save(values: dict | None) -> None:
             try:
                 stores[chosen.value].set_admin_sampling(values)
             except StoreError as exc:
-                ui.notify(str(exc), type="negative", multi_line=True, close_button="OK")
+                ui.notify(str(exc), type="negative", multi_line=True, close_button=_("OK"))
                 return
             show()
-            ui.notify("Saved: the next requests use these settings.", type="positive")
+            ui.notify(_("Saved: the next requests use these settings."), type="positive")
 
         def save_changed() -> None:
             store = stores[chosen.value]
@@ -205,12 +210,14 @@ def sampling_defaults(ops: AdminOperations) -> None:
             }
             save(values)
 
-        chosen.on_value_change(lambda _: show())
+        chosen.on_value_change(lambda _event: show())
         with ui.row().classes("gap-2"):
-            ui.button("Save", icon="save", on_click=save_changed).props(
-                'unelevated no-caps aria-label="Save sampling defaults"'
+            save_label = _("Save sampling defaults")
+            ui.button(_("Save"), icon="save", on_click=save_changed).props(
+                f'unelevated no-caps aria-label="{save_label}"'
             )
-            ui.button("The model's own", icon="undo", on_click=lambda: save(None)).props(
-                'flat no-caps aria-label="Back to the model\'s own settings"'
+            back = _("Back to the model's own settings")
+            ui.button(_("The model's own"), icon="undo", on_click=lambda: save(None)).props(
+                f'flat no-caps aria-label="{back}"'
             )
         show()

@@ -35,13 +35,13 @@ from pydantic import BaseModel, Field
 from tiktrue.control import join, plans
 from tiktrue.control import network_admin as na
 from tiktrue.control import network_manager as nm
-from tiktrue.control.config_writer import ConfigWriter
 from tiktrue.control import resource_optimizer as ro
+from tiktrue.control.config_writer import ConfigWriter
 from tiktrue.control.discovery import NetworkBrowser
 from tiktrue.control.distributor import PushProgress
 from tiktrue.control.local_service import local_control_address
 from tiktrue.control.model_downloader import DownloadProgress, download_model_blocks
-from tiktrue.control.planner import Plan, PlanError, human_bytes
+from tiktrue.control.planner import Plan, PlanError
 from tiktrue.control.resource_optimizer import Rebalance
 from tiktrue.gateway.auth import allow_anonymous, set_allow_anonymous
 from tiktrue.limits import ContextTokens

@@ -269,7 +269,7 @@ def register(context) -> None:
                         if not target.value:
                             ui.notify(_("choose an account or a key"), type="warning")
                             return
-                        kind, _, ref = target.value.partition(":")
+                        kind, _sep, ref = target.value.partition(":")
                         change = (
                             ops.set_user_priority(ref, _class(new_class))
                             if kind == "user"
