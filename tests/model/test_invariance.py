@@ -206,3 +206,34 @@ def test_the_same_holds_with_the_other_cpu_kernels():
     )
     assert done.returncode == 0, f"with {got} kernels:\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
     assert " passed" in done.stdout
+
+
+WARM_PROBE = """
+import sys, torch
+from tiktrue.model import attention
+from tiktrue.model.engine import BlockEngine, Span
+from tiktrue.model.store import BlockStore
+store = BlockStore(sys.argv[1])
+engine = BlockEngine(store, Span.of(store.manifest.model_chain_order, "embed", "head"))
+loaded = list(attention._attend.signatures)
+engine.open_session("s")
+engine.forward("s", torch.tensor([1, 2, 3]), 0)
+engine.forward_batch([("s", torch.tensor([4]), 3)])
+print(len(loaded), len(attention._attend.signatures))
+"""
+
+
+def test_a_span_compiles_its_attention_kernel_when_it_loads(tiny_formats):
+    """In a fresh process: loading a span compiles the kernel its cache needs, and its first
+    steps compile nothing more (a compile at the first step held the interpreter for seconds
+    while the node's heartbeats waited)."""
+    store = tiny_formats("int8")
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_PROBE, str(store.root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded, after = map(int, done.stdout.split())
+    assert loaded == 1 and after == 1, done.stdout

@@ -202,3 +202,15 @@ def attend(
         out,
     )
     return torch.from_numpy(out)
+
+
+def warm_up(pool: np.ndarray, *, kv_heads: int, pages: int) -> None:
+    """Compile the kernel for this cache's pool now, with one row over one key of the cache's
+    first page (it writes nothing in the cache). Compiling takes seconds of CPU and holds the
+    interpreter: at a span's first step it stalled the node's event loop (heartbeats, links)
+    long enough for the admin to call a working PC dead mid-answer. numba keeps what it
+    compiled on disk (``cache=True``), so the next load of this dtype takes milliseconds."""
+    one = np.zeros(1, dtype=np.int64)
+    q = np.zeros((1, kv_heads, pool.shape[-1]), dtype=np.float32)
+    out = np.empty_like(q)
+    _attend(q, pool, kv_heads, pages, 0, one, one.reshape(1, 1), one + 1, 0, np.float32(1), out)

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tiktrue.limits import KV_PAGE_TOKENS
-from tiktrue.model.attention import pool_view
+from tiktrue.model.attention import pool_view, warm_up
 from tiktrue.model.catalog import EMBED, HEAD, template_for
 from tiktrue.model.errors import CacheBudgetExceeded, ModelError, ShapeError, StoreError
 from tiktrue.model.kv_cache import RowPlan, SessionPagedKVCache, SessionStep
@@ -142,6 +142,7 @@ class BlockEngine:
             device=self.device,
         )
         self._pool = pool_view(self.kv.pool)  # the same memory, as the attention kernel reads it
+        warm_up(self._pool, kv_heads=self.kv.num_kv_heads, pages=self.kv.num_pages)
 
     def _materialize(self, module: nn.Module, weights: dict, prefix: str) -> nn.Module:
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
