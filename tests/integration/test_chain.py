@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 
@@ -396,3 +397,50 @@ def test_a_prompt_in_chunks_equals_the_prompt_at_once(tiny_cluster, tiny_llama):
     assert all(n >= 60 // 7 + 1 for n in rounds), rounds  # 9 chunks, then 5 decode steps
     history = homes[-1] / "sessions" / NET / "chunked" / "history.json"
     assert json.loads(history.read_text()) == prompt + tokens[:5]
+
+
+def test_a_stranger_flooding_a_block_port_is_closed_before_tls(tiny_cluster, tiny_llama):
+    """A source holding its cap of connections open on a node's block port (no TLS started:
+    it costs no handshake) has its next one closed at once; the chain answers meanwhile, and
+    as it did before (security.connection_limits, also on the block servers)."""
+    from tiktrue import limits
+
+    cluster, _, config = tiny_cluster
+    port = config.chain()[1].port
+
+    async def go():
+        held = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            for _ in range(limits.MAX_CONNECTIONS_PER_SOURCE)
+        ]
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+            )
+            try:  # its TLS hello gets no answer: it was closed at accept
+                writer.write(_client_hello())
+                await writer.drain()
+                closed = await asyncio.wait_for(reader.read(1), 60)
+            except ConnectionResetError:
+                closed = b""
+            writer.close()
+            async with websockets.connect(client_ws_url(cluster)) as ws:
+                replies = await ask(ws, greedy(PROMPTS[1], 8))
+        finally:
+            for _, w in held:
+                w.close()
+        return closed, replies
+
+    closed, replies = run(go())
+    assert closed == b"", "the server answered the flood's TLS hello"
+    assert token_ids(replies) == reference_tokens(tiny_llama, PROMPTS[1], 8)
+
+
+def _client_hello() -> bytes:
+    """The first bytes of a TLS handshake (a server that takes the connection answers them)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        context.wrap_bio(incoming, outgoing).do_handshake()
+    return outgoing.read()

@@ -197,7 +197,7 @@ class ChainHop:
         )
         reply_to = None
         try:
-            reply_to = self._reply_to(header, message_id, session_id)
+            reply_to = _reply_to(header, self.chain_ids, self.network_id)
             if self.worker is None:
                 raise self.fault()
             route = header.get("route")  # None: the chain; else a replica chain's nodes
@@ -250,20 +250,6 @@ class ChainHop:
             await self._deliver(reply_to, reply)
             return None
         return reply
-
-    def _reply_to(self, header: dict, message_id, session_id) -> str | None:
-        """The step's entry, when it is not this node (None: the step enters here)."""
-        reply_to = header.get("reply_to")
-        if reply_to is None:
-            return None
-        if not isinstance(reply_to, str) or reply_to not in self.chain_ids:
-            raise ps.ProtocolError(
-                ps.INVALID_MESSAGE,
-                f"reply_to must name a node of network {self.network_id}'s chain",
-                message_id,
-                session_id,
-            )
-        return reply_to
 
     def _next_frame(self, header, tensor, result: StepResult, reply_to, timings) -> bytes:
         meta = {k: v for k, v in header.items() if k not in ("dtype", "shape")}
@@ -456,3 +442,15 @@ def _first_error(exc: ValidationError) -> str:
 
 def _opt_str(value) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _reply_to(header: dict, chain_ids: list[str], network_id: str) -> str | None:
+    """The step's entry, when it is not this node (None: the step enters here)."""
+    reply_to = header.get("reply_to")
+    if reply_to is None:
+        return None
+    if not isinstance(reply_to, str) or reply_to not in chain_ids:
+        raise ps.ProtocolError(
+            ps.INVALID_MESSAGE, f"reply_to must name a node of network {network_id}'s chain"
+        )
+    return reply_to

@@ -44,8 +44,10 @@ from tiktrue.node.session_control import CONTROL, travel
 from tiktrue.node.span_worker import SpanWorker
 from tiktrue.protocol import protocol_spec as ps
 from tiktrue.protocol.network_config import NetworkConfig
+from tiktrue.security import connection_limits
 from tiktrue.security.access_control import block_messages_denied
 from tiktrue.security.auth_manager import CertInfo
+from tiktrue.security.connection_limits import SourceLimiter
 from tiktrue.security.node_tls import NetworkCredentials
 
 log = logging.getLogger("tiktrue.node")
@@ -90,6 +92,9 @@ class BlockServer:
         self._background: set[asyncio.Task] = set()
         self._peers: dict[Any, CertInfo] = {}  # open connection -> its proved certificate
         self._server = None
+        # what a stranger may cost this port: its TLS handshakes paced per source (mutual TLS
+        # refuses it only after one); a node's own links stay far below the caps
+        self.limiter = SourceLimiter()
 
     @property
     def config(self) -> NetworkConfig:
@@ -140,11 +145,12 @@ class BlockServer:
     async def start(self) -> None:
         self.served.start(asyncio.get_running_loop())
         entry = self.config.node(self.node_id)
-        self._server = await websockets.serve(
+        self._server = await connection_limits.serve(  # per-source caps, before TLS
             self._handle,
             entry.host,
             entry.port,
-            ssl=self.credentials.server_context(),
+            ssl_context=self.credentials.server_context(),
+            limiter=self.limiter,
             max_size=HARD_FRAME_LIMIT,
             compression=None,
             ping_interval=limits.LINK_PING_INTERVAL_S,
@@ -181,6 +187,7 @@ class BlockServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self.limiter.close()
             await self._server.wait_closed()
         for task in list(self._background):
             task.cancel()
@@ -266,7 +273,7 @@ class BlockServer:
                 )
             message = parsed.message
             if parsed.network_id is not None or isinstance(message, CONTROL):
-                self._check_network(parsed.network_id, parsed.message_id, parsed.session_id)
+                _check_network(self.network_id, parsed)
             if isinstance(message, CONTROL):
                 return await travel(
                     message,
@@ -321,16 +328,6 @@ class BlockServer:
                 ps.INTERNAL_ERROR, "the node failed on this message", parsed and parsed.message_id
             )
 
-    def _check_network(self, network_id, message_id, session_id) -> None:
-        if network_id != self.network_id:
-            named = "a message without network_id" if network_id is None else network_id
-            raise ps.ProtocolError(
-                ps.WRONG_NETWORK,
-                f"this server belongs to network {self.network_id}, not {named!s:.80}",
-                message_id,
-                session_id,
-            )
-
     async def _apply_here(self, message: ps.Message) -> dict[str, Any]:
         """A control message on this node's span, on the worker's thread (between rounds)."""
         if self.worker is not None:
@@ -353,6 +350,17 @@ class BlockServer:
     def health_stats(self) -> dict:
         """What the admin's heartbeat asks of this span (see ``ServedSpan.health_stats``)."""
         return {**self.served.health_stats(), "link_rtt_ms": self.hop.link_rtts()}
+
+
+def _check_network(network_id: str, parsed: ps.ParsedMessage) -> None:
+    if parsed.network_id != network_id:
+        named = parsed.network_id or "a message without network_id"
+        raise ps.ProtocolError(
+            ps.WRONG_NETWORK,
+            f"this server belongs to network {network_id}, not {named!s:.80}",
+            parsed.message_id,
+            parsed.session_id,
+        )
 
 
 async def _send(ws, message: dict) -> None:
