@@ -125,8 +125,10 @@ class ChainHop:
             old, self._next = self._next, self._link(after, self._next_lost) if after else None
             if old is not None:
                 await old.close()
-        for node_id in [n for n in self._links if n not in self.chain_ids]:
-            await self._links.pop(node_id).close()
+        for node_id, link in list(self._links.items()):
+            # off the chain now, or moved (a restored admin on another PC): a new link
+            if node_id not in self.chain_ids or config.node(node_id).address != link.address:
+                await self._links.pop(node_id).close()
         return changed
 
     def _link(self, entry, on_lost=None) -> PeerLink:
