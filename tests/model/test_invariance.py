@@ -165,7 +165,14 @@ def tiny_formats(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("formats")
     folder = make_tiny_model(base / "hf", "llama", seed=3)
-    return lambda fmt: import_model(folder, f"tiny-{fmt}", base / "models", dtype=fmt)
+    made = {}
+
+    def store(fmt: str):
+        if fmt not in made:
+            made[fmt] = import_model(folder, f"tiny-{fmt}", base / "models", dtype=fmt)
+        return made[fmt]
+
+    return store
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tiktrue.control.join import JoinError
-from tiktrue.control.network_manager import admin_ca, node_cert_hosts
+from tiktrue.control.network_manager import NotAdmin, admin_ca, node_cert_hosts
 from tiktrue.node.control_link import ControlLink
 from tiktrue.protocol.network_config import ConfigError, config_path, list_configs, read_config
 from tiktrue.security.access_control import Caller
@@ -106,8 +106,8 @@ def issue_for_member(
 ) -> bytes:
     """Admin: a new certificate for the member on the other end of a control connection (its
     certificate checked there: of this network, valid, not revoked, its key proved). Same key,
-    same role, the address the config gives it. Raises ``JoinError`` (not the admin) or
-    ``IdentityError``."""
+    same role, the address the config gives it. Raises ``NotAdmin``, ``JoinError`` (not a
+    member) or ``IdentityError``."""
     ca = admin_ca(data_dir, network_id)
     if not caller.is_member or caller.network_id != network_id or peer_cert_der is None:
         raise IdentityError("only a member of the network renews its own certificate")
@@ -150,7 +150,7 @@ async def renew(data_dir: Path, network_id: str) -> dt.datetime:
     identity = credentials.identity
     try:
         ca = admin_ca(data_dir, network_id)
-    except JoinError:
+    except NotAdmin:
         ca = None
     if ca is not None:
         host = _entry_host(data_dir, network_id, identity.node_id)
