@@ -29,18 +29,18 @@ from tiktrue.ui.admin.widgets import (
     section,
     state_text,
 )
-from tiktrue.ui.i18n import _, translate
+from tiktrue.ui.i18n import N_, _, translate
 from tiktrue.ui.refusals import plan_refusal
 
 GB = 1e9
 HOP_COLUMNS = [
-    {"name": "name", "label": "PC", "field": "name_text", "align": "left"},
-    {"name": "span", "label": "Blocks", "field": "span", "align": "left"},
-    {"name": "compute", "label": "Compute", "field": "compute_text"},
-    {"name": "wait", "label": "Waits", "field": "wait_text"},
-    {"name": "link", "label": "Link", "field": "link_text"},
-    {"name": "cpu", "label": "CPU", "field": "cpu_text"},
-    {"name": "share", "label": "Share of a token", "field": "share_text"},
+    {"name": "name", "label": N_("PC"), "field": "name_text", "align": "left"},
+    {"name": "span", "label": N_("Blocks"), "field": "span", "align": "left"},
+    {"name": "compute", "label": N_("Compute"), "field": "compute_text"},
+    {"name": "wait", "label": N_("Waits"), "field": "wait_text"},
+    {"name": "link", "label": N_("Link"), "field": "link_text"},
+    {"name": "cpu", "label": N_("CPU"), "field": "cpu_text"},
+    {"name": "share", "label": N_("Share of a token"), "field": "share_text"},
 ]
 RAM_STEP_GB = 0.1
 DEBOUNCE_S = 0.25
@@ -235,30 +235,34 @@ def register(context) -> None:
 
 def rebalance_card(ops: AdminOperations, network_id: str) -> None:
     """Which PC slows the chain, from the metrics history; a faster plan; the admin's OK."""
-    section("Rebalance from the measured load")
+    section(_("Rebalance from the measured load"))
     with ui.column().classes("tt-card w-full p-4 gap-2"):
         ui.label(
-            "Reads the last day's answers on the current plan: what a token costs on each PC "
-            "(its compute, its queue, its link), and the plan the measured speeds call for."
+            _(
+                "Reads the last day's answers on the current plan: what a token costs on each "
+                "PC (its compute, its queue, its link), and the plan the measured speeds call for."
+            )
         ).classes("tt-muted text-sm")
         summary = ui.label().classes("text-sm")
-        hops = data_table(HOP_COLUMNS, "node_id", "Not analysed yet")
+        hops = data_table(HOP_COLUMNS, "node_id", _("Not analysed yet"))
         verdict = ui.label().classes("font-medium")
         verdict.props('data-testid="rebalance-verdict" aria-live="polite"')
         planned = ui.column().classes("w-full gap-3")
         with ui.row().classes("w-full gap-2 justify-end"):
-            analyse = ui.button("Analyse", icon="insights").props(
-                'flat no-caps aria-label="Analyse the load"'
+            label = _("Analyse the load")
+            analyse = ui.button(_("Analyse"), icon="insights").props(
+                f'flat no-caps aria-label="{label}"'
             )
-            approve = ui.button("Rebalance now", icon="play_arrow").props(
-                'unelevated no-caps aria-label="Rebalance now"'
+            label = _("Rebalance now")
+            approve = ui.button(label, icon="play_arrow").props(
+                f'unelevated no-caps aria-label="{label}"'
             )
             approve.disable()
         jobs = ui.column().classes("w-full gap-2")
 
     async def run_analysis() -> None:
         analyse.disable()
-        verdict.set_text("Reading the history and measuring the nodes…")
+        verdict.set_text(_("Reading the history and measuring the nodes…"))
         found = await attempt(ops.rebalance(network_id))
         analyse.enable()
         if found is None:
@@ -276,12 +280,16 @@ def rebalance_card(ops: AdminOperations, network_id: str) -> None:
             [
                 {
                     **h,
-                    "name_text": h["name"] + (" (slowest)" if h["slowest"] else ""),
+                    "name_text": _("{name} (slowest)", name=h["name"])
+                    if h["slowest"]
+                    else h["name"],
                     "compute_text": fmt_ms(h["compute_ms"]),
                     "wait_text": fmt_ms(h["wait_ms"]),
                     "link_text": fmt_ms(h["link_ms"]),
-                    "cpu_text": "-" if h["cpu_percent"] is None else f"{h['cpu_percent']}%",
-                    "share_text": f"{h['share']:.0%}",
+                    "cpu_text": "-"
+                    if h["cpu_percent"] is None
+                    else _("{percent:.0f}%", percent=h["cpu_percent"]),
+                    "share_text": _("{percent:.0f}%", percent=h["share"] * 100),
                 }
                 for h in found["hops"]
             ]
@@ -291,7 +299,7 @@ def rebalance_card(ops: AdminOperations, network_id: str) -> None:
 
     def applied(job) -> None:
         if job.state == "done":
-            ui.notify(job.result["summary"], type="positive")
+            ui.notify(translate(job.result["summary"]), type="positive")
         ui.timer(0.1, run_analysis, once=True)
 
     async def apply_it() -> None:
