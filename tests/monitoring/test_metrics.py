@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tiktrue.gateway.chain_transport import StepTiming
+from tiktrue.gateway.chain_client import StepTiming
 from tiktrue.model.generation import GenerationResult
 from tiktrue.monitoring.metrics import NodeMetrics
 from tiktrue.monitoring.prometheus_config import scrape_config, target_groups

@@ -11,7 +11,7 @@ is lost or repeated. (Petals rebuilds a replaced server's cache the same way.)
 Every round trip has a deadline. A step that fails because a node is unreachable reports the
 broken chain (``on_broken``: the admin's failover takes it from there) and waits for a new
 chain (``switch``) or tries the same one again every ``retry_s`` (the node may come back), up to
-``heal_ceiling``. A step unanswered for much longer than usual (``stall_watch``) is reported
+``heal_ceiling``. A step unanswered for much longer than usual (``StallWatch``) is reported
 too, so the admin probes the chain's nodes at once, and goes on waiting: a new chain fails it
 (the old links close) and it is replayed there.
 
@@ -23,6 +23,12 @@ control messages name their ``route``. When a replica chain fails, its sessions 
 the main chain at once (the main chain is whole: nothing to report); when a config takes the
 backup into the main chain (a failover), the replica chain is gone and its sessions are
 replayed there too.
+
+Three classes, in one file so that a reader follows a token's gateway side in one place (the
+per-token path, docs/data_plane.md): ``ChainTransport`` (the way to the chain's first node:
+in-process or over its link), ``StallWatch`` (when a step counts as stalled) and
+``ChainClient`` (step, replay, heal, and what it knows of each session). Missed closes sent
+again are ``chain_closes``'s.
 """
 
 from __future__ import annotations
@@ -32,17 +38,19 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
 
 from tiktrue import limits
 from tiktrue.gateway.chain_closes import CLOSE_TIMEOUT_S, ChainCloses
-from tiktrue.gateway.chain_transport import ChainTransport, StepTiming
 from tiktrue.gateway.errors import ChainError
-from tiktrue.gateway.stall_watch import STALL_S, StallWatch
 from tiktrue.model.sampling import SamplingParams
-from tiktrue.node.peer_link import PeerUnavailable, new_message_id
+from tiktrue.node.peer_link import PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
+from tiktrue.protocol.frames import encode_tensor_frame
 from tiktrue.protocol.network_config import NetworkConfig
 from tiktrue.security.node_tls import NetworkCredentials
 
@@ -52,8 +60,147 @@ RECOVERABLE = {"peer_unavailable", "unknown_session"}
 RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
 HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
 REPLICA_RETRY_S = 60.0  # a replica chain that failed takes no new conversation this long
+STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain ...
+STALL_FLOOR_S = 0.5  # ... a decode step, after this long or STALL_FACTOR of its usual time
+STALL_FACTOR = 20
+
+T = TypeVar("T")
 
 _ITS_OWN = object()  # _control: along the session's own chain
+
+
+def _raise_if_error(reply: dict) -> dict:
+    """``reply`` itself, unless it is a node's error message: then that error, raised."""
+    if reply.get("header", {}).get("message_type") == "error":
+        raise ChainError(reply.get("code", "error"), reply.get("message", ""))
+    return reply
+
+
+@dataclass
+class StepTiming:
+    """One step seen from the gateway: the round trip, and each node's own timings."""
+
+    round_trip_ms: float
+    nodes: list[dict]  # in chain order: node, span, compute_ms, total_ms, link_rtt_ms
+    entry_rtt_ms: float | None = None  # ping round trip of the gateway's link to the first node
+
+    @property
+    def hops(self) -> int:
+        """Network hops of the step: node to node, the head's answer back to the first node,
+        and to and from the first node when the gateway is not in its process."""
+        between = len(self.nodes) if len(self.nodes) > 1 else 0
+        return between + (0 if self.entry_rtt_ms == 0.0 else 2)
+
+    def transit_ms(self) -> float:
+        """The step's time between nodes (network, TLS, framing, queues), all hops together:
+        the round trip less each node's own time."""
+        return self.round_trip_ms - sum(n["total_ms"] for n in self.nodes)
+
+    def link_rtt_ms(self) -> list[float | None]:
+        """Ping round trip of each link the step used: the gateway's link to the first node
+        (0 in-process), then each node's link to the next (the head's, back to the first)."""
+        return [self.entry_rtt_ms, *(n.get("link_rtt_ms") for n in self.nodes)]
+
+
+class ChainTransport:
+    """The way to one config's chain. ``local_server()`` returns this process's block server
+    of the network, or None; when it is the chain's first node, messages are handed to it."""
+
+    def __init__(
+        self,
+        config: NetworkConfig,
+        credentials: NetworkCredentials,
+        local_server: Callable[[], object] | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.local_server = local_server or (lambda: None)
+        self.use(config)
+
+    def use(self, config: NetworkConfig) -> None:
+        """Later messages go to ``config``'s chain (the caller closes the old ``link``)."""
+        entry = config.chain()[0]
+        self.network_id = config.network_id
+        self.entry_node_id = entry.node_id
+        self.replicas = config.replica_chains()
+        self.link = PeerLink(
+            entry.host,
+            entry.port,
+            network_id=config.network_id,
+            credentials=self.credentials,
+            role=self.credentials.info.role,
+            expected_node_id=entry.node_id,
+            revoked=config.revoked_ids,
+        )
+
+    async def step(self, meta: dict, token_ids: list[int]) -> tuple[dict, StepTiming]:
+        """One step (``meta``: its header) through the chain: the head's reply and the
+        step's timings."""
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        began = time.perf_counter()
+        server = self._local_entry()
+        if server is not None:  # in this process: the step as it is, no frame to encode
+            reply = await server.hop.step(meta, ids)
+            entry_rtt = 0.0
+        else:
+            frame = encode_tensor_frame(ids, **meta)
+            reply = await self.link.request(
+                frame, meta["message_id"], timeout=limits.STEP_DEADLINE_S
+            )
+            entry_rtt = self.link.latency_ms
+        _raise_if_error(reply)
+        round_trip_ms = (time.perf_counter() - began) * 1000
+        return reply, StepTiming(round_trip_ms, reply.get("timings", []), entry_rtt)
+
+    async def control(self, message: ps.Message) -> dict:
+        """A session control message along the chain (its ``route`` names the chain)."""
+        server = self._local_entry()
+        if server is not None:
+            reply = await server.answer_text(ps.make_message(message))
+        else:
+            reply = await self.link.request(
+                message, message.message_id, timeout=limits.CONTROL_DEADLINE_S
+            )
+        return _raise_if_error(reply)
+
+    def _local_entry(self):
+        server = self.local_server()
+        if server is not None and server.node_id == self.entry_node_id and server.engine:
+            return server
+        return None
+
+
+class StallWatch:
+    """Knows the usual decode round trip; ``on_stall(error)`` hears a step that took much
+    longer (once per step)."""
+
+    def __init__(self, on_stall: Callable[[Exception], None], stall_s: float = STALL_S) -> None:
+        self.on_stall = on_stall
+        self.stall_s = stall_s
+        self._decode_ms: float | None = None  # the usual decode round trip (a moving average)
+
+    def record(self, tokens: int, round_trip_ms: float) -> None:
+        """A step of ``tokens`` tokens came back after ``round_trip_ms``."""
+        if tokens == 1:
+            last = self._decode_ms if self._decode_ms is not None else round_trip_ms
+            self._decode_ms = 0.9 * last + 0.1 * round_trip_ms
+
+    def stall_after(self, tokens: int) -> float:
+        """A decode step stalls after ``STALL_FACTOR`` times the usual decode round trip (at
+        least ``STALL_FLOOR_S``); a prompt's steps after ``stall_s``."""
+        if tokens > 1 or self._decode_ms is None:
+            return self.stall_s
+        return min(self.stall_s, max(STALL_FLOOR_S, STALL_FACTOR * self._decode_ms / 1000))
+
+    async def watched(self, step: Awaitable[T], tokens: int) -> T:
+        """Await ``step`` (of ``tokens`` tokens); when it takes longer than its stall time,
+        report the chain once. (A timer, not a task per step: this runs for every token.)"""
+        stall_s = self.stall_after(tokens)
+        error = TimeoutError(f"a step waited {stall_s:.1f} s for the chain")
+        timer = asyncio.get_running_loop().call_later(stall_s, self.on_stall, error)
+        try:
+            return await step
+        finally:
+            timer.cancel()
 
 
 @dataclass

@@ -29,10 +29,3 @@ class ContextLengthExceeded(ChainError):
         )
         self.context_length = context_length
         self.prompt_tokens = prompt_tokens
-
-
-def raise_if_error(reply: dict) -> dict:
-    """``reply`` itself, unless it is a node's error message: then that error, raised."""
-    if reply.get("header", {}).get("message_type") == "error":
-        raise ChainError(reply.get("code", "error"), reply.get("message", ""))
-    return reply
