@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.errors import ChainError
 from tiktrue.gateway.openai_api import _sse
 from tiktrue.model.generation import GenerationResult, TokenEvent
 

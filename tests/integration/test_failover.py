@@ -409,3 +409,55 @@ def test_a_busy_chain_sends_a_new_conversation_to_the_replica_until_a_failover_n
     _assert_complete(second_replies, undisturbed)
     now = _config(homes[0])
     assert [n.node_id for n in now.chain()] == [config.nodes[0].node_id, config.nodes[3].node_id]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="freezes a process with SIGSTOP")
+def test_a_silent_backup_does_not_hold_up_new_conversations(with_backup, tmp_path):
+    """Issue 16.8: no lock is held across chain I/O. The gateway frees, on the main chain and
+    on the replica chain, a session left from before its restart, while the backup (the
+    replica chain's node) is frozen (SIGSTOP): that close waits on a silent PC. Meanwhile a
+    new conversation gets its first token; the close is still in flight when it does. (Before
+    the fix the gateway held its sessions' lock across the close: every new conversation
+    waited for the silent PC.)"""
+    from tiktrue.database import Database
+    from tiktrue.gateway.api_client import Gateway
+    from tiktrue.gateway.session_store import SessionStore
+    from tiktrue.model.sampling import SamplingParams
+    from tiktrue.security.node_tls import NetworkCredentials
+
+    cluster, homes, config = with_backup
+    assert config.replica_chains(), "the backup makes a second chain"
+    store = SessionStore(Database(tmp_path / "sessions.db"))
+    store.put(NET, "left-over", PROMPT, [], [])  # live: the nodes may hold it
+    frozen = cluster.processes[3]
+
+    async def go():
+        gateway = Gateway(
+            homes[0], config, NetworkCredentials.load(homes[0], NET), session_store=store
+        )
+        params = SamplingParams(temperature=0, max_tokens=4)
+        try:
+            frozen.send_signal(signal.SIGSTOP)
+            freeing = asyncio.create_task(gateway.sweeper.free_left_over())
+            link = gateway.chain.transport.link
+            async with asyncio.timeout(CEILING):
+                while link.waiting == 0 and not freeing.done():  # the close is in flight
+                    await asyncio.sleep(0.01)
+            assert not freeing.done()
+            stream = gateway.answer(params, text="Hello")
+            async with asyncio.timeout(CEILING):
+                first = await anext(stream)
+            still_freeing = not freeing.done()
+            frozen.send_signal(signal.SIGCONT)
+            async for _ in stream:
+                pass
+            freed = await asyncio.wait_for(freeing, CEILING)
+            return first, still_freeing, freed
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+            await gateway.aclose()
+
+    first, still_freeing, freed = asyncio.run(go())
+    assert first.text is not None
+    assert still_freeing, "the new conversation waited for the silent backup"
+    assert freed == ["left-over"]

@@ -306,7 +306,7 @@ def test_an_edited_or_regenerated_turn_recomputes_only_what_changed(tiny_cluster
             return second, regenerated, after_edit, fresh
         finally:
             for sid in ("talk", "fresh"):
-                await gateway.close_session(sid)
+                await gateway.sessions.close(sid)
             await gateway.aclose()
 
     second, regenerated, after_edit, fresh = asyncio.run(go())

@@ -11,7 +11,7 @@ is lost or repeated. (Petals rebuilds a replaced server's cache the same way.)
 Every round trip has a deadline. A step that fails because a node is unreachable reports the
 broken chain (``on_broken``: the admin's failover takes it from there) and waits for a new
 chain (``switch``) or tries the same one again every ``retry_s`` (the node may come back), up to
-``heal_ceiling``. A step unanswered for much longer than usual (``_stall_after``) is reported
+``heal_ceiling``. A step unanswered for much longer than usual (``StallWatch``) is reported
 too, so the admin probes the chain's nodes at once, and goes on waiting: a new chain fails it
 (the old links close) and it is replayed there.
 
@@ -23,6 +23,12 @@ control messages name their ``route``. When a replica chain fails, its sessions 
 the main chain at once (the main chain is whole: nothing to report); when a config takes the
 backup into the main chain (a failover), the replica chain is gone and its sessions are
 replayed there too.
+
+Three classes, in one file so that a reader follows a token's gateway side in one place (the
+per-token path, docs/data_plane.md): ``ChainTransport`` (the way to the chain's first node:
+in-process or over its link), ``StallWatch`` (when a step counts as stalled) and
+``ChainClient`` (step, replay, heal, and what it knows of each session). Missed closes sent
+again are ``chain_closes``'s.
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from tiktrue import limits
+from tiktrue.gateway.chain_closes import CLOSE_TIMEOUT_S, ChainCloses
+from tiktrue.gateway.errors import ChainError
 from tiktrue.model.sampling import SamplingParams
 from tiktrue.node.peer_link import PeerLink, PeerUnavailable, new_message_id
 from tiktrue.protocol import protocol_spec as ps
@@ -49,35 +58,22 @@ log = logging.getLogger("tiktrue.gateway")
 
 RECOVERABLE = {"peer_unavailable", "unknown_session"}
 RETRY_S = 2.0  # while the chain is broken, try it again this often (a node may come back)
+HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
+REPLICA_RETRY_S = 60.0  # a replica chain that failed takes no new conversation this long
 STALL_S = 5.0  # a step still unanswered after this long makes the admin check the chain ...
 STALL_FLOOR_S = 0.5  # ... a decode step, after this long or STALL_FACTOR of its usual time
 STALL_FACTOR = 20
-HEAL_CEILING_S = 600.0  # an answer waits this long for the network to heal, then fails
-REPLICA_RETRY_S = 60.0  # a replica chain that failed takes no new conversation this long
-CLOSE_TIMEOUT_S = 10.0  # freeing a session on the nodes: a hung node must not hold the caller
 
-
-class ChainError(Exception):
-    """A node of the chain answered with an error (or the gateway refused the request)."""
-
-    def __init__(self, code: str, message: str, info: dict | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.info = info
-
-
-def _raise_if_error(reply: dict) -> dict:
-    if reply.get("header", {}).get("message_type") == "error":
-        raise ChainError(reply.get("code", "error"), reply.get("message", ""))
-    return reply
-
+T = TypeVar("T")
 
 _ITS_OWN = object()  # _control: along the session's own chain
 
 
-def new_session_id() -> str:
-    return f"tmp-{uuid.uuid4().hex}"
+def _raise_if_error(reply: dict) -> dict:
+    """``reply`` itself, unless it is a node's error message: then that error, raised."""
+    if reply.get("header", {}).get("message_type") == "error":
+        raise ChainError(reply.get("code", "error"), reply.get("message", ""))
+    return reply
 
 
 @dataclass
@@ -104,6 +100,107 @@ class StepTiming:
         """Ping round trip of each link the step used: the gateway's link to the first node
         (0 in-process), then each node's link to the next (the head's, back to the first)."""
         return [self.entry_rtt_ms, *(n.get("link_rtt_ms") for n in self.nodes)]
+
+
+class ChainTransport:
+    """The way to one config's chain. ``local_server()`` returns this process's block server
+    of the network, or None; when it is the chain's first node, messages are handed to it."""
+
+    def __init__(
+        self,
+        config: NetworkConfig,
+        credentials: NetworkCredentials,
+        local_server: Callable[[], object] | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.local_server = local_server or (lambda: None)
+        self.use(config)
+
+    def use(self, config: NetworkConfig) -> None:
+        """Later messages go to ``config``'s chain (the caller closes the old ``link``)."""
+        entry = config.chain()[0]
+        self.network_id = config.network_id
+        self.entry_node_id = entry.node_id
+        self.replicas = config.replica_chains()
+        self.link = PeerLink(
+            entry.host,
+            entry.port,
+            network_id=config.network_id,
+            credentials=self.credentials,
+            role=self.credentials.info.role,
+            expected_node_id=entry.node_id,
+            revoked=config.revoked_ids,
+        )
+
+    async def step(self, meta: dict, token_ids: list[int]) -> tuple[dict, StepTiming]:
+        """One step (``meta``: its header) through the chain: the head's reply and the
+        step's timings."""
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        began = time.perf_counter()
+        server = self._local_entry()
+        if server is not None:  # in this process: the step as it is, no frame to encode
+            reply = await server.hop.step(meta, ids)
+            entry_rtt = 0.0
+        else:
+            frame = encode_tensor_frame(ids, **meta)
+            reply = await self.link.request(
+                frame, meta["message_id"], timeout=limits.STEP_DEADLINE_S
+            )
+            entry_rtt = self.link.latency_ms
+        _raise_if_error(reply)
+        round_trip_ms = (time.perf_counter() - began) * 1000
+        return reply, StepTiming(round_trip_ms, reply.get("timings", []), entry_rtt)
+
+    async def control(self, message: ps.Message) -> dict:
+        """A session control message along the chain (its ``route`` names the chain)."""
+        server = self._local_entry()
+        if server is not None:
+            reply = await server.answer_text(ps.make_message(message))
+        else:
+            reply = await self.link.request(
+                message, message.message_id, timeout=limits.CONTROL_DEADLINE_S
+            )
+        return _raise_if_error(reply)
+
+    def _local_entry(self):
+        server = self.local_server()
+        if server is not None and server.node_id == self.entry_node_id and server.engine:
+            return server
+        return None
+
+
+class StallWatch:
+    """Knows the usual decode round trip; ``on_stall(error)`` hears a step that took much
+    longer (once per step)."""
+
+    def __init__(self, on_stall: Callable[[Exception], None], stall_s: float = STALL_S) -> None:
+        self.on_stall = on_stall
+        self.stall_s = stall_s
+        self._decode_ms: float | None = None  # the usual decode round trip (a moving average)
+
+    def record(self, tokens: int, round_trip_ms: float) -> None:
+        """A step of ``tokens`` tokens came back after ``round_trip_ms``."""
+        if tokens == 1:
+            last = self._decode_ms if self._decode_ms is not None else round_trip_ms
+            self._decode_ms = 0.9 * last + 0.1 * round_trip_ms
+
+    def stall_after(self, tokens: int) -> float:
+        """A decode step stalls after ``STALL_FACTOR`` times the usual decode round trip (at
+        least ``STALL_FLOOR_S``); a prompt's steps after ``stall_s``."""
+        if tokens > 1 or self._decode_ms is None:
+            return self.stall_s
+        return min(self.stall_s, max(STALL_FLOOR_S, STALL_FACTOR * self._decode_ms / 1000))
+
+    async def watched(self, step: Awaitable[T], tokens: int) -> T:
+        """Await ``step`` (of ``tokens`` tokens); when it takes longer than its stall time,
+        report the chain once. (A timer, not a task per step: this runs for every token.)"""
+        stall_s = self.stall_after(tokens)
+        error = TimeoutError(f"a step waited {stall_s:.1f} s for the chain")
+        timer = asyncio.get_running_loop().call_later(stall_s, self.on_stall, error)
+        try:
+            return await step
+        finally:
+            timer.cancel()
 
 
 @dataclass
@@ -137,52 +234,35 @@ class ChainClient:
         stall_s: float = STALL_S,
         heal_ceiling: float = HEAL_CEILING_S,
     ) -> None:
-        self.credentials = credentials
-        self.local_server = local_server or (lambda: None)
+        self.transport = ChainTransport(config, credentials, local_server)
         self.on_broken = on_broken or (lambda error: None)
         self.prefill_chunk = prefill_chunk
-        self.retry_s, self.stall_s, self.heal_ceiling = retry_s, stall_s, heal_ceiling
+        self.retry_s, self.heal_ceiling = retry_s, heal_ceiling
+        self.stalls = StallWatch(lambda error: self.on_broken(error), stall_s)
         self.sessions: dict[str, ChainSession] = {}
         self.replays = 0
         self.healthy = True  # False from a failed step until a step or a probe gets through
         self.last_step: StepTiming | None = None
-        self._decode_ms: float | None = None  # the usual decode round trip, for stalls
         self._switched = asyncio.Event()
         self._background: set[asyncio.Task] = set()
-        self._unclosed: dict[str, tuple | None] = {}  # closes missed (their routes): sent again
         self._replica_failed: dict[tuple, float] = {}  # a replica chain -> when it failed
-        self._closing_missed: asyncio.Task | None = None
-        self._use(config)
-
-    def _use(self, config: NetworkConfig) -> None:
-        entry = config.chain()[0]
-        self.network_id = config.network_id
-        self.entry_node_id = entry.node_id
-        self.replicas = config.replica_chains()
-        self.link = PeerLink(
-            entry.host,
-            entry.port,
-            network_id=config.network_id,
-            credentials=self.credentials,
-            role=self.credentials.info.role,
-            expected_node_id=entry.node_id,
-            revoked=config.revoked_ids,
+        self.closes = ChainCloses(
+            self._control, self.sessions.__contains__, lambda: self.transport.replicas
         )
 
     def switch(self, config: NetworkConfig) -> None:
         """A new chain: later steps go there, every session is replayed there on its next
         step; steps still waiting on the old chain fail (its link closes) and are replayed."""
-        old = self.link
-        self._use(config)
+        old = self.transport.link
+        self.transport.use(config)
         for session in self.sessions.values():
             session.on_chain = False
-            if session.route not in self.replicas:  # gone (its backup took over a span)
+            if session.route not in self.transport.replicas:  # gone (its backup took a span)
                 session.route = None
         self._in_background(old.close())
         self._switched.set()
         self._switched = asyncio.Event()
-        if self._unclosed:
-            self._retry_closes()
+        self.closes.retry()
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -190,12 +270,11 @@ class ChainClient:
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
-        if self._closing_missed is not None:
-            self._background.add(self._closing_missed)
+        await self.closes.aclose()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.link.close()
+        await self.transport.link.close()
 
     # --- sessions ------------------------------------------------------------------------------
 
@@ -208,7 +287,9 @@ class ChainClient:
     def _less_busy(self, busy: Collection[str]) -> tuple[str, ...] | None:
         now = time.monotonic()
         routes = [None] + [
-            r for r in self.replicas if now - self._replica_failed.get(r, -1e9) > REPLICA_RETRY_S
+            r
+            for r in self.transport.replicas
+            if now - self._replica_failed.get(r, -1e9) > REPLICA_RETRY_S
         ]
         if len(routes) == 1:
             return None
@@ -236,34 +317,14 @@ class ChainClient:
         the current chain that were in an old one may still hold it). A close the chain misses
         is sent again once it heals, so no node keeps a session nobody will free."""
         held = self.sessions.pop(session_id, None)
-        route = held.route if held is not None else route
-        try:
-            await asyncio.wait_for(
-                self._control(ps.SessionClose, session_id, route=route), CLOSE_TIMEOUT_S
-            )
-        except (ChainError, PeerUnavailable, asyncio.TimeoutError) as exc:
-            log.info("session %s: close missed the chain (%s); sent again later", session_id, exc)
-            self._unclosed[session_id] = route
-        else:
-            self._unclosed.pop(session_id, None)
+        await self.closes.close(session_id, held.route if held is not None else route)
 
     async def close_anywhere(self, session_id: str) -> None:
         """Free a session whose chain is not known (left from before a restart): on the
         main chain and on every replica chain."""
         await self.close(session_id)
-        for route in self.replicas:
+        for route in self.transport.replicas:
             await self.close(session_id, route)
-
-    def _retry_closes(self) -> None:
-        if self._closing_missed is None or self._closing_missed.done():
-            self._closing_missed = asyncio.get_running_loop().create_task(self._close_missed())
-
-    async def _close_missed(self) -> None:
-        for session_id, route in list(self._unclosed.items()):
-            if session_id in self.sessions:  # in use again: its next step reopens it
-                self._unclosed.pop(session_id, None)
-            else:
-                await self.close(session_id, route if route in self.replicas else None)
 
     async def truncate(self, session_id: str, length: int) -> None:
         """Rewind a session to its first ``length`` tokens on every node (KV caches and the
@@ -292,7 +353,7 @@ class ChainClient:
         return await self._control(kind, session_id, **fields)
 
     async def _restore(self, session_id: str, **fields) -> dict:
-        routes = [None, *self.replicas]
+        routes = [None, *self.transport.replicas]
         for i, route in enumerate(routes):
             try:
                 reply = await self._control(ps.SessionRestore, session_id, route=route, **fields)
@@ -349,9 +410,9 @@ class ChainClient:
                 if opens and start > 0:
                     await self._replay(session_id, session, start)
                     opens = False
-                token = await self._watched(
+                token = await self.stalls.watched(
                     self._run(session_id, session, token_ids, start, sampling, opens=opens),
-                    self._stall_after(len(token_ids)),
+                    len(token_ids),
                 )
             except (PeerUnavailable, ChainError) as exc:
                 code = getattr(exc, "code", "peer_unavailable")
@@ -368,8 +429,7 @@ class ChainClient:
                 await self._wait_for_heal(exc)
                 continue
             self.healthy = True
-            if self._unclosed:  # the chain answers again: free what it missed meanwhile
-                self._retry_closes()
+            self.closes.retry()  # the chain answers again: free what it missed meanwhile
             del session.history[start:]  # a no-op unless the session was rewound
             session.history.extend(token_ids)  # per token: O(1), not a copy of the history
             session.on_chain = True
@@ -409,12 +469,11 @@ class ChainClient:
     async def _send_step(
         self, session_id, session, token_ids, start, sampling, *, opens, sample
     ) -> dict:
-        message_id = new_message_id()
         meta = {  # the ids travel in the tensor only: the first node lists them for the head
             "kind": "forward",
-            "network_id": self.network_id,
+            "network_id": self.transport.network_id,
             "session_id": session_id,
-            "message_id": message_id,
+            "message_id": new_message_id(),
             "start": start,
         }
         if sampling is not None:
@@ -427,22 +486,8 @@ class ChainClient:
             meta["priority"] = session.priority
         if session.route is not None:
             meta["route"] = list(session.route)
-        ids = torch.tensor(token_ids, dtype=torch.long)
-        began = time.perf_counter()
-        server = self._local_entry()
-        if server is not None:  # in this process: the step as it is, no frame to encode
-            reply = await server.hop.step(meta, ids)
-            entry_rtt = 0.0
-        else:
-            frame = encode_tensor_frame(ids, **meta)
-            reply = await self.link.request(frame, message_id, timeout=limits.STEP_DEADLINE_S)
-            entry_rtt = self.link.latency_ms
-        _raise_if_error(reply)
-        round_trip_ms = (time.perf_counter() - began) * 1000
-        self.last_step = StepTiming(round_trip_ms, reply.get("timings", []), entry_rtt)
-        if len(token_ids) == 1:  # the usual decode round trip (a moving average)
-            last = self._decode_ms if self._decode_ms is not None else round_trip_ms
-            self._decode_ms = 0.9 * last + 0.1 * round_trip_ms
+        reply, self.last_step = await self.transport.step(meta, token_ids)
+        self.stalls.record(len(token_ids), self.last_step.round_trip_ms)
         return reply
 
     async def _control(
@@ -454,40 +499,8 @@ class ChainClient:
             route = held.route if held is not None else None
         if route is not None:
             fields["route"] = list(route)
-        message = kind(network_id=self.network_id, session_id=session_id, **fields)
-        server = self._local_entry()
-        if server is not None:
-            reply = await server.answer_text(ps.make_message(message))
-        else:
-            reply = await self.link.request(
-                message, message.message_id, timeout=limits.CONTROL_DEADLINE_S
-            )
-        return _raise_if_error(reply)
-
-    def _local_entry(self):
-        server = self.local_server()
-        if server is not None and server.node_id == self.entry_node_id and server.engine:
-            return server
-        return None
-
-    def _stall_after(self, tokens: int) -> float:
-        """When a step counts as stalled: a decode step after ``STALL_FACTOR`` times the usual
-        decode round trip (at least ``STALL_FLOOR_S``), so a silent node is reported within a
-        fraction of a second while answers wait for it; a prompt's steps after ``stall_s``.
-        A false alarm costs a probe: a busy node answers its heartbeats."""
-        if tokens > 1 or self._decode_ms is None:
-            return self.stall_s
-        return min(self.stall_s, max(STALL_FLOOR_S, STALL_FACTOR * self._decode_ms / 1000))
-
-    async def _watched(self, step, stall_s: float):
-        """Await ``step``; when it takes longer than ``stall_s``, report the chain once. (A
-        timer, not a task per step: this runs for every token.)"""
-        error = TimeoutError(f"a step waited {stall_s:.1f} s for the chain")
-        timer = asyncio.get_running_loop().call_later(stall_s, self.on_broken, error)
-        try:
-            return await step
-        finally:
-            timer.cancel()
+        message = kind(network_id=self.transport.network_id, session_id=session_id, **fields)
+        return await self.transport.control(message)
 
     async def _wait_for_heal(self, error: Exception) -> None:
         """The chain failed: report it, then wait for a new chain or the next retry."""

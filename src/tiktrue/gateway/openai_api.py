@@ -34,7 +34,7 @@ from tiktrue.gateway.auth import (
     caller_of,
     require_network,
 )
-from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.errors import ChainError
 from tiktrue.gateway.http_errors import INTERNAL_MESSAGE, APIError, error_body, from_network
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.limits import (
@@ -171,7 +171,7 @@ def create_app(
             # False while a node of the network is lost and the network heals (or is degraded)
             "healthy": {g.network_id: g.healthy for g in gateways.values()},
             "protocol": protocol.stats.as_dict(),
-            "sessions": {g.network_id: g.session_stats() for g in gateways.values()},
+            "sessions": {g.network_id: g.sessions.stats() for g in gateways.values()},
         }
 
     @app.get("/v1/models")

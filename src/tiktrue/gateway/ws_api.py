@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from tiktrue import limits
 from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.auth import Connection
-from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.errors import ChainError
 from tiktrue.gateway.http_errors import INTERNAL_MESSAGE, public_error
 from tiktrue.model.errors import ModelError
 from tiktrue.model.generation import GenerationResult
@@ -89,7 +89,7 @@ class ClientProtocol:
             elif isinstance(message, ps.Cancel):
                 gateway = self._gateway(message.network_id, parsed)
                 owner = _owner(connection, gateway, message)
-                found = await gateway.cancel(message.session_id, owner)
+                found = await gateway.sessions.cancel(message.session_id, owner)
                 await send(
                     _dump(
                         ps.Ack(
@@ -132,13 +132,13 @@ class ClientProtocol:
         owner = _owner(connection, gateway, message)
         try:
             if isinstance(message, ps.SessionSave):
-                await gateway.save_session(message.session_id, owner)
+                await gateway.saves.save(message.session_id, owner)
                 detail = "saved"  # where is the server's business
             elif isinstance(message, ps.SessionRestore):
-                await gateway.restore_session(message.session_id, owner)
+                await gateway.saves.restore(message.session_id, owner)
                 detail = "restored"
             else:
-                await gateway.close_session(message.session_id, owner)
+                await gateway.sessions.close(message.session_id, owner)
                 detail = "closed"
         except (ChainError, ModelError, PeerUnavailable) as exc:
             raise refusal(exc, message.message_id, message.session_id) from None
@@ -180,7 +180,7 @@ class ClientProtocol:
             )
         if request.step == 0:  # step 0 starts the session anew (also one kept in the store;
             # another's session: ChainError forbidden)
-            await gateway.close_session(request.session_id, owner)
+            await gateway.sessions.close(request.session_id, owner)
         inputs = {"text": ids} if isinstance(ids, str) else {"input_ids": ids}
         priority = (connection.caller if connection is not None else None) or ANONYMOUS
         await self._stream(
@@ -207,7 +207,7 @@ class ClientProtocol:
     ):
         result = GenerationResult()
         keep = session_id is not None
-        session_id = session_id or await gateway.new_session_id()
+        session_id = session_id or await gateway.sessions.new_id()
 
         def response(**fields) -> dict:
             return _dump(

@@ -151,7 +151,7 @@ class NodeMonitoring:
         gateways = {
             network_id: {
                 "model": gateway.model_id,
-                "running": sum(1 for s in list(gateway.sessions.values()) if s.lock.locked()),
+                "running": gateway.sessions.running(),
                 "healthy": gateway.healthy,
                 "sessions": len(gateway.sessions),
             }
@@ -310,9 +310,7 @@ class NodeMonitoring:
             self.alerts.forget(network_id, set(monitor.nodes))
         now = time.monotonic()
         for network_id, gateway in list(self.service.gateways.items()):
-            figures = {
-                "queue_length": sum(1 for s in list(gateway.sessions.values()) if s.lock.locked())
-            }
+            figures = {"queue_length": gateway.sessions.running()}
             recent = sorted(t for at, t in self._ttfts[network_id] if now - at <= TTFT_WINDOW_S)
             if len(recent) >= TTFT_MIN_ANSWERS:
                 figures["ttft_p95_s"] = recent[min(len(recent) - 1, int(0.95 * len(recent)))]

@@ -38,11 +38,12 @@ from tiktrue.control.health_monitor import HealthMonitor, event_logger, report_s
 from tiktrue.control.planner import DEFAULT_RUNTIME_BYTES as RUNTIME_BYTES
 from tiktrue.control.planner import ModelProfile
 from tiktrue.control.plans import apply_network
-from tiktrue.gateway.api_client import IDLE_TIMEOUT_S, Gateway
+from tiktrue.gateway.api_client import Gateway
 from tiktrue.gateway.auth import GatewayAuth
 from tiktrue.gateway.metrics_route import metrics_router
 from tiktrue.gateway.openai_api import create_app
 from tiktrue.gateway.session_store import SessionStore
+from tiktrue.gateway.session_sweeper import IDLE_TIMEOUT_S
 from tiktrue.gateway.ws_api import ClientProtocol
 from tiktrue.limits import KV_PAGE_TOKENS
 from tiktrue.model.store import MANIFEST, BlockStore

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from tiktrue import limits
 from tiktrue.gateway.api_client import Gateway
-from tiktrue.gateway.chain_client import ChainError
+from tiktrue.gateway.errors import ChainError
 from tiktrue.gateway.http_errors import SAFE, public_error
 from tiktrue.gateway.session_store import Answer, StoredSession
 from tiktrue.model.errors import ModelError
@@ -202,7 +202,7 @@ class Chat:
         gateway = self.context.gateways.get(network_id)
         if gateway is not None:
             try:
-                await gateway.close_session(session_id, self.owner)
+                await gateway.sessions.close(session_id, self.owner)
             except (ChainError, PeerUnavailable) as exc:  # freed later by the idle sweep
                 log.info("conversation %s: not freed on the nodes (%s)", session_id, exc)
         await asyncio.to_thread(self.context.sessions.delete, network_id, session_id)
@@ -261,7 +261,7 @@ class Chat:
         if gateway is None:
             return False
         try:
-            return await gateway.cancel(session_id, self.owner)
+            return await gateway.sessions.cancel(session_id, self.owner)
         except ChainError:  # someone else's conversation
             return False
 
@@ -295,7 +295,7 @@ class Chat:
 
     async def _save(self, gateway: Gateway, session_id: str) -> None:
         try:
-            await gateway.save_session(session_id, self.owner)
+            await gateway.saves.save(session_id, self.owner)
         except (ChainError, PeerUnavailable, ModelError, OSError) as exc:
             log.info("conversation %s: KV not saved (%s); it will be replayed", session_id, exc)
 
