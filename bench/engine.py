@@ -8,13 +8,16 @@ The GGUF is imported once per format: ``fp32`` (the reference path), ``default``
 weights: Q4_1 layers as int4, the Q8_0 embedding and head as int8), and each of ``--formats``.
 llama.cpp (``llama-cpp-python``, the optional ``bench`` extra) runs the same GGUF file with the
 same threads; its row says why when it cannot run. Greedy; the runs of all paths are
-interleaved, so a busy machine slows them alike. Decode tok/s excludes the prompt; prompt tok/s
-is a 64-token prompt's forward pass. Results go to docs/benchmarks.md.
+interleaved, so a busy machine slows them alike. Our engine's rates are the numbers
+``tiktrue generate --stats`` prints (``GenerationResult``): prompt tok/s is the prompt's tokens
+over the time to the first token, decode tok/s the steps after it over their time. Results go to
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import subprocess
 import sys
@@ -27,23 +30,33 @@ from transformers import AutoModelForCausalLM
 from report import append
 from tiktrue.model.demo_model import ensure_demo_model, fetch_demo_gguf
 from tiktrue.model.engine import BlockEngine, split_evenly
-from tiktrue.model.generation import LocalChain
+from tiktrue.model.generation import GenerationResult, LocalChain, stream_tokens
+from tiktrue.model.sampling import SamplingParams
 from tiktrue.model.tokenizer import load_tokenizer
 
 
-def engine_run(chain: LocalChain, prompt: list[int], steps: int, session: str):
+def engine_run(chain: LocalChain, prompt: list[int], steps: int, session: str, tokenizer):
+    """Greedy answer of ``steps`` + 1 tokens through ``stream_tokens``, timed as
+    ``tiktrue generate --stats`` times it: (prompt seconds, decode seconds, tokens)."""
+    result = GenerationResult()
+    params = SamplingParams(temperature=0, max_tokens=steps + 1)
+
+    async def answer() -> None:
+        async for _ in stream_tokens(
+            chain,
+            prompt,
+            params,
+            tokenizer=tokenizer,
+            stop_ids=set(),
+            session_id=session,
+            result=result,
+        ):
+            pass
+
     chain.open(session)
-    began = time.perf_counter()
-    logits = chain.forward(session, prompt, 0)
-    prefill = time.perf_counter() - began
-    tokens = [int(logits.argmax())]
-    began = time.perf_counter()
-    for i in range(steps):
-        logits = chain.forward(session, [tokens[-1]], len(prompt) + i)
-        tokens.append(int(logits.argmax()))
-    decode = time.perf_counter() - began
+    asyncio.run(answer())
     chain.close(session)
-    return prefill, decode, tokens
+    return result.time_to_first_token, result.decode_seconds, result.token_ids
 
 
 def perplexity(chain: LocalChain, ids: list[int], window: int = 512) -> float:
@@ -168,14 +181,15 @@ def main() -> None:
 
     others = ["transformers", *(["llama.cpp"] if llama is not None else [])]
     runs: dict[str, list] = {f: [] for f in [*formats, *others]}
+    tokenizer = load_tokenizer(reference)
     for fmt, chain in chains.items():
-        engine_run(chain, prompt, 4, f"warmup-{fmt}")
+        engine_run(chain, prompt, 4, f"warmup-{fmt}", tokenizer)
     transformers_run(model, prompt, 4)
     if llama is not None:
         llama_cpp_run(llama, prompt, 4)
     for r in range(args.repeats):  # interleaved
         for fmt, chain in chains.items():
-            runs[fmt].append(engine_run(chain, prompt, args.decode, f"run{r}-{fmt}"))
+            runs[fmt].append(engine_run(chain, prompt, args.decode, f"run{r}-{fmt}", tokenizer))
         runs["transformers"].append(transformers_run(model, prompt, args.decode))
         if llama is not None:
             runs["llama.cpp"].append(llama_cpp_run(llama, prompt, args.decode))

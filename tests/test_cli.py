@@ -60,6 +60,16 @@ def test_generate_streams_only_the_text_to_stdout(home_with_model):
     assert raw.returncode == 0
 
 
+def test_generate_stats_prints_llama_cpp_like_timings_on_stderr(home_with_model):
+    args = ("generate", "-m", "tiny", "--temperature", "0", "--max-tokens", "6", "--stats", "Hi")
+    done = tiktrue(home_with_model, *args)
+    assert "tokens per second" not in done.stdout
+    lines = {line.split("=")[0].strip(): line for line in done.stderr.splitlines() if "=" in line}
+    names = {"load time", "prompt eval time", "eval time", "total time", "time to first token"}
+    assert names <= set(lines)
+    assert " runs" in lines["eval time"] and "tokens per second" in lines["prompt eval time"]
+
+
 def test_clear_errors_for_unknown_model_and_bad_settings(home_with_model):
     missing = tiktrue(home_with_model, "generate", "-m", "nope", "hi", check=False)
     assert missing.returncode == 1 and "no block store" in missing.stderr

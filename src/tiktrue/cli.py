@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -305,6 +306,9 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
     spans: int = typer.Option(3, "--spans", help="Split the model into this many spans."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    stats: bool = typer.Option(
+        False, "--stats", help="Print prompt and decode speed and time to first token (stderr)."
+    ),
 ) -> None:
     """Stream an answer through a chain of spans in this process; only the text goes to stdout."""
     from pydantic import ValidationError
@@ -326,12 +330,12 @@ def generate(
     except ValidationError as exc:
         fail(f"bad generation settings: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
     try:
-        _stream_local(store, prompt, params, raw=raw, spans=spans, threads=threads)
+        _stream_local(store, prompt, params, raw=raw, spans=spans, threads=threads, stats=stats)
     except ModelError as exc:
         fail(str(exc))
 
 
-def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) -> None:
+def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None, stats=False) -> None:
     import torch
 
     from tiktrue.model.engine import BlockEngine, split_evenly
@@ -340,10 +344,12 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
 
     if threads:
         torch.set_num_threads(threads)
+    began = time.perf_counter()
     tokenizer = load_tokenizer(store)
     chain = LocalChain(
         [BlockEngine(store, s) for s in split_evenly(store.manifest.model_chain_order, spans)]
     )
+    load_seconds = time.perf_counter() - began
     ids = prompt_ids(tokenizer, prompt, raw=raw)
     result = GenerationResult()
     chain.open("cli")
@@ -368,6 +374,9 @@ def _stream_local(store, prompt, params, *, raw=False, spans=3, threads=None) ->
         f"[{len(result.token_ids)} tokens, {result.finish_reason}; first token "
         f"{result.time_to_first_token * 1000:.0f} ms, {result.decode_tokens_per_second:.1f} tok/s]"
     )
+    if stats:
+        for line in result.timings(load_seconds):
+            err(line)
 
 
 # --- networks ------------------------------------------------------------------------------

@@ -19,13 +19,16 @@ nothing in it, so decode alone, decode among 7 other sessions and a prefill of a
 give bit-identical outputs. Compiled by numba (LLVM, from wheels on Windows and Linux, no
 compiler needed).
 
-One thread: numba's own thread pool beside torch's OpenMP pool made every op of a step wait
-for the other pool's spinning threads (an int4 matmul took 12 ms instead of 0.2 on a loaded
-2-core machine); single-threaded, a decode step's attention over 100 positions takes about
-0.15 ms for SmolLM2's 30 layers.
+Not numba's thread pool: beside torch's OpenMP pool it made every op of a step wait for the
+other pool's spinning threads (an int4 matmul took 12 ms instead of 0.2 on a loaded 2-core
+machine). A call with many keys takes one helper thread of ours instead (the kernel releases
+the GIL); a decode step over 100 positions stays on the caller's thread (about 0.7 ms for
+SmolLM2's 30 layers).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -106,14 +109,16 @@ def _softmax_weights(scores, count):
 
 
 @numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _attend(q, pool, kv_heads, pages, layer, row_table, tables, lengths, window, scale, out):
+def _attend(
+    q, pool, kv_heads, pages, layer, row_table, tables, lengths, window, scale, first, last, out
+):
     """``out[r] = softmax(q[r] . K^T * scale) V`` over row ``r``'s keys, for every row.
 
     q: [rows, heads, dim] float32; pool: [layers * 2 * kv_heads * pages, page, dim] (the
     cache's pool; bf16 as uint16, fp16 as int16, or float32); tables: [steps, most pages] page
     tables, ``row_table``: [rows] which one each row reads; lengths: [rows] keys each row sees
-    (position + 1); window: 0 or the sliding window. Keys and values are widened to float32
-    as they are read; nothing is copied.
+    (position + 1); window: 0 or the sliding window; units ``first..last-1`` of (row, kv
+    head) only. Keys and values are widened to float32 as they are read; nothing is copied.
     """
     heads, dim = q.shape[1], q.shape[2]
     page = pool.shape[1]
@@ -121,7 +126,7 @@ def _attend(q, pool, kv_heads, pages, layer, row_table, tables, lengths, window,
     queries = np.empty((group, dim), np.float32)
     summed = np.empty((group, dim), np.float32)
     weights = np.empty((group, lengths.max()), np.float32)
-    for unit in range(lengths.shape[0] * kv_heads):
+    for unit in range(first, last):
         r = unit // kv_heads
         g = unit % kv_heads
         table = tables[row_table[r]]
@@ -188,20 +193,33 @@ def attend(
     the step's rows (``RowPlan`` of the cache: page tables, lengths)."""
     q = query.float().contiguous().numpy()
     out = np.empty_like(q)
-    _attend(
-        q,
-        pool,
-        kv_heads,
-        pages,
-        layer,
-        plan.row_table,
-        plan.tables,
-        plan.lengths,
-        window or 0,
-        np.float32(scale),
-        out,
-    )
+    args = (q, pool, kv_heads, pages, layer, plan.row_table, plan.tables, plan.lengths)
+    args += (window or 0, np.float32(scale))
+    units = len(plan.lengths) * kv_heads
+    keys = np.minimum(plan.lengths, window) if window else plan.lengths
+    if torch.get_num_threads() < 2 or int(keys.sum()) * kv_heads < SPLIT_KEYS:
+        _attend(*args, 0, units, out)
+        return torch.from_numpy(out)
+    # two threads, each a run of (row, kv head) units of about half the keys: the same
+    # arithmetic per unit, so the split changes no bit
+    work = np.cumsum(np.repeat(keys, kv_heads))
+    middle = min(max(int(np.searchsorted(work, work[-1] / 2)), 1), units - 1)
+    other = _helper().submit(_attend, *args, middle, units, out)
+    _attend(*args, 0, middle, out)
+    other.result()
     return torch.from_numpy(out)
+
+
+SPLIT_KEYS = 2048  # (row, kv head, key) triples from which a call takes a second thread
+_HELPER: list[ThreadPoolExecutor] = []
+
+
+def _helper() -> ThreadPoolExecutor:
+    """One thread beside the caller's (the kernel releases the GIL): numba's own thread pool
+    made torch's OpenMP threads wait (see the module's docstring)."""
+    if not _HELPER:
+        _HELPER.append(ThreadPoolExecutor(1, thread_name_prefix="tiktrue-attention"))
+    return _HELPER[0]
 
 
 def warm_up(pool: np.ndarray, *, kv_heads: int, pages: int) -> None:
@@ -213,4 +231,5 @@ def warm_up(pool: np.ndarray, *, kv_heads: int, pages: int) -> None:
     one = np.zeros(1, dtype=np.int64)
     q = np.zeros((1, kv_heads, pool.shape[-1]), dtype=np.float32)
     out = np.empty_like(q)
-    _attend(q, pool, kv_heads, pages, 0, one, one.reshape(1, 1), one + 1, 0, np.float32(1), out)
+    table, length = one.reshape(1, 1), one + 1
+    _attend(q, pool, kv_heads, pages, 0, one, table, length, 0, np.float32(1), 0, kv_heads, out)

@@ -93,6 +93,40 @@ class GenerationResult:
             return self.decode_steps / self.decode_seconds
         return 0.0
 
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        """The prompt's tokens over the time to the first token (its prefill and the first
+        sample), as llama.cpp's "prompt eval" rate."""
+        if self.prompt_tokens and self.time_to_first_token > 0:
+            return self.prompt_tokens / self.time_to_first_token
+        return 0.0
+
+    def timings(self, load_seconds: float | None = None) -> list[str]:
+        """The answer's timings in the lines llama.cpp prints after an answer
+        (``llama_perf_context_print``), plus the time to the first token."""
+        lines = []
+        if load_seconds is not None:
+            lines.append(f"{'load time':>20} = {load_seconds * 1e3:10.2f} ms")
+
+        def rate(label: str, seconds: float, count: int, unit: str) -> str:
+            per = seconds * 1e3 / count if count else 0.0
+            speed = count / seconds if seconds > 0 else 0.0
+            return (
+                f"{label:>20} = {seconds * 1e3:10.2f} ms / {count:5d} {unit} "
+                f"({per:8.2f} ms per token, {speed:8.2f} tokens per second)"
+            )
+
+        prompt = self.time_to_first_token
+        lines.append(rate("prompt eval time", prompt, self.prompt_tokens, "tokens"))
+        lines.append(rate("eval time", self.decode_seconds, self.decode_steps, "runs  "))
+        total = self.time_to_first_token + self.decode_seconds
+        lines.append(
+            f"{'total time':>20} = {total * 1e3:10.2f} ms / "
+            f"{self.prompt_tokens + self.decode_steps:5d} tokens"
+        )
+        lines.append(f"{'time to first token':>20} = {self.time_to_first_token * 1e3:10.2f} ms")
+        return lines
+
 
 async def stream_tokens(
     chain,
