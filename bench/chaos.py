@@ -171,6 +171,16 @@ def main() -> None:
             failed_over = config(home).version  # the failover's config, before the return
             bring_back(cluster, victim, args.fault)
             recoveries.append(wait_planned_back(home, failed_over))
+            if not same:  # where it went another way, for whoever looks into it
+                at = next(
+                    (
+                        k
+                        for k, (x, y) in enumerate(zip(tokens, reference[prompt], strict=False))
+                        if x != y
+                    ),
+                    None,
+                )
+                print(f"  differs from token {at}: {tokens[:24]} vs {reference[prompt][:24]}")
             print(
                 f"answer {i}/{args.n}: {args.fault} {victim_id} after {kill_at} tokens; "
                 f"{'completed' if ok else 'FAILED'}, {'identical' if same else 'DIFFERENT'}, "
