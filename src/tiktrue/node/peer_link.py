@@ -194,6 +194,8 @@ class PeerLink:
             raise PeerUnavailable(f"{self.address} gave no answer in {timeout:.0f} s") from None
         finally:
             self._pending.pop(message_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed while the send was still out: raised above instead
 
     async def send(self, payload: bytes | str | Message, *, resend: bool = True) -> None:
         """Send one message that expects no reply on this link (connecting first if needed).
