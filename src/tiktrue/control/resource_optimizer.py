@@ -112,7 +112,7 @@ class Rebalance:
     speeds: dict[str, float]  # node -> weight bytes per ms (measured, else probed)
     measured: set[str]  # the nodes whose speed the history measured
     changes: dict[str, tuple[str, str]]  # node -> (span now, span planned)
-    config_version: int = 0  # the network's config the plan was made against
+    config_version: int  # the network's config the plan was made against
 
     @property
     def gain_ms(self) -> float:
